@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, as root on a fresh machine: packages, services, guest images, format
+# and lint checks, unit tests and the privileged integration tests (real dbus-daemon, libvirtd,
+# QEMU guests). .ci/run calls exactly this.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+cd "$REPO"
+
+log "packages"
+bash scripts/install-deps.sh
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+log "services"
+bash scripts/services.sh
+
+log "guest images"
+export VPCTEST_IMAGES=$CARGO_TARGET_DIR/images
+bash images/build.sh "$VPCTEST_IMAGES"
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "build"
+cargo build --workspace --bins --locked
+
+log "tests"
+# VM tests boot real guests: one test at a time on 2 cores.
+cargo test --workspace --locked -- --test-threads=1

@@ -1,0 +1,550 @@
+//! Test harness for vpcd's integration tests. Each test gets its own private D-Bus bus, its own
+//! vpcd process with its own state directory and bus name, and VM names no other test uses;
+//! everything is torn down on drop, also when the test fails.
+//!
+//! Needs root, libvirtd running on `qemu:///system`, QEMU, and the test guest built by
+//! `images/build.sh` into `$VPCTEST_IMAGES` (scripts/test.sh does all of that).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use vpcctl::proxy::{DomainProxy, HostProxy};
+
+/// The line the test guest prints on its console once userland is up.
+pub const BOOT_MARKER: &str = "VPCD-GUEST-BOOTED";
+
+/// A generous bound for anything that should take seconds: only a hang trips it.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Where the workspace's binaries are: next to the test executable's `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// The test guest's files, from `$VPCTEST_IMAGES` (made by images/build.sh).
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub vmlinux: PathBuf,
+    pub initramfs: PathBuf,
+    pub disk: PathBuf,
+}
+
+pub fn images() -> Images {
+    let dir = PathBuf::from(std::env::var("VPCTEST_IMAGES").expect(
+        "VPCTEST_IMAGES is not set: run the tests through scripts/test.sh, which builds the guest",
+    ));
+    let i = Images {
+        vmlinux: dir.join("vmlinux"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+        disk: dir.join("disk.qcow2"),
+    };
+    for p in [&i.vmlinux, &i.initramfs, &i.disk] {
+        assert!(
+            p.exists(),
+            "{} is missing (images/build.sh makes it)",
+            p.display()
+        );
+    }
+    i
+}
+
+/// A name unique to this process and call, so parallel or leftover runs never collide.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A kernel-boot spec for the test guest.
+pub fn kernel_spec(name: &str, extra: &str) -> String {
+    let i = images();
+    format!(
+        "name = \"{name}\"\n{extra}\n[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 panic=-1 quiet\"\n",
+        i.vmlinux.display(),
+        i.initramfs.display()
+    )
+}
+
+/// A disk-boot spec: a copy-on-write overlay on the test guest's disk image.
+pub fn disk_spec(name: &str) -> String {
+    let i = images();
+    format!(
+        "name = \"{name}\"\nmemory_mib = 256\n[[disks]]\nimage = \"{}\"\n",
+        i.disk.display()
+    )
+}
+
+/// A private `dbus-daemon` with a system-bus-like configuration.
+#[derive(Debug)]
+pub struct Bus {
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    child: Child,
+}
+
+impl Bus {
+    /// A bus on which everyone may do everything.
+    pub fn open() -> Bus {
+        Bus::with_policy(
+            r#"<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy>"#,
+        )
+    }
+
+    /// A bus with the given `<policy>` elements (and `<include>`s).
+    pub fn with_policy(policy: &str) -> Bus {
+        let dir = tempfile::Builder::new()
+            .prefix("vpcd-bus-")
+            .tempdir()
+            .unwrap();
+        let sock = dir.path().join("bus.sock");
+        let conf = dir.path().join("bus.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN\" \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n\
+                 <busconfig><type>system</type><listen>unix:path={}</listen><auth>EXTERNAL</auth>{policy}</busconfig>\n",
+                sock.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .arg("--nofork")
+            .arg("--nopidfile")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run dbus-daemon");
+        wait_until(
+            Duration::from_secs(10),
+            || sock.exists(),
+            "private bus socket",
+        );
+        Bus {
+            address: format!("unix:path={}", sock.display()),
+            dir,
+            child,
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options for a vpcd under test.
+#[derive(Debug, Clone)]
+pub struct DaemonOpts {
+    pub backend: &'static str,
+    pub accel: &'static str,
+    pub libvirt_uri: String,
+}
+
+impl Default for DaemonOpts {
+    fn default() -> DaemonOpts {
+        DaemonOpts {
+            backend: "auto",
+            accel: "tcg",
+            libvirt_uri: "qemu:///system".into(),
+        }
+    }
+}
+
+/// A vpcd process on a private bus with its own state directory.
+#[derive(Debug)]
+pub struct Daemon {
+    pub bus: Bus,
+    pub state: tempfile::TempDir,
+    pub bus_name: String,
+    pub opts: DaemonOpts,
+    child: Option<Child>,
+    /// Domains any test defined through this daemon, destroyed and undefined on drop.
+    pub cleanup: std::sync::Mutex<Vec<String>>,
+}
+
+impl Daemon {
+    pub async fn start() -> Daemon {
+        Daemon::start_with(DaemonOpts::default(), Bus::open()).await
+    }
+
+    pub async fn start_with(opts: DaemonOpts, bus: Bus) -> Daemon {
+        let state = tempfile::Builder::new()
+            .prefix("vpcd-state-")
+            .tempdir()
+            .unwrap();
+        // QEMU under libvirt runs unprivileged and must reach the VM files in here.
+        std::fs::set_permissions(
+            state.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            bus,
+            state,
+            bus_name: "org.vpcd.Host1".into(),
+            opts,
+            child: None,
+            cleanup: Default::default(),
+        };
+        d.spawn().await.expect("vpcd did not come up");
+        d
+    }
+
+    /// The command line vpcd runs with.
+    pub fn command(&self) -> Command {
+        self.command_for(&self.opts)
+    }
+
+    /// vpcd's command line with other options (same bus and state directory).
+    pub fn command_for(&self, opts: &DaemonOpts) -> Command {
+        let mut c = Command::new(bin("vpcd"));
+        // Only this harness configures the daemon under test.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("VPCD_") {
+                c.env_remove(k);
+            }
+        }
+        c.arg("--bus-address")
+            .arg(&self.bus.address)
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--backend")
+            .arg(opts.backend)
+            .arg("--accel")
+            .arg(opts.accel)
+            .arg("--libvirt-uri")
+            .arg(&opts.libvirt_uri)
+            .arg("--log")
+            .arg("debug")
+            .env("VPCD_CONFIG", self.state.path().join("none.toml"));
+        c
+    }
+
+    /// Starts vpcd and waits until it owns its bus name. Errors carry vpcd's stderr.
+    pub async fn spawn(&mut self) -> Result<(), String> {
+        std::fs::write(self.state.path().join("none.toml"), "").unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut child = self
+            .command()
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("run vpcd");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("vpcd exited {status}: {}", self.log()));
+            }
+            if self.owns_name().await {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!("vpcd did not take its name: {}", self.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn owns_name(&self) -> bool {
+        let Ok(conn) = vpcctl::proxy::connect(&self.bus.address).await else {
+            return false;
+        };
+        let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await else {
+            return false;
+        };
+        let Ok(name) = zbus::names::BusName::try_from(self.bus_name.as_str()) else {
+            return false;
+        };
+        dbus.name_has_owner(name).await.unwrap_or(false)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.state.path().join("vpcd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SIGKILLs vpcd.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await.expect("vpcd did not come back");
+    }
+
+    /// Runs vpcctl against this daemon.
+    pub fn vpcctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("vpcctl"))
+            .arg("--bus-address")
+            .arg(&self.bus.address)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vpcctl")
+    }
+
+    /// Runs vpcctl and returns its stdout; panics with stderr when it fails.
+    pub fn vpcctl_ok(&self, args: &[&str]) -> String {
+        let out = self.vpcctl(args);
+        assert!(
+            out.status.success(),
+            "vpcctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        format!(
+            "\n--- vpcd log (last lines) ---\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// Writes `spec` to a file and runs `vpcctl VERB FILE [--backend B]`.
+    pub fn vpcctl_spec(&self, verb: &str, spec: &str, backend: &str) -> Output {
+        let name = spec
+            .lines()
+            .find_map(|l| l.strip_prefix("name = \""))
+            .map(|n| n.trim_end_matches('"').to_string());
+        if let Some(n) = name {
+            self.cleanup.lock().unwrap().push(n);
+        }
+        let file = self.state.path().join(format!("spec-{}.toml", unique("s")));
+        std::fs::write(&file, spec).unwrap();
+        let mut args = vec![verb, file.to_str().unwrap()];
+        if !backend.is_empty() {
+            args.extend(["--backend", backend]);
+        }
+        self.vpcctl(&args)
+    }
+
+    /// `vpcctl create` that must succeed.
+    pub fn create(&self, spec: &str, backend: &str) {
+        let out = self.vpcctl_spec("create", spec, backend);
+        assert!(
+            out.status.success(),
+            "create failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+    }
+
+    pub async fn conn(&self) -> zbus::Connection {
+        vpcctl::proxy::connect(&self.bus.address).await.unwrap()
+    }
+
+    pub async fn host(&self) -> HostProxy<'static> {
+        HostProxy::builder(&self.conn().await)
+            .destination(self.bus_name.clone())
+            .unwrap()
+            .build()
+            .await
+            .unwrap()
+    }
+
+    pub async fn domain(&self, name: &str) -> DomainProxy<'static> {
+        let conn = self.conn().await;
+        let path = self.host().await.lookup_domain(name).await.unwrap();
+        DomainProxy::builder(&conn)
+            .destination(self.bus_name.clone())
+            .unwrap()
+            .path(path)
+            .unwrap()
+            .build()
+            .await
+            .unwrap()
+    }
+
+    /// The VM's directory under the state dir.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.state.path().join("vms").join(name)
+    }
+
+    /// Waits until the console log of `name` holds `marker` `count` times.
+    pub fn wait_console(&self, name: &str, marker: &str, count: usize) {
+        let log = self.vm_dir(name).join("console.log");
+        wait_until(
+            PATIENCE,
+            || {
+                std::fs::read_to_string(&log)
+                    .map(|s| s.matches(marker).count() >= count)
+                    .unwrap_or(false)
+            },
+            &format!("{marker} x{count} on {name}'s console"),
+        );
+    }
+
+    /// The guest's command shell (serial port 1), through vpcd's OpenConsole.
+    pub async fn guest_shell(&self, name: &str) -> GuestShell {
+        let fd = self.domain(name).await.open_console(1).await.unwrap();
+        GuestShell::new(OwnedFd::from(fd))
+    }
+
+    pub fn domstate(&self, name: &str) -> String {
+        self.vpcctl_ok(&["domstate", name]).trim().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let names = self.cleanup.lock().unwrap().clone();
+        // Through vpcd while it runs, so its store stays right; then directly, for what is left.
+        if self.child.is_some() {
+            for n in &names {
+                let _ = self.vpcctl(&["destroy", n]);
+                let _ = self.vpcctl(&["undefine", n]);
+            }
+        }
+        self.kill9();
+        for n in &names {
+            let _ = Command::new("virsh").args(["-q", "destroy", n]).output();
+            let _ = Command::new("virsh")
+                .args(["-q", "undefine", n, "--nvram"])
+                .output();
+        }
+        // QEMUs of the QMP backend that a failed test left behind.
+        let marker = self.state.path().to_string_lossy().into_owned();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+                    continue;
+                };
+                if String::from_utf8_lossy(&cmd).contains(&marker)
+                    && pid != std::process::id() as i32
+                {
+                    // SAFETY: kill(2) on a QEMU whose command line names our own state dir.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// Waits for `cond`, panicking with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The test guest's shell on its second serial port. Protocol (images/README.md): write a
+/// command line that ends by echoing `__VPCD_RC=<status>__`; read until that marker.
+#[derive(Debug)]
+pub struct GuestShell {
+    reader: BufReader<std::fs::File>,
+    writer: std::fs::File,
+}
+
+impl GuestShell {
+    pub fn new(fd: OwnedFd) -> GuestShell {
+        let file = std::fs::File::from(fd);
+        let writer = file.try_clone().unwrap();
+        GuestShell {
+            reader: BufReader::new(file),
+            writer,
+        }
+    }
+
+    /// Runs `cmd` in the guest; returns its output and exit status.
+    pub fn run(&mut self, cmd: &str) -> (String, i32) {
+        let token = unique("rc");
+        let line = format!(
+            "{cmd}; echo \"__VPCD_RC_{}=$?__\"\n",
+            token.replace('-', "_")
+        );
+        self.writer.write_all(line.as_bytes()).unwrap();
+        let marker = format!("__VPCD_RC_{}=", token.replace('-', "_"));
+        let mut out = String::new();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "guest did not answer {cmd:?}: {out}"
+            );
+            let mut l = String::new();
+            let n = self.reader.read_line(&mut l).expect("read guest shell");
+            assert!(n > 0, "guest shell closed while running {cmd:?}: {out}");
+            let clean = l.replace('\r', "");
+            if let Some(i) = clean.find(&marker) {
+                // The echo of our own command line also carries the marker text, but not a
+                // number right after it.
+                let rest = &clean[i + marker.len()..];
+                if let Some(end) = rest.find("__") {
+                    if let Ok(rc) = rest[..end].parse::<i32>() {
+                        return (out, rc);
+                    }
+                }
+                continue;
+            }
+            out.push_str(&clean);
+        }
+    }
+
+    /// Sends a line without waiting for anything back.
+    pub fn send_line(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+    }
+
+    /// Runs `cmd` and asserts it succeeded; returns its output.
+    pub fn ok(&mut self, cmd: &str) -> String {
+        let (out, rc) = self.run(cmd);
+        assert_eq!(rc, 0, "guest command {cmd:?} failed: {out}");
+        out
+    }
+}
+
+/// Runs a command and returns stdout, panicking with stderr on failure.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -1,0 +1,115 @@
+//! Crash safety and changes behind vpcd's back: SIGKILL of vpcd with VMs running, `virsh
+//! destroy`, a power-off inside the guest; each becomes a signal and the true state.
+
+use futures::StreamExt;
+use vpcd_tests::*;
+
+async fn survives_sigkill(backend: &'static str) {
+    let mut d = Daemon::start().await;
+    let running = unique(&format!("kill-{backend}"));
+    let stopped = unique(&format!("kill-off-{backend}"));
+    d.create(&kernel_spec(&running, ""), backend);
+    let out = d.vpcctl_spec("define", &kernel_spec(&stopped, ""), backend);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.wait_console(&running, BOOT_MARKER, 1);
+
+    d.kill9();
+    // With vpcd gone the VM keeps running.
+    let mut shell_target_alive = false;
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(&running) {
+                shell_target_alive = true;
+            }
+        }
+    }
+    assert!(shell_target_alive, "the VM's QEMU died with vpcd");
+
+    d.spawn().await.unwrap();
+    assert_eq!(d.domstate(&running), "running");
+    assert_eq!(d.domstate(&stopped), "shut off");
+    let list = d.vpcctl_ok(&["list", "--all"]);
+    assert!(list.contains(&running) && list.contains(&stopped), "{list}");
+    // Re-attached for real: the guest answers and lifecycle operations work.
+    let mut shell = d.guest_shell(&running).await;
+    shell.ok("true");
+    drop(shell);
+    d.vpcctl_ok(&["shutdown", &running]);
+    assert_eq!(d.domstate(&running), "shut off");
+    d.vpcctl_ok(&["start", &stopped]);
+    d.wait_console(&stopped, BOOT_MARKER, 1);
+}
+
+#[tokio::test]
+async fn libvirt_vm_keeps_running_across_vpcd_sigkill() {
+    survives_sigkill("libvirt").await;
+}
+
+#[tokio::test]
+async fn qmp_vm_keeps_running_across_vpcd_sigkill() {
+    survives_sigkill("qmp").await;
+}
+
+/// Waits for a LifecycleEvent with `state` on the domain; returns its reason.
+async fn next_event(stream: &mut vpcctl::proxy::LifecycleEventStream, state: &str) -> String {
+    let found = tokio::time::timeout(PATIENCE, async {
+        while let Some(sig) = stream.next().await {
+            let args = sig.args().unwrap();
+            if args.state == state {
+                return args.reason.clone();
+            }
+        }
+        panic!("signal stream ended");
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no LifecycleEvent with state {state:?}"))
+}
+
+#[tokio::test]
+async fn virsh_destroy_behind_vpcds_back_is_signalled() {
+    let d = Daemon::start().await;
+    let name = unique("behind");
+    d.create(&kernel_spec(&name, ""), "libvirt");
+    d.wait_console(&name, BOOT_MARKER, 1);
+    let dom = d.domain(&name).await;
+    let mut events = dom.receive_lifecycle_event().await.unwrap();
+    let mut props = dom.receive_state_changed().await;
+    sh("virsh", &["destroy", &name]);
+    let reason = next_event(&mut events, "shut off").await;
+    assert_eq!(reason, "destroyed");
+    let changed = tokio::time::timeout(PATIENCE, props.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(changed.get().await.unwrap(), "shut off");
+    assert_eq!(d.domstate(&name), "shut off");
+}
+
+async fn guest_poweroff_is_signalled(backend: &'static str) {
+    let d = Daemon::start().await;
+    let name = unique(&format!("poweroff-{backend}"));
+    d.create(&kernel_spec(&name, ""), backend);
+    d.wait_console(&name, BOOT_MARKER, 1);
+    let dom = d.domain(&name).await;
+    let mut events = dom.receive_lifecycle_event().await.unwrap();
+    let mut shell = d.guest_shell(&name).await;
+    // The shell dies with the guest, so no status comes back.
+    shell.send_line("poweroff -f");
+    let reason = next_event(&mut events, "shut off").await;
+    assert!(!reason.is_empty());
+    assert_eq!(d.domstate(&name), "shut off");
+}
+
+#[tokio::test]
+async fn libvirt_guest_poweroff_is_signalled() {
+    guest_poweroff_is_signalled("libvirt").await;
+}
+
+#[tokio::test]
+async fn qmp_guest_poweroff_is_signalled() {
+    guest_poweroff_is_signalled("qmp").await;
+}

@@ -1,0 +1,226 @@
+//! vpcd's configuration, layered with figment: built-in defaults < `/etc/vpcd/vpcd.toml` (or
+//! `--config`) < `VPCD_*` environment variables < command-line flags. An unknown key in any
+//! layer is an error that names the key.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Where the configuration file is read from unless `--config` or `VPCD_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/vpcd/vpcd.toml";
+
+/// Which VM backend new VMs get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// libvirt when `libvirt_uri` answers at start-up, QMP otherwise.
+    Auto,
+    Libvirt,
+    Qmp,
+}
+
+/// Which accelerator guests get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// KVM when a probe guest runs under it, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The whole configuration. Every key is documented in `docs/configuration.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Desired-state store and per-VM files.
+    pub state_dir: PathBuf,
+    /// D-Bus address to serve on; empty means the system bus.
+    pub bus_address: String,
+    /// Well-known bus name.
+    pub bus_name: String,
+    pub backend: BackendChoice,
+    pub libvirt_uri: String,
+    pub accel: AccelChoice,
+    /// The QEMU binary the QMP backend runs.
+    pub qemu: PathBuf,
+    /// Default time a graceful shutdown may take.
+    pub shutdown_timeout_secs: u64,
+    /// tracing filter, e.g. `info` or `vpcd=debug,hypervisor=debug`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            state_dir: PathBuf::from("/var/lib/vpcd"),
+            bus_address: String::new(),
+            bus_name: "org.vpcd.Host1".into(),
+            backend: BackendChoice::Auto,
+            libvirt_uri: "qemu:///system".into(),
+            accel: AccelChoice::Auto,
+            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            shutdown_timeout_secs: 60,
+            log: "info".into(),
+        }
+    }
+}
+
+/// Errors while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the layers. `file` is the config file (a missing default file is fine, a missing
+    /// file that was asked for is not); `env` are the process's variables; `flags` are the
+    /// command-line overrides, already in config-key form.
+    pub fn load(
+        file: Option<&Path>,
+        env: Env,
+        flags: &figment::value::Dict,
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::Invalid(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                fig = fig.merge(Toml::file_exact(path));
+            }
+            None => fig = fig.merge(Toml::file(DEFAULT_CONFIG_FILE)),
+        }
+        fig = fig.merge(env).merge(Serialized::globals(flags.clone()));
+        let config: Config = fig.extract().map_err(|e| {
+            ConfigError::Invalid(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `VPCD_*` environment layer (`VPCD_CONFIG` names the file and is not a key).
+    pub fn env() -> Env {
+        Env::prefixed("VPCD_").ignore(&["CONFIG"])
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "state_dir {} is not an absolute path",
+                self.state_dir.display()
+            )));
+        }
+        if self.shutdown_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "shutdown_timeout_secs must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+// figment's Jail closures return figment::Error, which is large; that is the crate's API.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::value::{Dict, Value};
+    use figment::Jail;
+
+    fn load(jail: &Jail, body: &str, flags: &Dict) -> Result<Config, ConfigError> {
+        let path = jail.directory().join("vpcd.toml");
+        std::fs::write(&path, body).unwrap();
+        Config::load(Some(&path), Config::env(), flags)
+    }
+
+    #[test]
+    fn defaults_apply_with_no_configuration() {
+        Jail::expect_with(|jail| {
+            let c = load(jail, "", &Dict::new()).unwrap();
+            assert_eq!(c, Config::default());
+            assert_eq!(c.state_dir, PathBuf::from("/var/lib/vpcd"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        Jail::expect_with(|jail| {
+            let err = load(jail, "stat_dir = \"/x\"\n", &Dict::new())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("stat_dir"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_in_environment_is_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("VPCD_BOGUS_KEY", "1");
+            let err = load(jail, "", &Dict::new()).unwrap_err().to_string();
+            assert!(err.contains("bogus_key"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn layers_override_in_order_file_env_flags() {
+        Jail::expect_with(|jail| {
+            let body = "state_dir = \"/from/file\"\nlog = \"debug\"\nbackend = \"qmp\"\n";
+            let c = load(jail, body, &Dict::new()).unwrap();
+            assert_eq!(c.state_dir, PathBuf::from("/from/file"));
+            assert_eq!(c.backend, BackendChoice::Qmp);
+
+            jail.set_env("VPCD_STATE_DIR", "/from/env");
+            jail.set_env("VPCD_CONFIG", "/ignored/as/a/key");
+            let c = load(jail, body, &Dict::new()).unwrap();
+            assert_eq!(c.state_dir, PathBuf::from("/from/env"));
+
+            let mut flags = Dict::new();
+            flags.insert("state_dir".into(), Value::from("/from/flag"));
+            let c = load(jail, body, &flags).unwrap();
+            assert_eq!(c.state_dir, PathBuf::from("/from/flag"));
+            assert_eq!(c.log, "debug");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Config::load(
+            Some(Path::new("/nonexistent/vpcd.toml")),
+            Config::env(),
+            &Dict::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/nonexistent/vpcd.toml"));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        Jail::expect_with(|jail| {
+            for body in [
+                "backend = \"xen\"\n",
+                "state_dir = \"relative\"\n",
+                "shutdown_timeout_secs = 0\n",
+            ] {
+                assert!(load(jail, body, &Dict::new()).is_err(), "{body}");
+            }
+            Ok(())
+        });
+    }
+}

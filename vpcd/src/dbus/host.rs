@@ -1,0 +1,104 @@
+//! `org.vpcd.Host1` at `/org/vpcd/Host1`: defining and finding domains.
+
+use std::sync::Arc;
+
+use hypervisor::BackendKind;
+use zbus::interface;
+use zbus::zvariant::OwnedObjectPath;
+
+use super::error::ApiError;
+use super::path::domain_path;
+use crate::manager::Manager;
+
+#[derive(Debug)]
+pub struct HostIface {
+    pub(super) manager: Arc<Manager>,
+}
+
+fn parse_backend(s: &str) -> Result<Option<BackendKind>, ApiError> {
+    match s {
+        "" => Ok(None),
+        "libvirt" => Ok(Some(BackendKind::Libvirt)),
+        "qmp" => Ok(Some(BackendKind::Qmp)),
+        other => Err(ApiError::InvalidArgument(format!(
+            "unknown backend {other:?} (libvirt, qmp, or empty for the default)"
+        ))),
+    }
+}
+
+fn object_path(name: &str) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(domain_path(name)).expect("escaped names are valid paths")
+}
+
+#[interface(name = "org.vpcd.Host1")]
+impl HostIface {
+    /// Defines a domain from a TOML spec; `backend` is "libvirt", "qmp" or "" for the default.
+    async fn define_domain(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        spec: &str,
+        backend: &str,
+    ) -> Result<OwnedObjectPath, ApiError> {
+        let info = self.manager.define(spec, parse_backend(backend)?).await?;
+        // Exported before the reply, so the caller can use the path at once.
+        super::add_domain(conn, &self.manager, &info.name).await;
+        Ok(object_path(&info.name))
+    }
+
+    /// Defines and starts a domain; nothing is left defined if it cannot start.
+    async fn create_domain(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        spec: &str,
+        backend: &str,
+    ) -> Result<OwnedObjectPath, ApiError> {
+        let info = self.manager.create(spec, parse_backend(backend)?).await?;
+        super::add_domain(conn, &self.manager, &info.name).await;
+        Ok(object_path(&info.name))
+    }
+
+    /// The object path of a domain by name.
+    async fn lookup_domain(&self, name: &str) -> Result<OwnedObjectPath, ApiError> {
+        self.manager.info(name).await?;
+        Ok(object_path(name))
+    }
+
+    async fn list_domains(&self) -> Result<Vec<OwnedObjectPath>, ApiError> {
+        Ok(self
+            .manager
+            .list()?
+            .iter()
+            .map(|i| object_path(&i.name))
+            .collect())
+    }
+
+    #[zbus(property)]
+    fn instance_id(&self) -> String {
+        self.manager.host().instance_id.clone()
+    }
+
+    #[zbus(property)]
+    fn default_backend(&self) -> String {
+        self.manager.host().default_backend.to_string()
+    }
+
+    #[zbus(property)]
+    fn backends(&self) -> Vec<String> {
+        self.manager
+            .host()
+            .backends
+            .iter()
+            .map(|b| b.to_string())
+            .collect()
+    }
+
+    #[zbus(property)]
+    fn accel(&self) -> String {
+        self.manager.host().accel.as_str().to_string()
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+}

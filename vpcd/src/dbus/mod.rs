@@ -1,0 +1,117 @@
+//! The D-Bus adapter: a thin layer that maps calls onto the [`Manager`] and its events onto
+//! signals and property changes.
+//!
+//! - `/org/vpcd/Host1`: `org.vpcd.Host1` and `org.freedesktop.DBus.ObjectManager`
+//! - `/org/vpcd/Host1/domain/<name>`: `org.vpcd.Domain1` per VM
+
+mod domain;
+mod error;
+mod host;
+mod path;
+
+use std::sync::Arc;
+
+use zbus::connection::Builder;
+use zbus::Connection;
+
+pub use domain::DomainIface;
+pub use error::ApiError;
+pub use host::HostIface;
+pub use path::{domain_path, HOST_PATH};
+
+use crate::manager::{Manager, ManagerEvent};
+
+/// Connects to the bus at `address` (empty: the system bus), exports every object and takes
+/// `name`. Keeps objects and signals in step with the manager until the connection drops.
+pub async fn serve(manager: Arc<Manager>, address: &str, name: &str) -> anyhow::Result<Connection> {
+    let builder = if address.is_empty() {
+        Builder::system()?
+    } else {
+        Builder::address(address)?
+    };
+    let conn = builder
+        .serve_at(HOST_PATH, zbus::fdo::ObjectManager)?
+        .serve_at(
+            HOST_PATH,
+            HostIface {
+                manager: manager.clone(),
+            },
+        )?
+        .build()
+        .await?;
+    // Subscribe before exporting the current domains, so nothing that happens in between is lost.
+    let mut events = manager.subscribe();
+    for info in manager.list()? {
+        add_domain(&conn, &manager, &info.name).await;
+    }
+    conn.request_name(name).await?;
+    let c = conn.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(ev) => apply(&c, &manager, ev).await,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("d-bus adapter lagged {n} events; resyncing");
+                    for info in manager.list().unwrap_or_default() {
+                        add_domain(&c, &manager, &info.name).await;
+                        refresh_state(&c, &info.name, info.state, "resync").await;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    Ok(conn)
+}
+
+/// Exports the domain object of `name` unless it is already there.
+async fn add_domain(conn: &Connection, manager: &Arc<Manager>, name: &str) {
+    let Some(info) = manager
+        .list()
+        .ok()
+        .and_then(|l| l.into_iter().find(|i| i.name == name))
+    else {
+        return;
+    };
+    let iface = DomainIface {
+        manager: manager.clone(),
+        info,
+    };
+    if let Err(e) = conn.object_server().at(domain_path(name), iface).await {
+        tracing::warn!(vm = name, "export domain: {e}");
+    }
+}
+
+async fn apply(conn: &Connection, manager: &Arc<Manager>, ev: ManagerEvent) {
+    match ev {
+        ManagerEvent::Defined(name) => add_domain(conn, manager, &name).await,
+        ManagerEvent::Undefined(name) => {
+            let _ = conn
+                .object_server()
+                .remove::<DomainIface, _>(domain_path(&name))
+                .await;
+        }
+        ManagerEvent::State(ev) => refresh_state(conn, &ev.name, ev.state, &ev.reason).await,
+    }
+}
+
+async fn refresh_state(conn: &Connection, name: &str, state: hypervisor::VmState, reason: &str) {
+    let Ok(iface) = conn
+        .object_server()
+        .interface::<_, DomainIface>(domain_path(name))
+        .await
+    else {
+        return;
+    };
+    let changed = {
+        let mut d = iface.get_mut().await;
+        let changed = d.info.state != state;
+        d.info.state = state;
+        changed
+    };
+    let emitter = iface.signal_emitter();
+    if changed {
+        let _ = iface.get().await.state_changed(emitter).await;
+    }
+    let _ = DomainIface::lifecycle_event(emitter, state.as_str(), reason).await;
+}

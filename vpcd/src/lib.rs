@@ -1,0 +1,10 @@
+//! vpcd: the host daemon. Desired state in a transactional store ([`store`]), a
+//! transport-agnostic API over the VM backends ([`manager`]) and its D-Bus adapter ([`dbus`]).
+
+pub mod config;
+pub mod dbus;
+mod error;
+pub mod manager;
+pub mod store;
+
+pub use error::{Error, Result};

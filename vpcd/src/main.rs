@@ -1,0 +1,102 @@
+//! `vpcd`: one per host, serving `org.vpcd.Host1` on D-Bus.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use figment::value::{Dict, Value};
+use vpcd::config::Config;
+
+/// The vpcd host daemon. Configuration: defaults < /etc/vpcd/vpcd.toml (or --config) <
+/// VPCD_* environment < these flags.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Configuration file (default /etc/vpcd/vpcd.toml; also VPCD_CONFIG).
+    #[arg(long, env = "VPCD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the store and per-VM files.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// D-Bus address to serve on instead of the system bus.
+    #[arg(long)]
+    bus_address: Option<String>,
+    /// Well-known bus name (default org.vpcd.Host1).
+    #[arg(long)]
+    bus_name: Option<String>,
+    /// VM backend for new VMs: auto, libvirt, qmp.
+    #[arg(long)]
+    backend: Option<String>,
+    #[arg(long)]
+    libvirt_uri: Option<String>,
+    /// Accelerator: auto, kvm, tcg.
+    #[arg(long)]
+    accel: Option<String>,
+    /// QEMU binary for the QMP backend.
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// tracing filter.
+    #[arg(long)]
+    log: Option<String>,
+}
+
+impl Cli {
+    fn flags(&self) -> Dict {
+        let mut d = Dict::new();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                d.insert(k.into(), Value::from(v));
+            }
+        };
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        put("state_dir", path(&self.state_dir));
+        put("bus_address", self.bus_address.clone());
+        put("bus_name", self.bus_name.clone());
+        put("backend", self.backend.clone());
+        put("libvirt_uri", self.libvirt_uri.clone());
+        put("accel", self.accel.clone());
+        put("qemu", path(&self.qemu));
+        put("log", self.log.clone());
+        d
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), Config::env(), &cli.flags()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vpcd: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vpcd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let manager = vpcd::manager::Manager::open(config.clone()).await?;
+    let _conn = vpcd::dbus::serve(manager, &config.bus_address, &config.bus_name).await?;
+    tracing::info!(name = %config.bus_name, "serving on D-Bus");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // VMs keep running: they belong to libvirt or to their own QEMU process group.
+    tracing::info!("vpcd stopping; VMs keep running");
+    Ok(())
+}

@@ -1,0 +1,506 @@
+//! The manager: vpcd's transport-agnostic API. It keeps the desired state in the store, drives
+//! the VM backends, follows their events and reconciles both at start-up. The D-Bus adapter
+//! (`dbus/`) is a thin layer over it.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hypervisor::{
+    Accel, BackendKind, HostLimits, LibvirtBackend, QmpBackend, VmBackend, VmConfig, VmEvent,
+    VmSpec, VmState,
+};
+use tokio::sync::broadcast;
+
+use crate::config::{AccelChoice, BackendChoice, Config};
+use crate::error::{Error, Result};
+use crate::store::{Phase, Store, VmRecord};
+
+/// What changed, for the API layer to turn into signals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManagerEvent {
+    Defined(String),
+    Undefined(String),
+    State(VmEvent),
+}
+
+/// A VM as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmInfo {
+    pub name: String,
+    pub uuid: String,
+    pub state: VmState,
+    pub backend: BackendKind,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// (target, source file) per disk, in order.
+    pub disks: Vec<(String, String)>,
+    pub console_log: String,
+    pub spec_toml: String,
+}
+
+/// Facts about this host for clients.
+#[derive(Debug, Clone)]
+pub struct HostInfo {
+    pub instance_id: String,
+    pub default_backend: BackendKind,
+    pub backends: Vec<BackendKind>,
+    pub accel: Accel,
+}
+
+/// The manager of one vpcd instance.
+pub struct Manager {
+    cfg: Config,
+    store: Store,
+    limits: HostLimits,
+    host: HostInfo,
+    libvirt: Option<Arc<LibvirtBackend>>,
+    qmp: Arc<QmpBackend>,
+    states: Mutex<HashMap<String, VmState>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    events: broadcast::Sender<ManagerEvent>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Opens the store, probes the accelerator, connects the backends and reconciles.
+    pub async fn open(cfg: Config) -> anyhow::Result<Arc<Manager>> {
+        std::fs::create_dir_all(cfg.state_dir.join("vms"))?;
+        let store = Store::open(&cfg.state_dir.join("vpcd.redb"))?;
+        let instance_id = store.instance_id()?;
+        let qemu = cfg.qemu.to_string_lossy().into_owned();
+        let accel = match cfg.accel {
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Tcg => Accel::Tcg,
+            AccelChoice::Auto => {
+                let q = qemu.clone();
+                tokio::task::spawn_blocking(move || hypervisor::accel::detect(&q)).await?
+            }
+        };
+        let libvirt = match cfg.backend {
+            BackendChoice::Qmp => None,
+            BackendChoice::Libvirt => {
+                Some(LibvirtBackend::connect(&cfg.libvirt_uri, &instance_id).await?)
+            }
+            BackendChoice::Auto => {
+                match LibvirtBackend::connect(&cfg.libvirt_uri, &instance_id).await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!("libvirt not used: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        let default_backend = if libvirt.is_some() {
+            BackendKind::Libvirt
+        } else {
+            BackendKind::Qmp
+        };
+        let mut backends = vec![BackendKind::Qmp];
+        if libvirt.is_some() {
+            backends.insert(0, BackendKind::Libvirt);
+        }
+        tracing::info!(%default_backend, accel = accel.as_str(), instance_id, "vpcd starting");
+        let (events, _) = broadcast::channel(1024);
+        let manager = Arc::new(Manager {
+            limits: HostLimits::probe(),
+            host: HostInfo {
+                instance_id,
+                default_backend,
+                backends,
+                accel,
+            },
+            qmp: QmpBackend::new(&qemu),
+            libvirt,
+            store,
+            cfg,
+            states: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            events,
+        });
+        manager.follow_events();
+        manager.reconcile().await?;
+        Ok(manager)
+    }
+
+    pub fn host(&self) -> &HostInfo {
+        &self.host
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ManagerEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn default_shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.shutdown_timeout_secs)
+    }
+
+    fn backend(&self, kind: BackendKind) -> Result<Arc<dyn VmBackend>> {
+        match kind {
+            BackendKind::Qmp => Ok(Arc::new(self.qmp.clone())),
+            BackendKind::Libvirt => match &self.libvirt {
+                Some(b) => Ok(Arc::new(b.clone())),
+                None => Err(Error::Unavailable(format!(
+                    "libvirt backend not available (libvirt at {} did not answer when vpcd started, or backend = \"qmp\")",
+                    self.cfg.libvirt_uri
+                ))),
+            },
+        }
+    }
+
+    /// Forwards backend events to subscribers and keeps the state cache current.
+    fn follow_events(self: &Arc<Self>) {
+        let mut receivers = vec![self.qmp.subscribe()];
+        if let Some(l) = &self.libvirt {
+            receivers.push(l.subscribe());
+        }
+        for mut rx in receivers {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => {
+                            let Some(m) = weak.upgrade() else { break };
+                            m.note_state(&ev.name, ev.state, &ev.reason);
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            });
+        }
+    }
+
+    /// Records a VM's state; broadcasts it when it changed (or when the reason says something
+    /// happened without a state change, such as a reset).
+    fn note_state(&self, name: &str, state: VmState, reason: &str) {
+        let changed = {
+            let mut states = self.states.lock().unwrap();
+            match states.get_mut(name) {
+                Some(s) => {
+                    let changed = *s != state;
+                    *s = state;
+                    changed
+                }
+                None => return,
+            }
+        };
+        if changed || reason == "reset" || reason == "rebooted" {
+            let _ = self.events.send(ManagerEvent::State(VmEvent {
+                name: name.to_string(),
+                state,
+                reason: reason.to_string(),
+            }));
+        }
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("vms").join(name)
+    }
+
+    fn record(&self, name: &str) -> Result<VmRecord> {
+        match self.store.get(name)? {
+            Some(r) if r.phase == Phase::Defined => Ok(r),
+            _ => Err(Error::NotFound(name.to_string())),
+        }
+    }
+
+    fn config_of(rec: &VmRecord) -> Result<&VmConfig> {
+        rec.config
+            .as_ref()
+            .ok_or_else(|| Error::Failed(format!("domain {}: record has no config", rec.spec.name)))
+    }
+
+    /// Defines a VM from a TOML spec. `backend` = None picks the default.
+    #[tracing::instrument(skip_all, fields(vm))]
+    pub async fn define(&self, spec_toml: &str, backend: Option<BackendKind>) -> Result<VmInfo> {
+        let spec = VmSpec::from_toml(spec_toml)?;
+        tracing::Span::current().record("vm", spec.name.as_str());
+        spec.validate(self.limits)?;
+        let kind = backend.unwrap_or(self.host.default_backend);
+        let be = self.backend(kind)?;
+        let lock = self.lock_for(&spec.name);
+        let _guard = lock.lock().await;
+        let mut rec = VmRecord {
+            spec: spec.clone(),
+            uuid: uuid::Uuid::new_v4(),
+            backend: kind,
+            phase: Phase::Defining,
+            config: None,
+        };
+        if !self.store.insert_new(&rec)? {
+            return Err(Error::AlreadyExists(spec.name.clone()));
+        }
+        let dir = self.vm_dir(&spec.name);
+        // A directory without a record is a leftover of an earlier, failed define.
+        let _ = hypervisor::remove_files(&dir);
+        let prepared = {
+            let (spec, dir, uuid, accel) = (spec.clone(), dir.clone(), rec.uuid, self.host.accel);
+            tokio::task::spawn_blocking(move || hypervisor::prepare(&spec, &dir, uuid, accel))
+                .await
+                .map_err(|e| Error::Failed(e.to_string()))?
+        };
+        let result = match prepared {
+            Ok(config) => be.define(&config).await.map(|()| config),
+            Err(e) => Err(e),
+        };
+        let config = match result {
+            Ok(c) => c,
+            Err(e) => {
+                let foreign = matches!(e, hypervisor::Error::AlreadyExists(_));
+                self.roll_back_define(&rec, !foreign).await;
+                return Err(e.into());
+            }
+        };
+        rec.config = Some(config);
+        rec.phase = Phase::Defined;
+        self.store.put(&rec)?;
+        self.states
+            .lock()
+            .unwrap()
+            .insert(spec.name.clone(), VmState::ShutOff);
+        tracing::info!(backend = %kind, "defined");
+        let _ = self.events.send(ManagerEvent::Defined(spec.name.clone()));
+        self.info_of(&rec, VmState::ShutOff)
+    }
+
+    /// Undoes a define that did not finish: backend definition, files, record.
+    async fn roll_back_define(&self, rec: &VmRecord, undefine_backend: bool) {
+        let name = &rec.spec.name;
+        if undefine_backend {
+            if let Ok(be) = self.backend(rec.backend) {
+                if let Err(e) = be.undefine(name).await {
+                    tracing::warn!(vm = %name, "roll back define: {e}");
+                }
+            }
+        }
+        if let Err(e) = hypervisor::remove_files(&self.vm_dir(name)) {
+            tracing::warn!(vm = %name, "roll back define: {e}");
+        }
+        if let Err(e) = self.store.delete(name) {
+            tracing::warn!(vm = %name, "roll back define: {e}");
+        }
+    }
+
+    /// Defines and starts a VM; if it cannot start, it is undefined again.
+    pub async fn create(&self, spec_toml: &str, backend: Option<BackendKind>) -> Result<VmInfo> {
+        let info = self.define(spec_toml, backend).await?;
+        if let Err(e) = self.start(&info.name).await {
+            let _ = self.destroy(&info.name).await;
+            if let Err(u) = self.undefine(&info.name).await {
+                tracing::warn!(vm = %info.name, "undefine after failed start: {u}");
+            }
+            return Err(e);
+        }
+        self.info(&info.name).await
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn start(&self, name: &str) -> Result<()> {
+        let rec = self.record(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        self.backend(rec.backend)?.start(name).await?;
+        self.note_state(name, VmState::Running, "booted");
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn shutdown(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
+        let rec = self.record(name)?;
+        let timeout = timeout.unwrap_or_else(|| self.default_shutdown_timeout());
+        self.backend(rec.backend)?.shutdown(name, timeout).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn destroy(&self, name: &str) -> Result<()> {
+        let rec = self.record(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        self.backend(rec.backend)?.destroy(name).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn reboot(&self, name: &str) -> Result<()> {
+        let rec = self.record(name)?;
+        self.backend(rec.backend)?.reboot(name).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn undefine(&self, name: &str) -> Result<()> {
+        let mut rec = self.record(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let be = self.backend(rec.backend)?;
+        let state = be.state(name).await;
+        if let Ok(state) = state {
+            if state.is_active() {
+                return Err(Error::InvalidState(format!(
+                    "domain {name}: undefine not possible while {state}"
+                )));
+            }
+        }
+        rec.phase = Phase::Undefining;
+        self.store.put(&rec)?;
+        self.finish_undefine(&rec, be.as_ref()).await?;
+        tracing::info!("undefined");
+        Ok(())
+    }
+
+    async fn finish_undefine(&self, rec: &VmRecord, be: &dyn VmBackend) -> Result<()> {
+        let name = &rec.spec.name;
+        be.undefine(name).await?;
+        hypervisor::remove_files(&self.vm_dir(name))?;
+        self.store.delete(name)?;
+        self.states.lock().unwrap().remove(name);
+        let _ = self.events.send(ManagerEvent::Undefined(name.clone()));
+        Ok(())
+    }
+
+    /// The VM's current state, read from its backend.
+    pub async fn state(&self, name: &str) -> Result<VmState> {
+        let rec = self.record(name)?;
+        let state = self.backend(rec.backend)?.state(name).await?;
+        self.note_state(name, state, "observed");
+        Ok(state)
+    }
+
+    pub async fn info(&self, name: &str) -> Result<VmInfo> {
+        let state = self.state(name).await?;
+        self.info_of(&self.record(name)?, state)
+    }
+
+    /// Every defined VM with its last known state.
+    pub fn list(&self) -> Result<Vec<VmInfo>> {
+        let states = self.states.lock().unwrap().clone();
+        let mut out = Vec::new();
+        for rec in self.store.all()? {
+            if rec.phase != Phase::Defined {
+                continue;
+            }
+            let state = states
+                .get(&rec.spec.name)
+                .copied()
+                .unwrap_or(VmState::ShutOff);
+            out.push(self.info_of(&rec, state)?);
+        }
+        Ok(out)
+    }
+
+    fn info_of(&self, rec: &VmRecord, state: VmState) -> Result<VmInfo> {
+        let config = Self::config_of(rec)?;
+        Ok(VmInfo {
+            name: rec.spec.name.clone(),
+            uuid: rec.uuid.to_string(),
+            state,
+            backend: rec.backend,
+            accel: config.accel,
+            vcpus: rec.spec.vcpus,
+            memory_mib: rec.spec.memory_mib,
+            disks: config
+                .disks
+                .iter()
+                .map(|d| (d.target.clone(), d.path.to_string_lossy().into_owned()))
+                .collect(),
+            console_log: config.console_log.to_string_lossy().into_owned(),
+            spec_toml: rec.spec.to_toml(),
+        })
+    }
+
+    /// Opens serial port `port` of a running VM (0 is the console).
+    pub async fn open_console(&self, name: &str, port: u32) -> Result<OwnedFd> {
+        let rec = self.record(name)?;
+        Ok(self.backend(rec.backend)?.open_console(name, port).await?)
+    }
+
+    /// Brings the backends in line with the store after a (re)start: finishes or rolls back
+    /// interrupted operations, re-attaches to running VMs, redefines VMs a backend lost, and
+    /// removes shut-off domains this instance owns that the store does not know.
+    async fn reconcile(&self) -> Result<()> {
+        for rec in self.store.all()? {
+            let name = rec.spec.name.clone();
+            match rec.phase {
+                Phase::Defining => {
+                    tracing::info!(vm = %name, "rolling back an interrupted define");
+                    self.roll_back_define(&rec, true).await;
+                }
+                Phase::Undefining => {
+                    tracing::info!(vm = %name, "finishing an interrupted undefine");
+                    match self.backend(rec.backend) {
+                        Ok(be) => {
+                            let _ = be.destroy(&name).await;
+                            if let Err(e) = self.finish_undefine(&rec, be.as_ref()).await {
+                                tracing::warn!(vm = %name, "finish undefine: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!(vm = %name, "finish undefine: {e}"),
+                    }
+                }
+                Phase::Defined => {
+                    let state = self.attach(&rec).await.unwrap_or_else(|e| {
+                        tracing::warn!(vm = %name, "re-attach failed: {e}");
+                        VmState::ShutOff
+                    });
+                    tracing::info!(vm = %name, %state, "re-attached");
+                    self.states.lock().unwrap().insert(name, state);
+                }
+            }
+        }
+        if let Some(libvirt) = &self.libvirt {
+            let known: Vec<String> = self.store.all()?.into_iter().map(|r| r.spec.name).collect();
+            for name in libvirt.owned_domains().await? {
+                if known.contains(&name) {
+                    continue;
+                }
+                let be: &dyn VmBackend = libvirt;
+                match be.state(&name).await {
+                    Ok(s) if !s.is_active() => {
+                        tracing::info!(vm = %name, "removing a stale domain this vpcd owns");
+                        let _ = be.undefine(&name).await;
+                    }
+                    _ => {
+                        tracing::warn!(vm = %name, "a running domain owned by this vpcd has no record; left alone")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn attach(&self, rec: &VmRecord) -> Result<VmState> {
+        let be = self.backend(rec.backend)?;
+        let config = Self::config_of(rec)?;
+        match be.attach(config).await {
+            Ok(s) => Ok(s),
+            Err(hypervisor::Error::NotFound(_)) => {
+                tracing::info!(vm = %rec.spec.name, "backend lost the domain; defining it again");
+                be.define(config).await?;
+                Ok(be.attach(config).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
