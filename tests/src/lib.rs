@@ -476,45 +476,83 @@ pub struct GuestShell {
 }
 
 impl GuestShell {
+    /// Takes over the channel and syncs with the shell (images/README.md, "Command channel").
     pub fn new(fd: OwnedFd) -> GuestShell {
         let file = std::fs::File::from(fd);
         let writer = file.try_clone().unwrap();
-        GuestShell {
+        let mut shell = GuestShell {
             reader: BufReader::new(file),
             writer,
+        };
+        shell.sync();
+        shell
+    }
+
+    /// Sends `echo __VPCD_SYNC_<n>__` until the line comes back, discarding what came before.
+    fn sync(&mut self) {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let mut reader = self.reader.get_ref().try_clone().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        // A reader thread, so a silent guest cannot block the retries. It stops at the first
+        // sync line it passes on; bytes after that line stay in the stream for `run`.
+        let handle = std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while std::io::Read::read(&mut reader, &mut byte).unwrap_or(0) == 1 {
+                if byte[0] != b'\n' {
+                    line.push(byte[0]);
+                    continue;
+                }
+                let l = String::from_utf8_lossy(&line).replace('\r', "");
+                line.clear();
+                if l.starts_with("__VPCD_SYNC_") {
+                    let _ = tx.send(l);
+                    return;
+                }
+            }
+        });
+        for n in 0.. {
+            assert!(
+                Instant::now() < deadline,
+                "guest shell never answered a sync"
+            );
+            self.send_line(&format!("echo __VPCD_SYNC_{n}__"));
+            if rx.recv_timeout(Duration::from_secs(1)).is_ok() {
+                break;
+            }
+        }
+        handle.join().unwrap();
+        // Answers to earlier, slow syncs may still arrive: one more round trip flushes them.
+        let token = unique("sync").replace('-', "_");
+        self.send_line(&format!("echo __VPCD_SYNC_{token}__"));
+        loop {
+            let mut l = String::new();
+            assert!(
+                self.reader.read_line(&mut l).unwrap() > 0,
+                "guest shell closed"
+            );
+            if l.contains(&format!("__VPCD_SYNC_{token}__")) {
+                break;
+            }
         }
     }
 
     /// Runs `cmd` in the guest; returns its output and exit status.
     pub fn run(&mut self, cmd: &str) -> (String, i32) {
-        let token = unique("rc");
-        let line = format!(
-            "{cmd}; echo \"__VPCD_RC_{}=$?__\"\n",
-            token.replace('-', "_")
-        );
-        self.writer.write_all(line.as_bytes()).unwrap();
-        let marker = format!("__VPCD_RC_{}=", token.replace('-', "_"));
+        self.send_line(cmd);
+        self.send_line("echo \"__VPCD_RC=$?__\"");
         let mut out = String::new();
-        let deadline = Instant::now() + PATIENCE;
         loop {
-            assert!(
-                Instant::now() < deadline,
-                "guest did not answer {cmd:?}: {out}"
-            );
             let mut l = String::new();
             let n = self.reader.read_line(&mut l).expect("read guest shell");
             assert!(n > 0, "guest shell closed while running {cmd:?}: {out}");
             let clean = l.replace('\r', "");
-            if let Some(i) = clean.find(&marker) {
-                // The echo of our own command line also carries the marker text, but not a
-                // number right after it.
-                let rest = &clean[i + marker.len()..];
-                if let Some(end) = rest.find("__") {
-                    if let Ok(rc) = rest[..end].parse::<i32>() {
-                        return (out, rc);
-                    }
-                }
-                continue;
+            if let Some(rc) = clean
+                .trim_end()
+                .strip_prefix("__VPCD_RC=")
+                .and_then(|r| r.strip_suffix("__"))
+            {
+                return (out, rc.parse().expect("status is a number"));
             }
             out.push_str(&clean);
         }

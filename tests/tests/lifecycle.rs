@@ -78,15 +78,45 @@ async fn libvirt_domain_is_an_ordinary_virsh_domain() {
     let xml = sh("virsh", &["dumpxml", &name]);
     assert!(xml.contains("<domain type='qemu'"), "TCG here: {xml}");
     assert!(xml.contains(hypervisor::libvirt::METADATA_NS), "{xml}");
-    // virsh console on the same pty the console log is taken from.
-    let out = std::process::Command::new("timeout")
-        .args(["5", "virsh", "console", &name, "--force"])
-        .stdin(std::process::Stdio::null())
-        .output()
+    // virsh console works on the console that vpcd also logs: what the guest writes to ttyS0
+    // shows up there. virsh wants a terminal; script(1) gives it one.
+    let mut console = std::process::Command::new("script")
+        .args([
+            "-qfec",
+            &format!("virsh console {name} --force"),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("error:"), "virsh console failed: {err}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Connected to domain"));
+    let mut stdout = console.stdout.take().unwrap();
+    let seen = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&all).contains("VIRSH-CONSOLE-SEES-THIS") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let mut shell = d.guest_shell(&name).await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !seen.is_finished() && std::time::Instant::now() < deadline {
+        shell.ok("echo VIRSH-CONSOLE-SEES-THIS > /dev/ttyS0");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let _ = console.kill();
+    let _ = console.wait();
+    let out = seen.join().unwrap();
+    assert!(out.contains("Connected to domain"), "{out}");
+    assert!(out.contains("VIRSH-CONSOLE-SEES-THIS"), "{out}");
+    drop(shell);
     // virsh shutdown behind vpcd's back: vpcd follows.
     sh("virsh", &["shutdown", &name]);
     wait_until(

@@ -113,3 +113,80 @@ async fn libvirt_guest_poweroff_is_signalled() {
 async fn qmp_guest_poweroff_is_signalled() {
     guest_poweroff_is_signalled("qmp").await;
 }
+
+/// SIGKILL vpcd while several defines are in flight, at different moments: after restart every
+/// VM is either fully there (record, files, libvirt domain) or not at all.
+#[tokio::test]
+async fn sigkill_during_defines_leaves_nothing_half_created() {
+    let mut d = Daemon::start().await;
+    for (round, delay_ms) in [20u64, 80, 250].into_iter().enumerate() {
+        let names: Vec<String> = (0..4)
+            .map(|i| unique(&format!("crash{round}x{i}")))
+            .collect();
+        let mut children = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let backend = if i % 2 == 0 { "libvirt" } else { "qmp" };
+            let spec = kernel_spec(name, "[cloud_init]\nhostname = \"h\"\n");
+            let file = d.state.path().join(format!("{name}.toml"));
+            std::fs::write(&file, spec).unwrap();
+            d.cleanup.lock().unwrap().push(name.clone());
+            children.push(
+                std::process::Command::new(bin("vpcctl"))
+                    .args([
+                        "--bus-address",
+                        &d.bus.address,
+                        "define",
+                        "--backend",
+                        backend,
+                    ])
+                    .arg(&file)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        d.kill9();
+        for mut c in children {
+            let _ = c.wait();
+        }
+        d.spawn().await.unwrap();
+        let listed: serde_json::Value =
+            serde_json::from_str(&d.vpcctl_ok(&["list", "--all", "--json"])).unwrap();
+        let listed: Vec<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect();
+        let survived = names.iter().filter(|n| listed.contains(n)).count();
+        eprintln!("round {round} (kill after {delay_ms} ms): {survived} of 4 defines survived");
+        for (i, name) in names.iter().enumerate() {
+            let in_libvirt = std::process::Command::new("virsh")
+                .args(["dominfo", name])
+                .output()
+                .unwrap()
+                .status
+                .success();
+            let dir = d.vm_dir(name);
+            if listed.contains(name) {
+                assert!(
+                    dir.join("seed.iso").exists(),
+                    "{name}: listed without its files"
+                );
+                assert_eq!(in_libvirt, i % 2 == 0, "{name}: libvirt disagrees");
+                assert_eq!(d.domstate(name), "shut off");
+            } else {
+                assert!(
+                    !dir.exists(),
+                    "{name}: files left without a VM (round {round})"
+                );
+                assert!(
+                    !in_libvirt,
+                    "{name}: libvirt domain left without a VM (round {round})"
+                );
+            }
+        }
+    }
+}
