@@ -26,4 +26,11 @@ cargo build --workspace --bins --locked
 
 log "tests"
 # VM tests boot real guests: one test at a time on 2 cores.
-cargo test --workspace --locked -- --test-threads=1
+out=$(mktemp /tmp/vpcd-tests-XXXXXX.log)
+trap 'rm -f "$out"' EXIT
+set +e
+cargo test --workspace --locked --lib --bins --tests -- --test-threads=1 2>&1 | tee "$out"
+rc=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6 } END { printf "\nsummary: %d passed, %d failed\n", p, f }' "$out"
+exit "$rc"

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::accel::Accel;
 use crate::backend::{ResolvedDisk, VmConfig};
 use crate::error::{Error, Result};
-use crate::spec::VmSpec;
+use crate::spec::{DiskFormat, VmSpec};
 use crate::{cloudinit, disk};
 
 /// Creates (or completes) the files of a VM under `dir`. On failure, a directory this call
@@ -31,37 +31,27 @@ fn prepare_in(spec: &VmSpec, dir: &Path, uuid: uuid::Uuid, accel: Accel) -> Resu
     for (i, d) in spec.disks.iter().enumerate() {
         let target = format!("vd{}", (b'a' + i as u8) as char);
         let owned_path = dir.join(format!("disk{i}.qcow2"));
-        let resolved = if let Some(base) = &d.image {
+        // The VM's own file (an overlay or a blank disk) or the user's file as it is.
+        let (path, format, owned) = if let Some(base) = &d.image {
             disk::create_overlay(base, &owned_path)?;
-            ResolvedDisk {
-                path: owned_path,
-                format: crate::spec::DiskFormat::Qcow2,
-                readonly: d.readonly,
-                target,
-                owned: true,
-            }
+            (owned_path, DiskFormat::Qcow2, true)
         } else if let Some(path) = &d.path {
             let format = match d.format {
                 Some(f) => f,
                 None => disk::probe_format(path)?,
             };
-            ResolvedDisk {
-                path: path.clone(),
-                format,
-                readonly: d.readonly,
-                target,
-                owned: false,
-            }
+            (path.clone(), format, false)
         } else {
             let size = d.size_mib.expect("validated: one disk source is set");
             disk::create_blank(&owned_path, size)?;
-            ResolvedDisk {
-                path: owned_path,
-                format: crate::spec::DiskFormat::Qcow2,
-                readonly: d.readonly,
-                target,
-                owned: true,
-            }
+            (owned_path, DiskFormat::Qcow2, true)
+        };
+        let resolved = ResolvedDisk {
+            path,
+            format,
+            readonly: d.readonly,
+            target,
+            owned,
         };
         disks.push(resolved);
     }

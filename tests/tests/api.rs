@@ -116,6 +116,29 @@ async fn bad_specs_give_typed_errors_and_create_nothing() {
 }
 
 #[tokio::test]
+async fn every_vpcctl_verb_has_help() {
+    let d = Daemon::start().await;
+    for verb in [
+        "list",
+        "define",
+        "create",
+        "start",
+        "shutdown",
+        "destroy",
+        "reboot",
+        "undefine",
+        "dominfo",
+        "domstate",
+        "domiflist",
+        "domblklist",
+        "console",
+    ] {
+        let help = d.vpcctl_ok(&[verb, "--help"]);
+        assert!(help.contains("Usage: vpcctl"), "{verb}: {help}");
+    }
+}
+
+#[tokio::test]
 async fn define_never_takes_over_a_domain_vpcd_does_not_own() {
     let d = Daemon::start().await;
     let name = unique("foreign");

@@ -190,3 +190,42 @@ async fn sigkill_during_defines_leaves_nothing_half_created() {
         }
     }
 }
+
+/// A domain that libvirt lost while vpcd was down (undefined behind its back) is defined again
+/// from the store at restart, and boots.
+#[tokio::test]
+async fn libvirt_domain_lost_while_vpcd_was_down_is_redefined() {
+    let mut d = Daemon::start().await;
+    let name = unique("lost");
+    let out = d.vpcctl_spec("define", &kernel_spec(&name, ""), "libvirt");
+    assert!(out.status.success());
+    d.kill9();
+    sh("virsh", &["undefine", &name]);
+    d.spawn().await.unwrap();
+    assert!(sh("virsh", &["list", "--all"]).contains(&name));
+    d.vpcctl_ok(&["start", &name]);
+    d.wait_console(&name, BOOT_MARKER, 1);
+}
+
+/// A guest that ignores the ACPI power button: shutdown times out with a typed error and the
+/// VM keeps running; destroy still stops it.
+#[tokio::test]
+async fn shutdown_of_a_guest_ignoring_acpi_times_out() {
+    let d = Daemon::start().await;
+    let name = unique("deaf");
+    d.create(&kernel_spec(&name, ""), "qmp");
+    d.wait_console(&name, BOOT_MARKER, 1);
+    let mut shell = d.guest_shell(&name).await;
+    shell.ok("killall acpid");
+    drop(shell);
+    let out = d.vpcctl(&["shutdown", &name, "--timeout", "2"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timed out") && err.contains("Timeout") && err.contains(&name),
+        "{err}"
+    );
+    assert_eq!(d.domstate(&name), "running");
+    d.vpcctl_ok(&["destroy", &name]);
+    assert_eq!(d.domstate(&name), "shut off");
+}
