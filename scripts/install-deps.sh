@@ -11,10 +11,11 @@ fi
 command -v cargo >/dev/null || { echo "install-deps.sh: no cargo; install Rust (rustup) first" >&2; exit 1; }
 
 need=(qemu-system-x86_64 virsh libvirtd virtlogd dbus-daemon busctl xorriso cpio busybox
-      qemu-img nft ip ethtool setpriv pkg-config syslinux mformat debugfs)
+      qemu-img nft ip ethtool setpriv pkg-config syslinux mformat debugfs clang bpftool)
 missing=0
 for c in "${need[@]}"; do command -v "$c" >/dev/null 2>&1 || missing=1; done
 [ -e /usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc ] || missing=1
+[ -e /usr/include/bpf/bpf_helpers.h ] || missing=1
 compgen -G '/boot/vmlinuz-*' >/dev/null || missing=1
 if [ "$missing" = 0 ]; then
     exit 0

@@ -83,6 +83,13 @@ pub struct ResolvedDisk {
     pub owned: bool,
 }
 
+/// A NIC as the backend attaches it: the tap the network layer made, and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedNic {
+    pub tap: String,
+    pub mac: String,
+}
+
 /// A VM ready for a backend: the spec plus everything resolved on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -91,6 +98,9 @@ pub struct VmConfig {
     /// `<state>/vms/<name>`: overlays, seed, console log, QMP sockets.
     pub dir: PathBuf,
     pub disks: Vec<ResolvedDisk>,
+    /// NICs, in spec order (filled in by vpcd from the ports it made).
+    #[serde(default)]
+    pub nics: Vec<ResolvedNic>,
     /// The cloud-init seed ISO, if the spec asks for cloud-init.
     pub seed: Option<PathBuf>,
     pub console_log: PathBuf,

@@ -14,7 +14,8 @@ pub mod spec;
 
 pub use accel::Accel;
 pub use backend::{
-    BackendKind, ResolvedDisk, VmBackend, VmConfig, VmEvent, VmState, DEFAULT_SHUTDOWN_TIMEOUT,
+    BackendKind, ResolvedDisk, ResolvedNic, VmBackend, VmConfig, VmEvent, VmState,
+    DEFAULT_SHUTDOWN_TIMEOUT,
 };
 pub use disk::probe_format;
 pub use error::{Error, Result};

@@ -69,6 +69,7 @@ fn prepare_in(spec: &VmSpec, dir: &Path, uuid: uuid::Uuid, accel: Accel) -> Resu
         uuid,
         dir: dir.to_owned(),
         disks,
+        nics: Vec::new(),
         seed,
         console_log: spec
             .console_log

@@ -15,6 +15,14 @@
 //! # path = "/srv/data.raw" # or an existing file used as it is (format = "raw" | "qcow2")
 //! # size_mib = 1024        # or a new blank qcow2 disk of this size, owned by the VM
 //!
+//! [[nics]]                 # virtio-net NICs: a port on a tenant subnet (see vpcctl net-create)
+//! network = "tenant-a"
+//! subnet = "web"
+//! # mac = "02:00:00:00:00:01"  # default: a stable locally administered MAC
+//! # ip = "10.0.1.5"            # default: the subnet's next free address
+//! # port_security = true       # only the port's MAC/IP may send
+//! # allowed_address_pairs = [{ ip = "10.0.1.100" }]
+//!
 //! [cloud_init]             # a NoCloud seed (ISO 9660, label cidata) attached as a CD-ROM
 //! hostname = "demo"
 //! user_data = "#cloud-config\n"
@@ -49,6 +57,8 @@ pub struct VmSpec {
     pub boot: BootSpec,
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInitSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,6 +119,32 @@ impl DiskFormat {
             DiskFormat::Qcow2 => "qcow2",
         }
     }
+}
+
+/// A NIC: a port on a tenant subnet. Addresses are checked by the network layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    pub network: String,
+    pub subnet: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_security: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_address_pairs: Vec<AddressPairSpec>,
+}
+
+/// An extra MAC and/or IP a NIC may send from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressPairSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 /// Fields written into the VM's cloud-init NoCloud seed.
@@ -230,6 +266,14 @@ impl VmSpec {
             }
             if disk.format.is_some() && disk.path.is_none() {
                 return bad(format!("disks[{i}].format only applies to path"));
+            }
+        }
+        if self.nics.len() > 8 {
+            return bad(format!("{} nics, at most 8", self.nics.len()));
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            if nic.network.is_empty() || nic.subnet.is_empty() {
+                return bad(format!("nics[{i}] needs network and subnet"));
             }
         }
         if let Some(ci) = &self.cloud_init {

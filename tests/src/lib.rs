@@ -156,6 +156,8 @@ pub struct DaemonOpts {
     pub backend: &'static str,
     pub accel: &'static str,
     pub libvirt_uri: String,
+    /// More vpcd flags (`--netns`, `--underlay-ip`, `--peer`, ...).
+    pub extra: Vec<String>,
 }
 
 impl Default for DaemonOpts {
@@ -164,8 +166,14 @@ impl Default for DaemonOpts {
             backend: "auto",
             accel: "tcg",
             libvirt_uri: "qemu:///system".into(),
+            extra: Vec::new(),
         }
     }
+}
+
+/// A bpffs directory of this process for a daemon's pins (removed by the daemon's drop).
+pub fn bpf_dir() -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{}", unique("vpcd-test")))
 }
 
 /// A vpcd process on a private bus with its own state directory.
@@ -175,6 +183,8 @@ pub struct Daemon {
     pub state: tempfile::TempDir,
     pub bus_name: String,
     pub opts: DaemonOpts,
+    /// Where this daemon pins its eBPF objects.
+    pub bpf_dir: PathBuf,
     child: Option<Child>,
     /// Domains any test defined through this daemon, destroyed and undefined on drop.
     pub cleanup: std::sync::Mutex<Vec<String>>,
@@ -201,6 +211,7 @@ impl Daemon {
             state,
             bus_name: "org.vpcd.Host1".into(),
             opts,
+            bpf_dir: bpf_dir(),
             child: None,
             cleanup: Default::default(),
         };
@@ -234,6 +245,9 @@ impl Daemon {
             .arg(&opts.libvirt_uri)
             .arg("--log")
             .arg("debug")
+            .arg("--bpf-dir")
+            .arg(&self.bpf_dir)
+            .args(&opts.extra)
             .env("VPCD_CONFIG", self.state.path().join("none.toml"));
         c
     }
@@ -437,6 +451,8 @@ impl Drop for Daemon {
                 .args(["-q", "undefine", n, "--nvram"])
                 .output();
         }
+        // Pinned eBPF links and maps: unpinning detaches the programs.
+        let _ = std::fs::remove_dir_all(&self.bpf_dir);
         // QEMUs of the QMP backend that a failed test left behind.
         let marker = self.state.path().to_string_lossy().into_owned();
         if let Ok(procs) = std::fs::read_dir("/proc") {
@@ -585,4 +601,124 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A network namespace made for a test (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    pub fn new(tag: &str) -> Ns {
+        let name = format!("vt{}{tag}", std::process::id() % 100_000);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh("ip", &["netns", "add", &name]);
+        sh("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Ns { name }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn run(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a command inside the namespace and returns its stdout; panics if it fails.
+    pub fn ok(&self, cmd: &[&str]) -> String {
+        let out = self.run(cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?} in {}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether `ping` to `ip` gets an answer (3 tries, 1 s each).
+    pub fn pings(&self, ip: &str) -> bool {
+        self.run(&["ping", "-c", "3", "-i", "0.2", "-W", "1", ip])
+            .status
+            .success()
+    }
+
+    /// Links in the namespace (names).
+    pub fn links(&self) -> Vec<String> {
+        let out = sh("ip", &["-n", &self.name, "-o", "link", "show"]);
+        out.lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        // Processes left inside (a failed test's ping) would keep the namespace alive.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).output();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Two "hosts" (namespaces) joined by a veth underlay: host 1 is 192.0.2.1, host 2 192.0.2.2.
+#[derive(Debug)]
+pub struct Underlay {
+    pub h1: Ns,
+    pub h2: Ns,
+}
+
+impl Underlay {
+    pub fn new() -> Underlay {
+        let h1 = Ns::new("h1");
+        let h2 = Ns::new("h2");
+        let a = format!("{}u", h1.name);
+        let b = format!("{}u", h2.name);
+        sh(
+            "ip",
+            &[
+                "link", "add", &a, "netns", &h1.name, "type", "veth", "peer", &b, "netns", &h2.name,
+            ],
+        );
+        for (ns, dev, ip) in [(&h1, &a, "192.0.2.1/24"), (&h2, &b, "192.0.2.2/24")] {
+            sh("ip", &["-n", &ns.name, "addr", "add", ip, "dev", dev]);
+            sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+        }
+        Underlay { h1, h2 }
+    }
+
+    /// vpcd flags for host `n` (1 or 2).
+    pub fn flags(&self, n: u8) -> Vec<String> {
+        let (ns, me, peer) = match n {
+            1 => (&self.h1, "192.0.2.1", "192.0.2.2"),
+            _ => (&self.h2, "192.0.2.2", "192.0.2.1"),
+        };
+        ["--netns", &ns.path(), "--underlay-ip", me, "--peer", peer]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+impl Default for Underlay {
+    fn default() -> Underlay {
+        Underlay::new()
+    }
 }

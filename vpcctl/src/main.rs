@@ -1,11 +1,14 @@
 //! `vpcctl`: virsh-style commands over vpcd's D-Bus API (and nothing else).
 
 mod console;
+mod net;
+mod table;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use table::print_table;
 use vpcctl::proxy::{self, DomainProxy, HostProxy};
 
 /// Manage the VMs of a vpcd host, virsh style.
@@ -75,6 +78,8 @@ enum Cmd {
         #[arg(long, default_value = "serial0")]
         devname: String,
     },
+    #[command(flatten)]
+    Net(net::NetCmd),
 }
 
 fn main() -> ExitCode {
@@ -238,14 +243,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Domiflist { domain: name } => {
-            // NICs arrive with tenant networks (netdrv); until then a domain has none.
-            domain(name).await?;
+            let nics = domain(name).await?.nics().await?;
             if cli.json {
-                println!("[]");
+                let v: Vec<_> = nics
+                    .iter()
+                    .map(|(tap, net, subnet, mac, ip, port)| {
+                        json!({"interface": tap, "type": "ethernet", "network": net, "subnet": subnet,
+                               "model": "virtio", "mac": mac, "ip": ip, "port": port})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                print_table(&["Interface", "Type", "Source", "Model", "MAC"], vec![]);
+                print_table(
+                    &["Interface", "Type", "Source", "Model", "MAC", "IP", "Port"],
+                    nics.into_iter()
+                        .map(|(tap, net, subnet, mac, ip, port)| {
+                            vec![
+                                tap,
+                                "ethernet".into(),
+                                format!("{net}/{subnet}"),
+                                "virtio".into(),
+                                mac,
+                                ip,
+                                port.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
             }
         }
+        Cmd::Net(cmd) => net::run(cmd, &conn, &host, &cli.bus_name, cli.json).await?,
         Cmd::Console {
             domain: name,
             devname,
@@ -302,31 +329,4 @@ fn done(json: bool, name: &str, what: &str) {
     } else {
         println!("Domain '{name}' {what}\n");
     }
-}
-
-/// virsh's table shape: a header, a rule, left-aligned columns.
-fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (cell, w) in cells.iter().zip(&widths) {
-            s.push(' ');
-            s.push_str(&format!("{cell:<w$}  ", w = w));
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header.to_vec());
-    println!(
-        "{}",
-        "-".repeat(widths.iter().map(|w| w + 3).sum::<usize>().max(4))
-    );
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    println!();
 }

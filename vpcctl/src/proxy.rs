@@ -13,6 +13,22 @@ pub trait Host {
     fn create_domain(&self, spec: &str, backend: &str) -> zbus::Result<OwnedObjectPath>;
     fn lookup_domain(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_domains(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    fn create_network(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn lookup_network(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn list_networks(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    #[allow(clippy::too_many_arguments)]
+    fn create_port(
+        &self,
+        network: &str,
+        subnet: &str,
+        netns: &str,
+        ifname: &str,
+        ip: &str,
+        mac: &str,
+        port_security: bool,
+    ) -> zbus::Result<OwnedObjectPath>;
+    fn list_ports(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    fn lookup_port(&self, id: u32) -> zbus::Result<OwnedObjectPath>;
     #[zbus(property)]
     fn instance_id(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -55,6 +71,48 @@ pub trait Domain {
     fn console_log(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn spec(&self) -> zbus::Result<String>;
+    /// (interface, network, subnet, MAC, IPv4, port id) per NIC.
+    #[zbus(property)]
+    fn nics(&self) -> zbus::Result<Vec<(String, String, String, String, String, u32)>>;
+}
+
+#[proxy(interface = "org.vpcd.Network1")]
+pub trait Network {
+    fn delete(&self) -> zbus::Result<()>;
+    fn create_subnet(&self, name: &str, cidr: &str, vni: u32, vlan: u16) -> zbus::Result<()>;
+    fn delete_subnet(&self, name: &str) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<u32>;
+    /// (name, CIDR, gateway, VLAN, VNI) per subnet.
+    #[zbus(property)]
+    fn subnets(&self) -> zbus::Result<Vec<(String, String, String, u16, u32)>>;
+}
+
+#[proxy(interface = "org.vpcd.Port1")]
+pub trait Port {
+    fn delete(&self) -> zbus::Result<()>;
+    fn set_port_security(&self, on: bool) -> zbus::Result<()>;
+    fn get_counters(&self) -> zbus::Result<std::collections::HashMap<String, u64>>;
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn network(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn subnet(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn mac(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn ip(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn device(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn kind(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn port_security(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn domain(&self) -> zbus::Result<String>;
 }
 
 /// Connects to the bus at `address`, or the system bus when empty (`DBUS_SYSTEM_BUS_ADDRESS`

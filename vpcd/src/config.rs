@@ -50,6 +50,20 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// tracing filter, e.g. `info` or `vpcd=debug,hypervisor=debug`.
     pub log: String,
+    /// The host's network namespace (a path such as /run/netns/host1); empty: vpcd's own.
+    pub netns: String,
+    /// This host's VTEP address on the underlay; empty: no VxLAN (single-host networks).
+    pub underlay_ip: String,
+    /// MTU of the underlay; ports and VxLAN devices get 50 bytes less.
+    pub underlay_mtu: u32,
+    /// Peer VTEPs for head-end replication (static FDB mode).
+    pub peers: Vec<String>,
+    /// Prefix of the links vpcd makes (1-4 of a-z 0-9).
+    pub link_prefix: String,
+    /// VLAN filtering: `auto` (probe) or `ebpf`.
+    pub vlan_filter: String,
+    /// bpffs directory for pinned programs, links and maps (one subdirectory per instance).
+    pub bpf_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -64,6 +78,13 @@ impl Default for Config {
             qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             shutdown_timeout_secs: 60,
             log: "info".into(),
+            netns: String::new(),
+            underlay_ip: String::new(),
+            underlay_mtu: 1500,
+            peers: Vec::new(),
+            link_prefix: "vpc".into(),
+            vlan_filter: "auto".into(),
+            bpf_dir: PathBuf::from("/sys/fs/bpf/vpcd"),
         }
     }
 }
@@ -120,6 +141,35 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "state_dir {} is not an absolute path",
                 self.state_dir.display()
+            )));
+        }
+        if !self.underlay_ip.is_empty() && self.underlay_ip.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "underlay_ip {:?} is not an IPv4 address",
+                self.underlay_ip
+            )));
+        }
+        if let Some(p) = self
+            .peers
+            .iter()
+            .find(|p| p.parse::<std::net::Ipv4Addr>().is_err())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "peer {p:?} is not an IPv4 address"
+            )));
+        }
+        if !(1280..=65535).contains(&self.underlay_mtu) {
+            return Err(ConfigError::Invalid(format!(
+                "underlay_mtu {} outside 1280-65535",
+                self.underlay_mtu
+            )));
+        }
+        netdrv::names::validate_prefix(&self.link_prefix)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !matches!(self.vlan_filter.as_str(), "auto" | "ebpf") {
+            return Err(ConfigError::Invalid(format!(
+                "vlan_filter {:?}: auto or ebpf",
+                self.vlan_filter
             )));
         }
         if self.shutdown_timeout_secs == 0 {

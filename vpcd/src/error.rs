@@ -7,9 +7,10 @@ pub enum Error {
     /// Bad input: an invalid spec, name, size or argument.
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("domain {0} not found")]
+    /// The object (`domain web1`, `network a`) does not exist.
+    #[error("{0} not found")]
     NotFound(String),
-    #[error("domain {0} already exists")]
+    #[error("{0} already exists")]
     AlreadyExists(String),
     /// The operation does not fit the object's state (start a running VM...).
     #[error("{0}")]
@@ -29,8 +30,8 @@ impl From<hypervisor::Error> for Error {
         let msg = e.to_string();
         match e {
             H::InvalidSpec(_) | H::ParseSpec(_) | H::Image { .. } => Error::InvalidArgument(msg),
-            H::NotFound(name) => Error::NotFound(name),
-            H::AlreadyExists(name) => Error::AlreadyExists(name),
+            H::NotFound(name) => Error::NotFound(format!("domain {name}")),
+            H::AlreadyExists(name) => Error::AlreadyExists(format!("domain {name}")),
             H::InvalidState { .. } => Error::InvalidState(msg),
             H::ShutdownTimeout { .. } => Error::Timeout(msg),
             H::LibvirtUnavailable { .. } => Error::Unavailable(msg),
@@ -39,6 +40,20 @@ impl From<hypervisor::Error> for Error {
             | H::Spawn { .. }
             | H::Console { .. }
             | H::Io { .. } => Error::Failed(msg),
+        }
+    }
+}
+
+impl From<netdrv::Error> for Error {
+    fn from(e: netdrv::Error) -> Error {
+        use netdrv::Error as N;
+        let msg = e.to_string();
+        match e {
+            N::Invalid(_) => Error::InvalidArgument(msg),
+            N::NotFound(what) => Error::NotFound(what),
+            N::Exists(what) => Error::AlreadyExists(what),
+            N::InUse(_) => Error::InvalidState(msg),
+            N::Netns { .. } | N::Netlink { .. } | N::Bpf { .. } | N::Many(_) => Error::Failed(msg),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod dbus;
 mod error;
 pub mod manager;
+pub mod network;
 pub mod store;
 
 pub use error::{Error, Result};

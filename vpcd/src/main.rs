@@ -37,6 +37,23 @@ struct Cli {
     /// tracing filter.
     #[arg(long)]
     log: Option<String>,
+    /// The host's network namespace (e.g. /run/netns/host1).
+    #[arg(long)]
+    netns: Option<String>,
+    /// This host's VTEP address.
+    #[arg(long)]
+    underlay_ip: Option<String>,
+    #[arg(long)]
+    underlay_mtu: Option<u32>,
+    /// A peer VTEP (repeat for several).
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// Prefix of the links vpcd makes.
+    #[arg(long)]
+    link_prefix: Option<String>,
+    /// bpffs directory for pinned eBPF objects.
+    #[arg(long)]
+    bpf_dir: Option<PathBuf>,
 }
 
 impl Cli {
@@ -56,6 +73,24 @@ impl Cli {
         put("accel", self.accel.clone());
         put("qemu", path(&self.qemu));
         put("log", self.log.clone());
+        put("netns", self.netns.clone());
+        put("underlay_ip", self.underlay_ip.clone());
+        put("link_prefix", self.link_prefix.clone());
+        put("bpf_dir", path(&self.bpf_dir));
+        if let Some(mtu) = self.underlay_mtu {
+            d.insert("underlay_mtu".into(), Value::from(mtu));
+        }
+        if !self.peers.is_empty() {
+            d.insert(
+                "peers".into(),
+                Value::from(
+                    self.peers
+                        .iter()
+                        .map(|p| Value::from(p.clone()))
+                        .collect::<Vec<_>>(),
+                ),
+            );
+        }
         d
     }
 }

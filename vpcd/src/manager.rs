@@ -16,6 +16,8 @@ use tokio::sync::broadcast;
 
 use crate::config::{AccelChoice, BackendChoice, Config};
 use crate::error::{Error, Result};
+use crate::network::state::{AllowedPair, PortDevice, PortRequest};
+use crate::network::{NetConfig, NetManager};
 use crate::store::{Phase, Store, VmRecord};
 
 /// What changed, for the API layer to turn into signals.
@@ -40,6 +42,18 @@ pub struct VmInfo {
     pub disks: Vec<(String, String)>,
     pub console_log: String,
     pub spec_toml: String,
+    pub nics: Vec<NicInfo>,
+}
+
+/// A VM NIC as clients see it (`vpcctl domiflist`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicInfo {
+    pub tap: String,
+    pub network: String,
+    pub subnet: String,
+    pub mac: String,
+    pub ip: String,
+    pub port: u32,
 }
 
 /// Facts about this host for clients.
@@ -54,7 +68,10 @@ pub struct HostInfo {
 /// The manager of one vpcd instance.
 pub struct Manager {
     cfg: Config,
-    store: Store,
+    store: Arc<Store>,
+    /// Tenant networks; None when they could not be set up on this host (the reason is logged
+    /// and returned by every network call).
+    net: std::result::Result<NetManager, String>,
     limits: HostLimits,
     host: HostInfo,
     libvirt: Option<Arc<LibvirtBackend>>,
@@ -76,7 +93,7 @@ impl Manager {
     /// Opens the store, probes the accelerator, connects the backends and reconciles.
     pub async fn open(cfg: Config) -> anyhow::Result<Arc<Manager>> {
         std::fs::create_dir_all(cfg.state_dir.join("vms"))?;
-        let store = Store::open(&cfg.state_dir.join("vpcd.redb"))?;
+        let store = Arc::new(Store::open(&cfg.state_dir.join("vpcd.redb"))?);
         let instance_id = store.instance_id()?;
         let qemu = cfg.qemu.to_string_lossy().into_owned();
         let accel = match cfg.accel {
@@ -112,8 +129,14 @@ impl Manager {
             backends.insert(0, BackendKind::Libvirt);
         }
         tracing::info!(%default_backend, accel = accel.as_str(), instance_id, "vpcd starting");
+        let netns_path = (!cfg.netns.is_empty()).then(|| PathBuf::from(&cfg.netns));
+        let net = Self::open_net(&cfg, &store, &instance_id).await;
+        if let Err(e) = &net {
+            tracing::error!("tenant networks unavailable: {e}");
+        }
         let (events, _) = broadcast::channel(1024);
         let manager = Arc::new(Manager {
+            net,
             limits: HostLimits::probe(),
             host: HostInfo {
                 instance_id,
@@ -121,7 +144,7 @@ impl Manager {
                 backends,
                 accel,
             },
-            qmp: QmpBackend::new(&qemu),
+            qmp: QmpBackend::new(&qemu, netns_path),
             libvirt,
             store,
             cfg,
@@ -132,6 +155,48 @@ impl Manager {
         manager.follow_events();
         manager.reconcile().await?;
         Ok(manager)
+    }
+
+    async fn open_net(
+        cfg: &Config,
+        store: &Arc<Store>,
+        instance_id: &str,
+    ) -> std::result::Result<NetManager, String> {
+        let netns = if cfg.netns.is_empty() {
+            netdrv::Netns::current()
+        } else {
+            netdrv::Netns::open(std::path::Path::new(&cfg.netns))
+        }
+        .map_err(|e| e.to_string())?;
+        let underlay = if cfg.underlay_ip.is_empty() {
+            None
+        } else {
+            Some(netdrv::model::Underlay {
+                local: cfg
+                    .underlay_ip
+                    .parse()
+                    .map_err(|_| "bad underlay_ip".to_string())?,
+                mtu: cfg.underlay_mtu,
+            })
+        };
+        let net_cfg = NetConfig {
+            netns,
+            prefix: cfg.link_prefix.clone(),
+            owner: instance_id.to_string(),
+            underlay,
+            peers: cfg.peers.iter().filter_map(|p| p.parse().ok()).collect(),
+            pin_dir: cfg.bpf_dir.join(instance_id),
+        };
+        NetManager::open(store.clone(), net_cfg)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The tenant networks of this host.
+    pub fn net(&self) -> Result<&NetManager> {
+        self.net
+            .as_ref()
+            .map_err(|e| Error::Unavailable(format!("tenant networks are unavailable: {e}")))
     }
 
     pub fn host(&self) -> &HostInfo {
@@ -221,7 +286,7 @@ impl Manager {
     fn record(&self, name: &str) -> Result<VmRecord> {
         match self.store.get(name)? {
             Some(r) if r.phase == Phase::Defined => Ok(r),
-            _ => Err(Error::NotFound(name.to_string())),
+            _ => Err(Error::NotFound(format!("domain {name}"))),
         }
     }
 
@@ -249,7 +314,7 @@ impl Manager {
             config: None,
         };
         if !self.store.insert_new(&rec)? {
-            return Err(Error::AlreadyExists(spec.name.clone()));
+            return Err(Error::AlreadyExists(format!("domain {}", spec.name)));
         }
         let dir = self.vm_dir(&spec.name);
         // A directory without a record is a leftover of an earlier, failed define.
@@ -260,18 +325,27 @@ impl Manager {
                 .await
                 .map_err(|e| Error::Failed(e.to_string()))?
         };
-        let result = match prepared {
-            Ok(config) => be.define(&config).await.map(|()| config),
-            Err(e) => Err(e),
-        };
-        let config = match result {
+        let mut config = match prepared {
             Ok(c) => c,
             Err(e) => {
-                let foreign = matches!(e, hypervisor::Error::AlreadyExists(_));
-                self.roll_back_define(&rec, !foreign).await;
+                self.roll_back_define(&rec, false).await;
                 return Err(e.into());
             }
         };
+        if !spec.nics.is_empty() {
+            match self.create_nics(&spec).await {
+                Ok(nics) => config.nics = nics,
+                Err(e) => {
+                    self.roll_back_define(&rec, false).await;
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = be.define(&config).await {
+            let foreign = matches!(e, hypervisor::Error::AlreadyExists(_));
+            self.roll_back_define(&rec, !foreign).await;
+            return Err(e.into());
+        }
         rec.config = Some(config);
         rec.phase = Phase::Defined;
         self.store.put(&rec)?;
@@ -284,9 +358,68 @@ impl Manager {
         self.info_of(&rec, VmState::ShutOff)
     }
 
-    /// Undoes a define that did not finish: backend definition, files, record.
+    /// Makes the ports of a VM's NICs (taps on their tenant bridges), all or none.
+    async fn create_nics(&self, spec: &VmSpec) -> Result<Vec<hypervisor::ResolvedNic>> {
+        let net = self.net()?;
+        let mut reqs = Vec::new();
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let bad = |what: &str, v: &str, e: netdrv::Error| {
+                Error::InvalidArgument(format!("domain {}: nics[{i}].{what} {v:?}: {e}", spec.name))
+            };
+            let parse_ip = |v: &str| {
+                v.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "domain {}: nics[{i}]: {v:?} is not an IPv4 address",
+                        spec.name
+                    ))
+                })
+            };
+            let mut pairs = Vec::new();
+            for pair in &nic.allowed_address_pairs {
+                pairs.push(AllowedPair {
+                    mac: pair
+                        .mac
+                        .as_deref()
+                        .map(|m| m.parse().map_err(|e| bad("mac", m, e)))
+                        .transpose()?,
+                    ip: pair.ip.as_deref().map(parse_ip).transpose()?,
+                });
+            }
+            reqs.push(PortRequest {
+                network: nic.network.clone(),
+                subnet: nic.subnet.clone(),
+                device: Some(PortDevice::Tap),
+                mac: nic
+                    .mac
+                    .as_deref()
+                    .map(|m| m.parse().map_err(|e| bad("mac", m, e)))
+                    .transpose()?,
+                ip: nic.ip.as_deref().map(parse_ip).transpose()?,
+                port_security: nic.port_security,
+                allowed_pairs: pairs,
+                vm: Some(spec.name.clone()),
+            });
+        }
+        let ports = net.create_ports(&reqs).await?;
+        Ok(ports
+            .iter()
+            .map(|p| hypervisor::ResolvedNic {
+                tap: net.device_name(p),
+                mac: p.mac.to_string(),
+            })
+            .collect())
+    }
+
+    /// Undoes a define that did not finish: backend definition, ports, files, record.
     async fn roll_back_define(&self, rec: &VmRecord, undefine_backend: bool) {
         let name = &rec.spec.name;
+        if !rec.spec.nics.is_empty() {
+            if let Ok(net) = self.net() {
+                if let Err(e) = net.delete_vm_ports(name).await {
+                    tracing::warn!(vm = %name, "roll back define: {e}");
+                }
+            }
+        }
         if undefine_backend {
             if let Ok(be) = self.backend(rec.backend) {
                 if let Err(e) = be.undefine(name).await {
@@ -373,6 +506,9 @@ impl Manager {
     async fn finish_undefine(&self, rec: &VmRecord, be: &dyn VmBackend) -> Result<()> {
         let name = &rec.spec.name;
         be.undefine(name).await?;
+        if !rec.spec.nics.is_empty() {
+            self.net()?.delete_vm_ports(name).await?;
+        }
         hypervisor::remove_files(&self.vm_dir(name))?;
         self.store.delete(name)?;
         self.states.lock().unwrap().remove(name);
@@ -427,7 +563,29 @@ impl Manager {
                 .collect(),
             console_log: config.console_log.to_string_lossy().into_owned(),
             spec_toml: rec.spec.to_toml(),
+            nics: self.nics_of(&rec.spec.name),
         })
+    }
+
+    fn nics_of(&self, vm: &str) -> Vec<NicInfo> {
+        let Ok(net) = self.net() else {
+            return Vec::new();
+        };
+        let Ok(st) = net.state() else {
+            return Vec::new();
+        };
+        st.ports
+            .values()
+            .filter(|p| p.vm.as_deref() == Some(vm))
+            .map(|p| NicInfo {
+                tap: net.device_name(p),
+                network: p.network.clone(),
+                subnet: p.subnet.clone(),
+                mac: p.mac.to_string(),
+                ip: p.ip.to_string(),
+                port: p.id,
+            })
+            .collect()
     }
 
     /// Opens serial port `port` of a running VM (0 is the console).
@@ -467,6 +625,20 @@ impl Manager {
                     tracing::info!(vm = %name, %state, "re-attached");
                     self.states.lock().unwrap().insert(name, state);
                 }
+            }
+        }
+        if let Ok(net) = self.net() {
+            let vms: Vec<String> = self.store.all()?.into_iter().map(|r| r.spec.name).collect();
+            let orphans: std::collections::BTreeSet<String> = net
+                .state()?
+                .ports
+                .values()
+                .filter_map(|p| p.vm.clone())
+                .filter(|vm| !vms.contains(vm))
+                .collect();
+            for vm in orphans {
+                tracing::info!(vm = %vm, "removing ports of a VM that no longer exists");
+                net.delete_vm_ports(&vm).await?;
             }
         }
         if let Some(libvirt) = &self.libvirt {

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Whole documents kept under one key each (the tenant-network state).
+const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 
 /// How far a VM's definition got. Define and undefine span several steps (files, backend); the
 /// phase written before the first step lets a restarted vpcd finish or roll back the operation.
@@ -63,6 +65,7 @@ impl Store {
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(VMS).map_err(db_err)?;
         txn.open_table(META).map_err(db_err)?;
+        txn.open_table(DOCS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(Store { db })
     }
@@ -137,6 +140,35 @@ impl Store {
         {
             let mut vms = txn.open_table(VMS).map_err(db_err)?;
             vms.remove(name).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+}
+
+impl Store {
+    /// Reads the document `key` (JSON), or its default when there is none yet.
+    pub fn doc<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        key: &str,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let docs = txn.open_table(DOCS).map_err(db_err)?;
+        match docs.get(key).map_err(db_err)? {
+            Some(v) => serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                name: key.to_string(),
+                reason: e.to_string(),
+            }),
+            None => Ok(T::default()),
+        }
+    }
+
+    /// Replaces the document `key` in one transaction.
+    pub fn put_doc<T: Serialize>(&self, key: &str, doc: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(doc).expect("documents always serialize");
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut docs = txn.open_table(DOCS).map_err(db_err)?;
+            docs.insert(key, bytes.as_slice()).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }

@@ -78,6 +78,14 @@ pub fn domain_xml(vm: &VmConfig, owner: &str) -> String {
         let _ = writeln!(x, "      <readonly/>");
         let _ = writeln!(x, "    </disk>");
     }
+    for nic in &vm.nics {
+        let _ = writeln!(x, "    <interface type='ethernet'>");
+        let _ = writeln!(x, "      <mac address='{}'/>", esc(&nic.mac));
+        let _ = writeln!(x, "      <target dev='{}' managed='no'/>", esc(&nic.tap));
+        let _ = writeln!(x, "      <model type='virtio'/>");
+        let _ = writeln!(x, "      <rom enabled='no'/>");
+        let _ = writeln!(x, "    </interface>");
+    }
     let _ = writeln!(x, "    <controller type='usb' model='none'/>");
     let _ = writeln!(x, "    <serial type='pty'>");
     let _ = writeln!(
@@ -151,6 +159,7 @@ mod tests {
             uuid: uuid::Uuid::nil(),
             dir: "/s/vms/t".into(),
             disks: vec![],
+            nics: vec![],
             seed: None,
             console_log: "/s/vms/t/console.log".into(),
             accel,
@@ -193,7 +202,12 @@ mod tests {
             owned: false,
         });
         vm.seed = Some("/s/vms/t/seed.iso".into());
+        vm.nics.push(crate::backend::ResolvedNic {
+            tap: "vpct1".into(),
+            mac: "02:00:00:00:00:01".into(),
+        });
         let x = domain_xml(&vm, "h");
+        assert!(x.contains("<interface type='ethernet'>\n      <mac address='02:00:00:00:00:01'/>\n      <target dev='vpct1' managed='no'/>"), "{x}");
         assert!(x.starts_with("<domain type='kvm'>"));
         assert!(x.contains("<boot dev='hd'/>"));
         assert!(x.contains("<cpu mode='host-passthrough'/>"));

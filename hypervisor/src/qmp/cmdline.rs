@@ -96,6 +96,19 @@ pub fn qemu_args(vm: &VmConfig, paths: &RunPaths) -> Vec<String> {
             ),
         ]);
     }
+    for (i, nic) in vm.nics.iter().enumerate() {
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id=nic{i},ifname={},script=no,downscript=no",
+                qemu_opt_escape(&nic.tap)
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-net-pci,netdev=nic{i},mac={},romfile=", nic.mac),
+        ]);
+    }
     if let Some(seed) = &vm.seed {
         push(&[
             "-blockdev",
@@ -162,6 +175,10 @@ mod tests {
                 target: "vda".into(),
                 owned: true,
             }],
+            nics: vec![crate::backend::ResolvedNic {
+                tap: "vpct3".into(),
+                mac: "02:00:00:00:00:03".into(),
+            }],
             seed: Some("/s/t/seed.iso".into()),
             console_log: "/s/t/console.log".into(),
             accel: Accel::Tcg,
@@ -181,6 +198,7 @@ mod tests {
         assert!(a.contains("-no-shutdown"));
         assert!(a.contains("ide-cd,drive=cidata"));
         assert!(!a.contains("-cpu host"));
+        assert!(a.contains("-netdev tap,id=nic0,ifname=vpct3,script=no,downscript=no -device virtio-net-pci,netdev=nic0,mac=02:00:00:00:00:03,romfile="));
     }
 
     #[test]

@@ -37,6 +37,8 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// VMs as QEMU processes that vpcd runs itself.
 pub struct QmpBackend {
     qemu: String,
+    /// The host's network namespace, entered by QEMU before it runs (its taps live there).
+    netns: Option<std::path::PathBuf>,
     vms: Mutex<HashMap<String, Arc<QmpVm>>>,
     events: broadcast::Sender<VmEvent>,
 }
@@ -81,10 +83,12 @@ impl QmpVm {
 }
 
 impl QmpBackend {
-    pub fn new(qemu: &str) -> Arc<QmpBackend> {
+    /// `netns`: the namespace QEMU runs in (None: vpcd's own).
+    pub fn new(qemu: &str, netns: Option<std::path::PathBuf>) -> Arc<QmpBackend> {
         let (events, _) = broadcast::channel(256);
         Arc::new(QmpBackend {
             qemu: qemu.to_string(),
+            netns,
             vms: Mutex::new(HashMap::new()),
             events,
         })
@@ -240,8 +244,42 @@ impl QmpBackend {
         let log2 = log
             .try_clone()
             .map_err(|e| spawn_err(format!("log: {e}")))?;
-        let mut child = tokio::process::Command::new(&self.qemu)
-            .args(qemu_args(&vm.config, &vm.paths))
+        let mut cmd = tokio::process::Command::new(&self.qemu);
+        let netns = match &self.netns {
+            Some(ns) => Some(
+                std::fs::File::open(ns)
+                    .map_err(|e| spawn_err(format!("netns {}: {e}", ns.display())))?,
+            ),
+            None => None,
+        };
+        if let Some(file) = &netns {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setns(2), which is async-signal-safe, on a descriptor inherited from the parent
+            // (`netns` stays open until spawn has returned).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = self.spawn_with(cmd, vm, log, log2, &spawn_err)?;
+        drop(netns);
+        self.wait_qmp(child, vm, &spawn_err).await
+    }
+
+    fn spawn_with(
+        &self,
+        mut cmd: tokio::process::Command,
+        vm: &Arc<QmpVm>,
+        log: std::fs::File,
+        log2: std::fs::File,
+        spawn_err: &(dyn Fn(String) -> Error + Sync),
+    ) -> Result<tokio::process::Child> {
+        cmd.args(qemu_args(&vm.config, &vm.paths))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -249,7 +287,17 @@ impl QmpBackend {
             // reach the guest, and QEMU keeps running when vpcd dies.
             .process_group(0)
             .spawn()
-            .map_err(|e| spawn_err(format!("{}: {e}", self.qemu)))?;
+            .map_err(|e| spawn_err(format!("{}: {e}", self.qemu)))
+    }
+
+    /// Waits for a new QEMU's QMP socket and connects; fails with the end of QEMU's log if it
+    /// exits first.
+    async fn wait_qmp(
+        self: &Arc<Self>,
+        mut child: tokio::process::Child,
+        vm: &Arc<QmpVm>,
+        spawn_err: &(dyn Fn(String) -> Error + Sync),
+    ) -> Result<()> {
         let deadline = Instant::now() + SPAWN_TIMEOUT;
         loop {
             if let Ok(Some(status)) = child.try_wait() {

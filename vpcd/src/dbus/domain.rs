@@ -96,6 +96,25 @@ impl DomainIface {
         self.info.disks.clone()
     }
 
+    /// (interface, network, subnet, MAC, IPv4, port id) per NIC.
+    #[zbus(property)]
+    fn nics(&self) -> Vec<(String, String, String, String, String, u32)> {
+        self.info
+            .nics
+            .iter()
+            .map(|n| {
+                (
+                    n.tap.clone(),
+                    n.network.clone(),
+                    n.subnet.clone(),
+                    n.mac.clone(),
+                    n.ip.clone(),
+                    n.port,
+                )
+            })
+            .collect()
+    }
+
     #[zbus(property)]
     fn console_log(&self) -> String {
         self.info.console_log.clone()

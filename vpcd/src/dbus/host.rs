@@ -72,6 +72,94 @@ impl HostIface {
             .collect())
     }
 
+    /// Creates a tenant network (VPC).
+    async fn create_network(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        name: &str,
+    ) -> Result<OwnedObjectPath, ApiError> {
+        self.manager.net()?.create_network(name).await?;
+        super::sync_net_objects(conn, &self.manager).await;
+        Ok(super::network::network_object(name))
+    }
+
+    async fn lookup_network(&self, name: &str) -> Result<OwnedObjectPath, ApiError> {
+        self.manager.net()?.state()?.network(name)?;
+        Ok(super::network::network_object(name))
+    }
+
+    async fn list_networks(&self) -> Result<Vec<OwnedObjectPath>, ApiError> {
+        let st = self.manager.net()?.state()?;
+        Ok(st
+            .networks
+            .keys()
+            .map(|n| super::network::network_object(n))
+            .collect())
+    }
+
+    /// Creates a port for a network namespace: a veth whose other end becomes `ifname` in
+    /// `netns` (a path such as /run/netns/NAME) with the port's MAC and address. Empty `ip` and
+    /// `mac` pick them.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_port(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        network: &str,
+        subnet: &str,
+        netns: &str,
+        ifname: &str,
+        ip: &str,
+        mac: &str,
+        port_security: bool,
+    ) -> Result<OwnedObjectPath, ApiError> {
+        let req = crate::network::state::PortRequest {
+            network: network.to_string(),
+            subnet: subnet.to_string(),
+            device: Some(crate::network::state::PortDevice::Veth {
+                netns: netns.into(),
+                ifname: if ifname.is_empty() { "eth0" } else { ifname }.to_string(),
+            }),
+            mac: if mac.is_empty() {
+                None
+            } else {
+                Some(
+                    mac.parse()
+                        .map_err(|e: netdrv::Error| ApiError::InvalidArgument(e.to_string()))?,
+                )
+            },
+            ip: if ip.is_empty() {
+                None
+            } else {
+                Some(ip.parse().map_err(|_| {
+                    ApiError::InvalidArgument(format!("{ip:?} is not an IPv4 address"))
+                })?)
+            },
+            port_security: Some(port_security),
+            allowed_pairs: Vec::new(),
+            vm: None,
+        };
+        let port = self.manager.net()?.create_port(&req).await?;
+        super::sync_net_objects(conn, &self.manager).await;
+        Ok(super::network::port_object(port.id))
+    }
+
+    async fn list_ports(&self) -> Result<Vec<OwnedObjectPath>, ApiError> {
+        let st = self.manager.net()?.state()?;
+        Ok(st
+            .ports
+            .keys()
+            .map(|id| super::network::port_object(*id))
+            .collect())
+    }
+
+    async fn lookup_port(&self, id: u32) -> Result<OwnedObjectPath, ApiError> {
+        let st = self.manager.net()?.state()?;
+        if !st.ports.contains_key(&id) {
+            return Err(ApiError::NotFound(format!("port {id} not found")));
+        }
+        Ok(super::network::port_object(id))
+    }
+
     #[zbus(property)]
     fn instance_id(&self) -> String {
         self.manager.host().instance_id.clone()

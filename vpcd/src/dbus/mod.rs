@@ -7,6 +7,7 @@
 mod domain;
 mod error;
 mod host;
+mod network;
 mod path;
 
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use zbus::Connection;
 pub use domain::DomainIface;
 pub use error::ApiError;
 pub use host::HostIface;
-pub use path::{domain_path, HOST_PATH};
+pub use network::{NetworkIface, PortIface};
+pub use path::{domain_path, network_path, port_path, HOST_PATH};
 
 use crate::manager::{Manager, ManagerEvent};
 
@@ -44,6 +46,7 @@ pub async fn serve(manager: Arc<Manager>, address: &str, name: &str) -> anyhow::
     for info in manager.list()? {
         add_domain(&conn, &manager, &info.name).await;
     }
+    sync_net_objects(&conn, &manager).await;
     conn.request_name(name).await?;
     let c = conn.clone();
     tokio::spawn(async move {
@@ -84,12 +87,16 @@ async fn add_domain(conn: &Connection, manager: &Arc<Manager>, name: &str) {
 
 async fn apply(conn: &Connection, manager: &Arc<Manager>, ev: ManagerEvent) {
     match ev {
-        ManagerEvent::Defined(name) => add_domain(conn, manager, &name).await,
+        ManagerEvent::Defined(name) => {
+            add_domain(conn, manager, &name).await;
+            sync_net_objects(conn, manager).await;
+        }
         ManagerEvent::Undefined(name) => {
             let _ = conn
                 .object_server()
                 .remove::<DomainIface, _>(domain_path(&name))
                 .await;
+            sync_net_objects(conn, manager).await;
         }
         ManagerEvent::State(ev) => refresh_state(conn, &ev.name, ev.state, &ev.reason).await,
     }
@@ -114,4 +121,41 @@ async fn refresh_state(conn: &Connection, name: &str, state: hypervisor::VmState
         let _ = iface.get().await.state_changed(emitter).await;
     }
     let _ = DomainIface::lifecycle_event(emitter, state.as_str(), reason).await;
+}
+
+/// Exports an object per network and per port, and removes those that are gone. Run after
+/// every change of the tenant networks (and at start-up).
+pub(crate) async fn sync_net_objects(conn: &Connection, manager: &Arc<Manager>) {
+    static EXPORTED: std::sync::Mutex<Option<(Vec<String>, Vec<u32>)>> =
+        std::sync::Mutex::new(None);
+    let Ok(net) = manager.net() else { return };
+    let Ok(st) = net.state() else { return };
+    let nets: Vec<String> = st.networks.keys().cloned().collect();
+    let ports: Vec<u32> = st.ports.keys().copied().collect();
+    let (old_nets, old_ports) = EXPORTED
+        .lock()
+        .unwrap()
+        .replace((nets.clone(), ports.clone()))
+        .unwrap_or_default();
+    let server = conn.object_server();
+    for n in old_nets.iter().filter(|n| !nets.contains(n)) {
+        let _ = server.remove::<NetworkIface, _>(network_path(n)).await;
+    }
+    for p in old_ports.iter().filter(|p| !ports.contains(p)) {
+        let _ = server.remove::<PortIface, _>(port_path(*p)).await;
+    }
+    for n in &nets {
+        let iface = NetworkIface {
+            manager: manager.clone(),
+            name: n.clone(),
+        };
+        let _ = server.at(network_path(n), iface).await;
+    }
+    for p in &ports {
+        let iface = PortIface {
+            manager: manager.clone(),
+            id: *p,
+        };
+        let _ = server.at(port_path(*p), iface).await;
+    }
 }

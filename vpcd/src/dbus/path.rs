@@ -3,11 +3,24 @@
 /// The host object, which also carries the `ObjectManager` for every domain below it.
 pub const HOST_PATH: &str = "/org/vpcd/Host1";
 
-/// Escapes a VM name into one object-path element: letters and digits stay, every other byte
-/// becomes `_xx` (hex), as systemd does for unit names.
+/// A domain's path. Names are escaped into one object-path element: letters and digits stay,
+/// every other byte becomes `_xx` (hex), as systemd does for unit names.
 pub fn domain_path(name: &str) -> String {
-    let mut p = String::from(HOST_PATH);
-    p.push_str("/domain/");
+    escaped(&format!("{HOST_PATH}/domain/"), name)
+}
+
+/// A network's path.
+pub fn network_path(name: &str) -> String {
+    escaped(&format!("{HOST_PATH}/network/"), name)
+}
+
+/// A port's path.
+pub fn port_path(id: u32) -> String {
+    format!("{HOST_PATH}/port/{id}")
+}
+
+fn escaped(base: &str, name: &str) -> String {
+    let mut p = String::from(base);
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() {
             p.push(b as char);

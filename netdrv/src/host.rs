@@ -1,0 +1,136 @@
+//! One host's tenant networks: plans with [`crate::plan`] and carries the plan out through
+//! netlink and the VLAN filter, in the host's namespace.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::filter::{PortCounters, VlanFilter};
+use crate::link::Netlink;
+use crate::model::HostNet;
+use crate::names;
+use crate::netns::Netns;
+use crate::plan::{self, Observed, Op};
+
+/// The tenant networks of the host whose network namespace is `netns`.
+#[derive(Debug, Clone)]
+pub struct NetHost {
+    nl: Netlink,
+    filter: Arc<dyn VlanFilter>,
+}
+
+impl NetHost {
+    /// Opens netlink in `netns`. Must be called within a tokio runtime.
+    pub fn open(netns: &Netns, filter: Arc<dyn VlanFilter>) -> Result<NetHost> {
+        Ok(NetHost {
+            nl: Netlink::open(netns)?,
+            filter,
+        })
+    }
+
+    pub fn netlink(&self) -> &Netlink {
+        &self.nl
+    }
+
+    pub fn filter(&self) -> &Arc<dyn VlanFilter> {
+        &self.filter
+    }
+
+    /// What the kernel and the filter have now.
+    pub async fn observe(&self) -> Result<Observed> {
+        let links = self.nl.links().await?;
+        let floods = self.nl.floods(&links).await?;
+        let filtered = self.filter.ports()?.into_iter().collect();
+        Ok(Observed {
+            links,
+            floods,
+            filtered,
+        })
+    }
+
+    /// Makes the host match `desired`: plans, then runs every step, going on after a failed
+    /// one and reporting all failures together. Returns the steps that were planned.
+    #[tracing::instrument(skip_all)]
+    pub async fn apply(&self, desired: &HostNet) -> Result<Vec<Op>> {
+        names::validate_prefix(&desired.prefix)?;
+        let observed = self.observe().await?;
+        let ops = plan::plan(desired, &observed)?;
+        let alias = names::alias(&desired.owner);
+        let mut errors = Vec::new();
+        for op in &ops {
+            tracing::debug!(?op, "netdrv step");
+            if let Err(e) = self.run(op, &alias).await {
+                tracing::warn!(?op, "netdrv step failed: {e}");
+                errors.push(e);
+            }
+        }
+        match errors.len() {
+            0 => Ok(ops),
+            1 => Err(errors.pop().expect("one error")),
+            _ => Err(Error::Many(errors)),
+        }
+    }
+
+    async fn run(&self, op: &Op, alias: &str) -> Result<()> {
+        let nl = &self.nl;
+        match op {
+            Op::Delete { name } => nl.delete(name).await,
+            Op::CreateBridge { name } => {
+                nl.create_bridge(name).await?;
+                nl.set_alias(name, alias).await
+            }
+            Op::CreateVxlan {
+                name,
+                vni,
+                local,
+                mtu,
+            } => {
+                nl.create_vxlan(name, *vni, *local, *mtu).await?;
+                nl.set_alias(name, alias).await
+            }
+            Op::CreateTap { name, mtu } => {
+                nl.create_tap(name, *mtu).await?;
+                nl.set_alias(name, alias).await
+            }
+            Op::CreateVeth { name, mtu, peer } => {
+                // The peer gets a temporary name here and its real one inside its namespace.
+                let tmp = format!("{name}p");
+                nl.create_veth(name, &tmp, *mtu).await?;
+                nl.set_alias(name, alias).await?;
+                nl.set_address(&tmp, peer.mac.0).await?;
+                let target = Netns::open(&peer.netns)?;
+                nl.move_to(&tmp, &target).await?;
+                let inner = Netlink::open(&target)?;
+                inner.rename(&tmp, &peer.ifname).await?;
+                inner.set_up(&peer.ifname).await?;
+                if let Some((ip, prefix)) = peer.address {
+                    inner.add_address(&peer.ifname, ip, prefix).await?;
+                }
+                Ok(())
+            }
+            Op::SetMaster { name, master } => nl.set_master(name, master).await,
+            Op::SetMtu { name, mtu } => nl.set_mtu(name, *mtu).await,
+            Op::SetUp { name } => nl.set_up(name).await,
+            Op::SetAlias { name } => nl.set_alias(name, alias).await,
+            Op::AddFlood { dev, peer } => nl.add_flood(dev, *peer).await,
+            Op::DelFlood { dev, peer } => nl.del_flood(dev, *peer).await,
+            Op::SetFilter { dev, cfg } => {
+                let index = nl
+                    .index_of(dev)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("link {dev}")))?;
+                self.filter.set_port(index, dev, cfg)
+            }
+            Op::DropFilter { index } => self.filter.remove_port(*index),
+        }
+    }
+
+    /// Counters of the port whose link is `name`.
+    pub async fn counters(&self, name: &str) -> Result<PortCounters> {
+        let index = self
+            .nl
+            .index_of(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("link {name}")))?;
+        self.filter.counters(index)
+    }
+}

@@ -1,0 +1,377 @@
+//! Netlink (rtnetlink) in one network namespace: links, their attributes, VxLAN flood entries,
+//! addresses. The socket is opened inside the namespace and then used from anywhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REQUEST,
+};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan};
+
+use crate::error::{Error, Result};
+use crate::netns::Netns;
+use crate::plan::ObservedLink;
+
+/// A netlink handle bound to one namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: Handle,
+    netns: Netns,
+}
+
+fn nl_err(op: &'static str, what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Netlink {
+        op,
+        what,
+        reason: match e {
+            rtnetlink::Error::NetlinkError(m) => match m.code {
+                Some(c) => std::io::Error::from_raw_os_error(-c.get()).to_string(),
+                None => m.to_string(),
+            },
+            other => other.to_string(),
+        },
+    }
+}
+
+impl Netlink {
+    /// Opens a netlink socket inside `netns`. Must be called within a tokio runtime.
+    pub fn open(netns: &Netns) -> Result<Netlink> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle) = netns
+            .run(move || {
+                let _enter = rt.enter();
+                rtnetlink::new_connection().map(|(conn, handle, _)| (conn, handle))
+            })?
+            .map_err(|e| Error::Netlink {
+                op: "open",
+                what: "netlink socket".into(),
+                reason: e.to_string(),
+            })?;
+        tokio::spawn(conn);
+        Ok(Netlink {
+            handle,
+            netns: netns.clone(),
+        })
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Every link, with the attributes the planner looks at.
+    pub async fn links(&self) -> Result<Vec<ObservedLink>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("list", "links"))?;
+        Ok(msgs.iter().map(observe).collect())
+    }
+
+    pub async fn index_of(&self, name: &str) -> Result<Option<u32>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(m)) => Ok(Some(m.header.index)),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl_err("find", name)(e)),
+        }
+    }
+
+    async fn index(&self, name: &str) -> Result<u32> {
+        self.index_of(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("link {name}")))
+    }
+
+    pub async fn create_bridge(&self, name: &str) -> Result<()> {
+        let msg = LinkBridge::new(name).build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("create bridge", name))
+    }
+
+    pub async fn create_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        local: Ipv4Addr,
+        mtu: u32,
+    ) -> Result<()> {
+        let msg = LinkVxlan::new(name, vni)
+            .local(local)
+            .port(crate::model::VXLAN_PORT)
+            .learning(false)
+            .mtu(mtu)
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("create vxlan", name))
+    }
+
+    /// Creates a veth pair in this namespace: `name` and `peer`.
+    pub async fn create_veth(&self, name: &str, peer: &str, mtu: u32) -> Result<()> {
+        let msg = LinkVeth::new(name, peer).mtu(mtu).build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("create veth", name))
+    }
+
+    /// Creates a persistent tap.
+    pub async fn create_tap(&self, name: &str, mtu: u32) -> Result<()> {
+        let n = name.to_string();
+        self.netns
+            .run(move || crate::tap::create_persistent(&n))??;
+        self.set_mtu(name, mtu).await
+    }
+
+    async fn set(
+        &self,
+        op: &'static str,
+        name: &str,
+        f: impl FnOnce(LinkMessageBuilder<LinkUnspec>) -> LinkMessageBuilder<LinkUnspec>,
+    ) -> Result<()> {
+        let index = self.index(name).await?;
+        let msg = f(LinkUnspec::new_with_index(index)).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err(op, name))
+    }
+
+    pub async fn set_master(&self, name: &str, master: &str) -> Result<()> {
+        let m = self.index(master).await?;
+        self.set("set master", name, |b| b.controller(m)).await
+    }
+
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<()> {
+        self.set("set mtu", name, |b| b.mtu(mtu)).await
+    }
+
+    pub async fn set_up(&self, name: &str) -> Result<()> {
+        self.set("set up", name, |b| b.up()).await
+    }
+
+    pub async fn set_alias(&self, name: &str, alias: &str) -> Result<()> {
+        let a = alias.to_string();
+        self.set("set alias", name, |b| {
+            b.append_extra_attribute(LinkAttribute::IfAlias(a))
+        })
+        .await
+    }
+
+    pub async fn set_address(&self, name: &str, mac: [u8; 6]) -> Result<()> {
+        self.set("set address", name, |b| b.address(mac.to_vec()))
+            .await
+    }
+
+    pub async fn rename(&self, name: &str, new: &str) -> Result<()> {
+        let n = new.to_string();
+        self.set("rename", name, |b| b.name(n)).await
+    }
+
+    /// Moves a link into the namespace `to`.
+    pub async fn move_to(&self, name: &str, to: &Netns) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = to.as_file().as_raw_fd();
+        self.set("move", name, |b| b.setns_by_fd(fd)).await
+    }
+
+    /// Deletes a link; a link that is already gone is fine.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let Some(index) = self.index_of(name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(nl_err("delete", name)(e)),
+        }
+    }
+
+    pub async fn add_address(&self, name: &str, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+        let index = self.index(name).await?;
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+            Err(e) => Err(nl_err("add address", format!("{ip}/{prefix} on {name}"))(e)),
+        }
+    }
+
+    fn flood_message(index: u32, peer: Ipv4Addr) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = index;
+        m.header.state = NeighbourState::Permanent;
+        m.header.flags = NeighbourFlags::Own;
+        m.attributes
+            .push(NeighbourAttribute::LinkLocalAddress(vec![0; 6]));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                peer,
+            )));
+        m
+    }
+
+    async fn request(&self, what: String, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = flags;
+        let mut handle = self.handle.clone();
+        let mut resp = handle
+            .request(req)
+            .map_err(nl_err("request", what.clone()))?;
+        use futures::StreamExt;
+        while let Some(m) = resp.next().await {
+            if let NetlinkPayload::Error(e) = m.payload {
+                if e.code.is_some() {
+                    return Err(nl_err("fdb", what)(rtnetlink::Error::NetlinkError(e)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `bridge fdb append 00:00:00:00:00:00 dev DEV dst PEER`: head-end replication to `peer`.
+    pub async fn add_flood(&self, dev: &str, peer: Ipv4Addr) -> Result<()> {
+        let index = self.index(dev).await?;
+        let msg = RouteNetlinkMessage::NewNeighbour(Self::flood_message(index, peer));
+        self.request(
+            format!("flood {dev} -> {peer}"),
+            msg,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
+        )
+        .await
+    }
+
+    pub async fn del_flood(&self, dev: &str, peer: Ipv4Addr) -> Result<()> {
+        let index = self.index(dev).await?;
+        let msg = RouteNetlinkMessage::DelNeighbour(Self::flood_message(index, peer));
+        self.request(
+            format!("flood {dev} -> {peer}"),
+            msg,
+            NLM_F_REQUEST | NLM_F_ACK,
+        )
+        .await
+    }
+
+    /// Flood entries (all-zero MAC with a destination) per device name.
+    pub async fn floods(
+        &self,
+        links: &[ObservedLink],
+    ) -> Result<BTreeMap<String, BTreeSet<Ipv4Addr>>> {
+        let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(m));
+        req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut handle = self.handle.clone();
+        let mut resp = handle.request(req).map_err(nl_err("list", "fdb"))?;
+        let mut out: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        use futures::StreamExt;
+        while let Some(msg) = resp.next().await {
+            let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) = msg.payload
+            else {
+                continue;
+            };
+            let zero = n
+                .attributes
+                .iter()
+                .any(|a| matches!(a, NeighbourAttribute::LinkLocalAddress(l) if l.iter().all(|b| *b == 0)));
+            let dst = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let (true, Some(dst), Some(name)) = (zero, dst, names.get(&n.header.ifindex)) {
+                out.entry(name.to_string()).or_default().insert(dst);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn observe(m: &LinkMessage) -> ObservedLink {
+    let mut l = ObservedLink {
+        index: m.header.index,
+        up: m.header.flags.contains(LinkFlags::Up),
+        ..Default::default()
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
+            LinkAttribute::Controller(c) => l.master = Some(*c),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => l.alias = Some(a.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(k) => {
+                            l.kind = Some(
+                                match k {
+                                    InfoKind::Bridge => "bridge",
+                                    InfoKind::Vxlan => "vxlan",
+                                    InfoKind::Tun => "tun",
+                                    InfoKind::Veth => "veth",
+                                    _ => "other",
+                                }
+                                .to_string(),
+                            )
+                        }
+                        LinkInfo::Data(InfoData::Vxlan(v)) => {
+                            let mut id = 0;
+                            let mut local = None;
+                            let mut learning = true;
+                            for x in v {
+                                match x {
+                                    InfoVxlan::Id(i) => id = *i,
+                                    InfoVxlan::Local(ip) => local = Some(*ip),
+                                    InfoVxlan::Learning(b) => learning = *b,
+                                    _ => {}
+                                }
+                            }
+                            l.vxlan = Some((id, local, learning));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}

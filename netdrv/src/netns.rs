@@ -1,0 +1,81 @@
+//! Network namespaces. Every netdrv operation names the namespace it acts in: a `Netns` is an
+//! open handle on one, and [`Netns::run`] runs a closure on a thread that has entered it.
+//! Sockets (netlink, BPF links by ifindex) are bound to the namespace of the thread that opens
+//! them, so they are opened through `run` and then used from anywhere.
+//!
+//! Entering is done with `setns(2)`, not `ip netns exec`: the latter remounts /sys and would hide
+//! the bpffs pins under /sys/fs/bpf.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// An open network namespace.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl Netns {
+    /// The namespace of the calling process (at the time of the call).
+    pub fn current() -> Result<Netns> {
+        Netns::open(Path::new("/proc/self/ns/net"))
+    }
+
+    /// A namespace by path: `/run/netns/NAME` (iproute2's), `/proc/PID/ns/net`, ...
+    pub fn open(path: &Path) -> Result<Netns> {
+        let file = File::open(path).map_err(|e| Error::Netns {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Netns {
+            path: path.to_owned(),
+            file: Arc::new(file),
+        })
+    }
+
+    /// A namespace named as iproute2 does: `/run/netns/NAME`.
+    pub fn named(name: &str) -> Result<Netns> {
+        Netns::open(&Path::new("/run/netns").join(name))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The namespace's inode: equal for two handles on the same namespace.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.ino()).unwrap_or(0)
+    }
+
+    /// Runs `f` on a new thread inside this namespace and returns its result.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = self.file.clone();
+        let path = self.path.display().to_string();
+        std::thread::spawn(move || {
+            // SAFETY: setns(2) on a descriptor we hold open; it changes only this thread's
+            // network namespace, and this thread ends when `f` returns.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(Error::Netns {
+                    path,
+                    reason: std::io::Error::last_os_error().to_string(),
+                });
+            }
+            Ok(f())
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+
+    /// The descriptor, for `setns` in a child process before it executes (QEMU of the QMP
+    /// backend runs in the host namespace).
+    pub fn as_file(&self) -> &File {
+        &self.file
+    }
+}

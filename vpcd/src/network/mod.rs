@@ -1,0 +1,196 @@
+//! Tenant networks on this host: the state in the store ([`state`]) and its application to the
+//! kernel through netdrv. Every change is one store transaction followed by a full
+//! reconciliation of the host (plan + apply); if applying fails, the previous state is restored
+//! in the store and on the host, so nothing is half-created.
+
+pub mod state;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use netdrv::filter::{PortCounters, VlanFilter};
+use netdrv::model::Underlay;
+use netdrv::{NetHost, Netns};
+
+use crate::error::{Error, Result};
+use crate::store::Store;
+use state::{NetState, Network, Port, PortDevice, PortRequest, Subnet};
+
+const DOC: &str = "netstate";
+
+/// Host settings for tenant networks (from vpcd's configuration).
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub netns: Netns,
+    pub prefix: String,
+    pub owner: String,
+    pub underlay: Option<Underlay>,
+    pub peers: Vec<Ipv4Addr>,
+    pub pin_dir: PathBuf,
+}
+
+/// The tenant networks of this host.
+#[derive(Debug)]
+pub struct NetManager {
+    store: Arc<Store>,
+    host: NetHost,
+    cfg: NetConfig,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl NetManager {
+    /// Opens the VLAN filter (taking over pinned programs of an earlier run) and netlink in the
+    /// host namespace, then reconciles the host with the store.
+    pub async fn open(store: Arc<Store>, cfg: NetConfig) -> Result<NetManager> {
+        let filter: Arc<dyn VlanFilter> = Arc::new(
+            netdrv::filter::ebpf::EbpfFilter::open(&cfg.netns, &cfg.pin_dir)
+                .map_err(Error::from)?,
+        );
+        let host = NetHost::open(&cfg.netns, filter)?;
+        let m = NetManager {
+            store,
+            host,
+            cfg,
+            lock: tokio::sync::Mutex::new(()),
+        };
+        m.reconcile().await?;
+        Ok(m)
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    pub fn state(&self) -> Result<NetState> {
+        Ok(self.store.doc(DOC)?)
+    }
+
+    fn desired(&self, st: &NetState) -> netdrv::model::HostNet {
+        st.desired(
+            &self.cfg.prefix,
+            &self.cfg.owner,
+            self.cfg.underlay,
+            &self.cfg.peers,
+        )
+    }
+
+    /// Applies the stored state to the host.
+    pub async fn reconcile(&self) -> Result<()> {
+        let _g = self.lock.lock().await;
+        let st = self.state()?;
+        let ops = self.host.apply(&self.desired(&st)).await?;
+        let changes = ops
+            .iter()
+            .filter(|o| !matches!(o, netdrv::plan::Op::SetFilter { .. }))
+            .count();
+        if changes > 0 {
+            tracing::info!(changes, "reconciled tenant networks");
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the state, stores the result and applies it; undoes both if applying fails.
+    async fn change<T>(&self, f: impl FnOnce(&mut NetState) -> Result<T>) -> Result<T> {
+        let _g = self.lock.lock().await;
+        let before = self.state()?;
+        let mut st = before.clone();
+        let out = f(&mut st)?;
+        self.store.put_doc(DOC, &st)?;
+        if let Err(e) = self.host.apply(&self.desired(&st)).await {
+            tracing::warn!("applying a network change failed, rolling back: {e}");
+            self.store.put_doc(DOC, &before)?;
+            if let Err(e2) = self.host.apply(&self.desired(&before)).await {
+                tracing::warn!("rolling back the network change: {e2}");
+            }
+            return Err(e.into());
+        }
+        Ok(out)
+    }
+
+    pub async fn create_network(&self, name: &str) -> Result<Network> {
+        self.change(|st| st.add_network(name)).await
+    }
+
+    pub async fn delete_network(&self, name: &str) -> Result<()> {
+        self.change(|st| st.remove_network(name).map(drop)).await
+    }
+
+    pub async fn create_subnet(
+        &self,
+        network: &str,
+        name: &str,
+        cidr: &str,
+        vni: Option<u32>,
+        vlan: Option<u16>,
+    ) -> Result<Subnet> {
+        self.change(|st| st.add_subnet(network, name, cidr, vni, vlan))
+            .await
+    }
+
+    pub async fn delete_subnet(&self, network: &str, name: &str) -> Result<()> {
+        self.change(|st| st.remove_subnet(network, name).map(drop))
+            .await
+    }
+
+    pub async fn create_port(&self, req: &PortRequest) -> Result<Port> {
+        let owner = self.cfg.owner.clone();
+        if let Some(PortDevice::Veth { netns, .. }) = &req.device {
+            Netns::open(netns).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        }
+        self.change(|st| st.add_port(req, &owner)).await
+    }
+
+    /// Creates several ports at once (a VM's NICs): all or none.
+    pub async fn create_ports(&self, reqs: &[PortRequest]) -> Result<Vec<Port>> {
+        let owner = self.cfg.owner.clone();
+        self.change(|st| reqs.iter().map(|r| st.add_port(r, &owner)).collect())
+            .await
+    }
+
+    pub async fn delete_port(&self, id: u32) -> Result<()> {
+        self.change(|st| st.remove_port(id).map(drop)).await
+    }
+
+    /// Removes every port of the VM `vm` (idempotent).
+    pub async fn delete_vm_ports(&self, vm: &str) -> Result<()> {
+        self.change(|st| {
+            let ids: Vec<u32> = st
+                .ports
+                .values()
+                .filter(|p| p.vm.as_deref() == Some(vm))
+                .map(|p| p.id)
+                .collect();
+            for id in ids {
+                st.remove_port(id)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_port_security(&self, id: u32, on: bool) -> Result<()> {
+        self.change(|st| {
+            st.port_mut(id)?.port_security = on;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The link that carries port `p` on this host.
+    pub fn device_name(&self, p: &Port) -> String {
+        match p.device {
+            PortDevice::Tap => netdrv::names::tap(&self.cfg.prefix, p.id),
+            PortDevice::Veth { .. } => netdrv::names::veth(&self.cfg.prefix, p.id),
+        }
+    }
+
+    pub async fn counters(&self, id: u32) -> Result<PortCounters> {
+        let st = self.state()?;
+        let p = st
+            .ports
+            .get(&id)
+            .ok_or_else(|| Error::NotFound(format!("port {id}")))?;
+        Ok(self.host.counters(&self.device_name(p)).await?)
+    }
+}
