@@ -38,11 +38,12 @@ impl NetHost {
     /// What the kernel and the filter have now.
     pub async fn observe(&self) -> Result<Observed> {
         let links = self.nl.links().await?;
-        let floods = self.nl.floods(&links).await?;
+        let fdb = self.nl.fdb(&links).await?;
         let filtered = self.filter.ports()?.into_iter().collect();
         Ok(Observed {
             links,
-            floods,
+            floods: fdb.floods,
+            remote: fdb.unicast,
             filtered,
         })
     }
@@ -113,6 +114,8 @@ impl NetHost {
             Op::SetAlias { name } => nl.set_alias(name, alias).await,
             Op::AddFlood { dev, peer } => nl.add_flood(dev, *peer).await,
             Op::DelFlood { dev, peer } => nl.del_flood(dev, *peer).await,
+            Op::AddRemote { dev, mac, dst } => nl.add_remote(dev, mac.0, *dst).await,
+            Op::DelRemote { dev, mac, dst } => nl.del_remote(dev, mac.0, *dst).await,
             Op::SetFilter { dev, cfg } => {
                 let index = nl
                     .index_of(dev)

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -234,14 +234,15 @@ impl Netlink {
         }
     }
 
-    fn flood_message(index: u32, peer: Ipv4Addr) -> NeighbourMessage {
+    /// An FDB entry of a VxLAN device (`self`): MAC (all zero for flooding) -> remote VTEP.
+    fn fdb_message(index: u32, mac: [u8; 6], peer: Ipv4Addr) -> NeighbourMessage {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
         m.header.ifindex = index;
         m.header.state = NeighbourState::Permanent;
         m.header.flags = NeighbourFlags::Own;
         m.attributes
-            .push(NeighbourAttribute::LinkLocalAddress(vec![0; 6]));
+            .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
         m.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
                 peer,
@@ -270,7 +271,7 @@ impl Netlink {
     /// `bridge fdb append 00:00:00:00:00:00 dev DEV dst PEER`: head-end replication to `peer`.
     pub async fn add_flood(&self, dev: &str, peer: Ipv4Addr) -> Result<()> {
         let index = self.index(dev).await?;
-        let msg = RouteNetlinkMessage::NewNeighbour(Self::flood_message(index, peer));
+        let msg = RouteNetlinkMessage::NewNeighbour(Self::fdb_message(index, [0; 6], peer));
         self.request(
             format!("flood {dev} -> {peer}"),
             msg,
@@ -281,7 +282,7 @@ impl Netlink {
 
     pub async fn del_flood(&self, dev: &str, peer: Ipv4Addr) -> Result<()> {
         let index = self.index(dev).await?;
-        let msg = RouteNetlinkMessage::DelNeighbour(Self::flood_message(index, peer));
+        let msg = RouteNetlinkMessage::DelNeighbour(Self::fdb_message(index, [0; 6], peer));
         self.request(
             format!("flood {dev} -> {peer}"),
             msg,
@@ -290,11 +291,32 @@ impl Netlink {
         .await
     }
 
-    /// Flood entries (all-zero MAC with a destination) per device name.
-    pub async fn floods(
-        &self,
-        links: &[ObservedLink],
-    ) -> Result<BTreeMap<String, BTreeSet<Ipv4Addr>>> {
+    /// `bridge fdb replace MAC dev DEV dst VTEP self`.
+    pub async fn add_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
+        let index = self.index(dev).await?;
+        let msg = RouteNetlinkMessage::NewNeighbour(Self::fdb_message(index, mac, dst));
+        self.request(
+            format!("fdb {dev} {mac:02x?} -> {dst}"),
+            msg,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+    }
+
+    pub async fn del_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
+        let index = self.index(dev).await?;
+        let msg = RouteNetlinkMessage::DelNeighbour(Self::fdb_message(index, mac, dst));
+        self.request(
+            format!("fdb {dev} {mac:02x?} -> {dst}"),
+            msg,
+            NLM_F_REQUEST | NLM_F_ACK,
+        )
+        .await
+    }
+
+    /// FDB entries with a remote destination per device name: the flood entries (all-zero MAC)
+    /// and the unicast ones.
+    pub async fn fdb(&self, links: &[ObservedLink]) -> Result<RemoteFdb> {
         let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
@@ -302,27 +324,50 @@ impl Netlink {
         req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let mut handle = self.handle.clone();
         let mut resp = handle.request(req).map_err(nl_err("list", "fdb"))?;
-        let mut out: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        let mut out = RemoteFdb::default();
         use futures::StreamExt;
         while let Some(msg) = resp.next().await {
             let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) = msg.payload
             else {
                 continue;
             };
-            let zero = n
-                .attributes
-                .iter()
-                .any(|a| matches!(a, NeighbourAttribute::LinkLocalAddress(l) if l.iter().all(|b| *b == 0)));
-            let dst = n.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            let mac = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(l);
+                    Some(m)
+                }
                 _ => None,
             });
-            if let (true, Some(dst), Some(name)) = (zero, dst, names.get(&n.header.ifindex)) {
-                out.entry(name.to_string()).or_default().insert(dst);
+            // For AF_BRIDGE messages the parser cannot tell the address family of NDA_DST and
+            // hands over the raw bytes.
+            let dst = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                    Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                }
+                _ => None,
+            });
+            if let (Some(mac), Some(dst), Some(name)) = (mac, dst, names.get(&n.header.ifindex)) {
+                if mac == [0; 6] {
+                    out.floods.entry(name.to_string()).or_default().insert(dst);
+                } else {
+                    out.unicast
+                        .entry(name.to_string())
+                        .or_default()
+                        .insert(crate::ipam::Mac(mac), dst);
+                }
             }
         }
         Ok(out)
     }
+}
+
+/// Remote FDB entries of the VxLAN devices, by device name.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteFdb {
+    pub floods: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+    pub unicast: BTreeMap<String, BTreeMap<crate::ipam::Mac, Ipv4Addr>>,
 }
 
 fn observe(m: &LinkMessage) -> ObservedLink {

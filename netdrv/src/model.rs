@@ -33,6 +33,10 @@ pub struct HostNet {
     /// Peer VTEPs: every local VNI floods to each (head-end replication).
     pub peers: Vec<Ipv4Addr>,
     pub tenants: Vec<TenantNet>,
+    /// Remote MACs installed statically: (VNI, MAC, VTEP). Installed on the VNI's VxLAN device
+    /// while it exists.
+    #[serde(default)]
+    pub remote_macs: Vec<(u32, Mac, Ipv4Addr)>,
 }
 
 impl HostNet {

@@ -38,6 +38,8 @@ pub struct Observed {
     pub links: Vec<ObservedLink>,
     /// Flood entries (all-zero MAC) per VxLAN device name: the peers they send to.
     pub floods: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+    /// Unicast FDB entries with a remote destination per VxLAN device name.
+    pub remote: BTreeMap<String, BTreeMap<Mac, Ipv4Addr>>,
     /// Ports the VLAN filter has a configuration for.
     pub filtered: BTreeSet<u32>,
 }
@@ -96,6 +98,17 @@ pub enum Op {
     DelFlood {
         dev: String,
         peer: Ipv4Addr,
+    },
+    /// `bridge fdb replace MAC dev DEV dst VTEP self`.
+    AddRemote {
+        dev: String,
+        mac: Mac,
+        dst: Ipv4Addr,
+    },
+    DelRemote {
+        dev: String,
+        mac: Mac,
+        dst: Ipv4Addr,
     },
     SetFilter {
         dev: String,
@@ -341,6 +354,45 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
         }
     }
 
+    // Static remote MACs on the VxLAN devices that exist.
+    let mut remote_want: BTreeMap<String, BTreeMap<Mac, Ipv4Addr>> = BTreeMap::new();
+    for (vni, mac, dst) in &desired.remote_macs {
+        let dev = names::vxlan(p, *vni);
+        if want.contains_key(&dev) {
+            remote_want.entry(dev).or_default().insert(*mac, *dst);
+        }
+    }
+    for (dev, entries) in &remote_want {
+        let have = if deleted.contains(dev.as_str()) {
+            None
+        } else {
+            observed.remote.get(dev)
+        };
+        for (mac, dst) in entries {
+            if have.and_then(|h| h.get(mac)) != Some(dst) {
+                ops.push(Op::AddRemote {
+                    dev: dev.clone(),
+                    mac: *mac,
+                    dst: *dst,
+                });
+            }
+        }
+    }
+    for (dev, entries) in &observed.remote {
+        if deleted.contains(dev.as_str()) || !want.contains_key(dev) {
+            continue;
+        }
+        for (mac, dst) in entries {
+            if !remote_want.get(dev).is_some_and(|w| w.contains_key(mac)) {
+                ops.push(Op::DelRemote {
+                    dev: dev.clone(),
+                    mac: *mac,
+                    dst: *dst,
+                });
+            }
+        }
+    }
+
     // Filter configuration for every port; forget ports that are gone or not desired.
     let mut kept_indexes = BTreeSet::new();
     for (name, d) in &want {
@@ -392,6 +444,7 @@ mod tests {
                 mtu: 1500,
             }),
             peers: vec![Ipv4Addr::new(192, 0, 2, 2)],
+            remote_macs: vec![],
             tenants: vec![TenantNet {
                 id: 1,
                 subnets: vec![
@@ -617,6 +670,43 @@ mod tests {
         assert!(!ops
             .iter()
             .any(|o| matches!(o, Op::Delete { .. } | Op::CreateTap { .. })));
+    }
+
+    #[test]
+    fn remote_macs_follow_the_desired_list_on_existing_vxlan_devices() {
+        let mut h = host(vec![tap(1, "web")]);
+        let (m1, m2) = (Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 2]));
+        let vtep = Ipv4Addr::new(192, 0, 2, 9);
+        h.remote_macs = vec![(100, m1, vtep), (200, m2, vtep)];
+        let mut observed = Observed {
+            links: vec![
+                link(10, "vpcb1", "bridge", None),
+                link(11, "vpcx64", "vxlan", Some(10)),
+                link(12, "vpct1", "tun", Some(10)),
+            ],
+            ..Default::default()
+        };
+        observed
+            .floods
+            .insert("vpcx64".into(), [Ipv4Addr::new(192, 0, 2, 2)].into());
+        observed
+            .remote
+            .insert("vpcx64".into(), [(m2, vtep)].into_iter().collect());
+        let ops = plan(&h, &observed).unwrap();
+        // m1 goes on VNI 100's device; VNI 200 has no device here; the stale m2 entry goes.
+        assert!(ops.contains(&Op::AddRemote {
+            dev: "vpcx64".into(),
+            mac: m1,
+            dst: vtep
+        }));
+        assert!(ops.contains(&Op::DelRemote {
+            dev: "vpcx64".into(),
+            mac: m2,
+            dst: vtep
+        }));
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, Op::AddRemote { mac, .. } if *mac == m2)));
     }
 
     #[test]

@@ -483,3 +483,174 @@ async fn bad_network_input_is_a_typed_error_and_creates_nothing() {
     );
     drop(p);
 }
+
+/// Deletes the links with `prefix` in vpcd's own (the test's) namespace on drop.
+struct RootLinks {
+    prefix: String,
+}
+
+impl Drop for RootLinks {
+    fn drop(&mut self) {
+        let out = sh("ip", &["-o", "link", "show"]);
+        for name in out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n))
+            .filter(|n| n.starts_with(&self.prefix))
+        {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", name])
+                .output();
+        }
+    }
+}
+
+/// libvirt opens taps in its own namespace, so this host is vpcd's own namespace; the links get
+/// a prefix no other test or vpcd uses.
+#[tokio::test]
+async fn libvirt_vm_nic_is_a_tap_on_the_tenant_bridge_with_the_port_mac() {
+    let prefix = format!("z{:x}", std::process::id() % 4096);
+    let _links = RootLinks {
+        prefix: prefix.clone(),
+    };
+    let opts = DaemonOpts {
+        backend: "libvirt",
+        extra: vec!["--link-prefix".into(), prefix.clone()],
+        ..Default::default()
+    };
+    let d = Daemon::start_with(opts, Bus::open()).await;
+    d.vpcctl_ok(&["net-create", "lv"]);
+    d.vpcctl_ok(&["subnet-create", "lv", "web", "10.77.0.0/24"]);
+    let vm = unique("lvnic");
+    let nic = "[[nics]]\nnetwork = \"lv\"\nsubnet = \"web\"\n";
+    d.create(&format!("{}{nic}", kernel_spec(&vm, "")), "libvirt");
+    d.wait_console(&vm, BOOT_MARKER, 1);
+    let nics: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "domiflist", &vm])).unwrap();
+    let (tap, mac, ip) = (
+        nics[0]["interface"].as_str().unwrap().to_string(),
+        nics[0]["mac"].as_str().unwrap().to_string(),
+        nics[0]["ip"].as_str().unwrap().to_string(),
+    );
+    assert!(tap.starts_with(&prefix), "{tap}");
+    let virsh = sh("virsh", &["domiflist", &vm]);
+    assert!(virsh.contains(&tap) && virsh.contains(&mac), "{virsh}");
+    let master = sh("ip", &["-o", "link", "show", &tap]);
+    assert!(master.contains(&format!("master {prefix}b")), "{master}");
+
+    let ns = Ns::new("lv");
+    d.vpcctl_ok(&[
+        "port-create",
+        "lv",
+        "web",
+        "--netns",
+        &ns.path(),
+        "--ip",
+        "10.77.0.50",
+    ]);
+    let mut shell = d.guest_shell(&vm).await;
+    assert_eq!(shell.ok("cat /sys/class/net/eth0/address").trim(), mac);
+    shell.ok(&format!(
+        "ip addr add {ip}/24 dev eth0 && ip link set eth0 up"
+    ));
+    let (out, rc) = shell.run("ping -c 3 -W 2 10.77.0.50");
+    assert_eq!(rc, 0, "guest -> namespace port: {out}");
+    drop(shell);
+
+    // The tap lives as long as the domain is defined: virsh start after a shutdown works.
+    d.vpcctl_ok(&["destroy", &vm]);
+    sh("virsh", &["start", &vm]);
+    d.wait_console(&vm, BOOT_MARKER, 2);
+    d.vpcctl_ok(&["destroy", &vm]);
+    d.vpcctl_ok(&["undefine", &vm]);
+    let links = sh("ip", &["-o", "link", "show"]);
+    assert!(!links.contains(&tap), "the tap outlived its domain");
+}
+
+#[tokio::test]
+async fn static_remote_macs_and_peers_become_fdb_entries_on_the_vxlan_device() {
+    let lab = Underlay::new();
+    let mut d = host_daemon(&lab, 1).await;
+    tenants(&d);
+    let _n = ns_port(&d, "f1", "a", "web", "10.10.1.80", true);
+    let fdb = || {
+        sh(
+            "bridge",
+            &["-n", &lab.h1.name, "fdb", "show", "dev", "vpcx1389"],
+        )
+    };
+    assert!(
+        fdb().contains("00:00:00:00:00:00 dst 192.0.2.2"),
+        "flood entry: {}",
+        fdb()
+    );
+    d.vpcctl_ok(&["fdb-add", "a", "web", "02:aa:bb:cc:dd:ee", "192.0.2.2"]);
+    assert!(
+        fdb().contains("02:aa:bb:cc:dd:ee dst 192.0.2.2"),
+        "{}",
+        fdb()
+    );
+    assert!(d
+        .vpcctl_ok(&["fdb-list", "a"])
+        .contains("02:aa:bb:cc:dd:ee"));
+    // Moving it to another VTEP replaces the entry.
+    d.vpcctl_ok(&["fdb-add", "a", "web", "02:aa:bb:cc:dd:ee", "192.0.2.3"]);
+    assert!(
+        fdb().contains("02:aa:bb:cc:dd:ee dst 192.0.2.3")
+            && !fdb().contains("02:aa:bb:cc:dd:ee dst 192.0.2.2"),
+        "{}",
+        fdb()
+    );
+    d.vpcctl_ok(&["fdb-delete", "a", "web", "02:aa:bb:cc:dd:ee"]);
+    assert!(
+        !fdb().contains("02:aa:bb:cc:dd:ee"),
+        "{}\n{}",
+        fdb(),
+        d.log()
+            .lines()
+            .filter(|l| l.contains("Remote") || l.contains("failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // A new peer list at restart: flood entries follow it.
+    d.kill9();
+    let at = d.opts.extra.iter().position(|a| a == "192.0.2.2").unwrap();
+    d.opts.extra[at] = "192.0.2.7".into();
+    d.spawn().await.unwrap();
+    assert!(
+        fdb().contains("00:00:00:00:00:00 dst 192.0.2.7"),
+        "{}",
+        fdb()
+    );
+    assert!(
+        !fdb().contains("dst 192.0.2.2"),
+        "stale flood entry: {}",
+        fdb()
+    );
+    for (args, expect) in [
+        (
+            vec!["fdb-add", "a", "web", "02:aa:bb:cc:dd:ee", "nope"],
+            "not an IPv4 address",
+        ),
+        (
+            vec!["fdb-add", "a", "web", "01:00:5e:00:00:01", "192.0.2.2"],
+            "not a unicast",
+        ),
+        (
+            vec!["fdb-add", "a", "nope", "02:aa:bb:cc:dd:ee", "192.0.2.2"],
+            "subnet a/nope not found",
+        ),
+        (
+            vec!["fdb-delete", "a", "web", "02:aa:bb:cc:dd:ef"],
+            "not found",
+        ),
+    ] {
+        let out = d.vpcctl(&args);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(expect),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -50,6 +50,21 @@ pub enum NetCmd {
         #[arg(long)]
         no_port_security: bool,
     },
+    /// Install a static FDB entry: MAC on a subnet lives behind a remote VTEP.
+    FdbAdd {
+        network: String,
+        subnet: String,
+        mac: String,
+        vtep: String,
+    },
+    /// Remove a static FDB entry.
+    FdbDelete {
+        network: String,
+        subnet: String,
+        mac: String,
+    },
+    /// List a network's static FDB entries.
+    FdbList { network: String },
     /// List ports.
     PortList,
     /// Show a port and its counters.
@@ -217,6 +232,44 @@ pub async fn run(
                     p.device().await?,
                     p.mac().await?,
                     p.ip().await?
+                );
+            }
+        }
+        NetCmd::FdbAdd {
+            network: net,
+            subnet,
+            mac,
+            vtep,
+        } => {
+            network(conn, host, bus, &net)
+                .await?
+                .add_remote_mac(&subnet, &mac, &vtep)
+                .await?;
+            said(json, &format!("{mac} on {net}/{subnet} is behind {vtep}"));
+        }
+        NetCmd::FdbDelete {
+            network: net,
+            subnet,
+            mac,
+        } => {
+            network(conn, host, bus, &net)
+                .await?
+                .remove_remote_mac(&subnet, &mac)
+                .await?;
+            said(json, &format!("{mac} on {net}/{subnet} removed"));
+        }
+        NetCmd::FdbList { network: net } => {
+            let entries = network(conn, host, bus, &net).await?.remote_macs().await?;
+            if json {
+                let v: Vec<_> = entries
+                    .iter()
+                    .map(|(s, m, v)| json!({"subnet": s, "mac": m, "vtep": v}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(
+                    &["Subnet", "MAC", "VTEP"],
+                    entries.into_iter().map(|(s, m, v)| vec![s, m, v]).collect(),
                 );
             }
         }

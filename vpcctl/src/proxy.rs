@@ -81,6 +81,11 @@ pub trait Network {
     fn delete(&self) -> zbus::Result<()>;
     fn create_subnet(&self, name: &str, cidr: &str, vni: u32, vlan: u16) -> zbus::Result<()>;
     fn delete_subnet(&self, name: &str) -> zbus::Result<()>;
+    fn add_remote_mac(&self, subnet: &str, mac: &str, vtep: &str) -> zbus::Result<()>;
+    fn remove_remote_mac(&self, subnet: &str, mac: &str) -> zbus::Result<()>;
+    /// (subnet, MAC, VTEP) per static remote MAC.
+    #[zbus(property)]
+    fn remote_macs(&self) -> zbus::Result<Vec<(String, String, String)>>;
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
     #[zbus(property)]

@@ -63,6 +63,48 @@ impl NetworkIface {
         Ok(())
     }
 
+    /// Installs a static FDB entry: `mac` on `subnet` lives behind the VTEP `vtep`.
+    async fn add_remote_mac(&self, subnet: &str, mac: &str, vtep: &str) -> Result<(), ApiError> {
+        let mac = mac
+            .parse()
+            .map_err(|e: netdrv::Error| ApiError::InvalidArgument(e.to_string()))?;
+        let vtep = vtep
+            .parse()
+            .map_err(|_| ApiError::InvalidArgument(format!("{vtep:?} is not an IPv4 address")))?;
+        self.manager
+            .net()?
+            .add_remote_mac(&self.name, subnet, mac, vtep)
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_remote_mac(&self, subnet: &str, mac: &str) -> Result<(), ApiError> {
+        let mac = mac
+            .parse()
+            .map_err(|e: netdrv::Error| ApiError::InvalidArgument(e.to_string()))?;
+        self.manager
+            .net()?
+            .remove_remote_mac(&self.name, subnet, mac)
+            .await?;
+        Ok(())
+    }
+
+    /// (subnet, MAC, VTEP) per static remote MAC.
+    #[zbus(property)]
+    fn remote_macs(&self) -> Result<Vec<(String, String, String)>, zbus::fdo::Error> {
+        let st = self
+            .manager
+            .net()
+            .and_then(|n| n.state())
+            .map_err(|e| fdo(e.into()))?;
+        Ok(st
+            .remote_macs
+            .iter()
+            .filter(|r| r.network == self.name)
+            .map(|r| (r.subnet.clone(), r.mac.to_string(), r.vtep.to_string()))
+            .collect())
+    }
+
     #[zbus(property)]
     fn name(&self) -> String {
         self.name.clone()

@@ -169,6 +169,27 @@ impl NetManager {
         .await
     }
 
+    pub async fn add_remote_mac(
+        &self,
+        network: &str,
+        subnet: &str,
+        mac: netdrv::ipam::Mac,
+        vtep: Ipv4Addr,
+    ) -> Result<()> {
+        self.change(|st| st.add_remote_mac(network, subnet, mac, vtep))
+            .await
+    }
+
+    pub async fn remove_remote_mac(
+        &self,
+        network: &str,
+        subnet: &str,
+        mac: netdrv::ipam::Mac,
+    ) -> Result<()> {
+        self.change(|st| st.remove_remote_mac(network, subnet, mac))
+            .await
+    }
+
     pub async fn set_port_security(&self, id: u32, on: bool) -> Result<()> {
         self.change(|st| {
             st.port_mut(id)?.port_security = on;

@@ -24,6 +24,9 @@ pub struct NetState {
     pub next_port_id: u32,
     pub networks: BTreeMap<String, Network>,
     pub ports: BTreeMap<u32, Port>,
+    /// Static FDB entries: MACs behind remote VTEPs (the EVPN issue learns these over BGP).
+    #[serde(default)]
+    pub remote_macs: Vec<RemoteMac>,
 }
 
 impl Default for NetState {
@@ -33,8 +36,18 @@ impl Default for NetState {
             next_port_id: 1,
             networks: BTreeMap::new(),
             ports: BTreeMap::new(),
+            remote_macs: Vec::new(),
         }
     }
+}
+
+/// A MAC on a subnet that lives behind another host's VTEP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteMac {
+    pub network: String,
+    pub subnet: String,
+    pub mac: Mac,
+    pub vtep: Ipv4Addr,
 }
 
 /// A tenant (VPC).
@@ -228,6 +241,8 @@ impl NetState {
             .values()
             .filter(|p| p.network == network && p.subnet == name)
             .count();
+        self.remote_macs
+            .retain(|r| !(r.network == network && r.subnet == name) || ports > 0);
         let net = self
             .networks
             .get_mut(network)
@@ -315,6 +330,55 @@ impl NetState {
         Ok(port)
     }
 
+    /// Adds (or moves) a static remote MAC on a subnet.
+    pub fn add_remote_mac(
+        &mut self,
+        network: &str,
+        subnet: &str,
+        mac: Mac,
+        vtep: Ipv4Addr,
+    ) -> Result<()> {
+        let net = self.network(network)?;
+        if !net.subnets.contains_key(subnet) {
+            return Err(Error::NotFound(format!("subnet {network}/{subnet}")));
+        }
+        mac.check_unicast().map_err(|e| {
+            Error::InvalidArgument(format!("remote MAC on {network}/{subnet}: {e}"))
+        })?;
+        if let Some(p) = self.ports.values().find(|p| p.mac == mac) {
+            return Err(Error::InvalidArgument(format!(
+                "remote MAC {mac} on {network}/{subnet}: it is the MAC of local port {}",
+                p.id
+            )));
+        }
+        if vtep.is_unspecified() || vtep.is_multicast() || vtep.is_broadcast() {
+            return Err(Error::InvalidArgument(format!(
+                "remote MAC {mac} on {network}/{subnet}: {vtep} is not a VTEP address"
+            )));
+        }
+        self.remote_macs
+            .retain(|r| !(r.network == network && r.subnet == subnet && r.mac == mac));
+        self.remote_macs.push(RemoteMac {
+            network: network.to_string(),
+            subnet: subnet.to_string(),
+            mac,
+            vtep,
+        });
+        Ok(())
+    }
+
+    pub fn remove_remote_mac(&mut self, network: &str, subnet: &str, mac: Mac) -> Result<()> {
+        let before = self.remote_macs.len();
+        self.remote_macs
+            .retain(|r| !(r.network == network && r.subnet == subnet && r.mac == mac));
+        if self.remote_macs.len() == before {
+            return Err(Error::NotFound(format!(
+                "remote MAC {mac} on {network}/{subnet}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn remove_port(&mut self, id: u32) -> Result<Port> {
         self.ports
             .remove(&id)
@@ -357,12 +421,21 @@ impl NetState {
                     .collect(),
             })
             .collect();
+        let remote_macs = self
+            .remote_macs
+            .iter()
+            .filter_map(|r| {
+                let vni = self.networks.get(&r.network)?.subnets.get(&r.subnet)?.vni;
+                Some((vni, r.mac, r.vtep))
+            })
+            .collect();
         HostNet {
             prefix: prefix.to_string(),
             owner: owner.to_string(),
             underlay,
             peers: peers.to_vec(),
             tenants,
+            remote_macs,
         }
     }
 }
