@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: set the host up (scripts/setup.sh), then show vpcd at work: define and boot a VM
-# from the test guest, list it with vpcctl and virsh, show its console, run a command inside
-# it, and shut it down. Safe to run again: a demo VM left by an earlier run is removed first.
+# The main job: set the host up (scripts/setup.sh), then show vpcd at work: make a tenant
+# network, define and boot a VM with a NIC on it from the test guest, list it with vpcctl and
+# virsh, show its console, run commands inside it (one pings a namespace "VM" on the same
+# subnet through the eBPF-filtered tenant bridge), and shut everything down again. Safe to run
+# again: what an earlier run left is removed first.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -21,6 +23,11 @@ kernel = "$IMG/vmlinux"
 initrd = "$IMG/initramfs.cpio.gz"
 cmdline = "console=ttyS0 panic=-1 quiet vpcd.hostname=$VM"
 
+[[nics]]
+network = "demo-net"
+subnet = "web"
+ip = "10.99.0.10"
+
 [cloud_init]
 hostname = "$VM"
 user_data = "#cloud-config\n"
@@ -28,25 +35,46 @@ TOML
 
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
-if vpcctl domstate "$VM" >/dev/null 2>&1; then
-    vpcctl destroy "$VM" >/dev/null
-    vpcctl undefine "$VM" >/dev/null
-fi
+NS=vpcd-demo-ns
+cleanup() {
+    if vpcctl domstate "$VM" >/dev/null 2>&1; then
+        vpcctl destroy "$VM" >/dev/null
+        vpcctl undefine "$VM" >/dev/null
+    fi
+    for id in $(vpcctl --json port-list 2>/dev/null | sed -n 's/.*"id": \([0-9]*\).*/\1/p'); do
+        vpcctl port-delete "$id" >/dev/null 2>&1 || true
+    done
+    vpcctl subnet-delete demo-net web >/dev/null 2>&1 || true
+    vpcctl net-delete demo-net >/dev/null 2>&1 || true
+    ip netns del "$NS" 2>/dev/null || true
+}
+cleanup
 
-log "demo"
+log "demo: a tenant network"
+run vpcctl net-create demo-net
+run vpcctl subnet-create demo-net web 10.99.0.0/24
+ip netns add "$NS"
+run vpcctl port-create demo-net web --netns /run/netns/$NS --ip 10.99.0.20
+run vpcctl net-info demo-net
+
+log "demo: a VM with a NIC on it"
 run cat "$SPEC"
 run vpcctl define "$SPEC"
 run vpcctl start "$VM"
 run vpcctl list
 run virsh list
 run vpcctl dominfo "$VM"
+run vpcctl domiflist "$VM"
 log "console (serial0, written to $(vpcctl dominfo --json "$VM" | sed -n 's/.*"console_log": "\(.*\)".*/\1/p'))"
 log_file=/var/lib/vpcd/vms/$VM/console.log
 for _ in $(seq 1 300); do grep -q VPCD-GUEST-BOOTED "$log_file" 2>/dev/null && break; sleep 0.1; done
 cat "$log_file"
-log "a command inside the guest, through vpcctl console --devname serial1"
-printf 'uname -a; cat /proc/cmdline\n' | vpcctl console "$VM" --devname serial1
+log "commands inside the guest, through vpcctl console --devname serial1"
+printf 'uname -a; ip link set eth0 up; ip addr add 10.99.0.10/24 dev eth0; ip addr show eth0; ping -c 3 10.99.0.20\n' \
+    | vpcctl console "$VM" --devname serial1
+run vpcctl port-list
 run vpcctl shutdown "$VM"
 run vpcctl list --all
 run vpcctl undefine "$VM"
+cleanup
 log "demo done"

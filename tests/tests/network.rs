@@ -212,6 +212,7 @@ async fn sigkill_keeps_traffic_and_restart_leaks_nothing() {
         l
     };
     let pins_before = count_files(&d1.bpf_dir);
+    let progs_before = count_programs();
 
     // A ping stream across the kill and the restart.
     let ping = std::process::Command::new("ip")
@@ -262,7 +263,20 @@ async fn sigkill_keeps_traffic_and_restart_leaks_nothing() {
         pins_before,
         "pins changed across the restart"
     );
+    assert_eq!(
+        count_programs(),
+        progs_before,
+        "programs leaked across the restart"
+    );
     assert!(n1.pings("10.10.1.51"));
+}
+
+/// Loaded port-filter programs on the machine.
+fn count_programs() -> usize {
+    sh("bpftool", &["prog", "show"])
+        .lines()
+        .filter(|l| l.contains("name port_ingress") || l.contains("name port_egress"))
+        .count()
 }
 
 fn count_files(dir: &std::path::Path) -> usize {
@@ -653,4 +667,27 @@ async fn static_remote_macs_and_peers_become_fdb_entries_on_the_vxlan_device() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A namespace "VM" deleted behind vpcd's back takes its veth along; its port cannot be made
+/// again, and must not block changes to everything else.
+#[tokio::test]
+async fn a_port_whose_namespace_is_gone_does_not_block_other_changes() {
+    let lab = Underlay::new();
+    let d = host_daemon(&lab, 1).await;
+    tenants(&d);
+    let gone = ns_port(&d, "g1", "a", "web", "10.10.1.90", true);
+    let stays = ns_port(&d, "g2", "a", "web", "10.10.1.91", true);
+    drop(gone);
+    d.vpcctl_ok(&[
+        "subnet-create",
+        "a",
+        "extra",
+        "10.10.9.0/24",
+        "--vni",
+        "5009",
+    ]);
+    let third = ns_port(&d, "g3", "a", "web", "10.10.1.92", true);
+    assert!(third.pings("10.10.1.91"));
+    drop(stays);
 }

@@ -15,7 +15,10 @@ pub async fn attach(name: &str, fd: OwnedFd) -> anyhow::Result<ExitCode> {
     let raw = tty.then(RawTerminal::enable).transpose()?;
     let mut from_vm = std::fs::File::from(fd);
     let mut to_vm = from_vm.try_clone()?;
-    // Guest -> stdout on its own thread; it ends when the stream closes.
+    // Guest -> stdout on its own thread; it ends when the stream closes. It records when output
+    // last arrived, so piped input can wait for the answers to finish.
+    let last_output = std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+    let seen = last_output.clone();
     let out = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut stdout = std::io::stdout();
@@ -28,6 +31,7 @@ pub async fn attach(name: &str, fd: OwnedFd) -> anyhow::Result<ExitCode> {
             {
                 break;
             }
+            *seen.lock().unwrap() = std::time::Instant::now();
         }
     });
     // stdin -> guest until EOF or the escape character.
@@ -51,8 +55,14 @@ pub async fn attach(name: &str, fd: OwnedFd) -> anyhow::Result<ExitCode> {
     }
     drop(raw);
     if !tty {
-        // Piped input: leave the guest a moment to answer the last line.
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // Piped input: wait until the guest has been quiet for QUIET (at most MAX_WAIT), so
+        // the answers to the last lines are printed.
+        const QUIET: std::time::Duration = std::time::Duration::from_millis(1500);
+        const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+        let start = std::time::Instant::now();
+        while start.elapsed() < MAX_WAIT && last_output.lock().unwrap().elapsed() < QUIET {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
     if tty {
         eprintln!();

@@ -66,7 +66,17 @@ impl NetManager {
         Ok(self.store.doc(DOC)?)
     }
 
+    /// What the host should have. A namespace port whose namespace is gone cannot be made; it
+    /// is left out (and reported), so it does not block every other change.
     fn desired(&self, st: &NetState) -> netdrv::model::HostNet {
+        let mut st = st.clone();
+        st.ports.retain(|id, p| match &p.device {
+            PortDevice::Veth { netns, .. } if !netns.exists() => {
+                tracing::warn!(port = id, netns = %netns.display(), "namespace of port is gone; port left out");
+                false
+            }
+            _ => true,
+        });
         st.desired(
             &self.cfg.prefix,
             &self.cfg.owner,
