@@ -102,6 +102,9 @@ impl NetHost {
                 nl.move_to(&tmp, &target).await?;
                 let inner = Netlink::open(&target)?;
                 inner.rename(&tmp, &peer.ifname).await?;
+                // The namespace end gets the port MTU too, or full-size frames from it would be
+                // dropped at the host end (found by the data-path benchmark).
+                inner.set_mtu(&peer.ifname, *mtu).await?;
                 inner.set_up(&peer.ifname).await?;
                 if let Some((ip, prefix)) = peer.address {
                     inner.add_address(&peer.ifname, ip, prefix).await?;

@@ -97,6 +97,24 @@ impl Netlink {
         }
     }
 
+    /// A link by name, with its attributes.
+    pub async fn link(&self, name: &str) -> Result<ObservedLink> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(m)) => Ok(observe(&m)),
+            Ok(None) => Err(Error::NotFound(format!("link {name}"))),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(Error::NotFound(format!("link {name}")))
+            }
+            Err(e) => Err(nl_err("find", name)(e)),
+        }
+    }
+
     async fn index(&self, name: &str) -> Result<u32> {
         self.index_of(name)
             .await?
@@ -379,6 +397,11 @@ fn observe(m: &LinkMessage) -> ObservedLink {
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(a);
+                l.mac = Some(crate::ipam::Mac(m));
+            }
             LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
             LinkAttribute::Controller(c) => l.master = Some(*c),
             LinkAttribute::IfAlias(a) if !a.is_empty() => l.alias = Some(a.clone()),

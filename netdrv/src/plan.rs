@@ -30,6 +30,8 @@ pub struct ObservedLink {
     pub alias: Option<String>,
     /// For VxLAN devices: (VNI, local address, learning).
     pub vxlan: Option<(u32, Option<Ipv4Addr>, bool)>,
+    /// The link's MAC, for Ethernet links.
+    pub mac: Option<Mac>,
 }
 
 /// What the kernel and the filter have now.
@@ -484,6 +486,7 @@ mod tests {
             up: true,
             alias: Some(names::alias(OWNER)),
             vxlan: (kind == "vxlan").then_some((100, Some(Ipv4Addr::new(192, 0, 2, 1)), false)),
+            mac: None,
         }
     }
 

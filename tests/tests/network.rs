@@ -95,6 +95,27 @@ async fn guest_vm_and_namespace_vm_on_two_hosts_ping_across_vxlan_and_stay_isola
     assert_eq!(rc, 0, "guest -> host2 ns: {out}");
     assert!(web2.pings("10.10.1.10"), "host2 ns -> guest");
 
+    // The namespace end has the port MTU: full-size frames cross the VxLAN, DF set.
+    assert_eq!(web2.ok(&["cat", "/sys/class/net/eth0/mtu"]).trim(), "1450");
+    shell.ok("ip link set eth0 mtu 1450");
+    let big = web2.run(&[
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        "-M",
+        "do",
+        "-s",
+        "1422",
+        "10.10.1.10",
+    ]);
+    assert!(
+        big.status.success(),
+        "1450-byte frames do not cross: {}",
+        String::from_utf8_lossy(&big.stdout)
+    );
+
     // db cannot reach web without a router, on the same host and across hosts.
     assert!(
         !db2.pings("10.10.1.20"),

@@ -1,0 +1,226 @@
+//! The DHCP server on a real interface against real clients: busybox udhcpc and ISC dhclient,
+//! across a veth pair whose server end keeps its checksum offload on (the case where a kernel
+//! UDP socket would send offers with unfilled checksums that udhcpc ignores).
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::{Arc, RwLock};
+
+use netdrv::dhcp::{DhcpConfig, DhcpServer, DhcpService};
+use netdrv::ipam::Mac;
+use netdrv::Netns;
+
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Ns {
+        let name = format!("nd{}{tag}", std::process::id() % 100_000);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        Ns(name)
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).output();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const CLIENT_MAC: &str = "02:00:00:aa:00:07";
+
+/// Server namespace with `s0` 10.0.1.1/24, client namespace with `c0` (CLIENT_MAC).
+fn lab() -> (Ns, Ns, tempfile::TempDir) {
+    let s = Ns::new("s");
+    let c = Ns::new("c");
+    run(
+        "ip",
+        &[
+            "link", "add", "s0", "netns", &s.0, "type", "veth", "peer", "c0", "netns", &c.0,
+        ],
+    );
+    run(
+        "ip",
+        &["-n", &s.0, "addr", "add", "10.0.1.1/24", "dev", "s0"],
+    );
+    run("ip", &["-n", &s.0, "link", "set", "s0", "up"]);
+    run(
+        "ip",
+        &["-n", &c.0, "link", "set", "c0", "address", CLIENT_MAC],
+    );
+    run("ip", &["-n", &c.0, "link", "set", "c0", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    (s, c, dir)
+}
+
+async fn serve(s: &Ns) -> (DhcpService, Arc<RwLock<DhcpServer>>) {
+    let mut server = DhcpServer::new(DhcpConfig {
+        server: Ipv4Addr::new(10, 0, 1, 1),
+        subnet: "10.0.1.0/24".parse().unwrap(),
+        router: Some(Ipv4Addr::new(10, 0, 1, 1)),
+        dns: vec![Ipv4Addr::new(10, 0, 1, 1)],
+        domain: Some("vpc.internal".into()),
+        mtu: Some(1450),
+        lease_secs: 600,
+        routes: vec![(
+            "169.254.169.254/32".parse().unwrap(),
+            Ipv4Addr::new(10, 0, 1, 1),
+        )],
+    });
+    server.set_leases([(
+        CLIENT_MAC.parse::<Mac>().unwrap(),
+        Ipv4Addr::new(10, 0, 1, 7),
+    )]);
+    let server = Arc::new(RwLock::new(server));
+    let ns = Netns::named(&s.0).unwrap();
+    let svc = DhcpService::spawn(&ns, "s0", server.clone()).await.unwrap();
+    (svc, server)
+}
+
+/// A client script that records what it was given.
+fn script(dir: &tempfile::TempDir) -> (String, String) {
+    let out = dir.path().join("out");
+    let script = dir.path().join("script.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1$reason ip=$ip$new_ip_address mask=$subnet$new_subnet_mask router=$router$new_routers mtu=$mtu$new_interface_mtu dns=$dns$new_domain_name_servers domain=$domain$new_domain_name routes=$staticroutes$new_rfc3442_classless_static_routes\" >> {}\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    run("chmod", &["+x", script.to_str().unwrap()]);
+    (
+        script.to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn busybox_udhcpc_gets_its_lease_with_all_options_through_offloaded_veth() {
+    let (s, c, dir) = lab();
+    let (_svc, _server) = serve(&s).await;
+    let (script, out) = script(&dir);
+    let res = tokio::task::spawn_blocking({
+        let c = c.0.clone();
+        move || {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", &c, "busybox", "udhcpc", "-i", "c0", "-n", "-q", "-t", "5",
+                    "-T", "1", "-s", &script,
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let got = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        res.status.success(),
+        "udhcpc failed: {}{}\n{got}",
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let bound = got
+        .lines()
+        .find(|l| l.starts_with("bound"))
+        .unwrap_or_else(|| panic!("{got}"));
+    for want in [
+        "ip=10.0.1.7",
+        "mask=255.255.255.0",
+        "router=10.0.1.1",
+        "mtu=1450",
+        "dns=10.0.1.1",
+        "domain=vpc.internal",
+        "169.254.169.254/32",
+    ] {
+        assert!(bound.contains(want), "{want} missing: {bound}");
+    }
+}
+
+#[tokio::test]
+async fn isc_dhclient_gets_its_lease() {
+    let (s, c, dir) = lab();
+    let (_svc, _server) = serve(&s).await;
+    let (script, out) = script(&dir);
+    let lease = dir.path().join("leases");
+    let pid = dir.path().join("pid");
+    let res = tokio::task::spawn_blocking({
+        let c = c.0.clone();
+        let (lease, pid) = (
+            lease.to_string_lossy().into_owned(),
+            pid.to_string_lossy().into_owned(),
+        );
+        move || {
+            Command::new("timeout")
+                .args([
+                    "30", "ip", "netns", "exec", &c, "dhclient", "-1", "-sf", &script, "-lf",
+                    &lease, "-pf", &pid, "c0",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let got = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = res;
+    let bound = got
+        .lines()
+        .find(|l| l.starts_with("BOUND"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no BOUND in {got:?}: {}",
+                String::from_utf8_lossy(&res.stderr)
+            )
+        });
+    for want in [
+        "ip=10.0.1.7",
+        "mask=255.255.255.0",
+        "mtu=1450",
+        "domain=vpc.internal",
+    ] {
+        assert!(bound.contains(want), "{want} missing: {bound}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_clients_get_no_offer() {
+    let (s, c, dir) = lab();
+    let (_svc, server) = serve(&s).await;
+    server.write().unwrap().set_leases([]);
+    let (script, out) = script(&dir);
+    let res = tokio::task::spawn_blocking({
+        let c = c.0.clone();
+        move || {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", &c, "busybox", "udhcpc", "-i", "c0", "-n", "-q", "-t", "2",
+                    "-T", "1", "-s", &script,
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!res.status.success(), "udhcpc got a lease it should not");
+    let got = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(!got.contains("bound"), "{got}");
+}
