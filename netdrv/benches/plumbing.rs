@@ -23,7 +23,7 @@
 //!   direction, from netdrv's pins) with ONE `tc -batch`, deleted one by one by `ip -batch`
 //!   and, in a second cycle, in bulk; (b) plain links deleted in bulk by `ip link del group G`
 //!   (the kernel unregisters them together: one set of RCU grace periods for the lot); (c)
-//!   links made by netdrv (TCX links attached) deleted in bulk the same way.
+//!   links made by netdrv (with their port filters attached) deleted in bulk the same way.
 //!
 //! Each cell is measured `BENCH_RUNS` times, netdrv and `ip` alternating (the order flips every
 //! run), after one unmeasured warm-up; the median is printed. Targets (from the issue): netdrv
@@ -412,7 +412,7 @@ impl Bench {
         d
     }
 
-    /// Reference: links made by netdrv (TCX links attached), put in one group (not timed),
+    /// Reference: links made by netdrv (with their port filters attached), put in one group (not timed),
     /// removed at once by `ip link del group G`; then netdrv forgets the gone ports (not timed).
     async fn netdrv_group_delete(&self, n: usize) -> Duration {
         self.host.apply(&desired(n)).await.expect("netdrv create");
@@ -809,8 +809,10 @@ fn print_results(runs: usize, cells: &BTreeMap<usize, Cell>) {
     println!("  tc create = ip-batch create + ONE tc -batch attaching the same two programs per");
     println!("  tap the legacy way (clsact + cls_bpf da); tc delete = ip-batch 1-by-1 delete of");
     println!("  those, tc grp del = the same deleted by `ip link del group`; group del = plain");
-    println!("  links deleted by `ip link del group`; nd group del = links made by netdrv (TCX");
-    println!("  links attached) deleted by `ip link del group`");
+    println!(
+        "  links deleted by `ip link del group`; nd group del = links made by netdrv (filters"
+    );
+    println!("  their port filters) deleted by `ip link del group`");
     println!(
         "{:>5} | {:>10} {:>10} {:>7} {:>10} {:>10} | {:>10} {:>12}",
         "N",

@@ -14,10 +14,13 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aya::maps::{HashMap, Map, MapData};
-use aya::programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use netdrv::filter::ebpf::{eui64_link_local, EbpfFilter};
 use netdrv::filter::{PortCounters, PortFilter, PortSecurity, VlanFilter};
 use netdrv::Netns;
+
+/// The `bpf` filters of one direction of a port: (program name, program id).
+type Filters = Vec<(String, u32)>;
 
 static LAB_SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -203,20 +206,45 @@ impl Lab {
         self.netns.run(f).expect("enter host netns")
     }
 
-    /// The ids of the programs attached by TCX to `port` (ingress, egress).
-    fn tcx_program_ids(&self, port: &str) -> (Vec<u32>, Vec<u32>) {
-        let port = port.to_owned();
-        self.in_host(move || {
-            let ids = |t| {
-                SchedClassifier::query_tcx(&port, t)
-                    .expect("query tcx")
-                    .1
-                    .iter()
-                    .map(|p| p.id())
-                    .collect::<Vec<_>>()
-            };
-            (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
-        })
+    /// The `bpf` filters on `port` (ingress, egress), as (name, program id), from
+    /// `tc filter show`.
+    fn tc_filters(&self, port: &str) -> (Filters, Filters) {
+        let list = |hook: &str| {
+            let out = sh(&["tc", "-n", &self.host, "filter", "show", "dev", port, hook]);
+            out.lines()
+                .filter(|l| l.contains(" handle "))
+                .map(|l| {
+                    let words: Vec<&str> = l.split_whitespace().collect();
+                    let after = |w: &str| {
+                        let i = words.iter().position(|x| *x == w).expect(l);
+                        words[i + 1]
+                    };
+                    // "... bpf chain 0 handle 0x1 port_ingress direct-action ... id 42 ..."
+                    let handle = words.iter().position(|x| *x == "handle").expect(l);
+                    (words[handle + 2].to_owned(), after("id").parse().expect(l))
+                })
+                .collect::<Vec<_>>()
+        };
+        (list("ingress"), list("egress"))
+    }
+
+    /// The ids of the programs of the filters on `port` (ingress, egress).
+    fn filter_program_ids(&self, port: &str) -> (Vec<u32>, Vec<u32>) {
+        let (i, e) = self.tc_filters(port);
+        let ids = |v: Filters| v.into_iter().map(|(_, id)| id).collect();
+        (ids(i), ids(e))
+    }
+
+    /// The names of the programs of the filters on `port` (ingress, egress).
+    fn filter_programs(&self, port: &str) -> (Vec<String>, Vec<String>) {
+        let (i, e) = self.tc_filters(port);
+        let names = |v: Filters| v.into_iter().map(|(n, _)| n).collect();
+        (names(i), names(e))
+    }
+
+    /// Whether `port` has a clsact qdisc.
+    fn has_clsact(&self, port: &str) -> bool {
+        sh(&["tc", "-n", &self.host, "qdisc", "show", "dev", port]).contains("clsact")
     }
 
     /// The id of the program pinned as `name` in the pin directory.
@@ -230,22 +258,6 @@ impl Lab {
     fn quiesce(&self, vm: &Vm) {
         sh(&vm.exec(&["ip", "link", "set", "eth0", "down"]));
     }
-
-    /// The programs attached by TCX to `port` (ingress, egress), by name.
-    fn tcx_programs(&self, port: &str) -> (Vec<String>, Vec<String>) {
-        let port = port.to_owned();
-        self.in_host(move || {
-            let names = |t| {
-                SchedClassifier::query_tcx(&port, t)
-                    .expect("query tcx")
-                    .1
-                    .iter()
-                    .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-                    .collect::<Vec<_>>()
-            };
-            (names(TcAttachType::Ingress), names(TcAttachType::Egress))
-        })
-    }
 }
 
 impl Drop for Lab {
@@ -256,7 +268,7 @@ impl Drop for Lab {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.host])
             .status();
-        // Removing link pins detaches the links (if the devices still existed).
+        // The filters went with the devices; the pins keep the maps and programs.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
@@ -351,7 +363,7 @@ fn port_without_configuration_passes_nothing() {
     // Nothing from B entered the bridge: A received nothing.
     assert_eq!(counters(&f, a).rx_packets, a0.rx_packets);
     assert_eq!(
-        lab.tcx_programs(&b.port),
+        lab.filter_programs(&b.port),
         (vec!["port_ingress".into()], vec!["port_egress".into()])
     );
 }
@@ -505,7 +517,7 @@ fn ipv6_link_local_from_the_port_mac_passes_port_security() {
 
 // ---- Crafted frames through the loaded programs (BPF_PROG_TEST_RUN) ----
 
-const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): TCX_NEXT, i.e. pass
+const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): on to the next filter, i.e. pass
 const SHOT: u32 = 2; // TC_ACT_SHOT
 
 fn eth(dst: [u8; 6], src: [u8; 6], proto: u16, payload: &[u8]) -> Vec<u8> {
@@ -823,8 +835,8 @@ fn takeover_keeps_traffic_flowing_and_reuses_the_pins() {
         assert!(a.ping(b.ip));
         assert!(!a.ping(c.ip));
     }
-    let ids_before = lab.tcx_program_ids(&a.port);
-    // No EbpfFilter exists: the pinned links keep filtering.
+    let ids_before = lab.filter_program_ids(&a.port);
+    // No EbpfFilter exists: the filters on the devices keep filtering.
     assert!(a.ping(b.ip), "traffic stopped without an EbpfFilter");
     assert!(!a.ping(c.ip), "VLANs leak without an EbpfFilter");
 
@@ -837,15 +849,15 @@ fn takeover_keeps_traffic_flowing_and_reuses_the_pins() {
         counters(&f, a).tx_packets >= 6,
         "counters survive the takeover"
     );
-    // Still one program per direction, the one this open loaded and pinned: the links were
-    // switched to it, not duplicated.
+    // Still one filter per direction, running the program this open loaded and pinned: the
+    // filters were switched to it, not duplicated.
     let now = (
         vec![lab.pinned_program_id("port_ingress")],
         vec![lab.pinned_program_id("port_egress")],
     );
-    assert_ne!(now, ids_before, "the links still run the old programs");
+    assert_ne!(now, ids_before, "the filters still run the old programs");
     for vm in [a, b, c] {
-        assert_eq!(lab.tcx_program_ids(&vm.port), now, "{}", vm.port);
+        assert_eq!(lab.filter_program_ids(&vm.port), now, "{}", vm.port);
     }
 
     // Live reconfiguration through the new filter.
@@ -857,7 +869,12 @@ fn takeover_keeps_traffic_flowing_and_reuses_the_pins() {
     f.remove_all().unwrap();
     assert!(!lab.pin_dir.exists(), "pins left behind");
     for vm in [a, b, c] {
-        assert_eq!(lab.tcx_programs(&vm.port), (vec![], vec![]), "{}", vm.port);
+        assert_eq!(
+            lab.filter_programs(&vm.port),
+            (vec![], vec![]),
+            "{}",
+            vm.port
+        );
     }
     // Nothing filters any more: the plain bridge joins everyone.
     assert!(a.ping(b.ip));
@@ -915,10 +932,9 @@ fn sigkilled_owner_leaves_ports_filtered_and_a_new_open_takes_over() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn the owner process");
-    // Ready when the last link is pinned (egress is attached first, then ingress).
-    let last = lab.pin_dir.join(format!("links/{}-ingress", c.ifindex));
+    // Ready when the last filter is attached (egress is attached first, then ingress).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !last.exists() {
+    while lab.filter_programs(&c.port).0.is_empty() {
         if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
             let _ = child.kill();
             panic!("the owner process did not configure the ports");
@@ -1006,13 +1022,10 @@ fn remove_port_detaches_and_is_idempotent() {
     assert!(!a.ping(b.ip));
     f.remove_port(b.ifindex).unwrap();
     f.remove_port(b.ifindex).unwrap();
-    assert_eq!(lab.tcx_programs(&b.port), (vec![], vec![]));
+    assert_eq!(lab.filter_programs(&b.port), (vec![], vec![]));
     assert_eq!(f.ports().unwrap(), vec![a.ifindex]);
     assert!(f.counters(b.ifindex).is_err());
-    assert!(!lab
-        .pin_dir
-        .join(format!("links/{}-ingress", b.ifindex))
-        .exists());
+    assert!(!lab.has_clsact(&b.port), "the qdisc of our filters stayed");
     // B is a plain bridge port now and A still tags: B sees A's frames tagged, A drops B's.
     assert!(!a.ping(b.ip));
     f.set_port(b.ifindex, &b.port, &plain(10)).unwrap();
@@ -1032,10 +1045,6 @@ fn deleted_port_device_is_pruned() {
         vec![a.ifindex],
         "the gone port is listed"
     );
-    assert!(!lab
-        .pin_dir
-        .join(format!("links/{}-egress", b.ifindex))
-        .exists());
     assert!(f.counters(b.ifindex).is_err());
     // A new open finds nothing stale either.
     drop(f);
@@ -1067,7 +1076,7 @@ fn invalid_configuration_is_refused_and_names_the_port() {
         "{err}"
     );
     assert_eq!(f.ports().unwrap(), Vec::<u32>::new());
-    assert_eq!(lab.tcx_programs(&a.port), (vec![], vec![]));
+    assert_eq!(lab.filter_programs(&a.port), (vec![], vec![]));
 }
 
 #[test]
@@ -1077,4 +1086,146 @@ fn set_port_on_a_missing_device_fails_and_leaves_nothing() {
     assert!(f.set_port(4242, "nosuchdev", &plain(10)).is_err());
     assert_eq!(f.ports().unwrap(), Vec::<u32>::new());
     assert!(f.counters(4242).is_err());
+}
+
+/// How many loaded programs are named `port_ingress` (all instances on this machine).
+fn loaded_port_ingress() -> usize {
+    sh(&["bpftool", "prog", "show"])
+        .lines()
+        .filter(|l| l.contains("port_ingress"))
+        .count()
+}
+
+/// Whether the program `id` is still loaded, polled for a while: the kernel frees a replaced
+/// program after an RCU grace period.
+fn program_freed(id: u32) -> bool {
+    for _ in 0..100 {
+        if !ok(&["bpftool", "prog", "show", "id", &id.to_string()]) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn repeated_takeovers_leak_no_programs() {
+    let lab = Lab::new(2);
+    let (a, b) = (lab.vm(0), lab.vm(1));
+    let f = lab.open();
+    f.set_port(a.ifindex, &a.port, &plain(10)).unwrap();
+    f.set_port(b.ifindex, &b.port, &plain(10)).unwrap();
+    drop(f);
+    let mut old = Vec::new();
+    let first = {
+        let f = lab.open();
+        old.push(lab.filter_program_ids(&a.port));
+        drop(f);
+        loaded_port_ingress()
+    };
+    for _ in 0..4 {
+        let f = lab.open();
+        assert!(a.ping(b.ip), "traffic after a takeover");
+        old.push(lab.filter_program_ids(&a.port));
+        drop(f);
+    }
+    let last = old.pop().unwrap();
+    for (ingress, egress) in old {
+        for id in ingress.into_iter().chain(egress) {
+            assert!(
+                program_freed(id),
+                "program {id} of an earlier open is still loaded"
+            );
+        }
+    }
+    assert_eq!(
+        lab.filter_program_ids(&b.port),
+        last,
+        "one program set for all ports"
+    );
+    assert!(
+        loaded_port_ingress() <= first,
+        "port_ingress programs grew from {first} to {}",
+        loaded_port_ingress()
+    );
+}
+
+#[test]
+fn remove_port_keeps_the_qdisc_of_other_filters() {
+    let lab = Lab::new(2);
+    let f = lab.open();
+    let (a, b) = (lab.vm(0), lab.vm(1));
+    f.set_port(a.ifindex, &a.port, &plain(10)).unwrap();
+    f.set_port(b.ifindex, &b.port, &plain(10)).unwrap();
+    sh(&[
+        "tc", "-n", &lab.host, "filter", "add", "dev", &b.port, "ingress", "prio", "7", "protocol",
+        "all", "u32", "match", "u32", "0", "0",
+    ]);
+    f.remove_port(b.ifindex).unwrap();
+    assert_eq!(lab.filter_programs(&b.port), (vec![], vec![]));
+    assert!(
+        lab.has_clsact(&b.port),
+        "the qdisc went with another filter on it"
+    );
+    let rest = sh(&[
+        "tc", "-n", &lab.host, "filter", "show", "dev", &b.port, "ingress",
+    ]);
+    assert!(rest.contains("u32"), "{rest}");
+    // A's port lost both its filters and its qdisc.
+    f.remove_port(a.ifindex).unwrap();
+    assert!(!lab.has_clsact(&a.port));
+    assert!(a.ping(b.ip), "plain bridge again");
+}
+
+#[test]
+fn tcx_links_of_an_earlier_version_are_migrated() {
+    use aya::programs::links::FdLink;
+    use aya::programs::tc::TcAttachOptions;
+    use aya::programs::{LinkOrder, TcAttachType};
+
+    let lab = Lab::new(2);
+    let (a, b) = (lab.vm(0), lab.vm(1));
+    let f = lab.open();
+    f.set_port(a.ifindex, &a.port, &plain(10)).unwrap();
+    f.set_port(b.ifindex, &b.port, &plain(10)).unwrap();
+    drop(f);
+    // What an earlier version left: the same configuration, pinned TCX links, no qdisc.
+    std::fs::create_dir_all(lab.pin_dir.join("links")).unwrap();
+    for vm in [a, b] {
+        sh(&[
+            "tc", "-n", &lab.host, "qdisc", "del", "dev", &vm.port, "clsact",
+        ]);
+        for (prog, t, dir) in [
+            ("port_egress", TcAttachType::Egress, "egress"),
+            ("port_ingress", TcAttachType::Ingress, "ingress"),
+        ] {
+            let (pin_dir, port) = (lab.pin_dir.clone(), vm.port.clone());
+            let link_pin = lab.pin_dir.join(format!("links/{}-{dir}", vm.ifindex));
+            lab.in_host(move || {
+                let mut p = SchedClassifier::from_pin(pin_dir.join(prog)).unwrap();
+                let opts = TcAttachOptions::TcxOrder(LinkOrder::first());
+                let id = p.attach_with_options(&port, t, opts).unwrap();
+                let link = FdLink::try_from(p.take_link(id).unwrap()).unwrap();
+                link.pin(link_pin).unwrap();
+            });
+        }
+    }
+    assert!(a.ping(b.ip), "the TCX links filter");
+    let f = lab.open();
+    assert!(!lab.pin_dir.join("links").exists(), "link pins left");
+    for vm in [a, b] {
+        assert_eq!(
+            lab.filter_programs(&vm.port),
+            (vec!["port_ingress".into()], vec!["port_egress".into()])
+        );
+        let port = vm.port.clone();
+        let tcx = lab.in_host(move || {
+            [TcAttachType::Ingress, TcAttachType::Egress]
+                .map(|t| SchedClassifier::query_tcx(&port, t).unwrap().1.len())
+        });
+        assert_eq!(tcx, [0, 0], "TCX links still attached to {}", vm.port);
+    }
+    assert!(a.ping(b.ip), "traffic after the migration");
+    f.set_port(b.ifindex, &b.port, &plain(20)).unwrap();
+    assert!(!a.ping(b.ip), "B moved to VLAN 20");
 }

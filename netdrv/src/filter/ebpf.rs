@@ -1,10 +1,13 @@
 //! VLAN filtering and port security with eBPF TC programs (`bpf/port_filter.c`), for kernels
 //! without bridge VLAN filtering.
 //!
-//! Two programs per bridge port, attached with TCX links: `port_ingress` (frames from the VM
-//! into the bridge: drop tagged frames, port security, push the port's tag) and `port_egress`
-//! (frames from the bridge to the VM: drop frames of other VLANs, pop the tag). See the C
-//! source for the exact rules.
+//! Two programs per bridge port, attached as direct-action `bpf` filters of the port's `clsact`
+//! qdisc (netlink TC, as `tc filter add dev X ingress prio 1 handle 1 bpf da`): `port_ingress`
+//! (frames from the VM into the bridge: drop tagged frames, port security, push the port's tag)
+//! and `port_egress` (frames from the bridge to the VM: drop frames of other VLANs, pop the
+//! tag). See the C source for the exact rules. Netlink TC rather than TCX links: attaching a
+//! TCX link waits for an RCU grace period under rtnl (~15 ms per port, ~23 ms to detach),
+//! a netlink filter costs well under a millisecond.
 //!
 //! # Maps (one set per [`EbpfFilter`], i.e. per host namespace; keyed by ifindex)
 //! - `port_cfg`: hash, `u32` ifindex -> `struct port_cfg` (VLAN, port security lists), 4096
@@ -15,50 +18,61 @@
 //! ```text
 //! pin_dir/port_cfg, pin_dir/port_counters      the maps
 //! pin_dir/port_ingress, pin_dir/port_egress    the programs
-//! pin_dir/links/<ifindex>-ingress              one TCX link per port and direction
-//! pin_dir/links/<ifindex>-egress
 //! ```
-//! Pinned links stay attached when the [`EbpfFilter`] is dropped or the process is killed:
-//! traffic keeps being filtered with the last configuration.
+//! The filters belong to the devices: they stay when the [`EbpfFilter`] is dropped or the
+//! process is killed, and traffic keeps being filtered with the last configuration. They go
+//! with the device when it is deleted.
+//!
+//! # Filters
+//! Ours are at priority [`tc::PRIO`] (consulted first), handle [`tc::HANDLE`], protocol all, in
+//! both directions, named after the program. Attaching adds the clsact qdisc if needed, then
+//! egress, then ingress. Removing deletes ingress, then egress, then the qdisc unless other
+//! filters remain on it.
 //!
 //! # Takeover
 //! [`EbpfFilter::open`] on a `pin_dir` that holds pins reuses the pinned maps (configuration
-//! and counters survive), loads the programs of this binary, re-pins them, and switches every
-//! pinned link to them atomically (`BPF_LINK_UPDATE`, no moment without a filter). Links of
-//! ports whose device is gone are pruned (see below). Then [`VlanFilter::set_port`] on an
-//! attached port only rewrites its configuration, and [`VlanFilter::ports`] lists the ports
-//! from the map. One `EbpfFilter` at a time may own a `pin_dir`.
+//! and counters survive), loads the programs of this binary, re-pins them, and replaces the
+//! program of every filter of ours on the configured ports (same priority and handle: cls_bpf
+//! swaps the program atomically, no moment without a filter). The old programs are freed once
+//! no filter uses them. Ports whose device is gone are pruned (see below). Then
+//! [`VlanFilter::set_port`] on an attached port only rewrites its configuration, and
+//! [`VlanFilter::ports`] lists the ports from the map. One `EbpfFilter` at a time may own a
+//! `pin_dir`. TCX link pins left by an earlier version (`pin_dir/links/<ifindex>-<dir>`) are
+//! migrated: the port gets its netlink filters, then the links are unpinned (detached).
 //!
-//! # Stale pins
-//! When a port's device is deleted, the kernel detaches its TCX links but the pins keep the
-//! link objects (reporting ifindex 0). [`EbpfFilter::prune`] (also run by `open` and `ports`)
-//! forgets every port with such a link: configuration, counters and link pins. A configured
-//! port with a missing link pin is kept (and listed), so that reconciliation calls `set_port`
-//! (which attaches what is missing) or `remove_port`.
+//! # Stale ports
+//! When a port's device is deleted, the kernel deletes its filters but the map keeps its
+//! configuration and counters. [`EbpfFilter::prune`] (also run by `open` and `ports`) forgets
+//! every configured port whose ifindex no longer exists. A configured port whose device exists
+//! without our filters is kept (and listed), so that reconciliation calls `set_port` (which
+//! attaches) or `remove_port`. (Ifindexes are allocated cyclically, so a deleted port's index is
+//! not reused by a new device in practice.)
 //!
-//! All attaching happens inside the host namespace ([`Netns::run`]); pins live in the global
-//! bpffs (`setns` does not change the mount namespace), mounted at `/sys/fs/bpf` if needed.
+//! All netlink requests go through one socket opened inside the host namespace
+//! ([`Netns::run`]); pins live in the global bpffs (`setns` does not change the mount
+//! namespace), mounted at `/sys/fs/bpf` if needed.
 
 mod layout;
 mod sys;
+mod tc;
 
 pub use layout::eui64_link_local;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
-use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, MultiProgLink, SchedClassifier, TcAttachType};
+use aya::programs::links::{LinkError, PinnedLink};
+use aya::programs::{ProgramFd, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 
 use self::layout::{CfgBytes, CounterWords};
-use self::sys::LinkTarget;
+use self::tc::{Hook, SetMode, TcSocket};
 use super::{FilterKind, PortCounters, PortFilter, VlanFilter};
 use crate::error::{Error, Result};
 use crate::netns::Netns;
@@ -68,6 +82,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/po
 
 const MAP_CFG: &str = "port_cfg";
 const MAP_COUNTERS: &str = "port_counters";
+/// TCX link pins of earlier versions, migrated by [`EbpfFilter::open`].
 const LINKS_DIR: &str = "links";
 
 /// The default parent of the per-instance pin directories.
@@ -85,10 +100,10 @@ impl Dir {
     /// Detach order is the reverse.
     const ATTACH_ORDER: [Dir; 2] = [Dir::Egress, Dir::Ingress];
 
-    fn name(self) -> &'static str {
+    fn index(self) -> usize {
         match self {
-            Dir::Ingress => "ingress",
-            Dir::Egress => "egress",
+            Dir::Ingress => 0,
+            Dir::Egress => 1,
         }
     }
 
@@ -99,10 +114,10 @@ impl Dir {
         }
     }
 
-    fn attach_type(self) -> TcAttachType {
+    fn hook(self) -> Hook {
         match self {
-            Dir::Ingress => TcAttachType::Ingress,
-            Dir::Egress => TcAttachType::Egress,
+            Dir::Ingress => Hook::Ingress,
+            Dir::Egress => Hook::Egress,
         }
     }
 }
@@ -126,12 +141,8 @@ impl Pins {
         self.dir.join(LINKS_DIR)
     }
 
-    fn link(&self, ifindex: u32, d: Dir) -> PathBuf {
-        self.links_dir().join(link_file_name(ifindex, d))
-    }
-
-    /// The link pins present: (ifindex, direction, path). Unknown names are skipped.
-    fn links(&self) -> Result<Vec<(u32, Dir, PathBuf)>> {
+    /// The TCX link pins of an earlier version: (ifindex, path). Unknown names are skipped.
+    fn old_links(&self) -> Result<Vec<(u32, PathBuf)>> {
         let dir = self.links_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -143,7 +154,7 @@ impl Pins {
             let entry = entry.map_err(|e| bpf_err(format!("read {}", dir.display()), &e))?;
             let name = entry.file_name();
             match name.to_str().and_then(parse_link_file_name) {
-                Some((ifindex, d)) => links.push((ifindex, d, entry.path())),
+                Some(ifindex) => links.push((ifindex, entry.path())),
                 None => debug!(file = ?entry.path(), "not a link pin, skipped"),
             }
         }
@@ -152,18 +163,13 @@ impl Pins {
     }
 }
 
-fn link_file_name(ifindex: u32, d: Dir) -> String {
-    format!("{ifindex}-{}", d.name())
-}
-
-fn parse_link_file_name(name: &str) -> Option<(u32, Dir)> {
+/// The ifindex of an old TCX link pin name, `<ifindex>-ingress` or `<ifindex>-egress`.
+fn parse_link_file_name(name: &str) -> Option<u32> {
     let (ifindex, d) = name.split_once('-')?;
-    let d = match d {
-        "ingress" => Dir::Ingress,
-        "egress" => Dir::Egress,
-        _ => return None,
-    };
-    Some((ifindex.parse().ok()?, d))
+    if d != "ingress" && d != "egress" {
+        return None;
+    }
+    ifindex.parse().ok()
 }
 
 /// An error of a BPF step, with the whole source chain as the reason.
@@ -188,28 +194,7 @@ fn is_not_found(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
 }
 
-/// Opens the TCX link pinned at `path`; `Ok(None)` if there is no pin.
-fn open_link(path: &Path) -> Result<Option<SchedClassifierLink>> {
-    let what = || format!("open link pin {}", path.display());
-    let pinned = match PinnedLink::from_pin(path) {
-        Ok(p) => p,
-        Err(LinkError::SyscallError(e)) if is_not_found(&e.io_error) => return Ok(None),
-        Err(e) => return Err(bpf_err(what(), &e)),
-    };
-    let link =
-        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| bpf_err(what(), &e))?;
-    Ok(Some(link))
-}
-
-/// Where `link` is attached.
-fn link_target(link: &SchedClassifierLink, path: &Path) -> Result<LinkTarget> {
-    let what = || format!("inspect link {}", path.display());
-    let fd = MultiProgLink::fd(link).map_err(|e| bpf_err(what(), &e))?;
-    sys::tcx_link_target(fd).map_err(|e| bpf_err(what(), &e))
-}
-
-/// Removes the link pin at `path` and detaches the link at once (our descriptor is the last
-/// reference once the pin is gone, and closing it frees the link synchronously). No pin: Ok.
+/// Removes the (old TCX) link pin at `path`, which detaches the link. No pin: Ok.
 fn unpin_link(path: &Path) -> Result<()> {
     let what = || format!("unpin link {}", path.display());
     match PinnedLink::from_pin(path) {
@@ -219,7 +204,6 @@ fn unpin_link(path: &Path) -> Result<()> {
             Ok(())
         }
         Err(LinkError::SyscallError(e)) if is_not_found(&e.io_error) => Ok(()),
-        // Not a link we can open: remove the file all the same.
         Err(e) => {
             warn!(pin = %path.display(), error = %e, "cannot open link pin, removing it");
             match fs::remove_file(path) {
@@ -229,47 +213,6 @@ fn unpin_link(path: &Path) -> Result<()> {
             }
         }
     }
-}
-
-/// Runs inside the host namespace: attaches the pinned program `prog_pin` to `ifname` in
-/// direction `d`, checks that the device is `ifindex`, and pins the link at `link_pin`.
-fn attach_in_netns(
-    prog_pin: &Path,
-    ifname: &str,
-    d: Dir,
-    ifindex: u32,
-    link_pin: &Path,
-) -> Result<()> {
-    let what = || format!("attach {} to {ifname}", d.program());
-    let mut prog = SchedClassifier::from_pin(prog_pin).map_err(|e| bpf_err(what(), &e))?;
-    // First in the TCX chain: no other program can pass a frame before ours saw it.
-    let id = prog
-        .attach_with_options(
-            ifname,
-            d.attach_type(),
-            TcAttachOptions::TcxOrder(LinkOrder::first()),
-        )
-        .map_err(|e| bpf_err(what(), &e))?;
-    let link = prog.take_link(id).map_err(|e| bpf_err(what(), &e))?;
-    // Dropping `link` before it is pinned detaches it again.
-    match link_target(&link, link_pin)? {
-        LinkTarget::Attached(i) if i == ifindex => {}
-        LinkTarget::Attached(i) => {
-            return Err(Error::Invalid(format!(
-                "port {ifname}: its ifindex is {i}, not {ifindex}"
-            )))
-        }
-        LinkTarget::Detached => {
-            return Err(Error::NotFound(format!(
-                "port {ifname} (ifindex {ifindex})"
-            )))
-        }
-    }
-    let fd_link = FdLink::try_from(link).map_err(|e| bpf_err(what(), &e))?;
-    fd_link
-        .pin(link_pin)
-        .map_err(|e| bpf_err(format!("pin link {}", link_pin.display()), &e))?;
-    Ok(())
 }
 
 fn remove_map_key<M>(
@@ -284,16 +227,72 @@ fn remove_map_key<M>(
     }
 }
 
-/// The maps, behind the filter's lock.
+fn many(mut errors: Vec<Error>) -> Result<()> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(Error::Many(errors)),
+    }
+}
+
+/// The maps, the netlink socket and what is attached, behind the filter's lock.
 struct State {
     cfg: HashMap<MapData, u32, CfgBytes>,
     counters: PerCpuHashMap<MapData, u32, CounterWords>,
+    /// Netlink, in the host namespace.
+    tc: TcSocket,
+    /// The programs of this filter, by [`Dir::index`] (also pinned).
+    progs: [ProgramFd; 2],
+    /// The ports that have our filters with these programs: `set_port` only writes their
+    /// configuration.
+    attached: BTreeSet<u32>,
     /// Set by [`EbpfFilter::remove_all`]: the pins are gone, nothing more can be attached.
     removed: bool,
 }
 
+impl State {
+    /// Puts our filters on port `ifindex` (qdisc, egress, ingress), replacing whatever sits at
+    /// our place.
+    fn attach(&mut self, ifindex: u32) -> io::Result<()> {
+        self.tc.add_clsact(ifindex)?;
+        for d in Dir::ATTACH_ORDER {
+            let fd = self.progs[d.index()].as_fd().as_raw_fd();
+            self.tc
+                .set_filter(ifindex, d.hook(), fd, d.program(), SetMode::Ensure)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes our filters from port `ifindex` (ingress, egress), and its clsact qdisc if no
+    /// other filters are on it. A device that is gone is fine.
+    fn detach(&mut self, ifindex: u32) -> io::Result<()> {
+        self.attached.remove(&ifindex);
+        for d in Dir::ATTACH_ORDER.iter().rev() {
+            match self.tc.del_filter(ifindex, d.hook()) {
+                Ok(_) => {}
+                Err(e) if tc::is_no_device(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.tc.has_other_filters(ifindex)? {
+            self.tc.del_clsact(ifindex)?;
+        }
+        Ok(())
+    }
+
+    fn configured(&self) -> Result<Vec<u32>> {
+        let mut ports = self
+            .cfg
+            .keys()
+            .collect::<Result<Vec<u32>, MapError>>()
+            .map_err(|e| bpf_err("list ports", &e))?;
+        ports.sort_unstable();
+        Ok(ports)
+    }
+}
+
 /// VLAN filtering and port security with the TC programs of `bpf/port_filter.c` (see the
-/// module documentation for maps, pins and takeover).
+/// module documentation for maps, pins, filters and takeover).
 pub struct EbpfFilter {
     netns: Netns,
     pins: Pins,
@@ -310,18 +309,11 @@ impl std::fmt::Debug for EbpfFilter {
 }
 
 impl EbpfFilter {
-    /// Checks that this host can run the filter: a kernel with TCX (6.6 or later) that accepts
-    /// the programs. Loads them without pinning or attaching anything; for the start-up probe
-    /// that chooses the [`VlanFilter`] implementation.
+    /// Checks that this host can run the filter: a kernel that accepts the programs (clsact
+    /// and direct-action `bpf` filters exist since Linux 4.5). Loads them without pinning or
+    /// attaching anything; for the start-up probe that chooses the [`VlanFilter`]
+    /// implementation.
     pub fn probe() -> Result<()> {
-        let kernel =
-            aya::util::KernelVersion::current().map_err(|e| bpf_err("probe kernel version", &e))?;
-        if kernel < aya::util::KernelVersion::new(6, 6, 0) {
-            return Err(Error::Bpf {
-                what: "probe".into(),
-                reason: format!("kernel {kernel:?} has no TCX links (6.6 or later needed)"),
-            });
-        }
         let mut bpf = Ebpf::load(OBJECT).map_err(|e| bpf_err("load port_filter.o", &e))?;
         for d in Dir::ATTACH_ORDER {
             load_program(&mut bpf, d)?;
@@ -331,13 +323,13 @@ impl EbpfFilter {
 
     /// Opens the filter of the host namespace `netns`, with its pins under `pin_dir`: creates
     /// maps and programs, or takes over what an earlier `EbpfFilter` (of this or another
-    /// process) pinned there. Mounts bpffs at /sys/fs/bpf if it is not mounted.
+    /// process) pinned there and attached. Mounts bpffs at /sys/fs/bpf if it is not mounted.
     pub fn open(netns: &Netns, pin_dir: &Path) -> Result<EbpfFilter> {
         sys::ensure_bpffs()?;
         let pins = Pins {
             dir: pin_dir.to_owned(),
         };
-        fs::create_dir_all(pins.links_dir())
+        fs::create_dir_all(&pins.dir)
             .map_err(|e| bpf_err(format!("create pin dir {}", pin_dir.display()), &e))?;
 
         let mut bpf = EbpfLoader::new()
@@ -365,7 +357,8 @@ impl EbpfFilter {
         let counters = PerCpuHashMap::try_from(take(&mut bpf, MAP_COUNTERS)?)
             .map_err(|e| layout_err(MAP_COUNTERS, &e))?;
 
-        for d in Dir::ATTACH_ORDER {
+        let mut progs = Vec::new();
+        for d in [Dir::Ingress, Dir::Egress] {
             let prog = load_program(&mut bpf, d)?;
             // Pin beside (bpffs names may not contain dots), then rename over the old pin: the
             // program pin is never missing.
@@ -375,57 +368,100 @@ impl EbpfFilter {
             let _ = fs::remove_file(&tmp);
             prog.pin(&tmp).map_err(|e| bpf_err(what(), &e))?;
             fs::rename(&tmp, &pin).map_err(|e| bpf_err(what(), &e))?;
+            let fd = prog
+                .fd()
+                .map_err(|e| bpf_err(what(), &e))?
+                .try_clone()
+                .map_err(|e| bpf_err(what(), &e))?;
+            progs.push(fd);
         }
+        let progs: [ProgramFd; 2] = progs.try_into().expect("two programs");
 
+        let tc = netns
+            .run(TcSocket::open)?
+            .map_err(|e| bpf_err("open netlink in the host namespace", &e))?;
         let filter = EbpfFilter {
             netns: netns.clone(),
             pins,
             state: Mutex::new(State {
                 cfg,
                 counters,
+                tc,
+                progs,
+                attached: BTreeSet::new(),
                 removed: false,
             }),
         };
-        let (adopted, stale) = filter.adopt_links(&mut bpf)?;
         let mut st = filter.lock()?;
-        for ifindex in &stale {
-            filter.forget(&mut st, *ifindex)?;
-        }
+        let stale = filter.prune_locked(&mut st)?;
+        let adopted = filter.adopt(&mut st)?;
         drop(st);
         info!(
             pin_dir = %filter.pins.dir.display(),
-            links = adopted,
+            ports = adopted,
             pruned = ?stale,
             "eBPF port filter open"
         );
         Ok(filter)
     }
 
-    /// Switches every live pinned link to the programs just loaded in `bpf`. Returns how many
-    /// links were switched and the ports with a link whose device is gone.
-    fn adopt_links(&self, bpf: &mut Ebpf) -> Result<(usize, BTreeSet<u32>)> {
-        let mut adopted = 0;
-        let mut stale = BTreeSet::new();
-        for (ifindex, d, path) in self.pins.links()? {
-            let Some(link) = open_link(&path)? else {
-                continue;
-            };
-            match link_target(&link, &path)? {
-                LinkTarget::Attached(i) if i == ifindex => {
-                    let what = || format!("update link {}", path.display());
-                    let prog = program_mut(bpf, d)?;
-                    let id = prog.attach_to_link(link).map_err(|e| bpf_err(what(), &e))?;
-                    // Closes our descriptor; the pin keeps the link attached.
-                    drop(prog.take_link(id).map_err(|e| bpf_err(what(), &e))?);
-                    adopted += 1;
-                }
-                target => {
-                    debug!(pin = %path.display(), ?target, "stale link");
-                    stale.insert(ifindex);
+    /// Switches the filters of ours on the configured ports to the programs of this filter
+    /// (replace: no moment without a filter), and migrates old TCX link pins. Returns how many
+    /// ports were taken over.
+    fn adopt(&self, st: &mut State) -> Result<usize> {
+        let old_links = self.pins.old_links()?;
+        for port in st.configured()? {
+            let what = || format!("take over port {port}");
+            let mut found = false;
+            for d in Dir::ATTACH_ORDER {
+                let current = st
+                    .tc
+                    .get_filter(port, d.hook())
+                    .map_err(|e| bpf_err(what(), &e))?;
+                match current {
+                    Some(f) if f.name == d.program() => {
+                        let fd = st.progs[d.index()].as_fd().as_raw_fd();
+                        st.tc
+                            .set_filter(port, d.hook(), fd, d.program(), SetMode::Replace)
+                            .map_err(|e| bpf_err(what(), &e))?;
+                        found = true;
+                    }
+                    Some(f) => {
+                        warn!(port, filter = %f.name, "a foreign filter sits at our place")
+                    }
+                    None => {}
                 }
             }
+            // TCX links of an earlier version run before netlink filters: the frames of this
+            // port are dropped (tagged twice, or untagged) from the attach to the unpin.
+            let links: Vec<&PathBuf> = old_links
+                .iter()
+                .filter(|(i, _)| *i == port)
+                .map(|(_, path)| path)
+                .collect();
+            if !links.is_empty() {
+                st.attach(port).map_err(|e| bpf_err(what(), &e))?;
+                for path in links {
+                    unpin_link(path)?;
+                }
+                found = true;
+            }
+            if found {
+                st.attached.insert(port);
+            } else {
+                debug!(port, "configured port without our filters");
+            }
         }
-        Ok((adopted, stale))
+        // The remaining old links are of gone or unconfigured ports.
+        for (_, path) in &old_links {
+            unpin_link(path)?;
+        }
+        match fs::remove_dir(self.pins.links_dir()) {
+            Ok(()) => info!("migrated TCX link pins to netlink filters"),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => warn!(error = %e, "cannot remove the old links directory"),
+        }
+        Ok(st.attached.len())
     }
 
     /// The pin directory.
@@ -443,33 +479,30 @@ impl EbpfFilter {
         }
     }
 
-    /// Forgets every port with a pinned link whose device is gone (the kernel detached the
-    /// link when the device was deleted): its configuration, counters and link pins. Returns
-    /// the ifindexes forgotten. Also run by [`EbpfFilter::open`] and [`VlanFilter::ports`].
+    /// Forgets every configured port whose device is gone (the kernel deleted its filters with
+    /// it): its configuration and counters. Returns the ifindexes forgotten. Also run by
+    /// [`EbpfFilter::open`] and [`VlanFilter::ports`].
     pub fn prune(&self) -> Result<Vec<u32>> {
         let mut st = self.lock()?;
         self.prune_locked(&mut st)
     }
 
     fn prune_locked(&self, st: &mut State) -> Result<Vec<u32>> {
-        let mut stale = BTreeSet::new();
-        for (ifindex, _, path) in self.pins.links()? {
-            if stale.contains(&ifindex) {
-                continue;
-            }
-            let target = match open_link(&path)? {
-                Some(link) => link_target(&link, &path)?,
-                None => continue,
-            };
-            if target != LinkTarget::Attached(ifindex) {
-                stale.insert(ifindex);
-            }
-        }
+        let present = st
+            .tc
+            .link_indexes()
+            .map_err(|e| bpf_err("list devices", &e))?;
+        st.attached.retain(|i| present.contains(i));
+        let stale: Vec<u32> = st
+            .configured()?
+            .into_iter()
+            .filter(|i| !present.contains(i))
+            .collect();
         for ifindex in &stale {
             info!(port = ifindex, "device gone, forgetting port");
             self.forget(st, *ifindex)?;
         }
-        Ok(stale.into_iter().collect())
+        Ok(stale)
     }
 
     /// Detaches every port, removes all pins and the pin directory. The filter is unusable
@@ -479,16 +512,25 @@ impl EbpfFilter {
         let mut st = self.lock_any()?;
         st.removed = true;
         let mut errors = Vec::new();
-        let mut links = self.pins.links().unwrap_or_else(|e| {
-            errors.push(e);
-            Vec::new()
-        });
-        // Ingress before egress on each port (see Dir::ATTACH_ORDER).
-        links.sort_by_key(|(ifindex, d, _)| (*ifindex, *d));
-        for (_, _, path) in links {
-            if let Err(e) = unpin_link(&path) {
-                errors.push(e);
+        let mut ports: BTreeSet<u32> = st.attached.clone();
+        match st.configured() {
+            Ok(c) => ports.extend(c),
+            Err(e) => errors.push(e),
+        }
+        for port in ports {
+            if let Err(e) = st.detach(port) {
+                errors.push(bpf_err(format!("detach port {port}"), &e));
             }
+        }
+        match self.pins.old_links() {
+            Ok(links) => {
+                for (_, path) in links {
+                    if let Err(e) = unpin_link(&path) {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
         }
         match fs::remove_dir_all(&self.pins.dir) {
             Ok(()) => {}
@@ -499,20 +541,14 @@ impl EbpfFilter {
             )),
         }
         info!(pin_dir = %self.pins.dir.display(), "eBPF port filter removed");
-        match errors.len() {
-            0 => Ok(()),
-            1 => Err(errors.remove(0)),
-            _ => Err(Error::Many(errors)),
-        }
+        many(errors)
     }
 
-    /// Detaches port `ifindex` (ingress first) and deletes its configuration and counters.
+    /// Detaches port `ifindex` and deletes its configuration and counters.
     fn forget(&self, st: &mut State, ifindex: u32) -> Result<()> {
         let mut errors = Vec::new();
-        for d in Dir::ATTACH_ORDER.iter().rev() {
-            if let Err(e) = unpin_link(&self.pins.link(ifindex, *d)) {
-                errors.push(e);
-            }
+        if let Err(e) = st.detach(ifindex) {
+            errors.push(bpf_err(format!("detach port {ifindex}"), &e));
         }
         if let Err(e) = remove_map_key(&mut st.cfg, ifindex, HashMap::remove) {
             errors.push(bpf_err(format!("delete config of port {ifindex}"), &e));
@@ -520,34 +556,28 @@ impl EbpfFilter {
         if let Err(e) = remove_map_key(&mut st.counters, ifindex, PerCpuHashMap::remove) {
             errors.push(bpf_err(format!("delete counters of port {ifindex}"), &e));
         }
-        match errors.len() {
-            0 => Ok(()),
-            1 => Err(errors.remove(0)),
-            _ => Err(Error::Many(errors)),
-        }
+        many(errors)
     }
 
-    /// Attaches what is missing of port `ifindex` (`ifname`): a pinned, live link per
-    /// direction. A pinned link of a gone device with the same ifindex is replaced.
-    fn attach(&self, ifindex: u32, ifname: &str) -> Result<()> {
-        for d in Dir::ATTACH_ORDER {
-            let link_pin = self.pins.link(ifindex, d);
-            if let Some(link) = open_link(&link_pin)? {
-                match link_target(&link, &link_pin)? {
-                    LinkTarget::Attached(i) if i == ifindex => continue,
-                    target => {
-                        debug!(pin = %link_pin.display(), ?target, "replacing stale link");
-                        drop(link);
-                        unpin_link(&link_pin)?;
-                    }
-                }
+    /// Attaches our filters to port `ifindex`, after checking that it is the device `ifname`.
+    fn attach(&self, st: &mut State, ifindex: u32, ifname: &str) -> Result<()> {
+        let what = || format!("attach to port {ifname} (ifindex {ifindex})");
+        match st.tc.link_name(ifindex).map_err(|e| bpf_err(what(), &e))? {
+            Some(name) if name == ifname => {}
+            Some(name) => {
+                return Err(Error::Invalid(format!(
+                    "port {ifname}: ifindex {ifindex} is {name}"
+                )))
             }
-            let prog_pin = self.pins.program(d);
-            let name = ifname.to_owned();
-            self.netns
-                .run(move || attach_in_netns(&prog_pin, &name, d, ifindex, &link_pin))??;
-            debug!(port = ifindex, ifname, dir = d.name(), "attached");
+            None => {
+                return Err(Error::NotFound(format!(
+                    "port {ifname} (ifindex {ifindex})"
+                )))
+            }
         }
+        st.attach(ifindex).map_err(|e| bpf_err(what(), &e))?;
+        st.attached.insert(ifindex);
+        debug!(port = ifindex, ifname, "attached");
         Ok(())
     }
 
@@ -619,13 +649,15 @@ impl VlanFilter for EbpfFilter {
                 .insert(ifindex, value, 0)
                 .map_err(|e| bpf_err(format!("write config of port {ifname}"), &e))?;
         }
-        if let Err(e) = self.attach(ifindex, ifname) {
-            if old.is_none() {
-                if let Err(undo) = self.forget(&mut st, ifindex) {
-                    warn!(port = ifindex, error = %undo, "undoing a failed set_port");
+        if !st.attached.contains(&ifindex) {
+            if let Err(e) = self.attach(&mut st, ifindex, ifname) {
+                if old.is_none() {
+                    if let Err(undo) = self.forget(&mut st, ifindex) {
+                        warn!(port = ifindex, error = %undo, "undoing a failed set_port");
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
         }
         if changed {
             info!(
@@ -661,13 +693,7 @@ impl VlanFilter for EbpfFilter {
     fn ports(&self) -> Result<Vec<u32>> {
         let mut st = self.lock()?;
         self.prune_locked(&mut st)?;
-        let mut ports = st
-            .cfg
-            .keys()
-            .collect::<Result<Vec<u32>, MapError>>()
-            .map_err(|e| bpf_err("list ports", &e))?;
-        ports.sort_unstable();
-        Ok(ports)
+        st.configured()
     }
 }
 
@@ -676,10 +702,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_file_names_round_trip() {
-        for d in [Dir::Ingress, Dir::Egress] {
-            assert_eq!(parse_link_file_name(&link_file_name(17, d)), Some((17, d)));
-        }
+    fn old_link_file_names_give_the_ifindex() {
+        assert_eq!(parse_link_file_name("17-ingress"), Some(17));
+        assert_eq!(parse_link_file_name("17-egress"), Some(17));
         assert_eq!(parse_link_file_name("17-sideways"), None);
         assert_eq!(parse_link_file_name("port_ingress_new"), None);
     }

@@ -60,7 +60,7 @@ pub enum FilterKind {
 
 /// Chooses the implementation for this kernel. Bridges here never get kernel VLAN filtering
 /// (this platform's kernel lacks it, and the eBPF path needs no bridge support at all), so the
-/// probe checks that the eBPF programs load and TCX links exist (kernel 6.6 or later).
+/// probe checks that the eBPF programs load.
 pub fn probe() -> Result<FilterKind> {
     ebpf::EbpfFilter::probe()?;
     Ok(FilterKind::Ebpf)
