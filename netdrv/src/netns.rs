@@ -79,3 +79,89 @@ impl Netns {
         &self.file
     }
 }
+
+/// Named namespaces under /run/netns, made and removed as iproute2 does (`ip netns add/del`):
+/// a file bind-mounted from a new namespace.
+impl Netns {
+    /// Creates `/run/netns/NAME` with a new network namespace, or opens it if it exists.
+    pub fn create_named(name: &str) -> Result<Netns> {
+        let dir = Path::new("/run/netns");
+        let path = dir.join(name);
+        if path.exists() {
+            if let Ok(ns) = Netns::open(&path) {
+                if ns.is_namespace() {
+                    return Ok(ns);
+                }
+            }
+        }
+        let err = |reason: String| Error::Netns {
+            path: path.display().to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        std::fs::File::create(&path).map_err(|e| err(e.to_string()))?;
+        let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        let made = std::thread::spawn(move || -> std::io::Result<()> {
+            // SAFETY: unshare(2) gives only this thread a new network namespace; the thread ends
+            // right after.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let source = c"/proc/thread-self/ns/net";
+            // SAFETY: mount(2) with valid NUL-terminated paths that live across the call; a
+            // bind mount of this thread's namespace file keeps the namespace alive.
+            let rc = unsafe {
+                libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+        .join()
+        .expect("netns thread panicked");
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            return Err(err(e.to_string()));
+        }
+        Netns::open(&path)
+    }
+
+    /// Removes `/run/netns/NAME` (the namespace goes once nothing uses it). Idempotent.
+    pub fn delete_named(name: &str) -> Result<()> {
+        let path = Path::new("/run/netns").join(name);
+        if !path.exists() {
+            return Ok(());
+        }
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
+            Error::Netns {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        // SAFETY: umount2(2) on a NUL-terminated path that lives across the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        std::fs::remove_file(&path).map_err(|e| Error::Netns {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Whether the file is a network namespace (and not, say, an empty mount point left over).
+    fn is_namespace(&self) -> bool {
+        let own = match std::fs::metadata("/proc/self/ns/net") {
+            Ok(m) => m,
+            Err(_) => return false,
+        };
+        use std::os::unix::fs::MetadataExt;
+        // nsfs files share the device of /proc/self/ns/net.
+        self.file.metadata().is_ok_and(|m| m.dev() == own.dev())
+    }
+}

@@ -185,6 +185,8 @@ pub struct Daemon {
     pub opts: DaemonOpts,
     /// Where this daemon pins its eBPF objects.
     pub bpf_dir: PathBuf,
+    /// The daemon's instance id (it names the service namespaces it makes).
+    pub instance_id: String,
     child: Option<Child>,
     /// Domains any test defined through this daemon, destroyed and undefined on drop.
     pub cleanup: std::sync::Mutex<Vec<String>>,
@@ -212,10 +214,12 @@ impl Daemon {
             bus_name: "org.vpcd.Host1".into(),
             opts,
             bpf_dir: bpf_dir(),
+            instance_id: String::new(),
             child: None,
             cleanup: Default::default(),
         };
         d.spawn().await.expect("vpcd did not come up");
+        d.instance_id = d.host().await.instance_id().await.unwrap();
         d
     }
 
@@ -453,6 +457,18 @@ impl Drop for Daemon {
         }
         // Pinned eBPF links and maps: unpinning detaches the programs.
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
+        // Service (DHCP) namespaces this daemon made: `<prefix>-dhcp-<tenant>-<id8>`.
+        if self.instance_id.len() >= 8 {
+            let tail = format!("-{}", &self.instance_id[..8]);
+            if let Ok(entries) = std::fs::read_dir("/run/netns") {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.contains("-dhcp-") && name.ends_with(&tail) {
+                        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+                    }
+                }
+            }
+        }
         // QEMUs of the QMP backend that a failed test left behind.
         let marker = self.state.path().to_string_lossy().into_owned();
         if let Ok(procs) = std::fs::read_dir("/proc") {

@@ -74,10 +74,8 @@ async fn guest_vm_and_namespace_vm_on_two_hosts_ping_across_vxlan_and_stay_isola
     let mac = mac[0]["mac"].as_str().unwrap().to_string();
     let mut shell = d1.guest_shell(&vm).await;
     assert_eq!(shell.ok("cat /sys/class/net/eth0/address").trim(), mac);
-    assert_eq!(shell.ok("cat /sys/class/net/eth0/mtu").trim(), "1500");
-    shell.ok(
-        "ip link set eth0 mtu 1450 && ip addr add 10.10.1.10/24 dev eth0 && ip link set eth0 up",
-    );
+    // The guest's init runs udhcpc: host 1 serves the subnet (no router) from its IPAM.
+    d1.wait_console(&vm, "VPCD-DHCP eth0 10.10.1.10/24", 1);
 
     // A namespace VM on host 2 in a/web, one in a/db (port security off and an address in
     // web's range, so only the VLAN/VNI separation stands between it and web), and tenant b's
@@ -97,7 +95,7 @@ async fn guest_vm_and_namespace_vm_on_two_hosts_ping_across_vxlan_and_stay_isola
 
     // The namespace end has the port MTU: full-size frames cross the VxLAN, DF set.
     assert_eq!(web2.ok(&["cat", "/sys/class/net/eth0/mtu"]).trim(), "1450");
-    shell.ok("ip link set eth0 mtu 1450");
+    assert_eq!(shell.ok("cat /sys/class/net/eth0/mtu").trim(), "1450");
     let big = web2.run(&[
         "ping",
         "-c",
@@ -585,9 +583,10 @@ async fn libvirt_vm_nic_is_a_tap_on_the_tenant_bridge_with_the_port_mac() {
     ]);
     let mut shell = d.guest_shell(&vm).await;
     assert_eq!(shell.ok("cat /sys/class/net/eth0/address").trim(), mac);
-    shell.ok(&format!(
-        "ip addr add {ip}/24 dev eth0 && ip link set eth0 up"
-    ));
+    // Addressed by DHCP from vpcd's service namespace (libvirt path).
+    drop(shell);
+    d.wait_console(&vm, &format!("VPCD-DHCP eth0 {ip}/24"), 1);
+    let mut shell = d.guest_shell(&vm).await;
     let (out, rc) = shell.run("ping -c 3 -W 2 10.77.0.50");
     assert_eq!(rc, 0, "guest -> namespace port: {out}");
     drop(shell);
@@ -711,4 +710,36 @@ async fn a_port_whose_namespace_is_gone_does_not_block_other_changes() {
     let third = ns_port(&d, "g3", "a", "web", "10.10.1.92", true);
     assert!(third.pings("10.10.1.91"));
     drop(stays);
+}
+
+/// Without a router, a subnet with ports still gets DHCP: the guest's own udhcpc (run by its
+/// init at boot) gets the IPAM address and the MTU option, and the gateway address answers.
+#[tokio::test]
+async fn guest_gets_its_ipam_address_and_mtu_by_dhcp_without_a_router() {
+    let lab = Underlay::new();
+    let d = host_daemon(&lab, 1).await;
+    tenants(&d);
+    let vm = unique("dhcpvm");
+    let nic = "[[nics]]\nnetwork = \"a\"\nsubnet = \"web\"\n";
+    d.create(&format!("{}{nic}", kernel_spec(&vm, "")), "qmp");
+    d.wait_console(&vm, BOOT_MARKER, 1);
+    let nics: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "domiflist", &vm])).unwrap();
+    let ip = nics[0]["ip"].as_str().unwrap().to_string();
+    d.wait_console(&vm, &format!("VPCD-DHCP eth0 {ip}/24"), 1);
+    let mut shell = d.guest_shell(&vm).await;
+    assert_eq!(shell.ok("cat /sys/class/net/eth0/mtu").trim(), "1450");
+    let (out, rc) = shell.run("ping -c 2 -W 2 10.10.1.1");
+    assert_eq!(rc, 0, "gateway (DHCP leg) does not answer: {out}");
+    drop(shell);
+    // The service namespace goes with the last port of the tenant.
+    d.vpcctl_ok(&["destroy", &vm]);
+    d.vpcctl_ok(&["undefine", &vm]);
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-dhcp-") && n.ends_with(&d.instance_id[..8]))
+        .collect();
+    assert!(left.is_empty(), "service namespaces left: {left:?}");
 }

@@ -3,6 +3,7 @@
 //! reconciliation of the host (plan + apply); if applying fails, the previous state is restored
 //! in the store and on the host, so nothing is half-created.
 
+mod dhcp;
 pub mod state;
 
 use std::net::Ipv4Addr;
@@ -36,6 +37,7 @@ pub struct NetManager {
     store: Arc<Store>,
     host: NetHost,
     cfg: NetConfig,
+    dhcp: dhcp::DhcpAgent,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -52,6 +54,7 @@ impl NetManager {
             store,
             host,
             cfg,
+            dhcp: dhcp::DhcpAgent::default(),
             lock: tokio::sync::Mutex::new(()),
         };
         m.reconcile().await?;
@@ -77,19 +80,33 @@ impl NetManager {
             }
             _ => true,
         });
-        st.desired(
+        let mut host = st.desired(
             &self.cfg.prefix,
             &self.cfg.owner,
             self.cfg.underlay,
             &self.cfg.peers,
-        )
+        );
+        dhcp::add_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner);
+        host
+    }
+
+    /// Makes the host match `st`: service namespaces, links and filters, DHCP servers.
+    async fn realize(&self, st: &NetState) -> Result<Vec<netdrv::plan::Op>> {
+        let (prefix, owner) = (&self.cfg.prefix, &self.cfg.owner);
+        self.dhcp.prepare(st, prefix, owner)?;
+        let desired = self.desired(st);
+        let ops = self.host.apply(&desired).await?;
+        self.dhcp
+            .sync(st, prefix, owner, desired.port_mtu())
+            .await?;
+        Ok(ops)
     }
 
     /// Applies the stored state to the host.
     pub async fn reconcile(&self) -> Result<()> {
         let _g = self.lock.lock().await;
         let st = self.state()?;
-        let ops = self.host.apply(&self.desired(&st)).await?;
+        let ops = self.realize(&st).await?;
         let changes = ops
             .iter()
             .filter(|o| !matches!(o, netdrv::plan::Op::SetFilter { .. }))
@@ -107,13 +124,13 @@ impl NetManager {
         let mut st = before.clone();
         let out = f(&mut st)?;
         self.store.put_doc(DOC, &st)?;
-        if let Err(e) = self.host.apply(&self.desired(&st)).await {
+        if let Err(e) = self.realize(&st).await {
             tracing::warn!("applying a network change failed, rolling back: {e}");
             self.store.put_doc(DOC, &before)?;
-            if let Err(e2) = self.host.apply(&self.desired(&before)).await {
+            if let Err(e2) = self.realize(&before).await {
                 tracing::warn!("rolling back the network change: {e2}");
             }
-            return Err(e.into());
+            return Err(e);
         }
         Ok(out)
     }
