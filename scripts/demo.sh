@@ -69,8 +69,9 @@ log "console (serial0, written to $(vpcctl dominfo --json "$VM" | sed -n 's/.*"c
 log_file=/var/lib/vpcd/vms/$VM/console.log
 for _ in $(seq 1 300); do grep -q VPCD-GUEST-BOOTED "$log_file" 2>/dev/null && break; sleep 0.1; done
 cat "$log_file"
-log "commands inside the guest, through vpcctl console --devname serial1"
-printf 'uname -a; ip link set eth0 up; ip addr add 10.99.0.10/24 dev eth0; ip addr show eth0; ping -c 3 10.99.0.20\n' \
+log "the guest got 10.99.0.10 by DHCP (vpcd's service namespace); commands inside it, through vpcctl console --devname serial1"
+grep VPCD-DHCP "$log_file" || { sleep 2; grep VPCD-DHCP "$log_file"; } || true
+printf 'uname -a; ip addr show eth0; ip route; ping -c 3 10.99.0.20; ping -c 1 10.99.0.1\n' \
     | vpcctl console "$VM" --devname serial1
 run vpcctl port-list
 run vpcctl shutdown "$VM"
