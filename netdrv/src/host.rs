@@ -11,6 +11,17 @@ use crate::names;
 use crate::netns::Netns;
 use crate::plan::{self, Observed, Op};
 
+/// The link group a vpcd instance uses for bulk deletion: from its id, away from 0 (default)
+/// and from the small numbers people assign by hand.
+fn delete_group(owner: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in owner.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    0x4000_0000 | (h & 0x3fff_ffff)
+}
+
 /// The tenant networks of the host whose network namespace is `netns`.
 #[derive(Debug, Clone)]
 pub struct NetHost {
@@ -57,7 +68,24 @@ impl NetHost {
         let ops = plan::plan(desired, &observed)?;
         let alias = names::alias(&desired.owner);
         let mut errors = Vec::new();
+        // Deletions come first in a plan; they go in one request when that is safe.
+        let deletes: Vec<&str> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Delete { name } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let bulk = deletes.len() > 1
+            && self
+                .delete_in_bulk(&deletes, &observed, &desired.owner)
+                .await
+                .inspect_err(|e| tracing::warn!("bulk delete failed, deleting one by one: {e}"))
+                .is_ok();
         for op in &ops {
+            if bulk && matches!(op, Op::Delete { .. }) {
+                continue;
+            }
             tracing::debug!(?op, "netdrv step");
             if let Err(e) = self.run(op, &alias).await {
                 tracing::warn!(?op, "netdrv step failed: {e}");
@@ -69,6 +97,29 @@ impl NetHost {
             1 => Err(errors.pop().expect("one error")),
             _ => Err(Error::Many(errors)),
         }
+    }
+
+    /// Puts the links to delete in a link group of this vpcd instance and deletes the group
+    /// with one request. Refused (and done one by one by the caller) if any other link is in
+    /// that group, so nothing vpcd does not own can go with it.
+    async fn delete_in_bulk(&self, names: &[&str], observed: &Observed, owner: &str) -> Result<()> {
+        let group = delete_group(owner);
+        if let Some(l) = observed
+            .links
+            .iter()
+            .find(|l| l.group == group && !names.contains(&l.name.as_str()))
+        {
+            return Err(Error::InUse(format!("link group {group} (by {})", l.name)));
+        }
+        for name in names {
+            self.nl.set_group(name, group).await?;
+        }
+        self.nl.delete_group(group).await?;
+        // Deleting a veth also removes its peer; whatever is left is deleted one by one.
+        for name in names {
+            self.nl.delete(name).await?;
+        }
+        Ok(())
     }
 
     async fn run(&self, op: &Op, alias: &str) -> Result<()> {
@@ -138,5 +189,22 @@ impl NetHost {
             .await?
             .ok_or_else(|| Error::NotFound(format!("link {name}")))?;
         self.filter.counters(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn delete_groups_are_per_owner_and_away_from_hand_picked_numbers() {
+        let a = super::delete_group("f99e55e9-5a79-4ddc-8396-7d86962d66f5");
+        let b = super::delete_group("c1d89580-f938-4797-a80e-dc1a2413994a");
+        assert_ne!(a, b);
+        for g in [a, b] {
+            assert!((0x4000_0000..0x8000_0000).contains(&g), "{g:#x}");
+        }
+        assert_eq!(
+            a,
+            super::delete_group("f99e55e9-5a79-4ddc-8396-7d86962d66f5")
+        );
     }
 }

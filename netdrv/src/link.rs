@@ -225,6 +225,25 @@ impl Netlink {
         self.set("move", name, |b| b.setns_by_fd(fd)).await
     }
 
+    pub async fn set_group(&self, name: &str, group: u32) -> Result<()> {
+        self.set("set group", name, |b| {
+            b.append_extra_attribute(LinkAttribute::Group(group))
+        })
+        .await
+    }
+
+    /// Deletes every link of `group` in one request: the kernel unregisters them together,
+    /// paying the per-device synchronisation once instead of once a link.
+    pub async fn delete_group(&self, group: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::Group(group));
+        match self.handle.link().del_with_message(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(nl_err("delete group", group.to_string())(e)),
+        }
+    }
+
     /// Deletes a link; a link that is already gone is fine.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let Some(index) = self.index_of(name).await? else {
@@ -403,6 +422,7 @@ fn observe(m: &LinkMessage) -> ObservedLink {
                 l.mac = Some(crate::ipam::Mac(m));
             }
             LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
+            LinkAttribute::Group(g) => l.group = *g,
             LinkAttribute::Controller(c) => l.master = Some(*c),
             LinkAttribute::IfAlias(a) if !a.is_empty() => l.alias = Some(a.clone()),
             LinkAttribute::LinkInfo(infos) => {

@@ -32,6 +32,8 @@ pub struct ObservedLink {
     pub vxlan: Option<(u32, Option<Ipv4Addr>, bool)>,
     /// The link's MAC, for Ethernet links.
     pub mac: Option<Mac>,
+    /// The link group (IFLA_GROUP); 0 is the default group.
+    pub group: u32,
 }
 
 /// What the kernel and the filter have now.
@@ -487,6 +489,7 @@ mod tests {
             alias: Some(names::alias(OWNER)),
             vxlan: (kind == "vxlan").then_some((100, Some(Ipv4Addr::new(192, 0, 2, 1)), false)),
             mac: None,
+            group: 0,
         }
     }
 
