@@ -82,12 +82,40 @@ impl NetHost {
                 .await
                 .inspect_err(|e| tracing::warn!("bulk delete failed, deleting one by one: {e}"))
                 .is_ok();
+        // A new tap is made and configured (MTU, master, alias, up) with one request after the
+        // ioctl, instead of one request per step.
+        let masters: std::collections::HashMap<&str, &str> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::SetMaster { name, master } => Some((name.as_str(), master.as_str())),
+                _ => None,
+            })
+            .collect();
+        let mut configured: std::collections::HashSet<&str> = Default::default();
         for op in &ops {
             if bulk && matches!(op, Op::Delete { .. }) {
                 continue;
             }
             tracing::debug!(?op, "netdrv step");
-            if let Err(e) = self.run(op, &alias).await {
+            let result = match op {
+                Op::CreateTap { name, mtu } if masters.contains_key(name.as_str()) => {
+                    let r = self
+                        .nl
+                        .create_tap_attached(name, *mtu, masters[name.as_str()], &alias)
+                        .await;
+                    if r.is_ok() {
+                        configured.insert(name);
+                    }
+                    r
+                }
+                Op::SetMaster { name, .. } | Op::SetUp { name }
+                    if configured.contains(name.as_str()) =>
+                {
+                    continue;
+                }
+                _ => self.run(op, &alias).await,
+            };
+            if let Err(e) = result {
                 tracing::warn!(?op, "netdrv step failed: {e}");
                 errors.push(e);
             }

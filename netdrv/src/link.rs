@@ -171,6 +171,28 @@ impl Netlink {
         self.set_mtu(name, mtu).await
     }
 
+    /// Creates a persistent tap and, in one request, sets its MTU, master, alias and up.
+    pub async fn create_tap_attached(
+        &self,
+        name: &str,
+        mtu: u32,
+        master: &str,
+        alias: &str,
+    ) -> Result<()> {
+        let n = name.to_string();
+        self.netns
+            .run(move || crate::tap::create_persistent(&n))??;
+        let m = self.index(master).await?;
+        let a = alias.to_string();
+        self.set("configure tap", name, |b| {
+            b.mtu(mtu)
+                .controller(m)
+                .append_extra_attribute(LinkAttribute::IfAlias(a))
+                .up()
+        })
+        .await
+    }
+
     async fn set(
         &self,
         op: &'static str,
