@@ -327,50 +327,46 @@ impl Netlink {
         Ok(())
     }
 
-    /// `bridge fdb append 00:00:00:00:00:00 dev DEV dst PEER`: head-end replication to `peer`.
-    pub async fn add_flood(&self, dev: &str, peer: Ipv4Addr) -> Result<()> {
+    /// Adds (`add`) or removes an FDB entry of the VxLAN device `dev`: `mac` behind the VTEP
+    /// `dst`. The all-zero MAC is a flood entry, appended beside the other peers' (`bridge fdb
+    /// append`); a unicast MAC replaces an entry for it (`bridge fdb replace`).
+    async fn fdb_entry(&self, add: bool, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
         let index = self.index(dev).await?;
-        let msg = RouteNetlinkMessage::NewNeighbour(Self::fdb_message(index, [0; 6], peer));
-        self.request(
-            format!("flood {dev} -> {peer}"),
-            msg,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
-        )
-        .await
+        let entry = Self::fdb_message(index, mac, dst);
+        let (msg, flags) = match (add, mac == [0; 6]) {
+            (true, true) => (
+                RouteNetlinkMessage::NewNeighbour(entry),
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
+            ),
+            (true, false) => (
+                RouteNetlinkMessage::NewNeighbour(entry),
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            ),
+            (false, _) => (
+                RouteNetlinkMessage::DelNeighbour(entry),
+                NLM_F_REQUEST | NLM_F_ACK,
+            ),
+        };
+        self.request(format!("fdb {dev} {mac:02x?} -> {dst}"), msg, flags)
+            .await
+    }
+
+    /// Head-end replication of `dev`'s VNI to `peer`.
+    pub async fn add_flood(&self, dev: &str, peer: Ipv4Addr) -> Result<()> {
+        self.fdb_entry(true, dev, [0; 6], peer).await
     }
 
     pub async fn del_flood(&self, dev: &str, peer: Ipv4Addr) -> Result<()> {
-        let index = self.index(dev).await?;
-        let msg = RouteNetlinkMessage::DelNeighbour(Self::fdb_message(index, [0; 6], peer));
-        self.request(
-            format!("flood {dev} -> {peer}"),
-            msg,
-            NLM_F_REQUEST | NLM_F_ACK,
-        )
-        .await
+        self.fdb_entry(false, dev, [0; 6], peer).await
     }
 
-    /// `bridge fdb replace MAC dev DEV dst VTEP self`.
+    /// A remote MAC behind `dst`.
     pub async fn add_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
-        let index = self.index(dev).await?;
-        let msg = RouteNetlinkMessage::NewNeighbour(Self::fdb_message(index, mac, dst));
-        self.request(
-            format!("fdb {dev} {mac:02x?} -> {dst}"),
-            msg,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        )
-        .await
+        self.fdb_entry(true, dev, mac, dst).await
     }
 
     pub async fn del_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
-        let index = self.index(dev).await?;
-        let msg = RouteNetlinkMessage::DelNeighbour(Self::fdb_message(index, mac, dst));
-        self.request(
-            format!("fdb {dev} {mac:02x?} -> {dst}"),
-            msg,
-            NLM_F_REQUEST | NLM_F_ACK,
-        )
-        .await
+        self.fdb_entry(false, dev, mac, dst).await
     }
 
     /// FDB entries with a remote destination per device name: the flood entries (all-zero MAC)

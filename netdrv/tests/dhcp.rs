@@ -92,6 +92,22 @@ async fn serve(s: &Ns) -> (DhcpService, Arc<RwLock<DhcpServer>>) {
     (svc, server)
 }
 
+/// Runs busybox udhcpc once (`-n -q`) in the client namespace with `tries` discovers.
+async fn udhcpc(c: &Ns, script: &str, tries: u32) -> std::process::Output {
+    let (c, script) = (c.0.clone(), script.to_string());
+    tokio::task::spawn_blocking(move || {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &c, "busybox", "udhcpc", "-i", "c0", "-n", "-q",
+            ])
+            .args(["-t", &tries.to_string(), "-T", "1", "-s", &script])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// A client script that records what it was given.
 fn script(dir: &tempfile::TempDir) -> (String, String) {
     let out = dir.path().join("out");
@@ -116,20 +132,7 @@ async fn busybox_udhcpc_gets_its_lease_with_all_options_through_offloaded_veth()
     let (s, c, dir) = lab();
     let (_svc, _server) = serve(&s).await;
     let (script, out) = script(&dir);
-    let res = tokio::task::spawn_blocking({
-        let c = c.0.clone();
-        move || {
-            Command::new("ip")
-                .args([
-                    "netns", "exec", &c, "busybox", "udhcpc", "-i", "c0", "-n", "-q", "-t", "5",
-                    "-T", "1", "-s", &script,
-                ])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let res = udhcpc(&c, &script, 5).await;
     let got = std::fs::read_to_string(&out).unwrap_or_default();
     assert!(
         res.status.success(),
@@ -206,20 +209,7 @@ async fn unknown_clients_get_no_offer() {
     let (_svc, server) = serve(&s).await;
     server.write().unwrap().set_leases([]);
     let (script, out) = script(&dir);
-    let res = tokio::task::spawn_blocking({
-        let c = c.0.clone();
-        move || {
-            Command::new("ip")
-                .args([
-                    "netns", "exec", &c, "busybox", "udhcpc", "-i", "c0", "-n", "-q", "-t", "2",
-                    "-T", "1", "-s", &script,
-                ])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let res = udhcpc(&c, &script, 2).await;
     assert!(!res.status.success(), "udhcpc got a lease it should not");
     let got = std::fs::read_to_string(&out).unwrap_or_default();
     assert!(!got.contains("bound"), "{got}");
