@@ -41,9 +41,9 @@
 //! removed at start. The iperf3 processes run under `timeout` and are killed if still there.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netdrv::filter::ebpf::EbpfFilter;
@@ -52,121 +52,14 @@ use netdrv::ipam::Mac;
 use netdrv::model::{HostNet, PortKind, PortNet, SubnetNet, TenantNet, Underlay};
 use netdrv::{names, NetHost, Netns};
 
+mod common;
+use common::*;
+
 const PREFIX: &str = "vpc";
 const OWNER: &str = "bench";
 const VLAN: u16 = 10;
 const VNI: u32 = 100;
 const UNDERLAY_MTU: u32 = 1500;
-const NS_PREFIX: &str = "vpcdb-";
-const PIN_PREFIX: &str = "/sys/fs/bpf/vpcd-bench-";
-
-// ---------------------------------------------------------------------------------------------
-// Cleanup: every namespace and pin dir this process makes is registered here.
-
-enum Resource {
-    Netns(String),
-    PinDir(PathBuf),
-}
-
-static CREATED: Mutex<Vec<Resource>> = Mutex::new(Vec::new());
-
-fn register(r: Resource) {
-    CREATED.lock().unwrap_or_else(|p| p.into_inner()).push(r);
-}
-
-/// Removes everything registered, newest first. Idempotent.
-fn cleanup_all() {
-    let mut list = CREATED.lock().unwrap_or_else(|p| p.into_inner());
-    while let Some(r) = list.pop() {
-        match r {
-            Resource::Netns(ns) => {
-                let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-            }
-            // Removing link pins detaches links whose devices still exist.
-            Resource::PinDir(dir) => {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-    }
-}
-
-/// Runs `cleanup_all` when dropped (normal end or panic).
-struct CleanupGuard;
-
-impl Drop for CleanupGuard {
-    fn drop(&mut self) {
-        cleanup_all();
-    }
-}
-
-/// Removes namespaces and pin dirs of earlier benchmark processes that are gone (killed).
-fn sweep_stale() {
-    let dead = |name: &str, prefix: &str| {
-        name.strip_prefix(prefix)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-    };
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name, NS_PREFIX) {
-                eprintln!("removing stale namespace {name}");
-                let _ = Command::new("ip").args(["netns", "del", &name]).output();
-            }
-        }
-    }
-    let pin_name = Path::new(PIN_PREFIX)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name, &pin_name) {
-                eprintln!("removing stale pin dir {}", e.path().display());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
-/// On SIGINT, SIGTERM or SIGHUP: clean up and exit.
-fn cleanup_on_signals(rt: &tokio::runtime::Runtime) {
-    use tokio::signal::unix::{signal, SignalKind};
-    for kind in [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-    ] {
-        let Ok(mut s) = rt.block_on(async { signal(kind) }) else {
-            continue;
-        };
-        rt.spawn(async move {
-            if s.recv().await.is_some() {
-                eprintln!("signal: cleaning up");
-                cleanup_all();
-                std::process::exit(130);
-            }
-        });
-    }
-}
-
-/// Runs a command; panics with its output if it fails.
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Whether a command succeeds.
 fn ok(args: &[&str]) -> bool {
@@ -192,26 +85,6 @@ fn add_netns(name: &str) {
         "net.ipv6.conf.default.disable_ipv6=1",
     ]);
     sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 fn mac_str(m: [u8; 6]) -> String {

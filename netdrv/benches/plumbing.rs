@@ -44,8 +44,7 @@ use std::future::Future;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netdrv::filter::ebpf::EbpfFilter;
@@ -55,6 +54,9 @@ use netdrv::model::{HostNet, PortKind, PortNet, SubnetNet, TenantNet};
 use netdrv::plan::{self, Op};
 use netdrv::{names, NetHost, Netns};
 
+mod common;
+use common::*;
+
 const PREFIX: &str = "vb";
 const OWNER: &str = "bench";
 const TENANT: u32 = 1;
@@ -62,130 +64,6 @@ const TENANT: u32 = 1;
 const MTU: u32 = 1500;
 /// The link group of the bulk-delete reference.
 const GROUP: u32 = 77;
-const NS_PREFIX: &str = "vpcdb-";
-const PIN_PREFIX: &str = "/sys/fs/bpf/vpcd-bench-";
-/// Scratch directories (batch files) in the temporary directory: `vpcd-netbench-<pid>-XXXX`
-/// (not `vpcd-bench-`: benches/vm-start.sh makes `/tmp/vpcd-bench-XXXXXX`).
-const SCRATCH_PREFIX: &str = "vpcd-netbench-";
-
-// ---------------------------------------------------------------------------------------------
-// Cleanup: every namespace and pin dir this process makes is registered here.
-
-enum Resource {
-    Netns(String),
-    PinDir(PathBuf),
-    /// A scratch directory (the batch files).
-    Dir(PathBuf),
-}
-
-static CREATED: Mutex<Vec<Resource>> = Mutex::new(Vec::new());
-
-fn register(r: Resource) {
-    CREATED.lock().unwrap_or_else(|p| p.into_inner()).push(r);
-}
-
-/// Removes everything registered, newest first. Idempotent.
-fn cleanup_all() {
-    let mut list = CREATED.lock().unwrap_or_else(|p| p.into_inner());
-    while let Some(r) = list.pop() {
-        match r {
-            Resource::Netns(ns) => {
-                let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-            }
-            // Removing link pins detaches links whose devices still exist.
-            Resource::PinDir(dir) | Resource::Dir(dir) => {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-    }
-}
-
-/// Runs `cleanup_all` when dropped (normal end or panic).
-struct CleanupGuard;
-
-impl Drop for CleanupGuard {
-    fn drop(&mut self) {
-        cleanup_all();
-    }
-}
-
-/// Removes namespaces and pin dirs of earlier benchmark processes that are gone (killed).
-fn sweep_stale() {
-    let dead = |name: &str, prefix: &str| {
-        name.strip_prefix(prefix)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-    };
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name, NS_PREFIX) {
-                eprintln!("removing stale namespace {name}");
-                let _ = Command::new("ip").args(["netns", "del", &name]).output();
-            }
-        }
-    }
-    let pin_name = Path::new(PIN_PREFIX)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name, &pin_name) {
-                eprintln!("removing stale pin dir {}", e.path().display());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name, SCRATCH_PREFIX) {
-                eprintln!("removing stale scratch dir {}", e.path().display());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
-/// On SIGINT, SIGTERM or SIGHUP: clean up and exit.
-fn cleanup_on_signals(rt: &tokio::runtime::Runtime) {
-    use tokio::signal::unix::{signal, SignalKind};
-    for kind in [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-    ] {
-        let Ok(mut s) = rt.block_on(async { signal(kind) }) else {
-            continue;
-        };
-        rt.spawn(async move {
-            if s.recv().await.is_some() {
-                eprintln!("signal: cleaning up");
-                cleanup_all();
-                std::process::exit(130);
-            }
-        });
-    }
-}
-
-/// Runs a command; panics with its output if it fails.
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn add_netns(name: &str) {
     sh(&["ip", "netns", "add", name]);
@@ -198,26 +76,6 @@ fn add_netns(name: &str) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn sizes() -> Vec<usize> {
