@@ -82,8 +82,9 @@ impl NetHost {
                 .await
                 .inspect_err(|e| tracing::warn!("bulk delete failed, deleting one by one: {e}"))
                 .is_ok();
-        // A new tap is made and configured (MTU, master, alias, up) with one request after the
-        // ioctl, instead of one request per step.
+        // New taps are made together in one namespace thread, and each is configured (MTU,
+        // master, alias, up) with one request, the requests in flight together; their indexes
+        // are kept for the filter steps.
         let masters: std::collections::HashMap<&str, &str> = ops
             .iter()
             .filter_map(|o| match o {
@@ -92,21 +93,56 @@ impl NetHost {
             })
             .collect();
         let mut configured: std::collections::HashSet<&str> = Default::default();
+        let mut indexes: std::collections::HashMap<&str, u32> = Default::default();
+        let new_taps: Vec<(String, u32, String)> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::CreateTap { name, mtu } => masters
+                    .get(name.as_str())
+                    .map(|m| (name.clone(), *mtu, m.to_string())),
+                _ => None,
+            })
+            .collect();
+        let mut failed_taps: std::collections::HashMap<&str, Error> = Default::default();
+        let mut taps_made = false;
         for op in &ops {
             if bulk && matches!(op, Op::Delete { .. }) {
                 continue;
             }
             tracing::debug!(?op, "netdrv step");
             let result = match op {
-                Op::CreateTap { name, mtu } if masters.contains_key(name.as_str()) => {
-                    let r = self
-                        .nl
-                        .create_tap_attached(name, *mtu, masters[name.as_str()], &alias)
-                        .await;
-                    if r.is_ok() {
-                        configured.insert(name);
+                Op::CreateTap { name, .. } if masters.contains_key(name.as_str()) => {
+                    // The first new tap: make them all (their bridges exist by now, the plan
+                    // creates bridges first).
+                    if !taps_made {
+                        taps_made = true;
+                        let made = self.nl.create_taps_attached(&new_taps, &alias).await;
+                        for ((tap, _, _), r) in new_taps.iter().zip(made) {
+                            let tap = ops
+                                .iter()
+                                .find_map(|o| match o {
+                                    Op::CreateTap { name: n, .. } if n == tap => Some(n.as_str()),
+                                    _ => None,
+                                })
+                                .expect("taken from ops");
+                            match r {
+                                Ok(index) => {
+                                    configured.insert(tap);
+                                    indexes.insert(tap, index);
+                                }
+                                Err(e) => {
+                                    failed_taps.insert(tap, e);
+                                }
+                            }
+                        }
                     }
-                    r
+                    match failed_taps.remove(name.as_str()) {
+                        Some(e) => Err(e),
+                        None => continue,
+                    }
+                }
+                Op::SetFilter { dev, cfg } if indexes.contains_key(dev.as_str()) => {
+                    self.filter.set_port(indexes[dev.as_str()], dev, cfg)
                 }
                 Op::SetMaster { name, .. } | Op::SetUp { name }
                     if configured.contains(name.as_str()) =>

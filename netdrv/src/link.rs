@@ -171,26 +171,61 @@ impl Netlink {
         self.set_mtu(name, mtu).await
     }
 
-    /// Creates a persistent tap and, in one request, sets its MTU, master, alias and up.
-    pub async fn create_tap_attached(
+    /// Creates persistent taps, all in one namespace thread, then configures each (MTU, master,
+    /// alias, up) with one request, the requests in flight together. Returns each tap's index
+    /// or error, in order.
+    pub async fn create_taps_attached(
         &self,
-        name: &str,
-        mtu: u32,
-        master: &str,
+        taps: &[(String, u32, String)],
         alias: &str,
-    ) -> Result<()> {
-        let n = name.to_string();
-        self.netns
-            .run(move || crate::tap::create_persistent(&n))??;
-        let m = self.index(master).await?;
-        let a = alias.to_string();
-        self.set("configure tap", name, |b| {
-            b.mtu(mtu)
-                .controller(m)
-                .append_extra_attribute(LinkAttribute::IfAlias(a))
-                .up()
-        })
-        .await
+    ) -> Vec<Result<u32>> {
+        let names: Vec<String> = taps.iter().map(|(n, _, _)| n.clone()).collect();
+        let made = match self.netns.run(move || {
+            names
+                .iter()
+                .map(|n| crate::tap::create_persistent(n).and_then(|()| crate::tap::index_of(n)))
+                .collect::<Vec<_>>()
+        }) {
+            Ok(made) => made,
+            Err(e) => {
+                return taps
+                    .iter()
+                    .map(|_| Err(Error::Invalid(e.to_string())))
+                    .collect()
+            }
+        };
+        let mut masters: BTreeMap<&str, Result<u32>> = BTreeMap::new();
+        for (_, _, m) in taps {
+            if !masters.contains_key(m.as_str()) {
+                let r = self.index(m).await;
+                masters.insert(m.as_str(), r);
+            }
+        }
+        let requests = taps.iter().zip(made).map(|((name, mtu, master), made)| {
+            let master = match &masters[master.as_str()] {
+                Ok(i) => Ok(*i),
+                Err(e) => Err(Error::NotFound(e.to_string())),
+            };
+            let alias = alias.to_string();
+            let handle = self.handle.clone();
+            async move {
+                let (index, master) = (made?, master?);
+                let msg = LinkUnspec::new_with_index(index)
+                    .mtu(*mtu)
+                    .controller(master)
+                    .append_extra_attribute(LinkAttribute::IfAlias(alias))
+                    .up()
+                    .build();
+                handle
+                    .link()
+                    .set(msg)
+                    .execute()
+                    .await
+                    .map_err(nl_err("configure tap", name.as_str()))?;
+                Ok(index)
+            }
+        });
+        futures::future::join_all(requests).await
     }
 
     async fn set(

@@ -19,6 +19,16 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// The index of link `name` in the calling thread's namespace.
+pub fn index_of(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(|e| Error::Invalid(e.to_string()))?;
+    // SAFETY: if_nametoindex(3) reads the NUL-terminated name, which lives across the call.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(Error::NotFound(format!("link {name}"))),
+        i => Ok(i),
+    }
+}
+
 /// Creates the persistent tap `name` in the calling thread's namespace.
 pub fn create_persistent(name: &str) -> Result<()> {
     let err = |reason: String| Error::Netlink {
