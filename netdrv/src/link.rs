@@ -82,23 +82,20 @@ impl Netlink {
         Ok(msgs.iter().map(observe).collect())
     }
 
+    /// The index of link `name`, None if there is no such link.
     pub async fn index_of(&self, name: &str) -> Result<Option<u32>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(m)) => Ok(Some(m.header.index)),
-            Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-            Err(e) => Err(nl_err("find", name)(e)),
-        }
+        Ok(self.find(name).await?.map(|m| m.header.index))
     }
 
     /// A link by name, with its attributes.
     pub async fn link(&self, name: &str) -> Result<ObservedLink> {
+        self.find(name)
+            .await?
+            .map(|m| observe(&m))
+            .ok_or_else(|| Error::NotFound(format!("link {name}")))
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<LinkMessage>> {
         let mut links = self
             .handle
             .link()
@@ -106,11 +103,8 @@ impl Netlink {
             .match_name(name.to_string())
             .execute();
         match links.try_next().await {
-            Ok(Some(m)) => Ok(observe(&m)),
-            Ok(None) => Err(Error::NotFound(format!("link {name}"))),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
-                Err(Error::NotFound(format!("link {name}")))
-            }
+            Ok(m) => Ok(m),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(nl_err("find", name)(e)),
         }
     }
