@@ -305,8 +305,15 @@ impl VmSpec {
 
 /// Checks a VM name: it becomes part of file names, socket paths and D-Bus object paths.
 pub fn validate_name(name: &str) -> Result<()> {
+    check_object_name(name, MAX_NAME_LEN)
+        .map_err(|rule| Error::InvalidSpec(format!("invalid name {name:?}: {rule}")))
+}
+
+/// The rule for names of vpcd's objects (VMs, networks, subnets): 1 to `max` characters of
+/// `A-Z a-z 0-9 . _ -`, starting with a letter or digit. Err holds the rule, for messages.
+pub fn check_object_name(name: &str, max: usize) -> std::result::Result<(), String> {
     let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
+        && name.len() <= max
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
             .bytes()
@@ -314,9 +321,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidSpec(format!(
-            "invalid name {name:?}: 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
-        )))
+        Err(format!(
+            "1 to {max} characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        ))
     }
 }
 

@@ -111,19 +111,8 @@ pub struct PortRequest {
 
 /// Network and subnet names: like VM names, at most 32 characters.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "invalid {kind} name {name:?}: 1 to 32 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
-        )))
-    }
+    hypervisor::spec::check_object_name(name, 32)
+        .map_err(|rule| Error::InvalidArgument(format!("invalid {kind} name {name:?}: {rule}")))
 }
 
 impl NetState {
