@@ -11,6 +11,10 @@
  *                 Unknown port -> drop. Untagged, or tag of another VLAN -> drop (drop_vlan).
  *                 Pop the tag and pass (rx_*).
  *
+ * With PORT_F_BRIDGE_VLAN in a port's flags the bridge does the VLAN part (kernels with bridge
+ * VLAN filtering): ingress drops tagged frames and applies port security but pushes no tag;
+ * egress drops tagged frames and pops nothing.
+ *
  * Maps, keyed by the port's ifindex (one set of maps per network namespace, so keys do not
  * collide):
  *   port_cfg       hash   ifindex -> struct port_cfg        (written by netdrv)
@@ -269,7 +273,8 @@ int port_ingress(struct __sk_buff *skb)
 	}
 
 	len = skb->len;
-	if (bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), cfg->vlan) < 0) {
+	if (!(cfg->flags & PORT_F_BRIDGE_VLAN) &&
+	    bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), cfg->vlan) < 0) {
 		count_drop_vlan(cnt);
 		return TC_ACT_SHOT;
 	}
@@ -292,6 +297,14 @@ int port_egress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	cnt = bpf_map_lookup_elem(&port_counters, &ifindex);
 
+	if (cfg->flags & PORT_F_BRIDGE_VLAN) {
+		/* The bridge sent it as an untagged member of the port's VLAN. */
+		if (skb->vlan_present) {
+			count_drop_vlan(cnt);
+			return TC_ACT_SHOT;
+		}
+		goto pass;
+	}
 	if (skb->vlan_present) {
 		vid = skb->vlan_tci & 0x0fff;
 	} else {
@@ -321,6 +334,7 @@ int port_egress(struct __sk_buff *skb)
 		count_drop_vlan(cnt);
 		return TC_ACT_SHOT;
 	}
+pass:
 	if (cnt) {
 		cnt->rx_packets++;
 		cnt->rx_bytes += skb->len;

@@ -13,6 +13,10 @@
 #define PORT_MAX_IPV4 16
 #define PORT_MAX_IPV6 16
 
+/* The bridge filters VLANs itself (vlan_filtering, the port an untagged pvid member of `vlan`):
+ * the programs neither push nor pop tags, they only apply port security and count. */
+#define PORT_F_BRIDGE_VLAN 0x01
+
 /* The configuration of one port. Addresses in network byte order. */
 struct port_cfg {
 	__u16 vlan;      /* access VLAN, 1..=4094 (host byte order) */
@@ -20,7 +24,8 @@ struct port_cfg {
 	__u8 n_macs;     /* used entries of macs */
 	__u8 n_ipv4;     /* used entries of ipv4 */
 	__u8 n_ipv6;     /* used entries of ipv6 */
-	__u8 pad[2];
+	__u8 flags;      /* PORT_F_* */
+	__u8 pad;
 	__u8 macs[PORT_MAX_MACS][6];
 	__u32 ipv4[PORT_MAX_IPV4];
 	__u32 ipv6[PORT_MAX_IPV6][4];

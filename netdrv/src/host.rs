@@ -192,7 +192,12 @@ impl NetHost {
             Op::Delete { name } => nl.delete(name).await,
             Op::CreateBridge { name } => {
                 nl.create_bridge(name).await?;
-                nl.set_alias(name, alias).await
+                nl.set_alias(name, alias).await?;
+                let index = nl
+                    .index_of(name)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("link {name}")))?;
+                self.filter.prepare_bridge(index, name)
             }
             Op::CreateVxlan {
                 name,

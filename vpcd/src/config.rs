@@ -60,7 +60,8 @@ pub struct Config {
     pub peers: Vec<String>,
     /// Prefix of the links vpcd makes (1-4 of a-z 0-9).
     pub link_prefix: String,
-    /// VLAN filtering: `auto` (probe) or `ebpf`.
+    /// VLAN filtering: `auto` (the kernel bridge's where it has it, else eBPF), `kernel` or
+    /// `ebpf`.
     pub vlan_filter: String,
     /// bpffs directory for pinned programs, links and maps (one subdirectory per instance).
     pub bpf_dir: PathBuf,
@@ -166,9 +167,9 @@ impl Config {
         }
         netdrv::names::validate_prefix(&self.link_prefix)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        if !matches!(self.vlan_filter.as_str(), "auto" | "ebpf") {
+        if !matches!(self.vlan_filter.as_str(), "auto" | "kernel" | "ebpf") {
             return Err(ConfigError::Invalid(format!(
-                "vlan_filter {:?}: auto or ebpf",
+                "vlan_filter {:?}: auto, kernel or ebpf",
                 self.vlan_filter
             )));
         }

@@ -186,6 +186,11 @@ impl Manager {
             underlay,
             peers: cfg.peers.iter().filter_map(|p| p.parse().ok()).collect(),
             pin_dir: cfg.bpf_dir.join(instance_id),
+            filter: match cfg.vlan_filter.as_str() {
+                "kernel" => Some(netdrv::filter::FilterKind::Kernel),
+                "ebpf" => Some(netdrv::filter::FilterKind::Ebpf),
+                _ => None,
+            },
         };
         NetManager::open(store.clone(), net_cfg)
             .await

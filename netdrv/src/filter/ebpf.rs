@@ -54,7 +54,7 @@
 
 mod layout;
 mod sys;
-mod tc;
+pub(crate) mod tc;
 
 pub use layout::eui64_link_local;
 
@@ -296,6 +296,8 @@ impl State {
 pub struct EbpfFilter {
     netns: Netns,
     pins: Pins,
+    /// `layout::F_*` bits written with every port's configuration.
+    flags: u8,
     state: Mutex<State>,
 }
 
@@ -325,6 +327,17 @@ impl EbpfFilter {
     /// maps and programs, or takes over what an earlier `EbpfFilter` (of this or another
     /// process) pinned there and attached. Mounts bpffs at /sys/fs/bpf if it is not mounted.
     pub fn open(netns: &Netns, pin_dir: &Path) -> Result<EbpfFilter> {
+        EbpfFilter::open_with_flags(netns, pin_dir, 0)
+    }
+
+    /// Like [`EbpfFilter::open`], for ports of bridges that filter VLANs themselves: the
+    /// programs apply port security and count, and leave the tags to the bridge (used by
+    /// [`super::kernel::KernelFilter`]).
+    pub(crate) fn open_for_bridge_vlans(netns: &Netns, pin_dir: &Path) -> Result<EbpfFilter> {
+        EbpfFilter::open_with_flags(netns, pin_dir, layout::F_BRIDGE_VLAN)
+    }
+
+    fn open_with_flags(netns: &Netns, pin_dir: &Path, flags: u8) -> Result<EbpfFilter> {
         sys::ensure_bpffs()?;
         let pins = Pins {
             dir: pin_dir.to_owned(),
@@ -383,6 +396,7 @@ impl EbpfFilter {
         let filter = EbpfFilter {
             netns: netns.clone(),
             pins,
+            flags,
             state: Mutex::new(State {
                 cfg,
                 counters,
@@ -622,7 +636,7 @@ impl VlanFilter for EbpfFilter {
     }
 
     fn set_port(&self, ifindex: u32, ifname: &str, cfg: &PortFilter) -> Result<()> {
-        let value = layout::encode(ifindex, ifname, cfg)?;
+        let value = layout::encode(ifindex, ifname, cfg, self.flags)?;
         let mut st = self.lock()?;
         let old = match st.cfg.get(&ifindex, 0) {
             Ok(old) => Some(old),

@@ -5,10 +5,13 @@
 //! bridge: added when they enter from a port, checked and removed when they leave through one.
 //! A port without configuration drops everything (fail closed).
 //!
-//! Implementations: [`ebpf::EbpfFilter`] (TC programs from `bpf/`, for kernels without bridge
-//! VLAN filtering, as on this project's CI). Chosen at start-up by [`probe`] or configuration.
+//! Implementations: [`kernel::KernelFilter`] (the bridge's own VLAN filtering, where the kernel
+//! has it, with port security by the eBPF programs) and [`ebpf::EbpfFilter`] (TC programs from
+//! `bpf/` do everything, for kernels without bridge VLAN filtering, as on this project's CI).
+//! Chosen at start-up by [`probe`] or configuration; [`open`] opens either.
 
 pub mod ebpf;
+pub mod kernel;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -55,20 +58,65 @@ pub struct PortCounters {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FilterKind {
+    /// The bridge filters VLANs (`vlan_filtering 1`); eBPF does port security.
+    Kernel,
+    /// eBPF programs tag, filter and secure; the bridge knows nothing of VLANs.
     Ebpf,
 }
 
-/// Chooses the implementation for this kernel. Bridges here never get kernel VLAN filtering
-/// (this platform's kernel lacks it, and the eBPF path needs no bridge support at all), so the
-/// probe checks that the eBPF programs load.
+impl std::fmt::Display for FilterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FilterKind::Kernel => "kernel",
+            FilterKind::Ebpf => "ebpf",
+        })
+    }
+}
+
+/// Chooses the implementation for this kernel: the bridge's VLAN filtering where it has it,
+/// eBPF otherwise. Both need the eBPF programs to load (port security), which is checked too.
 pub fn probe() -> Result<FilterKind> {
     ebpf::EbpfFilter::probe()?;
-    Ok(FilterKind::Ebpf)
+    Ok(if kernel::KernelFilter::probe()? {
+        FilterKind::Kernel
+    } else {
+        FilterKind::Ebpf
+    })
+}
+
+/// Checks that `kind` works on this kernel (for a kind forced by configuration).
+pub fn check(kind: FilterKind) -> Result<()> {
+    ebpf::EbpfFilter::probe()?;
+    if kind == FilterKind::Kernel && !kernel::KernelFilter::probe()? {
+        return Err(crate::Error::Invalid(
+            "VLAN filter kernel: this kernel's bridges have no VLAN filtering \
+             (CONFIG_BRIDGE_VLAN_FILTERING); use ebpf or auto"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the implementation `kind` for the host namespace `netns`, pinning under `pin_dir`.
+pub fn open(
+    kind: FilterKind,
+    netns: &crate::Netns,
+    pin_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn VlanFilter>> {
+    Ok(match kind {
+        FilterKind::Kernel => std::sync::Arc::new(kernel::KernelFilter::open(netns, pin_dir)?),
+        FilterKind::Ebpf => std::sync::Arc::new(ebpf::EbpfFilter::open(netns, pin_dir)?),
+    })
 }
 
 /// VLAN filtering and port security for the bridge ports of one host (one network namespace).
 pub trait VlanFilter: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> FilterKind;
+
+    /// Readies a bridge that netdrv just created for ports (before any joins it).
+    fn prepare_bridge(&self, _ifindex: u32, _ifname: &str) -> Result<()> {
+        Ok(())
+    }
 
     /// Attaches to the port `ifindex` (named `ifname`) if not yet attached and writes its
     /// configuration; traffic follows the new configuration at once.

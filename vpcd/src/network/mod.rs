@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use netdrv::filter::{PortCounters, VlanFilter};
+use netdrv::filter::{FilterKind, PortCounters};
 use netdrv::model::Underlay;
 use netdrv::{NetHost, Netns};
 
@@ -29,6 +29,8 @@ pub struct NetConfig {
     pub underlay: Option<Underlay>,
     pub peers: Vec<Ipv4Addr>,
     pub pin_dir: PathBuf,
+    /// The VLAN filter implementation; `None`: probe the kernel.
+    pub filter: Option<FilterKind>,
 }
 
 /// The tenant networks of this host.
@@ -45,10 +47,15 @@ impl NetManager {
     /// Opens the VLAN filter (taking over pinned programs of an earlier run) and netlink in the
     /// host namespace, then reconciles the host with the store.
     pub async fn open(store: Arc<Store>, cfg: NetConfig) -> Result<NetManager> {
-        let filter: Arc<dyn VlanFilter> = Arc::new(
-            netdrv::filter::ebpf::EbpfFilter::open(&cfg.netns, &cfg.pin_dir)
-                .map_err(Error::from)?,
-        );
+        let kind = match cfg.filter {
+            Some(kind) => {
+                netdrv::filter::check(kind)?;
+                kind
+            }
+            None => netdrv::filter::probe()?,
+        };
+        let filter = netdrv::filter::open(kind, &cfg.netns, &cfg.pin_dir)?;
+        tracing::info!(vlan_filter = %kind, "VLAN filter open");
         let host = NetHost::open(&cfg.netns, filter)?;
         let m = NetManager {
             store,

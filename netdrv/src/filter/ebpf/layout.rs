@@ -11,7 +11,8 @@
 //! | 3      | 1      | n_macs                        |
 //! | 4      | 1      | n_ipv4                        |
 //! | 5      | 1      | n_ipv6                        |
-//! | 6      | 2      | padding                       |
+//! | 6      | 1      | flags (`PORT_F_*`)            |
+//! | 7      | 1      | padding                       |
 //! | 8      | 8 x 6  | macs                          |
 //! | 56     | 16 x 4 | ipv4                          |
 //! | 120    | 16x16  | ipv6                          |
@@ -38,8 +39,12 @@ pub(crate) type CfgBytes = [u8; CFG_SIZE];
 /// A `struct port_counters` value (one CPU's).
 pub(crate) type CounterWords = [u64; 6];
 
+/// `PORT_F_BRIDGE_VLAN`: the bridge filters VLANs, the programs push and pop no tags.
+pub(crate) const F_BRIDGE_VLAN: u8 = 0x01;
+
 /// Checks `cfg` and encodes it for the port `ifname` (`ifindex`), naming the port in errors.
-pub(crate) fn encode(ifindex: u32, ifname: &str, cfg: &PortFilter) -> Result<CfgBytes> {
+/// `flags` are `F_*` bits.
+pub(crate) fn encode(ifindex: u32, ifname: &str, cfg: &PortFilter, flags: u8) -> Result<CfgBytes> {
     let port = || format!("port {ifname} (ifindex {ifindex})");
     if !(1..=4094).contains(&cfg.vlan) {
         return Err(Error::Invalid(format!(
@@ -50,6 +55,7 @@ pub(crate) fn encode(ifindex: u32, ifname: &str, cfg: &PortFilter) -> Result<Cfg
     }
     let mut b = [0u8; CFG_SIZE];
     b[0..2].copy_from_slice(&cfg.vlan.to_ne_bytes());
+    b[6] = flags;
     let Some(sec) = &cfg.security else {
         return Ok(b);
     };
@@ -183,15 +189,16 @@ mod tests {
                 security: None,
             },
         ] {
-            assert_eq!(decode(&encode(3, "tap0", &cfg).unwrap()), cfg);
+            assert_eq!(decode(&encode(3, "tap0", &cfg, 0).unwrap()), cfg);
         }
     }
 
     #[test]
     fn encoded_fields_sit_at_the_c_offsets() {
-        let b = encode(3, "tap0", &secure()).unwrap();
+        let b = encode(3, "tap0", &secure(), F_BRIDGE_VLAN).unwrap();
         assert_eq!(u16::from_ne_bytes([b[0], b[1]]), 42);
         assert_eq!(&b[2..6], &[1, 2, 1, 1]);
+        assert_eq!(b[6], 1, "flags");
         assert_eq!(&b[8..14], &[0x52, 0x54, 0, 1, 2, 3]);
         assert_eq!(&b[56..60], &[10, 0, 0, 5]);
         assert_eq!(b[120], 0x20);
@@ -208,6 +215,7 @@ mod tests {
                     vlan,
                     security: None,
                 },
+                0,
             )
             .unwrap_err();
             assert!(
@@ -221,14 +229,14 @@ mod tests {
     fn too_many_addresses_is_invalid() {
         let mut cfg = secure();
         cfg.security.as_mut().unwrap().macs = vec![[2, 0, 0, 0, 0, 1]; MAX_MACS + 1];
-        let err = encode(7, "vm1", &cfg).unwrap_err();
+        let err = encode(7, "vm1", &cfg, 0).unwrap_err();
         assert!(matches!(&err, Error::Invalid(m) if m.contains("vm1") && m.contains("9 MACs")));
         let mut cfg = secure();
         cfg.security.as_mut().unwrap().ipv4 = vec![Ipv4Addr::LOCALHOST; MAX_IPV4 + 1];
-        assert!(encode(7, "vm1", &cfg).is_err());
+        assert!(encode(7, "vm1", &cfg, 0).is_err());
         let mut cfg = secure();
         cfg.security.as_mut().unwrap().ipv6 = vec![Ipv6Addr::LOCALHOST; MAX_IPV6 + 1];
-        assert!(encode(7, "vm1", &cfg).is_err());
+        assert!(encode(7, "vm1", &cfg, 0).is_err());
     }
 
     #[test]

@@ -19,25 +19,25 @@ pub(crate) const HANDLE: u32 = 1;
 
 const NLMSG_HDR: usize = 16;
 const TCMSG: usize = 20;
-const IFINFOMSG: usize = 16;
+pub(crate) const IFINFOMSG: usize = 16;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLM_F_EXCL: u16 = 0x200;
+pub(crate) const NLM_F_CREATE: u16 = 0x400;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
+pub(crate) const RTM_NEWLINK: u16 = 16;
+pub(crate) const RTM_GETLINK: u16 = 18;
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
 const RTM_NEWTFILTER: u16 = 44;
 const RTM_DELTFILTER: u16 = 45;
 const RTM_GETTFILTER: u16 = 46;
 
-const IFLA_IFNAME: u16 = 3;
+pub(crate) const IFLA_IFNAME: u16 = 3;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_FD: u16 = 6;
@@ -91,7 +91,7 @@ pub(crate) struct TcSocket {
     seq: u32,
 }
 
-fn put_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
+pub(crate) fn put_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
     let len = 4 + data.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());
@@ -100,7 +100,7 @@ fn put_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
 }
 
 /// Iterates the attributes in `buf`: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if buf.len() < 4 {
             return None;
@@ -135,7 +135,7 @@ fn filter_info() -> u32 {
     (u32::from(PRIO) << 16) | u32::from(ETH_P_ALL.to_be())
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
@@ -163,7 +163,12 @@ impl TcSocket {
 
     /// Sends one request and collects the payloads of its replies (up to the ACK, or up to
     /// NLMSG_DONE for a dump). An error reply becomes the matching `io::Error`.
-    fn request(&mut self, kind: u16, flags: u16, body: &[u8]) -> io::Result<Vec<(u16, Vec<u8>)>> {
+    pub(crate) fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        body: &[u8],
+    ) -> io::Result<Vec<(u16, Vec<u8>)>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
