@@ -315,14 +315,8 @@ impl VlanFilter for KernelFilter {
     }
 
     fn set_port(&self, ifindex: u32, ifname: &str, cfg: &PortFilter) -> Result<()> {
+        cfg.check(ifindex, ifname)?;
         let port = || format!("port {ifname} (ifindex {ifindex})");
-        if !(1..=4094).contains(&cfg.vlan) {
-            return Err(Error::Invalid(format!(
-                "{}: VLAN {} is not in 1..=4094",
-                port(),
-                cfg.vlan
-            )));
-        }
         let mut br = self.lock();
         let master = match br.master(ifindex) {
             Ok(Some(m)) => m,

@@ -40,6 +40,19 @@ pub struct PortFilter {
     pub security: Option<PortSecurity>,
 }
 
+impl PortFilter {
+    /// Checks what every implementation needs (a VLAN in 1..=4094), naming the port.
+    pub(crate) fn check(&self, ifindex: u32, ifname: &str) -> Result<()> {
+        if !(1..=4094).contains(&self.vlan) {
+            return Err(crate::Error::Invalid(format!(
+                "port {ifname} (ifindex {ifindex}): VLAN {} is not in 1..=4094",
+                self.vlan
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Per-port counters, in the direction of the VM: `rx` is what the port received from the
 /// bridge (to the VM), `tx` what it sent into the bridge (from the VM).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

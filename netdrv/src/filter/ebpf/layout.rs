@@ -45,14 +45,8 @@ pub(crate) const F_BRIDGE_VLAN: u8 = 0x01;
 /// Checks `cfg` and encodes it for the port `ifname` (`ifindex`), naming the port in errors.
 /// `flags` are `F_*` bits.
 pub(crate) fn encode(ifindex: u32, ifname: &str, cfg: &PortFilter, flags: u8) -> Result<CfgBytes> {
+    cfg.check(ifindex, ifname)?;
     let port = || format!("port {ifname} (ifindex {ifindex})");
-    if !(1..=4094).contains(&cfg.vlan) {
-        return Err(Error::Invalid(format!(
-            "{}: VLAN {} is not in 1..=4094",
-            port(),
-            cfg.vlan
-        )));
-    }
     let mut b = [0u8; CFG_SIZE];
     b[0..2].copy_from_slice(&cfg.vlan.to_ne_bytes());
     b[6] = flags;
