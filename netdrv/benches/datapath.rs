@@ -233,6 +233,7 @@ fn desired(i: u8, vm_ns: &str, with_port: bool) -> HostNet {
             ports,
         }],
         remote_macs: vec![],
+        externals: vec![],
     }
 }
 

@@ -136,6 +136,7 @@ fn desired(n: usize) -> HostNet {
             ports,
         }],
         remote_macs: vec![],
+        externals: vec![],
     }
 }
 

@@ -322,6 +322,118 @@ impl Netlink {
         }
     }
 
+    /// The IPv4 addresses on link `name`, as (address, prefix length).
+    pub async fn addresses(&self, name: &str) -> Result<Vec<(Ipv4Addr, u8)>> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let index = self.index(name).await?;
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("list addresses", name))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, m.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Removes an address from link `name`; an address that is not there is fine.
+    pub async fn del_address(&self, name: &str, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+        let index = self.index(name).await?;
+        let msg = rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(ip, prefix)
+            .build();
+        match self.handle.address().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -libc::EADDRNOTAVAIL || e.raw_code() == -libc::ENOENT =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(nl_err("delete address", format!("{ip}/{prefix} on {name}"))(e)),
+        }
+    }
+
+    /// The IPv4 routes of the main table with protocol `static`: (destination, prefix length,
+    /// gateway). In a namespace vpcd owns, these are the ones it made.
+    pub async fn static_routes(&self) -> Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>> {
+        use rtnetlink::packet_route::route::{
+            RouteAddress, RouteAttribute, RouteProtocol,
+        };
+        let req = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(req)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("list routes", "main table"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.protocol == RouteProtocol::Static)
+            .filter(|m| m.header.table == 254)
+            .map(|m| {
+                let mut dest = Ipv4Addr::UNSPECIFIED;
+                let mut gw = None;
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => dest = *ip,
+                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+                        _ => {}
+                    }
+                }
+                (dest, m.header.destination_prefix_length, gw)
+            })
+            .collect())
+    }
+
+    /// Adds or replaces the static route `dest/prefix via gateway`.
+    pub async fn replace_route(&self, dest: Ipv4Addr, prefix: u8, via: Ipv4Addr) -> Result<()> {
+        use rtnetlink::packet_route::route::RouteProtocol;
+        let msg = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest, prefix)
+            .gateway(via)
+            .protocol(RouteProtocol::Static)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("add route", format!("{dest}/{prefix} via {via}")))
+    }
+
+    /// Deletes the static route to `dest/prefix`; a route that is not there is fine.
+    pub async fn del_route(&self, dest: Ipv4Addr, prefix: u8) -> Result<()> {
+        use rtnetlink::packet_route::route::RouteProtocol;
+        let msg = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest, prefix)
+            .protocol(RouteProtocol::Static)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -libc::ESRCH || e.raw_code() == -libc::ENOENT =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(nl_err("delete route", format!("{dest}/{prefix}"))(e)),
+        }
+    }
+
     /// An FDB entry of a VxLAN device (`self`): MAC (all zero for flooding) -> remote VTEP.
     fn fdb_message(index: u32, mac: [u8; 6], peer: Ipv4Addr) -> NeighbourMessage {
         let mut m = NeighbourMessage::default();

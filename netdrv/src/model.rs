@@ -37,6 +37,21 @@ pub struct HostNet {
     /// while it exists.
     #[serde(default)]
     pub remote_macs: Vec<(u32, Mac, Ipv4Addr)>,
+    /// Routers' legs onto the external network.
+    #[serde(default)]
+    pub externals: Vec<ExternalLeg>,
+}
+
+/// A router's leg onto the external network: a veth `<prefix>e<tenant>` whose host end is a
+/// port of the external bridge (not vpcd's) and whose other end is `ifname` in `netns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalLeg {
+    pub tenant: u32,
+    /// The host bridge of the external network.
+    pub bridge: String,
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub mac: Mac,
 }
 
 impl HostNet {

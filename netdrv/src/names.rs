@@ -6,6 +6,7 @@
 //! | subnet VxLAN device | `<prefix>x<VNI, hex>` | `vpcx2710` (VNI 10000) |
 //! | VM port (tap) | `<prefix>t<port id, hex>` | `vpct7` |
 //! | namespace port (veth, host end) | `<prefix>v<port id, hex>` | `vpcv8` |
+//! | router's external leg (veth, host end) | `<prefix>e<tenant id, hex>` | `vpce1a` |
 //!
 //! The prefix is 1-4 characters of `[a-z0-9]` (configuration `link_prefix`, default `vpc`), so a
 //! name is at most 4 + 1 + 8 = 13 bytes. Every link vpcd makes also carries the alias
@@ -47,6 +48,10 @@ pub fn veth(prefix: &str, port: u32) -> String {
     format!("{prefix}v{port:x}")
 }
 
+pub fn external(prefix: &str, tenant: u32) -> String {
+    format!("{prefix}e{tenant:x}")
+}
+
 /// The alias that marks a link as made by the vpcd instance `owner`.
 pub fn alias(owner: &str) -> String {
     format!("vpcd:{owner}")
@@ -63,6 +68,7 @@ mod tests {
             vxlan("abcd", 16_777_215),
             tap("abcd", u32::MAX),
             veth("abcd", u32::MAX),
+            external("abcd", u32::MAX),
         ] {
             assert!(name.len() <= IFNAMSIZ_MAX, "{name}");
         }
@@ -75,7 +81,7 @@ mod tests {
     #[test]
     fn names_of_different_kinds_never_collide() {
         let p = "vpc";
-        let all = [bridge(p, 1), vxlan(p, 1), tap(p, 1), veth(p, 1)];
+        let all = [bridge(p, 1), vxlan(p, 1), tap(p, 1), veth(p, 1), external(p, 1)];
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a, b);

@@ -221,6 +221,22 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
         }
     }
 
+    for x in &desired.externals {
+        want.insert(
+            names::external(p, x.tenant),
+            Desired {
+                want: Want::Veth(VethPeer {
+                    netns: x.netns.clone(),
+                    ifname: x.ifname.clone(),
+                    mac: x.mac,
+                    address: None,
+                }),
+                master: Some(x.bridge.clone()),
+                filter: None,
+            },
+        );
+    }
+
     let by_name: BTreeMap<&str, &ObservedLink> = observed
         .links
         .iter()
@@ -449,6 +465,7 @@ mod tests {
             }),
             peers: vec![Ipv4Addr::new(192, 0, 2, 2)],
             remote_macs: vec![],
+            externals: vec![],
             tenants: vec![TenantNet {
                 id: 1,
                 subnets: vec![

@@ -292,6 +292,7 @@ fn nethost_builds_a_tenant_on_a_vlan_filtering_bridge_and_removes_it() {
             ports: vec![port(0, "web"), port(1, "web"), port(2, "db")],
         }],
         remote_macs: vec![],
+        externals: vec![],
     };
     rt.block_on(host.apply(&desired)).expect("apply");
     let bridge = netdrv::names::bridge("kf", 7);

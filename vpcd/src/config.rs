@@ -65,6 +65,18 @@ pub struct Config {
     pub vlan_filter: String,
     /// bpffs directory for pinned programs, links and maps (one subdirectory per instance).
     pub bpf_dir: PathBuf,
+    /// The host bridge of the external network routers' gateways join; empty: none (routers
+    /// route between their subnets only).
+    pub external_bridge: String,
+    /// The external network's CIDR, e.g. 203.0.113.0/24.
+    pub external_cidr: String,
+    /// The next hop of routers' default routes on the external network.
+    pub external_gateway: String,
+    /// Addresses for router gateways and floating IPs, `FIRST-LAST`; empty: the whole CIDR
+    /// but the gateway.
+    pub external_pool: String,
+    /// DNS servers handed out by DHCP.
+    pub dns_servers: Vec<String>,
 }
 
 impl Default for Config {
@@ -86,6 +98,11 @@ impl Default for Config {
             link_prefix: "vpc".into(),
             vlan_filter: "auto".into(),
             bpf_dir: PathBuf::from("/sys/fs/bpf/vpcd"),
+            external_bridge: String::new(),
+            external_cidr: String::new(),
+            external_gateway: String::new(),
+            external_pool: String::new(),
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -137,6 +154,20 @@ impl Config {
         Env::prefixed("VPCD_").ignore(&["CONFIG"])
     }
 
+    /// The external network, if `external_bridge` is set.
+    pub fn external(&self) -> Result<Option<crate::network::router::ExternalNet>, String> {
+        if self.external_bridge.is_empty() {
+            return Ok(None);
+        }
+        crate::network::router::ExternalNet::new(
+            &self.external_bridge,
+            &self.external_cidr,
+            &self.external_gateway,
+            (!self.external_pool.is_empty()).then_some(self.external_pool.as_str()),
+        )
+        .map(Some)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if !self.state_dir.is_absolute() {
             return Err(ConfigError::Invalid(format!(
@@ -167,6 +198,16 @@ impl Config {
         }
         netdrv::names::validate_prefix(&self.link_prefix)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.external().map_err(ConfigError::Invalid)?;
+        if let Some(d) = self
+            .dns_servers
+            .iter()
+            .find(|d| d.parse::<std::net::Ipv4Addr>().is_err())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "dns_servers: {d:?} is not an IPv4 address"
+            )));
+        }
         if !matches!(self.vlan_filter.as_str(), "auto" | "kernel" | "ebpf") {
             return Err(ConfigError::Invalid(format!(
                 "vlan_filter {:?}: auto, kernel or ebpf",

@@ -191,6 +191,8 @@ impl Manager {
                 "ebpf" => Some(netdrv::filter::FilterKind::Ebpf),
                 _ => None,
             },
+            external: cfg.external()?,
+            dns: cfg.dns_servers.iter().filter_map(|d| d.parse().ok()).collect(),
         };
         NetManager::open(store.clone(), net_cfg)
             .await

@@ -5,6 +5,7 @@
 
 mod dhcp;
 pub mod state;
+pub mod router;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -31,6 +32,10 @@ pub struct NetConfig {
     pub pin_dir: PathBuf,
     /// The VLAN filter implementation; `None`: probe the kernel.
     pub filter: Option<FilterKind>,
+    /// The external network of routers, if this host has one.
+    pub external: Option<router::ExternalNet>,
+    /// DNS servers handed out by DHCP.
+    pub dns: Vec<Ipv4Addr>,
 }
 
 /// The tenant networks of this host.

@@ -27,6 +27,10 @@ pub struct NetState {
     /// Static FDB entries: MACs behind remote VTEPs (the EVPN issue learns these over BGP).
     #[serde(default)]
     pub remote_macs: Vec<RemoteMac>,
+    #[serde(default)]
+    pub routers: BTreeMap<String, super::router::Router>,
+    #[serde(default)]
+    pub floating_ips: Vec<super::router::FloatingIp>,
 }
 
 impl Default for NetState {
@@ -37,6 +41,8 @@ impl Default for NetState {
             networks: BTreeMap::new(),
             ports: BTreeMap::new(),
             remote_macs: Vec::new(),
+            routers: BTreeMap::new(),
+            floating_ips: Vec::new(),
         }
     }
 }
@@ -145,6 +151,12 @@ impl NetState {
                 "network {name} is in use by {ports} port(s)"
             )));
         }
+        if let Some(r) = self.router_of(name) {
+            return Err(Error::InvalidState(format!(
+                "network {name} has router {}; delete it first",
+                r.name
+            )));
+        }
         Ok(self.networks.remove(name).expect("checked above"))
     }
 
@@ -230,6 +242,15 @@ impl NetState {
             .values()
             .filter(|p| p.network == network && p.subnet == name)
             .count();
+        if let Some(r) = self
+            .router_of(network)
+            .filter(|r| r.subnets.contains(name))
+        {
+            return Err(Error::InvalidState(format!(
+                "subnet {network}/{name} is attached to router {}; remove it first",
+                r.name
+            )));
+        }
         self.remote_macs
             .retain(|r| !(r.network == network && r.subnet == name) || ports > 0);
         let net = self
@@ -244,6 +265,7 @@ impl NetState {
                 "subnet {network}/{name} is in use by {ports} port(s)"
             )));
         }
+
         Ok(net.subnets.remove(name).expect("checked above"))
     }
 
@@ -368,10 +390,18 @@ impl NetState {
         Ok(())
     }
 
+    /// Removes a port; a floating IP mapped to it is detached (as Neutron does).
     pub fn remove_port(&mut self, id: u32) -> Result<Port> {
-        self.ports
+        let port = self
+            .ports
             .remove(&id)
-            .ok_or_else(|| Error::NotFound(format!("port {id}")))
+            .ok_or_else(|| Error::NotFound(format!("port {id}")))?;
+        for f in &mut self.floating_ips {
+            if f.port == Some(id) {
+                f.port = None;
+            }
+        }
+        Ok(port)
     }
 
     pub fn port_mut(&mut self, id: u32) -> Result<&mut Port> {
@@ -425,6 +455,7 @@ impl NetState {
             peers: peers.to_vec(),
             tenants,
             remote_macs,
+            externals: Vec::new(),
         }
     }
 }
