@@ -368,9 +368,7 @@ impl Netlink {
     /// The IPv4 routes of the main table with protocol `static`: (destination, prefix length,
     /// gateway). In a namespace vpcd owns, these are the ones it made.
     pub async fn static_routes(&self) -> Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>> {
-        use rtnetlink::packet_route::route::{
-            RouteAddress, RouteAttribute, RouteProtocol,
-        };
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
         let req = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
         let msgs: Vec<_> = self
             .handle

@@ -81,7 +81,13 @@ mod tests {
     #[test]
     fn names_of_different_kinds_never_collide() {
         let p = "vpc";
-        let all = [bridge(p, 1), vxlan(p, 1), tap(p, 1), veth(p, 1), external(p, 1)];
+        let all = [
+            bridge(p, 1),
+            vxlan(p, 1),
+            tap(p, 1),
+            veth(p, 1),
+            external(p, 1),
+        ];
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a, b);

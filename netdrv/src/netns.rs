@@ -73,6 +73,23 @@ impl Netns {
         .expect("netns thread panicked")
     }
 
+    /// Makes `cmd` run inside this namespace: the child enters it between fork and exec. The
+    /// namespace handle (`self`) must stay alive until `cmd` has been spawned.
+    pub fn enter_in_child(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: setns(2), async-signal-safe, on a descriptor the child inherits (kept open by
+        // `self` until spawn returns); it affects only the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// The descriptor, for `setns` in a child process before it executes (QEMU of the QMP
     /// backend runs in the host namespace).
     pub fn as_file(&self) -> &File {

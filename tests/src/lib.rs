@@ -457,13 +457,13 @@ impl Drop for Daemon {
         }
         // Pinned eBPF links and maps: unpinning detaches the programs.
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
-        // Service (DHCP) namespaces this daemon made: `<prefix>-dhcp-<tenant>-<id8>`.
+        // Service (router, DHCP) namespaces this daemon made: `<prefix>-svc-<tenant>-<id8>`.
         if self.instance_id.len() >= 8 {
             let tail = format!("-{}", &self.instance_id[..8]);
             if let Ok(entries) = std::fs::read_dir("/run/netns") {
                 for e in entries.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    if name.contains("-dhcp-") && name.ends_with(&tail) {
+                    if name.contains("-svc-") && name.ends_with(&tail) {
                         let _ = Command::new("ip").args(["netns", "del", &name]).output();
                     }
                 }
@@ -571,6 +571,7 @@ impl GuestShell {
 
     /// Runs `cmd` in the guest; returns its output and exit status.
     pub fn run(&mut self, cmd: &str) -> (String, i32) {
+        eprintln!("guest$ {cmd}");
         self.send_line(cmd);
         self.send_line("echo \"__VPCD_RC=$?__\"");
         let mut out = String::new();
@@ -579,11 +580,13 @@ impl GuestShell {
             let n = self.reader.read_line(&mut l).expect("read guest shell");
             assert!(n > 0, "guest shell closed while running {cmd:?}: {out}");
             let clean = l.replace('\r', "");
-            if let Some(rc) = clean
+            // The marker may follow output that did not end its line.
+            if let Some((before, rc)) = clean
                 .trim_end()
-                .strip_prefix("__VPCD_RC=")
-                .and_then(|r| r.strip_suffix("__"))
+                .split_once("__VPCD_RC=")
+                .and_then(|(b, r)| Some((b, r.strip_suffix("__")?)))
             {
+                out.push_str(before);
                 return (out, rc.parse().expect("status is a number"));
             }
             out.push_str(&clean);
@@ -667,6 +670,64 @@ impl Ns {
             .success()
     }
 
+    /// Runs `f` on a thread inside the namespace (sockets it opens stay in it).
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns(2) of this thread only, on a descriptor we hold.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Listens on `addr` inside the namespace and answers one HTTP request with `hello`; the
+    /// handle gives the client's address as seen here (None if nobody came within 20 s).
+    pub fn http_once(&self, addr: &str) -> std::thread::JoinHandle<Option<std::net::SocketAddr>> {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let listener = self.within(move || std::net::TcpListener::bind(addr).unwrap());
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            listener.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match listener.accept() {
+                    Ok((mut c, peer)) => {
+                        c.set_nonblocking(false).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut buf = [0u8; 1024];
+                        let _ = c.read(&mut buf);
+                        let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nhello\n");
+                        return Some(peer);
+                    }
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(_) => return None,
+                }
+            }
+        })
+    }
+
+    /// Connects from inside the namespace to `addr` and returns the local address used, or
+    /// None if the connection fails within 5 s.
+    pub fn tcp_from(&self, addr: &str) -> Option<std::net::SocketAddr> {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        self.within(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+            c.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut out = String::new();
+            c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let _ = c.read_to_string(&mut out);
+            c.local_addr().ok()
+        })
+    }
+
     /// Links in the namespace (names).
     pub fn links(&self) -> Vec<String> {
         let out = sh("ip", &["-n", &self.name, "-o", "link", "show"]);
@@ -737,4 +798,42 @@ impl Default for Underlay {
     fn default() -> Underlay {
         Underlay::new()
     }
+}
+
+/// A namespace "VM" with a port on `net/subnet`; returns the namespace.
+pub fn ns_port(d: &Daemon, tag: &str, net: &str, subnet: &str, ip: &str, security: bool) -> Ns {
+    let ns = Ns::new(tag);
+    let path = ns.path();
+    let mut args = vec!["port-create", net, subnet, "--netns", &path, "--ip", ip];
+    if !security {
+        args.push("--no-port-security");
+    }
+    d.vpcctl_ok(&args);
+    ns
+}
+
+/// The id of the port with address `ip` (in any network).
+pub fn port_id_of(d: &Daemon, ip: &str) -> u32 {
+    port_id_in(d, None, ip)
+}
+
+/// The id of the port with address `ip` in network `net` (any network if `None`).
+pub fn port_id_in(d: &Daemon, net: Option<&str>, ip: &str) -> u32 {
+    let ports: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "port-list"])).unwrap();
+    ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["ip"] == ip
+                && net.is_none_or(|n| {
+                    p["subnet"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with(&format!("{n}/")))
+                })
+        })
+        .unwrap_or_else(|| panic!("no port with {ip}: {ports}"))["id"]
+        .as_u64()
+        .unwrap() as u32
 }

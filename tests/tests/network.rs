@@ -24,34 +24,9 @@ fn tenants(d: &Daemon) {
     d.vpcctl_ok(&["subnet-create", "b", "web", "10.10.1.0/24", "--vni", "6001"]);
 }
 
-/// A namespace "VM" with a port on `net/subnet`; returns the namespace.
-fn ns_port(d: &Daemon, tag: &str, net: &str, subnet: &str, ip: &str, security: bool) -> Ns {
-    let ns = Ns::new(tag);
-    let path = ns.path();
-    let mut args = vec!["port-create", net, subnet, "--netns", &path, "--ip", ip];
-    if !security {
-        args.push("--no-port-security");
-    }
-    d.vpcctl_ok(&args);
-    ns
-}
-
 fn port_counters(d: &Daemon, id: u32) -> serde_json::Value {
     let out = d.vpcctl_ok(&["--json", "port-info", &id.to_string()]);
     serde_json::from_str::<serde_json::Value>(&out).unwrap()["counters"].clone()
-}
-
-fn port_id_of(d: &Daemon, ip: &str) -> u32 {
-    let ports: serde_json::Value =
-        serde_json::from_str(&d.vpcctl_ok(&["--json", "port-list"])).unwrap();
-    ports
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["ip"] == ip)
-        .unwrap_or_else(|| panic!("no port with {ip}: {ports}"))["id"]
-        .as_u64()
-        .unwrap() as u32
 }
 
 #[tokio::test]
@@ -739,7 +714,7 @@ async fn guest_gets_its_ipam_address_and_mtu_by_dhcp_without_a_router() {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("-dhcp-") && n.ends_with(&d.instance_id[..8]))
+        .filter(|n| n.contains("-svc-") && n.ends_with(&d.instance_id[..8]))
         .collect();
     assert!(left.is_empty(), "service namespaces left: {left:?}");
 }

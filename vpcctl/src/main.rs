@@ -2,6 +2,7 @@
 
 mod console;
 mod net;
+mod router;
 mod table;
 
 use std::process::ExitCode;
@@ -80,6 +81,8 @@ enum Cmd {
     },
     #[command(flatten)]
     Net(net::NetCmd),
+    #[command(flatten)]
+    Router(router::RouterCmd),
 }
 
 fn main() -> ExitCode {
@@ -273,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Net(cmd) => net::run(cmd, &conn, &host, &cli.bus_name, cli.json).await?,
+        Cmd::Router(cmd) => router::run(cmd, &conn, &host, &cli.bus_name, cli.json).await?,
         Cmd::Console {
             domain: name,
             devname,

@@ -4,7 +4,7 @@ use clap::Subcommand;
 use serde_json::json;
 use vpcctl::proxy::{HostProxy, NetworkProxy, PortProxy};
 
-use crate::table::print_table;
+use crate::table::{print_table, said};
 
 #[derive(Debug, Subcommand)]
 pub enum NetCmd {
@@ -107,14 +107,6 @@ async fn port(
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await
-}
-
-fn said(json: bool, what: &str) {
-    if json {
-        println!("{}", json!({ "result": what }));
-    } else {
-        println!("{what}\n");
-    }
 }
 
 pub async fn run(

@@ -16,6 +16,12 @@ pub trait Host {
     fn create_network(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn lookup_network(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_networks(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    fn create_router(&self, name: &str, network: &str) -> zbus::Result<OwnedObjectPath>;
+    fn lookup_router(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn list_routers(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    fn create_floating_ip(&self, ip: &str) -> zbus::Result<OwnedObjectPath>;
+    fn lookup_floating_ip(&self, ip: &str) -> zbus::Result<OwnedObjectPath>;
+    fn list_floating_ips(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
     #[allow(clippy::too_many_arguments)]
     fn create_port(
         &self,
@@ -143,4 +149,38 @@ pub fn error_message(e: &zbus::Error) -> String {
         zbus::Error::FDO(fdo) => fdo.to_string(),
         other => other.to_string(),
     }
+}
+
+#[proxy(interface = "org.vpcd.Router1")]
+pub trait Router {
+    fn delete(&self) -> zbus::Result<()>;
+    fn add_subnet(&self, subnet: &str) -> zbus::Result<()>;
+    fn remove_subnet(&self, subnet: &str) -> zbus::Result<()>;
+    fn set_gateway(&self, ip: &str) -> zbus::Result<String>;
+    fn clear_gateway(&self) -> zbus::Result<()>;
+    fn add_route(&self, destination: &str, via: &str) -> zbus::Result<()>;
+    fn remove_route(&self, destination: &str) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn network(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn subnets(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn external_address(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn routes(&self) -> zbus::Result<Vec<(String, String)>>;
+    #[zbus(property)]
+    fn namespace(&self) -> zbus::Result<String>;
+}
+
+#[proxy(interface = "org.vpcd.FloatingIp1")]
+pub trait FloatingIp {
+    fn attach(&self, port: u32) -> zbus::Result<()>;
+    fn detach(&self) -> zbus::Result<()>;
+    fn delete(&self) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn address(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn port(&self) -> zbus::Result<u32>;
 }

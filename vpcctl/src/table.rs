@@ -26,3 +26,12 @@ pub fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     }
     println!();
 }
+
+/// Prints the outcome of a verb: a line of text, or `{"result": ...}` with --json.
+pub fn said(json: bool, what: &str) {
+    if json {
+        println!("{}", serde_json::json!({ "result": what }));
+    } else {
+        println!("{what}\n");
+    }
+}

@@ -54,6 +54,24 @@ struct Cli {
     /// bpffs directory for pinned eBPF objects.
     #[arg(long)]
     bpf_dir: Option<PathBuf>,
+    /// VLAN filtering: auto, kernel, ebpf.
+    #[arg(long)]
+    vlan_filter: Option<String>,
+    /// Host bridge of routers' external network.
+    #[arg(long)]
+    external_bridge: Option<String>,
+    /// CIDR of the external network.
+    #[arg(long)]
+    external_cidr: Option<String>,
+    /// Routers' default next hop on the external network.
+    #[arg(long)]
+    external_gateway: Option<String>,
+    /// FIRST-LAST addresses for router gateways and floating IPs.
+    #[arg(long)]
+    external_pool: Option<String>,
+    /// A DNS server handed out by DHCP (repeat for several).
+    #[arg(long = "dns-server")]
+    dns_servers: Vec<String>,
 }
 
 impl Cli {
@@ -77,20 +95,22 @@ impl Cli {
         put("underlay_ip", self.underlay_ip.clone());
         put("link_prefix", self.link_prefix.clone());
         put("bpf_dir", path(&self.bpf_dir));
+        put("vlan_filter", self.vlan_filter.clone());
+        put("external_bridge", self.external_bridge.clone());
+        put("external_cidr", self.external_cidr.clone());
+        put("external_gateway", self.external_gateway.clone());
+        put("external_pool", self.external_pool.clone());
         if let Some(mtu) = self.underlay_mtu {
             d.insert("underlay_mtu".into(), Value::from(mtu));
         }
-        if !self.peers.is_empty() {
-            d.insert(
-                "peers".into(),
-                Value::from(
-                    self.peers
-                        .iter()
-                        .map(|p| Value::from(p.clone()))
-                        .collect::<Vec<_>>(),
-                ),
-            );
-        }
+        let mut list = |k: &str, v: &[String]| {
+            if !v.is_empty() {
+                let items: Vec<Value> = v.iter().map(|p| Value::from(p.clone())).collect();
+                d.insert(k.into(), Value::from(items));
+            }
+        };
+        list("peers", &self.peers);
+        list("dns_servers", &self.dns_servers);
         d
     }
 }

@@ -192,7 +192,11 @@ impl Manager {
                 _ => None,
             },
             external: cfg.external()?,
-            dns: cfg.dns_servers.iter().filter_map(|d| d.parse().ok()).collect(),
+            dns: cfg
+                .dns_servers
+                .iter()
+                .filter_map(|d| d.parse().ok())
+                .collect(),
         };
         NetManager::open(store.clone(), net_cfg)
             .await

@@ -72,6 +72,60 @@ impl HostIface {
             .collect())
     }
 
+    /// Creates a router for network `network` (one per network).
+    async fn create_router(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        name: &str,
+        network: &str,
+    ) -> Result<OwnedObjectPath, ApiError> {
+        self.manager.net()?.create_router(name, network).await?;
+        super::sync_net_objects(conn, &self.manager).await;
+        Ok(super::router::router_object(name))
+    }
+
+    async fn lookup_router(&self, name: &str) -> Result<OwnedObjectPath, ApiError> {
+        self.manager.net()?.state()?.router(name)?;
+        Ok(super::router::router_object(name))
+    }
+
+    async fn list_routers(&self) -> Result<Vec<OwnedObjectPath>, ApiError> {
+        let st = self.manager.net()?.state()?;
+        Ok(st
+            .routers
+            .keys()
+            .map(|n| super::router::router_object(n))
+            .collect())
+    }
+
+    /// Allocates a floating IP from the external pool: `ip`, or the next free one if "".
+    async fn create_floating_ip(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        ip: &str,
+    ) -> Result<OwnedObjectPath, ApiError> {
+        let ip = super::router::parse_ip("floating IP", ip)?;
+        let f = self.manager.net()?.create_floating_ip(ip).await?;
+        super::sync_net_objects(conn, &self.manager).await;
+        Ok(super::router::floating_ip_object(f.ip))
+    }
+
+    async fn lookup_floating_ip(&self, ip: &str) -> Result<OwnedObjectPath, ApiError> {
+        let ip = super::router::parse_ip("floating IP", ip)?
+            .ok_or_else(|| ApiError::InvalidArgument("floating IP: an address is needed".into()))?;
+        self.manager.net()?.state()?.floating_ip(ip)?;
+        Ok(super::router::floating_ip_object(ip))
+    }
+
+    async fn list_floating_ips(&self) -> Result<Vec<OwnedObjectPath>, ApiError> {
+        let st = self.manager.net()?.state()?;
+        Ok(st
+            .floating_ips
+            .iter()
+            .map(|f| super::router::floating_ip_object(f.ip))
+            .collect())
+    }
+
     /// Creates a tenant network (VPC).
     async fn create_network(
         &self,

@@ -9,6 +9,7 @@ mod error;
 mod host;
 mod network;
 mod path;
+mod router;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ pub use network::{NetworkIface, PortIface};
 pub use path::{domain_path, network_path, port_path, HOST_PATH};
 
 use crate::manager::{Manager, ManagerEvent};
+use router::{FloatingIpIface, RouterIface};
 
 /// Connects to the bus at `address` (empty: the system bus), exports every object and takes
 /// `name`. Keeps objects and signals in step with the manager until the connection drops.
@@ -126,16 +128,18 @@ async fn refresh_state(conn: &Connection, name: &str, state: hypervisor::VmState
 /// Exports an object per network and per port, and removes those that are gone. Run after
 /// every change of the tenant networks (and at start-up).
 pub(crate) async fn sync_net_objects(conn: &Connection, manager: &Arc<Manager>) {
-    static EXPORTED: std::sync::Mutex<Option<(Vec<String>, Vec<u32>)>> =
-        std::sync::Mutex::new(None);
+    type Exported = (Vec<String>, Vec<u32>, Vec<String>, Vec<std::net::Ipv4Addr>);
+    static EXPORTED: std::sync::Mutex<Option<Exported>> = std::sync::Mutex::new(None);
     let Ok(net) = manager.net() else { return };
     let Ok(st) = net.state() else { return };
     let nets: Vec<String> = st.networks.keys().cloned().collect();
     let ports: Vec<u32> = st.ports.keys().copied().collect();
-    let (old_nets, old_ports) = EXPORTED
+    let routers: Vec<String> = st.routers.keys().cloned().collect();
+    let fips: Vec<std::net::Ipv4Addr> = st.floating_ips.iter().map(|f| f.ip).collect();
+    let (old_nets, old_ports, old_routers, old_fips) = EXPORTED
         .lock()
         .unwrap()
-        .replace((nets.clone(), ports.clone()))
+        .replace((nets.clone(), ports.clone(), routers.clone(), fips.clone()))
         .unwrap_or_default();
     let server = conn.object_server();
     for n in old_nets.iter().filter(|n| !nets.contains(n)) {
@@ -143,6 +147,28 @@ pub(crate) async fn sync_net_objects(conn: &Connection, manager: &Arc<Manager>) 
     }
     for p in old_ports.iter().filter(|p| !ports.contains(p)) {
         let _ = server.remove::<PortIface, _>(port_path(*p)).await;
+    }
+    for r in old_routers.iter().filter(|r| !routers.contains(r)) {
+        let _ = server.remove::<RouterIface, _>(path::router_path(r)).await;
+    }
+    for f in old_fips.iter().filter(|f| !fips.contains(f)) {
+        let _ = server
+            .remove::<FloatingIpIface, _>(path::floating_ip_path(*f))
+            .await;
+    }
+    for r in &routers {
+        let iface = RouterIface {
+            manager: manager.clone(),
+            name: r.clone(),
+        };
+        let _ = server.at(path::router_path(r), iface).await;
+    }
+    for f in &fips {
+        let iface = FloatingIpIface {
+            manager: manager.clone(),
+            ip: *f,
+        };
+        let _ = server.at(path::floating_ip_path(*f), iface).await;
     }
     for n in &nets {
         let iface = NetworkIface {

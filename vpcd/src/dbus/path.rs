@@ -19,6 +19,16 @@ pub fn port_path(id: u32) -> String {
     format!("{HOST_PATH}/port/{id}")
 }
 
+/// A router's path.
+pub fn router_path(name: &str) -> String {
+    escaped(&format!("{HOST_PATH}/router/"), name)
+}
+
+/// A floating IP's path (`.` escaped like any other byte).
+pub fn floating_ip_path(ip: std::net::Ipv4Addr) -> String {
+    escaped(&format!("{HOST_PATH}/floating_ip/"), &ip.to_string())
+}
+
 fn escaped(base: &str, name: &str) -> String {
     let mut p = String::from(base);
     for b in name.bytes() {

@@ -1,7 +1,9 @@
-//! DHCP for subnets without a router, as Neutron's DHCP agent does it: per tenant with ports on
-//! this host, a service namespace; per subnet with ports here, a leg into the tenant bridge
-//! (a veth, an access port of the subnet's VLAN, port security off) holding the subnet's
-//! gateway address, and a DHCP server on it that answers from the IPAM's static leases.
+//! The service namespace of each tenant on this host, its legs and their DHCP servers: per
+//! tenant with ports here or a router, a namespace `<prefix>-svc-<tenant>-<owner8>`; per subnet
+//! with ports here or attached to the router, a leg into the tenant bridge (a veth, an access
+//! port of the subnet's VLAN, port security off) holding the subnet's gateway address, and a
+//! DHCP server on it that answers from the IPAM's static leases. With a router the namespace
+//! is the router (`l3.rs`); without, it only serves DHCP, as Neutron's DHCP agent does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -21,21 +23,61 @@ const SERVICE_PORT_BASE: u32 = 0xf000_0000;
 /// Lease time handed out.
 const LEASE_SECS: u32 = 3600;
 
-/// The subnets that get DHCP on this host: (network, subnet) with at least one port here.
+/// The subnets with a leg on this host: (network, subnet) with at least one port here or
+/// attached to a router.
 pub fn served(st: &NetState) -> BTreeSet<(String, String)> {
     st.ports
         .values()
         .map(|p| (p.network.clone(), p.subnet.clone()))
+        .chain(
+            st.routers
+                .values()
+                .flat_map(|r| r.subnets.iter().map(|s| (r.network.clone(), s.clone()))),
+        )
         .collect()
 }
 
 /// The service namespace of tenant `id` of the vpcd instance `owner`.
 pub fn namespace(prefix: &str, owner: &str, id: u32) -> String {
-    format!("{prefix}-dhcp-{id:x}-{}", &owner[..owner.len().min(8)])
+    format!("{prefix}-svc-{id:x}-{}", owner_tag(owner))
+}
+
+fn owner_tag(owner: &str) -> &str {
+    &owner[..owner.len().min(8)]
+}
+
+/// Port ids of the routers' external legs (their MACs): one per tenant.
+const EXTERNAL_PORT_BASE: u32 = 0xe000_0000;
+
+/// Adds the routers' external legs to `host`: for each router with a gateway whose tenant has
+/// a service namespace here.
+pub fn add_external_legs(
+    st: &NetState,
+    host: &mut HostNet,
+    prefix: &str,
+    owner: &str,
+    bridge: &str,
+) {
+    let served = served(st);
+    for r in st.routers.values().filter(|r| r.external_ip.is_some()) {
+        let Some(net) = st.networks.get(&r.network) else {
+            continue;
+        };
+        if !served.iter().any(|(n, _)| n == &net.name) {
+            continue;
+        }
+        host.externals.push(netdrv::model::ExternalLeg {
+            tenant: net.id,
+            bridge: bridge.to_string(),
+            netns: PathBuf::from("/run/netns").join(namespace(prefix, owner, net.id)),
+            ifname: super::nat::EXTERNAL_IF.to_string(),
+            mac: Mac::for_port(owner, EXTERNAL_PORT_BASE | net.id),
+        });
+    }
 }
 
 /// The leg's interface name inside the service namespace.
-fn leg_ifname(vlan: u16) -> String {
+pub(crate) fn leg_ifname(vlan: u16) -> String {
     format!("dh{vlan}")
 }
 
@@ -46,9 +88,6 @@ pub fn add_legs(st: &NetState, host: &mut HostNet, prefix: &str, owner: &str) {
         let Some(net) = st.networks.values().find(|n| n.id == tenant.id) else {
             continue;
         };
-        if tenant.ports.is_empty() {
-            continue;
-        }
         let ns = PathBuf::from("/run/netns").join(namespace(prefix, owner, net.id));
         for subnet in net.subnets.values() {
             if !served.contains(&(net.name.clone(), subnet.name.clone())) {
@@ -103,7 +142,14 @@ impl DhcpAgent {
 
     /// After netdrv applied the state: starts, updates and stops servers, and removes service
     /// namespaces no tenant needs any more.
-    pub async fn sync(&self, st: &NetState, prefix: &str, owner: &str, mtu: u32) -> Result<()> {
+    pub async fn sync(
+        &self,
+        st: &NetState,
+        prefix: &str,
+        owner: &str,
+        mtu: u32,
+        dns: &[Ipv4Addr],
+    ) -> Result<()> {
         let served = served(st);
         let stale: Vec<(String, String)> = self
             .running
@@ -138,7 +184,7 @@ impl DhcpAgent {
                 server: subnet.cidr.gateway(),
                 subnet: subnet.cidr,
                 router: Some(subnet.cidr.gateway()),
-                dns: Vec::new(),
+                dns: dns.to_vec(),
                 domain: None,
                 mtu: u16::try_from(mtu).ok(),
                 lease_secs: LEASE_SECS,
@@ -163,12 +209,16 @@ impl DhcpAgent {
             .filter_map(|(n, _)| st.networks.get(n))
             .map(|n| namespace(prefix, owner, n.id))
             .collect();
-        let mine = format!("{prefix}-dhcp-");
-        let tail = format!("-{}", &owner[..owner.len().min(8)]);
+        // (`-dhcp-` is the name earlier versions used.)
+        let mine = [format!("{prefix}-svc-"), format!("{prefix}-dhcp-")];
+        let tail = format!("-{}", owner_tag(owner));
         if let Ok(entries) = std::fs::read_dir("/run/netns") {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&mine) && name.ends_with(&tail) && !needed.contains(&name) {
+                if mine.iter().any(|m| name.starts_with(m.as_str()))
+                    && name.ends_with(&tail)
+                    && !needed.contains(&name)
+                {
                     Netns::delete_named(&name)?;
                 }
             }

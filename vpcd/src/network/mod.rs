@@ -4,8 +4,11 @@
 //! in the store and on the host, so nothing is half-created.
 
 mod dhcp;
-pub mod state;
+mod l3;
+pub mod metadata;
+pub mod nat;
 pub mod router;
+pub mod state;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -19,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 use state::{NetState, Network, Port, PortDevice, PortRequest, Subnet};
 
-const DOC: &str = "netstate";
+pub(crate) const DOC: &str = "netstate";
 
 /// Host settings for tenant networks (from vpcd's configuration).
 #[derive(Debug, Clone)]
@@ -45,6 +48,7 @@ pub struct NetManager {
     host: NetHost,
     cfg: NetConfig,
     dhcp: dhcp::DhcpAgent,
+    l3: l3::L3Agent,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -67,6 +71,7 @@ impl NetManager {
             host,
             cfg,
             dhcp: dhcp::DhcpAgent::default(),
+            l3: l3::L3Agent::default(),
             lock: tokio::sync::Mutex::new(()),
         };
         m.reconcile().await?;
@@ -99,6 +104,9 @@ impl NetManager {
             &self.cfg.peers,
         );
         dhcp::add_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner);
+        if let Some(x) = &self.cfg.external {
+            dhcp::add_external_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner, &x.bridge);
+        }
         host
     }
 
@@ -109,7 +117,10 @@ impl NetManager {
         let desired = self.desired(st);
         let ops = self.host.apply(&desired).await?;
         self.dhcp
-            .sync(st, prefix, owner, desired.port_mtu())
+            .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dns)
+            .await?;
+        self.l3
+            .sync(st, prefix, owner, self.cfg.external.as_ref(), &self.store)
             .await?;
         Ok(ops)
     }
@@ -235,6 +246,70 @@ impl NetManager {
             Ok(())
         })
         .await
+    }
+
+    pub async fn create_router(&self, name: &str, network: &str) -> Result<router::Router> {
+        self.change(|st| st.add_router(name, network)).await
+    }
+
+    pub async fn delete_router(&self, name: &str) -> Result<()> {
+        self.change(|st| st.remove_router(name).map(drop)).await
+    }
+
+    pub async fn router_add_subnet(&self, name: &str, subnet: &str) -> Result<()> {
+        self.change(|st| st.router_add_subnet(name, subnet)).await
+    }
+
+    pub async fn router_remove_subnet(&self, name: &str, subnet: &str) -> Result<()> {
+        self.change(|st| st.router_remove_subnet(name, subnet))
+            .await
+    }
+
+    /// Gives the router an address on the external network (`ip`, or the pool's next free).
+    pub async fn router_set_gateway(&self, name: &str, ip: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+        let ext = self.cfg.external.clone();
+        self.change(|st| st.router_set_gateway(name, ip, ext.as_ref()))
+            .await
+    }
+
+    pub async fn router_clear_gateway(&self, name: &str) -> Result<()> {
+        self.change(|st| st.router_clear_gateway(name)).await
+    }
+
+    pub async fn router_add_route(&self, name: &str, dest: &str, via: Ipv4Addr) -> Result<()> {
+        let ext = self.cfg.external.clone();
+        self.change(|st| st.router_add_route(name, dest, via, ext.as_ref()))
+            .await
+    }
+
+    pub async fn router_remove_route(&self, name: &str, dest: &str) -> Result<()> {
+        self.change(|st| st.router_remove_route(name, dest)).await
+    }
+
+    pub async fn create_floating_ip(&self, ip: Option<Ipv4Addr>) -> Result<router::FloatingIp> {
+        let ext = self.cfg.external.clone();
+        self.change(|st| st.create_floating_ip(ip, ext.as_ref()))
+            .await
+    }
+
+    pub async fn attach_floating_ip(&self, ip: Ipv4Addr, port: u32) -> Result<()> {
+        self.change(|st| st.attach_floating_ip(ip, port)).await
+    }
+
+    pub async fn detach_floating_ip(&self, ip: Ipv4Addr) -> Result<()> {
+        self.change(|st| st.detach_floating_ip(ip)).await
+    }
+
+    pub async fn delete_floating_ip(&self, ip: Ipv4Addr) -> Result<()> {
+        self.change(|st| st.delete_floating_ip(ip)).await
+    }
+
+    /// The service (router) namespace of network `network` on this host, if it has one.
+    pub fn router_namespace(&self, network: &str) -> Result<Option<String>> {
+        let st = self.state()?;
+        let net = st.network(network)?;
+        let has = dhcp::served(&st).iter().any(|(n, _)| n == network);
+        Ok(has.then(|| dhcp::namespace(&self.cfg.prefix, &self.cfg.owner, net.id)))
     }
 
     /// The link that carries port `p` on this host.

@@ -49,7 +49,11 @@ pub fn parse_dest(s: &str) -> std::result::Result<(Ipv4Addr, u8), String> {
     if prefix > 32 {
         return Err(bad());
     }
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     let net = Ipv4Addr::from(u32::from(addr) & mask);
     if net != addr {
         return Err(format!("{s} has host bits set (use {net}/{prefix})"));
@@ -256,7 +260,12 @@ impl NetState {
     }
 
     /// Checks an address asked for from the pool, or picks the next free one.
-    fn take_external(&self, ext: &ExternalNet, ip: Option<Ipv4Addr>, what: &str) -> Result<Ipv4Addr> {
+    fn take_external(
+        &self,
+        ext: &ExternalNet,
+        ip: Option<Ipv4Addr>,
+        what: &str,
+    ) -> Result<Ipv4Addr> {
         let used = self.external_in_use();
         match ip {
             Some(ip) if !ext.in_pool(ip) => Err(Error::InvalidArgument(format!(
@@ -375,7 +384,8 @@ impl NetState {
 
     pub fn router_remove_route(&mut self, router: &str, dest: &str) -> Result<()> {
         let what = format!("router {router}: route {dest}");
-        let (d, p) = parse_dest(dest).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+        let (d, p) =
+            parse_dest(dest).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
         let r = self.router_mut(router)?;
         let before = r.routes.len();
         r.routes.retain(|rt| (rt.dest, rt.prefix) != (d, p));
@@ -480,18 +490,25 @@ mod tests {
     use crate::network::state::PortRequest;
 
     fn ext() -> ExternalNet {
-        ExternalNet::new("brx", "203.0.113.0/24", "203.0.113.1", Some("203.0.113.10-203.0.113.12"))
-            .unwrap()
+        ExternalNet::new(
+            "brx",
+            "203.0.113.0/24",
+            "203.0.113.1",
+            Some("203.0.113.10-203.0.113.12"),
+        )
+        .unwrap()
     }
 
     /// Network a (web 10.0.0.0/24, db 10.0.1.0/24) with one port on each; network b (web).
     fn state() -> NetState {
         let mut st = NetState::default();
         st.add_network("a").unwrap();
-        st.add_subnet("a", "web", "10.0.0.0/24", None, None).unwrap();
+        st.add_subnet("a", "web", "10.0.0.0/24", None, None)
+            .unwrap();
         st.add_subnet("a", "db", "10.0.1.0/24", None, None).unwrap();
         st.add_network("b").unwrap();
-        st.add_subnet("b", "web", "10.0.0.0/24", None, None).unwrap();
+        st.add_subnet("b", "web", "10.0.0.0/24", None, None)
+            .unwrap();
         for (n, s) in [("a", "web"), ("a", "db"), ("b", "web")] {
             st.add_port(
                 &PortRequest {
@@ -510,11 +527,17 @@ mod tests {
     fn one_router_per_network_and_names_are_checked() {
         let mut st = state();
         st.add_router("r1", "a").unwrap();
-        assert!(matches!(st.add_router("r1", "b"), Err(Error::AlreadyExists(_))));
+        assert!(matches!(
+            st.add_router("r1", "b"),
+            Err(Error::AlreadyExists(_))
+        ));
         let e = st.add_router("r2", "a").unwrap_err();
         assert!(e.to_string().contains("already has router r1"), "{e}");
         assert!(matches!(st.add_router("r3", "zz"), Err(Error::NotFound(_))));
-        assert!(matches!(st.add_router("bad name", "b"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            st.add_router("bad name", "b"),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]
@@ -527,7 +550,10 @@ mod tests {
         let e = st.router_add_subnet("r1", "b/web").unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         assert!(e.to_string().contains("b/web"), "{e}");
-        assert!(matches!(st.router_add_subnet("r1", "nope"), Err(Error::NotFound(_))));
+        assert!(matches!(
+            st.router_add_subnet("r1", "nope"),
+            Err(Error::NotFound(_))
+        ));
         assert_eq!(st.router("r1").unwrap().subnets.len(), 2);
         let e = st.remove_router("r1").unwrap_err();
         assert!(matches!(e, Error::InvalidState(_)), "{e}");
@@ -580,7 +606,10 @@ mod tests {
         let g = st.create_floating_ip(None, Some(&x)).unwrap().ip;
         let e = st.attach_floating_ip(g, 1).unwrap_err();
         assert!(e.to_string().contains("already has floating IP"), "{e}");
-        assert!(matches!(st.attach_floating_ip(f, 99), Err(Error::NotFound(_))));
+        assert!(matches!(
+            st.attach_floating_ip(f, 99),
+            Err(Error::NotFound(_))
+        ));
         // While attached, the subnet and the gateway stay.
         assert!(st.router_remove_subnet("r1", "web").is_err());
         assert!(st.router_clear_gateway("r1").is_err());
@@ -607,19 +636,32 @@ mod tests {
         let e = st
             .router_add_route("r1", "192.168.6.0/24", Ipv4Addr::new(10, 0, 0, 1), Some(&x))
             .unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument(_)), "the gateway itself: {e}");
+        assert!(
+            matches!(e, Error::InvalidArgument(_)),
+            "the gateway itself: {e}"
+        );
         let e = st
             .router_add_route("r1", "192.168.6.1/24", Ipv4Addr::new(10, 0, 0, 9), Some(&x))
             .unwrap_err();
         assert!(e.to_string().contains("host bits"), "{e}");
         // On the external network once there is a gateway.
         let e = st
-            .router_add_route("r1", "198.51.100.0/24", Ipv4Addr::new(203, 0, 113, 1), Some(&x))
+            .router_add_route(
+                "r1",
+                "198.51.100.0/24",
+                Ipv4Addr::new(203, 0, 113, 1),
+                Some(&x),
+            )
             .unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         st.router_set_gateway("r1", None, Some(&x)).unwrap();
-        st.router_add_route("r1", "198.51.100.0/24", Ipv4Addr::new(203, 0, 113, 1), Some(&x))
-            .unwrap();
+        st.router_add_route(
+            "r1",
+            "198.51.100.0/24",
+            Ipv4Addr::new(203, 0, 113, 1),
+            Some(&x),
+        )
+        .unwrap();
         // Replacing a destination keeps one route.
         st.router_add_route("r1", "192.168.5.0/24", Ipv4Addr::new(10, 0, 0, 8), Some(&x))
             .unwrap();
@@ -635,12 +677,24 @@ mod tests {
     fn external_configuration_is_checked() {
         assert!(ExternalNet::new("brx", "203.0.113.0/24", "198.51.100.1", None).is_err());
         assert!(ExternalNet::new("brx", "203.0.113.0/24", "203.0.113.1", Some("x")).is_err());
-        assert!(
-            ExternalNet::new("brx", "203.0.113.0/24", "203.0.113.1", Some("203.0.113.0-203.0.113.5"))
-                .is_err()
-        );
+        assert!(ExternalNet::new(
+            "brx",
+            "203.0.113.0/24",
+            "203.0.113.1",
+            Some("203.0.113.0-203.0.113.5")
+        )
+        .is_err());
         let x = ExternalNet::new("brx", "203.0.113.0/24", "203.0.113.1", None).unwrap();
-        assert_eq!(x.pool, (Ipv4Addr::new(203, 0, 113, 1), Ipv4Addr::new(203, 0, 113, 254)));
-        assert!(!x.in_pool(Ipv4Addr::new(203, 0, 113, 1)), "the gateway is never handed out");
+        assert_eq!(
+            x.pool,
+            (
+                Ipv4Addr::new(203, 0, 113, 1),
+                Ipv4Addr::new(203, 0, 113, 254)
+            )
+        );
+        assert!(
+            !x.in_pool(Ipv4Addr::new(203, 0, 113, 1)),
+            "the gateway is never handed out"
+        );
     }
 }

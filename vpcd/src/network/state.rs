@@ -242,10 +242,7 @@ impl NetState {
             .values()
             .filter(|p| p.network == network && p.subnet == name)
             .count();
-        if let Some(r) = self
-            .router_of(network)
-            .filter(|r| r.subnets.contains(name))
-        {
+        if let Some(r) = self.router_of(network).filter(|r| r.subnets.contains(name)) {
             return Err(Error::InvalidState(format!(
                 "subnet {network}/{name} is attached to router {}; remove it first",
                 r.name

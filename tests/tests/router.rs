@@ -1,0 +1,324 @@
+//! Virtual routers against real kernel objects: a vpcd "host" namespace with an external
+//! bridge, an "external" namespace on it (203.0.113.1, the routers' next hop), namespace "VMs"
+//! and real guests. Routing between subnets, SNAT (the source the external side sees), floating
+//! IPs attached and detached live, tenant isolation with overlapping CIDRs, static routes,
+//! crash safety, and the metadata service.
+
+use vpcd_tests::*;
+
+const EXT_GW: &str = "203.0.113.1";
+
+/// A vpcd host with an external network: bridge `xbr` in the host namespace, and `world`, a
+/// namespace on that bridge holding the external gateway address.
+struct Lab {
+    host: Ns,
+    world: Ns,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let host = Ns::new("rh");
+        let world = Ns::new("rw");
+        host.ok(&["ip", "link", "add", "xbr", "type", "bridge"]);
+        host.ok(&["ip", "link", "set", "xbr", "up"]);
+        let w = format!("{}x", world.name);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &w,
+                "netns",
+                &host.name,
+                "type",
+                "veth",
+                "peer",
+                "eth0",
+                "netns",
+                &world.name,
+            ],
+        );
+        host.ok(&["ip", "link", "set", &w, "master", "xbr", "up"]);
+        world.ok(&["ip", "addr", "add", &format!("{EXT_GW}/24"), "dev", "eth0"]);
+        world.ok(&["ip", "link", "set", "eth0", "up"]);
+        Lab { host, world }
+    }
+
+    fn flags(&self) -> Vec<String> {
+        [
+            "--netns",
+            &self.host.path(),
+            "--external-bridge",
+            "xbr",
+            "--external-cidr",
+            "203.0.113.0/24",
+            "--external-gateway",
+            EXT_GW,
+            "--external-pool",
+            "203.0.113.10-203.0.113.20",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    async fn daemon(&self) -> Daemon {
+        let opts = DaemonOpts {
+            backend: "qmp",
+            extra: self.flags(),
+            ..Default::default()
+        };
+        Daemon::start_with(opts, Bus::open()).await
+    }
+}
+
+/// A namespace VM on `net/subnet` with address `ip` and its gateway as default route.
+fn vm(d: &Daemon, tag: &str, net: &str, subnet: &str, ip: &str, gw: &str) -> Ns {
+    let ns = ns_port(d, tag, net, subnet, ip, true);
+    ns.ok(&["ip", "route", "add", "default", "via", gw]);
+    ns
+}
+
+/// The vpcctl error line of a failing verb.
+fn fails(d: &Daemon, args: &[&str]) -> String {
+    let out = d.vpcctl(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn router_ns(d: &Daemon, router: &str) -> String {
+    let info: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "router-info", router])).unwrap();
+    info["namespace"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
+    let lab = Lab::new();
+    let d = lab.daemon().await;
+    d.vpcctl_ok(&["net-create", "a"]);
+    d.vpcctl_ok(&["subnet-create", "a", "web", "10.20.1.0/24"]);
+    d.vpcctl_ok(&["subnet-create", "a", "db", "10.20.2.0/24"]);
+    d.vpcctl_ok(&["subnet-create", "a", "lone", "10.20.3.0/24"]);
+    let web = vm(&d, "w1", "a", "web", "10.20.1.5", "10.20.1.1");
+    let db = vm(&d, "d1", "a", "db", "10.20.2.5", "10.20.2.1");
+    let lone = vm(&d, "l1", "a", "lone", "10.20.3.5", "10.20.3.1");
+
+    // Without a router: the gateway (DHCP leg) answers, nothing is routed.
+    assert!(web.pings("10.20.1.1"));
+    assert!(!web.pings("10.20.2.5"), "routed without a router");
+
+    d.vpcctl_ok(&["router-create", "r1", "a"]);
+    d.vpcctl_ok(&["router-add-subnet", "r1", "web"]);
+    d.vpcctl_ok(&["router-add-subnet", "r1", "a/db"]);
+    assert!(web.pings("10.20.2.5"), "web -> db through the router");
+    assert!(db.pings("10.20.1.5"), "db -> web through the router");
+    // A subnet not attached is not routed, though its DHCP leg shares the namespace.
+    assert!(lone.pings("10.20.3.1"));
+    assert!(!lone.pings("10.20.1.5"), "an unattached subnet was routed");
+    assert!(!web.pings(EXT_GW), "reached outside without a gateway");
+
+    // SNAT: the external side sees the router's external address.
+    let out = d.vpcctl_ok(&["router-set-gateway", "r1"]);
+    assert!(out.contains("203.0.113.10"), "{out}");
+    assert!(web.pings(EXT_GW));
+    let seen = lab.world.http_once("203.0.113.1:8080");
+    assert!(web.tcp_from("203.0.113.1:8080").is_some());
+    assert_eq!(
+        seen.join().unwrap().unwrap().ip().to_string(),
+        "203.0.113.10"
+    );
+
+    // A floating IP: reachable from outside while attached, and the VM's own source.
+    let out = d.vpcctl_ok(&["fip-create"]);
+    assert!(out.contains("203.0.113.11"), "{out}");
+    assert!(
+        !lab.world.pings("203.0.113.11"),
+        "an unattached floating IP answered"
+    );
+    let web_port = port_id_in(&d, Some("a"), "10.20.1.5").to_string();
+    d.vpcctl_ok(&["fip-attach", "203.0.113.11", &web_port]);
+    assert!(lab.world.pings("203.0.113.11"), "floating IP not reachable");
+    let seen_in_vm = web.http_once("10.20.1.5:8081");
+    assert!(lab.world.tcp_from("203.0.113.11:8081").is_some());
+    assert_eq!(seen_in_vm.join().unwrap().unwrap().ip().to_string(), EXT_GW);
+    let seen = lab.world.http_once("203.0.113.1:8082");
+    assert!(web.tcp_from("203.0.113.1:8082").is_some());
+    assert_eq!(
+        seen.join().unwrap().unwrap().ip().to_string(),
+        "203.0.113.11"
+    );
+    let fips: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "fip-list"])).unwrap();
+    assert_eq!(fips[0]["port"].to_string(), web_port);
+    d.vpcctl_ok(&["fip-detach", "203.0.113.11"]);
+    assert!(!lab.world.pings("203.0.113.11"), "reachable after detach");
+    assert!(web.pings(EXT_GW), "SNAT after detach");
+
+    // Bad input: typed errors, nothing changed.
+    d.vpcctl_ok(&["net-create", "b"]);
+    d.vpcctl_ok(&["subnet-create", "b", "web", "10.20.1.0/24"]);
+    let e = fails(&d, &["router-add-subnet", "r1", "b/web"]);
+    assert!(e.contains("InvalidArgument") && e.contains("b/web"), "{e}");
+    let e = fails(&d, &["fip-create", "--ip", "198.51.100.7"]);
+    assert!(e.contains("outside the external pool"), "{e}");
+    let e = fails(&d, &["fip-create", "--ip", "203.0.113.10"]);
+    assert!(e.contains("in use"), "{e}");
+    let e = fails(
+        &d,
+        &["router-add-route", "r1", "192.168.9.0/24", "10.99.0.1"],
+    );
+    assert!(e.contains("next hop 10.99.0.1"), "{e}");
+    let e = fails(&d, &["router-create", "r2", "a"]);
+    assert!(e.contains("already has router r1"), "{e}");
+    let e = fails(&d, &["subnet-delete", "a", "web"]);
+    assert!(e.contains("InvalidState"), "{e}");
+
+    // A static route shows in the router's namespace.
+    d.vpcctl_ok(&["router-add-route", "r1", "192.168.9.0/24", "10.20.1.5"]);
+    let ns = router_ns(&d, "r1");
+    let routes = sh("ip", &["-n", &ns, "route", "show"]);
+    assert!(routes.contains("192.168.9.0/24 via 10.20.1.5"), "{routes}");
+    assert!(
+        routes.contains(&format!("default via {EXT_GW}")),
+        "{routes}"
+    );
+
+    // Tenant b, same CIDR as a/web, with a router of its own: reaches nothing of a's.
+    let b1 = vm(&d, "b1", "b", "web", "10.20.1.5", "10.20.1.1");
+    d.vpcctl_ok(&["router-create", "rb", "b"]);
+    d.vpcctl_ok(&["router-add-subnet", "rb", "web"]);
+    assert!(b1.pings("10.20.1.1"), "b's own gateway");
+    assert!(!b1.pings("10.20.2.5"), "b reached a/db");
+    assert!(!b1.pings("10.20.3.1"), "b reached a's namespace");
+
+    // SIGKILL and restart: everything is still there and still works.
+    let mut d = d;
+    d.kill9();
+    d.restart().await;
+    assert!(web.pings("10.20.2.5"), "routing after restart");
+    let seen = lab.world.http_once("203.0.113.1:8083");
+    assert!(web.tcp_from("203.0.113.1:8083").is_some());
+    assert_eq!(
+        seen.join().unwrap().unwrap().ip().to_string(),
+        "203.0.113.10"
+    );
+
+    // Tear down: the external leg and the router namespace go with the last subnet and port.
+    d.vpcctl_ok(&["fip-delete", "203.0.113.11"]);
+    d.vpcctl_ok(&["router-set-gateway", "r1", "--clear"]);
+    let ext_legs = lab.host.ok(&["ip", "-o", "link", "show", "master", "xbr"]);
+    assert!(!ext_legs.contains("vpce"), "external leg left: {ext_legs}");
+    for s in ["web", "db"] {
+        d.vpcctl_ok(&["router-remove-subnet", "r1", s]);
+    }
+    d.vpcctl_ok(&["router-delete", "r1"]);
+    d.vpcctl_ok(&["router-remove-subnet", "rb", "web"]);
+    d.vpcctl_ok(&["router-delete", "rb"]);
+    for ip in ["10.20.1.5", "10.20.2.5", "10.20.3.5"] {
+        let id = port_id_in(&d, Some("a"), ip).to_string();
+        d.vpcctl_ok(&["port-delete", &id]);
+    }
+    let id = port_id_in(&d, Some("b"), "10.20.1.5").to_string();
+    d.vpcctl_ok(&["port-delete", &id]);
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-svc-") && n.ends_with(&d.instance_id[..8]))
+        .collect();
+    assert!(left.is_empty(), "service namespaces left: {left:?}");
+    drop((web, db, lone, b1));
+}
+
+/// The body of an HTTP GET from inside a guest (busybox nc: the image's busybox wget crashes
+/// in its static resolver).
+fn http_get(shell: &mut GuestShell, host: &str, port: u16, path: &str) -> String {
+    let out = shell.ok(&format!(
+        "printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | timeout 10 nc -w 5 {host} {port}"
+    ));
+    let out = out.replace('\r', "");
+    let (head, body) = out
+        .split_once("\n\n")
+        .unwrap_or_else(|| panic!("no HTTP reply for {path}: {out:?}"));
+    assert!(head.contains(" 200 "), "GET {path}: {head}");
+    body.to_string()
+}
+
+#[tokio::test]
+async fn guests_get_dhcp_route_snat_and_only_their_own_metadata() {
+    let lab = Lab::new();
+    let d = lab.daemon().await;
+    d.vpcctl_ok(&["net-create", "a"]);
+    d.vpcctl_ok(&["subnet-create", "a", "web", "10.30.1.0/24"]);
+    d.vpcctl_ok(&["subnet-create", "a", "db", "10.30.2.0/24"]);
+    d.vpcctl_ok(&["router-create", "r1", "a"]);
+    d.vpcctl_ok(&["router-add-subnet", "r1", "web"]);
+    d.vpcctl_ok(&["router-add-subnet", "r1", "db"]);
+    d.vpcctl_ok(&["router-set-gateway", "r1"]);
+    let db = vm(&d, "d1", "a", "db", "10.30.2.5", "10.30.2.1");
+
+    let nic = "[[nics]]\nnetwork = \"a\"\nsubnet = \"web\"\n";
+    let mut guests = Vec::new();
+    for (i, host) in ["alpha", "beta"].iter().enumerate() {
+        let name = unique(&format!("md{i}"));
+        let ci = format!(
+            "[cloud_init]\nhostname = \"{host}\"\nuser_data = \"#cloud-config\\n# for {host}\\n\"\n"
+        );
+        d.create(&format!("{}{nic}{ci}", kernel_spec(&name, "")), "qmp");
+        guests.push((name, host.to_string()));
+    }
+    for (name, host) in &guests {
+        d.wait_console(name, BOOT_MARKER, 1);
+        let nics: serde_json::Value =
+            serde_json::from_str(&d.vpcctl_ok(&["--json", "domiflist", name])).unwrap();
+        let ip = nics[0]["ip"].as_str().unwrap().to_string();
+        d.wait_console(name, &format!("VPCD-DHCP eth0 {ip}/24"), 1);
+        let mut shell = d.guest_shell(name).await;
+        assert_eq!(shell.ok("cat /sys/class/net/eth0/mtu").trim(), "1500");
+        let (out, rc) = shell.run("ping -c 2 -W 2 10.30.1.1");
+        assert_eq!(rc, 0, "gateway: {out}");
+        let (out, rc) = shell.run("ping -c 2 -W 2 10.30.2.5");
+        assert_eq!(rc, 0, "a VM in the other subnet through the router: {out}");
+        // SNAT: the external side sees the router's address.
+        let seen = lab.world.http_once("203.0.113.1:8090");
+        let body = http_get(&mut shell, "203.0.113.1", 8090, "/");
+        assert_eq!(body.trim(), "hello", "external through SNAT");
+        assert_eq!(
+            seen.join().unwrap().unwrap().ip().to_string(),
+            "203.0.113.10"
+        );
+        // Metadata: its own, in both layouts.
+        let get = |shell: &mut GuestShell, path: &str| http_get(shell, "169.254.169.254", 80, path);
+        assert_eq!(get(&mut shell, "/latest/meta-data/hostname").trim(), host);
+        assert_eq!(get(&mut shell, "/latest/meta-data/local-ipv4").trim(), ip);
+        let user = get(&mut shell, "/latest/user-data");
+        assert!(user.contains(&format!("# for {host}")), "{user}");
+        let other = if host == "alpha" { "beta" } else { "alpha" };
+        assert!(!user.contains(other), "{user}");
+        let meta = get(&mut shell, "/openstack/latest/meta_data.json");
+        let j: serde_json::Value = serde_json::from_str(meta.trim()).unwrap();
+        assert_eq!(j["hostname"], host.as_str());
+        assert_eq!(j["name"], name.as_str());
+        let uuid: serde_json::Value =
+            serde_json::from_str(&d.vpcctl_ok(&["--json", "dominfo", name])).unwrap();
+        assert_eq!(j["uuid"], uuid["uuid"]);
+    }
+    // A namespace port is no VM: nothing for it.
+    let status = db.run(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+        "http://169.254.169.254/latest/meta-data/hostname",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "404");
+    for (name, _) in &guests {
+        d.vpcctl_ok(&["destroy", name]);
+        d.vpcctl_ok(&["undefine", name]);
+    }
+}

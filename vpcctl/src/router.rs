@@ -1,0 +1,277 @@
+//! Router and floating-IP verbs.
+
+use clap::Subcommand;
+use serde_json::json;
+use vpcctl::proxy::{FloatingIpProxy, HostProxy, RouterProxy};
+
+use crate::table::{print_table, said};
+
+#[derive(Debug, Subcommand)]
+pub enum RouterCmd {
+    /// Create a router for a network (one per network).
+    RouterCreate { name: String, network: String },
+    /// List routers.
+    RouterList,
+    /// Show a router: subnets, gateway, routes, namespace.
+    RouterInfo { name: String },
+    /// Delete a router (it must have no subnets attached).
+    RouterDelete { name: String },
+    /// Attach a subnet of the router's network (SUBNET or NETWORK/SUBNET).
+    RouterAddSubnet { name: String, subnet: String },
+    /// Detach a subnet.
+    RouterRemoveSubnet { name: String, subnet: String },
+    /// Put the router on the external network (SNAT), or take it off with --clear.
+    RouterSetGateway {
+        name: String,
+        /// The external address; default: the next free one of the pool.
+        #[arg(long, default_value = "")]
+        ip: String,
+        #[arg(long, conflicts_with = "ip")]
+        clear: bool,
+    },
+    /// Add (or replace) a static route: DEST (a.b.c.d/n) via NEXT_HOP.
+    RouterAddRoute {
+        name: String,
+        destination: String,
+        via: String,
+    },
+    /// Remove a static route.
+    RouterRemoveRoute { name: String, destination: String },
+    /// Allocate a floating IP from the external pool.
+    FipCreate {
+        /// The address; default: the next free one of the pool.
+        #[arg(long, default_value = "")]
+        ip: String,
+    },
+    /// Map a floating IP to a port (its subnet must be attached to a router with a gateway).
+    FipAttach { ip: String, port: u32 },
+    /// Unmap a floating IP.
+    FipDetach { ip: String },
+    /// Release a floating IP.
+    FipDelete { ip: String },
+    /// List floating IPs.
+    FipList,
+}
+
+async fn router(
+    conn: &zbus::Connection,
+    host: &HostProxy<'_>,
+    bus: &str,
+    name: &str,
+) -> zbus::Result<RouterProxy<'static>> {
+    let path = host.lookup_router(name).await?;
+    RouterProxy::builder(conn)
+        .destination(bus.to_string())?
+        .path(path)?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+async fn fip(
+    conn: &zbus::Connection,
+    host: &HostProxy<'_>,
+    bus: &str,
+    ip: &str,
+) -> zbus::Result<FloatingIpProxy<'static>> {
+    let path = host.lookup_floating_ip(ip).await?;
+    FloatingIpProxy::builder(conn)
+        .destination(bus.to_string())?
+        .path(path)?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+pub async fn run(
+    cmd: RouterCmd,
+    conn: &zbus::Connection,
+    host: &HostProxy<'_>,
+    bus: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    match cmd {
+        RouterCmd::RouterCreate { name, network } => {
+            host.create_router(&name, &network).await?;
+            said(
+                json,
+                &format!("Router '{name}' created for network '{network}'"),
+            );
+        }
+        RouterCmd::RouterList => {
+            let mut rows = Vec::new();
+            for path in host.list_routers().await? {
+                let r = RouterProxy::builder(conn)
+                    .destination(bus.to_string())?
+                    .path(path)?
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await?;
+                rows.push((
+                    r.name().await?,
+                    r.network().await?,
+                    r.subnets().await?.join(","),
+                    r.external_address().await?,
+                ));
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(n, net, s, x)| {
+                        json!({"name": n, "network": net, "subnets": s, "external_address": x})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(
+                    &["Name", "Network", "Subnets", "External address"],
+                    rows.into_iter()
+                        .map(|(n, net, s, x)| vec![n, net, s, x])
+                        .collect(),
+                );
+            }
+        }
+        RouterCmd::RouterInfo { name } => {
+            let r = router(conn, host, bus, &name).await?;
+            let (network, subnets, ext, routes, ns) = (
+                r.network().await?,
+                r.subnets().await?,
+                r.external_address().await?,
+                r.routes().await?,
+                r.namespace().await?,
+            );
+            if json {
+                let routes: Vec<_> = routes
+                    .iter()
+                    .map(|(d, v)| json!({"destination": d, "via": v}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "name": name, "network": network, "subnets": subnets,
+                        "external_address": ext, "routes": routes, "namespace": ns,
+                    }))?
+                );
+            } else {
+                println!("{:<18}{name}", "Name:");
+                println!("{:<18}{network}", "Network:");
+                println!("{:<18}{}", "Subnets:", subnets.join(", "));
+                println!("{:<18}{ext}", "External address:");
+                println!("{:<18}{ns}\n", "Namespace:");
+                print_table(
+                    &["Destination", "Via"],
+                    routes.into_iter().map(|(d, v)| vec![d, v]).collect(),
+                );
+            }
+        }
+        RouterCmd::RouterDelete { name } => {
+            router(conn, host, bus, &name).await?.delete().await?;
+            said(json, &format!("Router '{name}' deleted"));
+        }
+        RouterCmd::RouterAddSubnet { name, subnet } => {
+            router(conn, host, bus, &name)
+                .await?
+                .add_subnet(&subnet)
+                .await?;
+            said(
+                json,
+                &format!("Subnet '{subnet}' attached to router '{name}'"),
+            );
+        }
+        RouterCmd::RouterRemoveSubnet { name, subnet } => {
+            router(conn, host, bus, &name)
+                .await?
+                .remove_subnet(&subnet)
+                .await?;
+            said(
+                json,
+                &format!("Subnet '{subnet}' detached from router '{name}'"),
+            );
+        }
+        RouterCmd::RouterSetGateway { name, ip, clear } => {
+            let r = router(conn, host, bus, &name).await?;
+            if clear {
+                r.clear_gateway().await?;
+                said(
+                    json,
+                    &format!("Router '{name}' is off the external network"),
+                );
+            } else {
+                let ip = r.set_gateway(&ip).await?;
+                said(json, &format!("Router '{name}' gateway set: {ip}"));
+            }
+        }
+        RouterCmd::RouterAddRoute {
+            name,
+            destination,
+            via,
+        } => {
+            router(conn, host, bus, &name)
+                .await?
+                .add_route(&destination, &via)
+                .await?;
+            said(
+                json,
+                &format!("Route {destination} via {via} added to router '{name}'"),
+            );
+        }
+        RouterCmd::RouterRemoveRoute { name, destination } => {
+            router(conn, host, bus, &name)
+                .await?
+                .remove_route(&destination)
+                .await?;
+            said(
+                json,
+                &format!("Route {destination} removed from router '{name}'"),
+            );
+        }
+        RouterCmd::FipCreate { ip } => {
+            let path = host.create_floating_ip(&ip).await?;
+            let f = FloatingIpProxy::builder(conn)
+                .destination(bus.to_string())?
+                .path(path)?
+                .build()
+                .await?;
+            said(json, &format!("Floating IP {} created", f.address().await?));
+        }
+        RouterCmd::FipAttach { ip, port } => {
+            fip(conn, host, bus, &ip).await?.attach(port).await?;
+            said(json, &format!("Floating IP {ip} attached to port {port}"));
+        }
+        RouterCmd::FipDetach { ip } => {
+            fip(conn, host, bus, &ip).await?.detach().await?;
+            said(json, &format!("Floating IP {ip} detached"));
+        }
+        RouterCmd::FipDelete { ip } => {
+            fip(conn, host, bus, &ip).await?.delete().await?;
+            said(json, &format!("Floating IP {ip} deleted"));
+        }
+        RouterCmd::FipList => {
+            let mut rows = Vec::new();
+            for path in host.list_floating_ips().await? {
+                let f = FloatingIpProxy::builder(conn)
+                    .destination(bus.to_string())?
+                    .path(path)?
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await?;
+                rows.push((f.address().await?, f.port().await?));
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(a, p)| json!({"address": a, "port": (*p != 0).then_some(*p)}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(
+                    &["Address", "Port"],
+                    rows.into_iter()
+                        .map(|(a, p)| vec![a, if p == 0 { "-".into() } else { p.to_string() }])
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(())
+}

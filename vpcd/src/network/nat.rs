@@ -1,0 +1,300 @@
+//! The nftables table of a router: forwarding policy, SNAT and floating IPs, written as nft's
+//! JSON and applied with `nft -j -f -` inside the router's namespace, as one transaction that
+//! replaces the whole table (add, delete, add again), so a change never leaves half a table.
+//!
+//! The table is `ip vpcd`, the only one vpcd makes in a namespace it owns:
+//!
+//! ```text
+//! table ip vpcd {
+//!   chain forward { type filter hook forward priority 0; policy drop;
+//!     ct state established,related accept
+//!     iifname { <legs of attached subnets> } oifname { <same> } accept   # between subnets
+//!     iifname { <legs> } oifname "ext0" accept                           # out, SNAT below
+//!     iifname "ext0" ct status dnat accept                                # in, to floating IPs
+//!   }
+//!   chain prerouting { type nat hook prerouting priority -100;
+//!     iifname "ext0" ip daddr <floating IP> dnat to <port address>        # per floating IP
+//!   }
+//!   chain postrouting { type nat hook postrouting priority 100;
+//!     oifname "ext0" ip saddr <port address> snat to <floating IP>        # per floating IP
+//!     oifname "ext0" ip saddr { <attached subnets> } snat to <router's external address>
+//!   }
+//! }
+//! ```
+//! Legs of subnets not attached to the router (DHCP only) forward nothing.
+
+use std::net::Ipv4Addr;
+
+use netdrv::ipam::Ipv4Cidr;
+use netdrv::Netns;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+
+pub const TABLE: &str = "vpcd";
+/// The router's external interface inside its namespace.
+pub const EXTERNAL_IF: &str = "ext0";
+
+/// What a router's table says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouterRules {
+    /// Interfaces (legs) of the attached subnets.
+    pub legs: Vec<String>,
+    /// CIDRs of the attached subnets (SNAT sources).
+    pub subnets: Vec<Ipv4Cidr>,
+    /// The router's external address, if it has a gateway.
+    pub external_ip: Option<Ipv4Addr>,
+    /// (floating IP, port address).
+    pub floating: Vec<(Ipv4Addr, Ipv4Addr)>,
+}
+
+fn table() -> Value {
+    json!({"family": "ip", "name": TABLE})
+}
+
+fn chain(name: &str, kind: &str, hook: &str, prio: i32, policy: &str) -> Value {
+    json!({"add": {"chain": {
+        "family": "ip", "table": TABLE, "name": name,
+        "type": kind, "hook": hook, "prio": prio, "policy": policy
+    }}})
+}
+
+fn rule(chain: &str, expr: Vec<Value>) -> Value {
+    json!({"add": {"rule": {"family": "ip", "table": TABLE, "chain": chain, "expr": expr}}})
+}
+
+fn is(key: &str, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": {"meta": {"key": key}}, "right": right}})
+}
+
+fn ip_is(field: &str, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": right}})
+}
+
+fn names(v: &[String]) -> Value {
+    json!({"set": v})
+}
+
+/// The batch that replaces the table with `r`'s.
+pub fn ruleset(r: &RouterRules) -> Value {
+    let accept = json!({"accept": null});
+    let mut cmds = vec![
+        json!({"add": {"table": table()}}),
+        json!({"delete": {"table": table()}}),
+        json!({"add": {"table": table()}}),
+        chain("forward", "filter", "forward", 0, "drop"),
+        chain("prerouting", "nat", "prerouting", -100, "accept"),
+        chain("postrouting", "nat", "postrouting", 100, "accept"),
+        rule(
+            "forward",
+            vec![
+                json!({"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                 "right": ["established", "related"]}}),
+                accept.clone(),
+            ],
+        ),
+    ];
+    if !r.legs.is_empty() {
+        cmds.push(rule(
+            "forward",
+            vec![
+                is("iifname", names(&r.legs)),
+                is("oifname", names(&r.legs)),
+                accept.clone(),
+            ],
+        ));
+    }
+    if let Some(ext_ip) = r.external_ip {
+        if !r.legs.is_empty() {
+            cmds.push(rule(
+                "forward",
+                vec![
+                    is("iifname", names(&r.legs)),
+                    is("oifname", json!(EXTERNAL_IF)),
+                    accept.clone(),
+                ],
+            ));
+        }
+        cmds.push(rule(
+            "forward",
+            vec![
+                is("iifname", json!(EXTERNAL_IF)),
+                json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+                accept.clone(),
+            ],
+        ));
+        for (fip, private) in &r.floating {
+            cmds.push(rule(
+                "prerouting",
+                vec![
+                    is("iifname", json!(EXTERNAL_IF)),
+                    ip_is("daddr", json!(fip.to_string())),
+                    json!({"dnat": {"addr": private.to_string()}}),
+                ],
+            ));
+            cmds.push(rule(
+                "postrouting",
+                vec![
+                    is("oifname", json!(EXTERNAL_IF)),
+                    ip_is("saddr", json!(private.to_string())),
+                    json!({"snat": {"addr": fip.to_string()}}),
+                ],
+            ));
+        }
+        if !r.subnets.is_empty() {
+            let prefixes: Vec<Value> = r
+                .subnets
+                .iter()
+                .map(|c| json!({"prefix": {"addr": c.network().to_string(), "len": c.prefix()}}))
+                .collect();
+            cmds.push(rule(
+                "postrouting",
+                vec![
+                    is("oifname", json!(EXTERNAL_IF)),
+                    ip_is("saddr", json!({"set": prefixes})),
+                    json!({"snat": {"addr": ext_ip.to_string()}}),
+                ],
+            ));
+        }
+    }
+    json!({"nftables": cmds})
+}
+
+/// The batch that removes the table (and nothing if there is none).
+pub fn removal() -> Value {
+    json!({"nftables": [
+        {"add": {"table": table()}},
+        {"delete": {"table": table()}},
+    ]})
+}
+
+/// Runs `nft -j -f -` with `batch` inside `netns`.
+pub fn apply(netns: &Netns, batch: &Value) -> Result<()> {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("nft");
+    cmd.args(["-j", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    netns.enter_in_child(&mut cmd);
+    let what = || format!("nft in {}", netns.path().display());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::Failed(format!("{}: {e} (is nftables installed?)", what())))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(batch.to_string().as_bytes())
+        .map_err(|e| Error::Failed(format!("{}: {e}", what())))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::Failed(format!("{}: {e}", what())))?;
+    if !out.status.success() {
+        return Err(Error::Failed(format!(
+            "{}: {}",
+            what(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(v: &Value) -> Vec<&Value> {
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .collect()
+    }
+
+    #[test]
+    fn a_router_without_gateway_only_forwards_between_its_subnets() {
+        let r = RouterRules {
+            legs: vec!["dh10".into(), "dh20".into()],
+            subnets: vec!["10.0.0.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let v = ruleset(&r);
+        let rs = rules(&v);
+        assert_eq!(rs.len(), 2, "{v}");
+        assert_eq!(rs[1]["expr"][0]["match"]["right"]["set"][1], "dh20");
+        assert!(!v.to_string().contains("snat"));
+        // The table is replaced whole: add, delete, add.
+        let first: Vec<&str> = v["nftables"].as_array().unwrap()[..3]
+            .iter()
+            .map(|c| c.as_object().unwrap().keys().next().unwrap().as_str())
+            .collect();
+        assert_eq!(first, ["add", "delete", "add"]);
+    }
+
+    #[test]
+    fn floating_ips_come_before_the_subnet_snat() {
+        let r = RouterRules {
+            legs: vec!["dh10".into()],
+            subnets: vec!["10.0.0.0/24".parse().unwrap()],
+            external_ip: Some(Ipv4Addr::new(203, 0, 113, 10)),
+            floating: vec![(Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(10, 0, 0, 2))],
+        };
+        let v = ruleset(&r);
+        let all = rules(&v);
+        let post: Vec<&Value> = all
+            .iter()
+            .copied()
+            .filter(|r| r["chain"] == "postrouting")
+            .collect();
+        assert_eq!(post.len(), 2);
+        assert_eq!(post[0]["expr"][2]["snat"]["addr"], "203.0.113.11");
+        assert_eq!(post[1]["expr"][2]["snat"]["addr"], "203.0.113.10");
+        assert_eq!(
+            post[1]["expr"][1]["match"]["right"]["set"][0]["prefix"]["len"],
+            24
+        );
+        let pre: Vec<&Value> = all
+            .iter()
+            .copied()
+            .filter(|r| r["chain"] == "prerouting")
+            .collect();
+        assert_eq!(pre[0]["expr"][2]["dnat"]["addr"], "10.0.0.2");
+    }
+
+    #[test]
+    fn nft_accepts_the_tables_it_is_given() {
+        // Checked by nft itself (no kernel change: --check), when nft is installed.
+        let r = RouterRules {
+            legs: vec!["dh10".into(), "dh20".into()],
+            subnets: vec![
+                "10.0.0.0/24".parse().unwrap(),
+                "10.0.1.0/24".parse().unwrap(),
+            ],
+            external_ip: Some(Ipv4Addr::new(203, 0, 113, 10)),
+            floating: vec![(Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(10, 0, 0, 2))],
+        };
+        for batch in [ruleset(&r), ruleset(&RouterRules::default()), removal()] {
+            let mut child = std::process::Command::new("nft")
+                .args(["-j", "--check", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("nft (scripts/install-deps.sh installs nftables)");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(batch.to_string().as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{batch}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
