@@ -6,7 +6,9 @@
 #             delete <= 1x, per-port cost constant), plus references and a per-step breakdown.
 #   datapath: iperf3 TCP VM -> VM over VxLAN through the full netdrv path, against a plain
 #             bridge + VxLAN made with `ip` in the same run (target: ratio >= 0.95).
-# Usage: benches/network.sh [plumbing] [datapath]     (default: both)
+#   dhcp:     DORA exchanges per second for 200 static-lease clients, netdrv's DHCP server
+#             against dnsmasq with the same hosts in the same lab (target: ratio >= 1.0).
+# Usage: benches/network.sh [plumbing] [datapath] [dhcp]     (default: all three)
 # Settings (environment): BENCH_RUNS (default 3, medians are reported), BENCH_SIZES
 # (plumbing, default 100,250,500), BENCH_PROFILE=0 (plumbing: no breakdown), BENCH_SECS
 # (datapath iperf3 -t, default 5), BENCH_STREAMS (datapath iperf3 -P, default 2).
@@ -22,11 +24,11 @@ for tool in ip tc bridge nsenter ss iperf3 ethtool; do
 done
 
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(plumbing datapath)
+[ ${#benches[@]} -gt 0 ] || benches=(plumbing datapath dhcp)
 for b in "${benches[@]}"; do
     case "$b" in
-        plumbing|datapath) ;;
-        *) echo "network.sh: unknown bench '$b' (plumbing, datapath)" >&2; exit 2 ;;
+        plumbing|datapath|dhcp) ;;
+        *) echo "network.sh: unknown bench '$b' (plumbing, datapath, dhcp)" >&2; exit 2 ;;
     esac
 done
 

@@ -433,6 +433,18 @@ impl Daemon {
         GuestShell::new(OwnedFd::from(fd))
     }
 
+    /// The service (router, DHCP) namespaces this daemon has now.
+    pub fn service_namespaces(&self) -> Vec<String> {
+        std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains("-svc-") && n.ends_with(&self.instance_id[..8]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn domstate(&self, name: &str) -> String {
         self.vpcctl_ok(&["domstate", name]).trim().to_string()
     }

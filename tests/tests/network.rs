@@ -710,11 +710,6 @@ async fn guest_gets_its_ipam_address_and_mtu_by_dhcp_without_a_router() {
     // The service namespace goes with the last port of the tenant.
     d.vpcctl_ok(&["destroy", &vm]);
     d.vpcctl_ok(&["undefine", &vm]);
-    let left: Vec<String> = std::fs::read_dir("/run/netns")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("-svc-") && n.ends_with(&d.instance_id[..8]))
-        .collect();
+    let left = d.service_namespaces();
     assert!(left.is_empty(), "service namespaces left: {left:?}");
 }

@@ -221,12 +221,7 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     }
     let id = port_id_in(&d, Some("b"), "10.20.1.5").to_string();
     d.vpcctl_ok(&["port-delete", &id]);
-    let left: Vec<String> = std::fs::read_dir("/run/netns")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("-svc-") && n.ends_with(&d.instance_id[..8]))
-        .collect();
+    let left = d.service_namespaces();
     assert!(left.is_empty(), "service namespaces left: {left:?}");
     drop((web, db, lone, b1));
 }

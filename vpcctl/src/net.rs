@@ -86,12 +86,7 @@ async fn network(
     name: &str,
 ) -> zbus::Result<NetworkProxy<'static>> {
     let path = host.lookup_network(name).await?;
-    NetworkProxy::builder(conn)
-        .destination(bus.to_string())?
-        .path(path)?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
+    vpcctl::proxy::object::<NetworkProxy>(conn, bus, path).await
 }
 
 async fn port(
@@ -101,12 +96,7 @@ async fn port(
     id: u32,
 ) -> zbus::Result<PortProxy<'static>> {
     let path = host.lookup_port(id).await?;
-    PortProxy::builder(conn)
-        .destination(bus.to_string())?
-        .path(path)?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
+    vpcctl::proxy::object::<PortProxy>(conn, bus, path).await
 }
 
 pub async fn run(
@@ -124,11 +114,7 @@ pub async fn run(
         NetCmd::NetList => {
             let mut rows = Vec::new();
             for path in host.list_networks().await? {
-                let n = NetworkProxy::builder(conn)
-                    .destination(bus.to_string())?
-                    .path(path)?
-                    .build()
-                    .await?;
+                let n = vpcctl::proxy::object::<NetworkProxy>(conn, bus, path).await?;
                 rows.push((n.name().await?, n.id().await?, n.subnets().await?.len()));
             }
             if json {
@@ -268,11 +254,7 @@ pub async fn run(
         NetCmd::PortList => {
             let mut rows = Vec::new();
             for path in host.list_ports().await? {
-                let p = PortProxy::builder(conn)
-                    .destination(bus.to_string())?
-                    .path(path)?
-                    .build()
-                    .await?;
+                let p = vpcctl::proxy::object::<PortProxy>(conn, bus, path).await?;
                 rows.push(vec![
                     p.id().await?.to_string(),
                     p.device().await?,

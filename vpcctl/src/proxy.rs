@@ -184,3 +184,16 @@ pub trait FloatingIp {
     #[zbus(property)]
     fn port(&self) -> zbus::Result<u32>;
 }
+
+/// A proxy of type `P` for the object at `path` of `bus`, reading properties afresh each time.
+pub async fn object<P>(conn: &zbus::Connection, bus: &str, path: OwnedObjectPath) -> zbus::Result<P>
+where
+    P: From<zbus::Proxy<'static>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<P>::new(conn)
+        .destination(bus.to_string())?
+        .path(path)?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}

@@ -60,12 +60,7 @@ async fn router(
     name: &str,
 ) -> zbus::Result<RouterProxy<'static>> {
     let path = host.lookup_router(name).await?;
-    RouterProxy::builder(conn)
-        .destination(bus.to_string())?
-        .path(path)?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
+    vpcctl::proxy::object::<RouterProxy>(conn, bus, path).await
 }
 
 async fn fip(
@@ -75,12 +70,7 @@ async fn fip(
     ip: &str,
 ) -> zbus::Result<FloatingIpProxy<'static>> {
     let path = host.lookup_floating_ip(ip).await?;
-    FloatingIpProxy::builder(conn)
-        .destination(bus.to_string())?
-        .path(path)?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
+    vpcctl::proxy::object::<FloatingIpProxy>(conn, bus, path).await
 }
 
 pub async fn run(
@@ -101,12 +91,7 @@ pub async fn run(
         RouterCmd::RouterList => {
             let mut rows = Vec::new();
             for path in host.list_routers().await? {
-                let r = RouterProxy::builder(conn)
-                    .destination(bus.to_string())?
-                    .path(path)?
-                    .cache_properties(zbus::proxy::CacheProperties::No)
-                    .build()
-                    .await?;
+                let r = vpcctl::proxy::object::<RouterProxy>(conn, bus, path).await?;
                 rows.push((
                     r.name().await?,
                     r.network().await?,
@@ -227,11 +212,7 @@ pub async fn run(
         }
         RouterCmd::FipCreate { ip } => {
             let path = host.create_floating_ip(&ip).await?;
-            let f = FloatingIpProxy::builder(conn)
-                .destination(bus.to_string())?
-                .path(path)?
-                .build()
-                .await?;
+            let f = vpcctl::proxy::object::<FloatingIpProxy>(conn, bus, path).await?;
             said(json, &format!("Floating IP {} created", f.address().await?));
         }
         RouterCmd::FipAttach { ip, port } => {
@@ -249,12 +230,7 @@ pub async fn run(
         RouterCmd::FipList => {
             let mut rows = Vec::new();
             for path in host.list_floating_ips().await? {
-                let f = FloatingIpProxy::builder(conn)
-                    .destination(bus.to_string())?
-                    .path(path)?
-                    .cache_properties(zbus::proxy::CacheProperties::No)
-                    .build()
-                    .await?;
+                let f = vpcctl::proxy::object::<FloatingIpProxy>(conn, bus, path).await?;
                 rows.push((f.address().await?, f.port().await?));
             }
             if json {

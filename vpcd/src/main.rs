@@ -126,8 +126,13 @@ fn main() -> std::process::ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            // netlink-packet-route warns about every link of a kernel newer than it knows
+            // (IFLA_INET6_CONF sizes); a `log` that names it overrides this.
+            tracing_subscriber::EnvFilter::try_new(format!(
+                "netlink_packet_route=error,{}",
+                config.log
+            ))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -7,4 +7,4 @@ pub mod server;
 mod service;
 
 pub use server::{Destination, DhcpConfig, DhcpServer, Reply};
-pub use service::DhcpService;
+pub use service::{packet_socket, DhcpService};

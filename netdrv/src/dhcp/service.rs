@@ -37,9 +37,9 @@ fn sock_err(what: &str, ifname: &str) -> impl FnOnce(std::io::Error) -> Error {
     }
 }
 
-/// Opens an AF_PACKET socket bound to `ifindex` for IPv4 frames, in the calling thread's
-/// namespace.
-fn packet_socket(ifindex: u32) -> std::io::Result<OwnedFd> {
+/// Opens a non-blocking AF_PACKET socket bound to `ifindex` for IPv4 frames, in the calling
+/// thread's namespace (the DHCP service's; also the DHCP benchmark's client).
+pub fn packet_socket(ifindex: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments; the result is checked before use.
     let fd = unsafe {
         libc::socket(
