@@ -511,6 +511,40 @@ mod tests {
     }
 
     #[test]
+    fn an_external_leg_is_a_veth_into_the_external_bridge_without_a_filter() {
+        let mut h = host(vec![tap(1, "web")]);
+        h.externals.push(crate::model::ExternalLeg {
+            tenant: 1,
+            bridge: "xbr".into(),
+            netns: "/run/netns/r1".into(),
+            ifname: "ext0".into(),
+            mac: Mac::for_port(OWNER, 0xe000_0001),
+        });
+        let ops = plan(&h, &Observed::default()).unwrap();
+        assert!(ops.iter().any(|o| matches!(o,
+            Op::CreateVeth { name, peer, .. } if name == "vpce1" && peer.ifname == "ext0")));
+        assert!(ops.contains(&Op::SetMaster {
+            name: "vpce1".into(),
+            master: "xbr".into()
+        }));
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, Op::SetFilter { dev, .. } if dev == "vpce1")));
+        // Without the leg in the desired state, an existing one of ours goes.
+        let observed = Observed {
+            links: vec![link(9, "vpce1", "veth", None)],
+            ..Default::default()
+        };
+        let ops = plan(&host(vec![]), &observed).unwrap();
+        assert_eq!(
+            ops,
+            vec![Op::Delete {
+                name: "vpce1".into()
+            }]
+        );
+    }
+
+    #[test]
     fn first_port_creates_bridge_vxlan_tap_flood_and_filters() {
         let ops = plan(&host(vec![tap(1, "web")]), &Observed::default()).unwrap();
         assert_eq!(
