@@ -317,3 +317,23 @@ async fn guests_get_dhcp_route_snat_and_only_their_own_metadata() {
         d.vpcctl_ok(&["undefine", name]);
     }
 }
+
+#[tokio::test]
+async fn routers_need_the_route_role() {
+    let lab = Lab::new();
+    let mut extra = lab.flags();
+    extra.extend(["--role".to_string(), "compute".to_string()]);
+    let opts = DaemonOpts {
+        backend: "qmp",
+        extra,
+        ..Default::default()
+    };
+    let d = Daemon::start_with(opts, Bus::open()).await;
+    d.vpcctl_ok(&["net-create", "a"]);
+    let e = fails(&d, &["router-create", "r1", "a"]);
+    assert!(
+        e.contains("InvalidState") && e.contains("route role"),
+        "{e}"
+    );
+    assert!(d.vpcctl_ok(&["--json", "router-list"]).trim() == "[]");
+}

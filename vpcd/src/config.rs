@@ -77,6 +77,8 @@ pub struct Config {
     pub external_pool: String,
     /// DNS servers handed out by DHCP.
     pub dns_servers: Vec<String>,
+    /// What this host does: `compute` (VMs and their ports), `route` (virtual routers).
+    pub roles: Vec<String>,
 }
 
 impl Default for Config {
@@ -103,6 +105,7 @@ impl Default for Config {
             external_gateway: String::new(),
             external_pool: String::new(),
             dns_servers: Vec::new(),
+            roles: vec!["compute".into(), "route".into()],
         }
     }
 }
@@ -199,6 +202,15 @@ impl Config {
         netdrv::names::validate_prefix(&self.link_prefix)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.external().map_err(ConfigError::Invalid)?;
+        if let Some(r) = self
+            .roles
+            .iter()
+            .find(|r| !matches!(r.as_str(), "compute" | "route"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "roles: unknown role {r:?} (compute, route)"
+            )));
+        }
         if let Some(d) = self
             .dns_servers
             .iter()
@@ -243,6 +255,27 @@ mod tests {
             let c = load(jail, "", &Dict::new()).unwrap();
             assert_eq!(c, Config::default());
             assert_eq!(c.state_dir, PathBuf::from("/var/lib/vpcd"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn external_network_and_roles_are_checked() {
+        Jail::expect_with(|jail| {
+            let ok = "external_bridge = \"xbr\"\nexternal_cidr = \"203.0.113.0/24\"\n\
+                      external_gateway = \"203.0.113.1\"\nroles = [\"compute\"]\n";
+            let c = load(jail, ok, &Dict::new()).unwrap();
+            let x = c.external().unwrap().expect("configured");
+            assert_eq!(x.bridge, "xbr");
+            for (bad, word) in [
+                ("external_bridge = \"xbr\"\nexternal_cidr = \"203.0.113.0/24\"\nexternal_gateway = \"198.51.100.1\"\n", "external_gateway"),
+                ("external_bridge = \"xbr\"\nexternal_cidr = \"nope\"\nexternal_gateway = \"203.0.113.1\"\n", "external_cidr"),
+                ("roles = [\"compute\", \"routing\"]\n", "routing"),
+                ("dns_servers = [\"8.8.8\"]\n", "dns_servers"),
+            ] {
+                let err = load(jail, bad, &Dict::new()).unwrap_err().to_string();
+                assert!(err.contains(word), "{bad}: {err}");
+            }
             Ok(())
         });
     }

@@ -72,6 +72,9 @@ struct Cli {
     /// A DNS server handed out by DHCP (repeat for several).
     #[arg(long = "dns-server")]
     dns_servers: Vec<String>,
+    /// A role of this host: compute, route (repeat for several; default both).
+    #[arg(long = "role")]
+    roles: Vec<String>,
 }
 
 impl Cli {
@@ -111,6 +114,7 @@ impl Cli {
         };
         list("peers", &self.peers);
         list("dns_servers", &self.dns_servers);
+        list("roles", &self.roles);
         d
     }
 }

@@ -197,6 +197,7 @@ impl Manager {
                 .iter()
                 .filter_map(|d| d.parse().ok())
                 .collect(),
+            route_role: cfg.roles.iter().any(|r| r == "route"),
         };
         NetManager::open(store.clone(), net_cfg)
             .await

@@ -39,6 +39,8 @@ pub struct NetConfig {
     pub external: Option<router::ExternalNet>,
     /// DNS servers handed out by DHCP.
     pub dns: Vec<Ipv4Addr>,
+    /// Whether this host has the route role (may hold routers).
+    pub route_role: bool,
 }
 
 /// The tenant networks of this host.
@@ -249,6 +251,11 @@ impl NetManager {
     }
 
     pub async fn create_router(&self, name: &str, network: &str) -> Result<router::Router> {
+        if !self.cfg.route_role {
+            return Err(Error::InvalidState(format!(
+                "router {name}: this host does not have the route role (roles in vpcd.toml)"
+            )));
+        }
         self.change(|st| st.add_router(name, network)).await
     }
 
