@@ -60,7 +60,7 @@ BUS=unix:path=$WORK/bus.sock
 : >"$WORK/none.toml"
 VPCD_CONFIG=$WORK/none.toml "$VPCD" --bus-address "$BUS" --state-dir "$WORK/state" \
     --backend qmp --accel tcg --netns "/run/netns/$H" --link-prefix rb --bpf-dir "$BPF" \
-    --external-bridge xbr --external-cidr 203.0.113.0/24 --external-gateway 203.0.113.1 \
+    --external-link xbr --external-cidr 203.0.113.0/24 --external-gateway 203.0.113.1 \
     --external-pool 203.0.113.10-203.0.113.20 --log "${BENCH_LOG:-warn}" >"$WORK/vpcd.log" 2>&1 & VPCD_PID=$!
 ctl() { "$VPCTL" --bus-address "$BUS" "$@" >/dev/null; }
 for _ in $(seq 200); do ctl list --all 2>/dev/null && break; sleep 0.05; done

@@ -157,6 +157,20 @@ impl Netlink {
             .map_err(nl_err("create veth", name))
     }
 
+    /// Creates a macvlan (bridge mode) on `parent` (ifindex) with MAC `mac`, down.
+    pub async fn create_macvlan(&self, name: &str, parent: u32, mac: [u8; 6]) -> Result<()> {
+        use rtnetlink::packet_route::link::MacVlanMode;
+        let msg = rtnetlink::LinkMacVlan::new(name, parent, MacVlanMode::Bridge)
+            .address(mac.to_vec())
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("create macvlan", name))
+    }
+
     /// Creates a persistent tap.
     pub async fn create_tap(&self, name: &str, mtu: u32) -> Result<()> {
         let n = name.to_string();
@@ -592,6 +606,7 @@ fn observe(m: &LinkMessage) -> ObservedLink {
                                     InfoKind::Vxlan => "vxlan",
                                     InfoKind::Tun => "tun",
                                     InfoKind::Veth => "veth",
+                                    InfoKind::MacVlan => "macvlan",
                                     _ => "other",
                                 }
                                 .to_string(),

@@ -8,26 +8,29 @@ use vpcd_tests::*;
 
 const EXT_GW: &str = "203.0.113.1";
 
-/// A vpcd host with an external network: bridge `xbr` in the host namespace, and `world`, a
-/// namespace on that bridge holding the external gateway address.
+/// A vpcd host with an external network: `world`, a namespace holding the external gateway
+/// address, joined to the host namespace by a veth whose host end `wx` is either in a bridge
+/// `xbr` (the external link) or is itself the external link (an interface: macvlan legs).
 struct Lab {
     host: Ns,
     world: Ns,
+    external_link: &'static str,
 }
 
 impl Lab {
     fn new() -> Lab {
+        Lab::with_link(true)
+    }
+
+    fn with_link(bridge: bool) -> Lab {
         let host = Ns::new("rh");
         let world = Ns::new("rw");
-        host.ok(&["ip", "link", "add", "xbr", "type", "bridge"]);
-        host.ok(&["ip", "link", "set", "xbr", "up"]);
-        let w = format!("{}x", world.name);
         sh(
             "ip",
             &[
                 "link",
                 "add",
-                &w,
+                "wx",
                 "netns",
                 &host.name,
                 "type",
@@ -38,18 +41,28 @@ impl Lab {
                 &world.name,
             ],
         );
-        host.ok(&["ip", "link", "set", &w, "master", "xbr", "up"]);
+        host.ok(&["ip", "link", "set", "wx", "up"]);
+        if bridge {
+            host.ok(&["ip", "link", "add", "xbr", "type", "bridge"]);
+            host.ok(&["ip", "link", "set", "xbr", "up"]);
+            host.ok(&["ip", "link", "set", "wx", "master", "xbr"]);
+        }
         world.ok(&["ip", "addr", "add", &format!("{EXT_GW}/24"), "dev", "eth0"]);
         world.ok(&["ip", "link", "set", "eth0", "up"]);
-        Lab { host, world }
+        let external_link = if bridge { "xbr" } else { "wx" };
+        Lab {
+            host,
+            world,
+            external_link,
+        }
     }
 
     fn flags(&self) -> Vec<String> {
         [
             "--netns",
             &self.host.path(),
-            "--external-bridge",
-            "xbr",
+            "--external-link",
+            self.external_link,
             "--external-cidr",
             "203.0.113.0/24",
             "--external-gateway",
@@ -336,4 +349,37 @@ async fn routers_need_the_route_role() {
         "{e}"
     );
     assert!(d.vpcctl_ok(&["--json", "router-list"]).trim() == "[]");
+}
+
+#[tokio::test]
+async fn an_external_interface_gets_macvlan_legs() {
+    let lab = Lab::with_link(false);
+    let d = lab.daemon().await;
+    d.vpcctl_ok(&["net-create", "a"]);
+    d.vpcctl_ok(&["subnet-create", "a", "web", "10.40.1.0/24"]);
+    let web = vm(&d, "w1", "a", "web", "10.40.1.5", "10.40.1.1");
+    d.vpcctl_ok(&["router-create", "r1", "a"]);
+    d.vpcctl_ok(&["router-add-subnet", "r1", "web"]);
+    d.vpcctl_ok(&["router-set-gateway", "r1"]);
+    let ns = router_ns(&d, "r1");
+    let ext = sh("ip", &["-n", &ns, "-d", "link", "show", "ext0"]);
+    assert!(ext.contains("macvlan"), "{ext}");
+    let seen = lab.world.http_once("203.0.113.1:8084");
+    assert!(web.tcp_from("203.0.113.1:8084").is_some());
+    assert_eq!(
+        seen.join().unwrap().unwrap().ip().to_string(),
+        "203.0.113.10"
+    );
+    d.vpcctl_ok(&["fip-create"]);
+    let port = port_id_in(&d, Some("a"), "10.40.1.5").to_string();
+    d.vpcctl_ok(&["fip-attach", "203.0.113.11", &port]);
+    assert!(
+        lab.world.pings("203.0.113.11"),
+        "floating IP through the macvlan leg"
+    );
+    d.vpcctl_ok(&["fip-delete", "203.0.113.11"]);
+    d.vpcctl_ok(&["router-set-gateway", "r1", "--clear"]);
+    let links = sh("ip", &["-n", &ns, "link", "show"]);
+    assert!(!links.contains("ext0"), "macvlan leg left: {links}");
+    assert!(!web.pings(EXT_GW), "reached outside without a gateway");
 }

@@ -65,9 +65,10 @@ pub struct Config {
     pub vlan_filter: String,
     /// bpffs directory for pinned programs, links and maps (one subdirectory per instance).
     pub bpf_dir: PathBuf,
-    /// The host bridge of the external network routers' gateways join; empty: none (routers
-    /// route between their subnets only).
-    pub external_bridge: String,
+    /// The host link of the external network routers' gateways join: a bridge (legs are veths
+    /// into it) or an interface (legs are macvlans on it); empty: none (routers route between
+    /// their subnets only).
+    pub external_link: String,
     /// The external network's CIDR, e.g. 203.0.113.0/24.
     pub external_cidr: String,
     /// The next hop of routers' default routes on the external network.
@@ -100,7 +101,7 @@ impl Default for Config {
             link_prefix: "vpc".into(),
             vlan_filter: "auto".into(),
             bpf_dir: PathBuf::from("/sys/fs/bpf/vpcd"),
-            external_bridge: String::new(),
+            external_link: String::new(),
             external_cidr: String::new(),
             external_gateway: String::new(),
             external_pool: String::new(),
@@ -157,13 +158,13 @@ impl Config {
         Env::prefixed("VPCD_").ignore(&["CONFIG"])
     }
 
-    /// The external network, if `external_bridge` is set.
+    /// The external network, if `external_link` is set.
     pub fn external(&self) -> Result<Option<crate::network::router::ExternalNet>, String> {
-        if self.external_bridge.is_empty() {
+        if self.external_link.is_empty() {
             return Ok(None);
         }
         crate::network::router::ExternalNet::new(
-            &self.external_bridge,
+            &self.external_link,
             &self.external_cidr,
             &self.external_gateway,
             (!self.external_pool.is_empty()).then_some(self.external_pool.as_str()),
@@ -262,14 +263,14 @@ mod tests {
     #[test]
     fn external_network_and_roles_are_checked() {
         Jail::expect_with(|jail| {
-            let ok = "external_bridge = \"xbr\"\nexternal_cidr = \"203.0.113.0/24\"\n\
+            let ok = "external_link = \"xbr\"\nexternal_cidr = \"203.0.113.0/24\"\n\
                       external_gateway = \"203.0.113.1\"\nroles = [\"compute\"]\n";
             let c = load(jail, ok, &Dict::new()).unwrap();
             let x = c.external().unwrap().expect("configured");
-            assert_eq!(x.bridge, "xbr");
+            assert_eq!(x.link, "xbr");
             for (bad, word) in [
-                ("external_bridge = \"xbr\"\nexternal_cidr = \"203.0.113.0/24\"\nexternal_gateway = \"198.51.100.1\"\n", "external_gateway"),
-                ("external_bridge = \"xbr\"\nexternal_cidr = \"nope\"\nexternal_gateway = \"203.0.113.1\"\n", "external_cidr"),
+                ("external_link = \"xbr\"\nexternal_cidr = \"203.0.113.0/24\"\nexternal_gateway = \"198.51.100.1\"\n", "external_gateway"),
+                ("external_link = \"xbr\"\nexternal_cidr = \"nope\"\nexternal_gateway = \"203.0.113.1\"\n", "external_cidr"),
                 ("roles = [\"compute\", \"routing\"]\n", "routing"),
                 ("dns_servers = [\"8.8.8\"]\n", "dns_servers"),
             ] {

@@ -59,7 +59,7 @@ struct Cli {
     vlan_filter: Option<String>,
     /// Host bridge of routers' external network.
     #[arg(long)]
-    external_bridge: Option<String>,
+    external_link: Option<String>,
     /// CIDR of the external network.
     #[arg(long)]
     external_cidr: Option<String>,
@@ -99,7 +99,7 @@ impl Cli {
         put("link_prefix", self.link_prefix.clone());
         put("bpf_dir", path(&self.bpf_dir));
         put("vlan_filter", self.vlan_filter.clone());
-        put("external_bridge", self.external_bridge.clone());
+        put("external_link", self.external_link.clone());
         put("external_cidr", self.external_cidr.clone());
         put("external_gateway", self.external_gateway.clone());
         put("external_pool", self.external_pool.clone());

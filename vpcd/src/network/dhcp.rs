@@ -71,9 +71,14 @@ pub fn add_external_legs(
             bridge: bridge.to_string(),
             netns: PathBuf::from("/run/netns").join(namespace(prefix, owner, net.id)),
             ifname: super::nat::EXTERNAL_IF.to_string(),
-            mac: Mac::for_port(owner, EXTERNAL_PORT_BASE | net.id),
+            mac: external_mac(owner, net.id),
         });
     }
+}
+
+/// The MAC of tenant `tenant`'s external leg (veth end or macvlan), stable.
+pub(crate) fn external_mac(owner: &str, tenant: u32) -> Mac {
+    Mac::for_port(owner, EXTERNAL_PORT_BASE | tenant)
 }
 
 /// The leg's interface name inside the service namespace.

@@ -31,12 +31,15 @@ fn ns_err(what: &str, ns: &Netns, e: impl std::fmt::Display) -> Error {
 
 impl L3Agent {
     /// Brings every service namespace of `st` in line with it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn sync(
         &self,
         st: &NetState,
         prefix: &str,
         owner: &str,
         external: Option<&ExternalNet>,
+        macvlan_parent: Option<u32>,
+        host: &Netlink,
         store: &Arc<Store>,
     ) -> Result<()> {
         let tenants: BTreeSet<u32> = dhcp::served(st)
@@ -50,10 +53,17 @@ impl L3Agent {
         let mut errors = Vec::new();
         for net in st.networks.values().filter(|n| tenants.contains(&n.id)) {
             let ns = Netns::named(&dhcp::namespace(prefix, owner, net.id))?;
-            if let Err(e) = self
-                .sync_one(st, &net.name, net.id, &ns, external, store)
-                .await
-            {
+            let ext_leg = ExtLeg {
+                macvlan_parent,
+                host,
+                name: netdrv::names::external(prefix, net.id),
+                mac: dhcp::external_mac(owner, net.id),
+                alias: netdrv::names::alias(owner),
+            };
+            let r = self
+                .sync_one(st, &net.name, net.id, &ns, external, &ext_leg, store)
+                .await;
+            if let Err(e) = r {
                 tracing::warn!(network = %net.name, "router: {e}");
                 errors.push(e.to_string());
             }
@@ -65,6 +75,7 @@ impl L3Agent {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn sync_one(
         &self,
         st: &NetState,
@@ -72,6 +83,7 @@ impl L3Agent {
         tenant: u32,
         ns: &Netns,
         external: Option<&ExternalNet>,
+        ext_leg: &ExtLeg<'_>,
         store: &Arc<Store>,
     ) -> Result<()> {
         let nl = Netlink::open(ns)?;
@@ -106,6 +118,7 @@ impl L3Agent {
                 .collect(),
             None => Vec::new(),
         };
+        ext_leg.sync(&nl, ns, ext.is_some()).await?;
         if let Some(((_, ip), x)) = ext {
             let want: BTreeSet<(Ipv4Addr, u8)> = std::iter::once((ip, x.cidr.prefix()))
                 .chain(floating.iter().map(|(f, _)| (*f, 32)))
@@ -158,6 +171,47 @@ impl L3Agent {
         tokio::task::spawn_blocking(move || nat::apply(&ns2, &batch))
             .await
             .map_err(|e| Error::Failed(format!("nft: {e}")))??;
+        Ok(())
+    }
+}
+
+/// A router's external leg when the external link is an interface: a macvlan on it, made in
+/// the host namespace as `<prefix>e<tenant>` (with vpcd's alias, so the planner removes one a
+/// crash left there), then moved into the router namespace as `ext0`. (On a bridge the leg is
+/// a veth that netdrv's planner makes.)
+struct ExtLeg<'a> {
+    macvlan_parent: Option<u32>,
+    host: &'a Netlink,
+    name: String,
+    mac: netdrv::ipam::Mac,
+    alias: String,
+}
+
+impl ExtLeg<'_> {
+    async fn sync(&self, nl: &Netlink, ns: &Netns, wanted: bool) -> Result<()> {
+        let Some(parent) = self.macvlan_parent else {
+            return Ok(());
+        };
+        let have = match nl.index_of(EXTERNAL_IF).await? {
+            Some(_) => Some(nl.link(EXTERNAL_IF).await?),
+            None => None,
+        };
+        match (wanted, have) {
+            (true, None) => {
+                let h = self.host;
+                h.delete(&self.name).await?;
+                h.create_macvlan(&self.name, parent, self.mac.0).await?;
+                h.set_alias(&self.name, &self.alias).await?;
+                h.move_to(&self.name, ns).await?;
+                nl.rename(&self.name, EXTERNAL_IF).await?;
+                nl.set_up(EXTERNAL_IF).await?;
+                tracing::info!(leg = %self.name, "external leg (macvlan) made");
+            }
+            (false, Some(l)) if l.kind.as_deref() == Some("macvlan") => {
+                nl.delete(EXTERNAL_IF).await?;
+            }
+            _ => {}
+        }
         Ok(())
     }
 }

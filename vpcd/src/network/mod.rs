@@ -88,9 +88,34 @@ impl NetManager {
         Ok(self.store.doc(DOC)?)
     }
 
+    /// How routers join the external network: `Some(None)` through veths into the bridge
+    /// `external_link`, `Some(Some(ifindex))` through macvlans on the interface; `None` when
+    /// none is configured or the link is missing, which is an error only while a router has a
+    /// gateway.
+    async fn external_mode(&self, st: &NetState) -> Result<Option<Option<u32>>> {
+        let Some(x) = &self.cfg.external else {
+            return Ok(None);
+        };
+        let needed = st.routers.values().any(|r| r.external_ip.is_some());
+        let nl = self.host.netlink();
+        if nl.index_of(&x.link).await?.is_none() {
+            if needed {
+                return Err(Error::Unavailable(format!(
+                    "external link {} does not exist on this host",
+                    x.link
+                )));
+            }
+            return Ok(None);
+        }
+        let link = nl.link(&x.link).await?;
+        Ok(Some(
+            (link.kind.as_deref() != Some("bridge")).then_some(link.index),
+        ))
+    }
+
     /// What the host should have. A namespace port whose namespace is gone cannot be made; it
     /// is left out (and reported), so it does not block every other change.
-    fn desired(&self, st: &NetState) -> netdrv::model::HostNet {
+    fn desired(&self, st: &NetState, external: Option<Option<u32>>) -> netdrv::model::HostNet {
         let mut st = st.clone();
         st.ports.retain(|id, p| match &p.device {
             PortDevice::Veth { netns, .. } if !netns.exists() => {
@@ -106,8 +131,8 @@ impl NetManager {
             &self.cfg.peers,
         );
         dhcp::add_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner);
-        if let Some(x) = &self.cfg.external {
-            dhcp::add_external_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner, &x.bridge);
+        if let (Some(x), Some(None)) = (&self.cfg.external, external) {
+            dhcp::add_external_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner, &x.link);
         }
         host
     }
@@ -116,13 +141,23 @@ impl NetManager {
     async fn realize(&self, st: &NetState) -> Result<Vec<netdrv::plan::Op>> {
         let (prefix, owner) = (&self.cfg.prefix, &self.cfg.owner);
         self.dhcp.prepare(st, prefix, owner)?;
-        let desired = self.desired(st);
+        let external = self.external_mode(st).await?;
+        let desired = self.desired(st, external);
         let ops = self.host.apply(&desired).await?;
         self.dhcp
             .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dns)
             .await?;
+        let macvlan_parent = external.flatten();
         self.l3
-            .sync(st, prefix, owner, self.cfg.external.as_ref(), &self.store)
+            .sync(
+                st,
+                prefix,
+                owner,
+                self.cfg.external.as_ref(),
+                macvlan_parent,
+                self.host.netlink(),
+                &self.store,
+            )
             .await?;
         Ok(ops)
     }

@@ -71,8 +71,9 @@ pub struct FloatingIp {
 /// The external network routers' gateways and floating IPs live on (configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalNet {
-    /// The host bridge the routers' external legs join.
-    pub bridge: String,
+    /// The host link of the external network: a bridge (routers' external legs are veths
+    /// into it) or an interface (their legs are macvlans on it).
+    pub link: String,
     pub cidr: Ipv4Cidr,
     /// The next hop of routers' default routes.
     pub gateway: Ipv4Addr,
@@ -84,7 +85,7 @@ impl ExternalNet {
     /// Checks the configuration: the gateway and the pool inside the CIDR, the pool ordered
     /// and without the network, broadcast or gateway address.
     pub fn new(
-        bridge: &str,
+        link: &str,
         cidr: &str,
         gateway: &str,
         pool: Option<&str>,
@@ -120,11 +121,11 @@ impl ExternalNet {
                 pool.0, pool.1
             ));
         }
-        if bridge.is_empty() || bridge.len() > 15 {
-            return Err(format!("external_bridge {bridge:?}: 1 to 15 bytes"));
+        if link.is_empty() || link.len() > 15 {
+            return Err(format!("external_link {link:?}: 1 to 15 bytes"));
         }
         Ok(ExternalNet {
-            bridge: bridge.to_string(),
+            link: link.to_string(),
             cidr,
             gateway,
             pool,
@@ -138,7 +139,7 @@ impl ExternalNet {
 
 fn no_external() -> Error {
     Error::InvalidState(
-        "no external network is configured on this host (external_bridge, external_cidr, \
+        "no external network is configured on this host (external_link, external_cidr, \
          external_gateway)"
             .into(),
     )
