@@ -1,6 +1,7 @@
 //! netdrv: tenant networks on one host. Namespace-aware netlink (`rtnetlink`), tenant bridges,
 //! VxLAN VTEPs, taps and veths, VLAN filtering and port security (eBPF from `bpf/`).
 
+pub mod bgp;
 pub mod dhcp;
 mod error;
 pub mod filter;
