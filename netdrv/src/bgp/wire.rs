@@ -839,7 +839,59 @@ fn put_u24(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_be_bytes()[1..]);
 }
 
+/// What identifies an EVPN route (RFC 7432 section 7): type 2 by RD, Ethernet tag, MAC and IP
+/// (not the ESI or labels, which a withdrawal need not repeat); type 3 by RD, Ethernet tag and
+/// originating router.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKey {
+    MacIp {
+        rd: Rd,
+        eth_tag: u32,
+        mac: [u8; 6],
+        ip: Option<IpAddr>,
+    },
+    InclusiveMulticast {
+        rd: Rd,
+        eth_tag: u32,
+        origin: IpAddr,
+    },
+    Other {
+        route_type: u8,
+        value: Vec<u8>,
+    },
+}
+
 impl EvpnRoute {
+    pub fn key(&self) -> RouteKey {
+        match self {
+            EvpnRoute::MacIp {
+                rd,
+                eth_tag,
+                mac,
+                ip,
+                ..
+            } => RouteKey::MacIp {
+                rd: *rd,
+                eth_tag: *eth_tag,
+                mac: *mac,
+                ip: *ip,
+            },
+            EvpnRoute::InclusiveMulticast {
+                rd,
+                eth_tag,
+                origin,
+            } => RouteKey::InclusiveMulticast {
+                rd: *rd,
+                eth_tag: *eth_tag,
+                origin: *origin,
+            },
+            EvpnRoute::Other { route_type, value } => RouteKey::Other {
+                route_type: *route_type,
+                value: value.clone(),
+            },
+        }
+    }
+
     /// The NLRI bytes: route type, length, value.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut v = Vec::new();
@@ -1295,6 +1347,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn route_keys_ignore_labels_and_esi() {
+        let a = type2(None);
+        let mut b = a.clone();
+        if let EvpnRoute::MacIp { vni, esi, .. } = &mut b {
+            *vni = 0;
+            esi[0] = 1;
+        }
+        assert_ne!(a, b);
+        assert_eq!(a.key(), b.key());
+        assert_ne!(
+            a.key(),
+            type2(Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)))).key()
+        );
     }
 
     #[test]

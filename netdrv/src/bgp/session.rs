@@ -1,0 +1,543 @@
+//! One BGP session to a peer (a route reflector), as a tokio task: connect (inside a network
+//! namespace) with exponential backoff, OPEN / KEEPALIVE handshake for L2VPN EVPN (RFC 4271
+//! section 8, the states that matter for an active-only speaker), then keepalives, the hold
+//! timer, NOTIFICATION both ways, ROUTE-REFRESH (answered by sending the routes again), and
+//! this side's routes (Adj-RIB-Out), which it sends again after every reconnect.
+//!
+//! The owner drives it through [`Session`]: [`Session::announce`] and [`Session::withdraw`]
+//! change the routes, [`Session::events`] gives what the peer sent and state changes. The
+//! session never stops on its own; dropping the [`Session`] sends a CEASE and ends it.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::wire::{
+    self, code, Attributes, Capability, EvpnRoute, Message, Notification, Open, Update, WireError,
+    AFI_L2VPN, SAFI_EVPN,
+};
+use crate::netns::Netns;
+
+/// How the session is set up.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub local_as: u32,
+    pub peer_as: u32,
+    pub router_id: Ipv4Addr,
+    pub peer: SocketAddr,
+    /// The namespace the TCP connection is made in (the host's).
+    pub netns: Netns,
+    /// Proposed hold time, seconds (0: none; else at least 3).
+    pub hold_time: u16,
+    /// Keepalive interval; default a third of the negotiated hold time.
+    pub keepalive: Option<Duration>,
+    /// First reconnect delay, doubled after each failure up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl SessionConfig {
+    pub fn new(local_as: u32, router_id: Ipv4Addr, peer: SocketAddr, netns: Netns) -> Self {
+        SessionConfig {
+            local_as,
+            peer_as: local_as,
+            router_id,
+            peer,
+            netns,
+            hold_time: 90,
+            keepalive: None,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where the session is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    Connect,
+    OpenSent,
+    OpenConfirm,
+    Established {
+        peer_id: Ipv4Addr,
+        hold_time: u16,
+        since: std::time::SystemTime,
+    },
+}
+
+/// What the session reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    Established {
+        peer_id: Ipv4Addr,
+    },
+    /// The session went down; routes learned from it are gone.
+    Down {
+        reason: String,
+    },
+    /// Routes the peer announced (with their attributes and next hop) and withdrew.
+    Update {
+        announced: Vec<EvpnRoute>,
+        attrs: Attributes,
+        next_hop: Option<IpAddr>,
+        withdrawn: Vec<EvpnRoute>,
+    },
+}
+
+enum Command {
+    Announce(Vec<(EvpnRoute, Attributes)>),
+    Withdraw(Vec<EvpnRoute>),
+}
+
+/// A running session. Dropping it closes its command channel: an established session sends a
+/// CEASE (administrative shutdown) and ends; one that is connecting or backing off ends at its
+/// next step. [`Session::stop`] waits for that.
+#[derive(Debug)]
+pub struct Session {
+    commands: mpsc::UnboundedSender<Command>,
+    events: Option<mpsc::UnboundedReceiver<SessionEvent>>,
+    state: watch::Receiver<SessionState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Starts the session. Must be called within a tokio runtime.
+    pub fn spawn(cfg: SessionConfig) -> Session {
+        let (ctx, crx) = mpsc::unbounded_channel();
+        let (etx, erx) = mpsc::unbounded_channel();
+        let (stx, srx) = watch::channel(SessionState::Connect);
+        let task = tokio::spawn(run(cfg, crx, etx, stx));
+        Session {
+            commands: ctx,
+            events: Some(erx),
+            state: srx,
+            task,
+        }
+    }
+
+    /// Adds or replaces routes (sent now if established, and after every reconnect).
+    pub fn announce(&self, routes: Vec<(EvpnRoute, Attributes)>) {
+        let _ = self.commands.send(Command::Announce(routes));
+    }
+
+    pub fn withdraw(&self, routes: Vec<EvpnRoute>) {
+        let _ = self.commands.send(Command::Withdraw(routes));
+    }
+
+    /// Ends the session (CEASE if established) and waits up to `grace` for it, then aborts.
+    pub async fn stop(self, grace: Duration) {
+        let Session { commands, task, .. } = self;
+        drop(commands);
+        let abort = task.abort_handle();
+        if tokio::time::timeout(grace, task).await.is_err() {
+            abort.abort();
+        }
+    }
+
+    pub fn state(&self) -> SessionState {
+        self.state.borrow().clone()
+    }
+
+    /// The event stream (once).
+    pub fn events(&mut self) -> mpsc::UnboundedReceiver<SessionEvent> {
+        self.events.take().expect("events taken once")
+    }
+}
+
+/// Why a connection ended.
+enum End {
+    /// The owner dropped the session.
+    Stopped,
+    Down(String),
+}
+
+async fn connect(cfg: &SessionConfig) -> std::io::Result<TcpStream> {
+    let peer = cfg.peer;
+    let s = cfg
+        .netns
+        .run(move || {
+            let s = std::net::TcpStream::connect_timeout(&peer, Duration::from_secs(3))?;
+            s.set_nonblocking(true)?;
+            s.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    TcpStream::from_std(s)
+}
+
+async fn run(
+    cfg: SessionConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<SessionEvent>,
+    state: watch::Sender<SessionState>,
+) {
+    let mut rib_out: BTreeMap<EvpnRoute, Attributes> = BTreeMap::new();
+    let mut delay = cfg.backoff;
+    loop {
+        let _ = state.send(SessionState::Connect);
+        let end = match connect(&cfg).await {
+            Ok(stream) => {
+                let end = session(
+                    &cfg,
+                    stream,
+                    &mut commands,
+                    &events,
+                    &state,
+                    &mut rib_out,
+                    &mut delay,
+                )
+                .await;
+                if let End::Down(reason) = &end {
+                    tracing::info!(peer = %cfg.peer, "BGP session down: {reason}");
+                    let _ = events.send(SessionEvent::Down {
+                        reason: reason.clone(),
+                    });
+                }
+                end
+            }
+            Err(e) => End::Down(format!("connect: {e}")),
+        };
+        if matches!(end, End::Stopped) {
+            return;
+        }
+        // Back off, still taking route changes.
+        let until = Instant::now() + delay;
+        delay = (delay * 2).min(cfg.max_backoff);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(c) => apply(&mut rib_out, c),
+                },
+            }
+        }
+    }
+}
+
+fn apply(rib_out: &mut BTreeMap<EvpnRoute, Attributes>, c: Command) {
+    match c {
+        Command::Announce(routes) => rib_out.extend(routes),
+        Command::Withdraw(routes) => {
+            for r in routes {
+                rib_out.remove(&r);
+            }
+        }
+    }
+}
+
+/// Why reading failed: a NOTIFICATION to send first, or just down.
+enum Fail {
+    Notify(u8, u8, Vec<u8>, String),
+    Down(String),
+}
+
+/// The reading half of a connection and its framing buffer (cancel-safe: bytes read stay in
+/// `buf`).
+struct Reader {
+    rd: tokio::net::tcp::OwnedReadHalf,
+    buf: Vec<u8>,
+    four_octet: bool,
+    peer: SocketAddr,
+}
+
+impl Reader {
+    async fn read(&mut self) -> Result<Message, Fail> {
+        loop {
+            match wire::message_len(&self.buf) {
+                Ok(Some(len)) if self.buf.len() >= len => {
+                    let msg: Vec<u8> = self.buf.drain(..len).collect();
+                    return match wire::decode(&msg, self.four_octet) {
+                        Ok(m) => Ok(m),
+                        Err(WireError::TreatAsWithdraw { withdrawn, reason }) => {
+                            tracing::warn!(peer = %self.peer, "UPDATE treated as withdraw: {reason}");
+                            Ok(Message::Update(Box::new(Update {
+                                withdrawn,
+                                ..Default::default()
+                            })))
+                        }
+                        Err(WireError::Notify {
+                            code,
+                            subcode,
+                            data,
+                            reason,
+                        }) => Err(Fail::Notify(code, subcode, data, reason)),
+                        Err(WireError::Incomplete { .. }) => Err(Fail::Down("framing".into())),
+                    };
+                }
+                Ok(_) => {}
+                Err(WireError::Notify {
+                    code,
+                    subcode,
+                    data,
+                    reason,
+                }) => return Err(Fail::Notify(code, subcode, data, reason)),
+                Err(e) => return Err(Fail::Down(e.to_string())),
+            }
+            let mut chunk = [0u8; 4096];
+            match self.rd.read(&mut chunk).await {
+                Ok(0) => return Err(Fail::Down("peer closed the connection".into())),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(Fail::Down(format!("read: {e}"))),
+            }
+        }
+    }
+}
+
+struct Writer {
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    four_octet: bool,
+    next_hop: IpAddr,
+}
+
+impl Writer {
+    async fn send(&mut self, m: &Message) -> Result<(), End> {
+        self.wr
+            .write_all(&m.encode(self.four_octet))
+            .await
+            .map_err(|e| End::Down(format!("send: {e}")))
+    }
+
+    /// Sends a NOTIFICATION (best effort) and gives the reason the session ends.
+    async fn notify(&mut self, code: u8, subcode: u8, data: Vec<u8>, reason: String) -> End {
+        let _ = self
+            .send(&Message::Notification(Notification {
+                code,
+                subcode,
+                data,
+            }))
+            .await;
+        End::Down(format!("sent NOTIFICATION {code}/{subcode}: {reason}"))
+    }
+
+    async fn fail(&mut self, f: Fail) -> End {
+        match f {
+            Fail::Notify(code, subcode, data, reason) => {
+                self.notify(code, subcode, data, reason).await
+            }
+            Fail::Down(reason) => End::Down(reason),
+        }
+    }
+
+    async fn send_routes(&mut self, routes: Vec<(EvpnRoute, Attributes)>) -> Result<(), End> {
+        for (route, attrs) in routes {
+            let u = Update {
+                attrs,
+                next_hop: Some(self.next_hop),
+                announced: vec![route],
+                ..Default::default()
+            };
+            self.send(&Message::Update(Box::new(u))).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one message within `limit`; a NOTIFICATION from the peer ends the session.
+async fn read_within(r: &mut Reader, w: &mut Writer, limit: Duration) -> Result<Message, End> {
+    match tokio::time::timeout(limit, r.read()).await {
+        Err(_) => Err(w
+            .notify(code::HOLD_TIMER, 0, Vec::new(), "hold timer expired".into())
+            .await),
+        Ok(Ok(Message::Notification(n))) => Err(End::Down(format!(
+            "peer sent NOTIFICATION {}/{}",
+            n.code, n.subcode
+        ))),
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(f)) => Err(w.fail(f).await),
+    }
+}
+
+/// One connection: handshake, then the established loop.
+async fn session(
+    cfg: &SessionConfig,
+    stream: TcpStream,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    events: &mpsc::UnboundedSender<SessionEvent>,
+    state: &watch::Sender<SessionState>,
+    rib_out: &mut BTreeMap<EvpnRoute, Attributes>,
+    delay: &mut Duration,
+) -> End {
+    let (rd, wr) = stream.into_split();
+    let mut r = Reader {
+        rd,
+        buf: Vec::new(),
+        four_octet: false,
+        peer: cfg.peer,
+    };
+    let mut w = Writer {
+        wr,
+        four_octet: false,
+        next_hop: IpAddr::V4(cfg.router_id),
+    };
+    let open = Open {
+        version: 4,
+        asn: cfg.local_as,
+        hold_time: cfg.hold_time,
+        bgp_id: cfg.router_id,
+        capabilities: vec![
+            Capability::Multiprotocol {
+                afi: AFI_L2VPN,
+                safi: SAFI_EVPN,
+            },
+            Capability::RouteRefresh,
+            Capability::FourOctetAs(cfg.local_as),
+        ],
+    };
+    if let Err(e) = w.send(&Message::Open(open)).await {
+        return e;
+    }
+    let _ = state.send(SessionState::OpenSent);
+    // RFC 4271: a large hold time until the OPEN arrives.
+    let theirs = match read_within(&mut r, &mut w, Duration::from_secs(240)).await {
+        Ok(Message::Open(o)) => o,
+        Ok(other) => {
+            return w
+                .notify(
+                    code::FSM,
+                    1,
+                    Vec::new(),
+                    format!("expected OPEN, got {other:?}"),
+                )
+                .await
+        }
+        Err(e) => return e,
+    };
+    if theirs.asn != cfg.peer_as {
+        let why = format!("peer AS {} (expected {})", theirs.asn, cfg.peer_as);
+        return w
+            .notify(code::OPEN, code::OPEN_BAD_PEER_AS, Vec::new(), why)
+            .await;
+    }
+    let evpn = Capability::Multiprotocol {
+        afi: AFI_L2VPN,
+        safi: SAFI_EVPN,
+    };
+    if !theirs.capabilities.contains(&evpn) {
+        let why = "peer does not do L2VPN EVPN".to_string();
+        return w
+            .notify(
+                code::OPEN,
+                code::OPEN_UNSUPPORTED_CAPABILITY,
+                Vec::new(),
+                why,
+            )
+            .await;
+    }
+    let four = theirs
+        .capabilities
+        .iter()
+        .any(|c| matches!(c, Capability::FourOctetAs(_)));
+    r.four_octet = four;
+    w.four_octet = four;
+    let hold = cfg.hold_time.min(theirs.hold_time);
+    let hold_limit = Duration::from_secs(if hold == 0 {
+        u64::from(u32::MAX)
+    } else {
+        u64::from(hold)
+    });
+    let keepalive = cfg
+        .keepalive
+        .unwrap_or(Duration::from_secs(u64::from(hold.max(3) / 3)));
+    if let Err(e) = w.send(&Message::Keepalive).await {
+        return e;
+    }
+    let _ = state.send(SessionState::OpenConfirm);
+    match read_within(&mut r, &mut w, hold_limit).await {
+        Ok(Message::Keepalive) => {}
+        Ok(other) => {
+            let why = format!("expected KEEPALIVE, got {other:?}");
+            return w.notify(code::FSM, 2, Vec::new(), why).await;
+        }
+        Err(e) => return e,
+    }
+    let _ = state.send(SessionState::Established {
+        peer_id: theirs.bgp_id,
+        hold_time: hold,
+        since: std::time::SystemTime::now(),
+    });
+    let _ = events.send(SessionEvent::Established {
+        peer_id: theirs.bgp_id,
+    });
+    tracing::info!(peer = %cfg.peer, hold, "BGP session established");
+    *delay = cfg.backoff;
+    let snapshot = || -> Vec<(EvpnRoute, Attributes)> {
+        rib_out
+            .iter()
+            .map(|(r, a)| (r.clone(), a.clone()))
+            .collect()
+    };
+    if let Err(e) = w.send_routes(snapshot()).await {
+        return e;
+    }
+
+    let mut ka = tokio::time::interval(keepalive);
+    ka.reset();
+    let mut hold_deadline = Instant::now() + hold_limit;
+    loop {
+        tokio::select! {
+            _ = ka.tick(), if hold != 0 => {
+                if let Err(e) = w.send(&Message::Keepalive).await {
+                    return e;
+                }
+            }
+            _ = tokio::time::sleep_until(hold_deadline), if hold != 0 => {
+                return w.notify(code::HOLD_TIMER, 0, Vec::new(), "hold timer expired".into()).await;
+            }
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else {
+                    // Administrative shutdown (RFC 4486).
+                    let _ = w.notify(code::CEASE, 2, Vec::new(), "stopped".into()).await;
+                    return End::Stopped;
+                };
+                let sent = match &cmd {
+                    Command::Announce(routes) => w.send_routes(routes.clone()).await,
+                    Command::Withdraw(routes) if !routes.is_empty() => {
+                        let u = Update { withdrawn: routes.clone(), ..Default::default() };
+                        w.send(&Message::Update(Box::new(u))).await
+                    }
+                    Command::Withdraw(_) => Ok(()),
+                };
+                apply(rib_out, cmd);
+                if let Err(e) = sent {
+                    return e;
+                }
+            }
+            msg = r.read() => {
+                hold_deadline = Instant::now() + hold_limit;
+                match msg {
+                    Ok(Message::Keepalive) => {}
+                    Ok(Message::Update(u)) => {
+                        let u = *u;
+                        let _ = events.send(SessionEvent::Update {
+                            announced: u.announced,
+                            attrs: u.attrs,
+                            next_hop: u.next_hop,
+                            withdrawn: u.withdrawn,
+                        });
+                    }
+                    Ok(Message::RouteRefresh { afi, safi }) if (afi, safi) == (AFI_L2VPN, SAFI_EVPN) => {
+                        let routes: Vec<_> =
+                            rib_out.iter().map(|(r, a)| (r.clone(), a.clone())).collect();
+                        if let Err(e) = w.send_routes(routes).await {
+                            return e;
+                        }
+                    }
+                    Ok(Message::RouteRefresh { .. }) => {}
+                    Ok(Message::Notification(n)) => {
+                        return End::Down(format!("peer sent NOTIFICATION {}/{}", n.code, n.subcode));
+                    }
+                    Ok(Message::Open(_)) => {
+                        return w.notify(code::FSM, 3, Vec::new(), "OPEN while established".into()).await;
+                    }
+                    Err(f) => return w.fail(f).await,
+                }
+            }
+        }
+    }
+}
