@@ -234,6 +234,7 @@ fn desired(i: u8, vm_ns: &str, with_port: bool) -> HostNet {
         }],
         remote_macs: vec![],
         externals: vec![],
+        floods: vec![],
     }
 }
 

@@ -137,6 +137,7 @@ fn desired(n: usize) -> HostNet {
         }],
         remote_macs: vec![],
         externals: vec![],
+        floods: vec![],
     }
 }
 

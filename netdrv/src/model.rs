@@ -40,6 +40,9 @@ pub struct HostNet {
     /// Routers' legs onto the external network.
     #[serde(default)]
     pub externals: Vec<ExternalLeg>,
+    /// Flood entries per VNI besides `peers`: (VNI, VTEP), learned from EVPN type-3 routes.
+    #[serde(default)]
+    pub floods: Vec<(u32, Ipv4Addr)>,
 }
 
 /// A router's leg onto the external network: a veth `<prefix>e<tenant>` whose host end is a

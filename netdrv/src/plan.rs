@@ -346,17 +346,29 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
         }
     }
 
-    // Flood entries: every local VNI to every peer.
+    // Flood entries: every local VNI to every peer, and to the VTEPs learned for it.
     for (name, d) in &want {
-        if !matches!(d.want, Want::Vxlan { .. }) {
+        let Want::Vxlan { vni, .. } = d.want else {
             continue;
-        }
+        };
         let have = if deleted.contains(name.as_str()) {
             None
         } else {
             observed.floods.get(name)
         };
-        for peer in &desired.peers {
+        let peers: BTreeSet<Ipv4Addr> = desired
+            .peers
+            .iter()
+            .copied()
+            .chain(
+                desired
+                    .floods
+                    .iter()
+                    .filter(|(v, _)| *v == vni)
+                    .map(|(_, p)| *p),
+            )
+            .collect();
+        for peer in &peers {
             if !have.is_some_and(|h| h.contains(peer)) {
                 ops.push(Op::AddFlood {
                     dev: name.clone(),
@@ -365,7 +377,7 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
             }
         }
         for peer in have.into_iter().flatten() {
-            if !desired.peers.contains(peer) {
+            if !peers.contains(peer) {
                 ops.push(Op::DelFlood {
                     dev: name.clone(),
                     peer: *peer,
@@ -466,6 +478,7 @@ mod tests {
             peers: vec![Ipv4Addr::new(192, 0, 2, 2)],
             remote_macs: vec![],
             externals: vec![],
+            floods: vec![],
             tenants: vec![TenantNet {
                 id: 1,
                 subnets: vec![

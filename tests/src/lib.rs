@@ -849,3 +849,80 @@ pub fn port_id_in(d: &Daemon, net: Option<&str>, ip: &str) -> u32 {
         .as_u64()
         .unwrap() as u32
 }
+
+/// FRR (zebra + bgpd) as an EVPN route reflector inside namespace `ns`, AS `asn`, router id
+/// `id`, accepting iBGP sessions from `range` (`bgp listen range`); killed on drop.
+#[derive(Debug)]
+pub struct FrrReflector {
+    pub dir: tempfile::TempDir,
+}
+
+impl FrrReflector {
+    pub fn start(ns: &Ns, asn: u32, id: &str, range: &str) -> FrrReflector {
+        let dir = tempfile::Builder::new()
+            .prefix("vpcd-frr-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        std::fs::write(dir.path().join("zebra.conf"), "hostname rr\n").unwrap();
+        std::fs::write(
+            dir.path().join("bgpd.conf"),
+            format!(
+                "router bgp {asn}\n bgp router-id {id}\n no bgp default ipv4-unicast\n \
+                 neighbor VTEP peer-group\n neighbor VTEP remote-as {asn}\n \
+                 bgp listen range {range} peer-group VTEP\n address-family l2vpn evpn\n  \
+                 neighbor VTEP activate\n  neighbor VTEP route-reflector-client\n \
+                 exit-address-family\n"
+            ),
+        )
+        .unwrap();
+        sh("chown", &["-R", "frr:frr", &d]);
+        let zsock = format!("{d}/zserv.api");
+        for (daemon, extra) in [
+            ("zebra", vec![]),
+            ("bgpd", vec!["-l".to_string(), id.to_string()]),
+        ] {
+            let mut args: Vec<String> = vec![
+                "netns".into(),
+                "exec".into(),
+                ns.name.clone(),
+                format!("/usr/lib/frr/{daemon}"),
+                "-d".into(),
+                "-f".into(),
+                format!("{d}/{daemon}.conf"),
+                "-i".into(),
+                format!("{d}/{daemon}.pid"),
+                "-z".into(),
+                zsock.clone(),
+                "--vty_socket".into(),
+                d.clone(),
+                "-A".into(),
+                "127.0.0.1".into(),
+                "-P".into(),
+                "0".into(),
+            ];
+            args.extend(extra);
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            sh("ip", &a);
+        }
+        FrrReflector { dir }
+    }
+
+    pub fn vtysh(&self, cmd: &str) -> String {
+        sh(
+            "vtysh",
+            &["--vty_socket", self.dir.path().to_str().unwrap(), "-c", cmd],
+        )
+    }
+}
+
+impl Drop for FrrReflector {
+    fn drop(&mut self) {
+        for daemon in ["bgpd", "zebra"] {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.path().join(format!("{daemon}.pid")))
+            {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).output();
+            }
+        }
+    }
+}

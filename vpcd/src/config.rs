@@ -80,6 +80,14 @@ pub struct Config {
     pub dns_servers: Vec<String>,
     /// What this host does: `compute` (VMs and their ports), `route` (virtual routers).
     pub roles: Vec<String>,
+    /// EVPN: this host's AS (iBGP with the route reflectors); 0: no EVPN (static FDB mode).
+    pub bgp_asn: u32,
+    /// Route reflectors, `ADDRESS` or `ADDRESS:PORT`.
+    pub bgp_peers: Vec<String>,
+    /// BGP router id and VTEP address in routes; empty: `underlay_ip`.
+    pub bgp_router_id: String,
+    /// Proposed hold time, seconds (0 or at least 3); learned routes outlive a session by it.
+    pub bgp_hold_time: u16,
 }
 
 impl Default for Config {
@@ -107,6 +115,10 @@ impl Default for Config {
             external_pool: String::new(),
             dns_servers: Vec::new(),
             roles: vec!["compute".into(), "route".into()],
+            bgp_asn: 0,
+            bgp_peers: Vec::new(),
+            bgp_router_id: String::new(),
+            bgp_hold_time: 90,
         }
     }
 }
@@ -172,6 +184,48 @@ impl Config {
         .map(Some)
     }
 
+    /// The EVPN settings, if `bgp_peers` is set.
+    pub fn evpn(&self) -> Result<Option<crate::network::evpn::EvpnConfig>, String> {
+        if self.bgp_peers.is_empty() {
+            return Ok(None);
+        }
+        if self.bgp_asn == 0 {
+            return Err("bgp_peers needs bgp_asn".into());
+        }
+        let id = if self.bgp_router_id.is_empty() {
+            &self.underlay_ip
+        } else {
+            &self.bgp_router_id
+        };
+        let router_id: std::net::Ipv4Addr = id
+            .parse()
+            .map_err(|_| format!("bgp_router_id {id:?} (or underlay_ip) is not an IPv4 address"))?;
+        let peers = self
+            .bgp_peers
+            .iter()
+            .map(|p| {
+                p.parse::<std::net::SocketAddr>()
+                    .or_else(|_| {
+                        p.parse::<std::net::IpAddr>()
+                            .map(|ip| std::net::SocketAddr::new(ip, 179))
+                    })
+                    .map_err(|_| format!("bgp_peers: {p:?} is not ADDRESS or ADDRESS:PORT"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.bgp_hold_time == 1 || self.bgp_hold_time == 2 {
+            return Err(format!(
+                "bgp_hold_time {}: 0 or at least 3",
+                self.bgp_hold_time
+            ));
+        }
+        Ok(Some(crate::network::evpn::EvpnConfig {
+            asn: self.bgp_asn,
+            router_id,
+            peers,
+            hold_time: self.bgp_hold_time,
+        }))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if !self.state_dir.is_absolute() {
             return Err(ConfigError::Invalid(format!(
@@ -203,6 +257,7 @@ impl Config {
         netdrv::names::validate_prefix(&self.link_prefix)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.external().map_err(ConfigError::Invalid)?;
+        self.evpn().map_err(ConfigError::Invalid)?;
         if let Some(r) = self
             .roles
             .iter()

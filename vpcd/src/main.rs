@@ -75,6 +75,18 @@ struct Cli {
     /// A role of this host: compute, route (repeat for several; default both).
     #[arg(long = "role")]
     roles: Vec<String>,
+    /// EVPN: this host's AS.
+    #[arg(long)]
+    bgp_asn: Option<u32>,
+    /// EVPN: a route reflector, ADDRESS[:PORT] (repeat for several).
+    #[arg(long = "bgp-peer")]
+    bgp_peers: Vec<String>,
+    /// EVPN: router id / VTEP address (default underlay_ip).
+    #[arg(long)]
+    bgp_router_id: Option<String>,
+    /// EVPN: proposed hold time, seconds.
+    #[arg(long)]
+    bgp_hold_time: Option<u16>,
 }
 
 impl Cli {
@@ -115,6 +127,16 @@ impl Cli {
         list("peers", &self.peers);
         list("dns_servers", &self.dns_servers);
         list("roles", &self.roles);
+        list("bgp_peers", &self.bgp_peers);
+        if let Some(id) = &self.bgp_router_id {
+            d.insert("bgp_router_id".into(), Value::from(id.clone()));
+        }
+        if let Some(a) = self.bgp_asn {
+            d.insert("bgp_asn".into(), Value::from(a));
+        }
+        if let Some(h) = self.bgp_hold_time {
+            d.insert("bgp_hold_time".into(), Value::from(h));
+        }
         d
     }
 }

@@ -154,6 +154,7 @@ impl Manager {
         });
         manager.follow_events();
         manager.reconcile().await?;
+        manager.follow_evpn();
         Ok(manager)
     }
 
@@ -198,6 +199,7 @@ impl Manager {
                 .filter_map(|d| d.parse().ok())
                 .collect(),
             route_role: cfg.roles.iter().any(|r| r == "route"),
+            evpn: cfg.evpn()?,
         };
         NetManager::open(store.clone(), net_cfg)
             .await
@@ -234,6 +236,44 @@ impl Manager {
                 ))),
             },
         }
+    }
+
+    /// Applies what EVPN learns: on each change (and when routes of a session that stayed
+    /// down expire, checked every second) the tenant networks are reconciled.
+    fn follow_evpn(self: &Arc<Self>) {
+        let Ok(net) = self.net() else { return };
+        let Some(mut dirty) = net.take_evpn_dirty() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                let changed = tokio::select! {
+                    d = dirty.recv() => {
+                        if d.is_none() {
+                            break;
+                        }
+                        // Take a burst of updates together.
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        while dirty.try_recv().is_ok() {}
+                        true
+                    }
+                    _ = tick.tick() => {
+                        let Some(m) = weak.upgrade() else { break };
+                        m.net().ok().and_then(|n| n.evpn().map(|e| e.sweep())).unwrap_or(false)
+                    }
+                };
+                if changed {
+                    let Some(m) = weak.upgrade() else { break };
+                    if let Ok(net) = m.net() {
+                        if let Err(e) = net.reconcile().await {
+                            tracing::warn!("applying EVPN routes: {e}");
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Forwards backend events to subscribers and keeps the state cache current.

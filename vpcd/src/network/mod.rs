@@ -4,6 +4,7 @@
 //! in the store and on the host, so nothing is half-created.
 
 mod dhcp;
+pub mod evpn;
 mod l3;
 pub mod metadata;
 pub mod nat;
@@ -41,6 +42,8 @@ pub struct NetConfig {
     pub dns: Vec<Ipv4Addr>,
     /// Whether this host has the route role (may hold routers).
     pub route_role: bool,
+    /// EVPN (BGP to route reflectors) instead of static FDB entries, if set.
+    pub evpn: Option<evpn::EvpnConfig>,
 }
 
 /// The tenant networks of this host.
@@ -51,6 +54,9 @@ pub struct NetManager {
     cfg: NetConfig,
     dhcp: dhcp::DhcpAgent,
     l3: l3::L3Agent,
+    evpn: Option<evpn::EvpnAgent>,
+    /// Signalled when EVPN learned something (taken by the manager's follower task).
+    evpn_dirty: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<()>>>,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -68,16 +74,38 @@ impl NetManager {
         let filter = netdrv::filter::open(kind, &cfg.netns, &cfg.pin_dir)?;
         tracing::info!(vlan_filter = %kind, "VLAN filter open");
         let host = NetHost::open(&cfg.netns, filter)?;
+        let (evpn, evpn_dirty) = match &cfg.evpn {
+            Some(e) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (
+                    Some(evpn::EvpnAgent::start(e.clone(), &cfg.netns, tx)),
+                    Some(rx),
+                )
+            }
+            None => (None, None),
+        };
         let m = NetManager {
             store,
             host,
             cfg,
             dhcp: dhcp::DhcpAgent::default(),
             l3: l3::L3Agent::default(),
+            evpn,
+            evpn_dirty: std::sync::Mutex::new(evpn_dirty),
             lock: tokio::sync::Mutex::new(()),
         };
         m.reconcile().await?;
         Ok(m)
+    }
+
+    /// The EVPN agent, if EVPN is on.
+    pub fn evpn(&self) -> Option<&evpn::EvpnAgent> {
+        self.evpn.as_ref()
+    }
+
+    /// The receiver of "EVPN learned something" (once).
+    pub fn take_evpn_dirty(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        self.evpn_dirty.lock().unwrap().take()
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -131,6 +159,11 @@ impl NetManager {
             &self.cfg.peers,
         );
         dhcp::add_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner);
+        if let Some(e) = &self.evpn {
+            let (floods, macs) = e.remote();
+            host.floods = floods;
+            host.remote_macs.extend(macs);
+        }
         if let (Some(x), Some(None)) = (&self.cfg.external, external) {
             dhcp::add_external_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner, &x.link);
         }
@@ -147,6 +180,9 @@ impl NetManager {
         self.dhcp
             .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dns)
             .await?;
+        if let Some(e) = &self.evpn {
+            e.advertise(st);
+        }
         let macvlan_parent = external.flatten();
         self.l3
             .sync(

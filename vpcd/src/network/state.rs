@@ -453,6 +453,7 @@ impl NetState {
             tenants,
             remote_macs,
             externals: Vec::new(),
+            floods: Vec::new(),
         }
     }
 }

@@ -1,0 +1,126 @@
+//! EVPN between two vpcd hosts through an FRR route reflector, no static FDB configuration:
+//! namespace "hosts" h1 (192.0.2.1) and h2 (192.0.2.2) and the reflector rr (192.0.2.10) on one
+//! underlay bridge.
+
+use std::time::Duration;
+
+use vpcd_tests::*;
+
+struct Lab {
+    h1: Ns,
+    h2: Ns,
+    rr: Ns,
+    _lan: Ns,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let lan = Ns::new("el");
+        lan.ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        lan.ok(&["ip", "link", "set", "br0", "up"]);
+        let mk = |tag: &str, ip: &str| {
+            let ns = Ns::new(tag);
+            let port = format!("p{tag}");
+            sh(
+                "ip",
+                &[
+                    "-n", &lan.name, "link", "add", "name", &port, "type", "veth", "peer", "u0",
+                    "netns", &ns.name,
+                ],
+            );
+            lan.ok(&["ip", "link", "set", &port, "master", "br0", "up"]);
+            ns.ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "u0"]);
+            ns.ok(&["ip", "link", "set", "u0", "up"]);
+            ns
+        };
+        let h1 = mk("e1", "192.0.2.1");
+        let h2 = mk("e2", "192.0.2.2");
+        let rr = mk("er", "192.0.2.10");
+        Lab {
+            h1,
+            h2,
+            rr,
+            _lan: lan,
+        }
+    }
+
+    async fn host(&self, n: u8) -> Daemon {
+        let ns = if n == 1 { &self.h1 } else { &self.h2 };
+        let extra = [
+            "--netns".to_string(),
+            ns.path(),
+            "--underlay-ip".into(),
+            format!("192.0.2.{n}"),
+            "--bgp-asn".into(),
+            "65000".into(),
+            "--bgp-peer".into(),
+            "192.0.2.10".into(),
+            "--bgp-hold-time".into(),
+            "9".into(),
+        ]
+        .to_vec();
+        let opts = DaemonOpts {
+            backend: "qmp",
+            extra,
+            ..Default::default()
+        };
+        Daemon::start_with(opts, Bus::open()).await
+    }
+}
+
+fn fdb_has(host: &Ns, mac: &str, dst: &str) -> bool {
+    let out = host.ok(&["bridge", "fdb", "show"]);
+    out.lines()
+        .any(|l| l.starts_with(mac) && l.contains(&format!("dst {dst}")))
+}
+
+#[tokio::test]
+async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
+    let lab = Lab::new();
+    let frr = FrrReflector::start(&lab.rr, 65000, "192.0.2.10", "192.0.2.0/24");
+    let d1 = lab.host(1).await;
+    let d2 = lab.host(2).await;
+    for d in [&d1, &d2] {
+        d.vpcctl_ok(&["net-create", "a"]);
+        d.vpcctl_ok(&["subnet-create", "a", "web", "10.50.1.0/24", "--vni", "7001"]);
+    }
+    let vm1 = ns_port(&d1, "v1", "a", "web", "10.50.1.11", true);
+    let vm2 = ns_port(&d2, "v2", "a", "web", "10.50.1.12", true);
+    let mac_of = |d: &Daemon, ip: &str| -> String {
+        let ports: serde_json::Value =
+            serde_json::from_str(&d.vpcctl_ok(&["--json", "port-list"])).unwrap();
+        ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["ip"] == ip)
+            .unwrap()["mac"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mac1 = mac_of(&d1, "10.50.1.11");
+    // Each host learns the other's VTEP (type 3) and port (type 2): no static configuration.
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            fdb_has(&lab.h2, &mac1, "192.0.2.1")
+                && fdb_has(&lab.h2, "00:00:00:00:00:00", "192.0.2.1")
+        },
+        "h2 to learn vm1's MAC and h1's VTEP",
+    );
+    assert!(vm1.pings("10.50.1.12"), "vm1 -> vm2 across EVPN");
+    assert!(vm2.pings("10.50.1.11"), "vm2 -> vm1 across EVPN");
+    let routes = frr.vtysh("show bgp l2vpn evpn route");
+    assert!(routes.contains(&mac1), "{routes}");
+
+    // Deleting the port withdraws its route; h2's FDB entry goes.
+    let id = port_id_of(&d1, "10.50.1.11").to_string();
+    d1.vpcctl_ok(&["port-delete", &id]);
+    wait_until(
+        Duration::from_secs(30),
+        || !fdb_has(&lab.h2, &mac1, "192.0.2.1"),
+        "h2 to drop vm1's MAC",
+    );
+    drop((vm1, vm2));
+}

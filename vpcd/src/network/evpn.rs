@@ -1,0 +1,317 @@
+//! The EVPN control plane of a compute host: iBGP sessions to route reflectors
+//! (`netdrv::bgp::session`), advertising from the port database (no data-plane learning) and
+//! installing what is learned through netdrv's plan.
+//!
+//! Advertised, per subnet with ports on this host: a type-3 route (RD `<router id>:<VNI low 16
+//! bits>`, PMSI tunnel ingress replication with the VNI as label and this host's VTEP) and a
+//! type-2 route per port (MAC, IPv4, VNI as label 1), each with the route target
+//! `<ASN>:<VNI>` and the VxLAN encapsulation community. Learned: remote type-3 routes become
+//! head-end-replication flood entries on the VNI's VxLAN device, type-2 routes static FDB
+//! entries (VxLAN device, remote VTEP). Routes of a session that went down are kept for its
+//! hold time (traffic keeps flowing while a route reflector restarts), then removed unless the
+//! session came back and announced them again.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use netdrv::bgp::session::{Session, SessionConfig, SessionEvent, SessionState};
+use netdrv::bgp::wire::{
+    route_target, vxlan_encapsulation, Attributes, EvpnRoute, PmsiTunnel, Rd, RouteKey,
+    PMSI_INGRESS_REPLICATION,
+};
+use netdrv::ipam::Mac;
+use netdrv::Netns;
+
+use super::state::NetState;
+
+/// How this host speaks EVPN.
+#[derive(Debug, Clone)]
+pub struct EvpnConfig {
+    pub asn: u32,
+    /// Router id and VTEP address (the underlay address).
+    pub router_id: Ipv4Addr,
+    pub peers: Vec<SocketAddr>,
+    pub hold_time: u16,
+}
+
+#[derive(Debug, Clone)]
+struct Learned {
+    vni: u32,
+    vtep: Ipv4Addr,
+    mac: Option<Mac>,
+    /// Since when the route's session has been down.
+    stale_since: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// (session index, route key) -> what it says.
+    learned: BTreeMap<(usize, RouteKey), Learned>,
+    /// What this host announces now.
+    announced: BTreeMap<RouteKey, EvpnRoute>,
+}
+
+/// What was learned, for netdrv: flood entries (VNI, VTEP) and remote MACs (VNI, MAC, VTEP).
+pub type Remote = (Vec<(u32, Ipv4Addr)>, Vec<(u32, Mac, Ipv4Addr)>);
+
+/// A session's state for the API: (peer, state, established since, prefixes received).
+pub type PeerStatus = (String, String, u64, u64);
+
+#[derive(Debug)]
+pub struct EvpnAgent {
+    cfg: EvpnConfig,
+    sessions: Vec<Session>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn rd(router_id: Ipv4Addr, vni: u32) -> Rd {
+    Rd::ip(router_id, (vni & 0xffff) as u16)
+}
+
+impl EvpnAgent {
+    /// Starts a session per peer; `dirty` gets a message whenever learned routes change.
+    pub fn start(
+        cfg: EvpnConfig,
+        netns: &Netns,
+        dirty: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> EvpnAgent {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let mut sessions = Vec::new();
+        for (i, peer) in cfg.peers.iter().enumerate() {
+            let mut sc = SessionConfig::new(cfg.asn, cfg.router_id, *peer, netns.clone());
+            sc.hold_time = cfg.hold_time;
+            let mut s = Session::spawn(sc);
+            let mut events = s.events();
+            let (inner, dirty, me) = (inner.clone(), dirty.clone(), cfg.router_id);
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    if learn(&inner, i, me, ev) {
+                        let _ = dirty.send(());
+                    }
+                }
+            });
+            sessions.push(s);
+        }
+        tracing::info!(asn = cfg.asn, router_id = %cfg.router_id, peers = ?cfg.peers, "EVPN on");
+        EvpnAgent {
+            cfg,
+            sessions,
+            inner,
+        }
+    }
+
+    /// Announces this host's routes for `st` and withdraws the ones that went.
+    pub fn advertise(&self, st: &NetState) {
+        let me = self.cfg.router_id;
+        let attrs = |vni: u32, pmsi: bool| Attributes {
+            origin: Some(0),
+            local_pref: Some(100),
+            ext_communities: vec![route_target(self.cfg.asn, vni), vxlan_encapsulation()],
+            pmsi: pmsi.then_some(PmsiTunnel {
+                flags: 0,
+                tunnel_type: PMSI_INGRESS_REPLICATION,
+                label: vni,
+                endpoint: IpAddr::V4(me),
+            }),
+            ..Default::default()
+        };
+        let mut want: BTreeMap<RouteKey, (EvpnRoute, Attributes)> = BTreeMap::new();
+        for p in st.ports.values() {
+            let Some(subnet) = st
+                .networks
+                .get(&p.network)
+                .and_then(|n| n.subnets.get(&p.subnet))
+            else {
+                continue;
+            };
+            let vni = subnet.vni;
+            let t3 = EvpnRoute::InclusiveMulticast {
+                rd: rd(me, vni),
+                eth_tag: 0,
+                origin: IpAddr::V4(me),
+            };
+            want.insert(t3.key(), (t3, attrs(vni, true)));
+            let t2 = EvpnRoute::MacIp {
+                rd: rd(me, vni),
+                esi: [0; 10],
+                eth_tag: 0,
+                mac: p.mac.0,
+                ip: Some(IpAddr::V4(p.ip)),
+                vni,
+                vni2: None,
+            };
+            want.insert(t2.key(), (t2, attrs(vni, false)));
+        }
+        let mut inner = self.inner.lock().unwrap();
+        let gone: Vec<EvpnRoute> = inner
+            .announced
+            .iter()
+            .filter(|(k, _)| !want.contains_key(*k))
+            .map(|(_, r)| r.clone())
+            .collect();
+        let new: Vec<(EvpnRoute, Attributes)> = want
+            .iter()
+            .filter(|(k, _)| !inner.announced.contains_key(*k))
+            .map(|(_, v)| v.clone())
+            .collect();
+        for s in &self.sessions {
+            if !gone.is_empty() {
+                s.withdraw(gone.clone());
+            }
+            if !new.is_empty() {
+                s.announce(new.clone());
+            }
+        }
+        inner.announced = want.into_iter().map(|(k, (r, _))| (k, r)).collect();
+    }
+
+    /// What was learned: flood entries (VNI, VTEP) and remote MACs (VNI, MAC, VTEP).
+    pub fn remote(&self) -> Remote {
+        let inner = self.inner.lock().unwrap();
+        let mut floods: Vec<(u32, Ipv4Addr)> = Vec::new();
+        let mut macs: BTreeMap<(u32, Mac), Ipv4Addr> = BTreeMap::new();
+        for l in inner.learned.values() {
+            match l.mac {
+                None => floods.push((l.vni, l.vtep)),
+                Some(m) => {
+                    macs.insert((l.vni, m), l.vtep);
+                }
+            }
+        }
+        floods.sort();
+        floods.dedup();
+        (
+            floods,
+            macs.into_iter().map(|((v, m), t)| (v, m, t)).collect(),
+        )
+    }
+
+    /// Forgets routes of sessions down for longer than the hold time; true if any went.
+    pub fn sweep(&self) -> bool {
+        let grace = Duration::from_secs(u64::from(self.cfg.hold_time.max(3)));
+        let mut inner = self.inner.lock().unwrap();
+        let before = inner.learned.len();
+        inner
+            .learned
+            .retain(|_, l| l.stale_since.is_none_or(|t| t.elapsed() < grace));
+        before != inner.learned.len()
+    }
+
+    /// The sessions for the API.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let inner = self.inner.lock().unwrap();
+        self.sessions
+            .iter()
+            .zip(&self.cfg.peers)
+            .enumerate()
+            .map(|(i, (s, peer))| {
+                let (state, since) = match s.state() {
+                    SessionState::Established { since, .. } => (
+                        "established".to_string(),
+                        since
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                    ),
+                    other => (format!("{other:?}").to_lowercase(), 0),
+                };
+                let prefixes = inner.learned.keys().filter(|(s, _)| *s == i).count() as u64;
+                (peer.to_string(), state, since, prefixes)
+            })
+            .collect()
+    }
+
+    /// Routes in (learned) and out (announced), as text lines per route.
+    pub fn routes(&self) -> (Vec<String>, Vec<String>) {
+        let inner = self.inner.lock().unwrap();
+        let show = |k: &RouteKey| match k {
+            RouteKey::MacIp { rd, mac, ip, .. } => format!(
+                "[2] {rd} {} {}",
+                Mac(*mac),
+                ip.map(|i| i.to_string()).unwrap_or_default()
+            ),
+            RouteKey::InclusiveMulticast { rd, origin, .. } => format!("[3] {rd} {origin}"),
+            RouteKey::Other { route_type, .. } => format!("[{route_type}]"),
+        };
+        let learned = inner
+            .learned
+            .iter()
+            .map(|((_, k), l)| format!("{} vni {} vtep {}", show(k), l.vni, l.vtep))
+            .collect();
+        let announced = inner.announced.keys().map(show).collect();
+        (learned, announced)
+    }
+}
+
+/// Applies one session event to what was learned; true if it changed.
+fn learn(inner: &Mutex<Inner>, session: usize, me: Ipv4Addr, ev: SessionEvent) -> bool {
+    let mut inner = inner.lock().unwrap();
+    match ev {
+        SessionEvent::Established { .. } => false,
+        SessionEvent::Down { .. } => {
+            let now = Instant::now();
+            for ((s, _), l) in inner.learned.iter_mut() {
+                if *s == session && l.stale_since.is_none() {
+                    l.stale_since = Some(now);
+                }
+            }
+            false
+        }
+        SessionEvent::Update {
+            announced,
+            attrs,
+            next_hop,
+            withdrawn,
+        } => {
+            let mut changed = false;
+            for r in withdrawn {
+                changed |= inner.learned.remove(&(session, r.key())).is_some();
+            }
+            for r in announced {
+                let (vni, vtep, mac) = match &r {
+                    EvpnRoute::InclusiveMulticast { origin, .. } => {
+                        let Some(p) = &attrs.pmsi else { continue };
+                        let vtep = match (p.endpoint, origin) {
+                            (IpAddr::V4(e), _) => e,
+                            (_, IpAddr::V4(o)) => *o,
+                            _ => continue,
+                        };
+                        (p.label, vtep, None)
+                    }
+                    EvpnRoute::MacIp { mac, vni, .. } => {
+                        let Some(IpAddr::V4(nh)) = next_hop else {
+                            continue;
+                        };
+                        (*vni, nh, Some(Mac(*mac)))
+                    }
+                    EvpnRoute::Other { .. } => continue,
+                };
+                if vtep == me {
+                    continue; // our own, reflected back
+                }
+                let l = Learned {
+                    vni,
+                    vtep,
+                    mac,
+                    stale_since: None,
+                };
+                let key = (session, r.key());
+                let same = inner
+                    .learned
+                    .get(&key)
+                    .is_some_and(|o| (o.vni, o.vtep, o.mac) == (vni, vtep, mac));
+                if !same {
+                    changed = true;
+                }
+                if let Some(old) = inner.learned.get(&key) {
+                    if old.stale_since.is_some() {
+                        changed = true;
+                    }
+                }
+                inner.learned.insert(key, l);
+            }
+            changed
+        }
+    }
+}
