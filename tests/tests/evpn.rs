@@ -56,7 +56,7 @@ impl Lab {
             "--bgp-peer".into(),
             "192.0.2.10".into(),
             "--bgp-hold-time".into(),
-            "9".into(),
+            "15".into(),
         ]
         .to_vec();
         let opts = DaemonOpts {
@@ -113,6 +113,47 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
     assert!(vm2.pings("10.50.1.11"), "vm2 -> vm1 across EVPN");
     let routes = frr.vtysh("show bgp l2vpn evpn route");
     assert!(routes.contains(&mac1), "{routes}");
+    let sessions: serde_json::Value =
+        serde_json::from_str(&d1.vpcctl_ok(&["--json", "bgp-sessions"])).unwrap();
+    assert_eq!(sessions[0]["state"], "established", "{sessions}");
+    assert!(sessions[0]["prefixes"].as_u64().unwrap() >= 2, "{sessions}");
+    let mac2 = mac_of(&d2, "10.50.1.12");
+    let routes: serde_json::Value =
+        serde_json::from_str(&d1.vpcctl_ok(&["--json", "evpn-routes", "--vni", "7001"])).unwrap();
+    let has = |dir: &str, needle: &str| {
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["direction"] == dir && r["route"].as_str().unwrap().contains(needle))
+    };
+    assert!(has("in", &mac2) && has("out", &mac1), "{routes}");
+
+    // The route reflector restarts: traffic between the VMs goes on (learned routes outlive
+    // the sessions by the hold time), and the routes are learned again once it is back.
+    drop(frr);
+    assert!(
+        vm1.pings("10.50.1.12"),
+        "traffic while the reflector is down"
+    );
+    let _frr = FrrReflector::start(&lab.rr, 65000, "192.0.2.10", "192.0.2.0/24");
+    wait_until(
+        Duration::from_secs(40),
+        || {
+            [&d1, &d2].iter().all(|d| {
+                d.vpcctl_ok(&["--json", "bgp-sessions"])
+                    .contains("\"established\"")
+            })
+        },
+        "sessions back after the reflector restarted",
+    );
+    // Past the hold time the routes are still there: learned again, not expired.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert!(
+        fdb_has(&lab.h2, &mac1, "192.0.2.1"),
+        "re-learned after the restart"
+    );
+    assert!(vm2.pings("10.50.1.11"), "traffic after the restart");
 
     // Deleting the port withdraws its route; h2's FDB entry goes.
     let id = port_id_of(&d1, "10.50.1.11").to_string();

@@ -22,6 +22,8 @@ pub trait Host {
     fn create_floating_ip(&self, ip: &str) -> zbus::Result<OwnedObjectPath>;
     fn lookup_floating_ip(&self, ip: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_floating_ips(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    fn bgp_sessions(&self) -> zbus::Result<Vec<(String, String, u64, u64)>>;
+    fn evpn_routes(&self) -> zbus::Result<Vec<(String, u32, String, String)>>;
     #[allow(clippy::too_many_arguments)]
     fn create_port(
         &self,

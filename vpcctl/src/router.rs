@@ -51,6 +51,14 @@ pub enum RouterCmd {
     FipDelete { ip: String },
     /// List floating IPs.
     FipList,
+    /// EVPN: BGP sessions to the route reflectors, with state, uptime and routes received.
+    BgpSessions,
+    /// EVPN: routes learned (in) and advertised (out), per VNI.
+    EvpnRoutes {
+        /// Only this VNI.
+        #[arg(long)]
+        vni: Option<u32>,
+    },
 }
 
 async fn router(
@@ -226,6 +234,54 @@ pub async fn run(
         RouterCmd::FipDelete { ip } => {
             fip(conn, host, bus, &ip).await?.delete().await?;
             said(json, &format!("Floating IP {ip} deleted"));
+        }
+        RouterCmd::BgpSessions => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let rows = host.bgp_sessions().await?;
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(p, s, since, n)| {
+                        json!({"peer": p, "state": s, "uptime_secs": (*since > 0).then(|| now.saturating_sub(*since)), "prefixes": n})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(
+                    &["Peer", "State", "Up", "Prefixes"],
+                    rows.into_iter()
+                        .map(|(p, s, since, n)| {
+                            let up = if since > 0 {
+                                format!("{}s", now.saturating_sub(since))
+                            } else {
+                                "-".into()
+                            };
+                            vec![p, s, up, n.to_string()]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        RouterCmd::EvpnRoutes { vni } => {
+            let mut rows = host.evpn_routes().await?;
+            rows.retain(|(_, v, _, _)| vni.is_none_or(|want| *v == want));
+            rows.sort_by(|a, b| (a.1, &a.0, &a.2).cmp(&(b.1, &b.0, &b.2)));
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(d, v, r, t)| json!({"direction": d, "vni": v, "route": r, "vtep": t}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(
+                    &["VNI", "Dir", "Route", "VTEP"],
+                    rows.into_iter()
+                        .map(|(d, v, r, t)| vec![v.to_string(), d, r, t])
+                        .collect(),
+                );
+            }
         }
         RouterCmd::FipList => {
             let mut rows = Vec::new();

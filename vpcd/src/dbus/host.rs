@@ -126,6 +126,28 @@ impl HostIface {
             .collect())
     }
 
+    /// EVPN sessions: (peer, state, established since (Unix seconds, 0 if not), routes
+    /// received). Empty without EVPN.
+    async fn bgp_sessions(&self) -> Result<Vec<(String, String, u64, u64)>, ApiError> {
+        Ok(self
+            .manager
+            .net()?
+            .evpn()
+            .map(|e| e.status())
+            .unwrap_or_default())
+    }
+
+    /// EVPN routes: (direction "in"/"out", VNI, route, VTEP); VNI and VTEP of routes out are
+    /// this host's.
+    async fn evpn_routes(&self) -> Result<Vec<(String, u32, String, String)>, ApiError> {
+        Ok(self
+            .manager
+            .net()?
+            .evpn()
+            .map(|e| e.routes())
+            .unwrap_or_default())
+    }
+
     /// Creates a tenant network (VPC).
     async fn create_network(
         &self,

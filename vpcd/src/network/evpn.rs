@@ -51,6 +51,8 @@ struct Inner {
     learned: BTreeMap<(usize, RouteKey), Learned>,
     /// What this host announces now.
     announced: BTreeMap<RouteKey, EvpnRoute>,
+    /// The VNI of each announced type-3 route (its key holds none).
+    vni_of: BTreeMap<RouteKey, u32>,
 }
 
 /// What was learned, for netdrv: flood entries (VNI, VTEP) and remote MACs (VNI, MAC, VTEP).
@@ -164,6 +166,10 @@ impl EvpnAgent {
                 s.announce(new.clone());
             }
         }
+        inner.vni_of = want
+            .iter()
+            .filter_map(|(k, (_, a))| a.pmsi.as_ref().map(|p| (k.clone(), p.label)))
+            .collect();
         inner.announced = want.into_iter().map(|(k, (r, _))| (k, r)).collect();
     }
 
@@ -222,8 +228,8 @@ impl EvpnAgent {
             .collect()
     }
 
-    /// Routes in (learned) and out (announced), as text lines per route.
-    pub fn routes(&self) -> (Vec<String>, Vec<String>) {
+    /// Routes in (learned) and out (announced): (direction, VNI, route, VTEP).
+    pub fn routes(&self) -> Vec<(String, u32, String, String)> {
         let inner = self.inner.lock().unwrap();
         let show = |k: &RouteKey| match k {
             RouteKey::MacIp { rd, mac, ip, .. } => format!(
@@ -234,13 +240,22 @@ impl EvpnAgent {
             RouteKey::InclusiveMulticast { rd, origin, .. } => format!("[3] {rd} {origin}"),
             RouteKey::Other { route_type, .. } => format!("[{route_type}]"),
         };
-        let learned = inner
+        let mut out: Vec<(String, u32, String, String)> = inner
             .learned
             .iter()
-            .map(|((_, k), l)| format!("{} vni {} vtep {}", show(k), l.vni, l.vtep))
+            .map(|((_, k), l)| ("in".into(), l.vni, show(k), l.vtep.to_string()))
             .collect();
-        let announced = inner.announced.keys().map(show).collect();
-        (learned, announced)
+        for (k, r) in &inner.announced {
+            let vni = match r {
+                EvpnRoute::MacIp { vni, .. } => *vni,
+                EvpnRoute::InclusiveMulticast { .. } => {
+                    inner.vni_of.get(k).copied().unwrap_or_default()
+                }
+                EvpnRoute::Other { .. } => 0,
+            };
+            out.push(("out".into(), vni, show(k), self.cfg.router_id.to_string()));
+        }
+        out
     }
 }
 
