@@ -469,6 +469,13 @@ impl Drop for Daemon {
         }
         // Pinned eBPF links and maps: unpinning detaches the programs.
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
+        // FRR of the management role outlives vpcd by design; not a test's daemon.
+        for daemon in ["bgpd", "zebra"] {
+            let pid = self.state.path().join("frr").join(format!("{daemon}.pid"));
+            if let Ok(pid) = std::fs::read_to_string(pid) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).output();
+            }
+        }
         // Service (router, DHCP) namespaces this daemon made: `<prefix>-svc-<tenant>-<id8>`.
         if self.instance_id.len() >= 8 {
             let tail = format!("-{}", &self.instance_id[..8]);

@@ -9,6 +9,7 @@ use vpcd_tests::*;
 struct Lab {
     h1: Ns,
     h2: Ns,
+    h3: Ns,
     rr: Ns,
     _lan: Ns,
 }
@@ -35,17 +36,23 @@ impl Lab {
         };
         let h1 = mk("e1", "192.0.2.1");
         let h2 = mk("e2", "192.0.2.2");
+        let h3 = mk("e3", "192.0.2.3");
         let rr = mk("er", "192.0.2.10");
         Lab {
             h1,
             h2,
+            h3,
             rr,
             _lan: lan,
         }
     }
 
     async fn host(&self, n: u8) -> Daemon {
-        let ns = if n == 1 { &self.h1 } else { &self.h2 };
+        let ns = match n {
+            1 => &self.h1,
+            2 => &self.h2,
+            _ => &self.h3,
+        };
         let extra = [
             "--netns".to_string(),
             ns.path(),
@@ -164,4 +171,75 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
         "h2 to drop vm1's MAC",
     );
     drop((vm1, vm2));
+}
+
+#[tokio::test]
+async fn a_management_host_runs_the_reflector_and_a_third_host_joins() {
+    let lab = Lab::new();
+    // The management host: vpcd writes FRR's configuration and runs it.
+    let opts = DaemonOpts {
+        backend: "qmp",
+        extra: [
+            "--netns",
+            &lab.rr.path(),
+            "--underlay-ip",
+            "192.0.2.10",
+            "--role",
+            "management",
+            "--bgp-asn",
+            "65000",
+            "--bgp-listen-range",
+            "192.0.2.0/24",
+            "--bgp-hold-time",
+            "15",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..Default::default()
+    };
+    let mgmt = Daemon::start_with(opts, Bus::open()).await;
+    let conf = std::fs::read_to_string(mgmt.state.path().join("frr/bgpd.conf")).unwrap();
+    assert!(conf.contains("bgp listen range 192.0.2.0/24"), "{conf}");
+
+    let d1 = lab.host(1).await;
+    let d2 = lab.host(2).await;
+    for d in [&d1, &d2] {
+        d.vpcctl_ok(&["net-create", "a"]);
+        d.vpcctl_ok(&["subnet-create", "a", "web", "10.50.2.0/24", "--vni", "7002"]);
+    }
+    let vm1 = ns_port(&d1, "m1", "a", "web", "10.50.2.11", true);
+    let _vm2 = ns_port(&d2, "m2", "a", "web", "10.50.2.12", true);
+    wait_until(
+        Duration::from_secs(40),
+        || vm1.pings("10.50.2.12"),
+        "vm1 to reach vm2 through the management host's reflector",
+    );
+
+    // bgpd dies: vpcd starts it again and the sessions come back.
+    let pid = std::fs::read_to_string(mgmt.state.path().join("frr/bgpd.pid")).unwrap();
+    sh("kill", &["-9", pid.trim()]);
+    wait_until(
+        Duration::from_secs(40),
+        || {
+            let now =
+                std::fs::read_to_string(mgmt.state.path().join("frr/bgpd.pid")).unwrap_or_default();
+            now.trim() != pid.trim()
+                && d1
+                    .vpcctl_ok(&["--json", "bgp-sessions"])
+                    .contains("\"established\"")
+        },
+        "bgpd restarted by vpcd and the session back",
+    );
+
+    // A third compute host joins: reachable without touching the others.
+    let d3 = lab.host(3).await;
+    d3.vpcctl_ok(&["net-create", "a"]);
+    d3.vpcctl_ok(&["subnet-create", "a", "web", "10.50.2.0/24", "--vni", "7002"]);
+    let vm3 = ns_port(&d3, "m3", "a", "web", "10.50.2.13", true);
+    wait_until(
+        Duration::from_secs(40),
+        || vm3.pings("10.50.2.11") && vm3.pings("10.50.2.12"),
+        "the third host's VM to reach the others",
+    );
 }

@@ -88,6 +88,10 @@ pub struct Config {
     pub bgp_router_id: String,
     /// Proposed hold time, seconds (0 or at least 3); learned routes outlive a session by it.
     pub bgp_hold_time: u16,
+    /// Management role: the prefixes compute hosts peer from (`bgp listen range`).
+    pub bgp_listen_ranges: Vec<String>,
+    /// Where FRR's daemons are.
+    pub frr_bin_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -119,7 +123,21 @@ impl Default for Config {
             bgp_peers: Vec::new(),
             bgp_router_id: String::new(),
             bgp_hold_time: 90,
+            bgp_listen_ranges: Vec::new(),
+            frr_bin_dir: PathBuf::from("/usr/lib/frr"),
         }
+    }
+}
+
+/// Whether `s` is an IP prefix `ADDRESS/LEN`.
+fn is_cidr(s: &str) -> bool {
+    let Some((a, l)) = s.split_once('/') else {
+        return false;
+    };
+    match (a.parse::<std::net::IpAddr>(), l.parse::<u8>()) {
+        (Ok(std::net::IpAddr::V4(_)), Ok(l)) => l <= 32,
+        (Ok(std::net::IpAddr::V6(_)), Ok(l)) => l <= 128,
+        _ => false,
     }
 }
 
@@ -184,6 +202,40 @@ impl Config {
         .map(Some)
     }
 
+    /// The route reflector this host runs, if it has the management role.
+    pub fn frr(&self) -> Result<Option<crate::frr::FrrConfig>, String> {
+        if !self.roles.iter().any(|r| r == "management") {
+            return Ok(None);
+        }
+        if self.bgp_asn == 0 {
+            return Err("the management role needs bgp_asn".into());
+        }
+        if self.bgp_listen_ranges.is_empty() {
+            return Err("the management role needs bgp_listen_ranges".into());
+        }
+        if let Some(r) = self.bgp_listen_ranges.iter().find(|r| !is_cidr(r)) {
+            return Err(format!("bgp_listen_ranges: {r:?} is not a CIDR"));
+        }
+        Ok(Some(crate::frr::FrrConfig {
+            dir: self.state_dir.join("frr"),
+            asn: self.bgp_asn,
+            router_id: self.router_id()?,
+            listen_ranges: self.bgp_listen_ranges.clone(),
+            hold_time: self.bgp_hold_time,
+            bin_dir: self.frr_bin_dir.clone(),
+        }))
+    }
+
+    fn router_id(&self) -> Result<std::net::Ipv4Addr, String> {
+        let id = if self.bgp_router_id.is_empty() {
+            &self.underlay_ip
+        } else {
+            &self.bgp_router_id
+        };
+        id.parse()
+            .map_err(|_| format!("bgp_router_id {id:?} (or underlay_ip) is not an IPv4 address"))
+    }
+
     /// The EVPN settings, if `bgp_peers` is set.
     pub fn evpn(&self) -> Result<Option<crate::network::evpn::EvpnConfig>, String> {
         if self.bgp_peers.is_empty() {
@@ -192,14 +244,7 @@ impl Config {
         if self.bgp_asn == 0 {
             return Err("bgp_peers needs bgp_asn".into());
         }
-        let id = if self.bgp_router_id.is_empty() {
-            &self.underlay_ip
-        } else {
-            &self.bgp_router_id
-        };
-        let router_id: std::net::Ipv4Addr = id
-            .parse()
-            .map_err(|_| format!("bgp_router_id {id:?} (or underlay_ip) is not an IPv4 address"))?;
+        let router_id = self.router_id()?;
         let peers = self
             .bgp_peers
             .iter()
@@ -258,13 +303,14 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.external().map_err(ConfigError::Invalid)?;
         self.evpn().map_err(ConfigError::Invalid)?;
+        self.frr().map_err(ConfigError::Invalid)?;
         if let Some(r) = self
             .roles
             .iter()
-            .find(|r| !matches!(r.as_str(), "compute" | "route"))
+            .find(|r| !matches!(r.as_str(), "compute" | "route" | "management"))
         {
             return Err(ConfigError::Invalid(format!(
-                "roles: unknown role {r:?} (compute, route)"
+                "roles: unknown role {r:?} (compute, route, management)"
             )));
         }
         if let Some(d) = self

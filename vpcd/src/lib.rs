@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dbus;
 mod error;
+pub mod frr;
 pub mod manager;
 pub mod network;
 pub mod store;

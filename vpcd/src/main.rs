@@ -87,6 +87,9 @@ struct Cli {
     /// EVPN: proposed hold time, seconds.
     #[arg(long)]
     bgp_hold_time: Option<u16>,
+    /// Management role: a prefix compute hosts peer from (repeat for several).
+    #[arg(long = "bgp-listen-range")]
+    bgp_listen_ranges: Vec<String>,
 }
 
 impl Cli {
@@ -128,6 +131,7 @@ impl Cli {
         list("dns_servers", &self.dns_servers);
         list("roles", &self.roles);
         list("bgp_peers", &self.bgp_peers);
+        list("bgp_listen_ranges", &self.bgp_listen_ranges);
         if let Some(id) = &self.bgp_router_id {
             d.insert("bgp_router_id".into(), Value::from(id.clone()));
         }

@@ -79,6 +79,8 @@ pub struct Manager {
     states: Mutex<HashMap<String, VmState>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     events: broadcast::Sender<ManagerEvent>,
+    /// The FRR supervisor of the management role.
+    _frr: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -134,6 +136,17 @@ impl Manager {
         if let Err(e) = &net {
             tracing::error!("tenant networks unavailable: {e}");
         }
+        let frr = match cfg.frr().map_err(anyhow::Error::msg)? {
+            Some(f) => {
+                let netns = if cfg.netns.is_empty() {
+                    netdrv::Netns::current()?
+                } else {
+                    netdrv::Netns::open(std::path::Path::new(&cfg.netns))?
+                };
+                Some(crate::frr::run(f, netns)?)
+            }
+            None => None,
+        };
         let (events, _) = broadcast::channel(1024);
         let manager = Arc::new(Manager {
             net,
@@ -151,6 +164,7 @@ impl Manager {
             states: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             events,
+            _frr: frr,
         });
         manager.follow_events();
         manager.reconcile().await?;
