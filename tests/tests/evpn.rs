@@ -243,3 +243,113 @@ async fn a_management_host_runs_the_reflector_and_a_third_host_joins() {
         "the third host's VM to reach the others",
     );
 }
+
+#[tokio::test]
+async fn an_frr_vtep_and_our_vms_reach_each_other() {
+    let lab = Lab::new();
+    let _rr = FrrReflector::start(&lab.rr, 65000, "192.0.2.10", "192.0.2.0/24");
+    // h3 is an ordinary FRR VTEP: traditional bridge, VxLAN 7003, zebra + bgpd with
+    // advertise-all-vni, a namespace "VM" behind it.
+    let h = &lab.h3;
+    h.ok(&["ip", "link", "add", "br7003", "type", "bridge"]);
+    h.ok(&["ip", "link", "set", "br7003", "up"]);
+    h.ok(&[
+        "ip",
+        "link",
+        "add",
+        "vx7003",
+        "type",
+        "vxlan",
+        "id",
+        "7003",
+        "local",
+        "192.0.2.3",
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    h.ok(&["ip", "link", "set", "vx7003", "master", "br7003", "up"]);
+    let vm4 = Ns::new("f4");
+    sh(
+        "ip",
+        &[
+            "-n", &h.name, "link", "add", "name", "v4", "type", "veth", "peer", "eth0", "netns",
+            &vm4.name,
+        ],
+    );
+    h.ok(&["ip", "link", "set", "v4", "master", "br7003", "up"]);
+    vm4.ok(&["ip", "addr", "add", "10.50.3.14/24", "dev", "eth0"]);
+    vm4.ok(&["ip", "link", "set", "eth0", "up"]);
+    let dir = tempfile::Builder::new()
+        .prefix("vpcd-frrvtep-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    std::fs::write(dir.path().join("zebra.conf"), "hostname vtep\n").unwrap();
+    std::fs::write(
+        dir.path().join("bgpd.conf"),
+        "router bgp 65000\n bgp router-id 192.0.2.3\n no bgp default ipv4-unicast\n \
+         neighbor 192.0.2.10 remote-as 65000\n address-family l2vpn evpn\n  \
+         neighbor 192.0.2.10 activate\n  advertise-all-vni\n exit-address-family\n",
+    )
+    .unwrap();
+    sh("chown", &["-R", "frr:frr", &d]);
+    let zsock = format!("{d}/zserv.api");
+    for daemon in ["zebra", "bgpd"] {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &h.name,
+                &format!("/usr/lib/frr/{daemon}"),
+                "-d",
+                "-f",
+                &format!("{d}/{daemon}.conf"),
+                "-i",
+                &format!("{d}/{daemon}.pid"),
+                "-z",
+                &zsock,
+                "--vty_socket",
+                &d,
+                "-A",
+                "127.0.0.1",
+                "-P",
+                "0",
+            ],
+        );
+    }
+    struct Kill(std::path::PathBuf);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for daemon in ["bgpd", "zebra"] {
+                if let Ok(pid) = std::fs::read_to_string(self.0.join(format!("{daemon}.pid"))) {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-9", pid.trim()])
+                        .output();
+                }
+            }
+        }
+    }
+    let _kill = Kill(dir.path().to_path_buf());
+
+    let d1 = lab.host(1).await;
+    d1.vpcctl_ok(&["net-create", "a"]);
+    d1.vpcctl_ok(&["subnet-create", "a", "web", "10.50.3.0/24", "--vni", "7003"]);
+    let vm1 = ns_port(&d1, "f1", "a", "web", "10.50.3.11", true);
+    wait_until(
+        Duration::from_secs(60),
+        || vm4.pings("10.50.3.11") && vm1.pings("10.50.3.14"),
+        "our VM and the FRR VTEP's to reach each other",
+    );
+    // Each side learned the other over EVPN: FRR has our MAC, we have the VTEP's flood entry.
+    let vtysh = |cmd: &str| sh("vtysh", &["--vty_socket", &d, "-c", cmd]);
+    let macs = vtysh("show evpn mac vni 7003");
+    let mac1 = {
+        let ports: serde_json::Value =
+            serde_json::from_str(&d1.vpcctl_ok(&["--json", "port-list"])).unwrap();
+        ports[0]["mac"].as_str().unwrap().to_string()
+    };
+    assert!(macs.contains(&mac1), "{macs}");
+    assert!(fdb_has(&lab.h1, "00:00:00:00:00:00", "192.0.2.3"));
+}
