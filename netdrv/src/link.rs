@@ -514,12 +514,51 @@ impl Netlink {
     }
 
     /// A remote MAC behind `dst`.
+    /// Installs the VxLAN entry (`self`, remote `dst`) and the bridge entry (`master static`:
+    /// the MAC is behind the VxLAN port, and learning cannot move it elsewhere).
     pub async fn add_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
-        self.fdb_entry(true, dev, mac, dst).await
+        self.fdb_entry(true, dev, mac, dst).await?;
+        self.bridge_entry(true, dev, mac).await
     }
 
     pub async fn del_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
+        self.bridge_entry(false, dev, mac).await?;
         self.fdb_entry(false, dev, mac, dst).await
+    }
+
+    /// The bridge's static entry for `mac` on its port `dev` (`bridge fdb replace/del MAC dev
+    /// DEV master static`); deleting one that is not there is fine.
+    async fn bridge_entry(&self, add: bool, dev: &str, mac: [u8; 6]) -> Result<()> {
+        let index = self.index(dev).await?;
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = index;
+        m.header.state = NeighbourState::Noarp;
+        m.header.flags = NeighbourFlags::Controller; // NTF_MASTER
+        m.attributes
+            .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+        let what = format!("bridge fdb {dev} {mac:02x?} master");
+        if add {
+            let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+            self.request(what, RouteNetlinkMessage::NewNeighbour(m), flags)
+                .await
+        } else {
+            match self
+                .request(
+                    what,
+                    RouteNetlinkMessage::DelNeighbour(m),
+                    NLM_F_REQUEST | NLM_F_ACK,
+                )
+                .await
+            {
+                Err(Error::Netlink { reason, .. })
+                    if reason.contains("No such file") || reason.contains("not found") =>
+                {
+                    Ok(())
+                }
+                r => r,
+            }
+        }
     }
 
     /// FDB entries with a remote destination per device name: the flood entries (all-zero MAC)
