@@ -269,7 +269,7 @@ impl Manager {
                             break;
                         }
                         // Take a burst of updates together.
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                         while dirty.try_recv().is_ok() {}
                         true
                     }

@@ -177,12 +177,13 @@ impl NetManager {
         let external = self.external_mode(st).await?;
         let desired = self.desired(st, external);
         let ops = self.host.apply(&desired).await?;
-        self.dhcp
-            .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dns)
-            .await?;
+        // The ports exist now: tell the other hosts at once (DHCP and routers come after).
         if let Some(e) = &self.evpn {
             e.advertise(st);
         }
+        self.dhcp
+            .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dns)
+            .await?;
         let macvlan_parent = external.flatten();
         self.l3
             .sync(
