@@ -101,7 +101,7 @@ start_vpcd() { # n evpn(0/1)
         --underlay-ip "192.0.2.$n" --link-prefix "e$n" --bpf-dir "/sys/fs/bpf/vpcd-evpnbench-$$-$n" \
         --log warn "${extra[@]}" >>"$WORK/vpcd$n.log" 2>&1 &
     VPID[$n]=$!; PIDS+=($!)
-    for _ in $(seq 400); do ctl "$n" list --all >/dev/null 2>&1 && return; sleep 0.05; done
+    for _ in $(seq 2400); do ctl "$n" list --all >/dev/null 2>&1 && return; sleep 0.05; done
     echo "vpcd $n did not start: $(tail -5 "$WORK/vpcd$n.log")" >&2; exit 1
 }
 stop_vpcd() { kill "${VPID[$1]}"; wait "${VPID[$1]}" 2>/dev/null || true; }
@@ -120,11 +120,15 @@ has_mac() { ip netns exec "$1" bridge fdb show dev "$2" 2>/dev/null | grep -q "^
 echo "=== EVPN convergence, $PORTS ports ($(uname -r), $(nproc) CPUs)"
 ours=() theirs=()
 for i in $(seq 1 "$PORTS"); do
+    # The MAC is chosen here, so host 2 is watched from the moment the port is asked for.
+    mac=$(printf '02:aa:00:00:%02x:%02x' $((i / 256)) $((i % 256)))
     t0=$(now_ms)
-    mac=$(ctl 1 --json port-create a web --netns "/run/netns/${P}vm1" --ifname "c$i" \
-        --ip "10.60.1.$i" >/dev/null; ctl 1 --json port-list | jq -r ".[] | select(.ip == \"10.60.1.$i\") | .mac")
+    ctl 1 port-create a web --netns "/run/netns/${P}vm1" --ifname "c$i" --ip "10.60.1.$i" \
+        --mac "$mac" >/dev/null &
+    cpid=$!
     until has_mac "${P}h2" "$vx2" "$mac"; do sleep 0.002; done
     ours+=($(( $(now_ms) - t0 )))
+    wait "$cpid"
     # FRR to FRR: a MAC appears behind VTEP 3 (a frame from a new veth) until VTEP 4 has it.
     fmac=$(printf '02:fe:00:00:%02x:%02x' $((i / 256)) $((i % 256)))
     ip -n "${P}f3" link add "m$i" type veth peer "n$i"

@@ -21,19 +21,8 @@ use netdrv::Netns;
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 const RR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::sh;
 
 struct Lab {
     prefix: String,

@@ -470,12 +470,7 @@ impl Drop for Daemon {
         // Pinned eBPF links and maps: unpinning detaches the programs.
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
         // FRR of the management role outlives vpcd by design; not a test's daemon.
-        for daemon in ["bgpd", "zebra"] {
-            let pid = self.state.path().join("frr").join(format!("{daemon}.pid"));
-            if let Ok(pid) = std::fs::read_to_string(pid) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).output();
-            }
-        }
+        kill_frr(&self.state.path().join("frr"));
         // Service (router, DHCP) namespaces this daemon made: `<prefix>-svc-<tenant>-<id8>`.
         if self.instance_id.len() >= 8 {
             let tail = format!("-{}", &self.instance_id[..8]);
@@ -925,11 +920,30 @@ impl FrrReflector {
 
 impl Drop for FrrReflector {
     fn drop(&mut self) {
-        for daemon in ["bgpd", "zebra"] {
-            if let Ok(pid) = std::fs::read_to_string(self.dir.path().join(format!("{daemon}.pid")))
-            {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).output();
-            }
+        kill_frr(self.dir.path());
+    }
+}
+
+/// Kills the FRR daemons whose pid files are in `dir`.
+pub fn kill_frr(dir: &std::path::Path) {
+    for daemon in ["bgpd", "zebra"] {
+        if let Ok(pid) = std::fs::read_to_string(dir.join(format!("{daemon}.pid"))) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).output();
         }
     }
+}
+
+/// The MAC of the port with address `ip`.
+pub fn port_mac_of(d: &Daemon, ip: &str) -> String {
+    let ports: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "port-list"])).unwrap();
+    ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ip"] == ip)
+        .unwrap_or_else(|| panic!("no port with {ip}: {ports}"))["mac"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }

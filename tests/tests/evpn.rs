@@ -93,20 +93,7 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
     }
     let vm1 = ns_port(&d1, "v1", "a", "web", "10.50.1.11", true);
     let vm2 = ns_port(&d2, "v2", "a", "web", "10.50.1.12", true);
-    let mac_of = |d: &Daemon, ip: &str| -> String {
-        let ports: serde_json::Value =
-            serde_json::from_str(&d.vpcctl_ok(&["--json", "port-list"])).unwrap();
-        ports
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["ip"] == ip)
-            .unwrap()["mac"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let mac1 = mac_of(&d1, "10.50.1.11");
+    let mac1 = port_mac_of(&d1, "10.50.1.11");
     // Each host learns the other's VTEP (type 3) and port (type 2): no static configuration.
     wait_until(
         Duration::from_secs(30),
@@ -131,7 +118,7 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
         serde_json::from_str(&d1.vpcctl_ok(&["--json", "bgp-sessions"])).unwrap();
     assert_eq!(sessions[0]["state"], "established", "{sessions}");
     assert!(sessions[0]["prefixes"].as_u64().unwrap() >= 2, "{sessions}");
-    let mac2 = mac_of(&d2, "10.50.1.12");
+    let mac2 = port_mac_of(&d2, "10.50.1.12");
     let routes: serde_json::Value =
         serde_json::from_str(&d1.vpcctl_ok(&["--json", "evpn-routes", "--vni", "7001"])).unwrap();
     let has = |dir: &str, needle: &str| {
@@ -329,13 +316,7 @@ async fn an_frr_vtep_and_our_vms_reach_each_other() {
     struct Kill(std::path::PathBuf);
     impl Drop for Kill {
         fn drop(&mut self) {
-            for daemon in ["bgpd", "zebra"] {
-                if let Ok(pid) = std::fs::read_to_string(self.0.join(format!("{daemon}.pid"))) {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-9", pid.trim()])
-                        .output();
-                }
-            }
+            kill_frr(&self.0);
         }
     }
     let _kill = Kill(dir.path().to_path_buf());
@@ -352,11 +333,7 @@ async fn an_frr_vtep_and_our_vms_reach_each_other() {
     // Each side learned the other over EVPN: FRR has our MAC, we have the VTEP's flood entry.
     let vtysh = |cmd: &str| sh("vtysh", &["--vty_socket", &d, "-c", cmd]);
     let macs = vtysh("show evpn mac vni 7003");
-    let mac1 = {
-        let ports: serde_json::Value =
-            serde_json::from_str(&d1.vpcctl_ok(&["--json", "port-list"])).unwrap();
-        ports[0]["mac"].as_str().unwrap().to_string()
-    };
+    let mac1 = port_mac_of(&d1, "10.50.3.11");
     assert!(macs.contains(&mac1), "{macs}");
     assert!(fdb_has(&lab.h1, "00:00:00:00:00:00", "192.0.2.3"));
 }
