@@ -88,6 +88,8 @@ pub struct Config {
     pub bgp_router_id: String,
     /// Proposed hold time, seconds (0 or at least 3); learned routes outlive a session by it.
     pub bgp_hold_time: u16,
+    /// Keepalive interval, seconds; 0: a third of the negotiated hold time.
+    pub bgp_keepalive: u16,
     /// Management role: the prefixes compute hosts peer from (`bgp listen range`).
     pub bgp_listen_ranges: Vec<String>,
     /// Where FRR's daemons are.
@@ -123,6 +125,7 @@ impl Default for Config {
             bgp_peers: Vec::new(),
             bgp_router_id: String::new(),
             bgp_hold_time: 90,
+            bgp_keepalive: 0,
             bgp_listen_ranges: Vec::new(),
             frr_bin_dir: PathBuf::from("/usr/lib/frr"),
         }
@@ -263,11 +266,21 @@ impl Config {
                 self.bgp_hold_time
             ));
         }
+        if self.bgp_keepalive != 0
+            && self.bgp_hold_time != 0
+            && self.bgp_keepalive >= self.bgp_hold_time
+        {
+            return Err(format!(
+                "bgp_keepalive {} must be below bgp_hold_time {}",
+                self.bgp_keepalive, self.bgp_hold_time
+            ));
+        }
         Ok(Some(crate::network::evpn::EvpnConfig {
             asn: self.bgp_asn,
             router_id,
             peers,
             hold_time: self.bgp_hold_time,
+            keepalive: self.bgp_keepalive,
         }))
     }
 
@@ -374,6 +387,34 @@ mod tests {
                 ("external_link = \"xbr\"\nexternal_cidr = \"nope\"\nexternal_gateway = \"203.0.113.1\"\n", "external_cidr"),
                 ("roles = [\"compute\", \"routing\"]\n", "routing"),
                 ("dns_servers = [\"8.8.8\"]\n", "dns_servers"),
+            ] {
+                let err = load(jail, bad, &Dict::new()).unwrap_err().to_string();
+                assert!(err.contains(word), "{bad}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn evpn_and_management_settings_are_checked() {
+        Jail::expect_with(|jail| {
+            let ok = "underlay_ip = \"192.0.2.1\"\nbgp_asn = 65000\nbgp_peers = [\"192.0.2.10\", \
+                      \"192.0.2.11:1179\"]\nbgp_hold_time = 9\nbgp_keepalive = 2\n";
+            let e = load(jail, ok, &Dict::new())
+                .unwrap()
+                .evpn()
+                .unwrap()
+                .unwrap();
+            assert_eq!(e.router_id.to_string(), "192.0.2.1");
+            assert_eq!(e.peers[1].port(), 1179);
+            assert_eq!(e.keepalive, 2);
+            for (bad, word) in [
+                ("bgp_peers = [\"192.0.2.10\"]\nunderlay_ip = \"192.0.2.1\"\n", "bgp_asn"),
+                ("bgp_asn = 1\nbgp_peers = [\"x\"]\nunderlay_ip = \"192.0.2.1\"\n", "bgp_peers"),
+                ("bgp_asn = 1\nbgp_peers = [\"192.0.2.10\"]\n", "bgp_router_id"),
+                ("bgp_asn = 1\nbgp_peers = [\"192.0.2.10\"]\nunderlay_ip = \"192.0.2.1\"\nbgp_hold_time = 9\nbgp_keepalive = 9\n", "bgp_keepalive"),
+                ("roles = [\"management\"]\nbgp_asn = 1\nunderlay_ip = \"192.0.2.1\"\n", "bgp_listen_ranges"),
+                ("roles = [\"management\"]\nbgp_asn = 1\nunderlay_ip = \"192.0.2.1\"\nbgp_listen_ranges = [\"192.0.2.0/33\"]\n", "not a CIDR"),
             ] {
                 let err = load(jail, bad, &Dict::new()).unwrap_err().to_string();
                 assert!(err.contains(word), "{bad}: {err}");

@@ -87,6 +87,9 @@ struct Cli {
     /// EVPN: proposed hold time, seconds.
     #[arg(long)]
     bgp_hold_time: Option<u16>,
+    /// EVPN: keepalive interval, seconds (default a third of the hold time).
+    #[arg(long)]
+    bgp_keepalive: Option<u16>,
     /// Management role: a prefix compute hosts peer from (repeat for several).
     #[arg(long = "bgp-listen-range")]
     bgp_listen_ranges: Vec<String>,
@@ -140,6 +143,9 @@ impl Cli {
         }
         if let Some(h) = self.bgp_hold_time {
             d.insert("bgp_hold_time".into(), Value::from(h));
+        }
+        if let Some(k) = self.bgp_keepalive {
+            d.insert("bgp_keepalive".into(), Value::from(k));
         }
         d
     }

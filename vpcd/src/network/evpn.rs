@@ -34,6 +34,8 @@ pub struct EvpnConfig {
     pub router_id: Ipv4Addr,
     pub peers: Vec<SocketAddr>,
     pub hold_time: u16,
+    /// Keepalive interval, seconds; 0: a third of the negotiated hold time.
+    pub keepalive: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +86,7 @@ impl EvpnAgent {
         for (i, peer) in cfg.peers.iter().enumerate() {
             let mut sc = SessionConfig::new(cfg.asn, cfg.router_id, *peer, netns.clone());
             sc.hold_time = cfg.hold_time;
+            sc.keepalive = (cfg.keepalive != 0).then(|| Duration::from_secs(cfg.keepalive.into()));
             let mut s = Session::spawn(sc);
             let mut events = s.events();
             let (inner, dirty, me) = (inner.clone(), dirty.clone(), cfg.router_id);
