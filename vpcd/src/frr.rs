@@ -60,12 +60,18 @@ fn pid_of(dir: &Path, daemon: &str) -> Option<i32> {
     (comm.trim() == daemon).then_some(pid)
 }
 
+/// Kills the daemon our pid file names (checked to be that daemon) and waits until it is gone.
 fn kill(dir: &Path, daemon: &str) {
     if let Some(pid) = pid_of(dir, daemon) {
-        // The pid our own FRR pid file names, checked to be that daemon.
         let _ = std::process::Command::new("kill")
             .args(["-9", &pid.to_string()])
             .output();
+        for _ in 0..100 {
+            if pid_of(dir, daemon).is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -103,22 +109,31 @@ pub fn run(c: FrrConfig, netns: Netns) -> std::io::Result<tokio::task::JoinHandl
     let conf = bgpd_conf(&c);
     let path = c.dir.join("bgpd.conf");
     let changed = std::fs::read_to_string(&path).ok().as_deref() != Some(conf.as_str());
-    std::fs::write(&path, &conf)?;
+    // Stop daemons of another configuration before the file changes, so a crash in between
+    // cannot leave them running with the old one while the file says the new.
+    if changed {
+        for d in DAEMONS.iter().rev() {
+            kill(&c.dir, d);
+        }
+    }
+    let tmp = c.dir.join("bgpd.conf.new");
+    std::fs::write(&tmp, &conf)?;
+    std::fs::rename(&tmp, &path)?;
     std::fs::write(c.dir.join("zebra.conf"), "! written by vpcd\n")?;
     // FRR drops privileges to frr:frr; its files and directory must be theirs.
     let _ = std::process::Command::new("chown")
         .args(["-R", "frr:frr"])
         .arg(&c.dir)
         .output();
-    if changed {
-        for d in DAEMONS.iter().rev() {
-            kill(&c.dir, d);
-        }
-    }
     for d in DAEMONS {
         if pid_of(&c.dir, d).is_none() {
-            start(&c, &netns, d)?;
-            tracing::info!(daemon = d, dir = %c.dir.display(), "FRR started (route reflector)");
+            // A failure here is retried by the supervisor below.
+            match start(&c, &netns, d) {
+                Ok(()) => {
+                    tracing::info!(daemon = d, dir = %c.dir.display(), "FRR started (route reflector)")
+                }
+                Err(e) => tracing::warn!(daemon = d, "starting FRR: {e}"),
+            }
         }
     }
     Ok(tokio::spawn(async move {

@@ -23,6 +23,10 @@ use super::wire::{
 };
 use crate::netns::Netns;
 
+/// Routes per withdrawing UPDATE: an EVPN type-2 NLRI with an IPv6 address is 51 bytes, so 60
+/// of them stay well inside a 4096-byte message.
+const WITHDRAW_CHUNK: usize = 60;
+
 /// How the session is set up.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -157,16 +161,20 @@ enum End {
 }
 
 async fn connect(cfg: &SessionConfig) -> std::io::Result<TcpStream> {
-    let peer = cfg.peer;
-    let s = cfg
-        .netns
-        .run(move || {
-            let s = std::net::TcpStream::connect_timeout(&peer, Duration::from_secs(3))?;
-            s.set_nonblocking(true)?;
-            s.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(s)
-        })
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    let (peer, netns) = (cfg.peer, cfg.netns.clone());
+    // A blocking connect in a thread inside the namespace, off the runtime's workers.
+    let s = tokio::task::spawn_blocking(move || {
+        netns
+            .run(move || {
+                let s = std::net::TcpStream::connect_timeout(&peer, Duration::from_secs(3))?;
+                s.set_nonblocking(true)?;
+                s.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(s)
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    })
+    .await
+    .map_err(std::io::Error::other)??;
     TcpStream::from_std(s)
 }
 
@@ -324,6 +332,18 @@ impl Writer {
         }
     }
 
+    /// Withdraws `routes`, WITHDRAW_CHUNK a message (one UPDATE must stay within 4096 bytes).
+    async fn withdraw(&mut self, routes: &[EvpnRoute]) -> Result<(), End> {
+        for chunk in routes.chunks(WITHDRAW_CHUNK) {
+            let u = Update {
+                withdrawn: chunk.to_vec(),
+                ..Default::default()
+            };
+            self.send(&Message::Update(Box::new(u))).await?;
+        }
+        Ok(())
+    }
+
     async fn send_routes(&mut self, routes: Vec<(EvpnRoute, Attributes)>) -> Result<(), End> {
         for (route, attrs) in routes {
             let u = Update {
@@ -441,9 +461,9 @@ async fn session(
     } else {
         u64::from(hold)
     });
-    let keepalive = cfg
-        .keepalive
-        .unwrap_or(Duration::from_secs(u64::from(hold.max(3) / 3)));
+    // Never slower than a third of the negotiated hold time (the peer's may be shorter).
+    let third = Duration::from_secs(u64::from(hold.max(3) / 3));
+    let keepalive = cfg.keepalive.map_or(third, |k| k.min(third));
     if let Err(e) = w.send(&Message::Keepalive).await {
         return e;
     }
@@ -497,10 +517,7 @@ async fn session(
                 };
                 let sent = match &cmd {
                     Command::Announce(routes) => w.send_routes(routes.clone()).await,
-                    Command::Withdraw(routes) if !routes.is_empty() => {
-                        let u = Update { withdrawn: routes.clone(), ..Default::default() };
-                        w.send(&Message::Update(Box::new(u))).await
-                    }
+                    Command::Withdraw(routes) if !routes.is_empty() => w.withdraw(routes).await,
                     Command::Withdraw(_) => Ok(()),
                 };
                 apply(rib_out, cmd);
@@ -539,5 +556,30 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bgp::wire::{Rd, MAX_LEN};
+
+    #[test]
+    fn a_chunk_of_the_largest_withdrawals_fits_one_message() {
+        let route = EvpnRoute::MacIp {
+            rd: Rd([0xff; 8]),
+            esi: [0xff; 10],
+            eth_tag: u32::MAX,
+            mac: [0xff; 6],
+            ip: Some(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+            vni: 0xff_ffff,
+            vni2: Some(0xff_ffff),
+        };
+        let u = Update {
+            withdrawn: vec![route; WITHDRAW_CHUNK],
+            ..Default::default()
+        };
+        let len = Message::Update(Box::new(u)).encode(true).len();
+        assert!(len <= MAX_LEN, "{len} bytes");
     }
 }

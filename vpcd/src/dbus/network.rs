@@ -153,7 +153,7 @@ impl PortIface {
     }
 }
 
-fn fdo(e: ApiError) -> zbus::fdo::Error {
+pub(super) fn fdo(e: ApiError) -> zbus::fdo::Error {
     zbus::fdo::Error::Failed(format!("{e:?}"))
 }
 

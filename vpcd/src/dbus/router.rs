@@ -8,6 +8,7 @@ use zbus::interface;
 use zbus::zvariant::OwnedObjectPath;
 
 use super::error::ApiError;
+use super::network::fdo;
 use super::path::{floating_ip_path, router_path};
 use crate::manager::Manager;
 use crate::network::router::{FloatingIp, Router};
@@ -33,10 +34,6 @@ pub(super) fn parse_ip(what: &str, s: &str) -> Result<Option<Ipv4Addr>, ApiError
 fn required_ip(what: &str, s: &str) -> Result<Ipv4Addr, ApiError> {
     parse_ip(what, s)?
         .ok_or_else(|| ApiError::InvalidArgument(format!("{what}: an IPv4 address is needed")))
-}
-
-fn fdo(e: ApiError) -> zbus::fdo::Error {
-    zbus::fdo::Error::Failed(format!("{e:?}"))
 }
 
 #[derive(Debug)]

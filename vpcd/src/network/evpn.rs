@@ -2,8 +2,7 @@
 //! (`netdrv::bgp::session`), advertising from the port database (no data-plane learning) and
 //! installing what is learned through netdrv's plan.
 //!
-//! Advertised, per subnet with ports on this host: a type-3 route (RD `<router id>:<VNI low 16
-//! bits>`, PMSI tunnel ingress replication with the VNI as label and this host's VTEP) and a
+//! Advertised, per subnet with ports on this host: a type-3 route (RD `<ASN>:<VNI>`, PMSI tunnel ingress replication with the VNI as label and this host's VTEP) and a
 //! type-2 route per port (MAC, IPv4, VNI as label 1), each with the route target
 //! `<ASN>:<VNI>` and the VxLAN encapsulation community. Learned: remote type-3 routes become
 //! head-end-replication flood entries on the VNI's VxLAN device, type-2 routes static FDB
@@ -70,8 +69,13 @@ pub struct EvpnAgent {
     inner: Arc<Mutex<Inner>>,
 }
 
-fn rd(router_id: Ipv4Addr, vni: u32) -> Rd {
-    Rd::ip(router_id, (vni & 0xffff) as u16)
+/// RD type 0 `<ASN>:<VNI>` (the whole 24-bit VNI fits; AS_TRANS stands for a 4-octet AS). Routes
+/// of different hosts stay apart by their keys (originating router, MAC).
+fn rd(asn: u32, vni: u32) -> Rd {
+    let mut b = [0u8; 8];
+    b[2..4].copy_from_slice(&u16::try_from(asn).unwrap_or(23456).to_be_bytes());
+    b[4..8].copy_from_slice(&vni.to_be_bytes());
+    Rd(b)
 }
 
 impl EvpnAgent {
@@ -133,13 +137,13 @@ impl EvpnAgent {
             };
             let vni = subnet.vni;
             let t3 = EvpnRoute::InclusiveMulticast {
-                rd: rd(me, vni),
+                rd: rd(self.cfg.asn, vni),
                 eth_tag: 0,
                 origin: IpAddr::V4(me),
             };
             want.insert(t3.key(), (t3, attrs(vni, true)));
             let t2 = EvpnRoute::MacIp {
-                rd: rd(me, vni),
+                rd: rd(self.cfg.asn, vni),
                 esi: [0; 10],
                 eth_tag: 0,
                 mac: p.mac.0,

@@ -199,7 +199,9 @@ impl ExtLeg<'_> {
         match (wanted, have) {
             (true, None) => {
                 let h = self.host;
+                // What a crash between the steps below can leave.
                 h.delete(&self.name).await?;
+                nl.delete(&self.name).await?;
                 h.create_macvlan(&self.name, parent, self.mac.0).await?;
                 h.set_alias(&self.name, &self.alias).await?;
                 h.move_to(&self.name, ns).await?;
@@ -207,6 +209,7 @@ impl ExtLeg<'_> {
                 nl.set_up(EXTERNAL_IF).await?;
                 tracing::info!(leg = %self.name, "external leg (macvlan) made");
             }
+            (true, Some(l)) if !l.up => nl.set_up(EXTERNAL_IF).await?,
             (false, Some(l)) if l.kind.as_deref() == Some("macvlan") => {
                 nl.delete(EXTERNAL_IF).await?;
             }

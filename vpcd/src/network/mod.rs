@@ -94,7 +94,12 @@ impl NetManager {
             evpn_dirty: std::sync::Mutex::new(evpn_dirty),
             lock: tokio::sync::Mutex::new(()),
         };
-        m.reconcile().await?;
+        // A host that cannot be brought fully in line (a missing external link, a namespace
+        // gone) still serves the API, so the operator can fix or delete what fails; every
+        // change reconciles again.
+        if let Err(e) = m.reconcile().await {
+            tracing::error!("tenant networks could not be fully applied at start: {e}");
+        }
         Ok(m)
     }
 
