@@ -164,7 +164,22 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     let fips: serde_json::Value =
         serde_json::from_str(&d.vpcctl_ok(&["--json", "fip-list"])).unwrap();
     assert_eq!(fips[0]["port"].to_string(), web_port);
+    // A flow through the floating IP, then detach: its conntrack entries go with the mapping.
+    let ns = router_ns(&d, "r1");
+    assert!(lab.world.pings("203.0.113.11"));
+    let flows = |ns: &str| {
+        sh(
+            "ip",
+            &["netns", "exec", ns, "conntrack", "-L", "-d", "203.0.113.11"],
+        )
+    };
+    assert!(flows(&ns).contains("203.0.113.11"), "no flow before detach");
     d.vpcctl_ok(&["fip-detach", "203.0.113.11"]);
+    assert!(
+        !flows(&ns).contains("203.0.113.11"),
+        "flows left after detach: {}",
+        flows(&ns)
+    );
     assert!(!lab.world.pings("203.0.113.11"), "reachable after detach");
     assert!(web.pings(EXT_GW), "SNAT after detach");
 

@@ -23,6 +23,8 @@ use crate::store::Store;
 #[derive(Debug, Default)]
 pub struct L3Agent {
     metadata: Mutex<BTreeMap<u32, MetadataServer>>,
+    /// Floating IP mappings last applied per tenant, to flush the flows of ones that went.
+    floating: Mutex<BTreeMap<u32, Vec<(Ipv4Addr, Ipv4Addr)>>>,
 }
 
 fn ns_err(what: &str, ns: &Netns, e: impl std::fmt::Display) -> Error {
@@ -151,6 +153,15 @@ impl L3Agent {
         }
 
         // The nftables table.
+        let gone: Vec<(Ipv4Addr, Ipv4Addr)> = self
+            .floating
+            .lock()
+            .unwrap()
+            .insert(tenant, floating.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| !floating.contains(m))
+            .collect();
         let batch = match router {
             Some(r) => {
                 let subnets: Vec<_> = st.networks[network]
@@ -168,9 +179,17 @@ impl L3Agent {
             None => nat::removal(),
         };
         let ns2 = ns.clone();
-        tokio::task::spawn_blocking(move || nat::apply(&ns2, &batch))
-            .await
-            .map_err(|e| Error::Failed(format!("nft: {e}")))??;
+        tokio::task::spawn_blocking(move || {
+            nat::apply(&ns2, &batch)?;
+            // Flows of a mapping that went would otherwise go on being translated until their
+            // conntrack entries time out (days for TCP).
+            for (fip, _) in &gone {
+                nat::flush_flows(&ns2, *fip);
+            }
+            Ok::<(), Error>(())
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("nft: {e}")))??;
         Ok(())
     }
 }

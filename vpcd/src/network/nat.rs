@@ -200,6 +200,21 @@ pub fn apply(netns: &Netns, batch: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Deletes the conntrack entries of flows to or translated to `ip` inside `netns` (`conntrack
+/// -D`, best effort: none to delete is fine, a missing tool is logged).
+pub fn flush_flows(netns: &Netns, ip: Ipv4Addr) {
+    for sel in ["--orig-dst", "--reply-dst"] {
+        let mut cmd = std::process::Command::new("conntrack");
+        cmd.args(["-D", sel, &ip.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        netns.enter_in_child(&mut cmd);
+        if let Err(e) = cmd.status() {
+            tracing::warn!("conntrack -D {sel} {ip}: {e} (is conntrack installed?)");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
