@@ -44,6 +44,20 @@ fn nl_err(op: &'static str, what: impl Into<String>) -> impl FnOnce(rtnetlink::E
     }
 }
 
+/// `r`, with the kernel errors in `fine` (the thing is already there, or already gone) taken
+/// as success.
+fn ok_if(
+    r: std::result::Result<(), rtnetlink::Error>,
+    fine: &[i32],
+    op: &'static str,
+    what: impl Into<String>,
+) -> Result<()> {
+    match r {
+        Err(rtnetlink::Error::NetlinkError(e)) if fine.iter().any(|c| e.raw_code() == -c) => Ok(()),
+        r => r.map_err(nl_err(op, what)),
+    }
+}
+
 impl Netlink {
     /// Opens a netlink socket inside `netns`. Must be called within a tokio runtime.
     pub fn open(netns: &Netns) -> Result<Netlink> {
@@ -302,11 +316,8 @@ impl Netlink {
     pub async fn delete_group(&self, group: u32) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::Group(group));
-        match self.handle.link().del_with_message(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-            Err(e) => Err(nl_err("delete group", group.to_string())(e)),
-        }
+        let r = self.handle.link().del_with_message(msg).execute().await;
+        ok_if(r, &[libc::ENODEV], "delete group", group.to_string())
     }
 
     /// Deletes a link; a link that is already gone is fine.
@@ -314,26 +325,24 @@ impl Netlink {
         let Some(index) = self.index_of(name).await? else {
             return Ok(());
         };
-        match self.handle.link().del(index).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-            Err(e) => Err(nl_err("delete", name)(e)),
-        }
+        let r = self.handle.link().del(index).execute().await;
+        ok_if(r, &[libc::ENODEV], "delete", name)
     }
 
     pub async fn add_address(&self, name: &str, ip: Ipv4Addr, prefix: u8) -> Result<()> {
         let index = self.index(name).await?;
-        match self
+        let r = self
             .handle
             .address()
             .add(index, IpAddr::V4(ip), prefix)
             .execute()
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
-            Err(e) => Err(nl_err("add address", format!("{ip}/{prefix} on {name}"))(e)),
-        }
+            .await;
+        ok_if(
+            r,
+            &[libc::EEXIST],
+            "add address",
+            format!("{ip}/{prefix} on {name}"),
+        )
     }
 
     /// The IPv4 addresses on link `name`, as (address, prefix length).
@@ -368,15 +377,14 @@ impl Netlink {
             .index(index)
             .address(ip, prefix)
             .build();
-        match self.handle.address().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.raw_code() == -libc::EADDRNOTAVAIL || e.raw_code() == -libc::ENOENT =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(nl_err("delete address", format!("{ip}/{prefix} on {name}"))(e)),
-        }
+        let r = self.handle.address().del(msg).execute().await;
+        let what = format!("{ip}/{prefix} on {name}");
+        ok_if(
+            r,
+            &[libc::EADDRNOTAVAIL, libc::ENOENT],
+            "delete address",
+            what,
+        )
     }
 
     /// The IPv4 routes of the main table with protocol `static`: (destination, prefix length,
@@ -435,15 +443,13 @@ impl Netlink {
             .destination_prefix(dest, prefix)
             .protocol(RouteProtocol::Static)
             .build();
-        match self.handle.route().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.raw_code() == -libc::ESRCH || e.raw_code() == -libc::ENOENT =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(nl_err("delete route", format!("{dest}/{prefix}"))(e)),
-        }
+        let r = self.handle.route().del(msg).execute().await;
+        ok_if(
+            r,
+            &[libc::ESRCH, libc::ENOENT],
+            "delete route",
+            format!("{dest}/{prefix}"),
+        )
     }
 
     /// An FDB entry of a VxLAN device (`self`): MAC (all zero for flooding) -> remote VTEP.
