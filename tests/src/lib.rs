@@ -860,52 +860,26 @@ pub struct FrrReflector {
 }
 
 impl FrrReflector {
+    /// The configuration and daemons are vpcd's own management-role ones (`vpcd::frr`).
     pub fn start(ns: &Ns, asn: u32, id: &str, range: &str) -> FrrReflector {
         let dir = tempfile::Builder::new()
             .prefix("vpcd-frr-")
             .tempdir()
             .unwrap();
-        let d = dir.path().to_str().unwrap().to_string();
+        let cfg = vpcd::frr::FrrConfig {
+            dir: dir.path().to_path_buf(),
+            asn,
+            router_id: id.parse().unwrap(),
+            listen_ranges: vec![range.to_string()],
+            hold_time: 90,
+            bin_dir: "/usr/lib/frr".into(),
+        };
         std::fs::write(dir.path().join("zebra.conf"), "hostname rr\n").unwrap();
-        std::fs::write(
-            dir.path().join("bgpd.conf"),
-            format!(
-                "router bgp {asn}\n bgp router-id {id}\n no bgp default ipv4-unicast\n \
-                 neighbor VTEP peer-group\n neighbor VTEP remote-as {asn}\n \
-                 bgp listen range {range} peer-group VTEP\n address-family l2vpn evpn\n  \
-                 neighbor VTEP activate\n  neighbor VTEP route-reflector-client\n \
-                 exit-address-family\n"
-            ),
-        )
-        .unwrap();
-        sh("chown", &["-R", "frr:frr", &d]);
-        let zsock = format!("{d}/zserv.api");
-        for (daemon, extra) in [
-            ("zebra", vec![]),
-            ("bgpd", vec!["-l".to_string(), id.to_string()]),
-        ] {
-            let mut args: Vec<String> = vec![
-                "netns".into(),
-                "exec".into(),
-                ns.name.clone(),
-                format!("/usr/lib/frr/{daemon}"),
-                "-d".into(),
-                "-f".into(),
-                format!("{d}/{daemon}.conf"),
-                "-i".into(),
-                format!("{d}/{daemon}.pid"),
-                "-z".into(),
-                zsock.clone(),
-                "--vty_socket".into(),
-                d.clone(),
-                "-A".into(),
-                "127.0.0.1".into(),
-                "-P".into(),
-                "0".into(),
-            ];
-            args.extend(extra);
-            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-            sh("ip", &a);
+        std::fs::write(dir.path().join("bgpd.conf"), vpcd::frr::bgpd_conf(&cfg)).unwrap();
+        sh("chown", &["-R", "frr:frr", dir.path().to_str().unwrap()]);
+        let netns = netdrv::Netns::named(&ns.name).unwrap();
+        for daemon in ["zebra", "bgpd"] {
+            vpcd::frr::start(&cfg, &netns, daemon).unwrap();
         }
         FrrReflector { dir }
     }

@@ -75,7 +75,8 @@ fn kill(dir: &Path, daemon: &str) {
     }
 }
 
-fn start(c: &FrrConfig, netns: &Netns, daemon: &str) -> std::io::Result<()> {
+/// Starts one FRR daemon (`zebra` or `bgpd`) of `c` inside `netns`.
+pub fn start(c: &FrrConfig, netns: &Netns, daemon: &str) -> std::io::Result<()> {
     let d = &c.dir;
     let mut cmd = std::process::Command::new(c.bin_dir.join(daemon));
     cmd.arg("-d")
