@@ -1,8 +1,9 @@
 //! IP address management for subnets: CIDRs, the next free address, stable MACs.
 //!
-//! In a subnet `a.b.c.d/n` the network and broadcast addresses are never given out, and the
-//! first host address is the gateway (kept for the subnet's router). Ports get the lowest free
-//! address after it unless they ask for one.
+//! In a subnet `a.b.c.d/n` the network and broadcast addresses are never given out, the first
+//! host address is the gateway (kept for the subnet's router) and the last one the service
+//! address (kept for the DHCP and metadata leg each host has on the subnet). Ports get the
+//! lowest free address after the gateway unless they ask for one.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -67,7 +68,13 @@ impl Ipv4Cidr {
         self.contains(other.network()) || other.contains(self.network())
     }
 
-    /// Checks that `ip` may be given to a port: inside, not network, broadcast or gateway.
+    /// The last host address, reserved for the hosts' DHCP and metadata legs.
+    pub fn service(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.broadcast()) - 1)
+    }
+
+    /// Checks that `ip` may be given to a port: inside, not network, broadcast, gateway or
+    /// service address.
     pub fn check_host(&self, ip: Ipv4Addr) -> Result<()> {
         if !self.contains(ip) {
             return Err(Error::Invalid(format!("address {ip} is outside {self}")));
@@ -77,13 +84,18 @@ impl Ipv4Cidr {
                 "address {ip} is the network, broadcast or gateway address of {self}"
             )));
         }
+        if ip == self.service() {
+            return Err(Error::Invalid(format!(
+                "address {ip} is the service (DHCP and metadata) address of {self}"
+            )));
+        }
         Ok(())
     }
 
-    /// The lowest address after the gateway that is not in `taken`.
+    /// The lowest address after the gateway that is not in `taken` (nor the service address).
     pub fn next_free(&self, taken: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr> {
         let first = u32::from(self.gateway()) + 1;
-        let last = u32::from(self.broadcast()) - 1;
+        let last = u32::from(self.service()) - 1;
         (first..=last)
             .map(Ipv4Addr::from)
             .find(|ip| !taken.contains(ip))
@@ -229,14 +241,15 @@ mod tests {
     }
 
     #[test]
-    fn next_free_skips_gateway_and_taken() {
+    fn next_free_skips_gateway_service_address_and_taken() {
         let c = cidr("10.0.0.0/29");
+        assert_eq!(c.service(), Ipv4Addr::new(10, 0, 0, 6));
         let mut taken = BTreeSet::new();
         assert_eq!(c.next_free(&taken).unwrap(), Ipv4Addr::new(10, 0, 0, 2));
         taken.insert(Ipv4Addr::new(10, 0, 0, 2));
         taken.insert(Ipv4Addr::new(10, 0, 0, 4));
         assert_eq!(c.next_free(&taken).unwrap(), Ipv4Addr::new(10, 0, 0, 3));
-        for i in 3..=6 {
+        for i in 3..=5 {
             taken.insert(Ipv4Addr::new(10, 0, 0, i));
         }
         assert!(c
@@ -255,7 +268,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("outside"));
-        for ip in [[192, 168, 5, 0], [192, 168, 5, 1], [192, 168, 5, 255]] {
+        for ip in [
+            [192, 168, 5, 0],
+            [192, 168, 5, 1],
+            [192, 168, 5, 254],
+            [192, 168, 5, 255],
+        ] {
             assert!(c.check_host(Ipv4Addr::from(ip)).is_err());
         }
     }

@@ -68,6 +68,23 @@ async fn guest_vm_and_namespace_vm_on_two_hosts_ping_across_vxlan_and_stay_isola
     assert_eq!(rc, 0, "guest -> host2 ns: {out}");
     assert!(web2.pings("10.10.1.10"), "host2 ns -> guest");
 
+    // Each host's service leg of a/web (the same address and MAC on both) answers its own VMs,
+    // and its frames never cross: no bridge learns the service MAC behind its VxLAN device.
+    let (out, rc) = shell.run("ping -c 2 -W 2 10.10.1.254");
+    assert_eq!(rc, 0, "guest -> its host's service leg: {out}");
+    assert!(
+        web2.pings("10.10.1.254"),
+        "host2 ns -> its host's service leg"
+    );
+    let neigh = web2.ok(&["ip", "neigh", "show", "10.10.1.254"]);
+    let svc_mac = neigh.split_whitespace().nth(4).unwrap().to_string();
+    assert!(shell.ok("ip neigh show 10.10.1.254").contains(&svc_mac));
+    let vx = netdrv::names::vxlan("vpc", 5001);
+    for h in [&lab.h1, &lab.h2] {
+        let fdb = h.ok(&["bridge", "fdb", "show", "dev", &vx]);
+        assert!(!fdb.contains(&svc_mac), "service MAC behind VxLAN: {fdb}");
+    }
+
     // The namespace end has the port MTU: full-size frames cross the VxLAN, DF set.
     assert_eq!(web2.ok(&["cat", "/sys/class/net/eth0/mtu"]).trim(), "1450");
     assert_eq!(shell.ok("cat /sys/class/net/eth0/mtu").trim(), "1450");
@@ -688,7 +705,9 @@ async fn a_port_whose_namespace_is_gone_does_not_block_other_changes() {
 }
 
 /// Without a router, a subnet with ports still gets DHCP: the guest's own udhcpc (run by its
-/// init at boot) gets the IPAM address and the MTU option, and the gateway address answers.
+/// init at boot) gets the IPAM address, the MTU option, the gateway as default route and a
+/// route to the metadata address via the host's service leg, which answers; the gateway,
+/// which no router holds, does not.
 #[tokio::test]
 async fn guest_gets_its_ipam_address_and_mtu_by_dhcp_without_a_router() {
     let lab = Underlay::new();
@@ -704,9 +723,20 @@ async fn guest_gets_its_ipam_address_and_mtu_by_dhcp_without_a_router() {
     d.wait_console(&vm, &format!("VPCD-DHCP eth0 {ip}/24"), 1);
     let mut shell = d.guest_shell(&vm).await;
     assert_eq!(shell.ok("cat /sys/class/net/eth0/mtu").trim(), "1450");
-    let (out, rc) = shell.run("ping -c 2 -W 2 10.10.1.1");
-    assert_eq!(rc, 0, "gateway (DHCP leg) does not answer: {out}");
+    let routes = shell.ok("ip -4 route");
+    assert!(routes.contains("default via 10.10.1.1"), "{routes}");
+    assert!(
+        routes.contains("169.254.169.254 via 10.10.1.254"),
+        "{routes}"
+    );
+    let (out, rc) = shell.run("ping -c 2 -W 2 10.10.1.254");
+    assert_eq!(rc, 0, "the service leg does not answer: {out}");
+    let (out, rc) = shell.run("ping -c 1 -W 1 10.10.1.1");
+    assert_ne!(rc, 0, "a gateway answered without a router: {out}");
     drop(shell);
+    // The host keeps its service leg off the VxLAN device.
+    let table = lab.h1.ok(&["nft", "list", "table", "bridge", "vpcd_vpc"]);
+    assert!(table.contains("drop"), "{table}");
     // The service namespace goes with the last port of the tenant.
     d.vpcctl_ok(&["destroy", &vm]);
     d.vpcctl_ok(&["undefine", &vm]);

@@ -117,8 +117,12 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     let db = vm(&d, "d1", "a", "db", "10.20.2.5", "10.20.2.1");
     let lone = vm(&d, "l1", "a", "lone", "10.20.3.5", "10.20.3.1");
 
-    // Without a router: the gateway (DHCP leg) answers, nothing is routed.
-    assert!(web.pings("10.20.1.1"));
+    // Without a router: the service leg answers, the gateway does not, nothing is routed.
+    assert!(web.pings("10.20.1.254"));
+    assert!(
+        !web.pings("10.20.1.1"),
+        "a gateway answered without a router"
+    );
     assert!(!web.pings("10.20.2.5"), "routed without a router");
 
     d.vpcctl_ok(&["router-create", "r1", "a"]);
@@ -127,7 +131,11 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     assert!(web.pings("10.20.2.5"), "web -> db through the router");
     assert!(db.pings("10.20.1.5"), "db -> web through the router");
     // A subnet not attached is not routed, though its DHCP leg shares the namespace.
-    assert!(lone.pings("10.20.3.1"));
+    assert!(lone.pings("10.20.3.254"));
+    assert!(
+        !lone.pings("10.20.3.1"),
+        "an unattached subnet has a gateway"
+    );
     assert!(!lone.pings("10.20.1.5"), "an unattached subnet was routed");
     assert!(!web.pings(EXT_GW), "reached outside without a gateway");
 
@@ -218,7 +226,7 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     d.vpcctl_ok(&["router-add-subnet", "rb", "web"]);
     assert!(b1.pings("10.20.1.1"), "b's own gateway");
     assert!(!b1.pings("10.20.2.5"), "b reached a/db");
-    assert!(!b1.pings("10.20.3.1"), "b reached a's namespace");
+    assert!(!b1.pings("10.20.3.254"), "b reached a's namespace");
 
     // SIGKILL and restart: everything is still there and still works.
     let mut d = d;
@@ -344,6 +352,136 @@ async fn guests_get_dhcp_route_snat_and_only_their_own_metadata() {
         d.vpcctl_ok(&["destroy", name]);
         d.vpcctl_ok(&["undefine", name]);
     }
+}
+
+/// The seed's layout: VMs on a compute host, their router on a route host, VxLAN between. The
+/// compute host's guest gets DHCP from its own host's service leg (which holds no gateway and
+/// stays local), is routed by the route host's router (to a VM there and, with SNAT, outside),
+/// and gets its metadata from its own host, which knows it.
+#[tokio::test]
+async fn a_compute_host_vm_is_routed_by_the_route_host_and_served_locally() {
+    let lab = Lab::new();
+    let compute = Ns::new("ch");
+    sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            "ul",
+            "netns",
+            &lab.host.name,
+            "type",
+            "veth",
+            "peer",
+            "ul",
+            "netns",
+            &compute.name,
+        ],
+    );
+    for (ns, ip) in [(&lab.host, "192.0.2.1/24"), (&compute, "192.0.2.2/24")] {
+        ns.ok(&["ip", "addr", "add", ip, "dev", "ul"]);
+        ns.ok(&["ip", "link", "set", "ul", "up"]);
+    }
+    let mut extra = lab.flags();
+    extra.extend(
+        ["--underlay-ip", "192.0.2.1", "--peer", "192.0.2.2"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let route = Daemon::start_with(
+        DaemonOpts {
+            backend: "qmp",
+            extra,
+            ..Default::default()
+        },
+        Bus::open(),
+    )
+    .await;
+    let extra = [
+        "--netns",
+        &compute.path(),
+        "--underlay-ip",
+        "192.0.2.2",
+        "--peer",
+        "192.0.2.1",
+        "--role",
+        "compute",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let comp = Daemon::start_with(
+        DaemonOpts {
+            backend: "qmp",
+            extra,
+            ..Default::default()
+        },
+        Bus::open(),
+    )
+    .await;
+    for d in [&route, &comp] {
+        d.vpcctl_ok(&["net-create", "a"]);
+        d.vpcctl_ok(&["subnet-create", "a", "web", "10.40.1.0/24", "--vni", "7001"]);
+        d.vpcctl_ok(&["subnet-create", "a", "db", "10.40.2.0/24", "--vni", "7002"]);
+    }
+    route.vpcctl_ok(&["router-create", "r1", "a"]);
+    route.vpcctl_ok(&["router-add-subnet", "r1", "web"]);
+    route.vpcctl_ok(&["router-add-subnet", "r1", "db"]);
+    route.vpcctl_ok(&["router-set-gateway", "r1"]);
+    let db = vm(&route, "d1", "a", "db", "10.40.2.5", "10.40.2.1");
+
+    let name = unique("far");
+    let spec = format!(
+        "{}[[nics]]\nnetwork = \"a\"\nsubnet = \"web\"\n[cloud_init]\nhostname = \"gamma\"\n",
+        kernel_spec(&name, "")
+    );
+    comp.create(&spec, "qmp");
+    comp.wait_console(&name, BOOT_MARKER, 1);
+    let nics: serde_json::Value =
+        serde_json::from_str(&comp.vpcctl_ok(&["--json", "domiflist", &name])).unwrap();
+    let ip = nics[0]["ip"].as_str().unwrap().to_string();
+    comp.wait_console(&name, &format!("VPCD-DHCP eth0 {ip}/24"), 1);
+    let mut shell = comp.guest_shell(&name).await;
+    let routes = shell.ok("ip -4 route");
+    assert!(routes.contains("default via 10.40.1.1"), "{routes}");
+    assert!(
+        routes.contains("169.254.169.254 via 10.40.1.254"),
+        "{routes}"
+    );
+    let (out, rc) = shell.run("ping -c 2 -W 2 10.40.2.5");
+    assert_eq!(rc, 0, "the VM on the route host, through the router: {out}");
+    // The gateway the guest resolved is the route host's router leg, not its own host's.
+    let neigh = shell.ok("ip neigh show 10.40.1.1");
+    let router_ns = router_ns(&route, "r1");
+    let leg_mac = sh("ip", &["-n", &router_ns, "-br", "link", "show", "gw1"]);
+    let leg_mac = leg_mac.split_whitespace().nth(2).unwrap().to_string();
+    assert!(neigh.contains(&leg_mac), "gateway {neigh} is not {leg_mac}");
+    let seen = lab.world.http_once("203.0.113.1:8091");
+    let body = http_get(&mut shell, "203.0.113.1", 8091, "/");
+    assert_eq!(body.trim(), "hello", "external through SNAT");
+    assert_eq!(
+        seen.join().unwrap().unwrap().ip().to_string(),
+        "203.0.113.10"
+    );
+    // Metadata from its own host: the route host does not know it.
+    let host = http_get(
+        &mut shell,
+        "169.254.169.254",
+        80,
+        "/latest/meta-data/hostname",
+    );
+    assert_eq!(host.trim(), "gamma");
+    let local = http_get(
+        &mut shell,
+        "169.254.169.254",
+        80,
+        "/latest/meta-data/local-ipv4",
+    );
+    assert_eq!(local.trim(), ip);
+    assert!(db.pings(&ip), "route host VM -> compute host guest");
+    drop(shell);
+    comp.vpcctl_ok(&["destroy", &name]);
+    comp.vpcctl_ok(&["undefine", &name]);
 }
 
 #[tokio::test]

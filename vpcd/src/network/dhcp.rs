@@ -1,9 +1,20 @@
 //! The service namespace of each tenant on this host, its legs and their DHCP servers: per
 //! tenant with ports here or a router, a namespace `<prefix>-svc-<tenant>-<owner8>`; per subnet
 //! with ports here or attached to the router, a leg into the tenant bridge (a veth, an access
-//! port of the subnet's VLAN, port security off) holding the subnet's gateway address, and a
-//! DHCP server on it that answers from the IPAM's static leases. With a router the namespace
-//! is the router (`l3.rs`); without, it only serves DHCP, as Neutron's DHCP agent does.
+//! port of the subnet's VLAN, port security off) and a DHCP server on it that answers from the
+//! IPAM's static leases. With a router the namespace is the router (`l3.rs`).
+//!
+//! A leg is one of two kinds:
+//! - a router leg (`gw<vlan>`), for a subnet attached to this host's router: it holds the
+//!   subnet's gateway address with a MAC of its own, and is reachable from every host;
+//! - a service leg (`dh<vlan>`), for any other subnet: DHCP and metadata only, as Neutron's DHCP
+//!   agent and OVN's metadata port. Every host's service leg of a subnet has the same address
+//!   (the subnet's service address, its last host address) and the same MAC, and is a local
+//!   port: the host-namespace table `bridge vpcd_<prefix>` (`nat::localport_ruleset`) keeps its
+//!   frames off the VxLAN devices, so each VM talks to the leg on its own host, whose DHCP server
+//!   and metadata service know it. Its DHCP hands out the gateway as router (held by the
+//!   route host's router leg, wherever that is) and a classless route to 169.254.169.254 via
+//!   the service address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -15,11 +26,15 @@ use netdrv::ipam::Mac;
 use netdrv::model::{HostNet, PortKind, PortNet};
 use netdrv::Netns;
 
-use super::state::NetState;
+use super::state::{NetState, Network, Subnet};
 use crate::error::Result;
 
 /// Port ids of service legs: above any real port id, one per VNI (unique on a host).
 const SERVICE_PORT_BASE: u32 = 0xf000_0000;
+/// Port ids of router legs, one per VNI (VNIs have 24 bits, so the ranges do not meet).
+const ROUTER_PORT_BASE: u32 = 0xf100_0000;
+/// Where a service leg sends metadata requests: the link-local metadata address.
+const METADATA_ROUTE: (Ipv4Addr, u8) = (super::metadata::ADDRESS, 32);
 /// Lease time handed out.
 const LEASE_SECS: u32 = 3600;
 
@@ -81,40 +96,96 @@ pub(crate) fn external_mac(owner: &str, tenant: u32) -> Mac {
     Mac::for_port(owner, EXTERNAL_PORT_BASE | tenant)
 }
 
-/// The leg's interface name inside the service namespace.
-pub(crate) fn leg_ifname(vlan: u16) -> String {
-    format!("dh{vlan}")
+/// A router leg's interface name inside the service namespace.
+pub(crate) fn router_ifname(vlan: u16) -> String {
+    format!("gw{vlan}")
 }
 
-/// Adds the service legs to `host` (the desired state netdrv makes).
-pub fn add_legs(st: &NetState, host: &mut HostNet, prefix: &str, owner: &str) {
-    let served = served(st);
-    for tenant in &mut host.tenants {
-        let Some(net) = st.networks.values().find(|n| n.id == tenant.id) else {
-            continue;
-        };
-        let ns = PathBuf::from("/run/netns").join(namespace(prefix, owner, net.id));
-        for subnet in net.subnets.values() {
-            if !served.contains(&(net.name.clone(), subnet.name.clone())) {
-                continue;
-            }
-            let id = SERVICE_PORT_BASE | subnet.vni;
-            tenant.ports.push(PortNet {
-                id,
-                subnet: subnet.name.clone(),
-                kind: PortKind::Veth {
-                    netns: ns.clone(),
-                    ifname: leg_ifname(subnet.vlan),
-                    address: Some((subnet.cidr.gateway(), subnet.cidr.prefix())),
-                },
-                mac: Mac::for_port(owner, id),
-                security: None,
-            });
+/// One subnet's leg on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leg {
+    pub id: u32,
+    pub ifname: String,
+    pub mac: Mac,
+    pub address: Ipv4Addr,
+    /// A router leg (else a service leg).
+    pub router: bool,
+}
+
+/// The leg of subnet `subnet` of network `net` on this host.
+pub fn leg(st: &NetState, net: &Network, subnet: &Subnet, owner: &str) -> Leg {
+    let routed = st
+        .router_of(&net.name)
+        .is_some_and(|r| r.subnets.contains(&subnet.name));
+    if routed {
+        let id = ROUTER_PORT_BASE | subnet.vni;
+        Leg {
+            id,
+            ifname: router_ifname(subnet.vlan),
+            mac: Mac::for_port(owner, id),
+            address: subnet.cidr.gateway(),
+            router: true,
+        }
+    } else {
+        Leg {
+            id: SERVICE_PORT_BASE | subnet.vni,
+            ifname: format!("dh{}", subnet.vlan),
+            mac: service_mac(subnet.vni),
+            address: subnet.cidr.service(),
+            router: false,
         }
     }
 }
 
+/// The MAC of the service legs of VNI `vni`: the same on every host.
+pub fn service_mac(vni: u32) -> Mac {
+    Mac::for_port("vpcd-service-leg", SERVICE_PORT_BASE | vni)
+}
+
+/// The served subnets with their legs.
+fn legs<'a>(st: &'a NetState, owner: &str) -> Vec<(&'a Network, &'a Subnet, Leg)> {
+    let served = served(st);
+    st.networks
+        .values()
+        .flat_map(|n| n.subnets.values().map(move |s| (n, s)))
+        .filter(|(n, s)| served.contains(&(n.name.clone(), s.name.clone())))
+        .map(|(n, s)| (n, s, leg(st, n, s, owner)))
+        .collect()
+}
+
+/// The service legs' (VxLAN device, MAC) pairs whose frames must stay on this host.
+pub fn local_ports(st: &NetState, prefix: &str, owner: &str) -> Vec<(String, Mac)> {
+    legs(st, owner)
+        .into_iter()
+        .filter(|(_, _, l)| !l.router)
+        .map(|(_, s, l)| (netdrv::names::vxlan(prefix, s.vni), l.mac))
+        .collect()
+}
+
+/// Adds the legs to `host` (the desired state netdrv makes).
+pub fn add_legs(st: &NetState, host: &mut HostNet, prefix: &str, owner: &str) {
+    for (net, subnet, leg) in legs(st, owner) {
+        let Some(tenant) = host.tenants.iter_mut().find(|t| t.id == net.id) else {
+            continue;
+        };
+        tenant.ports.push(PortNet {
+            id: leg.id,
+            subnet: subnet.name.clone(),
+            kind: PortKind::Veth {
+                netns: PathBuf::from("/run/netns").join(namespace(prefix, owner, net.id)),
+                ifname: leg.ifname,
+                address: Some((leg.address, subnet.cidr.prefix())),
+            },
+            mac: leg.mac,
+            security: None,
+        });
+    }
+}
+
 struct Served {
+    /// The leg it serves on; a changed leg (a subnet attached to or detached from the router)
+    /// is a new interface, so the server starts again.
+    leg: Leg,
     server: Arc<RwLock<DhcpServer>>,
     _service: DhcpService,
 }
@@ -167,42 +238,53 @@ impl DhcpAgent {
         for k in stale {
             self.running.lock().unwrap().remove(&k);
         }
-        for (network, subnet_name) in &served {
-            let Some(net) = st.networks.get(network) else {
-                continue;
-            };
-            let Some(subnet) = net.subnets.get(subnet_name) else {
-                continue;
-            };
+        for (net, subnet, leg) in legs(st, owner) {
             let leases: Vec<(Mac, Ipv4Addr)> = st
                 .ports
                 .values()
-                .filter(|p| &p.network == network && &p.subnet == subnet_name)
+                .filter(|p| p.network == net.name && p.subnet == subnet.name)
                 .map(|p| (p.mac, p.ip))
                 .collect();
-            let key = (network.clone(), subnet_name.clone());
-            if let Some(s) = self.running.lock().unwrap().get(&key) {
-                s.server.write().unwrap().set_leases(leases);
-                continue;
+            let key = (net.name.clone(), subnet.name.clone());
+            {
+                let mut running = self.running.lock().unwrap();
+                match running.get(&key) {
+                    Some(s) if s.leg == leg => {
+                        s.server.write().unwrap().set_leases(leases);
+                        continue;
+                    }
+                    Some(_) => drop(running.remove(&key)),
+                    None => {}
+                }
             }
+            let routes = if leg.router {
+                Vec::new()
+            } else {
+                let (ip, len) = METADATA_ROUTE;
+                vec![(
+                    ipnet::Ipv4Net::new(ip, len).expect("a /32 is valid"),
+                    leg.address,
+                )]
+            };
             let mut server = DhcpServer::new(DhcpConfig {
-                server: subnet.cidr.gateway(),
+                server: leg.address,
                 subnet: subnet.cidr,
                 router: Some(subnet.cidr.gateway()),
                 dns: dns.to_vec(),
                 domain: None,
                 mtu: u16::try_from(mtu).ok(),
                 lease_secs: LEASE_SECS,
-                routes: Vec::new(),
+                routes,
             });
             server.set_leases(leases);
             let server = Arc::new(RwLock::new(server));
             let ns = Netns::named(&namespace(prefix, owner, net.id))?;
-            let service = DhcpService::spawn(&ns, &leg_ifname(subnet.vlan), server.clone()).await?;
-            tracing::info!(network, subnet = subnet_name, "serving DHCP");
+            let service = DhcpService::spawn(&ns, &leg.ifname, server.clone()).await?;
+            tracing::info!(network = %net.name, subnet = %subnet.name, leg = %leg.ifname, "serving DHCP");
             self.running.lock().unwrap().insert(
                 key,
                 Served {
+                    leg,
                     server,
                     _service: service,
                 },

@@ -170,7 +170,10 @@ impl L3Agent {
                     .filter(|s| r.subnets.contains(&s.name))
                     .collect();
                 nat::ruleset(&RouterRules {
-                    legs: subnets.iter().map(|s| dhcp::leg_ifname(s.vlan)).collect(),
+                    legs: subnets
+                        .iter()
+                        .map(|s| dhcp::router_ifname(s.vlan))
+                        .collect(),
                     subnets: subnets.iter().map(|s| s.cidr).collect(),
                     external_ip: ext.map(|((_, ip), _)| ip),
                     floating,

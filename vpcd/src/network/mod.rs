@@ -57,6 +57,8 @@ pub struct NetManager {
     evpn: Option<evpn::EvpnAgent>,
     /// Signalled when EVPN learned something (taken by the manager's follower task).
     evpn_dirty: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<()>>>,
+    /// The host-namespace local-port table last applied (`nat::local_ruleset`).
+    local_table: std::sync::Mutex<Option<serde_json::Value>>,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -92,6 +94,7 @@ impl NetManager {
             l3: l3::L3Agent::default(),
             evpn,
             evpn_dirty: std::sync::Mutex::new(evpn_dirty),
+            local_table: std::sync::Mutex::new(None),
             lock: tokio::sync::Mutex::new(()),
         };
         // A host that cannot be brought fully in line (a missing external link, a namespace
@@ -179,6 +182,8 @@ impl NetManager {
     async fn realize(&self, st: &NetState) -> Result<Vec<netdrv::plan::Op>> {
         let (prefix, owner) = (&self.cfg.prefix, &self.cfg.owner);
         self.dhcp.prepare(st, prefix, owner)?;
+        // Before any service leg exists, so none of its frames reaches another host.
+        self.keep_service_legs_local(st).await?;
         let external = self.external_mode(st).await?;
         let desired = self.desired(st, external);
         let ops = self.host.apply(&desired).await?;
@@ -202,6 +207,27 @@ impl NetManager {
             )
             .await?;
         Ok(ops)
+    }
+
+    /// Writes the host-namespace table that keeps `st`'s service legs off the VxLAN devices
+    /// (when it differs from what was written last).
+    async fn keep_service_legs_local(&self, st: &NetState) -> Result<()> {
+        let (prefix, owner) = (&self.cfg.prefix, &self.cfg.owner);
+        let ports = match self.cfg.underlay {
+            Some(_) => dhcp::local_ports(st, prefix, owner),
+            None => Vec::new(),
+        };
+        let batch = nat::local_ruleset(prefix, &ports);
+        if self.local_table.lock().unwrap().as_ref() == Some(&batch) {
+            return Ok(());
+        }
+        let ns = self.cfg.netns.clone();
+        let b = batch.clone();
+        tokio::task::spawn_blocking(move || nat::apply(&ns, &b))
+            .await
+            .map_err(|e| Error::Failed(format!("nft: {e}")))??;
+        *self.local_table.lock().unwrap() = Some(batch);
+        Ok(())
     }
 
     /// Applies the stored state to the host.

@@ -22,10 +22,24 @@
 //! }
 //! ```
 //! Legs of subnets not attached to the router (DHCP only) forward nothing.
+//!
+//! In the host namespace vpcd has one more table, `bridge vpcd_<prefix>`, that keeps the
+//! service legs (`dhcp.rs`), whose address and MAC every host shares, local: their frames never
+//! go out of or come in through a VxLAN device.
+//!
+//! ```text
+//! table bridge vpcd_<prefix> {
+//!   chain forward { type filter hook forward priority 0; policy accept;
+//!     oifname <VxLAN device> ether saddr <service MAC> drop     # per service leg
+//!     oifname <VxLAN device> ether daddr <service MAC> drop
+//!     iifname <VxLAN device> ether saddr <service MAC> drop
+//!   }
+//! }
+//! ```
 
 use std::net::Ipv4Addr;
 
-use netdrv::ipam::Ipv4Cidr;
+use netdrv::ipam::{Ipv4Cidr, Mac};
 use netdrv::Netns;
 use serde_json::{json, Value};
 
@@ -162,10 +176,57 @@ pub fn ruleset(r: &RouterRules) -> Value {
 
 /// The batch that removes the table (and nothing if there is none).
 pub fn removal() -> Value {
+    removal_of(table())
+}
+
+fn removal_of(table: Value) -> Value {
     json!({"nftables": [
-        {"add": {"table": table()}},
-        {"delete": {"table": table()}},
+        {"add": {"table": table}},
+        {"delete": {"table": table}},
     ]})
+}
+
+/// The host-namespace table of the vpcd instance with link prefix `prefix`.
+pub fn local_table(prefix: &str) -> String {
+    format!("vpcd_{prefix}")
+}
+
+/// The batch that makes `bridge vpcd_<prefix>` keep the frames of `ports` ((VxLAN device,
+/// MAC) pairs) off the VxLAN devices, replacing the table whole; without ports, its removal.
+pub fn local_ruleset(prefix: &str, ports: &[(String, Mac)]) -> Value {
+    let name = local_table(prefix);
+    let table = json!({"family": "bridge", "name": name});
+    if ports.is_empty() {
+        return removal_of(table);
+    }
+    let mut cmds = vec![
+        json!({"add": {"table": table}}),
+        json!({"delete": {"table": table}}),
+        json!({"add": {"table": table}}),
+        json!({"add": {"chain": {
+            "family": "bridge", "table": name, "name": "forward",
+            "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"
+        }}}),
+    ];
+    for (dev, mac) in ports {
+        for (port, field) in [
+            ("oifname", "saddr"),
+            ("oifname", "daddr"),
+            ("iifname", "saddr"),
+        ] {
+            cmds.push(json!({"add": {"rule": {
+                "family": "bridge", "table": name, "chain": "forward",
+                "expr": [
+                    is(port, json!(dev)),
+                    {"match": {"op": "==",
+                               "left": {"payload": {"protocol": "ether", "field": field}},
+                               "right": mac.to_string()}},
+                    {"drop": null},
+                ],
+            }}}));
+        }
+    }
+    json!({"nftables": cmds})
 }
 
 /// Runs `nft -j -f -` with `batch` inside `netns`.
@@ -231,14 +292,14 @@ mod tests {
     #[test]
     fn a_router_without_gateway_only_forwards_between_its_subnets() {
         let r = RouterRules {
-            legs: vec!["dh10".into(), "dh20".into()],
+            legs: vec!["gw10".into(), "gw20".into()],
             subnets: vec!["10.0.0.0/24".parse().unwrap()],
             ..Default::default()
         };
         let v = ruleset(&r);
         let rs = rules(&v);
         assert_eq!(rs.len(), 2, "{v}");
-        assert_eq!(rs[1]["expr"][0]["match"]["right"]["set"][1], "dh20");
+        assert_eq!(rs[1]["expr"][0]["match"]["right"]["set"][1], "gw20");
         assert!(!v.to_string().contains("snat"));
         // The table is replaced whole: add, delete, add.
         let first: Vec<&str> = v["nftables"].as_array().unwrap()[..3]
@@ -251,7 +312,7 @@ mod tests {
     #[test]
     fn floating_ips_come_before_the_subnet_snat() {
         let r = RouterRules {
-            legs: vec!["dh10".into()],
+            legs: vec!["gw10".into()],
             subnets: vec!["10.0.0.0/24".parse().unwrap()],
             external_ip: Some(Ipv4Addr::new(203, 0, 113, 10)),
             floating: vec![(Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(10, 0, 0, 2))],
@@ -279,10 +340,29 @@ mod tests {
     }
 
     #[test]
+    fn service_legs_stay_off_the_vxlan_devices_in_both_directions() {
+        let mac = Mac([2, 0, 0, 0, 0, 1]);
+        let v = local_ruleset("vpc", &[("vpcx2710".into(), mac)]);
+        assert_eq!(v["nftables"][2]["add"]["table"]["name"], "vpcd_vpc");
+        assert_eq!(v["nftables"][2]["add"]["table"]["family"], "bridge");
+        let rs = rules(&v);
+        assert_eq!(rs.len(), 3);
+        for r in &rs {
+            assert_eq!(r["expr"][0]["match"]["right"], "vpcx2710");
+            assert_eq!(r["expr"][1]["match"]["right"], "02:00:00:00:00:01");
+            assert!(r["expr"][2].get("drop").is_some());
+        }
+        // Nothing to keep local: the table goes.
+        let none = local_ruleset("vpc", &[]);
+        assert_eq!(none["nftables"][1]["delete"]["table"]["name"], "vpcd_vpc");
+        assert!(rules(&none).is_empty());
+    }
+
+    #[test]
     fn nft_accepts_the_tables_it_is_given() {
         // Checked by nft itself (no kernel change: --check), when nft is installed.
         let r = RouterRules {
-            legs: vec!["dh10".into(), "dh20".into()],
+            legs: vec!["gw10".into(), "gw20".into()],
             subnets: vec![
                 "10.0.0.0/24".parse().unwrap(),
                 "10.0.1.0/24".parse().unwrap(),
@@ -290,7 +370,14 @@ mod tests {
             external_ip: Some(Ipv4Addr::new(203, 0, 113, 10)),
             floating: vec![(Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(10, 0, 0, 2))],
         };
-        for batch in [ruleset(&r), ruleset(&RouterRules::default()), removal()] {
+        let local = [("vpcx2710".to_string(), Mac([2, 0, 0, 0, 0, 1]))];
+        for batch in [
+            ruleset(&r),
+            ruleset(&RouterRules::default()),
+            removal(),
+            local_ruleset("vpc", &local),
+            local_ruleset("vpc", &[]),
+        ] {
             let mut child = std::process::Command::new("nft")
                 .args(["-j", "--check", "-f", "-"])
                 .stdin(std::process::Stdio::piped())

@@ -182,6 +182,12 @@ impl NetState {
             .get_mut(network)
             .ok_or_else(|| Error::NotFound(format!("network {network}")))?;
         let what = format!("subnet {network}/{name}");
+        if cidr.prefix() > 29 {
+            // Network, gateway, service and broadcast address leave a /30 no port address.
+            return Err(Error::InvalidArgument(format!(
+                "{what}: {cidr} is too small (at most /29)"
+            )));
+        }
         if net.subnets.contains_key(name) {
             return Err(Error::AlreadyExists(what));
         }
