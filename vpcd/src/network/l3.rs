@@ -24,7 +24,11 @@ use crate::store::Store;
 pub struct L3Agent {
     metadata: Mutex<BTreeMap<u32, MetadataServer>>,
     /// Floating IP mappings last applied per tenant, to flush the flows of ones that went.
+    /// Filled at the first sync from the table in the namespace, so mappings removed while
+    /// vpcd was down are flushed too.
     floating: Mutex<BTreeMap<u32, Vec<(Ipv4Addr, Ipv4Addr)>>>,
+    /// The nft batch last applied per tenant: an unchanged table is not written again.
+    tables: Mutex<BTreeMap<u32, serde_json::Value>>,
 }
 
 fn ns_err(what: &str, ns: &Netns, e: impl std::fmt::Display) -> Error {
@@ -48,7 +52,16 @@ impl L3Agent {
             .iter()
             .filter_map(|(n, _)| st.networks.get(n).map(|n| n.id))
             .collect();
+        // What is kept per tenant goes with its namespace (a new one starts empty).
         self.metadata
+            .lock()
+            .unwrap()
+            .retain(|id, _| tenants.contains(id));
+        self.floating
+            .lock()
+            .unwrap()
+            .retain(|id, _| tenants.contains(id));
+        self.tables
             .lock()
             .unwrap()
             .retain(|id, _| tenants.contains(id));
@@ -153,12 +166,17 @@ impl L3Agent {
         }
 
         // The nftables table.
-        let gone: Vec<(Ipv4Addr, Ipv4Addr)> = self
-            .floating
-            .lock()
-            .unwrap()
-            .insert(tenant, floating.clone())
-            .unwrap_or_default()
+        let known = self.floating.lock().unwrap().get(&tenant).cloned();
+        let before = match known {
+            Some(b) => b,
+            None => {
+                let ns2 = ns.clone();
+                tokio::task::spawn_blocking(move || nat::floating_in(&ns2))
+                    .await
+                    .map_err(|e| Error::Failed(format!("nft: {e}")))??
+            }
+        };
+        let gone: Vec<(Ipv4Addr, Ipv4Addr)> = before
             .into_iter()
             .filter(|m| !floating.contains(m))
             .collect();
@@ -176,14 +194,18 @@ impl L3Agent {
                         .collect(),
                     subnets: subnets.iter().map(|s| s.cidr).collect(),
                     external_ip: ext.map(|((_, ip), _)| ip),
-                    floating,
+                    floating: floating.clone(),
                 })
             }
             None => nat::removal(),
         };
+        if self.tables.lock().unwrap().get(&tenant) == Some(&batch) && gone.is_empty() {
+            return Ok(());
+        }
         let ns2 = ns.clone();
+        let b = batch.clone();
         tokio::task::spawn_blocking(move || {
-            nat::apply(&ns2, &batch)?;
+            nat::apply(&ns2, &b)?;
             // Flows of a mapping that went would otherwise go on being translated until their
             // conntrack entries time out (days for TCP).
             for (fip, _) in &gone {
@@ -193,6 +215,8 @@ impl L3Agent {
         })
         .await
         .map_err(|e| Error::Failed(format!("nft: {e}")))??;
+        self.floating.lock().unwrap().insert(tenant, floating);
+        self.tables.lock().unwrap().insert(tenant, batch);
         Ok(())
     }
 }

@@ -261,6 +261,49 @@ pub fn apply(netns: &Netns, batch: &Value) -> Result<()> {
     Ok(())
 }
 
+/// The floating IP mappings (floating IP, port address) of the table in `netns` now: its
+/// prerouting DNAT rules. None without a table.
+pub fn floating_in(netns: &Netns) -> Result<Vec<(Ipv4Addr, Ipv4Addr)>> {
+    let mut cmd = std::process::Command::new("nft");
+    cmd.args(["-j", "list", "table", "ip", TABLE])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    netns.enter_in_child(&mut cmd);
+    let out = cmd.output().map_err(|e| {
+        Error::Failed(format!(
+            "nft in {}: {e} (is nftables installed?)",
+            netns.path().display()
+        ))
+    })?;
+    if !out.status.success() {
+        // No such table.
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Failed(format!("nft -j list: {e}")))?;
+    Ok(dnat_mappings(&v))
+}
+
+/// The (destination, DNAT target) pairs of the prerouting rules in an `nft -j list` output.
+fn dnat_mappings(v: &Value) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    let rules = v["nftables"].as_array().into_iter().flatten();
+    rules
+        .filter_map(|item| {
+            let r = item.get("rule")?;
+            if r["chain"] != "prerouting" {
+                return None;
+            }
+            let expr = r["expr"].as_array()?;
+            let daddr = expr.iter().find_map(|e| {
+                let m = e.get("match")?;
+                (m["left"]["payload"]["field"] == "daddr").then(|| m["right"].as_str())?
+            })?;
+            let to = expr.iter().find_map(|e| e.get("dnat")?["addr"].as_str())?;
+            Some((daddr.parse().ok()?, to.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Deletes the conntrack entries of flows to or translated to `ip` inside `netns` (`conntrack
 /// -D`, best effort: none to delete is fine, a missing tool is logged).
 pub fn flush_flows(netns: &Netns, ip: Ipv4Addr) {
@@ -337,6 +380,53 @@ mod tests {
             .filter(|r| r["chain"] == "prerouting")
             .collect();
         assert_eq!(pre[0]["expr"][2]["dnat"]["addr"], "10.0.0.2");
+    }
+
+    #[test]
+    fn dnat_mappings_are_read_back_from_nft_list_output() {
+        // As `nft -j list table ip vpcd` prints a table with one floating IP.
+        let listed = json!({"nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "ip", "name": "vpcd", "handle": 1}},
+            {"rule": {"family": "ip", "table": "vpcd", "chain": "prerouting", "handle": 7,
+                "expr": [
+                    {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "ext0"}},
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                               "right": "203.0.113.11"}},
+                    {"dnat": {"addr": "10.0.0.2"}}]}},
+            {"rule": {"family": "ip", "table": "vpcd", "chain": "postrouting", "handle": 8,
+                "expr": [{"snat": {"addr": "203.0.113.11"}}]}},
+        ]});
+        assert_eq!(
+            dnat_mappings(&listed),
+            vec![(Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(10, 0, 0, 2))]
+        );
+    }
+
+    #[test]
+    fn the_applied_table_reads_back_its_floating_ips() {
+        // A real table in a throw-away namespace (needs root and nft, as CI has).
+        let name = format!("vpcdut-nat-{}", std::process::id());
+        let ns = Netns::create_named(&name).unwrap();
+        let mapping = (Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(10, 0, 0, 2));
+        let r = RouterRules {
+            legs: vec!["gw10".into()],
+            subnets: vec!["10.0.0.0/24".parse().unwrap()],
+            external_ip: Some(Ipv4Addr::new(203, 0, 113, 10)),
+            floating: vec![mapping],
+        };
+        let got = (|| {
+            let none = floating_in(&ns)?;
+            apply(&ns, &ruleset(&r))?;
+            let one = floating_in(&ns)?;
+            apply(&ns, &removal())?;
+            Ok::<_, Error>((none, one, floating_in(&ns)?))
+        })();
+        Netns::delete_named(&name).unwrap();
+        let (none, one, after) = got.unwrap();
+        assert!(none.is_empty());
+        assert_eq!(one, vec![mapping]);
+        assert!(after.is_empty());
     }
 
     #[test]
