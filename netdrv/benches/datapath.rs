@@ -235,6 +235,7 @@ fn desired(i: u8, vm_ns: &str, with_port: bool) -> HostNet {
         remote_macs: vec![],
         externals: vec![],
         floods: vec![],
+        vxlan_port_learning: true,
     }
 }
 

@@ -138,6 +138,7 @@ fn desired(n: usize) -> HostNet {
         remote_macs: vec![],
         externals: vec![],
         floods: vec![],
+        vxlan_port_learning: true,
     }
 }
 

@@ -235,6 +235,7 @@ impl NetHost {
             Op::SetMtu { name, mtu } => nl.set_mtu(name, *mtu).await,
             Op::SetUp { name } => nl.set_up(name).await,
             Op::SetAlias { name } => nl.set_alias(name, alias).await,
+            Op::SetLearning { name, on } => nl.set_port_learning(name, *on).await,
             Op::AddFlood { dev, peer } => nl.add_flood(dev, *peer).await,
             Op::DelFlood { dev, peer } => nl.del_flood(dev, *peer).await,
             Op::AddRemote { dev, mac, dst } => nl.add_remote(dev, mac.0, *dst).await,

@@ -10,7 +10,8 @@ use rtnetlink::packet_core::{
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVxlan, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -269,6 +270,24 @@ impl Netlink {
     pub async fn set_master(&self, name: &str, master: &str) -> Result<()> {
         let m = self.index(master).await?;
         self.set("set master", name, |b| b.controller(m)).await
+    }
+
+    /// Bridge port learning of `name` (a bridge port) on or off. Port attributes change only
+    /// through RTM_NEWLINK on the existing link (RTM_SETLINK ignores them).
+    pub async fn set_port_learning(&self, name: &str, on: bool) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = self.index(name).await?;
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Learning(on)])),
+        ]));
+        self.handle
+            .link()
+            .add(msg)
+            .set_flags(NLM_F_REQUEST | NLM_F_ACK)
+            .execute()
+            .await
+            .map_err(nl_err("set port learning", name))
     }
 
     pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<()> {
@@ -670,6 +689,13 @@ fn observe(m: &LinkMessage) -> ObservedLink {
                                 }
                             }
                             l.vxlan = Some((id, local, learning));
+                        }
+                        LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
+                            for x in attrs {
+                                if let InfoBridgePort::Learning(on) = x {
+                                    l.port_learning = Some(*on);
+                                }
+                            }
                         }
                         _ => {}
                     }

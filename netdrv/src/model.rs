@@ -43,6 +43,14 @@ pub struct HostNet {
     /// Flood entries per VNI besides `peers`: (VNI, VTEP), learned from EVPN type-3 routes.
     #[serde(default)]
     pub floods: Vec<(u32, Ipv4Addr)>,
+    /// Whether the tenant bridges learn source MACs on their VxLAN ports. Off when a control
+    /// plane (EVPN) installs every remote MAC: nothing arriving over the wire moves an entry.
+    #[serde(default = "learning_default")]
+    pub vxlan_port_learning: bool,
+}
+
+fn learning_default() -> bool {
+    true
 }
 
 /// A router's leg onto the external network: a veth `<prefix>e<tenant>` whose host end is a

@@ -34,6 +34,8 @@ pub struct ObservedLink {
     pub mac: Option<Mac>,
     /// The link group (IFLA_GROUP); 0 is the default group.
     pub group: u32,
+    /// For bridge ports: whether the bridge learns source MACs on it.
+    pub port_learning: Option<bool>,
 }
 
 /// What the kernel and the filter have now.
@@ -94,6 +96,11 @@ pub enum Op {
     },
     SetAlias {
         name: String,
+    },
+    /// Bridge port learning on or off (`bridge link set dev NAME learning on|off`).
+    SetLearning {
+        name: String,
+        on: bool,
     },
     AddFlood {
         dev: String,
@@ -309,6 +316,15 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
                         mtu,
                     });
                 }
+                let learning = matches!(d.want, Want::Vxlan { .. })
+                    .then_some(desired.vxlan_port_learning)
+                    .filter(|on| l.port_learning != Some(*on));
+                if let Some(on) = learning {
+                    ops.push(Op::SetLearning {
+                        name: (*name).clone(),
+                        on,
+                    });
+                }
                 if !l.up {
                     ops.push(Op::SetUp {
                         name: (*name).clone(),
@@ -339,6 +355,13 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
                     ops.push(Op::SetMaster {
                         name: name.clone(),
                         master: m.clone(),
+                    });
+                }
+                // A new bridge port learns; switched off before it is up.
+                if matches!(d.want, Want::Vxlan { .. }) && !desired.vxlan_port_learning {
+                    ops.push(Op::SetLearning {
+                        name: name.clone(),
+                        on: false,
                     });
                 }
                 ops.push(Op::SetUp { name });
@@ -479,6 +502,7 @@ mod tests {
             remote_macs: vec![],
             externals: vec![],
             floods: vec![],
+            vxlan_port_learning: true,
             tenants: vec![TenantNet {
                 id: 1,
                 subnets: vec![
@@ -520,7 +544,46 @@ mod tests {
             vxlan: (kind == "vxlan").then_some((100, Some(Ipv4Addr::new(192, 0, 2, 1)), false)),
             mac: None,
             group: 0,
+            port_learning: master.map(|_| true),
         }
+    }
+
+    #[test]
+    fn vxlan_ports_stop_learning_when_a_control_plane_installs_remote_macs() {
+        let mut h = host(vec![tap(1, "web")]);
+        let learning = |ops: &[Op]| -> Vec<(String, bool)> {
+            ops.iter()
+                .filter_map(|o| match o {
+                    Op::SetLearning { name, on } => Some((name.clone(), *on)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let observed = Observed {
+            links: vec![
+                link(10, "vpcb1", "bridge", None),
+                link(11, "vpcx64", "vxlan", Some(10)),
+                link(12, "vpct1", "tun", Some(10)),
+            ],
+            ..Default::default()
+        };
+        // Learning wanted and on: nothing to do.
+        assert!(learning(&plan(&h, &observed).unwrap()).is_empty());
+        // A control plane: off on the existing device, only there (not on taps).
+        h.vxlan_port_learning = false;
+        let ops = plan(&h, &observed).unwrap();
+        assert_eq!(learning(&ops), [("vpcx64".to_string(), false)]);
+        // A new device: off before it is up.
+        let ops = plan(&h, &Observed::default()).unwrap();
+        let off = ops
+            .iter()
+            .position(|o| matches!(o, Op::SetLearning { name, on: false } if name == "vpcx64"))
+            .expect("learning off on the new VxLAN device");
+        let up = ops
+            .iter()
+            .position(|o| matches!(o, Op::SetUp { name } if name == "vpcx64"))
+            .unwrap();
+        assert!(off < up);
     }
 
     #[test]

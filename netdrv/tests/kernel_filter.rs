@@ -294,6 +294,7 @@ fn nethost_builds_a_tenant_on_a_vlan_filtering_bridge_and_removes_it() {
         remote_macs: vec![],
         externals: vec![],
         floods: vec![],
+        vxlan_port_learning: true,
     };
     rt.block_on(host.apply(&desired)).expect("apply");
     let bridge = netdrv::names::bridge("kf", 7);

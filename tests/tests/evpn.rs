@@ -167,6 +167,49 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
     drop((vm1, vm2));
 }
 
+/// Routing across EVPN: the tenant's router is on host 2, which has no port on web; host 1 has a
+/// VM there. Host 2 announces its router leg (a type-2 route for the gateway) and web's type-3
+/// route, so host 1 floods to it and pins the gateway's MAC; the VxLAN ports learn nothing.
+#[tokio::test]
+async fn a_router_on_another_host_is_reached_through_evpn_routes() {
+    let lab = Lab::new();
+    let _frr = FrrReflector::start(&lab.rr, 65000, "192.0.2.10", "192.0.2.0/24");
+    let d1 = lab.host(1).await;
+    let d2 = lab.host(2).await;
+    for d in [&d1, &d2] {
+        d.vpcctl_ok(&["net-create", "a"]);
+        d.vpcctl_ok(&["subnet-create", "a", "web", "10.60.1.0/24", "--vni", "7101"]);
+        d.vpcctl_ok(&["subnet-create", "a", "db", "10.60.2.0/24", "--vni", "7102"]);
+    }
+    d2.vpcctl_ok(&["router-create", "r1", "a"]);
+    d2.vpcctl_ok(&["router-add-subnet", "r1", "web"]);
+    d2.vpcctl_ok(&["router-add-subnet", "r1", "db"]);
+    let db2 = ns_port(&d2, "d2", "a", "db", "10.60.2.5", true);
+    db2.ok(&["ip", "route", "add", "default", "via", "10.60.2.1"]);
+    let web1 = ns_port(&d1, "w1", "a", "web", "10.60.1.5", true);
+    web1.ok(&["ip", "route", "add", "default", "via", "10.60.1.1"]);
+
+    let info: serde_json::Value =
+        serde_json::from_str(&d2.vpcctl_ok(&["--json", "router-info", "r1"])).unwrap();
+    let router_ns = info["namespace"].as_str().unwrap().to_string();
+    let leg = sh("ip", &["-n", &router_ns, "-br", "link", "show", "gw1"]);
+    let gw_mac = leg.split_whitespace().nth(2).unwrap().to_string();
+    wait_until(
+        Duration::from_secs(30),
+        || fdb_has(&lab.h1, &gw_mac, "192.0.2.2"),
+        "h1 to learn the gateway's MAC behind h2",
+    );
+    assert!(web1.pings("10.60.2.5"), "h1's VM -> h2's router -> db");
+    assert!(db2.pings("10.60.1.5"), "db -> h2's router -> h1's VM");
+
+    // The control plane installs every remote MAC: the VxLAN bridge ports do not learn.
+    let vx = netdrv::names::vxlan("vpc", 7101);
+    for h in [&lab.h1, &lab.h2] {
+        let link = h.ok(&["bridge", "-d", "link", "show", "dev", &vx]);
+        assert!(link.contains("learning off"), "{link}");
+    }
+}
+
 #[tokio::test]
 async fn a_management_host_runs_the_reflector_and_a_third_host_joins() {
     let lab = Lab::new();

@@ -153,6 +153,15 @@ fn legs<'a>(st: &'a NetState, owner: &str) -> Vec<(&'a Network, &'a Subnet, Leg)
         .collect()
 }
 
+/// The router legs as (VNI, MAC, gateway address).
+pub fn router_endpoints(st: &NetState, owner: &str) -> Vec<(u32, Mac, Ipv4Addr)> {
+    legs(st, owner)
+        .into_iter()
+        .filter(|(_, _, l)| l.router)
+        .map(|(_, s, l)| (s.vni, l.mac, l.address))
+        .collect()
+}
+
 /// The service legs' (VxLAN device, MAC) pairs whose frames must stay on this host.
 pub fn local_ports(st: &NetState, prefix: &str, owner: &str) -> Vec<(String, Mac)> {
     legs(st, owner)

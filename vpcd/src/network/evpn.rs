@@ -2,9 +2,11 @@
 //! (`netdrv::bgp::session`), advertising from the port database (no data-plane learning) and
 //! installing what is learned through netdrv's plan.
 //!
-//! Advertised, per subnet with ports on this host: a type-3 route (RD `<ASN>:<VNI>`, PMSI tunnel ingress replication with the VNI as label and this host's VTEP) and a
-//! type-2 route per port (MAC, IPv4, VNI as label 1), each with the route target
-//! `<ASN>:<VNI>` and the VxLAN encapsulation community. Learned: remote type-3 routes become
+//! Advertised, per subnet with ports or a router leg on this host: a type-3 route (RD
+//! `<ASN>:<VNI>`, PMSI tunnel ingress replication with the VNI as label and this host's VTEP)
+//! and a type-2 route per port and router leg (MAC, IPv4, VNI as label 1), each with the route
+//! target `<ASN>:<VNI>` and the VxLAN encapsulation community. Service legs are local and not
+//! announced. The tenant bridges do not learn on their VxLAN ports in this mode. Learned: remote type-3 routes become
 //! head-end-replication flood entries on the VNI's VxLAN device, type-2 routes static FDB
 //! entries (VxLAN device, remote VTEP). Routes of a session that went down are kept for its
 //! hold time (traffic keeps flowing while a route reflector restarts), then removed unless the
@@ -54,6 +56,24 @@ struct Inner {
     announced: BTreeMap<RouteKey, EvpnRoute>,
     /// The VNI of each announced type-3 route (its key holds none).
     vni_of: BTreeMap<RouteKey, u32>,
+}
+
+/// What a host announces a type-2 route for: (VNI, MAC, IPv4); each VNI also gets its type-3.
+pub type Endpoint = (u32, Mac, Ipv4Addr);
+
+/// The endpoints of `st` on this host: its ports, and its router legs (the gateways other
+/// hosts' VMs send to; service legs stay local and are not announced).
+pub fn endpoints(st: &NetState, owner: &str) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = st
+        .ports
+        .values()
+        .filter_map(|p| {
+            let subnet = st.networks.get(&p.network)?.subnets.get(&p.subnet)?;
+            Some((subnet.vni, p.mac, p.ip))
+        })
+        .collect();
+    out.extend(super::dhcp::router_endpoints(st, owner));
+    out
 }
 
 /// What was learned, for netdrv: flood entries (VNI, VTEP) and remote MACs (VNI, MAC, VTEP).
@@ -111,8 +131,8 @@ impl EvpnAgent {
         }
     }
 
-    /// Announces this host's routes for `st` and withdraws the ones that went.
-    pub fn advertise(&self, st: &NetState) {
+    /// Announces this host's routes for its endpoints and withdraws the ones that went.
+    pub fn advertise(&self, endpoints: &[Endpoint]) {
         let me = self.cfg.router_id;
         let attrs = |vni: u32, pmsi: bool| Attributes {
             origin: Some(0),
@@ -127,15 +147,7 @@ impl EvpnAgent {
             ..Default::default()
         };
         let mut want: BTreeMap<RouteKey, (EvpnRoute, Attributes)> = BTreeMap::new();
-        for p in st.ports.values() {
-            let Some(subnet) = st
-                .networks
-                .get(&p.network)
-                .and_then(|n| n.subnets.get(&p.subnet))
-            else {
-                continue;
-            };
-            let vni = subnet.vni;
+        for &(vni, mac, ip) in endpoints {
             let t3 = EvpnRoute::InclusiveMulticast {
                 rd: rd(self.cfg.asn, vni),
                 eth_tag: 0,
@@ -146,8 +158,8 @@ impl EvpnAgent {
                 rd: rd(self.cfg.asn, vni),
                 esi: [0; 10],
                 eth_tag: 0,
-                mac: p.mac.0,
-                ip: Some(IpAddr::V4(p.ip)),
+                mac: mac.0,
+                ip: Some(IpAddr::V4(ip)),
                 vni,
                 vni2: None,
             };

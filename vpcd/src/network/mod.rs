@@ -171,6 +171,7 @@ impl NetManager {
             let (floods, macs) = e.remote();
             host.floods = floods;
             host.remote_macs.extend(macs);
+            host.vxlan_port_learning = false;
         }
         if let (Some(x), Some(None)) = (&self.cfg.external, external) {
             dhcp::add_external_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner, &x.link);
@@ -189,7 +190,7 @@ impl NetManager {
         let ops = self.host.apply(&desired).await?;
         // The ports exist now: tell the other hosts at once (DHCP and routers come after).
         if let Some(e) = &self.evpn {
-            e.advertise(st);
+            e.advertise(&evpn::endpoints(st, owner));
         }
         self.dhcp
             .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dns)

@@ -460,6 +460,7 @@ impl NetState {
             remote_macs,
             externals: Vec::new(),
             floods: Vec::new(),
+            vxlan_port_learning: true,
         }
     }
 }
