@@ -176,6 +176,16 @@ pub fn bpf_dir() -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/{}", unique("vpcd-test")))
 }
 
+/// A vpcd with the QMP backend and more flags `extra`, on a bus of its own.
+pub async fn qmp_daemon(extra: &[&str]) -> Daemon {
+    let opts = DaemonOpts {
+        backend: "qmp",
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    Daemon::start_with(opts, Bus::open()).await
+}
+
 /// A vpcd process on a private bus with its own state directory.
 #[derive(Debug)]
 pub struct Daemon {

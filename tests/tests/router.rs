@@ -383,21 +383,10 @@ async fn a_compute_host_vm_is_routed_by_the_route_host_and_served_locally() {
         ns.ok(&["ip", "link", "set", "ul", "up"]);
     }
     let mut extra = lab.flags();
-    extra.extend(
-        ["--underlay-ip", "192.0.2.1", "--peer", "192.0.2.2"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
-    let route = Daemon::start_with(
-        DaemonOpts {
-            backend: "qmp",
-            extra,
-            ..Default::default()
-        },
-        Bus::open(),
-    )
-    .await;
-    let extra = [
+    extra.extend(["--underlay-ip", "192.0.2.1", "--peer", "192.0.2.2"].map(String::from));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let route = qmp_daemon(&extra).await;
+    let comp = qmp_daemon(&[
         "--netns",
         &compute.path(),
         "--underlay-ip",
@@ -406,18 +395,7 @@ async fn a_compute_host_vm_is_routed_by_the_route_host_and_served_locally() {
         "192.0.2.1",
         "--role",
         "compute",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let comp = Daemon::start_with(
-        DaemonOpts {
-            backend: "qmp",
-            extra,
-            ..Default::default()
-        },
-        Bus::open(),
-    )
+    ])
     .await;
     for d in [&route, &comp] {
         d.vpcctl_ok(&["net-create", "a"]);

@@ -10,7 +10,7 @@
 //! - a service leg (`dh<vlan>`), for any other subnet: DHCP and metadata only, as Neutron's DHCP
 //!   agent and OVN's metadata port. Every host's service leg of a subnet has the same address
 //!   (the subnet's service address, its last host address) and the same MAC, and is a local
-//!   port: the host-namespace table `bridge vpcd_<prefix>` (`nat::localport_ruleset`) keeps its
+//!   port: the host-namespace table `bridge vpcd_<prefix>` (`nat::local_ruleset`) keeps its
 //!   frames off the VxLAN devices, so each VM talks to the leg on its own host, whose DHCP server
 //!   and metadata service know it. Its DHCP hands out the gateway as router (held by the
 //!   route host's router leg, wherever that is) and a classless route to 169.254.169.254 via
