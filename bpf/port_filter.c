@@ -8,8 +8,11 @@
  *                 Unknown port -> drop. Tagged frame -> drop (drop_vlan). Port security when
  *                 configured (drop_security). Then push the port's tag and pass (tx_*).
  *   port_egress   TC egress of a port: frames from the bridge to the VM (or uplink).
- *                 Unknown port -> drop. Untagged, or tag of another VLAN -> drop (drop_vlan).
- *                 Pop the tag and pass (rx_*).
+ *                 Unknown port -> drop. Untagged, or tag of another VLAN -> drop (drop_vlan),
+ *                 except untagged ARP replies: frames from the bridge are always tagged, so
+ *                 an untagged one was sent on the port by the bridge itself, and the bridge
+ *                 sends ARP replies only where it answers for a neighbour (neigh_suppress,
+ *                 EVPN's ARP suppression). Pop the tag and pass (rx_*).
  *
  * With PORT_F_BRIDGE_VLAN in a port's flags the bridge does the VLAN part (kernels with bridge
  * VLAN filtering): ingress drops tagged frames and applies port security but pushes no tag;
@@ -285,6 +288,17 @@ int port_ingress(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+/* An IPv4-over-Ethernet ARP reply (the frame's type already checked). */
+static __always_inline int is_arp_reply(struct __sk_buff *skb)
+{
+	struct arp4 arp;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &arp, sizeof(arp)) < 0)
+		return 0;
+	return arp.htype == bpf_htons(1) && arp.ptype == bpf_htons(ETH_P_IP) && arp.hlen == 6 &&
+	       arp.plen == 4 && arp.op == bpf_htons(2);
+}
+
 SEC("classifier")
 int port_egress(struct __sk_buff *skb)
 {
@@ -314,8 +328,13 @@ int port_egress(struct __sk_buff *skb)
 			__be16 tci;
 		} __attribute__((packed)) tag;
 
-		if (bpf_skb_load_bytes(skb, 12, &tag, sizeof(tag)) < 0 ||
-		    tag.proto != bpf_htons(ETH_P_8021Q)) {
+		if (bpf_skb_load_bytes(skb, 12, &tag, sizeof(tag)) < 0) {
+			count_drop_vlan(cnt);
+			return TC_ACT_SHOT;
+		}
+		if (tag.proto == bpf_htons(ETH_P_ARP) && is_arp_reply(skb))
+			goto pass;
+		if (tag.proto != bpf_htons(ETH_P_8021Q)) {
 			count_drop_vlan(cnt);
 			return TC_ACT_SHOT;
 		}

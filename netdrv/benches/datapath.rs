@@ -236,6 +236,7 @@ fn desired(i: u8, vm_ns: &str, with_port: bool) -> HostNet {
         externals: vec![],
         floods: vec![],
         vxlan_port_learning: true,
+        neighbours: Vec::new(),
     }
 }
 

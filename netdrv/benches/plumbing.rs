@@ -139,6 +139,7 @@ fn desired(n: usize) -> HostNet {
         externals: vec![],
         floods: vec![],
         vxlan_port_learning: true,
+        neighbours: Vec::new(),
     }
 }
 

@@ -51,11 +51,18 @@ impl NetHost {
         let links = self.nl.links().await?;
         let fdb = self.nl.fdb(&links).await?;
         let filtered = self.filter.ports()?.into_iter().collect();
+        let bridges: Vec<_> = links
+            .iter()
+            .filter(|l| l.kind.as_deref() == Some("bridge"))
+            .cloned()
+            .collect();
+        let neighbours = self.nl.neighbours(&bridges).await?;
         Ok(Observed {
             links,
             floods: fdb.floods,
             remote: fdb.unicast,
             filtered,
+            neighbours,
         })
     }
 
@@ -236,6 +243,8 @@ impl NetHost {
             Op::SetUp { name } => nl.set_up(name).await,
             Op::SetAlias { name } => nl.set_alias(name, alias).await,
             Op::SetLearning { name, on } => nl.set_port_learning(name, *on).await,
+            Op::AddNeighbour { dev, ip, mac } => nl.neighbour(dev, *ip, Some(mac.0)).await,
+            Op::DelNeighbour { dev, ip } => nl.neighbour(dev, *ip, None).await,
             Op::AddFlood { dev, peer } => nl.add_flood(dev, *peer).await,
             Op::DelFlood { dev, peer } => nl.del_flood(dev, *peer).await,
             Op::AddRemote { dev, mac, dst } => nl.add_remote(dev, mac.0, *dst).await,

@@ -272,14 +272,19 @@ impl Netlink {
         self.set("set master", name, |b| b.controller(m)).await
     }
 
-    /// Bridge port learning of `name` (a bridge port) on or off. Port attributes change only
-    /// through RTM_NEWLINK on the existing link (RTM_SETLINK ignores them).
+    /// Bridge port learning of `name` (a bridge port) on or off, and neighbour suppression the
+    /// other way (a port whose MACs come from a control plane also has the bridge answer ARP
+    /// for them). Port attributes change only through RTM_NEWLINK on the existing link
+    /// (RTM_SETLINK ignores them).
     pub async fn set_port_learning(&self, name: &str, on: bool) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = self.index(name).await?;
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Learning(on)])),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![
+                InfoBridgePort::Learning(on),
+                InfoBridgePort::NeighSupress(!on),
+            ])),
         ]));
         self.handle
             .link()
@@ -586,6 +591,86 @@ impl Netlink {
         }
     }
 
+    /// Permanent IPv4 neighbour entries per device name (of the devices in `links`).
+    pub async fn neighbours(
+        &self,
+        links: &[ObservedLink],
+    ) -> Result<BTreeMap<String, BTreeMap<Ipv4Addr, crate::ipam::Mac>>> {
+        let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(m));
+        req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut handle = self.handle.clone();
+        let mut resp = handle.request(req).map_err(nl_err("list", "neighbours"))?;
+        let mut out: BTreeMap<String, BTreeMap<Ipv4Addr, crate::ipam::Mac>> = BTreeMap::new();
+        use futures::StreamExt;
+        while let Some(msg) = resp.next().await {
+            let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) = msg.payload
+            else {
+                continue;
+            };
+            if n.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let Some(name) = names.get(&n.header.ifindex) else {
+                continue;
+            };
+            let ip = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let mac = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(l);
+                    Some(crate::ipam::Mac(m))
+                }
+                _ => None,
+            });
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.entry(name.to_string()).or_default().insert(ip, mac);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A permanent neighbour entry `ip` -> `mac` on `dev` (added or replaced), or its removal
+    /// (one that is not there is fine).
+    pub async fn neighbour(&self, dev: &str, ip: Ipv4Addr, mac: Option<[u8; 6]>) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = self.index(dev).await?;
+        m.header.state = NeighbourState::Permanent;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let what = format!("neighbour {ip} on {dev}");
+        match mac {
+            Some(mac) => {
+                m.attributes
+                    .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+                let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+                self.request(what, RouteNetlinkMessage::NewNeighbour(m), flags)
+                    .await
+            }
+            None => match self
+                .request(
+                    what,
+                    RouteNetlinkMessage::DelNeighbour(m),
+                    NLM_F_REQUEST | NLM_F_ACK,
+                )
+                .await
+            {
+                Err(Error::Netlink { reason, .. })
+                    if reason.contains("No such file") || reason.contains("not found") =>
+                {
+                    Ok(())
+                }
+                r => r,
+            },
+        }
+    }
+
     /// FDB entries with a remote destination per device name: the flood entries (all-zero MAC)
     /// and the unicast ones.
     pub async fn fdb(&self, links: &[ObservedLink]) -> Result<RemoteFdb> {
@@ -692,8 +777,12 @@ fn observe(m: &LinkMessage) -> ObservedLink {
                         }
                         LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
                             for x in attrs {
-                                if let InfoBridgePort::Learning(on) = x {
-                                    l.port_learning = Some(*on);
+                                match x {
+                                    InfoBridgePort::Learning(on) => l.port_learning = Some(*on),
+                                    InfoBridgePort::NeighSupress(on) => {
+                                        l.port_neigh_suppress = Some(*on)
+                                    }
+                                    _ => {}
                                 }
                             }
                         }

@@ -47,6 +47,10 @@ pub struct HostNet {
     /// plane (EVPN) installs every remote MAC: nothing arriving over the wire moves an entry.
     #[serde(default = "learning_default")]
     pub vxlan_port_learning: bool,
+    /// Neighbours the tenant bridges answer ARP for, (VNI, IPv4, MAC): remote ports learned
+    /// from EVPN. Answered only from ports whose MAC is behind a VxLAN port that does not learn.
+    #[serde(default)]
+    pub neighbours: Vec<(u32, Ipv4Addr, Mac)>,
 }
 
 fn learning_default() -> bool {

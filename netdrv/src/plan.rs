@@ -36,6 +36,8 @@ pub struct ObservedLink {
     pub group: u32,
     /// For bridge ports: whether the bridge learns source MACs on it.
     pub port_learning: Option<bool>,
+    /// For bridge ports: whether the bridge answers ARP for neighbours behind it.
+    pub port_neigh_suppress: Option<bool>,
 }
 
 /// What the kernel and the filter have now.
@@ -48,6 +50,8 @@ pub struct Observed {
     pub remote: BTreeMap<String, BTreeMap<Mac, Ipv4Addr>>,
     /// Ports the VLAN filter has a configuration for.
     pub filtered: BTreeSet<u32>,
+    /// Permanent IPv4 neighbour entries per bridge name.
+    pub neighbours: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
 }
 
 /// The other end of a namespace port.
@@ -97,10 +101,21 @@ pub enum Op {
     SetAlias {
         name: String,
     },
-    /// Bridge port learning on or off (`bridge link set dev NAME learning on|off`).
+    /// Bridge port learning on or off, neighbour suppression the other way (`bridge link set
+    /// dev NAME learning on|off neigh_suppress off|on`).
     SetLearning {
         name: String,
         on: bool,
+    },
+    /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`.
+    AddNeighbour {
+        dev: String,
+        ip: Ipv4Addr,
+        mac: Mac,
+    },
+    DelNeighbour {
+        dev: String,
+        ip: Ipv4Addr,
     },
     AddFlood {
         dev: String,
@@ -318,7 +333,9 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
                 }
                 let learning = matches!(d.want, Want::Vxlan { .. })
                     .then_some(desired.vxlan_port_learning)
-                    .filter(|on| l.port_learning != Some(*on));
+                    .filter(|on| {
+                        l.port_learning != Some(*on) || l.port_neigh_suppress != Some(!*on)
+                    });
                 if let Some(on) = learning {
                     ops.push(Op::SetLearning {
                         name: (*name).clone(),
@@ -448,6 +465,50 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
         }
     }
 
+    // Neighbour entries on the tenant bridges (for the bridge's ARP suppression).
+    let mut neigh_want: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>> = BTreeMap::new();
+    for (vni, ip, mac) in &desired.neighbours {
+        let Some(t) = desired
+            .tenants
+            .iter()
+            .find(|t| t.subnets.iter().any(|s| s.vni == *vni))
+        else {
+            continue;
+        };
+        let bridge = names::bridge(p, t.id);
+        if want.contains_key(&bridge) {
+            neigh_want.entry(bridge).or_default().insert(*ip, *mac);
+        }
+    }
+    for (dev, entries) in &neigh_want {
+        let have = observed
+            .neighbours
+            .get(dev)
+            .filter(|_| !deleted.contains(dev.as_str()));
+        for (ip, mac) in entries {
+            if have.and_then(|h| h.get(ip)) != Some(mac) {
+                ops.push(Op::AddNeighbour {
+                    dev: dev.clone(),
+                    ip: *ip,
+                    mac: *mac,
+                });
+            }
+        }
+    }
+    for (dev, entries) in &observed.neighbours {
+        if deleted.contains(dev.as_str()) || !want.contains_key(dev) {
+            continue;
+        }
+        for ip in entries.keys() {
+            if !neigh_want.get(dev).is_some_and(|w| w.contains_key(ip)) {
+                ops.push(Op::DelNeighbour {
+                    dev: dev.clone(),
+                    ip: *ip,
+                });
+            }
+        }
+    }
+
     // Filter configuration for every port; forget ports that are gone or not desired.
     let mut kept_indexes = BTreeSet::new();
     for (name, d) in &want {
@@ -503,6 +564,7 @@ mod tests {
             externals: vec![],
             floods: vec![],
             vxlan_port_learning: true,
+            neighbours: Vec::new(),
             tenants: vec![TenantNet {
                 id: 1,
                 subnets: vec![
@@ -545,7 +607,50 @@ mod tests {
             mac: None,
             group: 0,
             port_learning: master.map(|_| true),
+            port_neigh_suppress: master.map(|_| false),
         }
+    }
+
+    #[test]
+    fn neighbours_go_on_their_tenant_bridge_and_stale_ones_go() {
+        let mut h = host(vec![tap(1, "web")]);
+        let (m1, ip1, ip2) = (
+            Mac([2, 0, 0, 0, 0, 1]),
+            Ipv4Addr::new(10, 0, 1, 5),
+            Ipv4Addr::new(10, 0, 1, 6),
+        );
+        h.neighbours = vec![(100, ip1, m1), (999, ip2, m1)];
+        let mut observed = Observed {
+            links: vec![
+                link(10, "vpcb1", "bridge", None),
+                link(11, "vpcx64", "vxlan", Some(10)),
+                link(12, "vpct1", "tun", Some(10)),
+            ],
+            ..Default::default()
+        };
+        observed
+            .neighbours
+            .insert("vpcb1".into(), [(ip2, m1)].into_iter().collect());
+        let ops = plan(&h, &observed).unwrap();
+        let neigh: Vec<&Op> = ops
+            .iter()
+            .filter(|o| matches!(o, Op::AddNeighbour { .. } | Op::DelNeighbour { .. }))
+            .collect();
+        // VNI 999 is no subnet here: its entry is not wanted, and the stale one goes.
+        assert_eq!(
+            neigh,
+            [
+                &Op::AddNeighbour {
+                    dev: "vpcb1".into(),
+                    ip: ip1,
+                    mac: m1
+                },
+                &Op::DelNeighbour {
+                    dev: "vpcb1".into(),
+                    ip: ip2
+                }
+            ]
+        );
     }
 
     #[test]

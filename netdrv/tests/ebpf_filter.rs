@@ -528,6 +528,7 @@ fn egress_verdicts_on_crafted_frames() {
     let a = lab.vm(0);
     f.set_port(a.ifindex, &a.port, &plain(10)).unwrap();
     let payload = arp(1, [2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 99, 0, 9), a.ip);
+    let reply = arp(2, [2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 99, 0, 9), a.ip);
     let tagged = |vid: u16| {
         let mut p = vid.to_be_bytes().to_vec();
         p.extend_from_slice(&0x0806u16.to_be_bytes());
@@ -540,6 +541,16 @@ fn egress_verdicts_on_crafted_frames() {
         (
             "untagged",
             eth([0xff; 6], [2, 0, 0, 0, 0, 1], 0x0806, &payload),
+            SHOT,
+        ),
+        (
+            "untagged ARP reply (the bridge answering for a neighbour)",
+            eth([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1], 0x0806, &reply),
+            PASS,
+        ),
+        (
+            "untagged IPv4",
+            eth([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1], 0x0800, &[0x45; 40]),
             SHOT,
         ),
     ];
@@ -564,8 +575,8 @@ fn egress_verdicts_on_crafted_frames() {
         "wrong verdicts (case, got, want): {wrong:?}"
     );
     let after = counters(&f, a);
-    assert_eq!(after.drop_vlan - before.drop_vlan, 2);
-    assert_eq!(after.rx_packets - before.rx_packets, 1);
+    assert_eq!(after.drop_vlan - before.drop_vlan, 3);
+    assert_eq!(after.rx_packets - before.rx_packets, 2);
 }
 
 #[test]

@@ -295,6 +295,7 @@ fn nethost_builds_a_tenant_on_a_vlan_filtering_bridge_and_removes_it() {
         externals: vec![],
         floods: vec![],
         vxlan_port_learning: true,
+        neighbours: Vec::new(),
     };
     rt.block_on(host.apply(&desired)).expect("apply");
     let bridge = netdrv::names::bridge("kf", 7);

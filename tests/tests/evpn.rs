@@ -112,13 +112,37 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
     );
     assert!(vm1.pings("10.50.1.12"), "vm1 -> vm2 across EVPN");
     assert!(vm2.pings("10.50.1.11"), "vm2 -> vm1 across EVPN");
+
+    // ARP suppression: h1's bridge answers vm1's ARP for vm2 from the type-2 route. vm2 stops
+    // answering ARP (it knows vm1 statically), so vm1 reaches it only if h1 answered.
+    let mac2 = port_mac_of(&d2, "10.50.1.12");
+    let neigh = lab.h1.ok(&["ip", "neigh", "show", "10.50.1.12"]);
+    assert!(
+        neigh.contains(&mac2) && neigh.contains("PERMANENT"),
+        "{neigh}"
+    );
+    vm2.ok(&["ip", "link", "set", "eth0", "arp", "off"]);
+    vm2.ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.50.1.11",
+        "lladdr",
+        &mac1,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    vm1.ok(&["ip", "neigh", "flush", "dev", "eth0"]);
+    assert!(vm1.pings("10.50.1.12"), "vm1's ARP for vm2 answered by h1");
+    vm2.ok(&["ip", "link", "set", "eth0", "arp", "on"]);
     let routes = frr.vtysh("show bgp l2vpn evpn route");
     assert!(routes.contains(&mac1), "{routes}");
     let sessions: serde_json::Value =
         serde_json::from_str(&d1.vpcctl_ok(&["--json", "bgp-sessions"])).unwrap();
     assert_eq!(sessions[0]["state"], "established", "{sessions}");
     assert!(sessions[0]["prefixes"].as_u64().unwrap() >= 2, "{sessions}");
-    let mac2 = port_mac_of(&d2, "10.50.1.12");
     let routes: serde_json::Value =
         serde_json::from_str(&d1.vpcctl_ok(&["--json", "evpn-routes", "--vni", "7001"])).unwrap();
     let has = |dir: &str, needle: &str| {

@@ -44,6 +44,8 @@ struct Learned {
     vni: u32,
     vtep: Ipv4Addr,
     mac: Option<Mac>,
+    /// The IPv4 address a type-2 route carries.
+    ip: Option<Ipv4Addr>,
     /// Since when the route's session has been down.
     stale_since: Option<Instant>,
 }
@@ -76,8 +78,13 @@ pub fn endpoints(st: &NetState, owner: &str) -> Vec<Endpoint> {
     out
 }
 
-/// What was learned, for netdrv: flood entries (VNI, VTEP) and remote MACs (VNI, MAC, VTEP).
-pub type Remote = (Vec<(u32, Ipv4Addr)>, Vec<(u32, Mac, Ipv4Addr)>);
+/// What was learned, for netdrv: flood entries (VNI, VTEP), remote MACs (VNI, MAC, VTEP) and
+/// neighbours for ARP suppression (VNI, IPv4, MAC).
+pub type Remote = (
+    Vec<(u32, Ipv4Addr)>,
+    Vec<(u32, Mac, Ipv4Addr)>,
+    Vec<(u32, Ipv4Addr, Mac)>,
+);
 
 /// A session's state for the API: (peer, state, established since, prefixes received).
 pub type PeerStatus = (String, String, u64, u64);
@@ -197,11 +204,15 @@ impl EvpnAgent {
         let inner = self.inner.lock().unwrap();
         let mut floods: Vec<(u32, Ipv4Addr)> = Vec::new();
         let mut macs: BTreeMap<(u32, Mac), Ipv4Addr> = BTreeMap::new();
+        let mut neighbours: BTreeMap<(u32, Ipv4Addr), Mac> = BTreeMap::new();
         for l in inner.learned.values() {
             match l.mac {
                 None => floods.push((l.vni, l.vtep)),
                 Some(m) => {
                     macs.insert((l.vni, m), l.vtep);
+                    if let Some(ip) = l.ip {
+                        neighbours.insert((l.vni, ip), m);
+                    }
                 }
             }
         }
@@ -210,6 +221,10 @@ impl EvpnAgent {
         (
             floods,
             macs.into_iter().map(|((v, m), t)| (v, m, t)).collect(),
+            neighbours
+                .into_iter()
+                .map(|((v, i), m)| (v, i, m))
+                .collect(),
         )
     }
 
@@ -303,7 +318,7 @@ fn learn(inner: &Mutex<Inner>, session: usize, me: Ipv4Addr, ev: SessionEvent) -
                 changed |= inner.learned.remove(&(session, r.key())).is_some();
             }
             for r in announced {
-                let (vni, vtep, mac) = match &r {
+                let (vni, vtep, mac, ip) = match &r {
                     EvpnRoute::InclusiveMulticast { origin, .. } => {
                         let Some(p) = &attrs.pmsi else { continue };
                         let vtep = match (p.endpoint, origin) {
@@ -311,13 +326,17 @@ fn learn(inner: &Mutex<Inner>, session: usize, me: Ipv4Addr, ev: SessionEvent) -
                             (_, IpAddr::V4(o)) => *o,
                             _ => continue,
                         };
-                        (p.label, vtep, None)
+                        (p.label, vtep, None, None)
                     }
-                    EvpnRoute::MacIp { mac, vni, .. } => {
+                    EvpnRoute::MacIp { mac, vni, ip, .. } => {
                         let Some(IpAddr::V4(nh)) = next_hop else {
                             continue;
                         };
-                        (*vni, nh, Some(Mac(*mac)))
+                        let ip = match ip {
+                            Some(IpAddr::V4(a)) => Some(*a),
+                            _ => None,
+                        };
+                        (*vni, nh, Some(Mac(*mac)), ip)
                     }
                     EvpnRoute::Other { .. } => continue,
                 };
@@ -328,13 +347,14 @@ fn learn(inner: &Mutex<Inner>, session: usize, me: Ipv4Addr, ev: SessionEvent) -
                     vni,
                     vtep,
                     mac,
+                    ip,
                     stale_since: None,
                 };
                 let key = (session, r.key());
                 let same = inner
                     .learned
                     .get(&key)
-                    .is_some_and(|o| (o.vni, o.vtep, o.mac) == (vni, vtep, mac));
+                    .is_some_and(|o| (o.vni, o.vtep, o.mac, o.ip) == (vni, vtep, mac, ip));
                 if !same {
                     changed = true;
                 }

@@ -168,9 +168,10 @@ impl NetManager {
         );
         dhcp::add_legs(&st, &mut host, &self.cfg.prefix, &self.cfg.owner);
         if let Some(e) = &self.evpn {
-            let (floods, macs) = e.remote();
+            let (floods, macs, neighbours) = e.remote();
             host.floods = floods;
             host.remote_macs.extend(macs);
+            host.neighbours = neighbours;
             host.vxlan_port_learning = false;
         }
         if let (Some(x), Some(None)) = (&self.cfg.external, external) {

@@ -461,6 +461,7 @@ impl NetState {
             externals: Vec::new(),
             floods: Vec::new(),
             vxlan_port_learning: true,
+            neighbours: Vec::new(),
         }
     }
 }
