@@ -114,7 +114,7 @@ ip netns add "${P}vm1"; ip netns add "${P}vm2"
 # h2 needs a port so that its VxLAN device (where remote MACs go) exists.
 ctl 2 port-create a web --netns "/run/netns/${P}vm2" --ifname e0 --ip 10.60.200.1 >/dev/null
 vx2=e2x$(printf %x 9100)
-has_mac() { ip netns exec "$1" bridge fdb show dev "$2" 2>/dev/null | grep -q "^$3 "; }
+has_mac() { ip netns exec "$1" bridge fdb show dev "$2" 2>/dev/null | grep "^$3 " >/dev/null; }
 
 # ---- convergence --------------------------------------------------------------------------
 echo "=== EVPN convergence, $PORTS ports ($(uname -r), $(nproc) CPUs)"
@@ -157,11 +157,11 @@ for n in $SCALE; do
     done
     macs=$(ctl 1 --json port-list | jq -r '.[].mac' | sort)
     # Host 1 without EVPN has withdrawn everything; wait until host 2 has none of them.
-    until ! ip netns exec "${P}h2" bridge fdb show dev "$vx2" | grep -qF "$(echo "$macs" | head -1)"; do sleep 0.05; done
+    until ! ip netns exec "${P}h2" bridge fdb show dev "$vx2" | grep -F "$(echo "$macs" | head -1)" >/dev/null; do sleep 0.05; done
     stop_vpcd 1
     start_vpcd 1 1
     # From the moment host 1's session is up (vpcd's start-up with N ports is not EVPN's).
-    until ctl 1 --json bgp-sessions | grep -q '"established"'; do sleep 0.005; done
+    until ctl 1 --json bgp-sessions | grep '"established"' >/dev/null; do sleep 0.005; done
     t0=$(now_ms)
     first=""
     while :; do

@@ -42,7 +42,8 @@ else
 fi
 [ -n "$KVER" ] && [ -r "/boot/vmlinuz-$KVER" ] || die "no /boot/vmlinuz-*-amd64 (install linux-image-amd64)"
 BUSYBOX=/bin/busybox
-[ -x "$BUSYBOX" ] && "$BUSYBOX" --list | grep -qx insmod || die "busybox with insmod needed (busybox-static)"
+# (grep reads all of the list: with -q it could exit early and fail the pipe under pipefail)
+[ -x "$BUSYBOX" ] && "$BUSYBOX" --list | grep -x insmod >/dev/null || die "busybox with insmod needed (busybox-static)"
 QEMU=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/vpcd-guest.XXXXXX")

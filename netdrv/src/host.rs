@@ -53,7 +53,7 @@ impl NetHost {
         let filtered = self.filter.ports()?.into_iter().collect();
         let bridges: Vec<_> = links
             .iter()
-            .filter(|l| l.kind.as_deref() == Some("bridge"))
+            .filter(|l| matches!(l.kind.as_deref(), Some("bridge" | "vlan")))
             .cloned()
             .collect();
         let neighbours = self.nl.neighbours(&bridges).await?;
@@ -63,6 +63,7 @@ impl NetHost {
             remote: fdb.unicast,
             filtered,
             neighbours,
+            bridge_vlans: self.filter.kind() == crate::filter::FilterKind::Kernel,
         })
     }
 
@@ -247,8 +248,22 @@ impl NetHost {
             Op::DelNeighbour { dev, ip } => nl.neighbour(dev, *ip, None).await,
             Op::AddFlood { dev, peer } => nl.add_flood(dev, *peer).await,
             Op::DelFlood { dev, peer } => nl.del_flood(dev, *peer).await,
-            Op::AddRemote { dev, mac, dst } => nl.add_remote(dev, mac.0, *dst).await,
-            Op::DelRemote { dev, mac, dst } => nl.del_remote(dev, mac.0, *dst).await,
+            Op::AddRemote {
+                dev,
+                mac,
+                dst,
+                vlan,
+            } => nl.add_remote(dev, mac.0, *dst, *vlan).await,
+            Op::DelRemote {
+                dev,
+                mac,
+                dst,
+                vlan,
+            } => nl.del_remote(dev, mac.0, *dst, *vlan).await,
+            Op::CreateVlan { name, parent, vid } => {
+                nl.create_vlan(name, parent, *vid).await?;
+                nl.set_alias(name, alias).await
+            }
             Op::SetFilter { dev, cfg } => {
                 let index = nl
                     .index_of(dev)

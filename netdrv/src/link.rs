@@ -10,14 +10,16 @@ use rtnetlink::packet_core::{
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVxlan, LinkAttribute,
-    LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVlan, InfoVxlan,
+    LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan, LinkVxlan,
+};
 
 use crate::error::{Error, Result};
 use crate::netns::Netns;
@@ -159,6 +161,18 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl_err("create vxlan", name))
+    }
+
+    /// Creates a VLAN device `name` with id `vid` on the link `parent`.
+    pub async fn create_vlan(&self, name: &str, parent: &str, vid: u16) -> Result<()> {
+        let parent = self.index(parent).await?;
+        let msg = LinkVlan::new(name, parent, vid).build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("create vlan", name))
     }
 
     /// Creates a veth pair in this namespace: `name` and `peer`.
@@ -546,19 +560,39 @@ impl Netlink {
     /// A remote MAC behind `dst`.
     /// Installs the VxLAN entry (`self`, remote `dst`) and the bridge entry (`master static`:
     /// the MAC is behind the VxLAN port, and learning cannot move it elsewhere).
-    pub async fn add_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
+    /// `vlan`: the VLAN of the bridge entry, on a bridge that filters VLANs (its FDB is per
+    /// VLAN).
+    pub async fn add_remote(
+        &self,
+        dev: &str,
+        mac: [u8; 6],
+        dst: Ipv4Addr,
+        vlan: Option<u16>,
+    ) -> Result<()> {
         self.fdb_entry(true, dev, mac, dst).await?;
-        self.bridge_entry(true, dev, mac).await
+        self.bridge_entry(true, dev, mac, vlan).await
     }
 
-    pub async fn del_remote(&self, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
-        self.bridge_entry(false, dev, mac).await?;
+    pub async fn del_remote(
+        &self,
+        dev: &str,
+        mac: [u8; 6],
+        dst: Ipv4Addr,
+        vlan: Option<u16>,
+    ) -> Result<()> {
+        self.bridge_entry(false, dev, mac, vlan).await?;
         self.fdb_entry(false, dev, mac, dst).await
     }
 
     /// The bridge's static entry for `mac` on its port `dev` (`bridge fdb replace/del MAC dev
-    /// DEV master static`); deleting one that is not there is fine.
-    async fn bridge_entry(&self, add: bool, dev: &str, mac: [u8; 6]) -> Result<()> {
+    /// DEV master static [vlan VID]`); deleting one that is not there is fine.
+    async fn bridge_entry(
+        &self,
+        add: bool,
+        dev: &str,
+        mac: [u8; 6],
+        vlan: Option<u16>,
+    ) -> Result<()> {
         let index = self.index(dev).await?;
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
@@ -567,6 +601,9 @@ impl Netlink {
         m.header.flags = NeighbourFlags::Controller; // NTF_MASTER
         m.attributes
             .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+        if let Some(vid) = vlan {
+            m.attributes.push(NeighbourAttribute::Vlan(vid));
+        }
         let what = format!("bridge fdb {dev} {mac:02x?} master");
         if add {
             let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
@@ -756,6 +793,7 @@ fn observe(m: &LinkMessage) -> ObservedLink {
                                     InfoKind::Tun => "tun",
                                     InfoKind::Veth => "veth",
                                     InfoKind::MacVlan => "macvlan",
+                                    InfoKind::Vlan => "vlan",
                                     _ => "other",
                                 }
                                 .to_string(),
@@ -774,6 +812,13 @@ fn observe(m: &LinkMessage) -> ObservedLink {
                                 }
                             }
                             l.vxlan = Some((id, local, learning));
+                        }
+                        LinkInfo::Data(InfoData::Vlan(v)) => {
+                            for x in v {
+                                if let InfoVlan::Id(id) = x {
+                                    l.vlan_id = Some(*id);
+                                }
+                            }
                         }
                         LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
                             for x in attrs {

@@ -7,6 +7,7 @@
 //! | VM port (tap) | `<prefix>t<port id, hex>` | `vpct7` |
 //! | namespace port (veth, host end) | `<prefix>v<port id, hex>` | `vpcv8` |
 //! | router's external leg (veth, host end) | `<prefix>e<tenant id, hex>` | `vpce1a` |
+//! | subnet's VLAN device on a VLAN-filtering bridge (ARP suppression) | `<prefix>n<VNI, hex>` | `vpcn2710` |
 //!
 //! The prefix is 1-4 characters of `[a-z0-9]` (configuration `link_prefix`, default `vpc`), so a
 //! name is at most 4 + 1 + 8 = 13 bytes. Every link vpcd makes also carries the alias
@@ -46,6 +47,10 @@ pub fn tap(prefix: &str, port: u32) -> String {
 
 pub fn veth(prefix: &str, port: u32) -> String {
     format!("{prefix}v{port:x}")
+}
+
+pub fn neigh_vlan(prefix: &str, vni: u32) -> String {
+    format!("{prefix}n{vni:x}")
 }
 
 pub fn external(prefix: &str, tenant: u32) -> String {

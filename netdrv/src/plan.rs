@@ -38,6 +38,8 @@ pub struct ObservedLink {
     pub port_learning: Option<bool>,
     /// For bridge ports: whether the bridge answers ARP for neighbours behind it.
     pub port_neigh_suppress: Option<bool>,
+    /// For VLAN devices: the VLAN id.
+    pub vlan_id: Option<u16>,
 }
 
 /// What the kernel and the filter have now.
@@ -50,8 +52,11 @@ pub struct Observed {
     pub remote: BTreeMap<String, BTreeMap<Mac, Ipv4Addr>>,
     /// Ports the VLAN filter has a configuration for.
     pub filtered: BTreeSet<u32>,
-    /// Permanent IPv4 neighbour entries per bridge name.
+    /// Permanent IPv4 neighbour entries per bridge (or VLAN device) name.
     pub neighbours: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
+    /// The bridges filter VLANs themselves (the kernel VLAN filter): their FDB is per VLAN, and
+    /// the bridge looks neighbours up on a VLAN device of the frame's VLAN.
+    pub bridge_vlans: bool,
 }
 
 /// The other end of a namespace port.
@@ -86,6 +91,12 @@ pub enum Op {
         name: String,
         mtu: u32,
         peer: VethPeer,
+    },
+    /// A VLAN device on a bridge (no address; it only holds neighbour entries).
+    CreateVlan {
+        name: String,
+        parent: String,
+        vid: u16,
     },
     SetMaster {
         name: String,
@@ -125,16 +136,18 @@ pub enum Op {
         dev: String,
         peer: Ipv4Addr,
     },
-    /// `bridge fdb replace MAC dev DEV dst VTEP self`.
+    /// `bridge fdb replace MAC dev DEV dst VTEP self` and `... master static [vlan VLAN]`.
     AddRemote {
         dev: String,
         mac: Mac,
         dst: Ipv4Addr,
+        vlan: Option<u16>,
     },
     DelRemote {
         dev: String,
         mac: Mac,
         dst: Ipv4Addr,
+        vlan: Option<u16>,
     },
     SetFilter {
         dev: String,
@@ -151,6 +164,7 @@ enum Want {
     Vxlan { vni: u32, local: Ipv4Addr },
     Tap,
     Veth(VethPeer),
+    Vlan { parent: String, vid: u16 },
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +241,19 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
                 },
             );
             if let Some(u) = desired.underlay {
+                // A control plane on a VLAN-filtering bridge: the VLAN device the bridge looks
+                // neighbours up on for ARP suppression.
+                if observed.bridge_vlans && !desired.vxlan_port_learning {
+                    want.entry(names::neigh_vlan(p, subnet.vni))
+                        .or_insert(Desired {
+                            want: Want::Vlan {
+                                parent: bridge.clone(),
+                                vid: subnet.vlan,
+                            },
+                            master: None,
+                            filter: None,
+                        });
+                }
                 let vx = names::vxlan(p, subnet.vni);
                 want.entry(vx).or_insert(Desired {
                     want: Want::Vxlan {
@@ -367,6 +394,11 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
                         mtu,
                         peer: peer.clone(),
                     },
+                    Want::Vlan { parent, vid } => Op::CreateVlan {
+                        name: name.clone(),
+                        parent: parent.clone(),
+                        vid: *vid,
+                    },
                 });
                 if let Some(m) = &d.master {
                     ops.push(Op::SetMaster {
@@ -426,6 +458,43 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
         }
     }
 
+    // Filter configuration for every port; forget ports that are gone or not desired. (Before
+    // the remote MACs: on a VLAN-filtering bridge their entries need the port's VLAN.)
+    let mut kept_indexes = BTreeSet::new();
+    for (name, d) in &want {
+        if let Some(cfg) = &d.filter {
+            ops.push(Op::SetFilter {
+                dev: name.clone(),
+                cfg: cfg.clone(),
+            });
+            if let Some(l) = by_name.get(name.as_str()) {
+                if !deleted.contains(name.as_str()) {
+                    kept_indexes.insert(l.index);
+                }
+            }
+        }
+    }
+    for index in &observed.filtered {
+        if !kept_indexes.contains(index) {
+            ops.push(Op::DropFilter { index: *index });
+        }
+    }
+    // The VLAN of each VNI's bridge entries, on VLAN-filtering bridges.
+    let vlan_of_vni = |vni: u32| {
+        observed.bridge_vlans.then(|| {
+            desired
+                .tenants
+                .iter()
+                .flat_map(|t| &t.subnets)
+                .find(|s| s.vni == vni)
+                .map(|s| s.vlan)
+        })?
+    };
+    let vlan_of_dev = |dev: &str| match want.get(dev).map(|d| &d.want) {
+        Some(Want::Vxlan { vni, .. }) => vlan_of_vni(*vni),
+        _ => None,
+    };
+
     // Static remote MACs on the VxLAN devices that exist.
     let mut remote_want: BTreeMap<String, BTreeMap<Mac, Ipv4Addr>> = BTreeMap::new();
     for (vni, mac, dst) in &desired.remote_macs {
@@ -446,6 +515,7 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
                     dev: dev.clone(),
                     mac: *mac,
                     dst: *dst,
+                    vlan: vlan_of_dev(dev),
                 });
             }
         }
@@ -460,6 +530,7 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
                     dev: dev.clone(),
                     mac: *mac,
                     dst: *dst,
+                    vlan: vlan_of_dev(dev),
                 });
             }
         }
@@ -475,9 +546,12 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
         else {
             continue;
         };
-        let bridge = names::bridge(p, t.id);
-        if want.contains_key(&bridge) {
-            neigh_want.entry(bridge).or_default().insert(*ip, *mac);
+        // On the VNI's VLAN device where the bridge filters VLANs, else on the bridge.
+        let dev = Some(names::neigh_vlan(p, *vni))
+            .filter(|d| want.contains_key(d))
+            .unwrap_or_else(|| names::bridge(p, t.id));
+        if want.contains_key(&dev) {
+            neigh_want.entry(dev).or_default().insert(*ip, *mac);
         }
     }
     for (dev, entries) in &neigh_want {
@@ -509,26 +583,6 @@ pub fn plan(desired: &HostNet, observed: &Observed) -> Result<Vec<Op>> {
         }
     }
 
-    // Filter configuration for every port; forget ports that are gone or not desired.
-    let mut kept_indexes = BTreeSet::new();
-    for (name, d) in &want {
-        if let Some(cfg) = &d.filter {
-            ops.push(Op::SetFilter {
-                dev: name.clone(),
-                cfg: cfg.clone(),
-            });
-            if let Some(l) = by_name.get(name.as_str()) {
-                if !deleted.contains(name.as_str()) {
-                    kept_indexes.insert(l.index);
-                }
-            }
-        }
-    }
-    for index in &observed.filtered {
-        if !kept_indexes.contains(index) {
-            ops.push(Op::DropFilter { index: *index });
-        }
-    }
     Ok(ops)
 }
 
@@ -540,6 +594,7 @@ fn matches_kind(want: &Want, l: &ObservedLink) -> bool {
         Want::Vxlan { vni, local } => {
             l.kind.as_deref() == Some("vxlan") && l.vxlan == Some((*vni, Some(*local), false))
         }
+        Want::Vlan { vid, .. } => l.kind.as_deref() == Some("vlan") && l.vlan_id == Some(*vid),
     }
 }
 
@@ -608,6 +663,7 @@ mod tests {
             group: 0,
             port_learning: master.map(|_| true),
             port_neigh_suppress: master.map(|_| false),
+            vlan_id: None,
         }
     }
 
@@ -651,6 +707,58 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn on_a_vlan_filtering_bridge_neighbours_go_on_a_vlan_device_and_fdb_entries_get_the_vlan() {
+        let mut h = host(vec![tap(1, "web")]);
+        let (m1, ip1, vtep) = (
+            Mac([2, 0, 0, 0, 0, 1]),
+            Ipv4Addr::new(10, 0, 1, 5),
+            Ipv4Addr::new(192, 0, 2, 9),
+        );
+        h.vxlan_port_learning = false;
+        h.neighbours = vec![(100, ip1, m1)];
+        h.remote_macs = vec![(100, m1, vtep)];
+        let observed = Observed {
+            bridge_vlans: true,
+            ..Default::default()
+        };
+        let ops = plan(&h, &observed).unwrap();
+        let vlan_dev = ops
+            .iter()
+            .position(|o| {
+                o == &Op::CreateVlan {
+                    name: "vpcn64".into(),
+                    parent: "vpcb1".into(),
+                    vid: 10,
+                }
+            })
+            .expect("the VLAN device of web");
+        let bridge = ops
+            .iter()
+            .position(|o| matches!(o, Op::CreateBridge { .. }))
+            .unwrap();
+        assert!(bridge < vlan_dev);
+        assert!(ops.contains(&Op::AddNeighbour {
+            dev: "vpcn64".into(),
+            ip: ip1,
+            mac: m1
+        }));
+        assert!(ops.contains(&Op::AddRemote {
+            dev: "vpcx64".into(),
+            mac: m1,
+            dst: vtep,
+            vlan: Some(10),
+        }));
+        // Without VLAN filtering: no VLAN device, the entry on the bridge.
+        let ops = plan(&h, &Observed::default()).unwrap();
+        assert!(!ops.iter().any(|o| matches!(o, Op::CreateVlan { .. })));
+        assert!(ops.contains(&Op::AddNeighbour {
+            dev: "vpcb1".into(),
+            ip: ip1,
+            mac: m1
+        }));
     }
 
     #[test]
@@ -935,12 +1043,14 @@ mod tests {
         assert!(ops.contains(&Op::AddRemote {
             dev: "vpcx64".into(),
             mac: m1,
-            dst: vtep
+            dst: vtep,
+            vlan: None,
         }));
         assert!(ops.contains(&Op::DelRemote {
             dev: "vpcx64".into(),
             mac: m2,
-            dst: vtep
+            dst: vtep,
+            vlan: None,
         }));
         assert!(!ops
             .iter()

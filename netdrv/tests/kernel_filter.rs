@@ -16,7 +16,7 @@ mod common;
 use common::*;
 
 /// The tests below that run in the guest (kept in step with the `#[ignore]`d tests).
-const GUEST_TESTS: usize = 8;
+const GUEST_TESTS: usize = 9;
 
 #[test]
 fn kernel_filter_tests_pass_in_a_guest_with_bridge_vlan_filtering() {
@@ -348,4 +348,167 @@ fn nethost_builds_a_tenant_on_a_vlan_filtering_bridge_and_removes_it() {
     rt.block_on(host.apply(&desired)).expect("apply empty");
     assert!(!ok(&lab.exec_host(&["ip", "link", "show", &bridge])));
     assert!(filter.ports().unwrap().is_empty());
+}
+
+#[test]
+#[ignore = "needs bridge VLAN filtering: runs in a guest (see the first test)"]
+fn evpn_arp_suppression_answers_from_the_subnets_vlan_device() {
+    use netdrv::ipam::Mac;
+    use netdrv::model::{HostNet, PortKind, PortNet, SubnetNet, TenantNet, Underlay};
+    use netdrv::NetHost;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    // Host A: netdrv with a VLAN-filtering bridge in EVPN mode (no learning on the VxLAN port,
+    // remote MAC and neighbour from "the control plane"), a port into VM a. Host B: a plain
+    // bridge with a VxLAN device and VM b, which does not answer ARP (it knows a statically):
+    // a reaches b only if A's bridge answers a's ARP for b itself.
+    let lab = Lab::build(1, false, 0);
+    sh(&lab.exec_host(&["ip", "link", "del", "br0"]));
+    sh(&lab.exec_host(&["ip", "link", "del", &lab.vm(0).port]));
+    let lab_b = Lab::build(1, false, 1);
+    sh(&lab.exec_host(&[
+        "ip",
+        "link",
+        "add",
+        "u0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "u0",
+        "netns",
+        &lab_b.host,
+    ]));
+    for (l, ip) in [(&lab, "192.0.2.1"), (&lab_b, "192.0.2.2")] {
+        sh(&l.exec_host(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "u0"]));
+        sh(&l.exec_host(&["ip", "link", "set", "u0", "up"]));
+    }
+    let (mac_a, ip_a) = (Mac([2, 0x98, 0, 0, 0, 1]), Ipv4Addr::new(10, 98, 0, 1));
+    let (mac_b, ip_b) = (Mac(lab_b.vm(0).mac), Ipv4Addr::new(10, 98, 0, 2));
+    let b = lab_b.vm(0);
+    sh(&lab_b.exec_host(&[
+        "ip",
+        "link",
+        "add",
+        "vx",
+        "type",
+        "vxlan",
+        "id",
+        "1010",
+        "local",
+        "192.0.2.2",
+        "dstport",
+        "4789",
+        "nolearning",
+    ]));
+    sh(&lab_b.exec_host(&["ip", "link", "set", "vx", "master", "br0", "up"]));
+    sh(&lab_b.exec_host(&[
+        "bridge",
+        "fdb",
+        "append",
+        "00:00:00:00:00:00",
+        "dev",
+        "vx",
+        "dst",
+        "192.0.2.1",
+    ]));
+    sh(&b.exec(&["ip", "addr", "add", &format!("{ip_b}/24"), "dev", "eth0"]));
+    sh(&b.exec(&["ip", "link", "set", "eth0", "arp", "off"]));
+    sh(&b.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &ip_a.to_string(),
+        "lladdr",
+        &mac_a.to_string(),
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let filter = Arc::new(KernelFilter::open(&lab.netns, &lab.pin_dir).expect("open"));
+    let host = {
+        let _in_rt = rt.enter();
+        NetHost::open(&lab.netns, filter.clone()).expect("net host")
+    };
+    let desired = HostNet {
+        prefix: "kf".into(),
+        owner: "kernel-filter-test".into(),
+        underlay: Some(Underlay {
+            local: Ipv4Addr::new(192, 0, 2, 1),
+            mtu: 1500,
+        }),
+        peers: vec![Ipv4Addr::new(192, 0, 2, 2)],
+        tenants: vec![TenantNet {
+            id: 7,
+            subnets: vec![SubnetNet {
+                name: "web".into(),
+                vlan: 10,
+                vni: 1010,
+            }],
+            ports: vec![PortNet {
+                id: 1,
+                subnet: "web".into(),
+                kind: PortKind::Veth {
+                    netns: PathBuf::from("/run/netns").join(&lab.vm(0).ns),
+                    ifname: "eth1".into(),
+                    address: Some((ip_a, 24)),
+                },
+                mac: mac_a,
+                security: None,
+            }],
+        }],
+        remote_macs: vec![(1010, mac_b, Ipv4Addr::new(192, 0, 2, 2))],
+        externals: vec![],
+        floods: vec![],
+        vxlan_port_learning: false,
+        neighbours: vec![(1010, ip_b, mac_b)],
+    };
+    rt.block_on(host.apply(&desired)).expect("apply");
+    let vlan_dev = netdrv::names::neigh_vlan("kf", 1010);
+    let neigh = sh(&lab.exec_host(&["ip", "neigh", "show", "dev", &vlan_dev]));
+    assert!(
+        neigh.contains(&mac_b.to_string()) && neigh.contains("PERMANENT"),
+        "{neigh}"
+    );
+    let fdb = sh(&lab.exec_host(&[
+        "bridge",
+        "fdb",
+        "show",
+        "dev",
+        &netdrv::names::vxlan("kf", 1010),
+    ]));
+    assert!(
+        fdb.lines()
+            .any(|l| l.starts_with(&mac_b.to_string()) && l.contains("vlan 10")),
+        "{fdb}"
+    );
+    let pinged = ok(&lab.vm(0).exec(&[
+        "ping",
+        "-q",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        "eth1",
+        &ip_b.to_string(),
+    ]));
+    assert!(pinged, "a's ARP for b answered by A's bridge");
+    // Applying again changes nothing but the port filters.
+    let again = rt.block_on(host.apply(&desired)).expect("apply again");
+    assert!(
+        again
+            .iter()
+            .all(|o| matches!(o, netdrv::plan::Op::SetFilter { .. })),
+        "{again:?}"
+    );
 }
