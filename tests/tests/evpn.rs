@@ -188,6 +188,11 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
         || !lab.h2.ok(&["bridge", "fdb", "show"]).contains(&mac1),
         "h2 to drop vm1's MAC (VxLAN and bridge entries)",
     );
+    let neigh = lab.h2.ok(&["ip", "neigh", "show", "10.50.1.11"]);
+    assert!(
+        !neigh.contains(&mac1),
+        "h2 still answers ARP for vm1: {neigh}"
+    );
     drop((vm1, vm2));
 }
 
