@@ -12,7 +12,7 @@ command -v cargo >/dev/null || { echo "install-deps.sh: no cargo; install Rust (
 
 need=(qemu-system-x86_64 virsh libvirtd virtlogd dbus-daemon busctl xorriso cpio busybox
       qemu-img nft ip ethtool setpriv pkg-config syslinux mformat debugfs clang bpftool iperf3 dhclient
-      dnsmasq vtysh jq conntrack)
+      dnsmasq vtysh jq conntrack nbdinfo nbdcopy nbdkit qemu-io qemu-nbd)
 missing=0
 for c in "${need[@]}"; do command -v "$c" >/dev/null 2>&1 || missing=1; done
 [ -e /usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc ] || missing=1
@@ -38,4 +38,4 @@ apt-get install -y -q -o Dpkg::Options::=--force-confold -t bookworm-backports \
 apt-get install -y -q -o Dpkg::Options::=--force-confold \
     dbus systemd util-linux nftables iproute2 iptables ethtool iputils-ping busybox-static linux-image-amd64 \
     xorriso cpio xz-utils e2fsprogs syslinux syslinux-common mtools pkg-config clang llvm libbpf-dev bpftool dnsmasq tcpdump iperf3 \
-    isc-dhcp-client frr jq conntrack
+    isc-dhcp-client frr jq conntrack libnbd-bin nbdkit

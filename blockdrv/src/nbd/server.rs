@@ -1,0 +1,554 @@
+//! The async NBD server: the handshake (fixed newstyle; options `EXPORT_NAME`, `ABORT`, `LIST`,
+//! `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` with
+//! `base:allocation`) and the transmission phase (`READ`, `WRITE`, `FLUSH`, `TRIM`, `CACHE`,
+//! `WRITE_ZEROES` with `NO_HOLE` and `FAST_ZERO`, `BLOCK_STATUS`, `DISC`; `FUA`), over any byte
+//! stream: unix sockets and TCP.
+//!
+//! A connection's requests run concurrently (up to [`IN_FLIGHT`]): the reader task reads a
+//! request (and a write's data), hands it to a task of its own, and the replies go through one
+//! writer, each written whole. A reply is sent only when its operation is done, so a write is
+//! acknowledged only once the volume has it; `DISC` (or the client going away) waits for the
+//! requests in flight.
+//!
+//! Peer errors: a bad magic or malformed handshake closes the connection; a bad request (unknown
+//! command or flags, out of range, too long) gets an NBD error and the connection goes on, except
+//! a write whose data is longer than [`MAX_PAYLOAD`], after which the stream cannot be trusted.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::proto::{self, Command, Request};
+use crate::volume::Volume;
+
+/// Requests of one connection executed at the same time.
+pub const IN_FLIGHT: usize = 64;
+/// Largest READ or WRITE (the block-size maximum the server announces).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Block sizes announced: any alignment works, 4 KiB is preferred.
+const MIN_BLOCK: u32 = 1;
+const PREFERRED_BLOCK: u32 = 4096;
+/// Most extents in one block-status reply.
+const MAX_EXTENTS: usize = 1024;
+/// The id of `base:allocation` once set.
+const BASE_ALLOCATION_ID: u32 = 1;
+
+/// A volume under a name.
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub volume: Arc<dyn Volume>,
+    pub read_only: bool,
+}
+
+impl Export {
+    fn flags(&self) -> u16 {
+        let mut f = proto::FLAG_HAS_FLAGS
+            | proto::FLAG_SEND_FLUSH
+            | proto::FLAG_SEND_FUA
+            | proto::FLAG_SEND_TRIM
+            | proto::FLAG_SEND_WRITE_ZEROES
+            | proto::FLAG_SEND_DF
+            | proto::FLAG_CAN_MULTI_CONN
+            | proto::FLAG_SEND_CACHE;
+        if self.volume.fast_zero() {
+            f |= proto::FLAG_SEND_FAST_ZERO;
+        }
+        if self.read_only {
+            f |= proto::FLAG_READ_ONLY;
+        }
+        f
+    }
+}
+
+/// What a failed connection did.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("{0}")]
+    Closed(String),
+}
+
+/// The NBD server of a set of exports.
+#[derive(Debug, Clone)]
+pub struct Server {
+    exports: Arc<BTreeMap<String, Export>>,
+    /// The export the empty name stands for.
+    default: Option<String>,
+}
+
+/// The state negotiated for one connection.
+#[derive(Debug, Clone)]
+struct Session {
+    export: Export,
+    structured: bool,
+    base_allocation: bool,
+}
+
+impl Server {
+    pub fn new(exports: Vec<Export>) -> Server {
+        Server {
+            exports: Arc::new(exports.into_iter().map(|e| (e.name.clone(), e)).collect()),
+            default: None,
+        }
+    }
+
+    /// Lets the empty export name (`nbd+unix:///?socket=...`, QEMU's default) mean `name`.
+    pub fn with_default(mut self, name: &str) -> Server {
+        self.default = Some(name.to_string());
+        self
+    }
+
+    fn export(&self, name: &str) -> Option<&Export> {
+        let name = match (name, &self.default) {
+            ("", Some(d)) => d.as_str(),
+            (n, _) => n,
+        };
+        self.exports.get(name)
+    }
+
+    /// Serves the connections of `listener` until it fails.
+    pub async fn serve_unix(self, listener: tokio::net::UnixListener) -> io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            self.spawn(stream);
+        }
+    }
+
+    /// Serves the connections of `listener` until it fails.
+    pub async fn serve_tcp(self, listener: tokio::net::TcpListener) -> io::Result<()> {
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            tracing::debug!(%peer, "NBD connection");
+            self.spawn(stream);
+        }
+    }
+
+    fn spawn<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, stream: S) {
+        let server = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.serve_connection(stream).await {
+                tracing::info!("NBD connection ended: {e}");
+            }
+        });
+    }
+
+    /// Serves one connection to its end.
+    pub async fn serve_connection<S>(&self, mut stream: S) -> Result<(), ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(session) = self.handshake(&mut stream).await? else {
+            return Ok(());
+        };
+        tracing::debug!(export = %session.export.name, structured = session.structured, "transmission");
+        transmission(stream, Arc::new(session)).await
+    }
+
+    /// Option haggling; None when the client aborted.
+    async fn handshake<S>(&self, s: &mut S) -> Result<Option<Session>, ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        s.write_all(&proto::greeting()).await?;
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).await?;
+        let client = proto::parse_client_flags(flags)?;
+        let no_zeroes = client & proto::FLAG_C_NO_ZEROES != 0;
+        let mut structured = false;
+        let mut base_allocation = false;
+        loop {
+            let mut hdr = [0u8; 16];
+            s.read_exact(&mut hdr).await?;
+            let (option, len) = proto::parse_option_header(hdr)?;
+            if len > proto::MAX_OPTION_DATA {
+                let reply =
+                    proto::option_error(option, proto::REP_ERR_TOO_BIG, "option data too long");
+                s.write_all(&reply).await?;
+                return Err(ConnError::Closed(format!(
+                    "option {option} with {len} bytes of data"
+                )));
+            }
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).await?;
+            let reply = |kind: u32, d: &[u8]| proto::option_reply(option, kind, d);
+            let invalid = |what: &str| proto::option_error(option, proto::REP_ERR_INVALID, what);
+            match option {
+                proto::OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    let Some(export) = self.export(&name) else {
+                        // The protocol has no error reply here: the connection closes.
+                        return Err(ConnError::Closed(format!("unknown export {name:?}")));
+                    };
+                    let r =
+                        proto::export_name_reply(export.volume.size(), export.flags(), no_zeroes);
+                    s.write_all(&r).await?;
+                    return Ok(Some(Session {
+                        export: export.clone(),
+                        structured,
+                        base_allocation,
+                    }));
+                }
+                proto::OPT_ABORT => {
+                    s.write_all(&reply(proto::REP_ACK, &[])).await?;
+                    return Ok(None);
+                }
+                proto::OPT_LIST => {
+                    if !data.is_empty() {
+                        s.write_all(&invalid("LIST takes no data")).await?;
+                        continue;
+                    }
+                    for e in self.exports.values() {
+                        let entry = proto::server_entry(&e.name, &e.description);
+                        s.write_all(&reply(proto::REP_SERVER, &entry)).await?;
+                    }
+                    s.write_all(&reply(proto::REP_ACK, &[])).await?;
+                }
+                proto::OPT_STARTTLS => {
+                    let r = proto::option_error(option, proto::REP_ERR_POLICY, "TLS is not on");
+                    s.write_all(&r).await?;
+                }
+                proto::OPT_INFO | proto::OPT_GO => {
+                    let req = match proto::parse_info_request(option, &data) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            s.write_all(&invalid(&e.to_string())).await?;
+                            continue;
+                        }
+                    };
+                    let Some(export) = self.export(&req.name) else {
+                        let msg = format!("no export {:?}", req.name);
+                        let r = proto::option_error(option, proto::REP_ERR_UNKNOWN, &msg);
+                        s.write_all(&r).await?;
+                        continue;
+                    };
+                    let mut infos = vec![proto::info_export(export.volume.size(), export.flags())];
+                    for i in &req.infos {
+                        match *i {
+                            proto::INFO_NAME => {
+                                infos.push(proto::info_string(proto::INFO_NAME, &export.name))
+                            }
+                            proto::INFO_DESCRIPTION => infos.push(proto::info_string(
+                                proto::INFO_DESCRIPTION,
+                                &export.description,
+                            )),
+                            proto::INFO_BLOCK_SIZE => infos.push(proto::info_block_size(
+                                MIN_BLOCK,
+                                PREFERRED_BLOCK,
+                                MAX_PAYLOAD,
+                            )),
+                            _ => {}
+                        }
+                    }
+                    for d in infos {
+                        s.write_all(&reply(proto::REP_INFO, &d)).await?;
+                    }
+                    s.write_all(&reply(proto::REP_ACK, &[])).await?;
+                    if option == proto::OPT_GO {
+                        return Ok(Some(Session {
+                            export: export.clone(),
+                            structured,
+                            base_allocation,
+                        }));
+                    }
+                }
+                proto::OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        s.write_all(&invalid("STRUCTURED_REPLY takes no data"))
+                            .await?;
+                    } else if structured {
+                        s.write_all(&invalid("structured replies are already on"))
+                            .await?;
+                    } else {
+                        structured = true;
+                        s.write_all(&reply(proto::REP_ACK, &[])).await?;
+                    }
+                }
+                proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                    let set = option == proto::OPT_SET_META_CONTEXT;
+                    if set && !structured {
+                        s.write_all(&invalid("SET_META_CONTEXT needs structured replies"))
+                            .await?;
+                        continue;
+                    }
+                    let req = match proto::parse_meta_request(option, &data) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            s.write_all(&invalid(&e.to_string())).await?;
+                            continue;
+                        }
+                    };
+                    if self.export(&req.export).is_none() {
+                        let msg = format!("no export {:?}", req.export);
+                        let r = proto::option_error(option, proto::REP_ERR_UNKNOWN, &msg);
+                        s.write_all(&r).await?;
+                        continue;
+                    }
+                    let selected = (!set && req.queries.is_empty())
+                        || req
+                            .queries
+                            .iter()
+                            .any(|q| proto::selects_base_allocation(q));
+                    if selected {
+                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                        let ctx = proto::meta_context(id, proto::BASE_ALLOCATION);
+                        s.write_all(&reply(proto::REP_META_CONTEXT, &ctx)).await?;
+                    }
+                    if set {
+                        base_allocation = selected;
+                    }
+                    s.write_all(&reply(proto::REP_ACK, &[])).await?;
+                }
+                other => {
+                    let r = proto::option_error(other, proto::REP_ERR_UNSUP, "unsupported option");
+                    s.write_all(&r).await?;
+                }
+            }
+        }
+    }
+}
+
+/// The transmission phase of a connection.
+async fn transmission<S>(stream: S, session: Arc<Session>) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(reply) = rx.recv().await {
+            wr.write_all(&reply).await?;
+        }
+        wr.shutdown().await
+    });
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let result = loop {
+        let mut hdr = [0u8; proto::REQUEST_LEN];
+        match rd.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            // The client went away between requests.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e.into()),
+        }
+        let req = match Request::parse(&hdr) {
+            Ok(r) => r,
+            Err(e) => break Err(e.into()),
+        };
+        if req.command == Command::Disc {
+            break Ok(());
+        }
+        let payload = match req.payload_len() {
+            0 => None,
+            n if n > MAX_PAYLOAD => {
+                break Err(ConnError::Closed(format!(
+                    "write of {n} bytes (at most {MAX_PAYLOAD})"
+                )))
+            }
+            n => {
+                let mut data = vec![0u8; n as usize];
+                if let Err(e) = rd.read_exact(&mut data).await {
+                    // Cut off mid-request: nothing of it was acknowledged.
+                    break Err(e.into());
+                }
+                Some(data)
+            }
+        };
+        let slot = slots.clone().acquire_owned().await.expect("never closed");
+        let (tx, session) = (tx.clone(), session.clone());
+        tokio::spawn(async move {
+            let reply = reply(&session, &req, execute(&session, &req, payload).await);
+            let _ = tx.send(reply).await;
+            drop(slot);
+        });
+    };
+    // Requests in flight finish and are answered before the connection closes.
+    let _all = slots.acquire_many(IN_FLIGHT as u32).await;
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+/// What a request produced.
+enum Outcome {
+    Done,
+    Data(Vec<u8>),
+    Extents(Vec<(u32, u32)>),
+}
+
+/// An NBD error: the errno on the wire and a message (structured replies carry it).
+type Failure = (u32, String);
+
+fn io_failure(what: &str, e: &io::Error) -> Failure {
+    let errno = match e.raw_os_error() {
+        Some(libc::ENOSPC) => proto::ENOSPC,
+        Some(libc::EPERM | libc::EACCES | libc::EROFS) => proto::EPERM,
+        Some(libc::EOPNOTSUPP) => proto::ENOTSUP,
+        Some(libc::ENOMEM) => proto::ENOMEM,
+        _ => proto::EIO,
+    };
+    (errno, format!("{what}: {e}"))
+}
+
+/// Checks a request against the export; what to answer if it is bad.
+fn check(s: &Session, r: &Request) -> Result<(), Failure> {
+    if r.unknown_flags() != 0 {
+        return Err((
+            proto::EINVAL,
+            format!("unknown flags {:#x}", r.unknown_flags()),
+        ));
+    }
+    let writes = matches!(
+        r.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
+    match r.command {
+        Command::Other(c) => return Err((proto::EINVAL, format!("unknown command {c}"))),
+        Command::BlockStatus if !s.base_allocation => {
+            return Err((proto::EINVAL, "no metadata context negotiated".into()))
+        }
+        _ if writes && s.export.read_only => {
+            return Err((proto::EPERM, "the export is read-only".into()))
+        }
+        Command::Read if r.length > MAX_PAYLOAD => {
+            return Err((
+                proto::EINVAL,
+                format!("read of {} bytes (at most {MAX_PAYLOAD})", r.length),
+            ))
+        }
+        Command::WriteZeroes
+            if r.has(proto::CMD_FLAG_FAST_ZERO) && !s.export.volume.fast_zero() =>
+        {
+            return Err((proto::ENOTSUP, "zeroing is not fast here".into()))
+        }
+        _ => {}
+    }
+    if r.command != Command::Flush {
+        let size = s.export.volume.size();
+        let end = r.offset.checked_add(u64::from(r.length));
+        if end.is_none_or(|e| e > size) {
+            let errno = if writes { proto::ENOSPC } else { proto::EINVAL };
+            return Err((
+                errno,
+                format!(
+                    "{} of {} bytes at {} is beyond the end ({size})",
+                    r.command, r.length, r.offset
+                ),
+            ));
+        }
+    }
+    if r.command == Command::BlockStatus && r.length == 0 {
+        return Err((proto::EINVAL, "block status of 0 bytes".into()));
+    }
+    Ok(())
+}
+
+async fn execute(s: &Session, r: &Request, payload: Option<Vec<u8>>) -> Result<Outcome, Failure> {
+    check(s, r)?;
+    let v = &s.export.volume;
+    let fua = r.has(proto::CMD_FLAG_FUA);
+    let (off, len) = (r.offset, u64::from(r.length));
+    match r.command {
+        Command::Read => v
+            .read(off, r.length)
+            .await
+            .map(Outcome::Data)
+            .map_err(|e| io_failure("read", &e)),
+        Command::Write => {
+            let data = payload.unwrap_or_default();
+            v.write(off, data, fua)
+                .await
+                .map(|_| Outcome::Done)
+                .map_err(|e| io_failure("write", &e))
+        }
+        Command::Flush => v
+            .flush()
+            .await
+            .map(|_| Outcome::Done)
+            .map_err(|e| io_failure("flush", &e)),
+        Command::Trim => v
+            .trim(off, len, fua)
+            .await
+            .map(|_| Outcome::Done)
+            .map_err(|e| io_failure("trim", &e)),
+        Command::WriteZeroes => v
+            .write_zeroes(off, len, r.has(proto::CMD_FLAG_NO_HOLE), fua)
+            .await
+            .map(|_| Outcome::Done)
+            .map_err(|e| io_failure("write zeroes", &e)),
+        Command::Cache => v
+            .cache(off, len)
+            .await
+            .map(|_| Outcome::Done)
+            .map_err(|e| io_failure("cache", &e)),
+        Command::BlockStatus => {
+            let extents = v
+                .extents(off, len)
+                .await
+                .map_err(|e| io_failure("block status", &e))?;
+            let one = r.has(proto::CMD_FLAG_REQ_ONE);
+            let mut out = Vec::new();
+            for e in extents {
+                let flags = if e.hole { proto::STATE_HOLE } else { 0 }
+                    | if e.zero { proto::STATE_ZERO } else { 0 };
+                // Descriptor lengths have 32 bits; longer runs are cut (the client asks on).
+                let length = u32::try_from(e.length).unwrap_or(!0xfff);
+                out.push((length, flags));
+                if one || out.len() == MAX_EXTENTS || length as u64 != e.length {
+                    break;
+                }
+            }
+            Ok(Outcome::Extents(out))
+        }
+        Command::Disc | Command::Other(_) => unreachable!("checked before"),
+    }
+}
+
+/// The reply bytes of a request, simple or structured.
+fn reply(s: &Session, r: &Request, outcome: Result<Outcome, Failure>) -> Vec<u8> {
+    let cookie = r.cookie;
+    match (outcome, s.structured) {
+        (Ok(Outcome::Done), false) => proto::simple_reply(cookie, 0).to_vec(),
+        (Ok(Outcome::Done), true) => {
+            proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec()
+        }
+        (Ok(Outcome::Data(d)), false) => {
+            let mut b = Vec::with_capacity(16 + d.len());
+            b.extend_from_slice(&proto::simple_reply(cookie, 0));
+            b.extend_from_slice(&d);
+            b
+        }
+        // An empty read has no data chunk (its data may not be empty).
+        (Ok(Outcome::Data(d)), true) if d.is_empty() => {
+            proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec()
+        }
+        (Ok(Outcome::Data(d)), true) => {
+            let mut b = Vec::with_capacity(28 + d.len());
+            b.extend_from_slice(&proto::chunk_header(
+                cookie,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                8 + d.len() as u32,
+            ));
+            b.extend_from_slice(&r.offset.to_be_bytes());
+            b.extend_from_slice(&d);
+            b
+        }
+        (Ok(Outcome::Extents(e)), _) => proto::block_status_chunk(cookie, BASE_ALLOCATION_ID, &e),
+        (Err((errno, msg)), false) => {
+            tracing::debug!(command = %r.command, errno, "{msg}");
+            proto::simple_reply(cookie, errno).to_vec()
+        }
+        (Err((errno, msg)), true) => {
+            tracing::debug!(command = %r.command, errno, "{msg}");
+            proto::error_chunk(cookie, errno, &msg)
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The one volume interface every front end (NBD now, vhost-user-blk next) serves, and its
+//! simplest implementation: a sparse local file. Front ends check ranges against [`Volume::size`]
+//! before they call; implementations may assume requests are inside the volume.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A run of the volume with one allocation state (`base:allocation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated (reads as zeroes).
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+/// A block volume. Writes are durable once `flush` returns, or at once with `fua`.
+#[async_trait::async_trait]
+pub trait Volume: Send + Sync + std::fmt::Debug {
+    fn size(&self) -> u64;
+
+    /// Whether zeroing a range costs no more than trimming it (`NBD_CMD_FLAG_FAST_ZERO`).
+    fn fast_zero(&self) -> bool;
+
+    async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>>;
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()>;
+
+    /// Makes every write completed before the call durable.
+    async fn flush(&self) -> io::Result<()>;
+
+    /// The range need not be kept (it reads as zeroes here).
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()>;
+
+    /// The range reads as zeroes afterwards; `allocate`: it stays allocated (no hole).
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        allocate: bool,
+        fua: bool,
+    ) -> io::Result<()>;
+
+    /// Allocation state from `offset` on, covering at least the first byte and at most
+    /// `length` bytes.
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>>;
+
+    /// A hint that the range will be read soon.
+    async fn cache(&self, offset: u64, length: u64) -> io::Result<()>;
+}
+
+/// A volume in a sparse file: holes where nothing was written, trims punch holes, allocation
+/// read with `SEEK_DATA`/`SEEK_HOLE`.
+#[derive(Debug)]
+pub struct FileVolume {
+    file: Arc<File>,
+    size: u64,
+}
+
+impl FileVolume {
+    /// Opens `path`, creating a sparse file of `size` bytes if there is none; an existing file
+    /// keeps its size.
+    pub fn open(path: &Path, size: u64) -> io::Result<FileVolume> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut len = file.metadata()?.len();
+        if len == 0 && size > 0 {
+            file.set_len(size)?;
+            len = size;
+        }
+        Ok(FileVolume {
+            file: Arc::new(file),
+            size: len,
+        })
+    }
+
+    /// Runs `f` on the file on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || f(&file))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate on a file descriptor this `File` owns; no memory is passed.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `lseek(fd, offset, whence)`; None where the kernel says ENXIO (no data / hole after it).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on a file descriptor this `File` owns. It moves the shared file offset,
+    // which nothing here uses (all I/O is positioned).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// The allocation of `[offset, offset + length)` of `file` (of `size` bytes).
+fn file_extents(file: &File, size: u64, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+    let end = offset.saturating_add(length).min(size);
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let data = seek(file, at, libc::SEEK_DATA)?.unwrap_or(size);
+        if data > at {
+            let stop = data.min(end);
+            out.push(Extent {
+                length: stop - at,
+                hole: true,
+                zero: true,
+            });
+            at = stop;
+            continue;
+        }
+        let hole = seek(file, at, libc::SEEK_HOLE)?.unwrap_or(size);
+        let stop = hole.min(end).max(at + 1);
+        out.push(Extent {
+            length: stop - at,
+            hole: false,
+            zero: false,
+        });
+        at = stop;
+    }
+    Ok(out)
+}
+
+#[async_trait::async_trait]
+impl Volume for FileVolume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn fast_zero(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
+        self.blocking(move |f| {
+            let mut buf = vec![0u8; length as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        self.blocking(move |f| {
+            f.write_all_at(&data, offset)?;
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.blocking(|f| f.sync_data()).await
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.write_zeroes(offset, length, false, fua).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        allocate: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.blocking(move |f| {
+            let mode = if allocate {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            fallocate(f, mode, offset, length)?;
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let size = self.size;
+        self.blocking(move |f| file_extents(f, size, offset, length))
+            .await
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.blocking(move |f| {
+            let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+                return Ok(());
+            };
+            // SAFETY: an advice call on a descriptor this `File` owns; no memory is passed.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_file_volume_is_one_hole_and_written_blocks_are_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = FileVolume::open(&dir.path().join("v"), 1 << 20).unwrap();
+        assert_eq!(v.size(), 1 << 20);
+        let all = v.extents(0, 1 << 20).await.unwrap();
+        assert_eq!(
+            all,
+            [Extent {
+                length: 1 << 20,
+                hole: true,
+                zero: true
+            }]
+        );
+        v.write(65536, vec![7u8; 4096], true).await.unwrap();
+        assert_eq!(v.read(65536, 4096).await.unwrap(), vec![7u8; 4096]);
+        assert_eq!(v.read(0, 16).await.unwrap(), vec![0u8; 16]);
+        let ext = v.extents(0, 1 << 20).await.unwrap();
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+        let data: Vec<_> = ext.iter().filter(|e| !e.hole).collect();
+        assert_eq!(data.len(), 1, "{ext:?}");
+        // Trimmed: a hole again, reading zeroes.
+        v.trim(65536, 4096, false).await.unwrap();
+        assert_eq!(v.read(65536, 4096).await.unwrap(), vec![0u8; 4096]);
+        assert!(v.extents(0, 1 << 20).await.unwrap().iter().all(|e| e.hole));
+        // Zeroed with allocation: zeroes, not a hole.
+        v.write(0, vec![1u8; 8192], false).await.unwrap();
+        v.write_zeroes(0, 8192, true, false).await.unwrap();
+        assert_eq!(v.read(0, 8192).await.unwrap(), vec![0u8; 8192]);
+        // A reopened volume keeps its size and contents.
+        v.write(4096 * 3, vec![9u8; 10], false).await.unwrap();
+        v.flush().await.unwrap();
+        drop(v);
+        let v = FileVolume::open(&dir.path().join("v"), 0).unwrap();
+        assert_eq!(v.size(), 1 << 20);
+        assert_eq!(v.read(4096 * 3, 10).await.unwrap(), vec![9u8; 10]);
+    }
+}
