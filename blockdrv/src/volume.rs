@@ -54,6 +54,73 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     async fn cache(&self, offset: u64, length: u64) -> io::Result<()>;
 }
 
+/// A volume in memory (nothing is durable): for tests, fuzzing and as a benchmark baseline.
+/// Everything reads as data.
+#[derive(Debug)]
+pub struct MemVolume {
+    data: std::sync::Mutex<Vec<u8>>,
+    size: u64,
+}
+
+impl MemVolume {
+    pub fn new(size: usize) -> MemVolume {
+        MemVolume {
+            data: std::sync::Mutex::new(vec![0u8; size]),
+            size: size as u64,
+        }
+    }
+
+    fn range(offset: u64, length: u64) -> std::ops::Range<usize> {
+        offset as usize..(offset + length) as usize
+    }
+}
+
+#[async_trait::async_trait]
+impl Volume for MemVolume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn fast_zero(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
+        Ok(self.data.lock().unwrap()[MemVolume::range(offset, length.into())].to_vec())
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
+        let r = MemVolume::range(offset, data.len() as u64);
+        self.data.lock().unwrap()[r].copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.write_zeroes(offset, length, false, fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, _: bool, _: bool) -> io::Result<()> {
+        self.data.lock().unwrap()[MemVolume::range(offset, length)].fill(0);
+        Ok(())
+    }
+
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            length: length.min(self.size - offset),
+            hole: false,
+            zero: false,
+        }])
+    }
+
+    async fn cache(&self, _: u64, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A volume in a sparse file: holes where nothing was written, trims punch holes, allocation
 /// read with `SEEK_DATA`/`SEEK_HOLE`.
 #[derive(Debug)]
