@@ -1,6 +1,7 @@
-//! SBS, the block storage of vpcd: volumes behind one interface ([`volume::Volume`]) and the
-//! front ends that serve them (NBD now). Raft replication of volumes comes next (issue 6); the
-//! front ends know nothing of it.
+//! SBS, the block storage of vpcd: volumes behind one interface ([`volume::Volume`]), the front
+//! ends that serve them (NBD now), and the raft replication of a volume (`raft`, being built:
+//! log and state machine so far). The front ends know nothing of raft.
 
 pub mod nbd;
+pub mod raft;
 pub mod volume;

@@ -1,0 +1,330 @@
+//! A volume's raft state machine: its blocks in a sparse file (`volume.img`), changed by
+//! [`BlockOp`]s in log order.
+//!
+//! Durability comes from the log, not from here: applying does not fsync, and what was applied
+//! is recorded only with a snapshot. After a crash the group applies again every committed entry
+//! after the last snapshot; every operation sets its range outright, so applying an entry a
+//! second time, in order, yields the same blocks.
+//!
+//! A snapshot is a sparse copy of the blocks (`snapshots/<id>.img`, holes kept) and its
+//! metadata (`snapshots/<id>.json`), made after an fdatasync of `volume.img`; `current.json`
+//! names the current one, replaced by rename. A snapshot is read and received as a file, in
+//! chunks by openraft, never whole in memory. Installing one copies it over the blocks.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{BlockOp, Entry, LogId, NodeId, StorageError, TypeConfig};
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+/// What a snapshot's `.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: Meta,
+}
+
+/// The state machine of one volume's group on this node.
+#[derive(Debug)]
+pub struct StateMachine {
+    dir: PathBuf,
+    size: u64,
+    blocks: File,
+    last_applied: Option<LogId>,
+    membership: Membership,
+    /// Numbers snapshots built here.
+    seq: u64,
+}
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_state_machine(super::any(e)).into()
+}
+
+fn snap_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_snapshot(None, super::any(e)).into()
+}
+
+/// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// Copies `from` (from its start) to a new file `to`, leaving holes where `from` has zeroes in
+/// whole 64 KiB runs, makes it `size` bytes long and syncs it.
+fn sparse_copy(from: &mut File, to: &Path, size: u64) -> io::Result<()> {
+    from.seek(SeekFrom::Start(0))?;
+    let out = File::create(to)?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let r = from.read(&mut buf[n..])?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            out.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    out.set_len(size.max(at))?;
+    out.sync_all()
+}
+
+fn snapshot_path(dir: &Path, id: &str, ext: &str) -> PathBuf {
+    dir.join("snapshots").join(format!("{id}.{ext}"))
+}
+
+/// The current snapshot's metadata (`current.json`), if there is one.
+fn current(dir: &Path) -> io::Result<Option<Meta>> {
+    match std::fs::read(dir.join("current.json")) {
+        Ok(b) => Ok(Some(
+            serde_json::from_slice::<SnapshotFile>(&b)
+                .map_err(super::io_err)?
+                .meta,
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes `meta` the current snapshot of `dir` (its image must exist) and removes older ones.
+fn set_current(dir: &Path, meta: &Meta) -> io::Result<()> {
+    let bytes = serde_json::to_vec(&SnapshotFile { meta: meta.clone() }).map_err(super::io_err)?;
+    write_atomic(&snapshot_path(dir, &meta.snapshot_id, "json"), &bytes)?;
+    write_atomic(&dir.join("current.json"), &bytes)?;
+    let keep = format!("{}.", meta.snapshot_id);
+    for e in std::fs::read_dir(dir.join("snapshots"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&keep) && name != "incoming.img" {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+fn apply_op(blocks: &File, op: &BlockOp) -> io::Result<()> {
+    match op {
+        BlockOp::Write { offset, data } => blocks.write_all_at(data, *offset),
+        BlockOp::Zero {
+            offset,
+            length,
+            allocate,
+        } => {
+            let mode = if *allocate {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            let (Ok(off), Ok(len)) = (i64::try_from(*offset), i64::try_from(*length)) else {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            };
+            // SAFETY: fallocate on the descriptor this `File` owns; no memory is passed.
+            let r = unsafe { libc::fallocate(blocks.as_raw_fd(), mode, off, len) };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        }
+    }
+}
+
+impl StateMachine {
+    /// Opens the state machine of a volume of `size` bytes in `dir` (created if new).
+    pub fn open(dir: &Path, size: u64) -> io::Result<StateMachine> {
+        std::fs::create_dir_all(dir.join("snapshots"))?;
+        let blocks = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("volume.img"))?;
+        if blocks.metadata()?.len() != size {
+            blocks.set_len(size)?;
+        }
+        let cur = current(dir)?;
+        Ok(StateMachine {
+            dir: dir.to_owned(),
+            size,
+            blocks,
+            last_applied: cur.as_ref().and_then(|m| m.last_log_id),
+            membership: cur.map(|m| m.last_membership).unwrap_or_default(),
+            seq: 0,
+        })
+    }
+
+    /// The blocks, for reads (positioned reads need no `&mut`).
+    pub fn blocks(&self) -> &File {
+        &self.blocks
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// Builds a snapshot from the blocks and the applied state at the time it was asked for.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    dir: PathBuf,
+    size: u64,
+    blocks: io::Result<File>,
+    meta: Meta,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let mut blocks = self
+            .blocks
+            .as_ref()
+            .map_err(snap_err)?
+            .try_clone()
+            .map_err(snap_err)?;
+        let (dir, size, meta) = (self.dir.clone(), self.size, self.meta.clone());
+        let img = snapshot_path(&dir, &meta.snapshot_id, "img");
+        let file = tokio::task::spawn_blocking(move || {
+            blocks.sync_data()?;
+            sparse_copy(&mut blocks, &img, size)?;
+            set_current(&dir, &meta)?;
+            File::open(&img)
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
+        Ok(Snapshot {
+            meta: self.meta.clone(),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let blocks = self.blocks.try_clone().map_err(sm_err)?;
+        let entries = tokio::task::spawn_blocking(move || {
+            for e in &entries {
+                if let EntryPayload::Normal(op) = &e.payload {
+                    apply_op(&blocks, op)?;
+                }
+            }
+            Ok::<_, io::Error>(entries)
+        })
+        .await
+        .map_err(sm_err)?
+        .map_err(sm_err)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            if let EntryPayload::Membership(m) = e.payload {
+                self.membership = StoredMembership::new(Some(e.log_id), m);
+            }
+            self.last_applied = Some(e.log_id);
+            out.push(());
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        self.seq += 1;
+        let id = format!(
+            "{}-{}-{}",
+            self.last_applied.map_or(0, |l| l.leader_id.term),
+            self.last_applied.map_or(0, |l| l.index),
+            self.seq
+        );
+        SnapshotBuilder {
+            dir: self.dir.clone(),
+            size: self.size,
+            blocks: self.blocks.try_clone(),
+            meta: Meta {
+                last_log_id: self.last_applied,
+                last_membership: self.membership.clone(),
+                snapshot_id: id,
+            },
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.dir.join("snapshots").join("incoming.img"))
+            .map_err(snap_err)?;
+        Ok(Box::new(tokio::fs::File::from_std(f)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let mut received = snapshot.into_std().await;
+        let (dir, size, m) = (self.dir.clone(), self.size, meta.clone());
+        let blocks = tokio::task::spawn_blocking(move || {
+            let img = snapshot_path(&dir, &m.snapshot_id, "img");
+            sparse_copy(&mut received, &img, size)?;
+            // The blocks become the snapshot's: a copy renamed over them, then reopened.
+            let tmp = dir.join("volume.img.new");
+            sparse_copy(&mut File::open(&img)?, &tmp, size)?;
+            std::fs::rename(&tmp, dir.join("volume.img"))?;
+            File::open(&dir)?.sync_all()?;
+            set_current(&dir, &m)?;
+            File::options()
+                .read(true)
+                .write(true)
+                .open(dir.join("volume.img"))
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
+        self.blocks = blocks;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some(meta) = current(&self.dir).map_err(snap_err)? else {
+            return Ok(None);
+        };
+        let f = File::open(snapshot_path(&self.dir, &meta.snapshot_id, "img")).map_err(snap_err)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(f)),
+        }))
+    }
+}
