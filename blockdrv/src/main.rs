@@ -2,6 +2,10 @@
 //!
 //! ```text
 //! blockdrv nbd --unix /run/sbs.sock --export data=/var/lib/sbs/data.img:1G [--tcp 127.0.0.1:10809]
+//! blockdrv node --id 1 --dir /var/lib/sbs --listen 127.0.0.1:7001 \
+//!     --member 1=127.0.0.1:7001 --member 2=127.0.0.1:7002 --member 3=127.0.0.1:7003 \
+//!     --volume data:1G --nbd-unix /run/sbs-1.sock
+//! blockdrv status --addr 127.0.0.1:7001 --volume data
 //! ```
 
 use std::path::PathBuf;
@@ -17,6 +21,48 @@ use clap::Parser;
 enum Cli {
     /// Serves file-backed volumes over NBD.
     Nbd(NbdArgs),
+    /// Runs a storage node: raft-replicated volumes, served over NBD too.
+    Node(NodeArgs),
+    /// Prints a node's view of a volume's group (JSON).
+    Status {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        volume: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// This node's id (as in --member).
+    #[arg(long)]
+    id: u64,
+    /// Where the node keeps its logs and blocks.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The address other nodes reach this one at.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// ID=ADDR of every node holding the volumes (this one too).
+    #[arg(long = "member", required = true)]
+    members: Vec<String>,
+    /// NAME:SIZE of a volume replicated on the members.
+    #[arg(long = "volume", required = true)]
+    volumes: Vec<String>,
+    /// A unix socket to serve the volumes over NBD on.
+    #[arg(long)]
+    nbd_unix: Option<PathBuf>,
+    /// Raft heartbeat interval, ms.
+    #[arg(long, default_value_t = 250)]
+    heartbeat_ms: u64,
+    /// Raft election timeout, ms: a random value between this and twice it.
+    #[arg(long, default_value_t = 1000)]
+    election_ms: u64,
+    /// A snapshot after this many applied entries.
+    #[arg(long, default_value_t = 2000)]
+    snapshot_logs: u64,
+    #[arg(long, default_value = "info")]
+    log: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,13 +118,81 @@ fn export(spec: &str, read_only: bool) -> anyhow::Result<Export> {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let Cli::Nbd(args) = Cli::parse();
+fn init_log(filter: &str) {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
+}
+
+async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    use blockdrv::raft::node::{Node, RaftVolume};
+    init_log(&args.log);
+    let mut members = std::collections::BTreeMap::new();
+    for m in &args.members {
+        let Some((id, addr)) = m.split_once('=') else {
+            bail!("member {m:?}: expected ID=ADDR");
+        };
+        let id: u64 = id.parse().with_context(|| format!("member {m:?}"))?;
+        members.insert(id, addr.to_string());
+    }
+    if !members.contains_key(&args.id) {
+        bail!("node {} is not among the members", args.id);
+    }
+    let timing = blockdrv::raft::node::Timing {
+        heartbeat_ms: args.heartbeat_ms,
+        election_ms: (args.election_ms, 2 * args.election_ms),
+        snapshot_logs: args.snapshot_logs,
+    };
+    let node = Node::new(args.id, &args.dir, timing);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let serving = tokio::spawn(node.clone().serve(listener));
+    let mut exports = Vec::new();
+    for v in &args.volumes {
+        let Some((name, size)) = v.split_once(':') else {
+            bail!("volume {v:?}: expected NAME:SIZE");
+        };
+        let group = node
+            .open_volume(name, parse_size(size)?)
+            .await
+            .with_context(|| format!("volume {name}"))?;
+        node.initialize(name, &members)
+            .await
+            .with_context(|| format!("volume {name}: initialize"))?;
+        exports.push(Export {
+            name: name.to_string(),
+            description: format!("replicated on {} nodes", members.len()),
+            volume: Arc::new(RaftVolume::new(node.clone(), group)),
+            read_only: false,
+        });
+    }
+    tracing::info!(id = args.id, listen = %args.listen, "storage node up");
+    if let Some(path) = &args.nbd_unix {
+        let default = exports[0].name.clone();
+        let server = Server::new(exports).with_default(&default);
+        let _ = std::fs::remove_file(path);
+        let l = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("listen on {}", path.display()))?;
+        tokio::spawn(server.serve_unix(l));
+    }
+    serving.await??;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = match Cli::parse() {
+        Cli::Nbd(a) => a,
+        Cli::Node(a) => return node(a).await,
+        Cli::Status { addr, volume } => {
+            let s = blockdrv::raft::node::status(&addr, &volume).await?;
+            println!("{}", serde_json::to_string(&s)?);
+            return Ok(());
+        }
+    };
+    init_log(&args.log);
     if args.unix.is_none() && args.tcp.is_none() {
         bail!("give --unix PATH and/or --tcp ADDR");
     }

@@ -27,6 +27,11 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     /// Whether zeroing a range costs no more than trimming it (`NBD_CMD_FLAG_FAST_ZERO`).
     fn fast_zero(&self) -> bool;
 
+    /// The longest read or write it takes in one request.
+    fn max_request(&self) -> u32 {
+        32 << 20
+    }
+
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>>;
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()>;
@@ -193,7 +198,12 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
 }
 
 /// The allocation of `[offset, offset + length)` of `file` (of `size` bytes).
-fn file_extents(file: &File, size: u64, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+pub(crate) fn file_extents(
+    file: &File,
+    size: u64,
+    offset: u64,
+    length: u64,
+) -> io::Result<Vec<Extent>> {
     let end = offset.saturating_add(length).min(size);
     let mut out = Vec::new();
     let mut at = offset;

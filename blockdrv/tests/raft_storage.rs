@@ -32,7 +32,11 @@ fn entry(index: u64, op: blockdrv::raft::BlockOp) -> blockdrv::raft::Entry {
 fn read(sm: &StateMachine, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let mut b = vec![0u8; len];
-    sm.blocks().read_exact_at(&mut b, offset).unwrap();
+    sm.blocks()
+        .read()
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
     b
 }
 

@@ -46,6 +46,11 @@ pub struct Export {
 }
 
 impl Export {
+    /// The longest READ or WRITE this export takes.
+    fn max_request(&self) -> u32 {
+        self.volume.max_request().min(MAX_PAYLOAD)
+    }
+
     fn flags(&self) -> u16 {
         let mut f = proto::FLAG_HAS_FLAGS
             | proto::FLAG_SEND_FLUSH
@@ -243,7 +248,7 @@ impl Server {
                             proto::INFO_BLOCK_SIZE => infos.push(proto::info_block_size(
                                 MIN_BLOCK,
                                 PREFERRED_BLOCK,
-                                MAX_PAYLOAD,
+                                export.max_request(),
                             )),
                             _ => {}
                         }
@@ -347,9 +352,10 @@ where
         }
         let payload = match req.payload_len() {
             0 => None,
-            n if n > MAX_PAYLOAD => {
+            n if n > session.export.max_request() => {
                 break Err(ConnError::Closed(format!(
-                    "write of {n} bytes (at most {MAX_PAYLOAD})"
+                    "write of {n} bytes (at most {})",
+                    session.export.max_request()
                 )))
             }
             n => {
@@ -417,10 +423,14 @@ fn check(s: &Session, r: &Request) -> Result<(), Failure> {
         _ if writes && s.export.read_only => {
             return Err((proto::EPERM, "the export is read-only".into()))
         }
-        Command::Read if r.length > MAX_PAYLOAD => {
+        Command::Read if r.length > s.export.max_request() => {
             return Err((
                 proto::EINVAL,
-                format!("read of {} bytes (at most {MAX_PAYLOAD})", r.length),
+                format!(
+                    "read of {} bytes (at most {})",
+                    r.length,
+                    s.export.max_request()
+                ),
             ))
         }
         Command::WriteZeroes

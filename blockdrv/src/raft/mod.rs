@@ -5,6 +5,7 @@
 // openraft's StorageError (large) is what its storage traits return; the helpers return it too.
 #[allow(clippy::result_large_err)]
 pub mod log_store;
+pub mod node;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub enum BlockOp {
     Write {
         offset: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The range reads as zeroes; `allocate`: without a hole.

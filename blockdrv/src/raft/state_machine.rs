@@ -39,11 +39,19 @@ struct SnapshotFile {
 pub struct StateMachine {
     dir: PathBuf,
     size: u64,
-    blocks: File,
+    /// Shared with the volume's readers; replaced whole when a snapshot is installed.
+    blocks: Blocks,
     last_applied: Option<LogId>,
     membership: Membership,
     /// Numbers snapshots built here.
     seq: u64,
+}
+
+/// The blocks file of a volume, shared by the state machine and the readers.
+pub type Blocks = std::sync::Arc<std::sync::RwLock<File>>;
+
+fn dup(blocks: &Blocks) -> io::Result<File> {
+    blocks.read().unwrap_or_else(|e| e.into_inner()).try_clone()
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError {
@@ -168,16 +176,17 @@ impl StateMachine {
         Ok(StateMachine {
             dir: dir.to_owned(),
             size,
-            blocks,
+            blocks: std::sync::Arc::new(std::sync::RwLock::new(blocks)),
             last_applied: cur.as_ref().and_then(|m| m.last_log_id),
             membership: cur.map(|m| m.last_membership).unwrap_or_default(),
             seq: 0,
         })
     }
 
-    /// The blocks, for reads (positioned reads need no `&mut`).
-    pub fn blocks(&self) -> &File {
-        &self.blocks
+    /// The blocks, for reads (positioned reads need no `&mut`); the same handle after a
+    /// snapshot is installed.
+    pub fn blocks(&self) -> Blocks {
+        self.blocks.clone()
     }
 
     pub fn size(&self) -> u64 {
@@ -233,7 +242,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let blocks = self.blocks.try_clone().map_err(sm_err)?;
+        let blocks = dup(&self.blocks).map_err(sm_err)?;
         let entries = tokio::task::spawn_blocking(move || {
             for e in &entries {
                 if let EntryPayload::Normal(op) = &e.payload {
@@ -267,7 +276,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             dir: self.dir.clone(),
             size: self.size,
-            blocks: self.blocks.try_clone(),
+            blocks: dup(&self.blocks),
             meta: Meta {
                 last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
@@ -311,7 +320,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
-        self.blocks = blocks;
+        *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())

@@ -1,0 +1,698 @@
+//! A storage node: the raft groups of the volumes it holds, the RPC server the other nodes talk
+//! to, and the network those groups send their RPCs through.
+//!
+//! RPCs travel over TCP, one frame each way: a 4-byte big-endian length and a bincode body.
+//! Besides raft's own (append entries, vote, install snapshot chunk) a node answers the volume
+//! requests a node that is not the leader forwards (write, read, extents) and status. A client
+//! of a peer keeps one connection and opens a new one after any error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::log_store::LogStore;
+use super::state_machine::{Blocks, StateMachine};
+use super::{BlockOp, NodeId, TypeConfig};
+
+/// Largest frame accepted (a 32 MiB write and its envelope).
+const MAX_FRAME: u32 = 40 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Rpc {
+    Append(String, AppendEntriesRequest<TypeConfig>),
+    Vote(String, VoteRequest<NodeId>),
+    /// A snapshot chunk; its data travels apart (as bytes: a `Vec<u8>` in the request would be
+    /// encoded element by element).
+    Snapshot(
+        String,
+        InstallSnapshotRequest<TypeConfig>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    Write(String, BlockOp),
+    Read(String, u64, u32),
+    Extents(String, u64, u64),
+    Status(String),
+}
+
+/// A volume group's state as a node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_applied: Option<u64>,
+    pub members: Vec<NodeId>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Reply {
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    Write(Result<(), String>),
+    Read(Result<Vec<u8>, String>),
+    Extents(Result<Vec<(u64, bool)>, String>),
+    Status(Status),
+    NoVolume(String),
+}
+
+async fn send_frame(s: &mut TcpStream, body: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(4 + body.len());
+    b.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    b.extend_from_slice(body);
+    s.write_all(&b).await
+}
+
+async fn recv_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    let mut b = vec![0u8; len as usize];
+    s.read_exact(&mut b).await?;
+    Ok(b)
+}
+
+/// One request to `addr` over `conn` (connected first if need be); the connection is dropped
+/// after an error.
+async fn call(conn: &mut Option<TcpStream>, addr: &str, rpc: &Rpc) -> io::Result<Reply> {
+    let body = bincode::serialize(rpc).map_err(io::Error::other)?;
+    if conn.is_none() {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        *conn = Some(s);
+    }
+    let s = conn.as_mut().expect("connected above");
+    let r = async {
+        send_frame(s, &body).await?;
+        let reply = recv_frame(s).await?;
+        bincode::deserialize(&reply).map_err(io::Error::other)
+    }
+    .await;
+    if r.is_err() {
+        *conn = None;
+    }
+    r
+}
+
+/// The raft network of one volume's group.
+#[derive(Debug, Clone)]
+pub struct Network {
+    volume: String,
+}
+
+/// A client of one peer for one group.
+#[derive(Debug)]
+pub struct Peer {
+    volume: String,
+    target: NodeId,
+    addr: String,
+    conn: Option<TcpStream>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer {
+            volume: self.volume.clone(),
+            target,
+            addr: node.addr.clone(),
+            conn: None,
+        }
+    }
+}
+
+type NetResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl Peer {
+    async fn rpc(&mut self, rpc: Rpc, option: &RPCOption) -> Result<Reply, Unreachable> {
+        let addr = self.addr.clone();
+        match tokio::time::timeout(option.hard_ttl(), call(&mut self.conn, &addr, &rpc)).await {
+            Ok(Ok(Reply::NoVolume(v))) => Err(Unreachable::new(&io::Error::other(format!(
+                "node {} has no volume {v}",
+                self.target
+            )))),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(Unreachable::new(&e)),
+            Err(_) => {
+                self.conn = None;
+                Err(Unreachable::new(&io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("node {} at {addr} did not answer", self.target),
+                )))
+            }
+        }
+    }
+}
+
+fn unexpected<E: std::error::Error>(
+    r: &Reply,
+) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+    RPCError::Network(NetworkError::new(&io::Error::other(format!(
+        "unexpected reply {r:?}"
+    ))))
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> NetResult<AppendEntriesResponse<NodeId>> {
+        match self
+            .rpc(Rpc::Append(self.volume.clone(), rpc), &option)
+            .await?
+        {
+            Reply::Append(Ok(r)) => Ok(r),
+            Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        mut rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> NetResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let data = std::mem::take(&mut rpc.data);
+        match self
+            .rpc(Rpc::Snapshot(self.volume.clone(), rpc, data), &option)
+            .await?
+        {
+            Reply::Snapshot(Ok(r)) => Ok(r),
+            Reply::Snapshot(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> NetResult<VoteResponse<NodeId>> {
+        match self
+            .rpc(Rpc::Vote(self.volume.clone(), rpc), &option)
+            .await?
+        {
+            Reply::Vote(Ok(r)) => Ok(r),
+            Reply::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// One volume's group on this node.
+#[derive(Clone)]
+pub struct Group {
+    pub name: String,
+    pub size: u64,
+    pub raft: Raft<TypeConfig>,
+    blocks: Blocks,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A storage node.
+#[derive(Debug)]
+pub struct Node {
+    pub id: NodeId,
+    dir: PathBuf,
+    timing: Timing,
+    groups: RwLock<HashMap<String, Group>>,
+}
+
+/// How long a request waits for a leader (an election) before it fails.
+const LEADER_WAIT: Duration = Duration::from_secs(15);
+/// The longest read or write of a replicated volume (one log entry).
+const MAX_REQUEST: u32 = 4 << 20;
+
+/// Raft timing: heartbeats, and the election timeout range (which bounds failover).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_ms: (u64, u64),
+    /// A snapshot after this many applied entries (logs before it are purged).
+    pub snapshot_logs: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            heartbeat_ms: 250,
+            election_ms: (1000, 2000),
+            snapshot_logs: 2000,
+        }
+    }
+}
+
+fn raft_config(t: Timing) -> openraft::Config {
+    openraft::Config {
+        cluster_name: "sbs".into(),
+        heartbeat_interval: t.heartbeat_ms,
+        election_timeout_min: t.election_ms.0,
+        election_timeout_max: t.election_ms.1,
+        install_snapshot_timeout: 4 * t.heartbeat_ms.max(500),
+        snapshot_max_chunk_size: 1 << 20,
+        // An AppendEntries carries at most 8 x 4 MiB.
+        max_payload_entries: 8,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
+        max_in_snapshot_log_to_keep: t.snapshot_logs / 10,
+        ..Default::default()
+    }
+}
+
+impl Node {
+    pub fn new(id: NodeId, dir: &Path, timing: Timing) -> Arc<Node> {
+        Arc::new(Node {
+            id,
+            dir: dir.to_owned(),
+            timing,
+            groups: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn group(&self, volume: &str) -> Option<Group> {
+        self.groups.read().unwrap().get(volume).cloned()
+    }
+
+    /// Opens (or creates) this node's replica of `volume` (`size` bytes) and starts its raft.
+    pub async fn open_volume(&self, volume: &str, size: u64) -> io::Result<Group> {
+        if let Some(g) = self.group(volume) {
+            return Ok(g);
+        }
+        let dir = self.dir.join(volume);
+        let log = LogStore::open(&dir.join("log"))?;
+        let sm = StateMachine::open(&dir.join("blocks"), size)?;
+        let blocks = sm.blocks();
+        let config = Arc::new(
+            raft_config(self.timing)
+                .validate()
+                .map_err(io::Error::other)?,
+        );
+        let network = Network {
+            volume: volume.to_string(),
+        };
+        let raft = Raft::new(self.id, config, network, log, sm)
+            .await
+            .map_err(io::Error::other)?;
+        let g = Group {
+            name: volume.to_string(),
+            size,
+            raft,
+            blocks,
+        };
+        self.groups
+            .write()
+            .unwrap()
+            .insert(volume.to_string(), g.clone());
+        Ok(g)
+    }
+
+    /// Makes `members` (id -> RPC address) the first membership of `volume` (on one node, once;
+    /// again is fine).
+    pub async fn initialize(
+        &self,
+        volume: &str,
+        members: &BTreeMap<NodeId, String>,
+    ) -> io::Result<()> {
+        let g = self
+            .group(volume)
+            .ok_or_else(|| io::Error::other(format!("no volume {volume}")))?;
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        match g.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
+    /// Serves the RPCs of the other nodes on `listener`.
+    pub async fn serve(self: Arc<Node>, listener: tokio::net::TcpListener) -> io::Result<()> {
+        loop {
+            let (mut s, _) = listener.accept().await?;
+            let _ = s.set_nodelay(true);
+            let node = self.clone();
+            tokio::spawn(async move {
+                while let Ok(frame) = recv_frame(&mut s).await {
+                    let reply = match bincode::deserialize::<Rpc>(&frame) {
+                        Ok(rpc) => node.handle(rpc).await,
+                        Err(e) => {
+                            tracing::warn!("bad RPC frame: {e}");
+                            break;
+                        }
+                    };
+                    let body = match bincode::serialize(&reply) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::warn!("RPC reply: {e}");
+                            break;
+                        }
+                    };
+                    if send_frame(&mut s, &body).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, rpc: Rpc) -> Reply {
+        let volume = match &rpc {
+            Rpc::Append(v, _)
+            | Rpc::Vote(v, _)
+            | Rpc::Snapshot(v, ..)
+            | Rpc::Write(v, _)
+            | Rpc::Read(v, ..)
+            | Rpc::Extents(v, ..)
+            | Rpc::Status(v) => v.clone(),
+        };
+        let Some(g) = self.group(&volume) else {
+            return Reply::NoVolume(volume);
+        };
+        match rpc {
+            Rpc::Append(_, r) => Reply::Append(g.raft.append_entries(r).await),
+            Rpc::Vote(_, r) => Reply::Vote(g.raft.vote(r).await),
+            Rpc::Snapshot(_, mut r, data) => {
+                r.data = data;
+                Reply::Snapshot(g.raft.install_snapshot(r).await)
+            }
+            Rpc::Write(_, op) => Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string())),
+            Rpc::Read(_, off, len) => {
+                Reply::Read(g.leader_read(off, len).await.map_err(|e| e.to_string()))
+            }
+            Rpc::Extents(_, off, len) => {
+                Reply::Extents(g.leader_extents(off, len).await.map_err(|e| e.to_string()))
+            }
+            Rpc::Status(_) => Reply::Status(g.status(self.id)),
+        }
+    }
+}
+
+/// Why a request did not run here: another node leads, or none does yet.
+enum NotHere {
+    Leader(String),
+    NoLeader(String),
+}
+
+impl Group {
+    pub fn status(&self, node: NodeId) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        Status {
+            node,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index),
+            members: m.membership_config.membership().voter_ids().collect(),
+        }
+    }
+
+    /// The address of the leader (when it is not this node), if one is known.
+    fn leader_addr(&self, node: NodeId) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        if leader == node {
+            return None;
+        }
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+    }
+
+    /// A write on this node as the leader: done once committed on a majority and applied.
+    async fn leader_write(&self, op: BlockOp) -> Result<(), NotHereOr> {
+        match self.raft.client_write(op).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(NotHereOr::NotHere(match f.leader_node {
+                    Some(n) => NotHere::Leader(n.addr),
+                    None => NotHere::NoLeader("no leader yet".into()),
+                }))
+            }
+            Err(e) => Err(NotHereOr::Failed(e.to_string())),
+        }
+    }
+
+    /// Waits until this node may serve a linearizable read (it leads and has applied the read
+    /// index).
+    async fn read_barrier(&self) -> Result<(), NotHereOr> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(NotHereOr::NotHere(match f.leader_node {
+                    Some(n) => NotHere::Leader(n.addr),
+                    None => NotHere::NoLeader("no leader yet".into()),
+                }))
+            }
+            Err(e) => Err(NotHereOr::Failed(e.to_string())),
+        }
+    }
+
+    async fn leader_read(&self, offset: u64, length: u32) -> Result<Vec<u8>, NotHereOr> {
+        self.read_barrier().await?;
+        let blocks = self.blocks.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut b = vec![0u8; length as usize];
+            blocks.read().unwrap().read_exact_at(&mut b, offset)?;
+            Ok::<_, io::Error>(b)
+        })
+        .await
+        .map_err(|e| NotHereOr::Failed(e.to_string()))?
+        .map_err(|e| NotHereOr::Failed(e.to_string()))
+    }
+
+    async fn leader_extents(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, bool)>, NotHereOr> {
+        self.read_barrier().await?;
+        let (blocks, size) = (self.blocks.clone(), self.size);
+        tokio::task::spawn_blocking(move || {
+            let f = blocks.read().unwrap();
+            crate::volume::file_extents(&f, size, offset, length)
+                .map(|v| v.into_iter().map(|e| (e.length, e.hole)).collect())
+        })
+        .await
+        .map_err(|e| NotHereOr::Failed(e.to_string()))?
+        .map_err(|e| NotHereOr::Failed(e.to_string()))
+    }
+}
+
+/// A request that could not run on this node.
+enum NotHereOr {
+    NotHere(NotHere),
+    Failed(String),
+}
+
+impl std::fmt::Display for NotHereOr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotHereOr::NotHere(NotHere::Leader(a)) => write!(f, "not the leader (it is at {a})"),
+            NotHereOr::NotHere(NotHere::NoLeader(m)) | NotHereOr::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A replicated volume as the front ends see it, on one node: requests run on the leader, here
+/// or forwarded to it, and wait out elections (up to 15 s).
+#[derive(Debug)]
+pub struct RaftVolume {
+    node: Arc<Node>,
+    group: Group,
+}
+
+impl RaftVolume {
+    pub fn new(node: Arc<Node>, group: Group) -> RaftVolume {
+        RaftVolume { node, group }
+    }
+
+    /// Runs `here` on this node if it leads, else `there` on the leader; retries while there
+    /// is no leader.
+    async fn on_leader<T, F, Fut>(
+        &self,
+        here: F,
+        there: Rpc,
+        unpack: fn(Reply) -> Option<Result<T, String>>,
+    ) -> io::Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, NotHereOr>>,
+    {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut conn: Option<TcpStream> = None;
+        let mut last = String::new();
+        while tokio::time::Instant::now() < deadline {
+            let addr = match self.group.leader_addr(self.node.id) {
+                None => match here().await {
+                    Ok(v) => return Ok(v),
+                    Err(NotHereOr::Failed(e)) => return Err(io::Error::other(e)),
+                    Err(NotHereOr::NotHere(NotHere::Leader(a))) => Some(a),
+                    Err(NotHereOr::NotHere(NotHere::NoLeader(m))) => {
+                        last = m;
+                        None
+                    }
+                },
+                Some(a) => Some(a),
+            };
+            if let Some(addr) = addr {
+                match call(&mut conn, &addr, &there).await {
+                    Ok(reply) => match unpack(reply) {
+                        Some(Ok(v)) => return Ok(v),
+                        // The leader changed under us, or it failed: ask again.
+                        Some(Err(e)) => last = e,
+                        None => last = format!("unexpected reply from {addr}"),
+                    },
+                    Err(e) => last = format!("{addr}: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("volume {}: no leader answered: {last}", self.group.name),
+        ))
+    }
+
+    async fn write_op(&self, op: BlockOp) -> io::Result<()> {
+        let rpc = Rpc::Write(self.group.name.clone(), op.clone());
+        self.on_leader(
+            || self.group.leader_write(op.clone()),
+            rpc,
+            |r| match r {
+                Reply::Write(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::volume::Volume for RaftVolume {
+    fn size(&self) -> u64 {
+        self.group.size
+    }
+
+    fn fast_zero(&self) -> bool {
+        true
+    }
+
+    fn max_request(&self) -> u32 {
+        MAX_REQUEST
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
+        self.on_leader(
+            || self.group.leader_read(offset, length),
+            Rpc::Read(self.group.name.clone(), offset, length),
+            |r| match r {
+                Reply::Read(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
+        // Committed on a majority's disks before it returns: FUA holds already.
+        self.write_op(BlockOp::Write { offset, data }).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        // Every acknowledged write is on a majority's disks.
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, length: u64, _fua: bool) -> io::Result<()> {
+        self.write_op(BlockOp::Zero {
+            offset,
+            length,
+            allocate: false,
+        })
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        allocate: bool,
+        _fua: bool,
+    ) -> io::Result<()> {
+        self.write_op(BlockOp::Zero {
+            offset,
+            length,
+            allocate,
+        })
+        .await
+    }
+
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
+        let v = self
+            .on_leader(
+                || self.group.leader_extents(offset, length),
+                Rpc::Extents(self.group.name.clone(), offset, length),
+                |r| match r {
+                    Reply::Extents(r) => Some(r),
+                    _ => None,
+                },
+            )
+            .await?;
+        Ok(v.into_iter()
+            .map(|(length, hole)| crate::volume::Extent {
+                length,
+                hole,
+                zero: hole,
+            })
+            .collect())
+    }
+
+    async fn cache(&self, _offset: u64, _length: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The status of `volume` as the node at `addr` sees it.
+pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
+    let mut conn = None;
+    match call(&mut conn, addr, &Rpc::Status(volume.to_string())).await? {
+        Reply::Status(s) => Ok(s),
+        Reply::NoVolume(v) => Err(io::Error::other(format!("no volume {v} at {addr}"))),
+        other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+    }
+}
