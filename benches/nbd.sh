@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# NBD front-end benchmark: blockdrv serving a raw file against qemu-nbd serving a raw file of
-# the same size in the same directory (tmpfs, so the disk does not decide), same clients, same
-# run, alternating. Until volumes are raft-replicated (issue 6) this measures the NBD server
-# alone; the issue's targets (3 replicas vs qemu-nbd: read >= 0.8x, write >= 0.5x, 4 KiB
-# write >= 0.3x) apply to replicated volumes.
+# Block storage benchmark, same clients, same run, alternating, medians: a 3-replica volume
+# (three `blockdrv node` processes on loopback, their logs and blocks in the same directory,
+# NBD through a follower's socket... and through the leader's) and blockdrv serving a plain
+# file, each against qemu-nbd serving a raw file of the same size in that directory (tmpfs by
+# default, so the disk does not decide; BENCH_DIR=/var/tmp for a disk). Targets for the
+# replicated volume vs qemu-nbd: read >= 0.8x, write >= 0.5x, 4 KiB write >= 0.3x.
+# Failover: SIGKILL of the leader until the next 4 KiB write is acknowledged (target < 2 s).
 #
 #   seq write   nbdcopy, 1 MiB requests, 1 connection, from a file of random data
 #   seq read    nbdcopy, 1 MiB requests, 1 connection, to null:
@@ -37,13 +39,34 @@ head -c "$((MIB << 20))" /dev/urandom > "$WORK/src.bin"
 truncate -s "${MIB}M" "$WORK/ours.img" "$WORK/qemu.img"
 "$BIN" nbd --unix "$WORK/ours.sock" --export "v=$WORK/ours.img" --log warn &
 PIDS+=($!)
+# The 3-node cluster.
+PORT=$((20000 + $$ % 20000))
+MEMBERS=()
+for i in 1 2 3; do MEMBERS+=(--member "$i=127.0.0.1:$((PORT + i))"); done
+declare -A NODE
+start_node() {
+    rm -f "$WORK/n$1.sock"
+    "$BIN" node --id "$1" --dir "$WORK/n$1" --listen "127.0.0.1:$((PORT + $1))" "${MEMBERS[@]}" \
+        --volume "v:${MIB}M" --nbd-unix "$WORK/n$1.sock" --heartbeat-ms 100 --election-ms 500 \
+        --log warn 2>>"$WORK/n$1.log" &
+    NODE[$1]=$!
+    PIDS+=($!)
+}
+for i in 1 2 3; do start_node "$i"; done
+status() { "$BIN" status --addr "127.0.0.1:$((PORT + $1))" --volume v 2>/dev/null; }
+until status 1 | grep -q '"leader":[0-9]'; do sleep 0.1; done
+LEADER=$(status 1 | sed 's/.*"leader":\([0-9]*\).*/\1/')
+FOLLOWER=$((LEADER % 3 + 1))
+for i in 1 2 3; do until [ -S "$WORK/n$i.sock" ]; do sleep 0.05; done; done
+ln -sf "n$LEADER.sock" "$WORK/raft.sock"
+ln -sf "n$FOLLOWER.sock" "$WORK/raftf.sock"
 qemu-nbd --socket="$WORK/qemu.sock" --format=raw --persistent --shared=8 --cache=writeback --discard=unmap \
     "$WORK/qemu.img" &
 PIDS+=($!)
 for s in ours qemu; do
     until [ -S "$WORK/$s.sock" ]; do sleep 0.05; done
 done
-uri() { echo "nbd+unix:///$([ "$1" = ours ] && echo v)?socket=$WORK/$1.sock"; }
+uri() { echo "nbd+unix:///$([ "$1" = qemu ] || echo v)?socket=$WORK/$1.sock"; }
 
 now() { date +%s.%N; }
 # MiB/s of one nbdcopy
@@ -64,21 +87,34 @@ bench4k() {
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+SERVERS="raft raftf ours qemu"
 for metric in write read rand_read rand_write; do
-    for s in ours qemu; do : > "$WORK/$metric.$s"; done
+    for s in $SERVERS; do : > "$WORK/$metric.$s"; done
 done
 for _ in $(seq "$RUNS"); do
-    for s in ours qemu; do
+    for s in $SERVERS; do
         copy "$WORK/src.bin" "$(uri $s)" >> "$WORK/write.$s"
         copy "$(uri $s)" null: >> "$WORK/read.$s"
         bench4k "$(uri $s)" "" >> "$WORK/rand_read.$s"
         bench4k "$(uri $s)" -w >> "$WORK/rand_write.$s"
     done
 done
-printf '%-12s %14s %14s %8s\n' metric blockdrv qemu-nbd ratio
+ratio() { awk -v o="$1" -v q="$2" 'BEGIN { printf "%.3f", o / q }'; }
+printf '%-11s %-6s %10s %10s %10s %10s   %s\n' metric unit "3 replicas" "(follower)" "file" qemu-nbd \
+    "ratios vs qemu-nbd: 3 replicas, via follower, file"
 for metric in write read rand_read rand_write; do
-    o=$(median < "$WORK/$metric.ours")
-    q=$(median < "$WORK/$metric.qemu")
+    r=$(median < "$WORK/$metric.raft"); f=$(median < "$WORK/$metric.raftf")
+    o=$(median < "$WORK/$metric.ours"); q=$(median < "$WORK/$metric.qemu")
     unit=$([[ $metric == rand_* ]] && echo IOPS || echo MiB/s)
-    printf '%-12s %10.0f %-5s %8.0f %-5s %6.3f\n' "$metric" "$o" "$unit" "$q" "$unit" "$(awk -v o="$o" -v q="$q" 'BEGIN { print o / q }')"
+    printf '%-11s %-6s %10.0f %10.0f %10.0f %10.0f   %s %s %s\n' "$metric" "$unit" "$r" "$f" "$o" "$q" \
+        "$(ratio "$r" "$q")" "$(ratio "$f" "$q")" "$(ratio "$o" "$q")"
 done
+
+# Failover: SIGKILL the leader, then time until a 4 KiB write through a survivor is acknowledged
+# (qemu-io retries nothing: blockdrv waits for the new leader itself).
+survivor=$FOLLOWER
+kill -9 "${NODE[$LEADER]}"
+t0=$(now)
+qemu-io -f raw -c "write -P 9 0 4k" "nbd+unix:///v?socket=$WORK/n$survivor.sock" >/dev/null
+t1=$(now)
+awk -v a="$t0" -v b="$t1" 'BEGIN { printf "failover: leader killed -> next write acknowledged in %.2f s\n", b - a }'

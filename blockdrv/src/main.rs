@@ -30,6 +30,39 @@ enum Cli {
         #[arg(long)]
         volume: String,
     },
+    /// Manages volumes through a node (`--addr`).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum VolumeCmd {
+    /// Creates a volume on 3 nodes of the cluster.
+    Create {
+        #[arg(long)]
+        addr: String,
+        name: String,
+        /// Size (K, M, G).
+        size: String,
+    },
+    /// Deletes a volume on all its nodes.
+    Delete {
+        #[arg(long)]
+        addr: String,
+        name: String,
+    },
+    /// Grows a volume.
+    Resize {
+        #[arg(long)]
+        addr: String,
+        name: String,
+        size: String,
+    },
+    /// The volumes a node holds (JSON).
+    List {
+        #[arg(long)]
+        addr: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,8 +79,9 @@ struct NodeArgs {
     /// ID=ADDR of every node holding the volumes (this one too).
     #[arg(long = "member", required = true)]
     members: Vec<String>,
-    /// NAME:SIZE of a volume replicated on the members.
-    #[arg(long = "volume", required = true)]
+    /// NAME:SIZE of a volume replicated on all the members (volumes are also created with
+    /// `blockdrv volume create`, and reopened from the node's catalog at start).
+    #[arg(long = "volume")]
     volumes: Vec<String>,
     /// A unix socket to serve the volumes over NBD on.
     #[arg(long)]
@@ -126,7 +160,7 @@ fn init_log(filter: &str) {
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
-    use blockdrv::raft::node::{Node, RaftVolume};
+    use blockdrv::raft::node::{Node, VolumeSpec};
     init_log(&args.log);
     let mut members = std::collections::BTreeMap::new();
     for m in &args.members {
@@ -145,39 +179,66 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         snapshot_logs: args.snapshot_logs,
     };
     let node = Node::new(args.id, &args.dir, timing);
+    node.set_cluster(members.clone());
+    node.start().await.context("reopen volumes")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
     let serving = tokio::spawn(node.clone().serve(listener));
-    let mut exports = Vec::new();
-    for v in &args.volumes {
-        let Some((name, size)) = v.split_once(':') else {
-            bail!("volume {v:?}: expected NAME:SIZE");
-        };
-        let group = node
-            .open_volume(name, parse_size(size)?)
-            .await
-            .with_context(|| format!("volume {name}"))?;
-        node.initialize(name, &members)
-            .await
-            .with_context(|| format!("volume {name}: initialize"))?;
-        exports.push(Export {
-            name: name.to_string(),
-            description: format!("replicated on {} nodes", members.len()),
-            volume: Arc::new(RaftVolume::new(node.clone(), group)),
-            read_only: false,
-        });
-    }
-    tracing::info!(id = args.id, listen = %args.listen, "storage node up");
     if let Some(path) = &args.nbd_unix {
-        let default = exports[0].name.clone();
-        let server = Server::new(exports).with_default(&default);
+        let server = Server::new(Vec::new());
+        node.serve_nbd(server.clone());
         let _ = std::fs::remove_file(path);
         let l = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("listen on {}", path.display()))?;
         tokio::spawn(server.serve_unix(l));
     }
+    // Volumes given on the command line: this node's replica, on all members.
+    for v in &args.volumes {
+        let Some((name, size)) = v.split_once(':') else {
+            bail!("volume {v:?}: expected NAME:SIZE");
+        };
+        let spec = VolumeSpec {
+            name: name.to_string(),
+            size: parse_size(size)?,
+            members: members.clone(),
+        };
+        node.open_replica(&spec)
+            .await
+            .with_context(|| format!("volume {name}"))?;
+        node.initialize(name, &members)
+            .await
+            .with_context(|| format!("volume {name}: initialize"))?;
+    }
+    tracing::info!(id = args.id, listen = %args.listen, "storage node up");
     serving.await??;
+    Ok(())
+}
+
+async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
+    use blockdrv::raft::node;
+    match cmd {
+        VolumeCmd::Create { addr, name, size } => {
+            let spec = node::VolumeSpec {
+                name: name.clone(),
+                size: parse_size(&size)?,
+                members: Default::default(),
+            };
+            node::create(&addr, spec)
+                .await
+                .with_context(|| format!("create volume {name}"))?;
+        }
+        VolumeCmd::Delete { addr, name } => node::delete(&addr, &name)
+            .await
+            .with_context(|| format!("delete volume {name}"))?,
+        VolumeCmd::Resize { addr, name, size } => node::resize(&addr, &name, parse_size(&size)?)
+            .await
+            .with_context(|| format!("resize volume {name}"))?,
+        VolumeCmd::List { addr } => {
+            let v = node::list(&addr).await?;
+            println!("{}", serde_json::to_string(&v)?);
+        }
+    }
     Ok(())
 }
 
@@ -191,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&s)?);
             return Ok(());
         }
+        Cli::Volume(cmd) => return volume(cmd).await,
     };
     init_log(&args.log);
     if args.unix.is_none() && args.tcp.is_none() {

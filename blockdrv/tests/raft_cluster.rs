@@ -46,7 +46,20 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Three nodes with volume `v` (64 MiB) given on their command lines.
     fn start(extra: &[&str]) -> Cluster {
+        let mut all = vec!["--volume", "v:64M"];
+        all.extend_from_slice(extra);
+        let c = Cluster::bare(&all);
+        c.wait_for(
+            |c| c.status(0).is_some_and(|s| s["leader"].is_u64()),
+            "a leader",
+        );
+        c
+    }
+
+    /// Three nodes without volumes.
+    fn bare(extra: &[&str]) -> Cluster {
         let mut c = Cluster {
             dir: tempfile::tempdir().unwrap(),
             ports: (0..3).map(|_| free_port()).collect(),
@@ -56,11 +69,21 @@ impl Cluster {
         for i in 0..3 {
             c.spawn(i);
         }
-        c.wait_for(
-            |c| c.status(0).is_some_and(|s| s["leader"].is_u64()),
-            "a leader",
-        );
         c
+    }
+
+    fn blockdrv(&self, args: &[&str]) -> (bool, String) {
+        let mut cmd = vec![env!("CARGO_BIN_EXE_blockdrv")];
+        cmd.extend_from_slice(args);
+        run(&cmd)
+    }
+
+    fn exports(&self, i: usize) -> String {
+        ok(&[
+            "nbdinfo",
+            "--list",
+            &format!("nbd+unix:///?socket={}", self.socket(i).display()),
+        ])
     }
 
     fn addr(&self, i: usize) -> String {
@@ -96,8 +119,6 @@ impl Cluster {
             .arg(self.dir.path().join(format!("n{}", i + 1)))
             .arg("--listen")
             .arg(self.addr(i))
-            .arg("--volume")
-            .arg("v:64M")
             .arg("--nbd-unix")
             .arg(self.socket(i))
             .args(&self.extra);
@@ -113,7 +134,7 @@ impl Cluster {
         cmd.stdout(Stdio::null()).stderr(log);
         self.nodes[i] = Some(cmd.spawn().expect("blockdrv binary"));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket(i).exists() {
+        while !self.socket(i).exists() || std::net::TcpStream::connect(self.addr(i)).is_err() {
             assert!(Instant::now() < deadline, "node {} did not come up", i + 1);
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -242,6 +263,71 @@ fn writes_through_one_node_read_back_through_another_and_every_replica_is_identi
         "trim through one node, block status through another: {map}"
     );
     c.assert_replicas_identical();
+}
+
+#[test]
+fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts() {
+    let mut c = Cluster::bare(&[]);
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(1), "data", "16M"]);
+    assert!(good, "{out}");
+    // Every node serves it.
+    for i in 0..3 {
+        c.wait_for(
+            |c| c.exports(i).contains("export=\"data\""),
+            "the export on every node",
+        );
+    }
+    let uri = |c: &Cluster, i: usize| format!("nbd+unix:///data?socket={}", c.socket(i).display());
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5c 1M 1M",
+        &uri(&c, 0),
+    ]);
+    // Typed errors, nothing changed: a bad name, a name in use, shrinking.
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "a/b", "1M"]);
+    assert!(!good && out.contains("volume name"), "{out}");
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(2), "data", "32M"]);
+    assert!(
+        !good && out.contains("already exists"),
+        "a second volume data: {out}"
+    );
+    let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(2), "data", "8M"]);
+    assert!(!good && out.contains("only grow"), "{out}");
+    // Grown through another node: every replica grows, new connections see the size.
+    let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(2), "data", "32M"]);
+    assert!(good, "{out}");
+    assert_eq!(ok(&["nbdinfo", "--size", &uri(&c, 1)]).trim(), "33554432");
+    let list: serde_json::Value =
+        serde_json::from_str(&c.blockdrv(&["volume", "list", "--addr", &c.addr(0)]).1).unwrap();
+    assert_eq!(list[0][0]["size"], 33554432, "{list}");
+    assert_eq!(list[0][1]["members"].as_array().unwrap().len(), 3, "{list}");
+    // A node restarted with no volume on its command line serves it again from its catalog.
+    c.kill(0);
+    c.spawn(0);
+    c.wait_for(
+        |c| c.exports(0).contains("export=\"data\""),
+        "the export after a restart",
+    );
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5c 1M 1M",
+        &uri(&c, 0),
+    ]);
+    // Deleted: gone from every node, with its files.
+    let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
+    assert!(good, "{out}");
+    for i in 0..3 {
+        assert!(!c.exports(i).contains("export=\"data\""), "node {}", i + 1);
+        assert!(!c.dir.path().join(format!("n{}/data", i + 1)).exists());
+    }
+    let (good, _) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
+    assert!(!good, "deleting a deleted volume");
 }
 
 #[test]

@@ -81,10 +81,11 @@ pub enum ConnError {
     Closed(String),
 }
 
-/// The NBD server of a set of exports.
+/// The NBD server of a set of exports (which may change while it serves: connections already in
+/// transmission keep their export).
 #[derive(Debug, Clone)]
 pub struct Server {
-    exports: Arc<BTreeMap<String, Export>>,
+    exports: Arc<std::sync::RwLock<BTreeMap<String, Export>>>,
     /// The export the empty name stands for.
     default: Option<String>,
 }
@@ -100,9 +101,24 @@ struct Session {
 impl Server {
     pub fn new(exports: Vec<Export>) -> Server {
         Server {
-            exports: Arc::new(exports.into_iter().map(|e| (e.name.clone(), e)).collect()),
+            exports: Arc::new(std::sync::RwLock::new(
+                exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            )),
             default: None,
         }
+    }
+
+    /// Adds (or replaces) an export.
+    pub fn add(&self, export: Export) {
+        self.exports
+            .write()
+            .unwrap()
+            .insert(export.name.clone(), export);
+    }
+
+    /// Removes an export (new connections no longer find it).
+    pub fn remove(&self, name: &str) {
+        self.exports.write().unwrap().remove(name);
     }
 
     /// Lets the empty export name (`nbd+unix:///?socket=...`, QEMU's default) mean `name`.
@@ -111,12 +127,12 @@ impl Server {
         self
     }
 
-    fn export(&self, name: &str) -> Option<&Export> {
+    fn export(&self, name: &str) -> Option<Export> {
         let name = match (name, &self.default) {
             ("", Some(d)) => d.as_str(),
             (n, _) => n,
         };
-        self.exports.get(name)
+        self.exports.read().unwrap().get(name).cloned()
     }
 
     /// Serves the connections of `listener` until it fails.
@@ -211,8 +227,15 @@ impl Server {
                         s.write_all(&invalid("LIST takes no data")).await?;
                         continue;
                     }
-                    for e in self.exports.values() {
-                        let entry = proto::server_entry(&e.name, &e.description);
+                    let list: Vec<(String, String)> = self
+                        .exports
+                        .read()
+                        .unwrap()
+                        .values()
+                        .map(|e| (e.name.clone(), e.description.clone()))
+                        .collect();
+                    for (name, description) in list {
+                        let entry = proto::server_entry(&name, &description);
                         s.write_all(&reply(proto::REP_SERVER, &entry)).await?;
                     }
                     s.write_all(&reply(proto::REP_ACK, &[])).await?;

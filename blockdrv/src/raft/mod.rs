@@ -21,6 +21,8 @@ pub enum BlockOp {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// The volume grows to `size` bytes (never shrinks).
+    Resize { size: u64 },
     /// The range reads as zeroes; `allocate`: without a hole.
     Zero {
         offset: u64,

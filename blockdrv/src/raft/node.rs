@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::log_store::LogStore;
-use super::state_machine::{Blocks, StateMachine};
+use super::state_machine::{Blocks, Size, StateMachine};
 use super::{BlockOp, NodeId, TypeConfig};
 
 /// Largest frame accepted (a 32 MiB write and its envelope).
@@ -49,6 +49,26 @@ enum Rpc {
     Read(String, u64, u32),
     Extents(String, u64, u64),
     Status(String),
+    /// Open (create if new) this node's replica of a volume and remember it.
+    Open(VolumeSpec),
+    /// Create a volume on its members (this node coordinates).
+    Create(VolumeSpec),
+    /// Drop this node's replica of a volume.
+    Drop(String),
+    /// Delete a volume on all its members (this node coordinates).
+    Delete(String),
+    /// Grow a volume (through its log).
+    Resize(String, u64),
+    List,
+}
+
+/// A volume as the nodes' catalogs keep it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub size: u64,
+    /// The nodes holding a replica: id -> RPC address.
+    pub members: BTreeMap<NodeId, String>,
 }
 
 /// A volume group's state as a node sees it.
@@ -71,6 +91,8 @@ enum Reply {
     Extents(Result<Vec<(u64, bool)>, String>),
     Status(Status),
     NoVolume(String),
+    Done(Result<(), String>),
+    Volumes(Vec<(VolumeSpec, Status)>),
 }
 
 async fn send_frame(s: &mut TcpStream, body: &[u8]) -> io::Result<()> {
@@ -229,7 +251,7 @@ impl RaftNetwork<TypeConfig> for Peer {
 #[derive(Clone)]
 pub struct Group {
     pub name: String,
-    pub size: u64,
+    size: Size,
     pub raft: Raft<TypeConfig>,
     blocks: Blocks,
 }
@@ -250,6 +272,36 @@ pub struct Node {
     dir: PathBuf,
     timing: Timing,
     groups: RwLock<HashMap<String, Group>>,
+    /// The volumes this node holds a replica of (`volumes.json`).
+    catalog: tokio::sync::Mutex<BTreeMap<String, VolumeSpec>>,
+    /// The NBD server whose exports follow the volumes, if the node serves NBD.
+    nbd: RwLock<Option<crate::nbd::Server>>,
+    /// The storage nodes of the cluster (id -> RPC address): where new volumes go.
+    cluster: RwLock<BTreeMap<NodeId, String>>,
+}
+
+/// Replicas of a new volume (fewer when the cluster is smaller).
+pub const REPLICAS: usize = 3;
+
+fn err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn check_volume_name(name: &str) -> io::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("volume name {name:?}: 1 to 64 of a-z A-Z 0-9 - _ . (not leading .)"),
+        ))
+    }
 }
 
 /// How long a request waits for a leader (an election) before it fails.
@@ -293,13 +345,229 @@ fn raft_config(t: Timing) -> openraft::Config {
 }
 
 impl Node {
+    /// A node keeping its state in `dir`; [`Node::start`] reopens the volumes it holds.
     pub fn new(id: NodeId, dir: &Path, timing: Timing) -> Arc<Node> {
         Arc::new(Node {
             id,
             dir: dir.to_owned(),
             timing,
             groups: RwLock::new(HashMap::new()),
+            catalog: tokio::sync::Mutex::new(BTreeMap::new()),
+            nbd: RwLock::new(None),
+            cluster: RwLock::new(BTreeMap::new()),
         })
+    }
+
+    /// The storage nodes new volumes are placed on.
+    pub fn set_cluster(&self, members: BTreeMap<NodeId, String>) {
+        *self.cluster.write().unwrap() = members;
+    }
+
+    /// The members of a new volume `name`: [`REPLICAS`] nodes of the cluster, starting at a
+    /// place the name decides, so volumes (and their leaders) spread over the nodes.
+    pub fn place(&self, name: &str) -> BTreeMap<NodeId, String> {
+        let cluster: Vec<(NodeId, String)> = self
+            .cluster
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(i, a)| (*i, a.clone()))
+            .collect();
+        if cluster.is_empty() {
+            return BTreeMap::new();
+        }
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let start = (h % cluster.len() as u64) as usize;
+        (0..REPLICAS.min(cluster.len()))
+            .map(|k| cluster[(start + k) % cluster.len()].clone())
+            .collect()
+    }
+
+    /// Serves every volume (now and later) on `server` too.
+    pub fn serve_nbd(self: &Arc<Node>, server: crate::nbd::Server) {
+        for g in self.groups.read().unwrap().values() {
+            server.add(self.export(g));
+        }
+        *self.nbd.write().unwrap() = Some(server);
+    }
+
+    fn export(self: &Arc<Node>, g: &Group) -> crate::nbd::Export {
+        crate::nbd::Export {
+            name: g.name.clone(),
+            description: "replicated volume".into(),
+            volume: Arc::new(RaftVolume::new(self.clone(), g.clone())),
+            read_only: false,
+        }
+    }
+
+    fn catalog_path(&self) -> PathBuf {
+        self.dir.join("volumes.json")
+    }
+
+    async fn save_catalog(&self, c: &BTreeMap<String, VolumeSpec>) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(c).map_err(err)?;
+        let path = self.catalog_path();
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &bytes)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })
+        .await
+        .map_err(err)?
+    }
+
+    /// Reopens the volumes of the catalog (after a restart).
+    pub async fn start(self: &Arc<Node>) -> io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let c: BTreeMap<String, VolumeSpec> = match std::fs::read(self.catalog_path()) {
+            Ok(b) => serde_json::from_slice(&b).map_err(err)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e),
+        };
+        for spec in c.values() {
+            self.open_volume(&spec.name, spec.size).await?;
+        }
+        *self.catalog.lock().await = c;
+        Ok(())
+    }
+
+    /// This node's replica of `spec`: opened (created if new) and remembered.
+    pub async fn open_replica(self: &Arc<Node>, spec: &VolumeSpec) -> io::Result<()> {
+        check_volume_name(&spec.name)?;
+        if !spec.members.contains_key(&self.id) {
+            return Err(err(format!(
+                "volume {}: node {} is not a member",
+                spec.name, self.id
+            )));
+        }
+        let mut c = self.catalog.lock().await;
+        if let Some(have) = c.get(&spec.name) {
+            if have.members != spec.members || have.size != spec.size {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("volume {} exists (with another size or members)", spec.name),
+                ));
+            }
+            return Ok(());
+        }
+        self.open_volume(&spec.name, spec.size).await?;
+        c.insert(spec.name.clone(), spec.clone());
+        self.save_catalog(&c).await
+    }
+
+    /// Creates `spec` on all its members and starts its group (from this node). Without
+    /// members, the volume is placed on the cluster ([`Node::place`]).
+    pub async fn create_volume(self: &Arc<Node>, spec: &VolumeSpec) -> io::Result<()> {
+        check_volume_name(&spec.name)?;
+        if spec.members.is_empty() {
+            let members = self.place(&spec.name);
+            if members.is_empty() {
+                return Err(err("no cluster members known (--member)"));
+            }
+            let spec = VolumeSpec {
+                members,
+                ..spec.clone()
+            };
+            return Box::pin(self.create_volume(&spec)).await;
+        }
+        if self.catalog.lock().await.contains_key(&spec.name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("volume {} already exists", spec.name),
+            ));
+        }
+        if spec.size == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("volume {}: size 0", spec.name),
+            ));
+        }
+        for (id, addr) in &spec.members {
+            if *id == self.id {
+                self.open_replica(spec).await?;
+                continue;
+            }
+            let mut conn = None;
+            match call(&mut conn, addr, &Rpc::Open(spec.clone())).await? {
+                Reply::Done(Ok(())) => {}
+                Reply::Done(Err(e)) => return Err(err(format!("node {id}: {e}"))),
+                other => return Err(err(format!("node {id}: unexpected reply {other:?}"))),
+            }
+        }
+        if spec.members.contains_key(&self.id) {
+            self.initialize(&spec.name, &spec.members).await
+        } else {
+            // Initialize from a member.
+            let (id, addr) = spec.members.iter().next().expect("members");
+            let _ = id;
+            let mut conn = None;
+            match call(&mut conn, addr, &Rpc::Create(spec.clone())).await? {
+                Reply::Done(r) => r.map_err(err),
+                other => Err(err(format!("unexpected reply {other:?}"))),
+            }
+        }
+    }
+
+    /// Drops this node's replica of `name`: its raft stops, its export and files go.
+    pub async fn drop_replica(&self, name: &str) -> io::Result<()> {
+        let mut c = self.catalog.lock().await;
+        let g = self.groups.write().unwrap().remove(name);
+        if let Some(server) = self.nbd.read().unwrap().as_ref() {
+            server.remove(name);
+        }
+        if let Some(g) = g {
+            g.raft.shutdown().await.map_err(err)?;
+        }
+        if c.remove(name).is_some() {
+            self.save_catalog(&c).await?;
+        }
+        match std::fs::remove_dir_all(self.dir.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes `name` on all its members.
+    pub async fn delete_volume(self: &Arc<Node>, name: &str) -> io::Result<()> {
+        let spec = self.catalog.lock().await.get(name).cloned();
+        let Some(spec) = spec else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no volume {name}"),
+            ));
+        };
+        for (id, addr) in &spec.members {
+            if *id == self.id {
+                self.drop_replica(name).await?;
+                continue;
+            }
+            let mut conn = None;
+            match call(&mut conn, addr, &Rpc::Drop(name.to_string())).await {
+                Ok(Reply::Done(Ok(()))) => {}
+                Ok(Reply::Done(Err(e))) => return Err(err(format!("node {id}: {e}"))),
+                Ok(other) => return Err(err(format!("node {id}: unexpected reply {other:?}"))),
+                // A member that is down drops its replica when told again (delete is
+                // idempotent); the volume is gone for everyone else.
+                Err(e) => tracing::warn!(volume = name, node = id, "not reached: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The volumes this node holds, with their status.
+    pub async fn volumes(&self) -> Vec<(VolumeSpec, Status)> {
+        let c = self.catalog.lock().await.clone();
+        c.into_values()
+            .filter_map(|mut spec| {
+                let g = self.group(&spec.name)?;
+                // The size now: resizes go through the log, the catalog has the first one.
+                spec.size = g.size.load(std::sync::atomic::Ordering::SeqCst);
+                Some((spec, g.status(self.id)))
+            })
+            .collect()
     }
 
     pub fn group(&self, volume: &str) -> Option<Group> {
@@ -307,14 +575,14 @@ impl Node {
     }
 
     /// Opens (or creates) this node's replica of `volume` (`size` bytes) and starts its raft.
-    pub async fn open_volume(&self, volume: &str, size: u64) -> io::Result<Group> {
+    pub async fn open_volume(self: &Arc<Node>, volume: &str, size: u64) -> io::Result<Group> {
         if let Some(g) = self.group(volume) {
             return Ok(g);
         }
         let dir = self.dir.join(volume);
         let log = LogStore::open(&dir.join("log"))?;
         let sm = StateMachine::open(&dir.join("blocks"), size)?;
-        let blocks = sm.blocks();
+        let (blocks, size) = (sm.blocks(), sm.size());
         let config = Arc::new(
             raft_config(self.timing)
                 .validate()
@@ -336,6 +604,9 @@ impl Node {
             .write()
             .unwrap()
             .insert(volume.to_string(), g.clone());
+        if let Some(server) = self.nbd.read().unwrap().as_ref() {
+            server.add(self.export(&g));
+        }
         Ok(g)
     }
 
@@ -390,8 +661,21 @@ impl Node {
         }
     }
 
-    async fn handle(&self, rpc: Rpc) -> Reply {
+    async fn handle(self: &Arc<Node>, rpc: Rpc) -> Reply {
+        let done = |r: io::Result<()>| Reply::Done(r.map_err(|e| e.to_string()));
         let volume = match &rpc {
+            Rpc::Open(spec) => return done(self.open_replica(spec).await),
+            Rpc::Create(spec) => return done(self.create_volume(spec).await),
+            Rpc::Drop(name) => return done(self.drop_replica(name).await),
+            Rpc::Delete(name) => return done(self.delete_volume(name).await),
+            Rpc::List => return Reply::Volumes(self.volumes().await),
+            Rpc::Resize(name, size) => {
+                let Some(g) = self.group(name) else {
+                    return Reply::NoVolume(name.clone());
+                };
+                let v = RaftVolume::new(self.clone(), g);
+                return done(v.resize(*size).await);
+            }
             Rpc::Append(v, _)
             | Rpc::Vote(v, _)
             | Rpc::Snapshot(v, ..)
@@ -418,6 +702,12 @@ impl Node {
                 Reply::Extents(g.leader_extents(off, len).await.map_err(|e| e.to_string()))
             }
             Rpc::Status(_) => Reply::Status(g.status(self.id)),
+            Rpc::Open(_)
+            | Rpc::Create(_)
+            | Rpc::Drop(_)
+            | Rpc::Delete(_)
+            | Rpc::List
+            | Rpc::Resize(..) => unreachable!("answered above"),
         }
     }
 }
@@ -501,7 +791,10 @@ impl Group {
         length: u64,
     ) -> Result<Vec<(u64, bool)>, NotHereOr> {
         self.read_barrier().await?;
-        let (blocks, size) = (self.blocks.clone(), self.size);
+        let (blocks, size) = (
+            self.blocks.clone(),
+            self.size.load(std::sync::atomic::Ordering::SeqCst),
+        );
         tokio::task::spawn_blocking(move || {
             let f = blocks.read().unwrap();
             crate::volume::file_extents(&f, size, offset, length)
@@ -588,6 +881,22 @@ impl RaftVolume {
         ))
     }
 
+    /// Grows the volume to `size` bytes (through the log, so every replica grows).
+    pub async fn resize(&self, size: u64) -> io::Result<()> {
+        use crate::volume::Volume;
+        if size < self.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "volume {}: {size} bytes is smaller than its {} (volumes only grow)",
+                    self.group.name,
+                    self.size()
+                ),
+            ));
+        }
+        self.write_op(BlockOp::Resize { size }).await
+    }
+
     async fn write_op(&self, op: BlockOp) -> io::Result<()> {
         let rpc = Rpc::Write(self.group.name.clone(), op.clone());
         self.on_leader(
@@ -605,7 +914,7 @@ impl RaftVolume {
 #[async_trait::async_trait]
 impl crate::volume::Volume for RaftVolume {
     fn size(&self) -> u64 {
-        self.group.size
+        self.group.size.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn fast_zero(&self) -> bool {
@@ -684,6 +993,43 @@ impl crate::volume::Volume for RaftVolume {
 
     async fn cache(&self, _offset: u64, _length: u64) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Sends a volume-management request to the node at `addr`.
+async fn manage(addr: &str, rpc: Rpc) -> io::Result<()> {
+    let mut conn = None;
+    match call(&mut conn, addr, &rpc).await? {
+        Reply::Done(r) => r.map_err(err),
+        Reply::NoVolume(v) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no volume {v}"),
+        )),
+        other => Err(err(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Creates a volume through the node at `addr`.
+pub async fn create(addr: &str, spec: VolumeSpec) -> io::Result<()> {
+    manage(addr, Rpc::Create(spec)).await
+}
+
+/// Deletes a volume through the node at `addr`.
+pub async fn delete(addr: &str, name: &str) -> io::Result<()> {
+    manage(addr, Rpc::Delete(name.to_string())).await
+}
+
+/// Grows a volume through the node at `addr`.
+pub async fn resize(addr: &str, name: &str, size: u64) -> io::Result<()> {
+    manage(addr, Rpc::Resize(name.to_string(), size)).await
+}
+
+/// The volumes the node at `addr` holds.
+pub async fn list(addr: &str) -> io::Result<Vec<(VolumeSpec, Status)>> {
+    let mut conn = None;
+    match call(&mut conn, addr, &Rpc::List).await? {
+        Reply::Volumes(v) => Ok(v),
+        other => Err(err(format!("unexpected reply {other:?}"))),
     }
 }
 

@@ -38,7 +38,8 @@ struct SnapshotFile {
 #[derive(Debug)]
 pub struct StateMachine {
     dir: PathBuf,
-    size: u64,
+    /// The volume's size now (grown by `Resize`), shared with the front end.
+    size: Size,
     /// Shared with the volume's readers; replaced whole when a snapshot is installed.
     blocks: Blocks,
     last_applied: Option<LogId>,
@@ -49,6 +50,12 @@ pub struct StateMachine {
 
 /// The blocks file of a volume, shared by the state machine and the readers.
 pub type Blocks = std::sync::Arc<std::sync::RwLock<File>>;
+/// A volume's size, shared by the state machine and the front end.
+pub type Size = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+fn load(size: &Size) -> u64 {
+    size.load(std::sync::atomic::Ordering::SeqCst)
+}
 
 fn dup(blocks: &Blocks) -> io::Result<File> {
     blocks.read().unwrap_or_else(|e| e.into_inner()).try_clone()
@@ -135,6 +142,12 @@ fn set_current(dir: &Path, meta: &Meta) -> io::Result<()> {
 fn apply_op(blocks: &File, op: &BlockOp) -> io::Result<()> {
     match op {
         BlockOp::Write { offset, data } => blocks.write_all_at(data, *offset),
+        BlockOp::Resize { size } => {
+            if blocks.metadata()?.len() < *size {
+                blocks.set_len(*size)?;
+            }
+            Ok(())
+        }
         BlockOp::Zero {
             offset,
             length,
@@ -160,7 +173,8 @@ fn apply_op(blocks: &File, op: &BlockOp) -> io::Result<()> {
 }
 
 impl StateMachine {
-    /// Opens the state machine of a volume of `size` bytes in `dir` (created if new).
+    /// Opens the state machine of a volume of `size` bytes in `dir` (created if new; one that
+    /// has grown keeps its size).
     pub fn open(dir: &Path, size: u64) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir.join("snapshots"))?;
         let blocks = std::fs::OpenOptions::new()
@@ -169,13 +183,15 @@ impl StateMachine {
             .create(true)
             .truncate(false)
             .open(dir.join("volume.img"))?;
-        if blocks.metadata()?.len() != size {
+        let len = blocks.metadata()?.len();
+        if len < size {
             blocks.set_len(size)?;
         }
+        let size = len.max(size);
         let cur = current(dir)?;
         Ok(StateMachine {
             dir: dir.to_owned(),
-            size,
+            size: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(size)),
             blocks: std::sync::Arc::new(std::sync::RwLock::new(blocks)),
             last_applied: cur.as_ref().and_then(|m| m.last_log_id),
             membership: cur.map(|m| m.last_membership).unwrap_or_default(),
@@ -189,8 +205,9 @@ impl StateMachine {
         self.blocks.clone()
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
+    /// The volume's size, as it grows.
+    pub fn size(&self) -> Size {
+        self.size.clone()
     }
 }
 
@@ -256,6 +273,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(sm_err)?;
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
+            if let EntryPayload::Normal(BlockOp::Resize { size }) = &e.payload {
+                self.size
+                    .fetch_max(*size, std::sync::atomic::Ordering::SeqCst);
+            }
             if let EntryPayload::Membership(m) = e.payload {
                 self.membership = StoredMembership::new(Some(e.log_id), m);
             }
@@ -275,7 +296,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         SnapshotBuilder {
             dir: self.dir.clone(),
-            size: self.size,
+            size: load(&self.size),
             blocks: dup(&self.blocks),
             meta: Meta {
                 last_log_id: self.last_applied,
@@ -302,7 +323,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let mut received = snapshot.into_std().await;
-        let (dir, size, m) = (self.dir.clone(), self.size, meta.clone());
+        let (dir, size, m) = (self.dir.clone(), load(&self.size), meta.clone());
         let blocks = tokio::task::spawn_blocking(move || {
             let img = snapshot_path(&dir, &m.snapshot_id, "img");
             sparse_copy(&mut received, &img, size)?;
@@ -320,6 +341,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
+        let len = blocks.metadata().map_err(snap_err)?.len();
+        self.size
+            .fetch_max(len, std::sync::atomic::Ordering::SeqCst);
         *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         self.last_applied = meta.last_log_id;
