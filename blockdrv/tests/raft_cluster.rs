@@ -226,7 +226,7 @@ fn writes_through_one_node_read_back_through_another_and_every_replica_is_identi
     let c = Cluster::start(&[]);
     let info = ok(&["nbdinfo", &c.uri(0)]);
     assert!(info.contains("export-size: 67108864"), "{info}");
-    assert!(info.contains("block_size_maximum: 4194304"), "{info}");
+    assert!(info.contains("block_size_maximum: 1048576"), "{info}");
     assert!(info.contains("can_multi_conn: true"), "{info}");
     let leader = c.leader();
     let (via, other) = ((leader + 1) % 3, (leader + 2) % 3);

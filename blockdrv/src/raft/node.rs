@@ -81,13 +81,17 @@ pub struct Status {
     pub members: Vec<NodeId>,
 }
 
+/// Data in a reply, encoded as bytes (not element by element).
+#[derive(Debug, Serialize, Deserialize)]
+struct Bytes(#[serde(with = "serde_bytes")] Vec<u8>);
+
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     Write(Result<(), String>),
-    Read(Result<Vec<u8>, String>),
+    Read(Result<Bytes, String>),
     Extents(Result<Vec<(u64, bool)>, String>),
     Status(Status),
     NoVolume(String),
@@ -307,7 +311,7 @@ fn check_volume_name(name: &str) -> io::Result<()> {
 /// How long a request waits for a leader (an election) before it fails.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// The longest read or write of a replicated volume (one log entry).
-const MAX_REQUEST: u32 = 4 << 20;
+const MAX_REQUEST: u32 = 1 << 20;
 
 /// Raft timing: heartbeats, and the election timeout range (which bounds failover).
 #[derive(Debug, Clone, Copy)]
@@ -336,8 +340,9 @@ fn raft_config(t: Timing) -> openraft::Config {
         election_timeout_max: t.election_ms.1,
         install_snapshot_timeout: 4 * t.heartbeat_ms.max(500),
         snapshot_max_chunk_size: 1 << 20,
-        // An AppendEntries carries at most 8 x 4 MiB.
-        max_payload_entries: 8,
+        // An AppendEntries carries at most 32 x 1 MiB: it must arrive within a heartbeat
+        // interval (openraft's timeout for it), and small writes need many per round.
+        max_payload_entries: 32,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
         max_in_snapshot_log_to_keep: t.snapshot_logs / 10,
         ..Default::default()
@@ -695,9 +700,12 @@ impl Node {
                 Reply::Snapshot(g.raft.install_snapshot(r).await)
             }
             Rpc::Write(_, op) => Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string())),
-            Rpc::Read(_, off, len) => {
-                Reply::Read(g.leader_read(off, len).await.map_err(|e| e.to_string()))
-            }
+            Rpc::Read(_, off, len) => Reply::Read(
+                g.leader_read(off, len)
+                    .await
+                    .map(Bytes)
+                    .map_err(|e| e.to_string()),
+            ),
             Rpc::Extents(_, off, len) => {
                 Reply::Extents(g.leader_extents(off, len).await.map_err(|e| e.to_string()))
             }
@@ -760,6 +768,18 @@ impl Group {
     /// Waits until this node may serve a linearizable read (it leads and has applied the read
     /// index).
     async fn read_barrier(&self) -> Result<(), NotHereOr> {
+        // A leader lease: a quorum acknowledged this leader within half the shortest election
+        // timeout (followers refuse to vote while they hear from their leader), and it has
+        // applied an entry of its own term, so every write committed before it led is applied
+        // (and every write it acknowledged was applied before it was acknowledged).
+        let m = self.raft.metrics().borrow().clone();
+        let lease = self.raft.config().election_timeout_min / 2;
+        if m.state == openraft::ServerState::Leader
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease)
+            && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+        {
+            return Ok(());
+        }
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -827,11 +847,37 @@ impl std::fmt::Display for NotHereOr {
 pub struct RaftVolume {
     node: Arc<Node>,
     group: Group,
+    /// Idle connections to leaders, by address, for forwarded requests.
+    pool: std::sync::Mutex<HashMap<String, Vec<TcpStream>>>,
 }
 
 impl RaftVolume {
     pub fn new(node: Arc<Node>, group: Group) -> RaftVolume {
-        RaftVolume { node, group }
+        RaftVolume {
+            node,
+            group,
+            pool: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked).
+    async fn forward(&self, addr: &str, rpc: &Rpc) -> io::Result<Reply> {
+        let mut conn = self
+            .pool
+            .lock()
+            .unwrap()
+            .get_mut(addr)
+            .and_then(|v| v.pop());
+        let r = call(&mut conn, addr, rpc).await;
+        if let Some(c) = conn {
+            self.pool
+                .lock()
+                .unwrap()
+                .entry(addr.to_string())
+                .or_default()
+                .push(c);
+        }
+        r
     }
 
     /// Runs `here` on this node if it leads, else `there` on the leader; retries while there
@@ -847,7 +893,6 @@ impl RaftVolume {
         Fut: std::future::Future<Output = Result<T, NotHereOr>>,
     {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let mut conn: Option<TcpStream> = None;
         let mut last = String::new();
         while tokio::time::Instant::now() < deadline {
             let addr = match self.group.leader_addr(self.node.id) {
@@ -863,7 +908,7 @@ impl RaftVolume {
                 Some(a) => Some(a),
             };
             if let Some(addr) = addr {
-                match call(&mut conn, &addr, &there).await {
+                match self.forward(&addr, &there).await {
                     Ok(reply) => match unpack(reply) {
                         Some(Ok(v)) => return Ok(v),
                         // The leader changed under us, or it failed: ask again.
@@ -930,7 +975,7 @@ impl crate::volume::Volume for RaftVolume {
             || self.group.leader_read(offset, length),
             Rpc::Read(self.group.name.clone(), offset, length),
             |r| match r {
-                Reply::Read(r) => Some(r),
+                Reply::Read(r) => Some(r.map(|b| b.0)),
                 _ => None,
             },
         )
