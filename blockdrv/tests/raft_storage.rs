@@ -143,3 +143,37 @@ async fn blocks_survive_reopen_snapshots_stay_sparse_and_install_elsewhere() {
         "its own write is gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_applies_its_operations_in_order_and_grows_the_volume() {
+    use blockdrv::raft::BlockOp;
+    use openraft::storage::RaftStateMachine;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(dir.path(), 1 << 20).unwrap();
+    let size = sm.size();
+    sm.apply(vec![entry(
+        1,
+        BlockOp::Batch(vec![
+            BlockOp::Write {
+                offset: 0,
+                data: vec![1; 8192],
+            },
+            BlockOp::Zero {
+                offset: 0,
+                length: 4096,
+                allocate: true,
+            },
+            BlockOp::Resize { size: 2 << 20 },
+            BlockOp::Write {
+                offset: (2 << 20) - 4096,
+                data: vec![3; 4096],
+            },
+        ]),
+    )])
+    .await
+    .unwrap();
+    assert_eq!(read(&sm, 0, 4096), vec![0; 4096]);
+    assert_eq!(read(&sm, 4096, 4096), vec![1; 4096]);
+    assert_eq!(read(&sm, (2 << 20) - 4096, 4096), vec![3; 4096]);
+    assert_eq!(size.load(std::sync::atomic::Ordering::SeqCst), 2 << 20);
+}

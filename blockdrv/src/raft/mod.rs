@@ -23,6 +23,8 @@ pub enum BlockOp {
     },
     /// The volume grows to `size` bytes (never shrinks).
     Resize { size: u64 },
+    /// Several operations in one entry, applied in order (writes that arrived together).
+    Batch(Vec<BlockOp>),
     /// The range reads as zeroes; `allocate`: without a hole.
     Zero {
         offset: u64,

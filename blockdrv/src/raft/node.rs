@@ -258,6 +258,61 @@ pub struct Group {
     size: Size,
     pub raft: Raft<TypeConfig>,
     blocks: Blocks,
+    /// Writes queued for the group commit ([`batcher`]).
+    queue: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+/// A write waiting for the group commit, and who waits for its outcome.
+type Pending = (BlockOp, tokio::sync::oneshot::Sender<Result<(), NotHereOr>>);
+
+/// Most bytes of write data, and most operations, in one log entry.
+const BATCH_BYTES: usize = 4 << 20;
+const BATCH_OPS: usize = 256;
+
+fn op_bytes(op: &BlockOp) -> usize {
+    match op {
+        BlockOp::Write { data, .. } => data.len(),
+        BlockOp::Batch(ops) => ops.iter().map(op_bytes).sum(),
+        _ => 0,
+    }
+}
+
+/// The group commit of one group: while an entry is being committed, the writes that arrive
+/// queue up and go into the log together as the next one (one entry, one fsync per replica, one
+/// round of replication for all of them).
+async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let mut bytes = op_bytes(&first.0);
+        let mut batch = vec![first];
+        while bytes < BATCH_BYTES && batch.len() < BATCH_OPS {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += op_bytes(&p.0);
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (mut ops, waiters): (Vec<BlockOp>, Vec<_>) = batch.into_iter().unzip();
+        let op = if ops.len() == 1 {
+            ops.pop().expect("one")
+        } else {
+            BlockOp::Batch(ops)
+        };
+        let outcome = match raft.client_write(op).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(NotHereOr::NotHere(match f.leader_node {
+                    Some(n) => NotHere::Leader(n.addr),
+                    None => NotHere::NoLeader("no leader yet".into()),
+                }))
+            }
+            Err(e) => Err(NotHereOr::Failed(e.to_string())),
+        };
+        for w in waiters {
+            let _ = w.send(outcome.clone());
+        }
+    }
 }
 
 impl std::fmt::Debug for Group {
@@ -340,9 +395,9 @@ fn raft_config(t: Timing) -> openraft::Config {
         election_timeout_max: t.election_ms.1,
         install_snapshot_timeout: 4 * t.heartbeat_ms.max(500),
         snapshot_max_chunk_size: 1 << 20,
-        // An AppendEntries carries at most 32 x 1 MiB: it must arrive within a heartbeat
-        // interval (openraft's timeout for it), and small writes need many per round.
-        max_payload_entries: 32,
+        // An AppendEntries carries at most 8 entries of at most 4 MiB (a group commit): it must
+        // arrive within a heartbeat interval (openraft's timeout for it).
+        max_payload_entries: 8,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
         max_in_snapshot_log_to_keep: t.snapshot_logs / 10,
         ..Default::default()
@@ -599,11 +654,14 @@ impl Node {
         let raft = Raft::new(self.id, config, network, log, sm)
             .await
             .map_err(io::Error::other)?;
+        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(batcher(raft.clone(), rx));
         let g = Group {
             name: volume.to_string(),
             size,
             raft,
             blocks,
+            queue,
         };
         self.groups
             .write()
@@ -721,6 +779,7 @@ impl Node {
 }
 
 /// Why a request did not run here: another node leads, or none does yet.
+#[derive(Debug, Clone)]
 enum NotHere {
     Leader(String),
     NoLeader(String),
@@ -751,18 +810,15 @@ impl Group {
             .map(|n| n.addr.clone())
     }
 
-    /// A write on this node as the leader: done once committed on a majority and applied.
+    /// A write on this node as the leader: done once committed on a majority and applied
+    /// (through the group commit).
     async fn leader_write(&self, op: BlockOp) -> Result<(), NotHereOr> {
-        match self.raft.client_write(op).await {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(NotHereOr::NotHere(match f.leader_node {
-                    Some(n) => NotHere::Leader(n.addr),
-                    None => NotHere::NoLeader("no leader yet".into()),
-                }))
-            }
-            Err(e) => Err(NotHereOr::Failed(e.to_string())),
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue
+            .send((op, tx))
+            .map_err(|_| NotHereOr::Failed("the volume is closing".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(NotHereOr::Failed("the volume is closing".into())))
     }
 
     /// Waits until this node may serve a linearizable read (it leads and has applied the read
@@ -827,6 +883,7 @@ impl Group {
 }
 
 /// A request that could not run on this node.
+#[derive(Debug, Clone)]
 enum NotHereOr {
     NotHere(NotHere),
     Failed(String),

@@ -141,6 +141,7 @@ fn set_current(dir: &Path, meta: &Meta) -> io::Result<()> {
 
 fn apply_op(blocks: &File, op: &BlockOp) -> io::Result<()> {
     match op {
+        BlockOp::Batch(ops) => ops.iter().try_for_each(|o| apply_op(blocks, o)),
         BlockOp::Write { offset, data } => blocks.write_all_at(data, *offset),
         BlockOp::Resize { size } => {
             if blocks.metadata()?.len() < *size {
@@ -273,9 +274,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(sm_err)?;
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
-            if let EntryPayload::Normal(BlockOp::Resize { size }) = &e.payload {
-                self.size
-                    .fetch_max(*size, std::sync::atomic::Ordering::SeqCst);
+            if let EntryPayload::Normal(op) = &e.payload {
+                let grown = match op {
+                    BlockOp::Resize { size } => Some(*size),
+                    BlockOp::Batch(ops) => ops
+                        .iter()
+                        .filter_map(|o| match o {
+                            BlockOp::Resize { size } => Some(*size),
+                            _ => None,
+                        })
+                        .max(),
+                    _ => None,
+                };
+                if let Some(size) = grown {
+                    self.size
+                        .fetch_max(size, std::sync::atomic::Ordering::SeqCst);
+                }
             }
             if let EntryPayload::Membership(m) = e.payload {
                 self.membership = StoredMembership::new(Some(e.log_id), m);
