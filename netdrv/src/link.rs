@@ -604,27 +604,33 @@ impl Netlink {
         if let Some(vid) = vlan {
             m.attributes.push(NeighbourAttribute::Vlan(vid));
         }
-        let what = format!("bridge fdb {dev} {mac:02x?} master");
+        self.neighbour_entry(format!("bridge fdb {dev} {mac:02x?} master"), m, add)
+            .await
+    }
+
+    /// Adds or replaces (`add`) or deletes a neighbour or FDB entry; deleting one that is not
+    /// there is fine.
+    async fn neighbour_entry(&self, what: String, m: NeighbourMessage, add: bool) -> Result<()> {
         if add {
             let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-            self.request(what, RouteNetlinkMessage::NewNeighbour(m), flags)
-                .await
-        } else {
-            match self
-                .request(
-                    what,
-                    RouteNetlinkMessage::DelNeighbour(m),
-                    NLM_F_REQUEST | NLM_F_ACK,
-                )
-                .await
+            return self
+                .request(what, RouteNetlinkMessage::NewNeighbour(m), flags)
+                .await;
+        }
+        match self
+            .request(
+                what,
+                RouteNetlinkMessage::DelNeighbour(m),
+                NLM_F_REQUEST | NLM_F_ACK,
+            )
+            .await
+        {
+            Err(Error::Netlink { reason, .. })
+                if reason.contains("No such file") || reason.contains("not found") =>
             {
-                Err(Error::Netlink { reason, .. })
-                    if reason.contains("No such file") || reason.contains("not found") =>
-                {
-                    Ok(())
-                }
-                r => r,
+                Ok(())
             }
+            r => r,
         }
     }
 
@@ -681,31 +687,12 @@ impl Netlink {
         m.header.state = NeighbourState::Permanent;
         m.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        let what = format!("neighbour {ip} on {dev}");
-        match mac {
-            Some(mac) => {
-                m.attributes
-                    .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
-                let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-                self.request(what, RouteNetlinkMessage::NewNeighbour(m), flags)
-                    .await
-            }
-            None => match self
-                .request(
-                    what,
-                    RouteNetlinkMessage::DelNeighbour(m),
-                    NLM_F_REQUEST | NLM_F_ACK,
-                )
-                .await
-            {
-                Err(Error::Netlink { reason, .. })
-                    if reason.contains("No such file") || reason.contains("not found") =>
-                {
-                    Ok(())
-                }
-                r => r,
-            },
+        if let Some(mac) = mac {
+            m.attributes
+                .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
         }
+        self.neighbour_entry(format!("neighbour {ip} on {dev}"), m, mac.is_some())
+            .await
     }
 
     /// FDB entries with a remote destination per device name: the flood entries (all-zero MAC)
