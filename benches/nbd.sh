@@ -115,6 +115,7 @@ done
 survivor=$FOLLOWER
 kill -9 "${NODE[$LEADER]}"
 t0=$(now)
+wait "${NODE[$LEADER]}" 2>/dev/null || true
 qemu-io -f raw -c "write -P 9 0 4k" "nbd+unix:///v?socket=$WORK/n$survivor.sock" >/dev/null
 t1=$(now)
 awk -v a="$t0" -v b="$t1" 'BEGIN { printf "failover: leader killed -> next write acknowledged in %.2f s\n", b - a }'
