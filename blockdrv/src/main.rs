@@ -63,6 +63,15 @@ enum VolumeCmd {
         #[arg(long)]
         addr: String,
     },
+    /// Replaces a volume's replica on node FROM (alive or dead) by one on node TO=ADDR.
+    Move {
+        #[arg(long)]
+        addr: String,
+        name: String,
+        from: u64,
+        /// ID=ADDR of the node taking the replica.
+        to: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -234,6 +243,20 @@ async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
         VolumeCmd::Resize { addr, name, size } => node::resize(&addr, &name, parse_size(&size)?)
             .await
             .with_context(|| format!("resize volume {name}"))?,
+        VolumeCmd::Move {
+            addr,
+            name,
+            from,
+            to,
+        } => {
+            let Some((id, to_addr)) = to.split_once('=') else {
+                bail!("{to:?}: expected ID=ADDR");
+            };
+            let id: u64 = id.parse().with_context(|| format!("node id in {to:?}"))?;
+            node::move_replica(&addr, &name, from, id, to_addr)
+                .await
+                .with_context(|| format!("move volume {name} from node {from} to {id}"))?;
+        }
         VolumeCmd::List { addr } => {
             let v = node::list(&addr).await?;
             println!("{}", serde_json::to_string(&v)?);

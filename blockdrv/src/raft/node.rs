@@ -60,6 +60,10 @@ enum Rpc {
     /// Grow a volume (through its log).
     Resize(String, u64),
     List,
+    /// Replace member `from` (alive or not) of a volume by node `to` at `addr`.
+    Move(String, NodeId, NodeId, String),
+    /// A volume's members changed: record the new spec.
+    Update(VolumeSpec),
 }
 
 /// A volume as the nodes' catalogs keep it.
@@ -533,6 +537,13 @@ impl Node {
             };
             return Box::pin(self.create_volume(&spec)).await;
         }
+        if !spec.members.contains_key(&self.id) {
+            // A member coordinates.
+            let (id, addr) = spec.members.iter().next().expect("members");
+            return manage(addr, Rpc::Create(spec.clone()))
+                .await
+                .map_err(|e| err(format!("node {id}: {e}")));
+        }
         if self.catalog.lock().await.contains_key(&spec.name) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -557,18 +568,7 @@ impl Node {
                 other => return Err(err(format!("node {id}: unexpected reply {other:?}"))),
             }
         }
-        if spec.members.contains_key(&self.id) {
-            self.initialize(&spec.name, &spec.members).await
-        } else {
-            // Initialize from a member.
-            let (id, addr) = spec.members.iter().next().expect("members");
-            let _ = id;
-            let mut conn = None;
-            match call(&mut conn, addr, &Rpc::Create(spec.clone())).await? {
-                Reply::Done(r) => r.map_err(err),
-                other => Err(err(format!("unexpected reply {other:?}"))),
-            }
-        }
+        self.initialize(&spec.name, &spec.members).await
     }
 
     /// Drops this node's replica of `name`: its raft stops, its export and files go.
@@ -614,6 +614,87 @@ impl Node {
                 Err(e) => tracing::warn!(volume = name, node = id, "not reached: {e}"),
             }
         }
+        Ok(())
+    }
+
+    /// Records `spec` (new members of a volume this node holds).
+    async fn update_spec(&self, spec: &VolumeSpec) -> io::Result<()> {
+        let mut c = self.catalog.lock().await;
+        if c.contains_key(&spec.name) {
+            c.insert(spec.name.clone(), spec.clone());
+            self.save_catalog(&c).await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces member `from` of volume `name` (alive or dead) by node `to` at `addr`, on the
+    /// group's leader (forwarded there): `to` opens an empty replica, joins as a learner and
+    /// catches up (by snapshot if need be), then the membership becomes the new set; the
+    /// members' catalogs follow, and `from` drops its replica if it can be reached.
+    pub async fn move_replica(
+        self: &Arc<Node>,
+        name: &str,
+        from: NodeId,
+        to: NodeId,
+        addr: &str,
+    ) -> io::Result<()> {
+        let g = self
+            .group(name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
+        if let Some(leader) = g.leader_addr(self.id) {
+            return manage(&leader, Rpc::Move(name.into(), from, to, addr.into())).await;
+        }
+        let spec = self
+            .catalog
+            .lock()
+            .await
+            .get(name)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
+        if !spec.members.contains_key(&from) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("volume {name}: node {from} holds no replica"),
+            ));
+        }
+        if spec.members.contains_key(&to) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("volume {name}: node {to} holds a replica already"),
+            ));
+        }
+        let mut new = spec.clone();
+        new.members.remove(&from);
+        new.members.insert(to, addr.to_string());
+        manage(addr, Rpc::Open(new.clone()))
+            .await
+            .map_err(|e| err(format!("node {to}: {e}")))?;
+        g.raft
+            .add_learner(to, BasicNode::new(addr), true)
+            .await
+            .map_err(|e| err(format!("volume {name}: add node {to}: {e}")))?;
+        let voters: std::collections::BTreeSet<NodeId> = new.members.keys().copied().collect();
+        g.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| err(format!("volume {name}: change members: {e}")))?;
+        for (id, a) in &new.members {
+            if *id == self.id {
+                self.update_spec(&new).await?;
+            } else if let Err(e) = manage(a, Rpc::Update(new.clone())).await {
+                tracing::warn!(volume = name, node = id, "catalog not updated: {e}");
+            }
+        }
+        let old = spec.members[&from].clone();
+        let dropped = if from == self.id {
+            self.drop_replica(name).await
+        } else {
+            manage(&old, Rpc::Drop(name.into())).await
+        };
+        if let Err(e) = dropped {
+            tracing::warn!(volume = name, node = from, "replica not dropped: {e}");
+        }
+        tracing::info!(volume = name, from, to, "replica moved");
         Ok(())
     }
 
@@ -732,6 +813,10 @@ impl Node {
             Rpc::Drop(name) => return done(self.drop_replica(name).await),
             Rpc::Delete(name) => return done(self.delete_volume(name).await),
             Rpc::List => return Reply::Volumes(self.volumes().await),
+            Rpc::Move(name, from, to, addr) => {
+                return done(self.move_replica(name, *from, *to, addr).await)
+            }
+            Rpc::Update(spec) => return done(self.update_spec(spec).await),
             Rpc::Resize(name, size) => {
                 let Some(g) = self.group(name) else {
                     return Reply::NoVolume(name.clone());
@@ -773,6 +858,8 @@ impl Node {
             | Rpc::Drop(_)
             | Rpc::Delete(_)
             | Rpc::List
+            | Rpc::Move(..)
+            | Rpc::Update(_)
             | Rpc::Resize(..) => unreachable!("answered above"),
         }
     }
@@ -955,7 +1042,10 @@ impl RaftVolume {
             let addr = match self.group.leader_addr(self.node.id) {
                 None => match here().await {
                     Ok(v) => return Ok(v),
-                    Err(NotHereOr::Failed(e)) => return Err(io::Error::other(e)),
+                    Err(NotHereOr::Failed(e)) => {
+                        tracing::warn!(volume = %self.group.name, "request failed: {e}");
+                        return Err(io::Error::other(e));
+                    }
                     Err(NotHereOr::NotHere(NotHere::Leader(a))) => Some(a),
                     Err(NotHereOr::NotHere(NotHere::NoLeader(m))) => {
                         last = m;
@@ -1109,6 +1199,17 @@ async fn manage(addr: &str, rpc: Rpc) -> io::Result<()> {
         )),
         other => Err(err(format!("unexpected reply {other:?}"))),
     }
+}
+
+/// Replaces member `from` of a volume by `to` at `to_addr`, through the node at `addr`.
+pub async fn move_replica(
+    addr: &str,
+    name: &str,
+    from: NodeId,
+    to: NodeId,
+    to_addr: &str,
+) -> io::Result<()> {
+    manage(addr, Rpc::Move(name.into(), from, to, to_addr.into())).await
 }
 
 /// Creates a volume through the node at `addr`.
