@@ -4,6 +4,7 @@ mod console;
 mod net;
 mod router;
 mod table;
+mod volume;
 
 use std::process::ExitCode;
 
@@ -83,6 +84,8 @@ enum Cmd {
     Net(net::NetCmd),
     #[command(flatten)]
     Router(router::RouterCmd),
+    #[command(flatten)]
+    Volume(volume::VolumeCmd),
 }
 
 fn main() -> ExitCode {
@@ -277,6 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Net(cmd) => net::run(cmd, &conn, &host, &cli.bus_name, cli.json).await?,
         Cmd::Router(cmd) => router::run(cmd, &conn, &host, &cli.bus_name, cli.json).await?,
+        Cmd::Volume(cmd) => volume::run(cmd, &host, cli.json).await?,
         Cmd::Console {
             domain: name,
             devname,

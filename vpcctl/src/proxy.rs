@@ -3,6 +3,9 @@
 use zbus::proxy;
 use zbus::zvariant::{OwnedFd, OwnedObjectPath};
 
+/// A volume: (name, size, leader node (0: none), health, replicas (node, address), NBD URI).
+pub type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String);
+
 /// The well-known name vpcd takes by default.
 pub const BUS_NAME: &str = "org.vpcd.Host1";
 pub const HOST_PATH: &str = "/org/vpcd/Host1";
@@ -23,6 +26,11 @@ pub trait Host {
     fn lookup_floating_ip(&self, ip: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_floating_ips(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
     fn bgp_sessions(&self) -> zbus::Result<Vec<(String, String, u64, u64)>>;
+    fn create_volume(&self, name: &str, size: u64) -> zbus::Result<VolumeRow>;
+    fn resize_volume(&self, name: &str, size: u64) -> zbus::Result<VolumeRow>;
+    fn delete_volume(&self, name: &str) -> zbus::Result<()>;
+    fn list_volumes(&self) -> zbus::Result<Vec<VolumeRow>>;
+    fn volume_info(&self, name: &str) -> zbus::Result<VolumeRow>;
     fn evpn_routes(&self) -> zbus::Result<Vec<(String, u32, String, String)>>;
     #[allow(clippy::too_many_arguments)]
     fn create_port(

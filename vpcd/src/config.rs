@@ -94,6 +94,12 @@ pub struct Config {
     pub bgp_listen_ranges: Vec<String>,
     /// Where FRR's daemons are.
     pub frr_bin_dir: PathBuf,
+    /// Storage role: this node's id in the block storage cluster (1 or more).
+    pub storage_node_id: u64,
+    /// Storage role: where the other storage nodes reach this one, `ADDRESS:PORT`.
+    pub storage_listen: String,
+    /// Storage role: every storage node (this one too), `ID=ADDRESS:PORT`.
+    pub storage_members: Vec<String>,
 }
 
 impl Default for Config {
@@ -128,6 +134,9 @@ impl Default for Config {
             bgp_keepalive: 0,
             bgp_listen_ranges: Vec::new(),
             frr_bin_dir: PathBuf::from("/usr/lib/frr"),
+            storage_node_id: 0,
+            storage_listen: String::new(),
+            storage_members: Vec::new(),
         }
     }
 }
@@ -203,6 +212,39 @@ impl Config {
             (!self.external_pool.is_empty()).then_some(self.external_pool.as_str()),
         )
         .map(Some)
+    }
+
+    /// This host's storage node, if it has the storage role.
+    pub fn storage(&self) -> Result<Option<crate::storage::StorageConfig>, String> {
+        if !self.roles.iter().any(|r| r == "storage") {
+            return Ok(None);
+        }
+        if self.storage_node_id == 0 {
+            return Err("the storage role needs storage_node_id (1 or more)".into());
+        }
+        let listen: std::net::SocketAddr = self.storage_listen.parse().map_err(|_| {
+            format!(
+                "storage_listen {:?} is not ADDRESS:PORT",
+                self.storage_listen
+            )
+        })?;
+        let mut members = std::collections::BTreeMap::new();
+        for m in &self.storage_members {
+            let bad = || format!("storage_members: {m:?} is not ID=ADDRESS:PORT");
+            let (id, addr) = m.split_once('=').ok_or_else(bad)?;
+            let id: u64 = id.parse().map_err(|_| bad())?;
+            addr.parse::<std::net::SocketAddr>().map_err(|_| bad())?;
+            members.insert(id, addr.to_string());
+        }
+        members
+            .entry(self.storage_node_id)
+            .or_insert_with(|| listen.to_string());
+        Ok(Some(crate::storage::StorageConfig {
+            id: self.storage_node_id,
+            listen,
+            members,
+            dir: self.state_dir.join("sbs"),
+        }))
     }
 
     /// The route reflector this host runs, if it has the management role.
@@ -317,13 +359,14 @@ impl Config {
         self.external().map_err(ConfigError::Invalid)?;
         self.evpn().map_err(ConfigError::Invalid)?;
         self.frr().map_err(ConfigError::Invalid)?;
+        self.storage().map_err(ConfigError::Invalid)?;
         if let Some(r) = self
             .roles
             .iter()
-            .find(|r| !matches!(r.as_str(), "compute" | "route" | "management"))
+            .find(|r| !matches!(r.as_str(), "compute" | "route" | "management" | "storage"))
         {
             return Err(ConfigError::Invalid(format!(
-                "roles: unknown role {r:?} (compute, route, management)"
+                "roles: unknown role {r:?} (compute, route, management, storage)"
             )));
         }
         if let Some(d) = self

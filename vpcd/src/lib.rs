@@ -7,6 +7,7 @@ mod error;
 pub mod frr;
 pub mod manager;
 pub mod network;
+pub mod storage;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -72,7 +72,8 @@ struct Cli {
     /// A DNS server handed out by DHCP (repeat for several).
     #[arg(long = "dns-server")]
     dns_servers: Vec<String>,
-    /// A role of this host: compute, route (repeat for several; default both).
+    /// A role of this host: compute, route, management, storage (repeat for several; default
+    /// compute and route).
     #[arg(long = "role")]
     roles: Vec<String>,
     /// EVPN: this host's AS.
@@ -93,6 +94,15 @@ struct Cli {
     /// Management role: a prefix compute hosts peer from (repeat for several).
     #[arg(long = "bgp-listen-range")]
     bgp_listen_ranges: Vec<String>,
+    /// Storage role: this node's id in the storage cluster.
+    #[arg(long)]
+    storage_node_id: Option<u64>,
+    /// Storage role: ADDRESS:PORT the other storage nodes reach this one at.
+    #[arg(long)]
+    storage_listen: Option<String>,
+    /// Storage role: a storage node, ID=ADDRESS:PORT (repeat for every one).
+    #[arg(long = "storage-member")]
+    storage_members: Vec<String>,
 }
 
 impl Cli {
@@ -135,6 +145,13 @@ impl Cli {
         list("roles", &self.roles);
         list("bgp_peers", &self.bgp_peers);
         list("bgp_listen_ranges", &self.bgp_listen_ranges);
+        list("storage_members", &self.storage_members);
+        if let Some(l) = &self.storage_listen {
+            d.insert("storage_listen".into(), Value::from(l.clone()));
+        }
+        if let Some(id) = self.storage_node_id {
+            d.insert("storage_node_id".into(), Value::from(id));
+        }
         if let Some(id) = &self.bgp_router_id {
             d.insert("bgp_router_id".into(), Value::from(id.clone()));
         }

@@ -81,6 +81,8 @@ pub struct Manager {
     events: broadcast::Sender<ManagerEvent>,
     /// The FRR supervisor of the management role.
     _frr: Option<tokio::task::JoinHandle<()>>,
+    /// The storage node of the storage role.
+    storage: Option<crate::storage::Storage>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -147,6 +149,10 @@ impl Manager {
             }
             None => None,
         };
+        let storage = match cfg.storage().map_err(anyhow::Error::msg)? {
+            Some(s) => Some(crate::storage::Storage::start(&s).await?),
+            None => None,
+        };
         let (events, _) = broadcast::channel(1024);
         let manager = Arc::new(Manager {
             net,
@@ -165,6 +171,7 @@ impl Manager {
             locks: Mutex::new(HashMap::new()),
             events,
             _frr: frr,
+            storage,
         });
         manager.follow_events();
         manager.reconcile().await?;
@@ -221,6 +228,15 @@ impl Manager {
     }
 
     /// The tenant networks of this host.
+    /// The storage node, if this host has the storage role.
+    pub fn storage(&self) -> Result<&crate::storage::Storage> {
+        self.storage.as_ref().ok_or_else(|| {
+            Error::InvalidState(
+                "this host does not have the storage role (roles in vpcd.toml)".into(),
+            )
+        })
+    }
+
     pub fn net(&self) -> Result<&NetManager> {
         self.net
             .as_ref()

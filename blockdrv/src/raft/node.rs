@@ -617,6 +617,14 @@ impl Node {
         Ok(())
     }
 
+    /// Grows volume `name` (one this node holds) to `size` bytes.
+    pub async fn resize_volume(self: &Arc<Node>, name: &str, size: u64) -> io::Result<()> {
+        let g = self
+            .group(name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
+        RaftVolume::new(self.clone(), g).resize(size).await
+    }
+
     /// Records `spec` (new members of a volume this node holds).
     async fn update_spec(&self, spec: &VolumeSpec) -> io::Result<()> {
         let mut c = self.catalog.lock().await;
@@ -818,11 +826,10 @@ impl Node {
             }
             Rpc::Update(spec) => return done(self.update_spec(spec).await),
             Rpc::Resize(name, size) => {
-                let Some(g) = self.group(name) else {
+                if self.group(name).is_none() {
                     return Reply::NoVolume(name.clone());
-                };
-                let v = RaftVolume::new(self.clone(), g);
-                return done(v.resize(*size).await);
+                }
+                return done(self.resize_volume(name, *size).await);
             }
             Rpc::Append(v, _)
             | Rpc::Vote(v, _)

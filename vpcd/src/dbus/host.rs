@@ -126,6 +126,39 @@ impl HostIface {
             .collect())
     }
 
+    /// Creates a replicated volume of `size` bytes (on 3 storage nodes).
+    async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeRow, ApiError> {
+        Ok(row(self.manager.storage()?.create(name, size).await?))
+    }
+
+    /// Grows a volume to `size` bytes.
+    async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeRow, ApiError> {
+        Ok(row(self.manager.storage()?.resize(name, size).await?))
+    }
+
+    /// Deletes a volume on all its nodes.
+    async fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
+        Ok(self.manager.storage()?.delete(name).await?)
+    }
+
+    /// The volumes this host holds: (name, size, leader node (0: none), health, members
+    /// (id, address), NBD URI on this host).
+    async fn list_volumes(&self) -> Result<Vec<VolumeRow>, ApiError> {
+        Ok(self
+            .manager
+            .storage()?
+            .list()
+            .await?
+            .into_iter()
+            .map(row)
+            .collect())
+    }
+
+    /// One volume, as in `ListVolumes`.
+    async fn volume_info(&self, name: &str) -> Result<VolumeRow, ApiError> {
+        Ok(row(self.manager.storage()?.info(name).await?))
+    }
+
     /// EVPN sessions: (peer, state, established since (Unix seconds, 0 if not), routes
     /// received). Empty without EVPN.
     async fn bgp_sessions(&self) -> Result<Vec<(String, String, u64, u64)>, ApiError> {
@@ -265,4 +298,11 @@ impl HostIface {
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
     }
+}
+
+/// A volume on the wire: (name, size, leader, health, members (id, address), NBD URI).
+type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String);
+
+fn row(v: crate::storage::VolumeInfo) -> VolumeRow {
+    (v.name, v.size, v.leader, v.health, v.members, v.uri)
 }

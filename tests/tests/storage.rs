@@ -1,0 +1,176 @@
+//! The storage role: vpcd runs a block storage node in-process; volumes through D-Bus and
+//! vpcctl (vol-create, vol-list, vol-info, vol-resize, vol-delete, vol-export), served over NBD
+//! on every host holding a replica, kept across a SIGKILL of vpcd, and replicated over three
+//! vpcds.
+
+use std::time::Duration;
+
+use vpcd_tests::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(cmd: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn fails(d: &Daemon, args: &[&str]) -> String {
+    let out = d.vpcctl(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn info(d: &Daemon, name: &str) -> serde_json::Value {
+    serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-info", name])).unwrap()
+}
+
+/// Storage-role flags of node `id` of `ports` (all nodes' RPC ports).
+fn storage_flags(id: usize, ports: &[u16]) -> Vec<String> {
+    let mut f = vec![
+        "--role".to_string(),
+        "compute".into(),
+        "--role".into(),
+        "storage".into(),
+        "--storage-node-id".into(),
+        id.to_string(),
+        "--storage-listen".into(),
+        format!("127.0.0.1:{}", ports[id - 1]),
+    ];
+    for (i, p) in ports.iter().enumerate() {
+        f.push("--storage-member".into());
+        f.push(format!("{}=127.0.0.1:{p}", i + 1));
+    }
+    f
+}
+
+async fn storage_daemon(id: usize, ports: &[u16]) -> Daemon {
+    let flags = storage_flags(id, ports);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    qmp_daemon(&flags).await
+}
+
+#[tokio::test]
+async fn volumes_through_vpcctl_on_a_single_storage_host() {
+    let ports = [free_port()];
+    let mut d = storage_daemon(1, &ports).await;
+    d.vpcctl_ok(&["vol-create", "data", "16M"]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(&d, "data")["health"] == "ok",
+        "the volume's group to have a leader",
+    );
+    let v = info(&d, "data");
+    assert_eq!(v["size"], 16 << 20, "{v}");
+    assert_eq!(v["leader"], 1, "{v}");
+    assert_eq!(v["replicas"].as_array().unwrap().len(), 1, "{v}");
+    let uri = d.vpcctl_ok(&["vol-export", "data"]).trim().to_string();
+    assert!(uri.starts_with("nbd+unix:///data?socket="), "{uri}");
+    let (good, out) = run(&["nbdinfo", "--size", &uri]);
+    assert!(good && out.trim() == "16777216", "{out}");
+    let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "write -P 0x33 1M 1M", &uri]);
+    assert!(good, "{out}");
+    let list: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-list"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert!(d.vpcctl_ok(&["vol-list"]).contains("data"));
+
+    // Bad input: typed errors, nothing changed.
+    let e = fails(&d, &["vol-create", "data", "1M"]);
+    assert!(e.contains("AlreadyExists"), "{e}");
+    let e = fails(&d, &["vol-create", "a/b", "1M"]);
+    assert!(
+        e.contains("InvalidArgument") && e.contains("volume name"),
+        "{e}"
+    );
+    let e = fails(&d, &["vol-resize", "data", "1M"]);
+    assert!(
+        e.contains("InvalidArgument") && e.contains("only grow"),
+        "{e}"
+    );
+    let e = fails(&d, &["vol-info", "nope"]);
+    assert!(e.contains("NotFound"), "{e}");
+    let e = fails(&d, &["vol-create", "big", "1.5G"]);
+    assert!(e.contains("size"), "{e}");
+    assert_eq!(info(&d, "data")["size"], 16 << 20);
+
+    // Grown; then vpcd is SIGKILLed and restarted: the volume and its data are still there.
+    d.vpcctl_ok(&["vol-resize", "data", "32M"]);
+    assert_eq!(info(&d, "data")["size"], 32 << 20);
+    d.restart().await;
+    wait_until(
+        Duration::from_secs(20),
+        || info(&d, "data")["health"] == "ok",
+        "the volume after a restart",
+    );
+    let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "read -P 0x33 1M 1M", &uri]);
+    assert!(good && !out.contains("verification failed"), "{out}");
+    assert_eq!(info(&d, "data")["size"], 32 << 20);
+
+    d.vpcctl_ok(&["vol-delete", "data"]);
+    let e = fails(&d, &["vol-info", "data"]);
+    assert!(e.contains("NotFound"), "{e}");
+    assert!(!d.state.path().join("sbs/data").exists());
+}
+
+#[tokio::test]
+async fn a_host_without_the_storage_role_says_so() {
+    let d = qmp_daemon(&[]).await;
+    let e = fails(&d, &["vol-list"]);
+    assert!(
+        e.contains("InvalidState") && e.contains("storage role"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn three_storage_hosts_replicate_a_volume_created_on_one() {
+    let ports = [free_port(), free_port(), free_port()];
+    let d1 = storage_daemon(1, &ports).await;
+    let d2 = storage_daemon(2, &ports).await;
+    let d3 = storage_daemon(3, &ports).await;
+    d2.vpcctl_ok(&["vol-create", "shared", "16M"]);
+    for d in [&d1, &d2, &d3] {
+        wait_until(
+            Duration::from_secs(20),
+            || {
+                let out = d.vpcctl(&["--json", "vol-info", "shared"]);
+                out.status.success()
+                    && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["health"]
+                        == "ok"
+            },
+            "every host to have the volume with a leader",
+        );
+        assert_eq!(info(d, "shared")["replicas"].as_array().unwrap().len(), 3);
+    }
+    let uri = |d: &Daemon| d.vpcctl_ok(&["vol-export", "shared"]).trim().to_string();
+    let (good, out) = run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x44 0 4M",
+        &uri(&d3),
+    ]);
+    assert!(good, "{out}");
+    let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "read -P 0x44 0 4M", &uri(&d1)]);
+    assert!(good && !out.contains("verification failed"), "{out}");
+    d1.vpcctl_ok(&["vol-delete", "shared"]);
+    for d in [&d1, &d2, &d3] {
+        let e = fails(d, &["vol-info", "shared"]);
+        assert!(e.contains("NotFound"), "{e}");
+    }
+}

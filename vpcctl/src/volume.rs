@@ -1,0 +1,154 @@
+//! Volume verbs (block storage, on hosts with the storage role).
+
+use clap::Subcommand;
+use serde_json::json;
+use vpcctl::proxy::HostProxy;
+
+use crate::table::{print_table, said};
+
+// The verbs are virsh-style names (vol-create, ...): the common prefix is the point.
+#[allow(clippy::enum_variant_names)]
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a replicated volume: NAME SIZE (bytes, or with K, M, G, T).
+    VolCreate { name: String, size: String },
+    /// List the volumes this host holds.
+    VolList,
+    /// Show a volume: size, leader, replicas, health, NBD URI.
+    VolInfo { name: String },
+    /// Grow a volume to SIZE (volumes never shrink).
+    VolResize { name: String, size: String },
+    /// Delete a volume on all its nodes.
+    VolDelete { name: String },
+    /// Print the NBD URI this host serves the volume at.
+    VolExport { name: String },
+}
+
+/// A size: bytes, or a number with K, M, G or T (binary units).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("size {s:?}: a number of bytes, or with K, M, G, T"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))
+}
+
+type Row = (String, u64, u64, String, Vec<(u64, String)>, String);
+
+fn to_json(r: &Row) -> serde_json::Value {
+    let (name, size, leader, health, members, uri) = r;
+    json!({
+        "name": name,
+        "size": size,
+        "leader": (*leader != 0).then_some(*leader),
+        "health": health,
+        "replicas": members.iter().map(|(id, addr)| json!({"node": id, "address": addr})).collect::<Vec<_>>(),
+        "uri": uri,
+    })
+}
+
+pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCmd::VolCreate { name, size } => {
+            let r = host.create_volume(&name, parse_size(&size)?).await?;
+            said(
+                json,
+                &format!(
+                    "Volume '{name}' created ({} bytes, {} replicas)",
+                    r.1,
+                    r.4.len()
+                ),
+            );
+        }
+        VolumeCmd::VolResize { name, size } => {
+            let r = host.resize_volume(&name, parse_size(&size)?).await?;
+            said(json, &format!("Volume '{name}' resized to {} bytes", r.1));
+        }
+        VolumeCmd::VolDelete { name } => {
+            host.delete_volume(&name).await?;
+            said(json, &format!("Volume '{name}' deleted"));
+        }
+        VolumeCmd::VolExport { name } => {
+            let r = host.volume_info(&name).await?;
+            if json {
+                println!("{}", json!({ "uri": r.5 }));
+            } else {
+                println!("{}", r.5);
+            }
+        }
+        VolumeCmd::VolInfo { name } => {
+            let r = host.volume_info(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&to_json(&r))?);
+            } else {
+                let replicas: Vec<String> =
+                    r.4.iter().map(|(id, a)| format!("{id} ({a})")).collect();
+                for (k, v) in [
+                    ("Name:", r.0.clone()),
+                    ("Size:", format!("{} bytes", r.1)),
+                    (
+                        "Leader:",
+                        if r.2 == 0 {
+                            "-".into()
+                        } else {
+                            r.2.to_string()
+                        },
+                    ),
+                    ("Replicas:", replicas.join(", ")),
+                    ("Health:", r.3.clone()),
+                    ("URI:", r.5.clone()),
+                ] {
+                    println!("{k:<10} {v}");
+                }
+                println!();
+            }
+        }
+        VolumeCmd::VolList => {
+            let rows = host.list_volumes().await?;
+            if json {
+                let v: Vec<_> = rows.iter().map(to_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(
+                    &["Name", "Size", "Leader", "Replicas", "Health"],
+                    rows.into_iter()
+                        .map(|(name, size, leader, health, members, _)| {
+                            vec![
+                                name,
+                                size.to_string(),
+                                if leader == 0 {
+                                    "-".into()
+                                } else {
+                                    leader.to_string()
+                                },
+                                members.len().to_string(),
+                                health,
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_take_binary_units_and_refuse_garbage() {
+        assert_eq!(super::parse_size("512").unwrap(), 512);
+        assert_eq!(super::parse_size("16M").unwrap(), 16 << 20);
+        assert_eq!(super::parse_size("2g").unwrap(), 2 << 30);
+        assert!(super::parse_size("1.5G").is_err());
+        assert!(super::parse_size("M").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
+    }
+}

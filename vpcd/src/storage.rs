@@ -1,0 +1,156 @@
+//! The storage role: this host is a node of the block storage cluster (blockdrv) in-process.
+//! It serves the other nodes' RPCs on `storage_listen`, every volume it holds over NBD on
+//! `<state_dir>/sbs/nbd.sock`, and manages volumes (create, grow, delete, list) through its
+//! node, which forwards what only a volume's leader or members can do.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blockdrv::raft::node::{self, Node, Timing, VolumeSpec};
+
+use crate::error::{Error, Result};
+
+/// How this host takes part in block storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub id: u64,
+    pub listen: SocketAddr,
+    /// Every storage node: id -> address.
+    pub members: BTreeMap<u64, String>,
+    pub dir: PathBuf,
+}
+
+/// A volume as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size: u64,
+    /// The group's leader as this node sees it (0: none).
+    pub leader: u64,
+    /// `ok` with a leader, `no leader` without.
+    pub health: String,
+    /// The nodes holding a replica: (id, address).
+    pub members: Vec<(u64, String)>,
+    /// Where this host serves it over NBD.
+    pub uri: String,
+}
+
+/// The storage node of this host.
+#[derive(Debug)]
+pub struct Storage {
+    node: Arc<Node>,
+    socket: PathBuf,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn err(volume: &str, e: io::Error) -> Error {
+    let what = format!("volume {volume}");
+    match e.kind() {
+        io::ErrorKind::NotFound => Error::NotFound(what),
+        io::ErrorKind::AlreadyExists => Error::AlreadyExists(what),
+        io::ErrorKind::InvalidInput => Error::InvalidArgument(format!("{what}: {e}")),
+        io::ErrorKind::TimedOut => Error::Timeout(format!("{what}: {e}")),
+        _ => Error::Failed(format!("{what}: {e}")),
+    }
+}
+
+impl Storage {
+    /// Starts the node: reopens its volumes, listens for the other nodes and for NBD clients.
+    pub async fn start(cfg: &StorageConfig) -> anyhow::Result<Storage> {
+        let node = Node::new(cfg.id, &cfg.dir, Timing::default());
+        node.set_cluster(cfg.members.clone());
+        node.start().await?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let rpc = tokio::spawn({
+            let node = node.clone();
+            async move {
+                if let Err(e) = node.serve(listener).await {
+                    tracing::error!("storage RPC server stopped: {e}");
+                }
+            }
+        });
+        let socket = cfg.dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&socket);
+        let l = tokio::net::UnixListener::bind(&socket)?;
+        // QEMU under libvirt runs as another user and connects here.
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        let server = blockdrv::nbd::Server::new(Vec::new());
+        node.serve_nbd(server.clone());
+        let nbd = tokio::spawn(async move {
+            if let Err(e) = server.serve_unix(l).await {
+                tracing::error!("NBD server stopped: {e}");
+            }
+        });
+        tracing::info!(id = cfg.id, listen = %cfg.listen, socket = %socket.display(), "storage node up");
+        Ok(Storage {
+            node,
+            socket,
+            _tasks: vec![rpc, nbd],
+        })
+    }
+
+    pub async fn create(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        let spec = VolumeSpec {
+            name: name.to_string(),
+            size,
+            members: BTreeMap::new(),
+        };
+        self.node
+            .create_volume(&spec)
+            .await
+            .map_err(|e| err(name, e))?;
+        self.info(name).await
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        self.node
+            .delete_volume(name)
+            .await
+            .map_err(|e| err(name, e))
+    }
+
+    pub async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.node
+            .resize_volume(name, size)
+            .await
+            .map_err(|e| err(name, e))?;
+        self.info(name).await
+    }
+
+    /// The volumes this node holds.
+    pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
+        Ok(self
+            .node
+            .volumes()
+            .await
+            .into_iter()
+            .map(|(spec, status)| self.to_info(spec, status))
+            .collect())
+    }
+
+    pub async fn info(&self, name: &str) -> Result<VolumeInfo> {
+        self.list()
+            .await?
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::NotFound(format!("volume {name} (on this host)")))
+    }
+
+    fn to_info(&self, spec: VolumeSpec, status: node::Status) -> VolumeInfo {
+        VolumeInfo {
+            uri: format!("nbd+unix:///{}?socket={}", spec.name, self.socket.display()),
+            name: spec.name,
+            size: spec.size,
+            leader: status.leader.unwrap_or(0),
+            health: if status.leader.is_some() {
+                "ok".into()
+            } else {
+                "no leader".into()
+            },
+            members: spec.members.into_iter().collect(),
+        }
+    }
+}
