@@ -81,6 +81,16 @@ pub struct ResolvedDisk {
     pub target: String,
     /// Whether the VM owns the file (an overlay or a blank disk), so undefine removes it.
     pub owned: bool,
+    /// A disk served over NBD instead of a file (`path` is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdDisk>,
+}
+
+/// An NBD export on a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdDisk {
+    pub socket: PathBuf,
+    pub export: String,
 }
 
 /// A NIC as the backend attaches it: the tap the network layer made, and the guest's MAC.

@@ -32,6 +32,21 @@ fn prepare_in(spec: &VmSpec, dir: &Path, uuid: uuid::Uuid, accel: Accel) -> Resu
         let target = format!("vd{}", (b'a' + i as u8) as char);
         let owned_path = dir.join(format!("disk{i}.qcow2"));
         // The VM's own file (an overlay or a blank disk) or the user's file as it is.
+        if let Some(volume) = &d.volume {
+            // The socket is the storage node's: the caller fills it in.
+            disks.push(ResolvedDisk {
+                path: std::path::PathBuf::new(),
+                format: DiskFormat::Raw,
+                readonly: d.readonly,
+                target,
+                owned: false,
+                nbd: Some(crate::backend::NbdDisk {
+                    socket: std::path::PathBuf::new(),
+                    export: volume.clone(),
+                }),
+            });
+            continue;
+        }
         let (path, format, owned) = if let Some(base) = &d.image {
             disk::create_overlay(base, &owned_path)?;
             (owned_path, DiskFormat::Qcow2, true)
@@ -52,6 +67,7 @@ fn prepare_in(spec: &VmSpec, dir: &Path, uuid: uuid::Uuid, accel: Accel) -> Resu
             readonly: d.readonly,
             target,
             owned,
+            nbd: None,
         };
         disks.push(resolved);
     }

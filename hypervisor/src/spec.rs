@@ -10,7 +10,8 @@
 //! initrd = "/var/lib/vpcd/images/initramfs.cpio.gz"
 //! cmdline = "console=ttyS0 panic=-1 quiet"
 //!
-//! [[disks]]                # virtio-blk disks, vda, vdb, ... in this order
+//! [[disks]]                # virtio-blk disks, vda, vdb, ... in this order (image, path,
+//!                          # size_mib, or volume: a replicated volume served over NBD)
 //! image = "/var/lib/vpcd/images/disk.qcow2"   # base image: the VM gets a copy-on-write overlay
 //! # path = "/srv/data.raw" # or an existing file used as it is (format = "raw" | "qcow2")
 //! # size_mib = 1024        # or a new blank qcow2 disk of this size, owned by the VM
@@ -98,6 +99,9 @@ pub struct DiskSpec {
     /// A new blank disk of this size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_mib: Option<u64>,
+    /// A replicated volume of this host's block storage (served over NBD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
     /// Format of `path` (`raw` or `qcow2`); probed for `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DiskFormat>,
@@ -247,11 +251,15 @@ impl VmSpec {
                 disk.image.is_some(),
                 disk.path.is_some(),
                 disk.size_mib.is_some(),
+                disk.volume.is_some(),
             ];
             if set.iter().filter(|s| **s).count() != 1 {
                 return bad(format!(
-                    "disks[{i}] needs exactly one of image, path, size_mib"
+                    "disks[{i}] needs exactly one of image, path, size_mib, volume"
                 ));
+            }
+            if disk.volume.as_deref() == Some("") {
+                return bad(format!("disks[{i}].volume is empty"));
             }
             if let Some(image) = &disk.image {
                 require_file(image, &format!("disks[{i}].image"))?;

@@ -174,3 +174,60 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         assert!(e.contains("NotFound"), "{e}");
     }
 }
+
+/// A guest boots with a volume as its disk, through QMP and through libvirt: it reads what the
+/// host wrote through NBD and writes what the host then reads back.
+#[tokio::test]
+async fn guests_use_a_volume_as_their_disk_through_qmp_and_libvirt() {
+    let ports = [free_port()];
+    let flags = storage_flags(1, &ports);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let opts = DaemonOpts {
+        backend: "auto",
+        extra: flags.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let d = Daemon::start_with(opts, Bus::open()).await;
+    d.vpcctl_ok(&["vol-create", "data", "16M"]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(&d, "data")["health"] == "ok",
+        "the volume's group to have a leader",
+    );
+    let uri = d.vpcctl_ok(&["vol-export", "data"]).trim().to_string();
+    let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", &uri]);
+    assert!(good, "{out}");
+    // A VM naming a volume this host does not hold is refused and leaves nothing.
+    let bad = kernel_spec(&unique("novol"), "") + "[[disks]]\nvolume = \"nope\"\n";
+    let path = d.state.path().join("bad.toml");
+    std::fs::write(&path, &bad).unwrap();
+    let e = fails(&d, &["define", path.to_str().unwrap(), "--backend", "qmp"]);
+    assert!(e.contains("volume nope"), "{e}");
+
+    for (i, backend) in ["qmp", "libvirt"].iter().enumerate() {
+        let name = unique(&format!("vol{i}"));
+        let spec = kernel_spec(&name, "") + "[[disks]]\nvolume = \"data\"\n";
+        d.create(&spec, backend);
+        d.wait_console(&name, BOOT_MARKER, 1);
+        let mut shell = d.guest_shell(&name).await;
+        let first = shell.ok("dd if=/dev/vda bs=4096 count=1 2>/dev/null | od -An -tx1 | head -1");
+        assert!(first.contains("5a 5a 5a 5a"), "{backend}: {first}");
+        let mark = format!("VPCDVOL{i}");
+        shell.ok(&format!(
+            "printf {mark} | dd of=/dev/vda bs=512 seek={} conv=notrunc,fsync 2>/dev/null",
+            256 + i
+        ));
+        drop(shell);
+        let (good, out) = run(&[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -v {} 8", (256 + i) * 512),
+            &uri,
+        ]);
+        assert!(good && out.contains(&mark), "{backend}: {out}");
+        d.vpcctl_ok(&["destroy", &name]);
+        d.vpcctl_ok(&["undefine", &name]);
+    }
+}

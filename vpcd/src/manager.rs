@@ -228,6 +228,25 @@ impl Manager {
     }
 
     /// The tenant networks of this host.
+    /// Points the VM's volume disks at this host's NBD socket; each volume must be one this
+    /// host holds.
+    async fn resolve_volumes(&self, config: &mut hypervisor::VmConfig) -> Result<()> {
+        for disk in &mut config.disks {
+            let Some(nbd) = &mut disk.nbd else {
+                continue;
+            };
+            let storage = self.storage().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "disk {}: volume {}: this host does not have the storage role",
+                    disk.target, nbd.export
+                ))
+            })?;
+            storage.info(&nbd.export).await?;
+            nbd.socket = storage.socket().to_owned();
+        }
+        Ok(())
+    }
+
     /// The storage node, if this host has the storage role.
     pub fn storage(&self) -> Result<&crate::storage::Storage> {
         self.storage.as_ref().ok_or_else(|| {
@@ -414,6 +433,10 @@ impl Manager {
                 return Err(e.into());
             }
         };
+        if let Err(e) = self.resolve_volumes(&mut config).await {
+            self.roll_back_define(&rec, false).await;
+            return Err(e);
+        }
         if !spec.nics.is_empty() {
             match self.create_nics(&spec).await {
                 Ok(nics) => config.nics = nics,

@@ -92,6 +92,11 @@ impl Storage {
         })
     }
 
+    /// The NBD socket this host serves its volumes on.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     pub async fn create(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         let spec = VolumeSpec {
             name: name.to_string(),

@@ -53,17 +53,35 @@ pub fn domain_xml(vm: &VmConfig, owner: &str) -> String {
     let _ = writeln!(x, "  <devices>");
     let _ = writeln!(x, "    <emulator>{EMULATOR}</emulator>");
     for disk in &vm.disks {
-        let _ = writeln!(x, "    <disk type='file' device='disk'>");
+        let kind = if disk.nbd.is_some() {
+            "network"
+        } else {
+            "file"
+        };
+        let _ = writeln!(x, "    <disk type='{kind}' device='disk'>");
         let _ = writeln!(
             x,
             "      <driver name='qemu' type='{}' discard='unmap'/>",
             disk.format.as_str()
         );
-        let _ = writeln!(
-            x,
-            "      <source file='{}'/>",
-            esc(&disk.path.to_string_lossy())
-        );
+        match &disk.nbd {
+            Some(n) => {
+                let _ = writeln!(x, "      <source protocol='nbd' name='{}'>", esc(&n.export));
+                let _ = writeln!(
+                    x,
+                    "        <host transport='unix' socket='{}'/>",
+                    esc(&n.socket.to_string_lossy())
+                );
+                let _ = writeln!(x, "      </source>");
+            }
+            None => {
+                let _ = writeln!(
+                    x,
+                    "      <source file='{}'/>",
+                    esc(&disk.path.to_string_lossy())
+                );
+            }
+        }
         let _ = writeln!(x, "      <target dev='{}' bus='virtio'/>", disk.target);
         if disk.readonly {
             let _ = writeln!(x, "      <readonly/>");
@@ -193,6 +211,7 @@ mod tests {
             readonly: false,
             target: "vda".into(),
             owned: true,
+            nbd: None,
         });
         vm.disks.push(ResolvedDisk {
             path: "/data.raw".into(),
@@ -200,6 +219,18 @@ mod tests {
             readonly: true,
             target: "vdb".into(),
             owned: false,
+            nbd: None,
+        });
+        vm.disks.push(ResolvedDisk {
+            path: "".into(),
+            format: DiskFormat::Raw,
+            readonly: false,
+            target: "vdc".into(),
+            owned: false,
+            nbd: Some(crate::backend::NbdDisk {
+                socket: "/s/sbs/nbd.sock".into(),
+                export: "data".into(),
+            }),
         });
         vm.seed = Some("/s/vms/t/seed.iso".into());
         vm.nics.push(crate::backend::ResolvedNic {
@@ -207,6 +238,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
         });
         let x = domain_xml(&vm, "h");
+        assert!(x.contains("<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' discard='unmap'/>\n      <source protocol='nbd' name='data'>\n        <host transport='unix' socket='/s/sbs/nbd.sock'/>\n      </source>\n      <target dev='vdc' bus='virtio'/>"), "{x}");
         assert!(x.contains("<interface type='ethernet'>\n      <mac address='02:00:00:00:00:01'/>\n      <target dev='vpct1' managed='no'/>"), "{x}");
         assert!(x.starts_with("<domain type='kvm'>"));
         assert!(x.contains("<boot dev='hd'/>"));

@@ -69,12 +69,24 @@ pub fn qemu_args(vm: &VmConfig, paths: &RunPaths) -> Vec<String> {
         }
     }
     for (i, disk) in vm.disks.iter().enumerate() {
-        let file = qemu_opt_escape(&p(&disk.path));
         let ro = if disk.readonly { ",read-only=on" } else { "" };
-        push(&[
-            "-blockdev",
-            &format!("driver=file,node-name=file{i},filename={file},discard=unmap{ro}"),
-        ]);
+        match &disk.nbd {
+            Some(n) => push(&[
+                "-blockdev",
+                &format!(
+                    "driver=nbd,node-name=file{i},server.type=unix,server.path={},export={},discard=unmap{ro}",
+                    qemu_opt_escape(&p(&n.socket)),
+                    qemu_opt_escape(&n.export)
+                ),
+            ]),
+            None => push(&[
+                "-blockdev",
+                &format!(
+                    "driver=file,node-name=file{i},filename={},discard=unmap{ro}",
+                    qemu_opt_escape(&p(&disk.path))
+                ),
+            ]),
+        }
         push(&[
             "-blockdev",
             &format!(
@@ -168,13 +180,27 @@ mod tests {
             .unwrap(),
             uuid: uuid::Uuid::nil(),
             dir: "/s/t".into(),
-            disks: vec![ResolvedDisk {
-                path: "/s/t/a,b.qcow2".into(),
-                format: DiskFormat::Qcow2,
-                readonly: false,
-                target: "vda".into(),
-                owned: true,
-            }],
+            disks: vec![
+                ResolvedDisk {
+                    path: "/s/t/a,b.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                    readonly: false,
+                    target: "vda".into(),
+                    owned: true,
+                    nbd: None,
+                },
+                ResolvedDisk {
+                    path: "".into(),
+                    format: DiskFormat::Raw,
+                    readonly: false,
+                    target: "vdb".into(),
+                    owned: false,
+                    nbd: Some(crate::backend::NbdDisk {
+                        socket: "/s/sbs/nbd.sock".into(),
+                        export: "data".into(),
+                    }),
+                },
+            ],
             nics: vec![crate::backend::ResolvedNic {
                 tap: "vpct3".into(),
                 mac: "02:00:00:00:00:03".into(),
@@ -193,6 +219,7 @@ mod tests {
         assert!(a.contains("-kernel /k -initrd /i -append console=ttyS0"));
         assert!(a.contains("filename=/s/t/a,,b.qcow2"));
         assert!(a.contains("-device virtio-blk-pci,drive=vda,id=vda,serial=vda "));
+        assert!(a.contains("-blockdev driver=nbd,node-name=file1,server.type=unix,server.path=/s/sbs/nbd.sock,export=data,discard=unmap -blockdev driver=raw,node-name=vdb,file=file1"), "{a}");
         assert!(a.contains("path=/s/t/serial0.sock,server=on,wait=off,logfile=/s/t/console.log"));
         assert!(a.contains("-qmp unix:/s/t/qmp.sock,server=on,wait=off"));
         assert!(a.contains("-no-shutdown"));
