@@ -37,13 +37,15 @@ enum Cli {
 
 #[derive(clap::Subcommand, Debug)]
 enum VolumeCmd {
-    /// Creates a volume on 3 nodes of the cluster.
+    /// Creates a volume on 3 nodes of the cluster (or --replicas).
     Create {
         #[arg(long)]
         addr: String,
         name: String,
         /// Size (K, M, G).
         size: String,
+        #[arg(long, default_value_t = 0)]
+        replicas: u32,
     },
     /// Deletes a volume on all its nodes.
     Delete {
@@ -211,6 +213,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
             name: name.to_string(),
             size: parse_size(size)?,
             members: members.clone(),
+            replicas: 0,
         };
         node.open_replica(&spec)
             .await
@@ -227,11 +230,17 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
 async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
     use blockdrv::raft::node;
     match cmd {
-        VolumeCmd::Create { addr, name, size } => {
+        VolumeCmd::Create {
+            addr,
+            name,
+            size,
+            replicas,
+        } => {
             let spec = node::VolumeSpec {
                 name: name.clone(),
                 size: parse_size(&size)?,
                 members: Default::default(),
+                replicas,
             };
             node::create(&addr, spec)
                 .await

@@ -173,6 +173,16 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         let e = fails(d, &["vol-info", "shared"]);
         assert!(e.contains("NotFound"), "{e}");
     }
+    // A replica count of its own; more than there are nodes is refused.
+    d1.vpcctl_ok(&["vol-create", "pair", "4M", "--replicas", "2"]);
+    let holders: Vec<_> = [&d1, &d2, &d3]
+        .iter()
+        .filter(|d| d.vpcctl(&["vol-info", "pair"]).status.success())
+        .map(|d| info(d, "pair")["replicas"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(holders, [2, 2], "two hosts hold it, each knowing two replicas");
+    let e = fails(&d1, &["vol-create", "many", "4M", "--replicas", "4"]);
+    assert!(e.contains("InvalidArgument") && e.contains("3 nodes"), "{e}");
 }
 
 /// A guest boots with a volume as its disk, through QMP and through libvirt: it reads what the

@@ -26,7 +26,7 @@ pub trait Host {
     fn lookup_floating_ip(&self, ip: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_floating_ips(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
     fn bgp_sessions(&self) -> zbus::Result<Vec<(String, String, u64, u64)>>;
-    fn create_volume(&self, name: &str, size: u64) -> zbus::Result<VolumeRow>;
+    fn create_volume(&self, name: &str, size: u64, replicas: u32) -> zbus::Result<VolumeRow>;
     fn resize_volume(&self, name: &str, size: u64) -> zbus::Result<VolumeRow>;
     fn delete_volume(&self, name: &str) -> zbus::Result<()>;
     fn list_volumes(&self) -> zbus::Result<Vec<VolumeRow>>;

@@ -11,7 +11,13 @@ use crate::table::{print_table, said};
 #[derive(Debug, Subcommand)]
 pub enum VolumeCmd {
     /// Create a replicated volume: NAME SIZE (bytes, or with K, M, G, T).
-    VolCreate { name: String, size: String },
+    VolCreate {
+        name: String,
+        size: String,
+        /// Replicas (default 3, or as many storage nodes as there are).
+        #[arg(long, default_value_t = 0)]
+        replicas: u32,
+    },
     /// List the volumes this host holds.
     VolList,
     /// Show a volume: size, leader, replicas, health, NBD URI.
@@ -56,8 +62,14 @@ fn to_json(r: &Row) -> serde_json::Value {
 
 pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Result<()> {
     match cmd {
-        VolumeCmd::VolCreate { name, size } => {
-            let r = host.create_volume(&name, parse_size(&size)?).await?;
+        VolumeCmd::VolCreate {
+            name,
+            size,
+            replicas,
+        } => {
+            let r = host
+                .create_volume(&name, parse_size(&size)?, replicas)
+                .await?;
             said(
                 json,
                 &format!(

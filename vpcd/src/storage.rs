@@ -97,11 +97,13 @@ impl Storage {
         &self.socket
     }
 
-    pub async fn create(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+    /// Creates a volume with `replicas` replicas (0: 3, or as many nodes as there are).
+    pub async fn create(&self, name: &str, size: u64, replicas: u32) -> Result<VolumeInfo> {
         let spec = VolumeSpec {
             name: name.to_string(),
             size,
             members: BTreeMap::new(),
+            replicas,
         };
         self.node
             .create_volume(&spec)

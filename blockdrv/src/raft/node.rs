@@ -73,6 +73,9 @@ pub struct VolumeSpec {
     pub size: u64,
     /// The nodes holding a replica: id -> RPC address.
     pub members: BTreeMap<NodeId, String>,
+    /// How many replicas a new volume without members gets (0: [`REPLICAS`]).
+    #[serde(default)]
+    pub replicas: u32,
 }
 
 /// A volume group's state as a node sees it.
@@ -427,9 +430,9 @@ impl Node {
         *self.cluster.write().unwrap() = members;
     }
 
-    /// The members of a new volume `name`: [`REPLICAS`] nodes of the cluster, starting at a
-    /// place the name decides, so volumes (and their leaders) spread over the nodes.
-    pub fn place(&self, name: &str) -> BTreeMap<NodeId, String> {
+    /// The members of a new volume `name`: `replicas` nodes of the cluster, starting at a place
+    /// the name decides, so volumes (and their leaders) spread over the nodes.
+    pub fn place(&self, name: &str, replicas: usize) -> BTreeMap<NodeId, String> {
         let cluster: Vec<(NodeId, String)> = self
             .cluster
             .read()
@@ -444,7 +447,7 @@ impl Node {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
         let start = (h % cluster.len() as u64) as usize;
-        (0..REPLICAS.min(cluster.len()))
+        (0..replicas.min(cluster.len()))
             .map(|k| cluster[(start + k) % cluster.len()].clone())
             .collect()
     }
@@ -527,7 +530,21 @@ impl Node {
     pub async fn create_volume(self: &Arc<Node>, spec: &VolumeSpec) -> io::Result<()> {
         check_volume_name(&spec.name)?;
         if spec.members.is_empty() {
-            let members = self.place(&spec.name);
+            let replicas = match spec.replicas {
+                0 => REPLICAS.min(self.cluster.read().unwrap().len()),
+                n => n as usize,
+            };
+            let nodes = self.cluster.read().unwrap().len();
+            if replicas > nodes {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "volume {}: {replicas} replicas, but the cluster has {nodes} nodes",
+                        spec.name
+                    ),
+                ));
+            }
+            let members = self.place(&spec.name, replicas);
             if members.is_empty() {
                 return Err(err("no cluster members known (--member)"));
             }

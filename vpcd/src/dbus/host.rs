@@ -126,9 +126,19 @@ impl HostIface {
             .collect())
     }
 
-    /// Creates a replicated volume of `size` bytes (on 3 storage nodes).
-    async fn create_volume(&self, name: &str, size: u64) -> Result<VolumeRow, ApiError> {
-        Ok(row(self.manager.storage()?.create(name, size).await?))
+    /// Creates a replicated volume of `size` bytes with `replicas` replicas (0: 3, or as many
+    /// storage nodes as there are).
+    async fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        replicas: u32,
+    ) -> Result<VolumeRow, ApiError> {
+        Ok(row(self
+            .manager
+            .storage()?
+            .create(name, size, replicas)
+            .await?))
     }
 
     /// Grows a volume to `size` bytes.
