@@ -79,6 +79,13 @@ async fn volumes_through_vpcctl_on_a_single_storage_host() {
     assert_eq!(v["replicas"].as_array().unwrap().len(), 1, "{v}");
     let uri = d.vpcctl_ok(&["vol-export", "data"]).trim().to_string();
     assert!(uri.starts_with("nbd+unix:///data?socket="), "{uri}");
+    // The socket reaches every volume: root and the kvm group (QEMU under libvirt) only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.state.path().join("sbs/nbd.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "{mode:o}");
     let (good, out) = run(&["nbdinfo", "--size", &uri]);
     assert!(good && out.trim() == "16777216", "{out}");
     let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "write -P 0x33 1M 1M", &uri]);
@@ -180,9 +187,16 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         .filter(|d| d.vpcctl(&["vol-info", "pair"]).status.success())
         .map(|d| info(d, "pair")["replicas"].as_array().unwrap().len())
         .collect();
-    assert_eq!(holders, [2, 2], "two hosts hold it, each knowing two replicas");
+    assert_eq!(
+        holders,
+        [2, 2],
+        "two hosts hold it, each knowing two replicas"
+    );
     let e = fails(&d1, &["vol-create", "many", "4M", "--replicas", "4"]);
-    assert!(e.contains("InvalidArgument") && e.contains("3 nodes"), "{e}");
+    assert!(
+        e.contains("InvalidArgument") && e.contains("3 nodes"),
+        "{e}"
+    );
 }
 
 /// A guest boots with a volume as its disk, through QMP and through libvirt: it reads what the

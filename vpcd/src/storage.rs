@@ -57,6 +57,27 @@ fn err(volume: &str, e: io::Error) -> Error {
     }
 }
 
+/// The NBD socket gives access to every volume: root and the `kvm` group only (QEMU under
+/// libvirt runs as `libvirt-qemu:kvm`); root alone where there is no such group.
+fn restrict_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let gid = nix_group_id("kvm");
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// The id of group `name` (from /etc/group), if there is one.
+fn nix_group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
+}
+
 impl Storage {
     /// Starts the node: reopens its volumes, listens for the other nodes and for NBD clients.
     pub async fn start(cfg: &StorageConfig) -> anyhow::Result<Storage> {
@@ -75,8 +96,7 @@ impl Storage {
         let socket = cfg.dir.join("nbd.sock");
         let _ = std::fs::remove_file(&socket);
         let l = tokio::net::UnixListener::bind(&socket)?;
-        // QEMU under libvirt runs as another user and connects here.
-        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        restrict_socket(&socket)?;
         let server = blockdrv::nbd::Server::new(Vec::new());
         node.serve_nbd(server.clone());
         let nbd = tokio::spawn(async move {
