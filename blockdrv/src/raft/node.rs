@@ -46,8 +46,8 @@ enum Rpc {
         #[serde(with = "serde_bytes")] Vec<u8>,
     ),
     Write(String, BlockOp),
-    Read(String, u64, u32),
-    Extents(String, u64, u64),
+    /// The index a read must wait for (asked of the leader by a follower that serves a read).
+    ReadIndex(String),
     Status(String),
     /// Open (create if new) this node's replica of a volume and remember it.
     Open(VolumeSpec),
@@ -88,18 +88,13 @@ pub struct Status {
     pub members: Vec<NodeId>,
 }
 
-/// Data in a reply, encoded as bytes (not element by element).
-#[derive(Debug, Serialize, Deserialize)]
-struct Bytes(#[serde(with = "serde_bytes")] Vec<u8>);
-
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     Write(Result<(), String>),
-    Read(Result<Bytes, String>),
-    Extents(Result<Vec<(u64, bool)>, String>),
+    ReadIndex(Result<u64, String>),
     Status(Status),
     NoVolume(String),
     Done(Result<(), String>),
@@ -852,8 +847,7 @@ impl Node {
             | Rpc::Vote(v, _)
             | Rpc::Snapshot(v, ..)
             | Rpc::Write(v, _)
-            | Rpc::Read(v, ..)
-            | Rpc::Extents(v, ..)
+            | Rpc::ReadIndex(v)
             | Rpc::Status(v) => v.clone(),
         };
         let Some(g) = self.group(&volume) else {
@@ -867,15 +861,7 @@ impl Node {
                 Reply::Snapshot(g.raft.install_snapshot(r).await)
             }
             Rpc::Write(_, op) => Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string())),
-            Rpc::Read(_, off, len) => Reply::Read(
-                g.leader_read(off, len)
-                    .await
-                    .map(Bytes)
-                    .map_err(|e| e.to_string()),
-            ),
-            Rpc::Extents(_, off, len) => {
-                Reply::Extents(g.leader_extents(off, len).await.map_err(|e| e.to_string()))
-            }
+            Rpc::ReadIndex(_) => Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string())),
             Rpc::Status(_) => Reply::Status(g.status(self.id)),
             Rpc::Open(_)
             | Rpc::Create(_)
@@ -932,9 +918,9 @@ impl Group {
             .unwrap_or_else(|_| Err(NotHereOr::Failed("the volume is closing".into())))
     }
 
-    /// Waits until this node may serve a linearizable read (it leads and has applied the read
-    /// index).
-    async fn read_barrier(&self) -> Result<(), NotHereOr> {
+    /// The read index: on the leader, an index every write acknowledged so far is at or below;
+    /// a node that has applied it may serve a linearizable read.
+    async fn read_index(&self) -> Result<u64, NotHereOr> {
         // A leader lease: a quorum acknowledged this leader within half the shortest election
         // timeout (followers refuse to vote while they hear from their leader), and it has
         // applied an entry of its own term, so every write committed before it led is applied
@@ -945,10 +931,10 @@ impl Group {
             && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease)
             && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
         {
-            return Ok(());
+            return Ok(m.last_applied.map_or(0, |l| l.index));
         }
         match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
+            Ok(read) => Ok(read.map_or(0, |l| l.index)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(NotHereOr::NotHere(match f.leader_node {
                     Some(n) => NotHere::Leader(n.addr),
@@ -959,25 +945,33 @@ impl Group {
         }
     }
 
-    async fn leader_read(&self, offset: u64, length: u32) -> Result<Vec<u8>, NotHereOr> {
-        self.read_barrier().await?;
+    /// Waits until this node has applied `index` (a read index from the leader).
+    async fn wait_applied(&self, index: u64) -> io::Result<()> {
+        self.raft
+            .wait(Some(LEADER_WAIT))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map(drop)
+            .map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("volume {}: replica behind: {e}", self.name),
+                )
+            })
+    }
+
+    async fn local_read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
         let blocks = self.blocks.clone();
         tokio::task::spawn_blocking(move || {
             let mut b = vec![0u8; length as usize];
             blocks.read().unwrap().read_exact_at(&mut b, offset)?;
-            Ok::<_, io::Error>(b)
+            Ok(b)
         })
         .await
-        .map_err(|e| NotHereOr::Failed(e.to_string()))?
-        .map_err(|e| NotHereOr::Failed(e.to_string()))
+        .map_err(err)?
     }
 
-    async fn leader_extents(
-        &self,
-        offset: u64,
-        length: u64,
-    ) -> Result<Vec<(u64, bool)>, NotHereOr> {
-        self.read_barrier().await?;
+    async fn local_extents(&self, offset: u64, length: u64) -> io::Result<Vec<(u64, bool)>> {
         let (blocks, size) = (
             self.blocks.clone(),
             self.size.load(std::sync::atomic::Ordering::SeqCst),
@@ -988,8 +982,7 @@ impl Group {
                 .map(|v| v.into_iter().map(|e| (e.length, e.hole)).collect())
         })
         .await
-        .map_err(|e| NotHereOr::Failed(e.to_string()))?
-        .map_err(|e| NotHereOr::Failed(e.to_string()))
+        .map_err(err)?
     }
 }
 
@@ -1097,6 +1090,23 @@ impl RaftVolume {
         ))
     }
 
+    /// Waits until this replica may serve a linearizable read: the read index comes from the
+    /// leader (this node or another), and this replica has applied up to it. So any
+    /// up-to-date node serves reads from its own blocks.
+    async fn read_barrier(&self) -> io::Result<()> {
+        let index = self
+            .on_leader(
+                || self.group.read_index(),
+                Rpc::ReadIndex(self.group.name.clone()),
+                |r| match r {
+                    Reply::ReadIndex(r) => Some(r),
+                    _ => None,
+                },
+            )
+            .await?;
+        self.group.wait_applied(index).await
+    }
+
     /// Grows the volume to `size` bytes (through the log, so every replica grows).
     pub async fn resize(&self, size: u64) -> io::Result<()> {
         use crate::volume::Volume;
@@ -1142,15 +1152,8 @@ impl crate::volume::Volume for RaftVolume {
     }
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        self.on_leader(
-            || self.group.leader_read(offset, length),
-            Rpc::Read(self.group.name.clone(), offset, length),
-            |r| match r {
-                Reply::Read(r) => Some(r.map(|b| b.0)),
-                _ => None,
-            },
-        )
-        .await
+        self.read_barrier().await?;
+        self.group.local_read(offset, length).await
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
@@ -1188,16 +1191,8 @@ impl crate::volume::Volume for RaftVolume {
     }
 
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
-        let v = self
-            .on_leader(
-                || self.group.leader_extents(offset, length),
-                Rpc::Extents(self.group.name.clone(), offset, length),
-                |r| match r {
-                    Reply::Extents(r) => Some(r),
-                    _ => None,
-                },
-            )
-            .await?;
+        self.read_barrier().await?;
+        let v = self.group.local_extents(offset, length).await?;
         Ok(v.into_iter()
             .map(|(length, hole)| crate::volume::Extent {
                 length,
