@@ -11,6 +11,7 @@ mod link;
 pub mod model;
 pub mod names;
 pub mod netns;
+pub mod nftgen;
 pub mod plan;
 mod tap;
 

@@ -78,6 +78,10 @@ pub struct Config {
     pub external_pool: String,
     /// DNS servers handed out by DHCP.
     pub dns_servers: Vec<String>,
+    /// The DNS domain handed out by DHCP (option 15); empty: none.
+    pub dns_domain: String,
+    /// DHCP lease time, seconds (at least 60).
+    pub dhcp_lease_secs: u32,
     /// What this host does: `compute` (VMs and their ports), `route` (virtual routers).
     pub roles: Vec<String>,
     /// EVPN: this host's AS (iBGP with the route reflectors); 0: no EVPN (static FDB mode).
@@ -126,6 +130,8 @@ impl Default for Config {
             external_gateway: String::new(),
             external_pool: String::new(),
             dns_servers: Vec::new(),
+            dns_domain: "vpc.internal".into(),
+            dhcp_lease_secs: 86_400,
             roles: vec!["compute".into(), "route".into()],
             bgp_asn: 0,
             bgp_peers: Vec::new(),
@@ -378,6 +384,18 @@ impl Config {
                 "dns_servers: {d:?} is not an IPv4 address"
             )));
         }
+        if !self.dns_domain.is_empty() && !valid_domain(&self.dns_domain) {
+            return Err(ConfigError::Invalid(format!(
+                "dns_domain {:?}: dot-separated labels of 1-63 of a-z 0-9 - (not at either end)",
+                self.dns_domain
+            )));
+        }
+        if self.dhcp_lease_secs < 60 {
+            return Err(ConfigError::Invalid(format!(
+                "dhcp_lease_secs {}: at least 60",
+                self.dhcp_lease_secs
+            )));
+        }
         if !matches!(self.vlan_filter.as_str(), "auto" | "kernel" | "ebpf") {
             return Err(ConfigError::Invalid(format!(
                 "vlan_filter {:?}: auto, kernel or ebpf",
@@ -391,6 +409,17 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A DNS domain as DHCP option 15 carries it: labels of letters, digits and inner hyphens.
+fn valid_domain(d: &str) -> bool {
+    d.len() <= 253
+        && d.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 #[cfg(test)]
@@ -430,6 +459,9 @@ mod tests {
                 ("external_link = \"xbr\"\nexternal_cidr = \"nope\"\nexternal_gateway = \"203.0.113.1\"\n", "external_cidr"),
                 ("roles = [\"compute\", \"routing\"]\n", "routing"),
                 ("dns_servers = [\"8.8.8\"]\n", "dns_servers"),
+                ("dns_domain = \"-bad.example\"\n", "dns_domain"),
+                ("dns_domain = \"a..b\"\n", "dns_domain"),
+                ("dhcp_lease_secs = 10\n", "dhcp_lease_secs"),
             ] {
                 let err = load(jail, bad, &Dict::new()).unwrap_err().to_string();
                 assert!(err.contains(word), "{bad}: {err}");

@@ -72,6 +72,12 @@ struct Cli {
     /// A DNS server handed out by DHCP (repeat for several).
     #[arg(long = "dns-server")]
     dns_servers: Vec<String>,
+    /// The DNS domain handed out by DHCP ("" for none).
+    #[arg(long)]
+    dns_domain: Option<String>,
+    /// DHCP lease time, seconds.
+    #[arg(long)]
+    dhcp_lease_secs: Option<u32>,
     /// A role of this host: compute, route, management, storage (repeat for several; default
     /// compute and route).
     #[arg(long = "role")]
@@ -131,6 +137,10 @@ impl Cli {
         put("external_cidr", self.external_cidr.clone());
         put("external_gateway", self.external_gateway.clone());
         put("external_pool", self.external_pool.clone());
+        put("dns_domain", self.dns_domain.clone());
+        if let Some(s) = self.dhcp_lease_secs {
+            d.insert("dhcp_lease_secs".into(), Value::from(s));
+        }
         if let Some(mtu) = self.underlay_mtu {
             d.insert("underlay_mtu".into(), Value::from(mtu));
         }

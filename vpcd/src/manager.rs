@@ -214,11 +214,15 @@ impl Manager {
                 _ => None,
             },
             external: cfg.external()?,
-            dns: cfg
-                .dns_servers
-                .iter()
-                .filter_map(|d| d.parse().ok())
-                .collect(),
+            dhcp: crate::network::DhcpSettings {
+                dns: cfg
+                    .dns_servers
+                    .iter()
+                    .filter_map(|d| d.parse().ok())
+                    .collect(),
+                domain: Some(cfg.dns_domain.clone()).filter(|d| !d.is_empty()),
+                lease_secs: cfg.dhcp_lease_secs,
+            },
             route_role: cfg.roles.iter().any(|r| r == "route"),
             evpn: cfg.evpn()?,
         };

@@ -36,7 +36,15 @@ const ROUTER_PORT_BASE: u32 = 0xf100_0000;
 /// Where a service leg sends metadata requests: the link-local metadata address.
 const METADATA_ROUTE: (Ipv4Addr, u8) = (super::metadata::ADDRESS, 32);
 /// Lease time handed out.
-const LEASE_SECS: u32 = 3600;
+/// What DHCP hands out besides addresses and routes (configuration: `dns_servers`,
+/// `dns_domain`, `dhcp_lease_secs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpSettings {
+    pub dns: Vec<Ipv4Addr>,
+    /// Option 15; `None`: not sent.
+    pub domain: Option<String>,
+    pub lease_secs: u32,
+}
 
 /// The subnets with a leg on this host: (network, subnet) with at least one port here or
 /// attached to a router.
@@ -233,7 +241,7 @@ impl DhcpAgent {
         prefix: &str,
         owner: &str,
         mtu: u32,
-        dns: &[Ipv4Addr],
+        settings: &DhcpSettings,
     ) -> Result<()> {
         let served = served(st);
         let stale: Vec<(String, String)> = self
@@ -279,10 +287,10 @@ impl DhcpAgent {
                 server: leg.address,
                 subnet: subnet.cidr,
                 router: Some(subnet.cidr.gateway()),
-                dns: dns.to_vec(),
-                domain: None,
+                dns: settings.dns.clone(),
+                domain: settings.domain.clone(),
                 mtu: u16::try_from(mtu).ok(),
-                lease_secs: LEASE_SECS,
+                lease_secs: settings.lease_secs,
                 routes,
             });
             server.set_leases(leases);

@@ -27,8 +27,10 @@ pub struct L3Agent {
     /// Filled at the first sync from the table in the namespace, so mappings removed while
     /// vpcd was down are flushed too.
     floating: Mutex<BTreeMap<u32, Vec<(Ipv4Addr, Ipv4Addr)>>>,
-    /// The nft batch last applied per tenant: an unchanged table is not written again.
-    tables: Mutex<BTreeMap<u32, serde_json::Value>>,
+    /// The nft batch last applied per tenant, and the namespace's ruleset generation right
+    /// after: the table is written again only if the batch changed or anything changed the
+    /// ruleset since (drift, such as the table deleted by hand, is repaired at the next sync).
+    tables: Mutex<BTreeMap<u32, nat::Written>>,
 }
 
 fn ns_err(what: &str, ns: &Netns, e: impl std::fmt::Display) -> Error {
@@ -199,24 +201,21 @@ impl L3Agent {
             }
             None => nat::removal(),
         };
-        if self.tables.lock().unwrap().get(&tenant) == Some(&batch) && gone.is_empty() {
-            return Ok(());
-        }
+        let last = self.tables.lock().unwrap().get(&tenant).cloned();
         let ns2 = ns.clone();
-        let b = batch.clone();
-        tokio::task::spawn_blocking(move || {
-            nat::apply(&ns2, &b)?;
+        let written = tokio::task::spawn_blocking(move || {
+            let written = nat::sync_table(&ns2, &batch, last.as_ref(), !gone.is_empty())?;
             // Flows of a mapping that went would otherwise go on being translated until their
             // conntrack entries time out (days for TCP).
             for (fip, _) in &gone {
                 nat::flush_flows(&ns2, *fip);
             }
-            Ok::<(), Error>(())
+            Ok::<_, Error>(written)
         })
         .await
         .map_err(|e| Error::Failed(format!("nft: {e}")))??;
         self.floating.lock().unwrap().insert(tenant, floating);
-        self.tables.lock().unwrap().insert(tenant, batch);
+        self.tables.lock().unwrap().insert(tenant, written);
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 
 mod dhcp;
 pub mod evpn;
+pub use dhcp::DhcpSettings;
 mod l3;
 pub mod metadata;
 pub mod nat;
@@ -38,8 +39,8 @@ pub struct NetConfig {
     pub filter: Option<FilterKind>,
     /// The external network of routers, if this host has one.
     pub external: Option<router::ExternalNet>,
-    /// DNS servers handed out by DHCP.
-    pub dns: Vec<Ipv4Addr>,
+    /// What DHCP hands out besides addresses and routes.
+    pub dhcp: dhcp::DhcpSettings,
     /// Whether this host has the route role (may hold routers).
     pub route_role: bool,
     /// EVPN (BGP to route reflectors) instead of static FDB entries, if set.
@@ -57,8 +58,8 @@ pub struct NetManager {
     evpn: Option<evpn::EvpnAgent>,
     /// Signalled when EVPN learned something (taken by the manager's follower task).
     evpn_dirty: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<()>>>,
-    /// The host-namespace local-port table last applied (`nat::local_ruleset`).
-    local_table: std::sync::Mutex<Option<serde_json::Value>>,
+    /// The host-namespace local-port table last written (`nat::local_ruleset`).
+    local_table: std::sync::Mutex<Option<nat::Written>>,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -194,7 +195,7 @@ impl NetManager {
             e.advertise(&evpn::endpoints(st, owner));
         }
         self.dhcp
-            .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dns)
+            .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dhcp)
             .await?;
         let macvlan_parent = external.flatten();
         self.l3
@@ -212,7 +213,7 @@ impl NetManager {
     }
 
     /// Writes the host-namespace table that keeps `st`'s service legs off the VxLAN devices
-    /// (when it differs from what was written last).
+    /// (unless it is there as written last).
     async fn keep_service_legs_local(&self, st: &NetState) -> Result<()> {
         let (prefix, owner) = (&self.cfg.prefix, &self.cfg.owner);
         let ports = match self.cfg.underlay {
@@ -220,15 +221,13 @@ impl NetManager {
             None => Vec::new(),
         };
         let batch = nat::local_ruleset(prefix, &ports);
-        if self.local_table.lock().unwrap().as_ref() == Some(&batch) {
-            return Ok(());
-        }
+        let last = self.local_table.lock().unwrap().clone();
         let ns = self.cfg.netns.clone();
-        let b = batch.clone();
-        tokio::task::spawn_blocking(move || nat::apply(&ns, &b))
-            .await
-            .map_err(|e| Error::Failed(format!("nft: {e}")))??;
-        *self.local_table.lock().unwrap() = Some(batch);
+        let written =
+            tokio::task::spawn_blocking(move || nat::sync_table(&ns, &batch, last.as_ref(), false))
+                .await
+                .map_err(|e| Error::Failed(format!("nft: {e}")))??;
+        *self.local_table.lock().unwrap() = Some(written);
         Ok(())
     }
 

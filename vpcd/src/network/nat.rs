@@ -261,6 +261,29 @@ pub fn apply(netns: &Netns, batch: &Value) -> Result<()> {
     Ok(())
 }
 
+/// A table as vpcd last wrote it in a namespace: the batch, and the namespace's ruleset
+/// generation right after.
+pub type Written = (Value, u32);
+
+/// Writes `batch` in `netns` unless `last` shows it there already: the same batch, and the
+/// ruleset not changed since (its generation, `netdrv::nftgen`), so a table deleted or edited
+/// behind vpcd's back is written again; `force` writes it regardless. Returns what to keep as
+/// `last` next time.
+pub fn sync_table(
+    netns: &Netns,
+    batch: &Value,
+    last: Option<&Written>,
+    force: bool,
+) -> Result<Written> {
+    if let Some((b, generation)) = last {
+        if !force && b == batch && netdrv::nftgen::generation(netns)? == *generation {
+            return Ok((batch.clone(), *generation));
+        }
+    }
+    apply(netns, batch)?;
+    Ok((batch.clone(), netdrv::nftgen::generation(netns)?))
+}
+
 /// The floating IP mappings (floating IP, port address) of the table in `netns` now: its
 /// prerouting DNAT rules. None without a table.
 pub fn floating_in(netns: &Netns) -> Result<Vec<(Ipv4Addr, Ipv4Addr)>> {
