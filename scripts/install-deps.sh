@@ -18,6 +18,8 @@ for c in "${need[@]}"; do command -v "$c" >/dev/null 2>&1 || missing=1; done
 [ -e /usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc ] || missing=1
 [ -e /usr/include/bpf/bpf_helpers.h ] || missing=1
 compgen -G '/boot/vmlinuz-*' >/dev/null || missing=1
+# What cloud-init's metadata readers import (the tests unpack cloud-init itself, scripts/cloud-init-lib.sh).
+/usr/bin/python3 -c 'import requests, yaml, jinja2, configobj, jsonpatch, jsonschema, netifaces' 2>/dev/null || missing=1
 if [ "$missing" = 0 ]; then
     exit 0
 fi
@@ -38,4 +40,6 @@ apt-get install -y -q -o Dpkg::Options::=--force-confold -t bookworm-backports \
 apt-get install -y -q -o Dpkg::Options::=--force-confold \
     dbus systemd util-linux nftables iproute2 iptables ethtool iputils-ping busybox-static linux-image-amd64 \
     xorriso cpio xz-utils e2fsprogs syslinux syslinux-common mtools pkg-config clang llvm libbpf-dev bpftool dnsmasq tcpdump iperf3 \
-    isc-dhcp-client frr jq conntrack libnbd-bin nbdkit
+    isc-dhcp-client frr jq conntrack libnbd-bin nbdkit \
+    python3-requests python3-yaml python3-jinja2 python3-configobj python3-jsonpatch python3-jsonschema \
+    python3-netifaces python3-serial

@@ -16,6 +16,8 @@ bash scripts/services.sh
 log "guest images"
 export VPCTEST_IMAGES=$CARGO_TARGET_DIR/images
 bash images/build.sh "$VPCTEST_IMAGES"
+VPCTEST_CLOUDINIT=$(bash scripts/cloud-init-lib.sh "$CARGO_TARGET_DIR/cloud-init")
+export VPCTEST_CLOUDINIT
 
 log "format and lints"
 cargo fmt --all -- --check

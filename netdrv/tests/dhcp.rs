@@ -14,7 +14,10 @@ struct Ns(String);
 
 impl Ns {
     fn new(tag: &str) -> Ns {
-        let name = format!("nd{}{tag}", std::process::id() % 100_000);
+        // Unique per test too: the tests of this file may run in parallel.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("nd{}{n}{tag}", std::process::id() % 100_000);
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run("ip", &["netns", "add", &name]);
         Ns(name)
@@ -183,7 +186,11 @@ async fn isc_dhclient_gets_its_lease() {
     .await
     .unwrap();
     let got = std::fs::read_to_string(&out).unwrap_or_default();
-    let _ = res;
+    assert!(
+        res.status.success(),
+        "dhclient failed: {}\n{got}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let bound = got
         .lines()
         .find(|l| l.starts_with("BOUND"))
@@ -196,11 +203,62 @@ async fn isc_dhclient_gets_its_lease() {
     for want in [
         "ip=10.0.1.7",
         "mask=255.255.255.0",
+        "router=10.0.1.1",
         "mtu=1450",
+        "dns=10.0.1.1",
         "domain=vpc.internal",
+        // Option 121 as dhclient spells it: prefix length, destination, router.
+        "routes=32 169 254 169 254 10 0 1 1",
     ] {
         assert!(bound.contains(want), "{want} missing: {bound}");
     }
+}
+
+/// dhclient with a remembered lease for an address the IPAM does not give it: it asks for
+/// that address first (INIT-REBOOT), gets a NAK, and then the right one.
+#[tokio::test]
+async fn isc_dhclient_with_a_wrong_remembered_address_is_naked_then_gets_its_own() {
+    let (s, c, dir) = lab();
+    let (_svc, _server) = serve(&s).await;
+    let (script, out) = script(&dir);
+    let lease = dir.path().join("leases");
+    std::fs::write(
+        &lease,
+        "lease {\n  interface \"c0\";\n  fixed-address 10.0.1.99;\n  \
+         option subnet-mask 255.255.255.0;\n  option dhcp-server-identifier 10.0.1.1;\n  \
+         renew 4 2037/12/31 00:00:00;\n  rebind 4 2037/12/31 00:00:00;\n  \
+         expire 4 2037/12/31 00:00:00;\n}\n",
+    )
+    .unwrap();
+    let pid = dir.path().join("pid");
+    let res = tokio::task::spawn_blocking({
+        let c = c.0.clone();
+        let (lease, pid) = (
+            lease.to_string_lossy().into_owned(),
+            pid.to_string_lossy().into_owned(),
+        );
+        move || {
+            Command::new("timeout")
+                .args([
+                    "30", "ip", "netns", "exec", &c, "dhclient", "-1", "-v", "-sf", &script,
+                    "-lf", &lease, "-pf", &pid, "c0",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "dhclient failed: {log}");
+    assert!(log.contains("DHCPREQUEST for 10.0.1.99"), "{log}");
+    assert!(log.contains("DHCPNAK from 10.0.1.1"), "{log}");
+    let got = std::fs::read_to_string(&out).unwrap_or_default();
+    let bound = got
+        .lines()
+        .find(|l| l.starts_with("BOUND"))
+        .unwrap_or_else(|| panic!("no BOUND in {got:?}: {log}"));
+    assert!(bound.contains("ip=10.0.1.7"), "{bound}");
 }
 
 #[tokio::test]

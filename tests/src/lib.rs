@@ -60,6 +60,20 @@ pub fn images() -> Images {
     i
 }
 
+/// cloud-init's Python package (its metadata readers, used as a real client of the metadata
+/// service), from `$VPCTEST_CLOUDINIT` (unpacked by scripts/cloud-init-lib.sh, not installed).
+pub fn cloud_init_lib() -> PathBuf {
+    let dir = PathBuf::from(std::env::var("VPCTEST_CLOUDINIT").expect(
+        "VPCTEST_CLOUDINIT is not set: run the tests through scripts/test.sh, which unpacks cloud-init",
+    ));
+    assert!(
+        dir.join("cloudinit/sources/helpers/openstack.py").exists(),
+        "{} holds no cloud-init (scripts/cloud-init-lib.sh unpacks it)",
+        dir.display()
+    );
+    dir
+}
+
 /// A name unique to this process and call, so parallel or leftover runs never collide.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -752,6 +766,31 @@ impl Ns {
         })
     }
 
+    /// Starts capturing the frames on `eth0` that match the pcap `filter` (tcpdump); stop it
+    /// with [`Capture::stop`] to get them, one line each.
+    pub fn capture(&self, filter: &str) -> Capture {
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "tcpdump", "-l", "-n", "-e", "-i", "eth0",
+            ])
+            .arg(filter)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        // It prints "listening on ..." once the capture is in place.
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
+            line.clear();
+        }
+        assert!(
+            line.contains("listening on"),
+            "tcpdump did not start: {line}"
+        );
+        Capture { child: Some(child) }
+    }
+
     /// Links in the namespace (names).
     pub fn links(&self) -> Vec<String> {
         let out = sh("ip", &["-n", &self.name, "-o", "link", "show"]);
@@ -759,6 +798,38 @@ impl Ns {
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
             .collect()
+    }
+}
+
+/// A running capture (`Ns::capture`).
+#[derive(Debug)]
+pub struct Capture {
+    child: Option<Child>,
+}
+
+impl Capture {
+    /// Ends the capture; the frames it saw.
+    pub fn stop(mut self) -> Vec<String> {
+        let child = self.child.take().expect("running");
+        // SIGINT: tcpdump flushes what it has and exits.
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .output();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -118,7 +118,19 @@ async fn bad_specs_give_typed_errors_and_create_nothing() {
 #[tokio::test]
 async fn every_vpcctl_verb_has_help() {
     let d = Daemon::start().await;
-    for verb in [
+    // Every verb `vpcctl --help` lists, so a new one cannot be missed.
+    let top = d.vpcctl_ok(&["--help"]);
+    let verbs: Vec<&str> = top
+        .split("Commands:")
+        .nth(1)
+        .and_then(|rest| rest.split("Options:").next())
+        .expect("a Commands section")
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|v| *v != "help")
+        .collect();
+    // The verbs the issues ask for are among them.
+    for want in [
         "list",
         "define",
         "create",
@@ -132,7 +144,30 @@ async fn every_vpcctl_verb_has_help() {
         "domiflist",
         "domblklist",
         "console",
+        "router-create",
+        "router-list",
+        "router-info",
+        "router-delete",
+        "router-add-subnet",
+        "router-remove-subnet",
+        "router-set-gateway",
+        "fip-create",
+        "fip-attach",
+        "fip-detach",
+        "fip-delete",
+        "fip-list",
+        "bgp-sessions",
+        "evpn-routes",
+        "vol-create",
+        "vol-list",
+        "vol-info",
+        "vol-resize",
+        "vol-delete",
+        "vol-export",
     ] {
+        assert!(verbs.contains(&want), "{want} is not a verb: {verbs:?}");
+    }
+    for verb in verbs {
         let help = d.vpcctl_ok(&[verb, "--help"]);
         assert!(help.contains("Usage: vpcctl"), "{verb}: {help}");
     }

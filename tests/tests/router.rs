@@ -69,6 +69,10 @@ impl Lab {
             EXT_GW,
             "--external-pool",
             "203.0.113.10-203.0.113.20",
+            "--dns-server",
+            "192.0.2.53",
+            "--dns-domain",
+            "tenant-a.example",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -108,6 +112,8 @@ fn router_ns(d: &Daemon, router: &str) -> String {
 #[tokio::test]
 async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     let lab = Lab::new();
+    // A table vpcd does not own, in the host namespace: it stays as it is throughout.
+    lab.host.ok(&["nft", "add", "table", "inet", "keepme"]);
     let d = lab.daemon().await;
     d.vpcctl_ok(&["net-create", "a"]);
     d.vpcctl_ok(&["subnet-create", "a", "web", "10.20.1.0/24"]);
@@ -191,9 +197,36 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     assert!(!lab.world.pings("203.0.113.11"), "reachable after detach");
     assert!(web.pings(EXT_GW), "SNAT after detach");
 
+    // Drift: the router's table deleted behind vpcd's back is written again at the next
+    // change; a table of someone else's in the router namespace is left alone.
+    let nft = |args: &[&str]| {
+        let mut cmd = vec!["ip", "netns", "exec", &ns, "nft"];
+        cmd.extend_from_slice(args);
+        sh(cmd[0], &cmd[1..])
+    };
+    nft(&["add", "table", "inet", "theirs"]);
+    nft(&["delete", "table", "ip", "vpcd"]);
+    d.vpcctl_ok(&["router-add-subnet", "r1", "web"]); // attached already: changes nothing
+    assert!(
+        nft(&["list", "tables"]).contains("table ip vpcd"),
+        "table not restored"
+    );
+    assert!(nft(&["list", "tables"]).contains("table inet theirs"));
+    assert!(web.pings(EXT_GW), "SNAT after the table came back");
+
     // Bad input: typed errors, nothing changed.
     d.vpcctl_ok(&["net-create", "b"]);
     d.vpcctl_ok(&["subnet-create", "b", "web", "10.20.1.0/24"]);
+    let before = (
+        d.vpcctl_ok(&["--json", "router-list"]),
+        d.vpcctl_ok(&["--json", "router-info", "r1"]),
+        d.vpcctl_ok(&["--json", "fip-list"]),
+        d.vpcctl_ok(&["--json", "net-info", "b"]),
+    );
+    let e = fails(&d, &["router-set-gateway", "r1", "--ip", "198.51.100.9"]);
+    assert!(e.contains("198.51.100.9") && e.contains("pool"), "{e}");
+    let e = fails(&d, &["router-set-gateway", "r1", "--ip", "203.0.113.11"]);
+    assert!(e.contains("in use"), "{e}");
     let e = fails(&d, &["router-add-subnet", "r1", "b/web"]);
     assert!(e.contains("InvalidArgument") && e.contains("b/web"), "{e}");
     let e = fails(&d, &["fip-create", "--ip", "198.51.100.7"]);
@@ -209,6 +242,13 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
     assert!(e.contains("already has router r1"), "{e}");
     let e = fails(&d, &["subnet-delete", "a", "web"]);
     assert!(e.contains("InvalidState"), "{e}");
+    let after = (
+        d.vpcctl_ok(&["--json", "router-list"]),
+        d.vpcctl_ok(&["--json", "router-info", "r1"]),
+        d.vpcctl_ok(&["--json", "fip-list"]),
+        d.vpcctl_ok(&["--json", "net-info", "b"]),
+    );
+    assert_eq!(before, after, "a refused request changed something");
 
     // A static route shows in the router's namespace.
     d.vpcctl_ok(&["router-add-route", "r1", "192.168.9.0/24", "10.20.1.5"]);
@@ -219,22 +259,93 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
         routes.contains(&format!("default via {EXT_GW}")),
         "{routes}"
     );
+    // ... and carries traffic: db reaches 192.168.9.1, which web holds behind the next hop
+    // (web's port lets that source through only with port security off).
+    web.ok(&["ip", "addr", "add", "192.168.9.1/32", "dev", "lo"]);
+    d.vpcctl_ok(&["port-security", &web_port, "off"]);
+    assert!(db.pings("192.168.9.1"), "traffic over the static route");
+    d.vpcctl_ok(&["port-security", &web_port, "on"]);
+    assert!(!db.pings("192.168.9.1"), "port security back on");
 
     // Tenant b, same CIDR as a/web, with a router of its own: reaches nothing of a's.
     let b1 = vm(&d, "b1", "b", "web", "10.20.1.5", "10.20.1.1");
     d.vpcctl_ok(&["router-create", "rb", "b"]);
     d.vpcctl_ok(&["router-add-subnet", "rb", "web"]);
     assert!(b1.pings("10.20.1.1"), "b's own gateway");
-    assert!(!b1.pings("10.20.2.5"), "b reached a/db");
-    assert!(!b1.pings("10.20.3.254"), "b reached a's namespace");
+    let b2 = vm(&d, "b2", "b", "web", "10.20.1.6", "10.20.1.1");
+    assert!(b2.pings("10.20.1.5"), "b's own VM with a's address");
+    // While b probes a's addresses, nothing from b arrives at a's VM with the same CIDR.
+    let capture =
+        web.capture("src net 10.20.1.0/24 and not src host 10.20.1.1 and not src host 10.20.1.254");
+    assert!(!b2.pings("10.20.2.5"), "b reached a/db");
+    assert!(!b2.pings("10.20.3.254"), "b reached a's namespace");
+    assert!(!b2.pings("10.20.3.5"), "b reached a/lone");
+    b2.run(&["ping", "-c", "2", "-b", "-W", "1", "10.20.1.255"]);
+    b2.run(&[
+        "busybox",
+        "arping",
+        "-c",
+        "2",
+        "-w",
+        "2",
+        "-I",
+        "eth0",
+        "10.20.1.5",
+    ]);
+    let seen = capture.stop();
+    assert!(seen.is_empty(), "a's VM saw b's frames: {seen:?}");
 
-    // SIGKILL and restart: everything is still there and still works.
+    // SIGKILL and restart: traffic goes on while vpcd is down; afterwards everything is still
+    // there and still works.
+    d.vpcctl_ok(&["fip-attach", "203.0.113.11", &web_port]);
     let mut d = d;
     d.kill9();
+    assert!(web.pings("10.20.2.5"), "routing while vpcd is down");
+    assert!(
+        lab.world.pings("203.0.113.11"),
+        "floating IP while vpcd is down"
+    );
     d.restart().await;
     assert!(web.pings("10.20.2.5"), "routing after restart");
+    assert!(lab.world.pings("203.0.113.11"), "floating IP after restart");
+    let fips: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "fip-list"])).unwrap();
+    assert_eq!(fips[0]["port"].to_string(), web_port);
+    let lease = web.run(&[
+        "busybox",
+        "udhcpc",
+        "-i",
+        "eth0",
+        "-n",
+        "-q",
+        "-t",
+        "3",
+        "-s",
+        "/bin/true",
+    ]);
+    assert!(lease.status.success(), "DHCP after restart: {lease:?}");
+    let status = web.run(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+        "http://169.254.169.254/latest/meta-data/hostname",
+    ]);
+    // A namespace port is no VM: 404, from a metadata service that is there.
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "404");
+    // Out through its floating IP, and db (no floating IP) through the router's address.
     let seen = lab.world.http_once("203.0.113.1:8083");
     assert!(web.tcp_from("203.0.113.1:8083").is_some());
+    assert_eq!(
+        seen.join().unwrap().unwrap().ip().to_string(),
+        "203.0.113.11"
+    );
+    let seen = lab.world.http_once("203.0.113.1:8086");
+    assert!(db.tcp_from("203.0.113.1:8086").is_some());
     assert_eq!(
         seen.join().unwrap().unwrap().ip().to_string(),
         "203.0.113.10"
@@ -255,12 +366,41 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
         let id = port_id_in(&d, Some("a"), ip).to_string();
         d.vpcctl_ok(&["port-delete", &id]);
     }
-    let id = port_id_in(&d, Some("b"), "10.20.1.5").to_string();
-    d.vpcctl_ok(&["port-delete", &id]);
+    for ip in ["10.20.1.5", "10.20.1.6"] {
+        let id = port_id_in(&d, Some("b"), ip).to_string();
+        d.vpcctl_ok(&["port-delete", &id]);
+    }
     let left = d.service_namespaces();
     assert!(left.is_empty(), "service namespaces left: {left:?}");
-    drop((web, db, lone, b1));
+    let links: Vec<String> = lab
+        .host
+        .links()
+        .into_iter()
+        .filter(|l| l.starts_with("vpc"))
+        .collect();
+    assert!(links.is_empty(), "links left: {links:?}");
+    let tables = lab.host.ok(&["nft", "list", "tables"]);
+    assert!(tables.contains("table inet keepme"), "{tables}");
+    drop((web, db, lone, b1, b2));
 }
+
+/// Reads the metadata service at `argv[2]` with cloud-init's own EC2 and OpenStack readers
+/// (cloud-init's package at `argv[1]`) and prints what they got, as JSON.
+const CLOUD_INIT_READERS: &str = r#"
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from cloudinit.sources.helpers import ec2, openstack
+base = sys.argv[2]
+out = {}
+for v in ("2009-04-04", "2021-03-23", "latest"):
+    out["ec2/" + v] = ec2.get_instance_metadata(api_version=v, metadata_address=base, retries=2, timeout=10)
+out["ec2-userdata"] = ec2.get_instance_userdata(api_version="2009-04-04", metadata_address=base, retries=2, timeout=10)
+reader = openstack.MetadataReader(base, retries=2, timeout=10)
+reader._read_ec2_metadata = lambda: {}  # read above, through the same address
+v2 = reader.read_v2()
+out["openstack"] = {"metadata": v2["metadata"], "userdata": v2["userdata"]}
+print(json.dumps(out, default=lambda b: b.decode() if isinstance(b, bytes) else str(b)))
+"#;
 
 /// The body of an HTTP GET from inside a guest (busybox nc: the image's busybox wget crashes
 /// in its static resolver).
@@ -334,6 +474,42 @@ async fn guests_get_dhcp_route_snat_and_only_their_own_metadata() {
         let uuid: serde_json::Value =
             serde_json::from_str(&d.vpcctl_ok(&["--json", "dominfo", name])).unwrap();
         assert_eq!(j["uuid"], uuid["uuid"]);
+        // DNS from DHCP: the configured server and domain.
+        let resolv = shell.ok("cat /etc/resolv.conf");
+        assert!(resolv.contains("nameserver 192.0.2.53"), "{resolv}");
+        assert!(resolv.contains("search tenant-a.example"), "{resolv}");
+        // cloud-init's own readers, through a relay in the guest (so the request comes from
+        // the guest's address): both layouts, dated versions too, and only its own data.
+        shell.ok("nc -ll -p 8775 -e nc 169.254.169.254 80 >/dev/null 2>&1 &");
+        let out = db.ok(&[
+            "/usr/bin/python3",
+            "-c",
+            CLOUD_INIT_READERS,
+            &cloud_init_lib().to_string_lossy(),
+            &format!("http://{ip}:8775"),
+        ]);
+        let got: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("cloud-init readers: {e}: {out}"));
+        for v in ["2009-04-04", "2021-03-23", "latest"] {
+            let md = &got[format!("ec2/{v}")];
+            assert_eq!(md["instance-id"], uuid["uuid"], "{v}: {md}");
+            assert_eq!(md["local-hostname"], host.as_str(), "{v}: {md}");
+            assert_eq!(md["local-ipv4"], ip.as_str(), "{v}: {md}");
+        }
+        let ud = got["ec2-userdata"].as_str().unwrap();
+        assert!(
+            ud.contains(&format!("# for {host}")) && !ud.contains(other),
+            "{ud}"
+        );
+        let os = &got["openstack"];
+        assert_eq!(os["metadata"]["instance-id"], uuid["uuid"], "{os}");
+        assert_eq!(os["metadata"]["local-hostname"], host.as_str(), "{os}");
+        let ud = os["userdata"].as_str().unwrap();
+        assert!(
+            ud.contains(&format!("# for {host}")) && !ud.contains(other),
+            "{ud}"
+        );
+        shell.ok("pkill -f 'nc -ll'; true");
     }
     // A namespace port is no VM: nothing for it.
     let status = db.run(&[
