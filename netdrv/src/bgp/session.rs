@@ -64,6 +64,8 @@ impl SessionConfig {
 /// Where the session is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionState {
+    /// Down, waiting out the reconnect backoff.
+    Idle,
     Connect,
     OpenSent,
     OpenConfirm,
@@ -98,9 +100,9 @@ enum Command {
     Withdraw(Vec<EvpnRoute>),
 }
 
-/// A running session. Dropping it closes its command channel: an established session sends a
-/// CEASE (administrative shutdown) and ends; one that is connecting or backing off ends at its
-/// next step. [`Session::stop`] waits for that.
+/// A running session. Dropping it closes its command channel: a session with a connection
+/// (in the handshake or established) sends a CEASE (administrative shutdown) and ends; one that
+/// is connecting or backing off ends at its next step. [`Session::stop`] waits for that.
 #[derive(Debug)]
 pub struct Session {
     commands: mpsc::UnboundedSender<Command>,
@@ -188,7 +190,7 @@ async fn run(
     let mut delay = cfg.backoff;
     loop {
         let _ = state.send(SessionState::Connect);
-        let end = match connect(&cfg).await {
+        let (end, connected) = match connect(&cfg).await {
             Ok(stream) => {
                 let end = session(
                     &cfg,
@@ -200,18 +202,18 @@ async fn run(
                     &mut delay,
                 )
                 .await;
-                if let End::Down(reason) = &end {
-                    tracing::info!(peer = %cfg.peer, "BGP session down: {reason}");
-                    let _ = events.send(SessionEvent::Down {
-                        reason: reason.clone(),
-                    });
-                }
-                end
+                (end, true)
             }
-            Err(e) => End::Down(format!("connect: {e}")),
+            Err(e) => (End::Down(format!("connect: {e}")), false),
         };
-        if matches!(end, End::Stopped) {
-            return;
+        let End::Down(reason) = end else { return };
+        // Idle before the Down event, so that whoever sees the event sees the state too.
+        let _ = state.send(SessionState::Idle);
+        if connected {
+            tracing::info!(peer = %cfg.peer, "BGP session down: {reason}");
+            let _ = events.send(SessionEvent::Down { reason });
+        } else {
+            tracing::debug!(peer = %cfg.peer, "BGP {reason}");
         }
         // Back off, still taking route changes.
         let until = Instant::now() + delay;
@@ -358,18 +360,39 @@ impl Writer {
     }
 }
 
-/// Reads one message within `limit`; a NOTIFICATION from the peer ends the session.
-async fn read_within(r: &mut Reader, w: &mut Writer, limit: Duration) -> Result<Message, End> {
-    match tokio::time::timeout(limit, r.read()).await {
-        Err(_) => Err(w
-            .notify(code::HOLD_TIMER, 0, Vec::new(), "hold timer expired".into())
-            .await),
-        Ok(Ok(Message::Notification(n))) => Err(End::Down(format!(
-            "peer sent NOTIFICATION {}/{}",
-            n.code, n.subcode
-        ))),
-        Ok(Ok(m)) => Ok(m),
-        Ok(Err(f)) => Err(w.fail(f).await),
+/// Reads one message of the handshake within `limit`; a NOTIFICATION from the peer ends the
+/// session. Route changes that arrive meanwhile go into the Adj-RIB-Out (sent once
+/// established), and the owner stopping the session sends a CEASE (RFC 4271 section 8.2.2,
+/// ManualStop in OpenSent and OpenConfirm) instead of leaving the peer to its hold timer.
+async fn handshake_read(
+    r: &mut Reader,
+    w: &mut Writer,
+    limit: Duration,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    rib_out: &mut BTreeMap<EvpnRoute, Attributes>,
+) -> Result<Message, End> {
+    let deadline = Instant::now() + limit;
+    loop {
+        tokio::select! {
+            read = tokio::time::timeout_at(deadline, r.read()) => return match read {
+                Err(_) => Err(w
+                    .notify(code::HOLD_TIMER, 0, Vec::new(), "hold timer expired".into())
+                    .await),
+                Ok(Ok(Message::Notification(n))) => Err(End::Down(format!(
+                    "peer sent NOTIFICATION {}/{}",
+                    n.code, n.subcode
+                ))),
+                Ok(Ok(m)) => Ok(m),
+                Ok(Err(f)) => Err(w.fail(f).await),
+            },
+            cmd = commands.recv() => match cmd {
+                Some(c) => apply(rib_out, c),
+                None => {
+                    let _ = w.notify(code::CEASE, 2, Vec::new(), "stopped".into()).await;
+                    return Err(End::Stopped);
+                }
+            },
+        }
     }
 }
 
@@ -414,20 +437,21 @@ async fn session(
     }
     let _ = state.send(SessionState::OpenSent);
     // RFC 4271: a large hold time until the OPEN arrives.
-    let theirs = match read_within(&mut r, &mut w, Duration::from_secs(240)).await {
-        Ok(Message::Open(o)) => o,
-        Ok(other) => {
-            return w
-                .notify(
-                    code::FSM,
-                    1,
-                    Vec::new(),
-                    format!("expected OPEN, got {other:?}"),
-                )
-                .await
-        }
-        Err(e) => return e,
-    };
+    let theirs =
+        match handshake_read(&mut r, &mut w, Duration::from_secs(240), commands, rib_out).await {
+            Ok(Message::Open(o)) => o,
+            Ok(other) => {
+                return w
+                    .notify(
+                        code::FSM,
+                        1,
+                        Vec::new(),
+                        format!("expected OPEN, got {other:?}"),
+                    )
+                    .await
+            }
+            Err(e) => return e,
+        };
     if theirs.asn != cfg.peer_as {
         let why = format!("peer AS {} (expected {})", theirs.asn, cfg.peer_as);
         return w
@@ -468,7 +492,7 @@ async fn session(
         return e;
     }
     let _ = state.send(SessionState::OpenConfirm);
-    match read_within(&mut r, &mut w, hold_limit).await {
+    match handshake_read(&mut r, &mut w, hold_limit, commands, rib_out).await {
         Ok(Message::Keepalive) => {}
         Ok(other) => {
             let why = format!("expected KEEPALIVE, got {other:?}");

@@ -35,22 +35,23 @@ const TYPE_NOTIFICATION: u8 = 3;
 const TYPE_KEEPALIVE: u8 = 4;
 const TYPE_ROUTE_REFRESH: u8 = 5;
 
-const ATTR_ORIGIN: u8 = 1;
-const ATTR_AS_PATH: u8 = 2;
-const ATTR_NEXT_HOP: u8 = 3;
-const ATTR_MED: u8 = 4;
-const ATTR_LOCAL_PREF: u8 = 5;
-const ATTR_ORIGINATOR_ID: u8 = 9;
-const ATTR_CLUSTER_LIST: u8 = 10;
-const ATTR_MP_REACH: u8 = 14;
-const ATTR_MP_UNREACH: u8 = 15;
-const ATTR_EXT_COMMUNITIES: u8 = 16;
-const ATTR_PMSI_TUNNEL: u8 = 22;
+// Path attribute type codes and flags (public so that tests can build malformed UPDATEs).
+pub const ATTR_ORIGIN: u8 = 1;
+pub const ATTR_AS_PATH: u8 = 2;
+pub const ATTR_NEXT_HOP: u8 = 3;
+pub const ATTR_MED: u8 = 4;
+pub const ATTR_LOCAL_PREF: u8 = 5;
+pub const ATTR_ORIGINATOR_ID: u8 = 9;
+pub const ATTR_CLUSTER_LIST: u8 = 10;
+pub const ATTR_MP_REACH: u8 = 14;
+pub const ATTR_MP_UNREACH: u8 = 15;
+pub const ATTR_EXT_COMMUNITIES: u8 = 16;
+pub const ATTR_PMSI_TUNNEL: u8 = 22;
 
-const FLAG_OPTIONAL: u8 = 0x80;
-const FLAG_TRANSITIVE: u8 = 0x40;
-const FLAG_PARTIAL: u8 = 0x20;
-const FLAG_EXTENDED: u8 = 0x10;
+pub const FLAG_OPTIONAL: u8 = 0x80;
+pub const FLAG_TRANSITIVE: u8 = 0x40;
+pub const FLAG_PARTIAL: u8 = 0x20;
+pub const FLAG_EXTENDED: u8 = 0x10;
 
 /// NOTIFICATION error codes (RFC 4271 section 4.5) and the subcodes used here.
 pub mod code {
@@ -253,20 +254,16 @@ pub struct Update {
     pub other_families: Vec<(u16, u8)>,
 }
 
-/// A route target extended community (type 0x00 / 0x02 with a 2- / 4-octet ASN).
-pub fn route_target(asn: u32, value: u32) -> [u8; 8] {
-    let mut c = [0u8; 8];
-    if let Ok(a) = u16::try_from(asn) {
-        c[0] = 0x00;
-        c[1] = 0x02;
-        c[2..4].copy_from_slice(&a.to_be_bytes());
-        c[4..8].copy_from_slice(&value.to_be_bytes());
-    } else {
-        c[0] = 0x02;
-        c[1] = 0x02;
-        c[2..6].copy_from_slice(&asn.to_be_bytes());
-        c[6..8].copy_from_slice(&(value as u16).to_be_bytes());
-    }
+/// The route target of a VNI as FRR derives it (`form_auto_rt` in bgpd/bgp_evpn.c), so that
+/// FRR VTEPs import vpcd's routes and the other way round: a 2-octet-AS specific community
+/// (type 0x00, subtype 0x02) with the low 16 bits of the AS as global administrator and the
+/// whole VNI as the 4-octet local administrator, also for a 4-octet AS. (The 4-octet-AS form,
+/// type 0x02, leaves only 16 bits for the value: VNIs from 65536 on would collide, and FRR
+/// would not import the routes.)
+pub fn route_target(asn: u32, vni: u32) -> [u8; 8] {
+    let mut c = [0x00, 0x02, 0, 0, 0, 0, 0, 0];
+    c[2..4].copy_from_slice(&((asn & 0xffff) as u16).to_be_bytes());
+    c[4..8].copy_from_slice(&vni.to_be_bytes());
     c
 }
 
@@ -622,6 +619,10 @@ fn decode_update(body: &[u8], four_octet: bool) -> Result<Update, WireError> {
             a.u8().map(usize::from)
         }
         .ok_or_else(|| list("truncated attribute length"))?;
+        // Lengths that conflict with the Total Attribute Length reset the session: RFC 7606
+        // section 4 would treat the UPDATE as withdraw, but only where its routes are known
+        // (section 3.j), and EVPN routes live in MP_REACH/MP_UNREACH, which may be in the part
+        // that cannot be parsed.
         let v = a.take(len).ok_or_else(|| {
             notify(
                 code::UPDATE,
@@ -1363,6 +1364,40 @@ mod tests {
             a.key(),
             type2(Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)))).key()
         );
+    }
+
+    #[test]
+    fn route_targets_are_frr_s_auto_derived_ones_also_for_4_octet_ases() {
+        // 4200000001 is 0xfa56_ea01: FRR's RT for VNI 70001 is 59905:70001 (0xea01:0x11171).
+        assert_eq!(
+            route_target(4_200_000_001, 70_001),
+            [0x00, 0x02, 0xea, 0x01, 0x00, 0x01, 0x11, 0x71]
+        );
+        assert_ne!(
+            route_target(4_200_000_001, 5001),
+            route_target(4_200_000_001, 5001 + 65536),
+            "VNIs 65536 apart"
+        );
+        assert_eq!(
+            route_target(65000, 0xff_ffff),
+            [0x00, 0x02, 0xfd, 0xe8, 0x00, 0xff, 0xff, 0xff]
+        );
+    }
+
+    #[test]
+    fn an_attribute_overrunning_the_attributes_is_an_attribute_length_error() {
+        // ORIGIN claiming 200 bytes where 1 follows.
+        let mut msg = vec![0xff; 16];
+        msg.extend_from_slice(&27u16.to_be_bytes());
+        msg.extend_from_slice(&[2, 0, 0, 0, 4, FLAG_TRANSITIVE, ATTR_ORIGIN, 200, 0]);
+        assert!(matches!(
+            decode(&msg, true),
+            Err(WireError::Notify {
+                code: code::UPDATE,
+                subcode: code::UPDATE_ATTRIBUTE_LENGTH,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! Advertised, per subnet with ports or a router leg on this host: a type-3 route (RD
 //! `<ASN>:<VNI>`, PMSI tunnel ingress replication with the VNI as label and this host's VTEP)
 //! and a type-2 route per port and router leg (MAC, IPv4, VNI as label 1), each with the route
-//! target `<ASN>:<VNI>` and the VxLAN encapsulation community. Service legs are local and not
+//! target `<ASN & 0xFFFF>:<VNI>` (FRR's auto-derived one) and the VxLAN encapsulation
+//! community. Service legs are local and not
 //! announced. The tenant bridges do not learn on their VxLAN ports in this mode. Learned: remote type-3 routes become
 //! head-end-replication flood entries on the VNI's VxLAN device, type-2 routes static FDB
 //! entries (VxLAN device, remote VTEP). Routes of a session that went down are kept for its
