@@ -8,8 +8,9 @@
 #                veth that sends a frame) until FRR VTEP 4 has it. Medians; target ratio <= 1.0.
 #   scale:       N ports (BENCH_SCALE, default "100 500 1000") on host 1, made with EVPN off;
 #                then host 1's vpcd restarts with EVPN on and advertises them all at once: time
-#                from its session being established until host 2 has all N MACs (and the spread
-#                from the first to the last), per N.
+#                from its first UPDATE with routes leaving host 1 (seen by tcpdump on its
+#                underlay link) until host 2 has all N MACs, and from the first MAC installed
+#                on host 2 to the last, per N.
 #
 # Everything (namespaces vpcde<pid>*, FRR and vpcd processes, state dirs) goes at the end, also
 # on failure or Ctrl-C. Needs root, FRR, jq; run from the repository.
@@ -93,7 +94,11 @@ for _ in $(seq 100); do [ -S "$WORK/bus.sock" ] && break; sleep 0.05; done
 BUS=unix:path=$WORK/bus.sock
 : >"$WORK/none.toml"
 declare -A VPID
-start_vpcd() { # n evpn(0/1)
+start_vpcd() { # n evpn(0/1): starts vpcd n and waits until it answers
+    launch_vpcd "$@"
+    wait_vpcd "$1"
+}
+launch_vpcd() { # n evpn(0/1)
     local n=$1 extra=()
     [ "$2" = 1 ] && extra=(--bgp-asn 65000 --bgp-peer 192.0.2.10 --bgp-hold-time 9)
     VPCD_CONFIG=$WORK/none.toml "$VPCD" --bus-address "$BUS" --bus-name "org.vpcd.E$n" \
@@ -101,8 +106,10 @@ start_vpcd() { # n evpn(0/1)
         --underlay-ip "192.0.2.$n" --link-prefix "e$n" --bpf-dir "/sys/fs/bpf/vpcd-evpnbench-$$-$n" \
         --log warn "${extra[@]}" >>"$WORK/vpcd$n.log" 2>&1 &
     VPID[$n]=$!; PIDS+=($!)
-    for _ in $(seq 2400); do ctl "$n" list --all >/dev/null 2>&1 && return; sleep 0.05; done
-    echo "vpcd $n did not start: $(tail -5 "$WORK/vpcd$n.log")" >&2; exit 1
+}
+wait_vpcd() { # n
+    for _ in $(seq 2400); do ctl "$1" list --all >/dev/null 2>&1 && return; sleep 0.05; done
+    echo "vpcd $1 did not start: $(tail -5 "$WORK/vpcd$1.log")" >&2; exit 1
 }
 stop_vpcd() { kill "${VPID[$1]}"; wait "${VPID[$1]}" 2>/dev/null || true; }
 ctl() { local n=$1; shift; "$VPCTL" --bus-address "$BUS" --bus-name "org.vpcd.E$n" "$@"; }
@@ -134,12 +141,17 @@ for i in $(seq 1 "$PORTS"); do
     ip -n "${P}f3" link add "m$i" type veth peer "n$i"
     ip -n "${P}f3" link set "n$i" address "$fmac"
     ip -n "${P}f3" link set "m$i" master br9 up
-    t0=$(now_ms)
+    # Quiet until the ping: no IPv6 (its DAD and router solicitations would show the MAC early).
+    ip netns exec "${P}f3" sysctl -qw "net.ipv6.conf.n$i.disable_ipv6=1"
     ip -n "${P}f3" addr add "10.61.$((i / 250)).$((i % 250 + 1))/16" dev "n$i"
     ip -n "${P}f3" link set "n$i" up
-    ip netns exec "${P}f3" ping -c 1 -W 0.1 -I "n$i" 10.61.255.254 >/dev/null 2>&1 || true
+    t0=$(now_ms)
+    # Its ARP request is the MAC's first frame; poll at once, not after ping gives up.
+    ip netns exec "${P}f3" ping -c 1 -W 1 -I "n$i" 10.61.255.254 >/dev/null 2>&1 &
+    ppid=$!
     until has_mac "${P}f4" vx9 "$fmac"; do sleep 0.002; done
     theirs+=($(( $(now_ms) - t0 )))
+    wait "$ppid" || true
     printf 'port %2d: vpcd %4d ms   FRR %4d ms\n' "$i" "${ours[-1]}" "${theirs[-1]}"
 done
 mo=$(printf '%s\n' "${ours[@]}" | median); mt=$(printf '%s\n' "${theirs[@]}" | median)
@@ -159,10 +171,13 @@ for n in $SCALE; do
     # Host 1 without EVPN has withdrawn everything; wait until host 2 has none of them.
     until ! ip netns exec "${P}h2" bridge fdb show dev "$vx2" | grep -F "$(echo "$macs" | head -1)" >/dev/null; do sleep 0.05; done
     stop_vpcd 1
-    start_vpcd 1 1
-    # From the moment host 1's session is up (vpcd's start-up with N ports is not EVPN's).
-    until ctl 1 --json bgp-sessions | grep '"established"' >/dev/null; do sleep 0.005; done
-    t0=$(now_ms)
+    # The clock starts when host 1's first UPDATE with routes leaves it (an OPEN or KEEPALIVE
+    # frame is < 150 bytes), not at its start-up, which reconciles N ports first.
+    ip netns exec "${P}h1" tcpdump -tt -n -l -c 1 -i u0 'tcp dst port 179 and greater 200' \
+        >"$WORK/first-update" 2>/dev/null &
+    tpid=$!
+    sleep 0.5 # tcpdump is listening
+    launch_vpcd 1 1 # watched from now on, while it starts
     first=""
     while :; do
         have=$(ip netns exec "${P}h2" bridge fdb show dev "$vx2" | awk '{print $1}' | sort | comm -12 - <(echo "$macs") | wc -l)
@@ -171,6 +186,9 @@ for n in $SCALE; do
         sleep 0.01
     done
     t1=$(now_ms)
-    printf 'N=%4d: all installed on host 2 %5d ms after host 1 established its session (first to last %4d ms)\n' "$n" $((t1 - t0)) $((t1 - first))
+    wait_vpcd 1
+    wait "$tpid"
+    t0=$(awk 'NR == 1 { printf "%d", $1 * 1000 }' "$WORK/first-update")
+    printf 'N=%4d: all installed on host 2 %5d ms after host 1 sent its first UPDATE (first to last installed %4d ms)\n' "$n" $((t1 - t0)) $((t1 - first))
     stop_vpcd 1; start_vpcd 1 0
 done

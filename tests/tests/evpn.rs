@@ -48,24 +48,27 @@ impl Lab {
     }
 
     async fn host(&self, n: u8) -> Daemon {
+        self.host_with(n, &["--bgp-peer", "192.0.2.10", "--bgp-hold-time", "15"])
+            .await
+    }
+
+    /// Host `n` with EVPN flags `bgp` (peers, timers).
+    async fn host_with(&self, n: u8, bgp: &[&str]) -> Daemon {
         let ns = match n {
             1 => &self.h1,
             2 => &self.h2,
             _ => &self.h3,
         };
-        let extra = [
+        let mut extra = [
             "--netns".to_string(),
             ns.path(),
             "--underlay-ip".into(),
             format!("192.0.2.{n}"),
             "--bgp-asn".into(),
             "65000".into(),
-            "--bgp-peer".into(),
-            "192.0.2.10".into(),
-            "--bgp-hold-time".into(),
-            "15".into(),
         ]
         .to_vec();
+        extra.extend(bgp.iter().map(|s| s.to_string()));
         let opts = DaemonOpts {
             backend: "qmp",
             extra,
@@ -194,6 +197,108 @@ async fn vms_on_two_hosts_reach_each_other_through_evpn_routes() {
         "h2 still answers ARP for vm1: {neigh}"
     );
     drop((vm1, vm2));
+}
+
+/// Two route reflectors (rr and h3): losing one changes nothing; with both gone, learned
+/// routes go once the hold time has passed, and come back with a reflector. A subnet's last
+/// port going withdraws its type-3 route: the flood entry on the other host goes.
+#[tokio::test]
+async fn two_reflectors_routes_expire_after_the_hold_time_and_subnets_withdraw_floods() {
+    let lab = Lab::new();
+    let rr1 = FrrReflector::start(&lab.rr, 65000, "192.0.2.10", "192.0.2.0/24");
+    let rr2 = FrrReflector::start(&lab.h3, 65000, "192.0.2.3", "192.0.2.0/24");
+    let bgp = [
+        "--bgp-peer",
+        "192.0.2.10",
+        "--bgp-peer",
+        "192.0.2.3",
+        "--bgp-hold-time",
+        "3",
+    ];
+    let d1 = lab.host_with(1, &bgp).await;
+    let d2 = lab.host_with(2, &bgp).await;
+    for d in [&d1, &d2] {
+        d.vpcctl_ok(&["net-create", "a"]);
+        d.vpcctl_ok(&["subnet-create", "a", "web", "10.50.4.0/24", "--vni", "7201"]);
+        d.vpcctl_ok(&["subnet-create", "a", "db", "10.50.5.0/24", "--vni", "7202"]);
+    }
+    let vm1 = ns_port(&d1, "t1", "a", "web", "10.50.4.11", true);
+    let _vm2 = ns_port(&d2, "t2", "a", "web", "10.50.4.12", true);
+    let _db1 = ns_port(&d1, "u1", "a", "db", "10.50.5.11", true);
+    let _db2 = ns_port(&d2, "u2", "a", "db", "10.50.5.12", true);
+    let mac1 = port_mac_of(&d1, "10.50.4.11");
+    let vx_web = netdrv::names::vxlan("vpc", 7201);
+    let vx_db = netdrv::names::vxlan("vpc", 7202);
+    let flood = |vx: &str| {
+        lab.h2
+            .ok(&["bridge", "fdb", "show", "dev", vx])
+            .lines()
+            .any(|l| l.starts_with("00:00:00:00:00:00") && l.contains("dst 192.0.2.1"))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || fdb_has(&lab.h2, &mac1, "192.0.2.1") && flood(&vx_web) && flood(&vx_db),
+        "h2 to learn h1's MAC and both VTEP floods",
+    );
+    // Both sessions up, with an uptime that grows.
+    let sessions = |d: &Daemon| -> serde_json::Value {
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "bgp-sessions"])).unwrap()
+    };
+    let s = sessions(&d1);
+    assert_eq!(s.as_array().unwrap().len(), 2, "{s}");
+    for x in s.as_array().unwrap() {
+        assert_eq!(x["state"], "established", "{s}");
+    }
+    let up0 = s[0]["uptime_secs"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let up1 = sessions(&d1)[0]["uptime_secs"].as_u64().unwrap();
+    assert!(up1 >= up0 + 2, "uptime {up0} -> {up1}");
+
+    // The db subnet's last port on h1 goes: its type-3 route is withdrawn, h2's flood entry
+    // towards h1 on VNI 7202 goes; web's stays.
+    let id = port_id_of(&d1, "10.50.5.11").to_string();
+    d1.vpcctl_ok(&["port-delete", &id]);
+    wait_until(
+        Duration::from_secs(30),
+        || !flood(&vx_db),
+        "h2 to drop h1's flood entry on the db VNI",
+    );
+    assert!(flood(&vx_web));
+
+    // One reflector gone, well past the hold time: the other still carries everything.
+    drop(rr1);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        fdb_has(&lab.h2, &mac1, "192.0.2.1"),
+        "lost with one reflector left"
+    );
+    assert!(vm1.pings("10.50.4.12"), "traffic with one reflector left");
+
+    // Both gone: the routes stay for the hold time, then go (MAC, flood, ARP entries).
+    drop(rr2);
+    assert!(
+        fdb_has(&lab.h2, &mac1, "192.0.2.1"),
+        "dropped before the hold time"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        || !fdb_has(&lab.h2, &mac1, "192.0.2.1") && !flood(&vx_web),
+        "h2 to drop routes of sessions down past the hold time",
+    );
+    let neigh = lab.h2.ok(&["ip", "neigh", "show", "10.50.4.11"]);
+    assert!(!neigh.contains(&mac1), "{neigh}");
+
+    // A reflector back: learned again.
+    let _rr = FrrReflector::start(&lab.rr, 65000, "192.0.2.10", "192.0.2.0/24");
+    wait_until(
+        Duration::from_secs(60),
+        || fdb_has(&lab.h2, &mac1, "192.0.2.1") && flood(&vx_web),
+        "h2 to learn h1's routes again",
+    );
+    assert!(
+        vm1.pings("10.50.4.12"),
+        "traffic after a reflector came back"
+    );
 }
 
 /// Routing across EVPN: the tenant's router is on host 2, which has no port on web; host 1 has a
