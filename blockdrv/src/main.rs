@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! blockdrv nbd --unix /run/sbs.sock --export data=/var/lib/sbs/data.img:1G [--tcp 127.0.0.1:10809]
+//!     [--tls-cert server-cert.pem --tls-key server-key.pem [--tls-ca ca-cert.pem]]
 //! blockdrv node --id 1 --dir /var/lib/sbs --listen 127.0.0.1:7001 \
 //!     --member 1=127.0.0.1:7001 --member 2=127.0.0.1:7002 --member 3=127.0.0.1:7003 \
 //!     --volume data:1G --nbd-unix /run/sbs-1.sock
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use blockdrv::nbd::{Export, Server};
+use blockdrv::nbd::{Export, Server, TlsConfig};
 use blockdrv::volume::FileVolume;
 use clap::Parser;
 
@@ -97,6 +98,8 @@ struct NodeArgs {
     /// A unix socket to serve the volumes over NBD on.
     #[arg(long)]
     nbd_unix: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Raft heartbeat interval, ms.
     #[arg(long, default_value_t = 250)]
     heartbeat_ms: u64,
@@ -125,9 +128,47 @@ struct NbdArgs {
     /// Serve read-only.
     #[arg(long)]
     read_only: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Log filter (`info`, `debug`, ...).
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+/// TLS for the NBD server: with a certificate, clients must upgrade with STARTTLS before
+/// anything else (forced TLS).
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// PEM: the server's certificate (chain); requires TLS of every NBD client.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM: the key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM: CA certificates; clients must then present a certificate signed by one of them.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// `server` with TLS if it was asked for.
+    fn apply(&self, server: Server) -> anyhow::Result<Server> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(server);
+        };
+        let tls = TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: self.tls_ca.clone(),
+        };
+        let server = server.with_tls(&tls).context("NBD TLS")?;
+        tracing::info!(
+            cert = %cert.display(),
+            client_certificates = tls.ca.is_some(),
+            "NBD requires TLS"
+        );
+        Ok(server)
+    }
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -184,6 +225,9 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     if !members.contains_key(&args.id) {
         bail!("node {} is not among the members", args.id);
     }
+    if args.tls.tls_cert.is_some() && args.nbd_unix.is_none() {
+        bail!("--tls-cert is for the NBD server: give --nbd-unix too");
+    }
     let timing = blockdrv::raft::node::Timing {
         heartbeat_ms: args.heartbeat_ms,
         election_ms: (args.election_ms, 2 * args.election_ms),
@@ -197,7 +241,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listen on {}", args.listen))?;
     let serving = tokio::spawn(node.clone().serve(listener));
     if let Some(path) = &args.nbd_unix {
-        let server = Server::new(Vec::new());
+        let server = args.tls.apply(Server::new(Vec::new()))?;
         node.serve_nbd(server.clone());
         let _ = std::fs::remove_file(path);
         let l = tokio::net::UnixListener::bind(path)
@@ -296,7 +340,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|e| export(e, args.read_only))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let default = exports[0].name.clone();
-    let server = Server::new(exports).with_default(&default);
+    let server = args
+        .tls
+        .apply(Server::new(exports).with_default(&default))?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &args.unix {
         let _ = std::fs::remove_file(path);

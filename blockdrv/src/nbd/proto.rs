@@ -4,6 +4,10 @@
 //!
 //! Every multi-byte field is big-endian. Parsing checks magic numbers and lengths and returns a
 //! [`ProtoError`] saying what the peer did wrong; what to answer to it is the server's choice.
+//!
+//! TLS (`NBD_OPT_STARTTLS`): [`TlsState::gate`] says, per option, whether to serve it, refuse it
+//! (`NBD_REP_ERR_TLS_REQD` before the upgrade in forced-TLS mode), close, or start TLS now; the
+//! server does the TLS handshake itself.
 
 use std::fmt;
 
@@ -280,6 +284,67 @@ pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
 /// An error reply with a message for humans.
 pub fn option_error(option: u32, kind: u32, message: &str) -> Vec<u8> {
     option_reply(option, kind, message.as_bytes())
+}
+
+/// Where a connection stands with TLS (the spec's "TLS support": this server runs NOTLS or
+/// FORCEDTLS, never SELECTIVETLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// The server has no TLS: `NBD_OPT_STARTTLS` is refused by policy, everything else goes.
+    Off,
+    /// FORCEDTLS before the upgrade: only `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` are served.
+    Required,
+    /// The connection runs over TLS; negotiation has started over inside it.
+    Established,
+}
+
+/// What the handshake does with an option, given the connection's [`TlsState`], before (or
+/// instead of) serving it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsGate {
+    /// Serve the option as usual.
+    Pass,
+    /// Send this error reply and read the next option.
+    Refuse(Vec<u8>),
+    /// Send this `NBD_REP_ACK`, then run the TLS handshake on the connection; once it is done
+    /// the state is [`TlsState::Established`] and negotiation starts over: nothing negotiated
+    /// before (structured replies, metadata contexts) carries over.
+    StartTls(Vec<u8>),
+    /// Close the connection: `NBD_OPT_EXPORT_NAME` before TLS, which has no error reply.
+    Close,
+}
+
+impl TlsState {
+    /// The state a new connection starts in: [`TlsState::Required`] if the server has TLS.
+    pub fn new(server_has_tls: bool) -> TlsState {
+        if server_has_tls {
+            TlsState::Required
+        } else {
+            TlsState::Off
+        }
+    }
+
+    /// Decides what to do with option `option` carrying `data`.
+    pub fn gate(self, option: u32, data: &[u8]) -> TlsGate {
+        let refuse = |kind, msg: &str| TlsGate::Refuse(option_error(option, kind, msg));
+        match (self, option) {
+            (TlsState::Off, OPT_STARTTLS) => refuse(REP_ERR_POLICY, "TLS is not configured"),
+            (TlsState::Established, OPT_STARTTLS) => refuse(REP_ERR_INVALID, "TLS is already on"),
+            (TlsState::Required, OPT_STARTTLS) if !data.is_empty() => {
+                refuse(REP_ERR_INVALID, "STARTTLS takes no data")
+            }
+            (TlsState::Required, OPT_STARTTLS) => {
+                TlsGate::StartTls(option_reply(option, REP_ACK, &[]))
+            }
+            (TlsState::Required, OPT_ABORT) => TlsGate::Pass,
+            (TlsState::Required, OPT_EXPORT_NAME) => TlsGate::Close,
+            (TlsState::Required, _) => refuse(
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            ),
+            (TlsState::Off | TlsState::Established, _) => TlsGate::Pass,
+        }
+    }
 }
 
 /// `NBD_REP_SERVER` data for `NBD_OPT_LIST`.
@@ -587,6 +652,81 @@ mod tests {
         assert_eq!(parsed.command, Command::Other(42));
         assert_eq!(parsed.unknown_flags(), 1 << 9);
         assert_eq!(parsed.payload_len(), 0);
+    }
+
+    /// The reply type of a gate's reply, and that it answers `option`.
+    fn reply_kind(option: u32, r: &[u8]) -> u32 {
+        assert_eq!(be64(r), REPLY_MAGIC);
+        assert_eq!(be32(&r[8..]), option, "a reply to the option asked");
+        assert_eq!(be32(&r[16..]) as usize, r.len() - 20);
+        be32(&r[12..])
+    }
+
+    /// Every option this server knows, and one it does not.
+    const OPTIONS: [u32; 10] = [
+        OPT_EXPORT_NAME,
+        OPT_ABORT,
+        OPT_LIST,
+        OPT_STARTTLS,
+        OPT_INFO,
+        OPT_GO,
+        OPT_STRUCTURED_REPLY,
+        OPT_LIST_META_CONTEXT,
+        OPT_SET_META_CONTEXT,
+        77,
+    ];
+
+    #[test]
+    fn forced_tls_refuses_every_option_but_starttls_and_abort_with_tls_reqd() {
+        let s = TlsState::new(true);
+        assert_eq!(s, TlsState::Required);
+        for o in OPTIONS {
+            match (o, s.gate(o, &[0, 0, 0, 0])) {
+                (OPT_ABORT, g) => assert_eq!(g, TlsGate::Pass),
+                (OPT_EXPORT_NAME, g) => assert_eq!(g, TlsGate::Close, "no error reply exists"),
+                (OPT_STARTTLS, TlsGate::Refuse(r)) => {
+                    assert_eq!(reply_kind(o, &r), REP_ERR_INVALID, "STARTTLS with data")
+                }
+                (_, TlsGate::Refuse(r)) => {
+                    assert_eq!(reply_kind(o, &r), REP_ERR_TLS_REQD, "option {o}");
+                    assert!(r.len() > 20, "a message for humans");
+                }
+                (o, g) => panic!("option {o}: {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn starttls_is_acked_once_and_invalid_after_the_upgrade() {
+        let TlsGate::StartTls(ack) = TlsState::Required.gate(OPT_STARTTLS, &[]) else {
+            panic!("STARTTLS refused in FORCEDTLS");
+        };
+        assert_eq!(reply_kind(OPT_STARTTLS, &ack), REP_ACK);
+        assert_eq!(ack.len(), 20, "an ACK has no data");
+        let TlsGate::Refuse(r) = TlsState::Established.gate(OPT_STARTTLS, &[]) else {
+            panic!("STARTTLS twice");
+        };
+        assert_eq!(reply_kind(OPT_STARTTLS, &r), REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn after_the_upgrade_and_without_tls_nothing_is_tls_reqd() {
+        for s in [TlsState::Established, TlsState::Off] {
+            for o in OPTIONS.into_iter().filter(|o| *o != OPT_STARTTLS) {
+                assert_eq!(s.gate(o, &[]), TlsGate::Pass, "{s:?}, option {o}");
+            }
+        }
+    }
+
+    #[test]
+    fn starttls_without_tls_configured_is_refused_by_policy() {
+        assert_eq!(TlsState::new(false), TlsState::Off);
+        for data in [&[][..], &[1, 2]] {
+            let TlsGate::Refuse(r) = TlsState::Off.gate(OPT_STARTTLS, data) else {
+                panic!("STARTTLS accepted without TLS");
+            };
+            assert_eq!(reply_kind(OPT_STARTTLS, &r), REP_ERR_POLICY);
+        }
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //! `WRITE_ZEROES` with `NO_HOLE` and `FAST_ZERO`, `BLOCK_STATUS`, `DISC`; `FUA`), over any byte
 //! stream: unix sockets and TCP.
 //!
+//! TLS (optional, [`Server::with_tls`]): the server is then in the spec's forced-TLS mode. Until
+//! the client sends `NBD_OPT_STARTTLS`, every option but `STARTTLS` and `ABORT` is refused with
+//! `NBD_REP_ERR_TLS_REQD` (`EXPORT_NAME` closes the connection); after the ACK the connection is
+//! wrapped in a rustls server stream (whatever the stream: unix, TCP) and option haggling starts
+//! over inside TLS, with nothing negotiated before it kept. `proto::TlsState` makes these
+//! decisions; this file only does the TLS handshake.
+//!
 //! A connection's requests run concurrently (up to [`IN_FLIGHT`]): the reader task reads a
 //! request (and a write's data), hands it to a task of its own, and the replies go through one
 //! writer, each written whole. A reply is sent only when its operation is done, so a write is
@@ -21,7 +28,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::proto::{self, Command, Request};
+use super::proto::{self, Command, Request, TlsGate, TlsState};
+use super::tls::{TlsConfig, TlsError};
 use crate::volume::Volume;
 
 /// Requests of one connection executed at the same time.
@@ -77,6 +85,8 @@ pub enum ConnError {
     Io(#[from] io::Error),
     #[error("protocol: {0}")]
     Proto(#[from] proto::ProtoError),
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
     #[error("{0}")]
     Closed(String),
 }
@@ -88,6 +98,8 @@ pub struct Server {
     exports: Arc<std::sync::RwLock<BTreeMap<String, Export>>>,
     /// The export the empty name stands for.
     default: Option<String>,
+    /// With TLS: connections must upgrade with `NBD_OPT_STARTTLS` before anything else.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The state negotiated for one connection.
@@ -98,6 +110,17 @@ struct Session {
     base_allocation: bool,
 }
 
+/// How option haggling ended.
+#[derive(Debug)]
+enum Negotiated {
+    /// On to transmission with this session.
+    Transmission(Session),
+    /// The client sent `NBD_OPT_ABORT` (and got its ACK).
+    Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
 impl Server {
     pub fn new(exports: Vec<Export>) -> Server {
         Server {
@@ -105,7 +128,14 @@ impl Server {
                 exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
             )),
             default: None,
+            tls: None,
         }
+    }
+
+    /// Requires TLS on every connection (forced TLS), with the certificates of `tls`.
+    pub fn with_tls(mut self, tls: &TlsConfig) -> Result<Server, TlsError> {
+        self.tls = Some(tls.load()?);
+        Ok(self)
     }
 
     /// Adds (or replaces) an export.
@@ -167,26 +197,73 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Some(session) = self.handshake(&mut stream).await? else {
-            return Ok(());
-        };
-        tracing::debug!(export = %session.export.name, structured = session.structured, "transmission");
-        transmission(stream, Arc::new(session)).await
+        stream.write_all(&proto::greeting()).await?;
+        let mut flags = [0u8; 4];
+        stream.read_exact(&mut flags).await?;
+        let client = proto::parse_client_flags(flags)?;
+        let no_zeroes = client & proto::FLAG_C_NO_ZEROES != 0;
+        let state = TlsState::new(self.tls.is_some());
+        match self.negotiate(&mut stream, no_zeroes, state).await? {
+            Negotiated::Transmission(session) => transmission(stream, session).await,
+            Negotiated::Aborted => Ok(()),
+            Negotiated::StartTls => {
+                // (Acknowledged only when the server has TLS.)
+                let Some(config) = self.tls.clone() else {
+                    return Err(ConnError::Closed("STARTTLS without TLS".into()));
+                };
+                let mut stream = tokio_rustls::TlsAcceptor::from(config)
+                    .accept(stream)
+                    .await
+                    .map_err(ConnError::Tls)?;
+                tracing::debug!("TLS established");
+                match self
+                    .negotiate(&mut stream, no_zeroes, TlsState::Established)
+                    .await?
+                {
+                    Negotiated::Transmission(session) => transmission(stream, session).await,
+                    Negotiated::Aborted => {
+                        // close_notify: whoever ends a TLS session shuts TLS down first.
+                        let _ = stream.shutdown().await;
+                        Ok(())
+                    }
+                    Negotiated::StartTls => Err(ConnError::Closed("STARTTLS inside TLS".into())),
+                }
+            }
+        }
     }
 
-    /// Option haggling; None when the client aborted.
-    async fn handshake<S>(&self, s: &mut S) -> Result<Option<Session>, ConnError>
+    /// Option haggling, from the first option (again, inside TLS, after `STARTTLS`), and its
+    /// last replies flushed: a TLS stream keeps what the socket did not take at once until it
+    /// is flushed.
+    async fn negotiate<S>(
+        &self,
+        s: &mut S,
+        no_zeroes: bool,
+        tls: TlsState,
+    ) -> Result<Negotiated, ConnError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        s.write_all(&proto::greeting()).await?;
-        let mut flags = [0u8; 4];
-        s.read_exact(&mut flags).await?;
-        let client = proto::parse_client_flags(flags)?;
-        let no_zeroes = client & proto::FLAG_C_NO_ZEROES != 0;
+        let negotiated = self.haggle(s, no_zeroes, tls).await?;
+        s.flush().await?;
+        Ok(negotiated)
+    }
+
+    /// The options, up to the one that ends the haggling. The replies to one option are
+    /// flushed before the next is read.
+    async fn haggle<S>(
+        &self,
+        s: &mut S,
+        no_zeroes: bool,
+        tls: TlsState,
+    ) -> Result<Negotiated, ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut structured = false;
         let mut base_allocation = false;
         loop {
+            s.flush().await?;
             let mut hdr = [0u8; 16];
             s.read_exact(&mut hdr).await?;
             let (option, len) = proto::parse_option_header(hdr)?;
@@ -194,12 +271,29 @@ impl Server {
                 let reply =
                     proto::option_error(option, proto::REP_ERR_TOO_BIG, "option data too long");
                 s.write_all(&reply).await?;
+                s.flush().await?;
                 return Err(ConnError::Closed(format!(
                     "option {option} with {len} bytes of data"
                 )));
             }
             let mut data = vec![0u8; len as usize];
             s.read_exact(&mut data).await?;
+            match tls.gate(option, &data) {
+                TlsGate::Pass => {}
+                TlsGate::Refuse(reply) => {
+                    s.write_all(&reply).await?;
+                    continue;
+                }
+                TlsGate::StartTls(ack) => {
+                    s.write_all(&ack).await?;
+                    return Ok(Negotiated::StartTls);
+                }
+                TlsGate::Close => {
+                    return Err(ConnError::Closed(
+                        "EXPORT_NAME before STARTTLS (TLS is required)".into(),
+                    ))
+                }
+            }
             let reply = |kind: u32, d: &[u8]| proto::option_reply(option, kind, d);
             let invalid = |what: &str| proto::option_error(option, proto::REP_ERR_INVALID, what);
             match option {
@@ -212,7 +306,7 @@ impl Server {
                     let r =
                         proto::export_name_reply(export.volume.size(), export.flags(), no_zeroes);
                     s.write_all(&r).await?;
-                    return Ok(Some(Session {
+                    return Ok(Negotiated::Transmission(Session {
                         export: export.clone(),
                         structured,
                         base_allocation,
@@ -220,7 +314,7 @@ impl Server {
                 }
                 proto::OPT_ABORT => {
                     s.write_all(&reply(proto::REP_ACK, &[])).await?;
-                    return Ok(None);
+                    return Ok(Negotiated::Aborted);
                 }
                 proto::OPT_LIST => {
                     if !data.is_empty() {
@@ -239,10 +333,6 @@ impl Server {
                         s.write_all(&reply(proto::REP_SERVER, &entry)).await?;
                     }
                     s.write_all(&reply(proto::REP_ACK, &[])).await?;
-                }
-                proto::OPT_STARTTLS => {
-                    let r = proto::option_error(option, proto::REP_ERR_POLICY, "TLS is not on");
-                    s.write_all(&r).await?;
                 }
                 proto::OPT_INFO | proto::OPT_GO => {
                     let req = match proto::parse_info_request(option, &data) {
@@ -281,7 +371,7 @@ impl Server {
                     }
                     s.write_all(&reply(proto::REP_ACK, &[])).await?;
                     if option == proto::OPT_GO {
-                        return Ok(Some(Session {
+                        return Ok(Negotiated::Transmission(Session {
                             export: export.clone(),
                             structured,
                             base_allocation,
@@ -335,6 +425,7 @@ impl Server {
                     }
                     s.write_all(&reply(proto::REP_ACK, &[])).await?;
                 }
+                // (STARTTLS never gets here: the TLS gate above answers it.)
                 other => {
                     let r = proto::option_error(other, proto::REP_ERR_UNSUP, "unsupported option");
                     s.write_all(&r).await?;
@@ -345,15 +436,23 @@ impl Server {
 }
 
 /// The transmission phase of a connection.
-async fn transmission<S>(stream: S, session: Arc<Session>) -> Result<(), ConnError>
+async fn transmission<S>(stream: S, session: Session) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    tracing::debug!(export = %session.export.name, structured = session.structured, "transmission");
+    let session = Arc::new(session);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {
             wr.write_all(&reply).await?;
+            // Replies already waiting go out before the flush, which a TLS stream needs: what
+            // the socket did not take at once stays in its buffer until then.
+            while let Ok(reply) = rx.try_recv() {
+                wr.write_all(&reply).await?;
+            }
+            wr.flush().await?;
         }
         wr.shutdown().await
     });
@@ -591,14 +690,23 @@ fn reply(s: &Session, r: &Request, outcome: Result<Outcome, Failure>) -> Vec<u8>
 /// robustness test below and the fuzz target: whatever the input, this returns (no panic, no
 /// hang).
 pub async fn run_transcript(input: &[u8]) -> Vec<u8> {
+    transcript(memory_server(), input).await
+}
+
+/// A server with a 64 KiB memory export `m`, also the default.
+fn memory_server() -> Server {
     let volume = Arc::new(crate::volume::MemVolume::new(64 << 10));
-    let server = Server::new(vec![Export {
+    Server::new(vec![Export {
         name: "m".into(),
         description: String::new(),
         volume,
         read_only: false,
     }])
-    .with_default("m");
+    .with_default("m")
+}
+
+/// What `server` sends on a connection where the client sends `input`, then hangs up.
+async fn transcript(server: Server, input: &[u8]) -> Vec<u8> {
     let (mut client, conn) = tokio::io::duplex(1 << 16);
     let task = tokio::spawn(async move {
         let _ = server.serve_connection(conn).await;
@@ -699,6 +807,115 @@ mod tests {
                     .await
                     .unwrap_or_else(|_| panic!("hung with byte {i} ^ {flip:#x}"));
             }
+        }
+    }
+
+    /// A client's bytes to a forced-TLS server: flags, LIST, GO, STRUCTURED_REPLY, an unknown
+    /// option, STARTTLS, then what should be a TLS ClientHello.
+    fn tls_session() -> Vec<u8> {
+        let opt = |b: &mut Vec<u8>, o: u32, d: &[u8]| {
+            b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&o.to_be_bytes());
+            b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+            b.extend_from_slice(d);
+        };
+        let mut b = (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        opt(&mut b, proto::OPT_LIST, &[]);
+        let mut go = 1u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"m");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        opt(&mut b, proto::OPT_GO, &go);
+        opt(&mut b, proto::OPT_STRUCTURED_REPLY, &[]);
+        opt(&mut b, 77, &[]);
+        opt(&mut b, proto::OPT_STARTTLS, &[]);
+        // The start of a TLS record (handshake, TLS 1.0 record version), then junk.
+        b.extend_from_slice(&[0x16, 0x03, 0x01, 0x00, 0x20]);
+        b.extend_from_slice(&[0x5a; 32]);
+        b
+    }
+
+    fn tls_server(dir: &std::path::Path) -> Server {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        memory_server()
+            .with_tls(&TlsConfig {
+                cert: dir.join("cert.pem"),
+                key: dir.join("key.pem"),
+                ca: None,
+            })
+            .unwrap()
+    }
+
+    /// The option replies in `out` (after the greeting), as (option, reply type).
+    fn option_replies(out: &[u8]) -> Vec<(u32, u32)> {
+        let mut r = Vec::new();
+        let mut rest = &out[18..];
+        while rest.len() >= 20 && rest[..8] == proto::REPLY_MAGIC.to_be_bytes() {
+            let field = |i: usize| u32::from_be_bytes(rest[i..i + 4].try_into().unwrap());
+            r.push((field(8), field(12)));
+            rest = &rest[20 + field(16) as usize..];
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn forced_tls_answers_tls_reqd_until_starttls_then_wants_a_tls_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = tls_server(dir.path());
+        let out = transcript(server.clone(), &tls_session()).await;
+        assert_eq!(&out[..18], &proto::greeting());
+        assert_eq!(
+            option_replies(&out),
+            [
+                (proto::OPT_LIST, proto::REP_ERR_TLS_REQD),
+                (proto::OPT_GO, proto::REP_ERR_TLS_REQD),
+                (proto::OPT_STRUCTURED_REPLY, proto::REP_ERR_TLS_REQD),
+                (77, proto::REP_ERR_TLS_REQD),
+                (proto::OPT_STARTTLS, proto::REP_ACK),
+            ]
+        );
+        // The junk after the ACK is not TLS: the connection fails (not served in the clear).
+        let (mut client, conn) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(async move { server.serve_connection(conn).await });
+        client.write_all(&tls_session()).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("no hang")
+            .unwrap();
+        assert!(matches!(r, Err(ConnError::Tls(_))), "{r:?}");
+        // EXPORT_NAME before TLS closes the connection without a reply.
+        let mut b = tls_session()[..4].to_vec();
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&proto::OPT_EXPORT_NAME.to_be_bytes());
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.push(b'm');
+        let out = transcript(tls_server(dir.path()), &b).await;
+        assert_eq!(out, proto::greeting());
+    }
+
+    #[tokio::test]
+    async fn truncated_and_corrupted_forced_tls_sessions_end_without_a_panic_or_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = tls_server(dir.path());
+        let s = tls_session();
+        for n in 0..s.len() {
+            tokio::time::timeout(Duration::from_secs(5), transcript(server.clone(), &s[..n]))
+                .await
+                .unwrap_or_else(|_| panic!("hung on a session cut at {n}"));
+        }
+        for i in 0..s.len() {
+            let mut bad = s.clone();
+            bad[i] ^= 0x80;
+            tokio::time::timeout(Duration::from_secs(5), transcript(server.clone(), &bad))
+                .await
+                .unwrap_or_else(|_| panic!("hung with byte {i} ^ 0x80"));
         }
     }
 
