@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # EVPN benchmarks (issue 5), one lab, one run: an underlay bridge with an FRR route reflector
-# (192.0.2.10), two vpcd hosts (192.0.2.1, .2; their own vpcd, private D-Bus, debug build) and
+# (192.0.2.10), two vpcd hosts (192.0.2.1, .2; their own vpcd, private D-Bus, release build) and
 # two FRR VTEPs (192.0.2.3, .4; zebra + bgpd, traditional bridge, advertise-all-vni).
 #
 #   convergence: a port created on vpcd host 1 until host 2 has its MAC in the VxLAN FDB,
@@ -18,7 +18,7 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 cd "$REPO"
 PORTS=${BENCH_PORTS:-20}
-SCALE=${BENCH_SCALE:-"100 500 1000"}
+SCALE=${BENCH_SCALE-"100 500 1000"}
 [ "$(id -u)" = 0 ] || { echo "evpn.sh: needs root" >&2; exit 1; }
 for t in ip bridge jq dbus-daemon vtysh; do command -v "$t" >/dev/null || { echo "evpn.sh: $t missing" >&2; exit 1; }; done
 
@@ -36,9 +36,11 @@ cleanup() {
     rm -rf "$WORK" /sys/fs/bpf/vpcd-evpnbench-$$-*
 }
 trap cleanup EXIT INT TERM
+[ -n "${BENCH_KEEP_LOGS:-}" ] && trap 'cp "$WORK"/vpcd*.log "$BENCH_KEEP_LOGS"/ 2>/dev/null; cleanup' EXIT INT TERM
 
-cargo build --bins -q
-VPCD=$CARGO_TARGET_DIR/debug/vpcd VPCTL=$CARGO_TARGET_DIR/debug/vpcctl
+# Release binaries, as a deployment runs them.
+cargo build --release --bins -q
+VPCD=$CARGO_TARGET_DIR/release/vpcd VPCTL=$CARGO_TARGET_DIR/release/vpcctl
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
@@ -104,7 +106,7 @@ launch_vpcd() { # n evpn(0/1)
     VPCD_CONFIG=$WORK/none.toml "$VPCD" --bus-address "$BUS" --bus-name "org.vpcd.E$n" \
         --state-dir "$WORK/h$n" --backend qmp --accel tcg --netns "/run/netns/${P}h$n" \
         --underlay-ip "192.0.2.$n" --link-prefix "e$n" --bpf-dir "/sys/fs/bpf/vpcd-evpnbench-$$-$n" \
-        --log warn "${extra[@]}" >>"$WORK/vpcd$n.log" 2>&1 &
+        --log "${BENCH_LOG:-warn}" "${extra[@]}" >>"$WORK/vpcd$n.log" 2>&1 &
     VPID[$n]=$!; PIDS+=($!)
 }
 wait_vpcd() { # n
@@ -121,9 +123,17 @@ ip netns add "${P}vm1"; ip netns add "${P}vm2"
 # h2 needs a port so that its VxLAN device (where remote MACs go) exists.
 ctl 2 port-create a web --netns "/run/netns/${P}vm2" --ifname e0 --ip 10.60.200.1 >/dev/null
 vx2=e2x$(printf %x 9100)
-has_mac() { ip netns exec "$1" bridge fdb show dev "$2" 2>/dev/null | grep "^$3 " >/dev/null; }
+# The entry the control plane installs: MAC on the VxLAN device with the remote VTEP as dst (a
+# bridge entry learned from flooded frames has no dst, and is not what EVPN converged on).
+has_mac() { # ns dev mac vtep
+    ip netns exec "$1" bridge fdb show dev "$2" 2>/dev/null | grep "^$3 .*dst $4\b" >/dev/null
+}
 
 # ---- convergence --------------------------------------------------------------------------
+if [ -n "${BENCH_PCAP:-}" ]; then # for looking into it: the underlay's BGP, from here on
+    ip netns exec "${P}lan" tcpdump -i br0 -w "$BENCH_PCAP" 'tcp port 179' 2>/dev/null &
+    PIDS+=($!)
+fi
 echo "=== EVPN convergence, $PORTS ports ($(uname -r), $(nproc) CPUs)"
 ours=() theirs=()
 for i in $(seq 1 "$PORTS"); do
@@ -133,7 +143,7 @@ for i in $(seq 1 "$PORTS"); do
     ctl 1 port-create a web --netns "/run/netns/${P}vm1" --ifname "c$i" --ip "10.60.1.$i" \
         --mac "$mac" >/dev/null &
     cpid=$!
-    until has_mac "${P}h2" "$vx2" "$mac"; do sleep 0.002; done
+    until has_mac "${P}h2" "$vx2" "$mac" 192.0.2.1; do sleep 0.002; done
     ours+=($(( $(now_ms) - t0 )))
     wait "$cpid"
     # FRR to FRR: a MAC appears behind VTEP 3 (a frame from a new veth) until VTEP 4 has it.
@@ -149,7 +159,7 @@ for i in $(seq 1 "$PORTS"); do
     # Its ARP request is the MAC's first frame; poll at once, not after ping gives up.
     ip netns exec "${P}f3" ping -c 1 -W 1 -I "n$i" 10.61.255.254 >/dev/null 2>&1 &
     ppid=$!
-    until has_mac "${P}f4" vx9 "$fmac"; do sleep 0.002; done
+    until has_mac "${P}f4" vx9 "$fmac" 192.0.2.3; do sleep 0.002; done
     theirs+=($(( $(now_ms) - t0 )))
     wait "$ppid" || true
     printf 'port %2d: vpcd %4d ms   FRR %4d ms\n' "$i" "${ours[-1]}" "${theirs[-1]}"
@@ -171,9 +181,12 @@ for n in $SCALE; do
     # Host 1 without EVPN has withdrawn everything; wait until host 2 has none of them.
     until ! ip netns exec "${P}h2" bridge fdb show dev "$vx2" | grep -F "$(echo "$macs" | head -1)" >/dev/null; do sleep 0.05; done
     stop_vpcd 1
-    # The clock starts when host 1's first UPDATE with routes leaves it (an OPEN or KEEPALIVE
-    # frame is < 150 bytes), not at its start-up, which reconciles N ports first.
-    ip netns exec "${P}h1" tcpdump -tt -n -l -c 1 -i u0 'tcp dst port 179 and greater 200' \
+    # The clock starts when host 1's first UPDATE leaves it (BGP type 2 at the start of the
+    # segment's payload, or right after a KEEPALIVE), not at its start-up, which reconciles N
+    # ports first.
+    t='((tcp[12:1] & 0xf0) >> 2)'
+    ip netns exec "${P}h1" tcpdump -tt -n -l -c 1 -i u0 \
+        "tcp dst port 179 and (tcp[$t + 18] = 2 or (tcp[$t + 18] = 4 and tcp[$t + 37] = 2))" \
         >"$WORK/first-update" 2>/dev/null &
     tpid=$!
     sleep 0.5 # tcpdump is listening
@@ -188,7 +201,7 @@ for n in $SCALE; do
     t1=$(now_ms)
     wait_vpcd 1
     wait "$tpid"
-    t0=$(awk 'NR == 1 { printf "%d", $1 * 1000 }' "$WORK/first-update")
+    t0=$(awk 'NR == 1 { printf "%.0f", $1 * 1000 }' "$WORK/first-update")
     printf 'N=%4d: all installed on host 2 %5d ms after host 1 sent its first UPDATE (first to last installed %4d ms)\n' "$n" $((t1 - t0)) $((t1 - first))
     stop_vpcd 1; start_vpcd 1 0
 done

@@ -186,6 +186,41 @@ impl Netlink {
             .map_err(nl_err("create veth", name))
     }
 
+    /// Creates a veth pair whose peer is made right inside `target` as `peer` (MAC `mac`), both
+    /// ends with `mtu`: one request, and no move between namespaces (each move waits for an RCU
+    /// grace period, ~10-30 ms). Both ends are down (a veth cannot come up before its pair is
+    /// complete: ENOTCONN).
+    pub async fn create_veth_into(
+        &self,
+        name: &str,
+        mtu: u32,
+        peer: &str,
+        mac: [u8; 6],
+        target: &Netns,
+    ) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_string())
+            .address(mac.to_vec())
+            .mtu(mtu)
+            .setns_by_fd(target.as_file().as_raw_fd())
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name.to_string())
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(
+                rtnetlink::packet_route::link::InfoVeth::Peer(peer_msg),
+            ))
+            .build();
+        // (`target` holds the descriptor in the message open until the kernel has it.)
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("create veth", name))
+    }
+
     /// Creates a macvlan (bridge mode) on `parent` (ifindex) with MAC `mac`, down.
     pub async fn create_macvlan(&self, name: &str, parent: u32, mac: [u8; 6]) -> Result<()> {
         use rtnetlink::packet_route::link::MacVlanMode;

@@ -240,8 +240,8 @@ async fn isc_dhclient_with_a_wrong_remembered_address_is_naked_then_gets_its_own
         move || {
             Command::new("timeout")
                 .args([
-                    "30", "ip", "netns", "exec", &c, "dhclient", "-1", "-v", "-sf", &script,
-                    "-lf", &lease, "-pf", &pid, "c0",
+                    "30", "ip", "netns", "exec", &c, "dhclient", "-1", "-v", "-sf", &script, "-lf",
+                    &lease, "-pf", &pid, "c0",
                 ])
                 .output()
                 .unwrap()

@@ -308,7 +308,7 @@ impl Manager {
                             break;
                         }
                         // Take a burst of updates together.
-                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
                         while dirty.try_recv().is_ok() {}
                         true
                     }

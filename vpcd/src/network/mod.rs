@@ -184,12 +184,15 @@ impl NetManager {
     /// Makes the host match `st`: service namespaces, links and filters, DHCP servers.
     async fn realize(&self, st: &NetState) -> Result<Vec<netdrv::plan::Op>> {
         let (prefix, owner) = (&self.cfg.prefix, &self.cfg.owner);
+        let t0 = std::time::Instant::now();
         self.dhcp.prepare(st, prefix, owner)?;
         // Before any service leg exists, so none of its frames reaches another host.
         self.keep_service_legs_local(st).await?;
         let external = self.external_mode(st).await?;
         let desired = self.desired(st, external);
+        let t1 = std::time::Instant::now();
         let ops = self.host.apply(&desired).await?;
+        let t2 = std::time::Instant::now();
         // The ports exist now: tell the other hosts at once (DHCP and routers come after).
         if let Some(e) = &self.evpn {
             e.advertise(&evpn::endpoints(st, owner));
@@ -197,6 +200,7 @@ impl NetManager {
         self.dhcp
             .sync(st, prefix, owner, desired.port_mtu(), &self.cfg.dhcp)
             .await?;
+        let t3 = std::time::Instant::now();
         let macvlan_parent = external.flatten();
         self.l3
             .sync(
@@ -209,6 +213,15 @@ impl NetManager {
                 &self.store,
             )
             .await?;
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        tracing::debug!(
+            prepare_ms = ms(t0, t1),
+            links_ms = ms(t1, t2),
+            dhcp_ms = ms(t2, t3),
+            l3_ms = ms(t3, std::time::Instant::now()),
+            ops = ops.len(),
+            "realized"
+        );
         Ok(ops)
     }
 
@@ -253,6 +266,11 @@ impl NetManager {
         let mut st = before.clone();
         let out = f(&mut st)?;
         self.store.put_doc(DOC, &st)?;
+        // Tell the other hosts at once: the addresses are decided, and their devices follow
+        // within milliseconds (a failure below withdraws them again with the rollback).
+        if let Some(e) = &self.evpn {
+            e.advertise(&evpn::endpoints(&st, &self.cfg.owner));
+        }
         if let Err(e) = self.realize(&st).await {
             tracing::warn!("applying a network change failed, rolling back: {e}");
             self.store.put_doc(DOC, &before)?;
