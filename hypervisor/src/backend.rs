@@ -154,9 +154,26 @@ pub trait VmBackend: Send + Sync + fmt::Debug {
     /// Opens serial port `port` (0 is the console) as a byte stream.
     async fn open_console(&self, name: &str, port: u32) -> Result<OwnedFd>;
 
+    /// Adds `disk` to the VM: plugged into the running guest if it runs (a free PCIe root
+    /// port), and to its definition. `vm` is the VM's config with the disk.
+    async fn attach_disk(&self, vm: &VmConfig, disk: &ResolvedDisk) -> Result<()>;
+
+    /// Removes `disk` from the VM: unplugged from the running guest, waiting until the guest
+    /// has let it go (at most [`UNPLUG_TIMEOUT`]), and from its definition. `vm` is the VM's
+    /// config without the disk.
+    async fn detach_disk(&self, vm: &VmConfig, disk: &ResolvedDisk) -> Result<()>;
+
     /// State changes of every VM this backend knows, including those made behind vpcd's back.
     fn subscribe(&self) -> broadcast::Receiver<VmEvent>;
 }
+
+/// Empty PCIe root ports each VM gets, so that disks can be hot-plugged (q35 has no other
+/// hot-pluggable slot).
+pub const HOTPLUG_PORTS: usize = 4;
+
+/// How long a detach waits for the guest to release a device (a Linux guest's pciehp waits
+/// 5 s after the attention button before it powers the slot off).
+pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a graceful shutdown may take unless the caller says otherwise.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);

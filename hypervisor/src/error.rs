@@ -24,6 +24,12 @@ pub enum Error {
     },
     #[error("domain {name}: shutdown timed out after {secs} s")]
     ShutdownTimeout { name: String, secs: u64 },
+    #[error("domain {name}: the guest did not release disk {target} within {secs} s (it goes once the guest lets it go; it is off the definition already)")]
+    UnplugTimeout {
+        name: String,
+        target: String,
+        secs: u64,
+    },
     #[error("libvirt ({uri}) not answering: {reason}")]
     LibvirtUnavailable { uri: String, reason: String },
     #[error("domain {name}: libvirt {op}: {reason}")]

@@ -14,12 +14,12 @@ pub mod spec;
 
 pub use accel::Accel;
 pub use backend::{
-    BackendKind, ResolvedDisk, ResolvedNic, VmBackend, VmConfig, VmEvent, VmState,
-    DEFAULT_SHUTDOWN_TIMEOUT,
+    BackendKind, NbdDisk, ResolvedDisk, ResolvedNic, VmBackend, VmConfig, VmEvent, VmState,
+    DEFAULT_SHUTDOWN_TIMEOUT, HOTPLUG_PORTS, UNPLUG_TIMEOUT,
 };
 pub use disk::probe_format;
 pub use error::{Error, Result};
 pub use libvirt::LibvirtBackend;
-pub use prepare::{prepare, remove_files};
+pub use prepare::{prepare, prepare_disk, remove_files};
 pub use qmp::QmpBackend;
-pub use spec::{HostLimits, VmSpec};
+pub use spec::{DiskSpec, HostLimits, VmSpec};

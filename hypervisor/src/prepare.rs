@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::accel::Accel;
 use crate::backend::{ResolvedDisk, VmConfig};
 use crate::error::{Error, Result};
-use crate::spec::{DiskFormat, VmSpec};
+use crate::spec::{DiskFormat, DiskSpec, VmSpec};
 use crate::{cloudinit, disk};
 
 /// Creates (or completes) the files of a VM under `dir`. On failure, a directory this call
@@ -30,46 +30,11 @@ fn prepare_in(spec: &VmSpec, dir: &Path, uuid: uuid::Uuid, accel: Accel) -> Resu
     let mut disks = Vec::with_capacity(spec.disks.len());
     for (i, d) in spec.disks.iter().enumerate() {
         let target = format!("vd{}", (b'a' + i as u8) as char);
-        let owned_path = dir.join(format!("disk{i}.qcow2"));
-        // The VM's own file (an overlay or a blank disk) or the user's file as it is.
-        if let Some(volume) = &d.volume {
-            // The socket is the storage node's: the caller fills it in.
-            disks.push(ResolvedDisk {
-                path: std::path::PathBuf::new(),
-                format: DiskFormat::Raw,
-                readonly: d.readonly,
-                target,
-                owned: false,
-                nbd: Some(crate::backend::NbdDisk {
-                    socket: std::path::PathBuf::new(),
-                    export: volume.clone(),
-                }),
-            });
-            continue;
-        }
-        let (path, format, owned) = if let Some(base) = &d.image {
-            disk::create_overlay(base, &owned_path)?;
-            (owned_path, DiskFormat::Qcow2, true)
-        } else if let Some(path) = &d.path {
-            let format = match d.format {
-                Some(f) => f,
-                None => disk::probe_format(path)?,
-            };
-            (path.clone(), format, false)
-        } else {
-            let size = d.size_mib.expect("validated: one disk source is set");
-            disk::create_blank(&owned_path, size)?;
-            (owned_path, DiskFormat::Qcow2, true)
-        };
-        let resolved = ResolvedDisk {
-            path,
-            format,
-            readonly: d.readonly,
-            target,
-            owned,
-            nbd: None,
-        };
-        disks.push(resolved);
+        disks.push(prepare_disk(
+            d,
+            &target,
+            &dir.join(format!("disk{i}.qcow2")),
+        )?);
     }
     let seed = match &spec.cloud_init {
         Some(ci) => {
@@ -92,6 +57,47 @@ fn prepare_in(spec: &VmSpec, dir: &Path, uuid: uuid::Uuid, accel: Accel) -> Resu
             .clone()
             .unwrap_or_else(|| dir.join("console.log")),
         accel,
+    })
+}
+
+/// One disk as guest device `target`: a volume (the caller fills in the NBD socket), the
+/// user's file as it is, or a file of the VM's own at `owned_path` (an overlay on a base image
+/// or a new blank disk; an existing one is kept, so a define can be finished after a crash).
+pub fn prepare_disk(d: &DiskSpec, target: &str, owned_path: &Path) -> Result<ResolvedDisk> {
+    if let Some(volume) = &d.volume {
+        return Ok(ResolvedDisk {
+            path: std::path::PathBuf::new(),
+            format: DiskFormat::Raw,
+            readonly: d.readonly,
+            target: target.to_string(),
+            owned: false,
+            nbd: Some(crate::backend::NbdDisk {
+                socket: std::path::PathBuf::new(),
+                export: volume.clone(),
+            }),
+        });
+    }
+    let (path, format, owned) = if let Some(base) = &d.image {
+        disk::create_overlay(base, owned_path)?;
+        (owned_path.to_owned(), DiskFormat::Qcow2, true)
+    } else if let Some(path) = &d.path {
+        let format = match d.format {
+            Some(f) => f,
+            None => disk::probe_format(path)?,
+        };
+        (path.clone(), format, false)
+    } else {
+        let size = d.size_mib.expect("validated: one disk source is set");
+        disk::create_blank(owned_path, size)?;
+        (owned_path.to_owned(), DiskFormat::Qcow2, true)
+    };
+    Ok(ResolvedDisk {
+        path,
+        format,
+        readonly: d.readonly,
+        target: target.to_string(),
+        owned,
+        nbd: None,
     })
 }
 

@@ -192,11 +192,27 @@ impl HostLimits {
     }
 }
 
+/// Parses TOML into `T`; errors name the key and the place.
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    toml::from_str(text)
+        .map_err(|e| Error::ParseSpec(e.message().to_string() + &location(text, e.span())))
+}
+
+impl DiskSpec {
+    /// Parses one disk (the keys of a `[[disks]]` table) from TOML.
+    pub fn from_toml(text: &str) -> Result<DiskSpec> {
+        parse(text)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a disk spec always serializes")
+    }
+}
+
 impl VmSpec {
     /// Parses a spec from TOML; unknown keys are errors that name the key.
     pub fn from_toml(text: &str) -> Result<VmSpec> {
-        toml::from_str(text)
-            .map_err(|e| Error::ParseSpec(e.message().to_string() + &location(text, e.span())))
+        parse(text)
     }
 
     pub fn to_toml(&self) -> String {

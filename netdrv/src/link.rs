@@ -134,12 +134,7 @@ impl Netlink {
 
     pub async fn create_bridge(&self, name: &str) -> Result<()> {
         let msg = LinkBridge::new(name).build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl_err("create bridge", name))
+        self.add_link(msg, "create bridge", name).await
     }
 
     pub async fn create_vxlan(
@@ -155,35 +150,24 @@ impl Netlink {
             .learning(false)
             .mtu(mtu)
             .build();
+        self.add_link(msg, "create vxlan", name).await
+    }
+
+    /// Sends a new link's message; `op` and `name` name it in the error.
+    async fn add_link(&self, msg: LinkMessage, op: &'static str, name: &str) -> Result<()> {
         self.handle
             .link()
             .add(msg)
             .execute()
             .await
-            .map_err(nl_err("create vxlan", name))
+            .map_err(nl_err(op, name))
     }
 
     /// Creates a VLAN device `name` with id `vid` on the link `parent`.
     pub async fn create_vlan(&self, name: &str, parent: &str, vid: u16) -> Result<()> {
         let parent = self.index(parent).await?;
         let msg = LinkVlan::new(name, parent, vid).build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl_err("create vlan", name))
-    }
-
-    /// Creates a veth pair in this namespace: `name` and `peer`.
-    pub async fn create_veth(&self, name: &str, peer: &str, mtu: u32) -> Result<()> {
-        let msg = LinkVeth::new(name, peer).mtu(mtu).build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl_err("create veth", name))
+        self.add_link(msg, "create vlan", name).await
     }
 
     /// Creates a veth pair whose peer is made right inside `target` as `peer` (MAC `mac`), both
@@ -213,12 +197,7 @@ impl Netlink {
             ))
             .build();
         // (`target` holds the descriptor in the message open until the kernel has it.)
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl_err("create veth", name))
+        self.add_link(msg, "create veth", name).await
     }
 
     /// Creates a macvlan (bridge mode) on `parent` (ifindex) with MAC `mac`, down.
@@ -227,12 +206,7 @@ impl Netlink {
         let msg = rtnetlink::LinkMacVlan::new(name, parent, MacVlanMode::Bridge)
             .address(mac.to_vec())
             .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl_err("create macvlan", name))
+        self.add_link(msg, "create macvlan", name).await
     }
 
     /// Creates a persistent tap.
@@ -358,11 +332,6 @@ impl Netlink {
             b.append_extra_attribute(LinkAttribute::IfAlias(a))
         })
         .await
-    }
-
-    pub async fn set_address(&self, name: &str, mac: [u8; 6]) -> Result<()> {
-        self.set("set address", name, |b| b.address(mac.to_vec()))
-            .await
     }
 
     pub async fn rename(&self, name: &str, new: &str) -> Result<()> {

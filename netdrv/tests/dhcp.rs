@@ -111,6 +111,26 @@ async fn udhcpc(c: &Ns, script: &str, tries: u32) -> std::process::Output {
     .unwrap()
 }
 
+/// Runs ISC dhclient once (`-1 -v`) in the client namespace, with its lease file
+/// (`<dir>/leases`, which may hold a remembered lease) and pid file in `dir`.
+async fn dhclient(c: &Ns, script: &str, dir: &tempfile::TempDir) -> std::process::Output {
+    let c = c.0.clone();
+    let script = script.to_string();
+    let lease = dir.path().join("leases").to_string_lossy().into_owned();
+    let pid = dir.path().join("pid").to_string_lossy().into_owned();
+    tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args([
+                "30", "ip", "netns", "exec", &c, "dhclient", "-1", "-v", "-sf", &script, "-lf",
+                &lease, "-pf", &pid, "c0",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// A client script that records what it was given.
 fn script(dir: &tempfile::TempDir) -> (String, String) {
     let out = dir.path().join("out");
@@ -165,26 +185,7 @@ async fn isc_dhclient_gets_its_lease() {
     let (s, c, dir) = lab();
     let (_svc, _server) = serve(&s).await;
     let (script, out) = script(&dir);
-    let lease = dir.path().join("leases");
-    let pid = dir.path().join("pid");
-    let res = tokio::task::spawn_blocking({
-        let c = c.0.clone();
-        let (lease, pid) = (
-            lease.to_string_lossy().into_owned(),
-            pid.to_string_lossy().into_owned(),
-        );
-        move || {
-            Command::new("timeout")
-                .args([
-                    "30", "ip", "netns", "exec", &c, "dhclient", "-1", "-sf", &script, "-lf",
-                    &lease, "-pf", &pid, "c0",
-                ])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let res = dhclient(&c, &script, &dir).await;
     let got = std::fs::read_to_string(&out).unwrap_or_default();
     assert!(
         res.status.success(),
@@ -221,34 +222,15 @@ async fn isc_dhclient_with_a_wrong_remembered_address_is_naked_then_gets_its_own
     let (s, c, dir) = lab();
     let (_svc, _server) = serve(&s).await;
     let (script, out) = script(&dir);
-    let lease = dir.path().join("leases");
     std::fs::write(
-        &lease,
+        dir.path().join("leases"),
         "lease {\n  interface \"c0\";\n  fixed-address 10.0.1.99;\n  \
          option subnet-mask 255.255.255.0;\n  option dhcp-server-identifier 10.0.1.1;\n  \
          renew 4 2037/12/31 00:00:00;\n  rebind 4 2037/12/31 00:00:00;\n  \
          expire 4 2037/12/31 00:00:00;\n}\n",
     )
     .unwrap();
-    let pid = dir.path().join("pid");
-    let res = tokio::task::spawn_blocking({
-        let c = c.0.clone();
-        let (lease, pid) = (
-            lease.to_string_lossy().into_owned(),
-            pid.to_string_lossy().into_owned(),
-        );
-        move || {
-            Command::new("timeout")
-                .args([
-                    "30", "ip", "netns", "exec", &c, "dhclient", "-1", "-v", "-sf", &script, "-lf",
-                    &lease, "-pf", &pid, "c0",
-                ])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let res = dhclient(&c, &script, &dir).await;
     let log = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "dhclient failed: {log}");
     assert!(log.contains("DHCPREQUEST for 10.0.1.99"), "{log}");

@@ -164,6 +164,8 @@ async fn every_vpcctl_verb_has_help() {
         "vol-resize",
         "vol-delete",
         "vol-export",
+        "attach-disk",
+        "detach-disk",
     ] {
         assert!(verbs.contains(&want), "{want} is not a verb: {verbs:?}");
     }

@@ -96,6 +96,22 @@ fn vm(d: &Daemon, tag: &str, net: &str, subnet: &str, ip: &str, gw: &str) -> Ns 
     ns
 }
 
+/// The HTTP status of a metadata request from namespace VM `ns` ("000": no answer).
+fn metadata_status(ns: &Ns) -> String {
+    let out = ns.run(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+        "http://169.254.169.254/latest/meta-data/hostname",
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The vpcctl error line of a failing verb.
 fn fails(d: &Daemon, args: &[&str]) -> String {
     let out = d.vpcctl(args);
@@ -324,19 +340,8 @@ async fn routes_snats_and_maps_floating_ips_between_namespace_vms() {
         "/bin/true",
     ]);
     assert!(lease.status.success(), "DHCP after restart: {lease:?}");
-    let status = web.run(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "5",
-        "http://169.254.169.254/latest/meta-data/hostname",
-    ]);
     // A namespace port is no VM: 404, from a metadata service that is there.
-    assert_eq!(String::from_utf8_lossy(&status.stdout), "404");
+    assert_eq!(metadata_status(&web), "404");
     // Out through its floating IP, and db (no floating IP) through the router's address.
     let seen = lab.world.http_once("203.0.113.1:8083");
     assert!(web.tcp_from("203.0.113.1:8083").is_some());
@@ -512,18 +517,7 @@ async fn guests_get_dhcp_route_snat_and_only_their_own_metadata() {
         shell.ok("pkill -f 'nc -ll'; true");
     }
     // A namespace port is no VM: nothing for it.
-    let status = db.run(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "5",
-        "http://169.254.169.254/latest/meta-data/hostname",
-    ]);
-    assert_eq!(String::from_utf8_lossy(&status.stdout), "404");
+    assert_eq!(metadata_status(&db), "404");
     for (name, _) in &guests {
         d.vpcctl_ok(&["destroy", name]);
         d.vpcctl_ok(&["undefine", name]);

@@ -34,6 +34,99 @@ fn fails(d: &Daemon, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// busctl against the daemon's bus.
+fn busctl(d: &Daemon, args: &[&str]) -> String {
+    let mut a = vec!["--address", &d.bus.address];
+    a.extend_from_slice(args);
+    sh("busctl", &a)
+}
+
+/// A CA, a server certificate (localhost, 127.0.0.1) and a client certificate made with the
+/// openssl CLI, in libnbd's and QEMU's client layout (`client/ca-cert.pem`, `client-cert.pem`,
+/// `client-key.pem`); the server's files in `server/`.
+fn pki() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    std::fs::create_dir_all(dir.path().join("server")).unwrap();
+    std::fs::create_dir_all(dir.path().join("client")).unwrap();
+    let key = |out: &str| {
+        sh(
+            "openssl",
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                out,
+            ],
+        );
+    };
+    key(&p("ca.key"));
+    sh(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &p("ca.key"),
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=vpcd test CA",
+            "-out",
+            &p("ca.pem"),
+        ],
+    );
+    let issue = |name: &str, cn: &str, ext: &str| {
+        key(&p(&format!("{name}-key.pem")));
+        std::fs::write(p(&format!("{name}.ext")), ext).unwrap();
+        sh(
+            "openssl",
+            &[
+                "req",
+                "-new",
+                "-key",
+                &p(&format!("{name}-key.pem")),
+                "-subj",
+                &format!("/CN={cn}"),
+                "-out",
+                &p(&format!("{name}.csr")),
+            ],
+        );
+        sh(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &p(&format!("{name}.csr")),
+                "-CA",
+                &p("ca.pem"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                &p(&format!("{name}.ext")),
+                "-out",
+                &p(&format!("{name}-cert.pem")),
+            ],
+        );
+    };
+    issue(
+        "server/server",
+        "localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    );
+    issue("client/client", "client", "extendedKeyUsage=clientAuth\n");
+    std::fs::copy(p("ca.pem"), p("client/ca-cert.pem")).unwrap();
+    dir
+}
+
 fn info(d: &Daemon, name: &str) -> serde_json::Value {
     serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-info", name])).unwrap()
 }
@@ -163,6 +256,14 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         );
         assert_eq!(info(d, "shared")["replicas"].as_array().unwrap().len(), 3);
     }
+    // The volume's D-Bus object shows up on the hosts it was not created through too.
+    for d in [&d1, &d3] {
+        wait_until(
+            Duration::from_secs(10),
+            || busctl(d, &["tree", "org.vpcd.Host1"]).contains("/org/vpcd/Host1/volume/shared"),
+            "the volume's object on a host it was not created through",
+        );
+    }
     let uri = |d: &Daemon| d.vpcctl_ok(&["vol-export", "shared"]).trim().to_string();
     let (good, out) = run(&[
         "qemu-io",
@@ -254,4 +355,313 @@ async fn guests_use_a_volume_as_their_disk_through_qmp_and_libvirt() {
         d.vpcctl_ok(&["destroy", &name]);
         d.vpcctl_ok(&["undefine", &name]);
     }
+}
+
+/// `device_del` of device `argv[2]` through the QMP socket `argv[1]` (free while vpcd is down).
+const QMP_DEVICE_DEL: &str = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+f.readline()
+def cmd(name, **args):
+    f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+    f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r:
+            return r
+cmd("qmp_capabilities")
+print(json.dumps(cmd("device_del", id=sys.argv[2])))
+"#;
+
+/// Waits in the guest (at most 20 s) until `/dev/<dev>` is there (`present`) or gone.
+fn guest_waits_for_disk(shell: &mut GuestShell, dev: &str, present: bool) {
+    let test = if present { "" } else { "!" };
+    let (out, rc) = shell.run(&format!(
+        "i=0; while [ $i -lt 100 ] && ! [ {test} -b /dev/{dev} ]; do sleep 0.2; i=$((i+1)); done; [ {test} -b /dev/{dev} ]"
+    ));
+    assert_eq!(rc, 0, "/dev/{dev} present={present}: {out}");
+}
+
+/// Volumes and blank disks hot-plugged into running guests and unplugged again, through QMP
+/// and through libvirt; kept in the definition across a restart of the guest; bad requests
+/// refused with nothing changed.
+#[tokio::test]
+async fn disks_are_hot_plugged_into_running_guests_and_unplugged_again() {
+    let ports = [free_port()];
+    let opts = DaemonOpts {
+        backend: "auto",
+        extra: storage_flags(1, &ports),
+        ..Default::default()
+    };
+    let mut d = Daemon::start_with(opts, Bus::open()).await;
+    d.vpcctl_ok(&["vol-create", "hot", "16M"]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(&d, "hot")["health"] == "ok",
+        "the volume's group to have a leader",
+    );
+    let uri = d.vpcctl_ok(&["vol-export", "hot"]).trim().to_string();
+    let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "write -P 0x6b 0 64k", &uri]);
+    assert!(good, "{out}");
+
+    for (i, backend) in ["qmp", "libvirt"].iter().enumerate() {
+        let name = unique(&format!("hp{i}"));
+        d.create(&kernel_spec(&name, ""), backend);
+        d.wait_console(&name, BOOT_MARKER, 1);
+        let disks = |d: &Daemon| -> serde_json::Value {
+            serde_json::from_str(&d.vpcctl_ok(&["--json", "domblklist", &name])).unwrap()
+        };
+        // Refused, and nothing changes.
+        let e = fails(&d, &["attach-disk", &name, "--volume", "nope"]);
+        assert!(e.contains("NotFound") && e.contains("nope"), "{e}");
+        let e = fails(
+            &d,
+            &["attach-disk", &name, "--volume", "hot", "--target", "sdq"],
+        );
+        assert!(e.contains("InvalidArgument") && e.contains("sdq"), "{e}");
+        let e = fails(&d, &["detach-disk", &name, "vdc"]);
+        assert!(e.contains("NotFound") && e.contains("vdc"), "{e}");
+        let e = fails(&d, &["attach-disk", "no-such-vm", "--volume", "hot"]);
+        assert!(e.contains("NotFound"), "{e}");
+        assert_eq!(disks(&d), serde_json::json!([]));
+
+        // A volume, live: the guest reads what the host wrote and writes what it reads back.
+        let out = d.vpcctl_ok(&["attach-disk", &name, "--volume", "hot"]);
+        assert!(out.contains("vda"), "{out}");
+        let e = fails(
+            &d,
+            &["attach-disk", &name, "--volume", "hot", "--target", "vda"],
+        );
+        assert!(e.contains("AlreadyExists"), "{e}");
+        let mut shell = d.guest_shell(&name).await;
+        guest_waits_for_disk(&mut shell, "vda", true);
+        let first = shell.ok("dd if=/dev/vda bs=4096 count=1 2>/dev/null | od -An -tx1 | head -1");
+        assert!(first.contains("6b 6b 6b 6b"), "{backend}: {first}");
+        let mark = format!("VPCDHOT{i}");
+        shell.ok(&format!(
+            "printf {mark} | dd of=/dev/vda bs=512 seek={} conv=notrunc,fsync 2>/dev/null",
+            300 + i
+        ));
+        let (good, out) = run(&[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -v {} 8", (300 + i) * 512),
+            &uri,
+        ]);
+        assert!(good && out.contains(&mark), "{backend}: {out}");
+        // A new blank disk too, on the next free target.
+        let out = d.vpcctl_ok(&["attach-disk", &name, "--size-mib", "8"]);
+        assert!(out.contains("vdb"), "{out}");
+        guest_waits_for_disk(&mut shell, "vdb", true);
+        assert_eq!(shell.ok("cat /sys/block/vdb/size").trim(), "16384");
+        let listed = disks(&d);
+        assert_eq!(listed[0]["target"], "vda");
+        assert!(
+            listed[0]["source"]
+                .as_str()
+                .unwrap()
+                .contains("nbd+unix:///hot"),
+            "{listed}"
+        );
+        if *backend == "libvirt" {
+            // An ordinary libvirt domain: virsh sees both, live and in the definition.
+            let live = sh("virsh", &["-c", "qemu:///system", "domblklist", &name]);
+            assert!(live.contains("vda") && live.contains("vdb"), "{live}");
+            let def = sh(
+                "virsh",
+                &["-c", "qemu:///system", "dumpxml", "--inactive", &name],
+            );
+            assert!(def.contains("protocol='nbd' name='hot'"), "{def}");
+        }
+
+        // vdb taken out of the running guest behind vpcd's back while vpcd is down: the
+        // restarted vpcd plugs it in again (the store says it is attached).
+        d.kill9();
+        if *backend == "libvirt" {
+            sh(
+                "virsh",
+                &[
+                    "-c",
+                    "qemu:///system",
+                    "detach-disk",
+                    &name,
+                    "vdb",
+                    "--live",
+                ],
+            );
+        } else {
+            let sock = d.vm_dir(&name).join("qmp.sock");
+            let out = sh(
+                "/usr/bin/python3",
+                &["-c", QMP_DEVICE_DEL, sock.to_str().unwrap(), "vdb"],
+            );
+            assert!(out.contains("return"), "{out}");
+        }
+        guest_waits_for_disk(&mut shell, "vdb", false);
+        d.restart().await;
+        guest_waits_for_disk(&mut shell, "vdb", true);
+        assert_eq!(shell.ok("cat /sys/block/vdb/size").trim(), "16384");
+
+        // Unplugged: gone from the guest and from the definition.
+        d.vpcctl_ok(&["detach-disk", &name, "vda"]);
+        guest_waits_for_disk(&mut shell, "vda", false);
+        let listed = disks(&d);
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+        assert_eq!(listed[0]["target"], "vdb");
+        drop(shell);
+
+        // The definition keeps what is attached: after a restart (and one more attached while
+        // shut off) the guest has the blank disk and the volume, nothing else. (The guest
+        // names its disks in the order it finds them: sizes tell them apart.)
+        d.vpcctl_ok(&["destroy", &name]);
+        d.vpcctl_ok(&["attach-disk", &name, "--volume", "hot", "--target", "vdc"]);
+        d.vpcctl_ok(&["start", &name]);
+        d.wait_console(&name, BOOT_MARKER, 2);
+        let mut shell = d.guest_shell(&name).await;
+        guest_waits_for_disk(&mut shell, "vdb", true);
+        let sizes =
+            shell.ok("for b in /sys/block/vd*; do cat $b/size; done | sort -n | tr '\\n' ' '");
+        assert_eq!(sizes.trim(), "16384 32768", "{backend}");
+        drop(shell);
+        d.vpcctl_ok(&["destroy", &name]);
+        d.vpcctl_ok(&["detach-disk", &name, "vdc"]);
+        d.vpcctl_ok(&["undefine", &name]);
+    }
+}
+
+/// Volumes as D-Bus objects (properties, Resize, Delete), and NBD over TCP with forced TLS and
+/// client certificates next to the plain local unix socket.
+#[tokio::test]
+async fn volume_objects_and_nbd_over_tls_on_tcp() {
+    let pki = pki();
+    let f = |p: &str| pki.path().join(p).to_string_lossy().into_owned();
+    let (ports, nbd_port) = ([free_port()], free_port());
+    let mut flags = storage_flags(1, &ports);
+    flags.extend([
+        "--storage-nbd-listen".to_string(),
+        format!("127.0.0.1:{nbd_port}"),
+        "--storage-tls-cert".into(),
+        f("server/server-cert.pem"),
+        "--storage-tls-key".into(),
+        f("server/server-key.pem"),
+        "--storage-tls-ca".into(),
+        f("ca.pem"),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let d = qmp_daemon(&flags).await;
+    d.vpcctl_ok(&["vol-create", "tls", "16M"]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(&d, "tls")["health"] == "ok",
+        "the volume's group to have a leader",
+    );
+
+    // The object: properties, and Resize through it.
+    let path = "/org/vpcd/Host1/volume/tls";
+    let prop = |name: &str| {
+        busctl(
+            &d,
+            &[
+                "get-property",
+                "org.vpcd.Host1",
+                path,
+                "org.vpcd.Volume1",
+                name,
+            ],
+        )
+    };
+    assert_eq!(prop("Size").trim(), "t 16777216");
+    assert_eq!(prop("Health").trim(), "s \"ok\"");
+    assert!(prop("TcpUri").contains(&format!("nbds://127.0.0.1:{nbd_port}/tls")));
+    busctl(
+        &d,
+        &[
+            "call",
+            "org.vpcd.Host1",
+            path,
+            "org.vpcd.Volume1",
+            "Resize",
+            "t",
+            "33554432",
+        ],
+    );
+    assert_eq!(prop("Size").trim(), "t 33554432");
+    let looked_up = busctl(
+        &d,
+        &[
+            "call",
+            "org.vpcd.Host1",
+            "/org/vpcd/Host1",
+            "org.vpcd.Host1",
+            "LookupVolume",
+            "s",
+            "tls",
+        ],
+    );
+    assert!(looked_up.contains(path), "{looked_up}");
+
+    // TCP with TLS and the client's certificate: served; written there, read through the
+    // plain unix socket.
+    let tcp = d
+        .vpcctl_ok(&["vol-export", "tls", "--tcp"])
+        .trim()
+        .to_string();
+    assert_eq!(tcp, format!("nbds://127.0.0.1:{nbd_port}/tls"));
+    let with_certs = format!(
+        "nbds://localhost:{nbd_port}/tls?tls-certificates={}",
+        f("client")
+    );
+    let (good, out) = run(&["nbdinfo", "--size", &with_certs]);
+    assert!(good && out.trim() == "33554432", "{out}");
+    let obj = format!(
+        "--object=tls-creds-x509,id=tls0,dir={},endpoint=client",
+        f("client")
+    );
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=localhost,server.port={nbd_port},export=tls,tls-creds=tls0"
+    );
+    let (good, out) = run(&[
+        "qemu-io",
+        &obj,
+        "--image-opts",
+        "-c",
+        "write -P 0x3c 0 64k",
+        &opts,
+    ]);
+    assert!(good && !out.contains("error"), "{out}");
+    let unix = d.vpcctl_ok(&["vol-export", "tls"]).trim().to_string();
+    let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "read -P 0x3c 0 64k", &unix]);
+    assert!(good && !out.contains("verification failed"), "{out}");
+    // Plain TCP is refused (TLS required); so is TLS without a client certificate.
+    let (good, out) = run(&[
+        "nbdinfo",
+        "--size",
+        &format!("nbd://localhost:{nbd_port}/tls"),
+    ]);
+    assert!(!good && out.contains("TLS"), "{out}");
+    let anonymous = pki.path().join("anonymous");
+    std::fs::create_dir_all(&anonymous).unwrap();
+    std::fs::copy(f("ca.pem"), anonymous.join("ca-cert.pem")).unwrap();
+    let (good, out) = run(&[
+        "nbdinfo",
+        "--size",
+        &format!(
+            "nbds://localhost:{nbd_port}/tls?tls-certificates={}",
+            anonymous.display()
+        ),
+    ]);
+    assert!(!good, "a client without a certificate got in: {out}");
+
+    // Delete through the object: it goes, and so does the volume.
+    busctl(
+        &d,
+        &["call", "org.vpcd.Host1", path, "org.vpcd.Volume1", "Delete"],
+    );
+    assert!(!busctl(&d, &["tree", "org.vpcd.Host1"]).contains(path));
+    let e = fails(&d, &["vol-info", "tls"]);
+    assert!(e.contains("NotFound"), "{e}");
 }

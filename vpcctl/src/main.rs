@@ -73,6 +73,32 @@ enum Cmd {
     Domiflist { domain: String },
     /// List a domain's disks.
     Domblklist { domain: String },
+    /// Add a disk to a domain: hot-plugged if it runs, and kept in its definition.
+    AttachDisk {
+        domain: String,
+        /// A replicated volume of this host's block storage.
+        #[arg(long, group = "source")]
+        volume: Option<String>,
+        /// An existing disk file, used as it is.
+        #[arg(long, group = "source")]
+        path: Option<String>,
+        /// A new blank disk of this many MiB, owned by the domain.
+        #[arg(long, group = "source")]
+        size_mib: Option<u64>,
+        /// A base image: the domain gets its own overlay on it.
+        #[arg(long, group = "source")]
+        image: Option<String>,
+        /// Format of --path: raw or qcow2 (probed if not given).
+        #[arg(long)]
+        format: Option<String>,
+        /// Guest device, vdb..vdz (default: the first free one).
+        #[arg(long, default_value = "")]
+        target: String,
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Remove a disk from a domain (unplugged once the guest lets it go).
+    DetachDisk { domain: String, target: String },
     /// Attach to a domain's serial console (Ctrl+] leaves).
     Console {
         domain: String,
@@ -191,6 +217,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Undefine { domain: name } => {
             domain(name.clone()).await?.undefine().await?;
             done(cli.json, &name, "has been undefined");
+        }
+        Cmd::AttachDisk {
+            domain: name,
+            volume,
+            path,
+            size_mib,
+            image,
+            format,
+            target,
+            readonly,
+        } => {
+            // The keys of one [[disks]] table; vpcd checks them as it checks a spec's.
+            let quote = |s: &str| serde_json::to_string(s).expect("a string");
+            let mut toml = String::new();
+            for (key, value) in [
+                ("volume", volume.as_deref().map(quote)),
+                ("path", path.as_deref().map(quote)),
+                ("image", image.as_deref().map(quote)),
+                ("size_mib", size_mib.map(|n| n.to_string())),
+                ("format", format.as_deref().map(quote)),
+                ("readonly", readonly.then(|| "true".to_string())),
+            ] {
+                if let Some(v) = value {
+                    toml.push_str(&format!("{key} = {v}\n"));
+                }
+            }
+            let target = domain(name.clone())
+                .await?
+                .attach_disk(&toml, &target)
+                .await?;
+            if cli.json {
+                println!("{}", json!({"domain": name, "target": target}));
+            } else {
+                println!("Disk {target} attached to domain {name}\n");
+            }
+        }
+        Cmd::DetachDisk {
+            domain: name,
+            target,
+        } => {
+            domain(name.clone()).await?.detach_disk(&target).await?;
+            if cli.json {
+                println!("{}", json!({"domain": name, "target": target}));
+            } else {
+                println!("Disk {target} detached from domain {name}\n");
+            }
         }
         Cmd::Domstate { domain: name } => {
             let state = domain(name).await?.state().await?;

@@ -3,8 +3,9 @@
 use zbus::proxy;
 use zbus::zvariant::{OwnedFd, OwnedObjectPath};
 
-/// A volume: (name, size, leader node (0: none), health, replicas (node, address), NBD URI).
-pub type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String);
+/// A volume: (name, size, leader node (0: none), health, replicas (node, address), NBD URI,
+/// NBD URI over TCP or "").
+pub type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String, String);
 
 /// The well-known name vpcd takes by default.
 pub const BUS_NAME: &str = "org.vpcd.Host1";
@@ -65,6 +66,8 @@ pub trait Domain {
     fn reboot(&self) -> zbus::Result<()>;
     fn undefine(&self) -> zbus::Result<()>;
     fn open_console(&self, port: u32) -> zbus::Result<OwnedFd>;
+    fn attach_disk(&self, disk_toml: &str, target: &str) -> zbus::Result<String>;
+    fn detach_disk(&self, target: &str) -> zbus::Result<()>;
     #[zbus(signal)]
     fn lifecycle_event(&self, state: String, reason: String) -> zbus::Result<()>;
     #[zbus(property)]

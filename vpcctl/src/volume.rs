@@ -26,8 +26,13 @@ pub enum VolumeCmd {
     VolResize { name: String, size: String },
     /// Delete a volume on all its nodes.
     VolDelete { name: String },
-    /// Print the NBD URI this host serves the volume at.
-    VolExport { name: String },
+    /// Print the NBD URI this host serves the volume at (its unix socket, or --tcp).
+    VolExport {
+        name: String,
+        /// The TCP URI (nbd:// or nbds://), where this host serves NBD over TCP.
+        #[arg(long)]
+        tcp: bool,
+    },
 }
 
 /// A size: bytes, or a number with K, M, G or T (binary units).
@@ -46,10 +51,8 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))
 }
 
-type Row = (String, u64, u64, String, Vec<(u64, String)>, String);
-
-fn to_json(r: &Row) -> serde_json::Value {
-    let (name, size, leader, health, members, uri) = r;
+fn to_json(r: &crate::proxy::VolumeRow) -> serde_json::Value {
+    let (name, size, leader, health, members, uri, tcp_uri) = r;
     json!({
         "name": name,
         "size": size,
@@ -57,6 +60,7 @@ fn to_json(r: &Row) -> serde_json::Value {
         "health": health,
         "replicas": members.iter().map(|(id, addr)| json!({"node": id, "address": addr})).collect::<Vec<_>>(),
         "uri": uri,
+        "tcp_uri": (!tcp_uri.is_empty()).then_some(tcp_uri),
     })
 }
 
@@ -87,12 +91,18 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
             host.delete_volume(&name).await?;
             said(json, &format!("Volume '{name}' deleted"));
         }
-        VolumeCmd::VolExport { name } => {
+        VolumeCmd::VolExport { name, tcp } => {
             let r = host.volume_info(&name).await?;
+            let uri = if tcp { &r.6 } else { &r.5 };
+            if uri.is_empty() {
+                anyhow::bail!(
+                    "volume {name}: this host serves no NBD over TCP (storage_nbd_listen)"
+                );
+            }
             if json {
-                println!("{}", json!({ "uri": r.5 }));
+                println!("{}", json!({ "uri": uri }));
             } else {
-                println!("{}", r.5);
+                println!("{uri}");
             }
         }
         VolumeCmd::VolInfo { name } => {
@@ -116,6 +126,14 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
                     ("Replicas:", replicas.join(", ")),
                     ("Health:", r.3.clone()),
                     ("URI:", r.5.clone()),
+                    (
+                        "TCP URI:",
+                        if r.6.is_empty() {
+                            "-".into()
+                        } else {
+                            r.6.clone()
+                        },
+                    ),
                 ] {
                     println!("{k:<10} {v}");
                 }
@@ -131,7 +149,7 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
                 print_table(
                     &["Name", "Size", "Leader", "Replicas", "Health"],
                     rows.into_iter()
-                        .map(|(name, size, leader, health, members, _)| {
+                        .map(|(name, size, leader, health, members, _, _)| {
                             vec![
                                 name,
                                 size.to_string(),

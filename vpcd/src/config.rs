@@ -104,6 +104,14 @@ pub struct Config {
     pub storage_listen: String,
     /// Storage role: every storage node (this one too), `ID=ADDRESS:PORT`.
     pub storage_members: Vec<String>,
+    /// Storage role: NBD over TCP too, `ADDRESS:PORT` (e.g. `127.0.0.1:10809`); empty: only
+    /// the unix socket.
+    pub storage_nbd_listen: String,
+    /// Storage role: TLS on the NBD TCP listener (forced TLS): the server certificate and key
+    /// (PEM), and a CA whose client certificates are required (empty: none asked for).
+    pub storage_tls_cert: PathBuf,
+    pub storage_tls_key: PathBuf,
+    pub storage_tls_ca: PathBuf,
 }
 
 impl Default for Config {
@@ -143,6 +151,10 @@ impl Default for Config {
             storage_node_id: 0,
             storage_listen: String::new(),
             storage_members: Vec::new(),
+            storage_nbd_listen: String::new(),
+            storage_tls_cert: PathBuf::new(),
+            storage_tls_key: PathBuf::new(),
+            storage_tls_ca: PathBuf::new(),
         }
     }
 }
@@ -245,11 +257,39 @@ impl Config {
         members
             .entry(self.storage_node_id)
             .or_insert_with(|| listen.to_string());
+        let nbd_tcp = match self.storage_nbd_listen.as_str() {
+            "" => None,
+            a => Some(
+                a.parse::<std::net::SocketAddr>()
+                    .map_err(|_| format!("storage_nbd_listen {a:?} is not ADDRESS:PORT"))?,
+            ),
+        };
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        let tls = match (set(&self.storage_tls_cert), set(&self.storage_tls_key)) {
+            (false, false) if set(&self.storage_tls_ca) => {
+                return Err("storage_tls_ca needs storage_tls_cert and storage_tls_key".into())
+            }
+            (false, false) => None,
+            (true, true) if nbd_tcp.is_none() => {
+                return Err(
+                    "storage_tls_cert: TLS is for the NBD TCP listener; set storage_nbd_listen"
+                        .into(),
+                )
+            }
+            (true, true) => Some(blockdrv::nbd::TlsConfig {
+                cert: self.storage_tls_cert.clone(),
+                key: self.storage_tls_key.clone(),
+                ca: set(&self.storage_tls_ca).then(|| self.storage_tls_ca.clone()),
+            }),
+            _ => return Err("storage_tls_cert and storage_tls_key go together".into()),
+        };
         Ok(Some(crate::storage::StorageConfig {
             id: self.storage_node_id,
             listen,
             members,
             dir: self.state_dir.join("sbs"),
+            nbd_tcp,
+            tls,
         }))
     }
 
@@ -551,6 +591,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("/nonexistent/vpcd.toml"));
+    }
+
+    #[test]
+    fn storage_tls_and_tcp_settings_are_checked() {
+        Jail::expect_with(|jail| {
+            let base =
+                "roles = [\"storage\"]\nstorage_node_id = 1\nstorage_listen = \"127.0.0.1:7400\"\n";
+            let ok = format!(
+                "{base}storage_nbd_listen = \"127.0.0.1:10809\"\nstorage_tls_cert = \"/c.pem\"\nstorage_tls_key = \"/k.pem\"\n"
+            );
+            let s = load(jail, &ok, &Dict::new())
+                .unwrap()
+                .storage()
+                .unwrap()
+                .unwrap();
+            assert_eq!(s.nbd_tcp, Some("127.0.0.1:10809".parse().unwrap()));
+            assert_eq!(s.tls.unwrap().ca, None);
+            for (extra, word) in [
+                ("storage_nbd_listen = \"localhost\"\n", "storage_nbd_listen"),
+                (
+                    "storage_tls_cert = \"/c.pem\"\nstorage_tls_key = \"/k.pem\"\n",
+                    "storage_nbd_listen",
+                ),
+                (
+                    "storage_nbd_listen = \"127.0.0.1:1\"\nstorage_tls_cert = \"/c.pem\"\n",
+                    "go together",
+                ),
+                ("storage_tls_ca = \"/ca.pem\"\n", "storage_tls_ca"),
+            ] {
+                let err = load(jail, &format!("{base}{extra}"), &Dict::new())
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(word), "{extra}: {err}");
+            }
+            Ok(())
+        });
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl From<hypervisor::Error> for Error {
             H::NotFound(name) => Error::NotFound(format!("domain {name}")),
             H::AlreadyExists(name) => Error::AlreadyExists(format!("domain {name}")),
             H::InvalidState { .. } => Error::InvalidState(msg),
-            H::ShutdownTimeout { .. } => Error::Timeout(msg),
+            H::ShutdownTimeout { .. } | H::UnplugTimeout { .. } => Error::Timeout(msg),
             H::LibvirtUnavailable { .. } => Error::Unavailable(msg),
             H::Libvirt { .. }
             | H::Qmp { .. }

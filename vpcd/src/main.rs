@@ -109,6 +109,18 @@ struct Cli {
     /// Storage role: a storage node, ID=ADDRESS:PORT (repeat for every one).
     #[arg(long = "storage-member")]
     storage_members: Vec<String>,
+    /// Storage role: serve NBD over TCP too, at ADDRESS:PORT.
+    #[arg(long)]
+    storage_nbd_listen: Option<String>,
+    /// Storage role: TLS certificate (PEM) of the NBD TCP listener.
+    #[arg(long)]
+    storage_tls_cert: Option<PathBuf>,
+    /// Storage role: its key (PEM).
+    #[arg(long)]
+    storage_tls_key: Option<PathBuf>,
+    /// Storage role: CA (PEM) whose client certificates the NBD TCP listener requires.
+    #[arg(long)]
+    storage_tls_ca: Option<PathBuf>,
 }
 
 impl Cli {
@@ -138,6 +150,10 @@ impl Cli {
         put("external_gateway", self.external_gateway.clone());
         put("external_pool", self.external_pool.clone());
         put("dns_domain", self.dns_domain.clone());
+        put("storage_nbd_listen", self.storage_nbd_listen.clone());
+        put("storage_tls_cert", path(&self.storage_tls_cert));
+        put("storage_tls_key", path(&self.storage_tls_key));
+        put("storage_tls_ca", path(&self.storage_tls_ca));
         if let Some(s) = self.dhcp_lease_secs {
             d.insert("dhcp_lease_secs".into(), Value::from(s));
         }

@@ -25,6 +25,8 @@ use crate::store::{Phase, Store, VmRecord};
 pub enum ManagerEvent {
     Defined(String),
     Undefined(String),
+    /// The VM's devices changed (a disk attached or detached).
+    Changed(String),
     State(VmEvent),
 }
 
@@ -236,18 +238,24 @@ impl Manager {
     /// host holds.
     async fn resolve_volumes(&self, config: &mut hypervisor::VmConfig) -> Result<()> {
         for disk in &mut config.disks {
-            let Some(nbd) = &mut disk.nbd else {
-                continue;
-            };
-            let storage = self.storage().map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "disk {}: volume {}: this host does not have the storage role",
-                    disk.target, nbd.export
-                ))
-            })?;
-            storage.info(&nbd.export).await?;
-            nbd.socket = storage.socket().to_owned();
+            self.resolve_volume(disk).await?;
         }
+        Ok(())
+    }
+
+    /// Points a volume disk at this host's NBD socket (other disks are left as they are).
+    async fn resolve_volume(&self, disk: &mut hypervisor::ResolvedDisk) -> Result<()> {
+        let Some(nbd) = &mut disk.nbd else {
+            return Ok(());
+        };
+        let storage = self.storage().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "disk {}: volume {}: this host does not have the storage role",
+                disk.target, nbd.export
+            ))
+        })?;
+        storage.info(&nbd.export).await?;
+        nbd.socket = storage.socket().to_owned();
         Ok(())
     }
 
@@ -625,6 +633,142 @@ impl Manager {
         Ok(())
     }
 
+    /// Adds a disk to a VM (`disk_toml`: the keys of one `[[disks]]` table: a volume, a file,
+    /// a new blank disk or an overlay on an image), hot-plugged if the VM runs and kept in its
+    /// definition. `target` picks the guest device (`vdb`...), else the first free one.
+    /// Returns the target. The store has it first, so a crash never leaves a plugged disk
+    /// unrecorded.
+    #[tracing::instrument(skip(self, disk_toml))]
+    pub async fn attach_disk(
+        &self,
+        name: &str,
+        disk_toml: &str,
+        target: Option<&str>,
+    ) -> Result<String> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let old = self.record(name)?;
+        let disk = hypervisor::DiskSpec::from_toml(disk_toml)?;
+        let mut spec = old.spec.clone();
+        spec.disks.push(disk.clone());
+        spec.validate(self.limits)?;
+        let mut config = Self::config_of(&old)?.clone();
+        let used: Vec<&str> = config.disks.iter().map(|d| d.target.as_str()).collect();
+        let target = match target {
+            Some(t) => {
+                let ok =
+                    t.len() == 3 && t.starts_with("vd") && t.as_bytes()[2].is_ascii_lowercase();
+                if !ok {
+                    return Err(Error::InvalidArgument(format!(
+                        "domain {name}: disk target {t:?}: vda to vdz"
+                    )));
+                }
+                if used.contains(&t) {
+                    return Err(Error::AlreadyExists(format!("domain {name}: disk {t}")));
+                }
+                t.to_string()
+            }
+            None => (b'a'..=b'z')
+                .map(|c| format!("vd{}", c as char))
+                .find(|t| !used.contains(&t.as_str()))
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("domain {name}: no free disk target"))
+                })?,
+        };
+        // A file of its own gets a name of its own: a detached disk's file stays until the VM
+        // is undefined, and a new blank disk must not be an old one.
+        let owned = self.vm_dir(name).join(format!(
+            "disk-{target}-{}.qcow2",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        let mut resolved = {
+            let (disk, target, owned) = (disk, target.clone(), owned);
+            tokio::task::spawn_blocking(move || hypervisor::prepare_disk(&disk, &target, &owned))
+                .await
+                .map_err(|e| Error::Failed(e.to_string()))??
+        };
+        let remove_owned = |d: &hypervisor::ResolvedDisk| {
+            if d.owned {
+                let _ = std::fs::remove_file(&d.path);
+            }
+        };
+        if let Err(e) = self.resolve_volume(&mut resolved).await {
+            remove_owned(&resolved);
+            return Err(e);
+        }
+        config.disks.push(resolved.clone());
+        let rec = Self::with_disks(&old, spec, &config);
+        self.store.put(&rec)?;
+        if let Err(e) = self
+            .backend(rec.backend)?
+            .attach_disk(Self::config_of(&rec)?, &resolved)
+            .await
+        {
+            self.store.put(&old)?;
+            remove_owned(&resolved);
+            return Err(e.into());
+        }
+        tracing::info!(disk = %target, "disk attached");
+        let _ = self.events.send(ManagerEvent::Changed(name.to_string()));
+        Ok(target)
+    }
+
+    /// `old` with `spec` (its disks changed) and `config`'s disks, kept in the same order.
+    fn with_disks(old: &VmRecord, spec: VmSpec, config: &VmConfig) -> VmRecord {
+        let mut config = config.clone();
+        config.spec = spec.clone();
+        VmRecord {
+            spec,
+            config: Some(config),
+            ..old.clone()
+        }
+    }
+
+    /// Removes disk `target` from a VM: unplugged from the running guest (once it lets go) and
+    /// from its definition. Its file stays until the VM is undefined. A VM that boots from its
+    /// first disk keeps it.
+    #[tracing::instrument(skip(self))]
+    pub async fn detach_disk(&self, name: &str, target: &str) -> Result<()> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let old = self.record(name)?;
+        let mut config = Self::config_of(&old)?.clone();
+        let i = config
+            .disks
+            .iter()
+            .position(|d| d.target == target)
+            .ok_or_else(|| Error::NotFound(format!("domain {name}: disk {target}")))?;
+        if i == 0 && old.spec.boots_from_disk() {
+            return Err(Error::InvalidArgument(format!(
+                "domain {name}: disk {target} is the one it boots from"
+            )));
+        }
+        let disk = config.disks.remove(i);
+        let mut spec = old.spec.clone();
+        spec.disks.remove(i);
+        let rec = Self::with_disks(&old, spec, &config);
+        self.store.put(&rec)?;
+        match self
+            .backend(rec.backend)?
+            .detach_disk(Self::config_of(&rec)?, &disk)
+            .await
+        {
+            Ok(()) => {}
+            // Off the definition already; the guest lets go of it later.
+            Err(e @ hypervisor::Error::UnplugTimeout { .. }) => {
+                let _ = self.events.send(ManagerEvent::Changed(name.to_string()));
+                return Err(e.into());
+            }
+            Err(e) => {
+                self.store.put(&old)?;
+                return Err(e.into());
+            }
+        }
+        tracing::info!(disk = %target, "disk detached");
+        let _ = self.events.send(ManagerEvent::Changed(name.to_string()));
+        Ok(())
+    }
+
     /// The VM's current state, read from its backend.
     pub async fn state(&self, name: &str) -> Result<VmState> {
         let rec = self.record(name)?;
@@ -668,7 +812,15 @@ impl Manager {
             disks: config
                 .disks
                 .iter()
-                .map(|d| (d.target.clone(), d.path.to_string_lossy().into_owned()))
+                .map(|d| {
+                    let source = match &d.nbd {
+                        Some(n) => {
+                            format!("nbd+unix:///{}?socket={}", n.export, n.socket.display())
+                        }
+                        None => d.path.to_string_lossy().into_owned(),
+                    };
+                    (d.target.clone(), source)
+                })
                 .collect(),
             console_log: config.console_log.to_string_lossy().into_owned(),
             spec_toml: rec.spec.to_toml(),

@@ -21,6 +21,10 @@ pub struct StorageConfig {
     /// Every storage node: id -> address.
     pub members: BTreeMap<u64, String>,
     pub dir: PathBuf,
+    /// NBD over TCP too, at this address.
+    pub nbd_tcp: Option<SocketAddr>,
+    /// TLS on the TCP listener (the unix socket is local and guarded by its mode).
+    pub tls: Option<blockdrv::nbd::TlsConfig>,
 }
 
 /// A volume as the API shows it.
@@ -36,6 +40,8 @@ pub struct VolumeInfo {
     pub members: Vec<(u64, String)>,
     /// Where this host serves it over NBD.
     pub uri: String,
+    /// The same over TCP (`nbds://` with TLS), "" without a TCP listener.
+    pub tcp_uri: String,
 }
 
 /// The storage node of this host.
@@ -43,6 +49,8 @@ pub struct VolumeInfo {
 pub struct Storage {
     node: Arc<Node>,
     socket: PathBuf,
+    /// `nbd://ADDRESS:PORT` or `nbds://...`, if NBD is served over TCP too.
+    tcp: Option<String>,
     _tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -99,16 +107,34 @@ impl Storage {
         restrict_socket(&socket)?;
         let server = blockdrv::nbd::Server::new(Vec::new());
         node.serve_nbd(server.clone());
-        let nbd = tokio::spawn(async move {
+        let mut tasks = vec![rpc];
+        let mut tcp = None;
+        if let Some(addr) = cfg.nbd_tcp {
+            // The same exports; TLS only here.
+            let tcp_server = match &cfg.tls {
+                Some(t) => server.clone().with_tls(t)?,
+                None => server.clone(),
+            };
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = tcp_server.serve_tcp(l).await {
+                    tracing::error!("NBD TCP server stopped: {e}");
+                }
+            }));
+            let scheme = if cfg.tls.is_some() { "nbds" } else { "nbd" };
+            tcp = Some(format!("{scheme}://{addr}"));
+        }
+        tasks.push(tokio::spawn(async move {
             if let Err(e) = server.serve_unix(l).await {
                 tracing::error!("NBD server stopped: {e}");
             }
-        });
-        tracing::info!(id = cfg.id, listen = %cfg.listen, socket = %socket.display(), "storage node up");
+        }));
+        tracing::info!(id = cfg.id, listen = %cfg.listen, socket = %socket.display(), tcp = ?tcp, "storage node up");
         Ok(Storage {
             node,
             socket,
-            _tasks: vec![rpc, nbd],
+            tcp,
+            _tasks: tasks,
         })
     }
 
@@ -169,6 +195,11 @@ impl Storage {
     fn to_info(&self, spec: VolumeSpec, status: node::Status) -> VolumeInfo {
         VolumeInfo {
             uri: format!("nbd+unix:///{}?socket={}", spec.name, self.socket.display()),
+            tcp_uri: self
+                .tcp
+                .as_ref()
+                .map(|t| format!("{t}/{}", spec.name))
+                .unwrap_or_default(),
             name: spec.name,
             size: spec.size,
             leader: status.leader.unwrap_or(0),

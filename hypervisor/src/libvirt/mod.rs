@@ -16,11 +16,14 @@ use tokio::sync::broadcast;
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
+use virt::sys;
 
-use crate::backend::{BackendKind, VmBackend, VmConfig, VmEvent, VmState};
+use crate::backend::{
+    BackendKind, ResolvedDisk, VmBackend, VmConfig, VmEvent, VmState, UNPLUG_TIMEOUT,
+};
 use crate::error::{Error, Result};
 
-pub use xml::{domain_xml, owner_of, serial_pty, METADATA_NS};
+pub use xml::{disk_targets, disk_xml, domain_xml, owner_of, serial_pty, METADATA_NS};
 
 /// How often the watcher reads domain states.
 const WATCH_INTERVAL: Duration = Duration::from_millis(200);
@@ -70,6 +73,55 @@ impl LibvirtBackend {
             }
         });
         Ok(backend)
+    }
+
+    /// Brings the domain's disks in line with the VM's (after vpcd was away while a disk was
+    /// attached or detached, or a disk was detached behind its back): the definition is
+    /// written again if its disks differ, and a running guest gets missing disks plugged and
+    /// extra ones unplugged (without waiting for the guest to let go).
+    async fn converge_disks(self: &Arc<Self>, vm: &VmConfig) -> Result<()> {
+        let this = self.clone();
+        let vm = vm.clone();
+        let xml = domain_xml(&vm, &self.owner);
+        tokio::task::spawn_blocking(move || {
+            let name = vm.name().to_string();
+            let err = |e| virt_error(&name, "attach", e);
+            let dom = this.lookup(&name)?;
+            let want: Vec<String> = vm.disks.iter().map(|d| d.target.clone()).collect();
+            let defined = dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map_err(err)?;
+            let sorted = |mut v: Vec<String>| {
+                v.sort();
+                v
+            };
+            if sorted(xml::disk_targets(&defined)) != sorted(want.clone()) {
+                tracing::info!(vm = %name, "definition's disks differ; defining it again");
+                this.conn()?.define_domain_xml(&xml).map_err(err)?;
+            }
+            if !dom.is_active().map_err(err)? {
+                return Ok(());
+            }
+            let live = xml::disk_targets(&dom.xml_desc(0).map_err(err)?);
+            for disk in vm.disks.iter().filter(|d| !live.contains(&d.target)) {
+                match dom.attach_device_flags(&disk_xml(disk, ""), sys::VIR_DOMAIN_AFFECT_LIVE) {
+                    Ok(_) => {
+                        tracing::info!(vm = %name, disk = %disk.target, "missing disk plugged")
+                    }
+                    Err(e) => tracing::warn!(vm = %name, disk = %disk.target, "missing disk: {e}"),
+                }
+            }
+            for target in live.iter().filter(|t| !want.contains(t)) {
+                // libvirt finds a disk to detach by its target.
+                let dev = format!(
+                    "<disk type='file' device='disk'><target dev='{target}' bus='virtio'/></disk>"
+                );
+                if let Err(e) = dom.detach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE) {
+                    tracing::warn!(vm = %name, disk = %target, "extra disk: {e}");
+                }
+            }
+            Ok(())
+        })
+        .await
+        .expect("libvirt task panicked")
     }
 
     /// Whether libvirt at `uri` answers (used to choose the default backend).
@@ -275,6 +327,7 @@ impl VmBackend for Arc<LibvirtBackend> {
             })
             .await??;
         self.watch(vm.name(), state.0);
+        self.converge_disks(vm).await?;
         Ok(state.0)
     }
 
@@ -401,6 +454,76 @@ impl VmBackend for Arc<LibvirtBackend> {
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.events.subscribe()
+    }
+
+    async fn attach_disk(&self, vm: &VmConfig, disk: &ResolvedDisk) -> Result<()> {
+        let this = self.clone();
+        let name = vm.name().to_string();
+        let (xml, dev) = (domain_xml(vm, &self.owner), disk_xml(disk, ""));
+        let err = |name: &str| {
+            let name = name.to_string();
+            move |e| virt_error(&name, "attach disk", e)
+        };
+        tokio::task::spawn_blocking(move || {
+            let dom = this.lookup(&name)?;
+            let live = dom.is_active().map_err(err(&name))?;
+            if live {
+                dom.attach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE)
+                    .map_err(err(&name))?;
+            }
+            // The definition is vpcd's XML with the disk, as a new define would make it.
+            if let Err(e) = this.conn()?.define_domain_xml(&xml) {
+                if live {
+                    let _ = dom.detach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE);
+                }
+                return Err(err(&name)(e));
+            }
+            Ok(())
+        })
+        .await
+        .expect("libvirt task panicked")
+    }
+
+    async fn detach_disk(&self, vm: &VmConfig, disk: &ResolvedDisk) -> Result<()> {
+        let this = self.clone();
+        let name = vm.name().to_string();
+        let target = disk.target.clone();
+        let (xml, dev) = (domain_xml(vm, &self.owner), disk_xml(disk, ""));
+        let err = |name: &str| {
+            let name = name.to_string();
+            move |e| virt_error(&name, "detach disk", e)
+        };
+        tokio::task::spawn_blocking(move || {
+            let dom = this.lookup(&name)?;
+            this.conn()?.define_domain_xml(&xml).map_err(err(&name))?;
+            let plugged = |dom: &Domain| -> Result<bool> {
+                if !dom.is_active().map_err(err(&name))? {
+                    return Ok(false);
+                }
+                let live = dom.xml_desc(0).map_err(err(&name))?;
+                Ok(xml::disk_targets(&live).contains(&target))
+            };
+            if !plugged(&dom)? {
+                return Ok(());
+            }
+            // libvirt waits a few seconds for the guest, then leaves the unplug pending.
+            dom.detach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE)
+                .map_err(err(&name))?;
+            let deadline = Instant::now() + UNPLUG_TIMEOUT;
+            while plugged(&dom)? {
+                if Instant::now() > deadline {
+                    return Err(Error::UnplugTimeout {
+                        name,
+                        target,
+                        secs: UNPLUG_TIMEOUT.as_secs(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(())
+        })
+        .await
+        .expect("libvirt task panicked")
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::backend::VmConfig;
+use crate::backend::{ResolvedDisk, VmConfig};
 
 /// XML namespace of vpcd's `<metadata>` element, which marks the domains a vpcd instance owns.
 pub const METADATA_NS: &str = "https://vpcd.dev/xmlns/domain/1";
@@ -53,40 +53,7 @@ pub fn domain_xml(vm: &VmConfig, owner: &str) -> String {
     let _ = writeln!(x, "  <devices>");
     let _ = writeln!(x, "    <emulator>{EMULATOR}</emulator>");
     for disk in &vm.disks {
-        let kind = if disk.nbd.is_some() {
-            "network"
-        } else {
-            "file"
-        };
-        let _ = writeln!(x, "    <disk type='{kind}' device='disk'>");
-        let _ = writeln!(
-            x,
-            "      <driver name='qemu' type='{}' discard='unmap'/>",
-            disk.format.as_str()
-        );
-        match &disk.nbd {
-            Some(n) => {
-                let _ = writeln!(x, "      <source protocol='nbd' name='{}'>", esc(&n.export));
-                let _ = writeln!(
-                    x,
-                    "        <host transport='unix' socket='{}'/>",
-                    esc(&n.socket.to_string_lossy())
-                );
-                let _ = writeln!(x, "      </source>");
-            }
-            None => {
-                let _ = writeln!(
-                    x,
-                    "      <source file='{}'/>",
-                    esc(&disk.path.to_string_lossy())
-                );
-            }
-        }
-        let _ = writeln!(x, "      <target dev='{}' bus='virtio'/>", disk.target);
-        if disk.readonly {
-            let _ = writeln!(x, "      <readonly/>");
-        }
-        let _ = writeln!(x, "    </disk>");
+        x.push_str(&disk_xml(disk, "    "));
     }
     if let Some(seed) = &vm.seed {
         let _ = writeln!(x, "    <disk type='file' device='cdrom'>");
@@ -105,6 +72,15 @@ pub fn domain_xml(vm: &VmConfig, owner: &str) -> String {
         let _ = writeln!(x, "    </interface>");
     }
     let _ = writeln!(x, "    <controller type='usb' model='none'/>");
+    // Empty PCIe root ports: q35 hot-plugs a device only into one of these. (The root
+    // complex comes first, or libvirt would take the first port for PCI controller 0.)
+    let _ = writeln!(
+        x,
+        "    <controller type='pci' index='0' model='pcie-root'/>"
+    );
+    for _ in 0..crate::backend::HOTPLUG_PORTS {
+        let _ = writeln!(x, "    <controller type='pci' model='pcie-root-port'/>");
+    }
     let _ = writeln!(x, "    <serial type='pty'>");
     let _ = writeln!(
         x,
@@ -123,6 +99,74 @@ pub fn domain_xml(vm: &VmConfig, owner: &str) -> String {
     let _ = writeln!(x, "  </devices>");
     let _ = writeln!(x, "</domain>");
     x
+}
+
+/// One disk's `<disk>` element, each line indented by `indent` (also what attach and detach
+/// hand to libvirt).
+pub fn disk_xml(disk: &ResolvedDisk, indent: &str) -> String {
+    let mut x = String::new();
+    let kind = if disk.nbd.is_some() {
+        "network"
+    } else {
+        "file"
+    };
+    let _ = writeln!(x, "{indent}<disk type='{kind}' device='disk'>");
+    let _ = writeln!(
+        x,
+        "{indent}  <driver name='qemu' type='{}' discard='unmap'/>",
+        disk.format.as_str()
+    );
+    match &disk.nbd {
+        Some(n) => {
+            let _ = writeln!(
+                x,
+                "{indent}  <source protocol='nbd' name='{}'>",
+                esc(&n.export)
+            );
+            let _ = writeln!(
+                x,
+                "{indent}    <host transport='unix' socket='{}'/>",
+                esc(&n.socket.to_string_lossy())
+            );
+            let _ = writeln!(x, "{indent}  </source>");
+        }
+        None => {
+            let _ = writeln!(
+                x,
+                "{indent}  <source file='{}'/>",
+                esc(&disk.path.to_string_lossy())
+            );
+        }
+    }
+    let _ = writeln!(x, "{indent}  <target dev='{}' bus='virtio'/>", disk.target);
+    if disk.readonly {
+        let _ = writeln!(x, "{indent}  <readonly/>");
+    }
+    let _ = writeln!(x, "{indent}</disk>");
+    x
+}
+
+/// The targets (`vda`, ...) of the virtio disks in a domain's XML.
+pub fn disk_targets(xml: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find("<disk ") {
+        let Some(end) = rest[i..].find("</disk>").map(|e| e + i) else {
+            break;
+        };
+        let body = &rest[i..end];
+        if let Some(t) = body.find("<target dev='") {
+            let tag = &body[t..body[t..].find('>').map_or(body.len(), |e| t + e)];
+            let name = &tag["<target dev='".len()..];
+            if let Some(e) = name.find('\'') {
+                if tag.contains("bus='virtio'") {
+                    out.push(name[..e].to_string());
+                }
+            }
+        }
+        rest = &rest[end..];
+    }
+    out
 }
 
 /// The owner recorded in a domain's XML, if vpcd made it.
@@ -168,7 +212,6 @@ fn esc(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::accel::Accel;
-    use crate::backend::ResolvedDisk;
     use crate::spec::{DiskFormat, VmSpec};
 
     fn config(toml: &str, accel: Accel) -> VmConfig {
@@ -247,6 +290,19 @@ mod tests {
         assert!(x.contains("<target dev='vdb' bus='virtio'/>\n      <readonly/>"));
         assert!(x.contains("<source file='/s/vms/t/seed.iso'/>"));
         assert!(x.contains("device='cdrom'"));
+        assert_eq!(
+            x.matches("<controller type='pci' model='pcie-root-port'/>")
+                .count(),
+            crate::backend::HOTPLUG_PORTS
+        );
+        // The virtio disks, not the seed's CD-ROM.
+        assert_eq!(disk_targets(&x), ["vda", "vdb", "vdc"]);
+        let one = disk_xml(&vm.disks[2], "");
+        assert!(
+            one.starts_with("<disk type='network' device='disk'>\n"),
+            "{one}"
+        );
+        assert_eq!(disk_targets(&one), ["vdc"]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::VmConfig;
+use crate::backend::{ResolvedDisk, VmConfig};
 
 /// Files of a running VM in its directory.
 #[derive(Debug, Clone)]
@@ -68,45 +68,20 @@ pub fn qemu_args(vm: &VmConfig, paths: &RunPaths) -> Vec<String> {
             push(&["-append", cmdline]);
         }
     }
+    // Empty root ports first, for disks hot-plugged later (`hp0`...).
+    for k in 0..crate::backend::HOTPLUG_PORTS {
+        push(&["-device", &hotplug_port(k)]);
+    }
     for (i, disk) in vm.disks.iter().enumerate() {
-        let ro = if disk.readonly { ",read-only=on" } else { "" };
-        match &disk.nbd {
-            Some(n) => push(&[
-                "-blockdev",
-                &format!(
-                    "driver=nbd,node-name=file{i},server.type=unix,server.path={},export={},discard=unmap{ro}",
-                    qemu_opt_escape(&p(&n.socket)),
-                    qemu_opt_escape(&n.export)
-                ),
-            ]),
-            None => push(&[
-                "-blockdev",
-                &format!(
-                    "driver=file,node-name=file{i},filename={},discard=unmap{ro}",
-                    qemu_opt_escape(&p(&disk.path))
-                ),
-            ]),
-        }
-        push(&[
-            "-blockdev",
-            &format!(
-                "driver={},node-name={},file=file{i},discard=unmap{ro}",
-                disk.format.as_str(),
-                disk.target
-            ),
-        ]);
+        let (file, format) = disk_nodes(disk);
+        push(&["-blockdev", &file.to_string()]);
+        push(&["-blockdev", &format.to_string()]);
         let boot = if i == 0 && spec.boots_from_disk() {
             ",bootindex=1"
         } else {
             ""
         };
-        push(&[
-            "-device",
-            &format!(
-                "virtio-blk-pci,drive={},id={},serial={}{boot}",
-                disk.target, disk.target, disk.target
-            ),
-        ]);
+        push(&["-device", &format!("{}{boot}", disk_device(disk))]);
     }
     for (i, nic) in vm.nics.iter().enumerate() {
         push(&[
@@ -160,6 +135,54 @@ pub fn qemu_args(vm: &VmConfig, paths: &RunPaths) -> Vec<String> {
     a
 }
 
+/// The `-device` of empty PCIe root port `k` (`hp<k>`).
+fn hotplug_port(k: usize) -> String {
+    format!(
+        "pcie-root-port,id=hp{k},bus=pcie.0,chassis={},slot={}",
+        k + 1,
+        k + 1
+    )
+}
+
+/// A disk's two block nodes, as `-blockdev` JSON and as `blockdev-add` takes them: the file
+/// (or NBD client) node `<target>-file` and the format node `<target>` on it.
+pub fn disk_nodes(disk: &ResolvedDisk) -> (serde_json::Value, serde_json::Value) {
+    let file_node = format!("{}-file", disk.target);
+    let file = match &disk.nbd {
+        Some(n) => serde_json::json!({
+            "driver": "nbd",
+            "node-name": file_node,
+            "server": {"type": "unix", "path": n.socket.to_string_lossy()},
+            "export": n.export,
+            "discard": "unmap",
+            "read-only": disk.readonly,
+        }),
+        None => serde_json::json!({
+            "driver": "file",
+            "node-name": file_node,
+            "filename": disk.path.to_string_lossy(),
+            "discard": "unmap",
+            "read-only": disk.readonly,
+        }),
+    };
+    let format = serde_json::json!({
+        "driver": disk.format.as_str(),
+        "node-name": disk.target,
+        "file": file_node,
+        "discard": "unmap",
+        "read-only": disk.readonly,
+    });
+    (file, format)
+}
+
+/// A disk's virtio-blk device (id, drive and serial are the target).
+pub fn disk_device(disk: &ResolvedDisk) -> String {
+    format!(
+        "virtio-blk-pci,drive={t},id={t},serial={t}",
+        t = disk.target
+    )
+}
+
 /// QEMU option values escape `,` by doubling it.
 fn qemu_opt_escape(s: &str) -> String {
     s.replace(',', ",,")
@@ -169,7 +192,6 @@ fn qemu_opt_escape(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::accel::Accel;
-    use crate::backend::ResolvedDisk;
     use crate::spec::{DiskFormat, VmSpec};
 
     fn vm() -> VmConfig {
@@ -217,9 +239,27 @@ mod tests {
         let a = qemu_args(&vm(), &paths).join(" ");
         assert!(a.contains("-accel tcg -machine q35 -m 128M -smp 2"), "{a}");
         assert!(a.contains("-kernel /k -initrd /i -append console=ttyS0"));
-        assert!(a.contains("filename=/s/t/a,,b.qcow2"));
+        assert!(a.contains("\"filename\":\"/s/t/a,b.qcow2\""), "{a}");
         assert!(a.contains("-device virtio-blk-pci,drive=vda,id=vda,serial=vda "));
-        assert!(a.contains("-blockdev driver=nbd,node-name=file1,server.type=unix,server.path=/s/sbs/nbd.sock,export=data,discard=unmap -blockdev driver=raw,node-name=vdb,file=file1"), "{a}");
+        let args = qemu_args(&vm(), &paths);
+        let nodes: Vec<serde_json::Value> = args
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev" && w[1].starts_with('{'))
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        let nbd = nodes.iter().find(|n| n["node-name"] == "vdb-file").unwrap();
+        assert_eq!(nbd["driver"], "nbd");
+        assert_eq!(nbd["server"]["path"], "/s/sbs/nbd.sock");
+        assert_eq!(nbd["export"], "data");
+        let raw = nodes.iter().find(|n| n["node-name"] == "vdb").unwrap();
+        assert_eq!(raw["file"], "vdb-file");
+        assert_eq!(raw["driver"], "raw");
+        for k in 0..crate::backend::HOTPLUG_PORTS {
+            assert!(
+                a.contains(&format!("-device pcie-root-port,id=hp{k},bus=pcie.0")),
+                "{a}"
+            );
+        }
         assert!(a.contains("path=/s/t/serial0.sock,server=on,wait=off,logfile=/s/t/console.log"));
         assert!(a.contains("-qmp unix:/s/t/qmp.sock,server=on,wait=off"));
         assert!(a.contains("-no-shutdown"));

@@ -20,7 +20,9 @@ use futures::StreamExt;
 use qapi::qmp;
 use tokio::sync::{broadcast, watch};
 
-use crate::backend::{BackendKind, VmBackend, VmConfig, VmEvent, VmState};
+use crate::backend::{
+    BackendKind, ResolvedDisk, VmBackend, VmConfig, VmEvent, VmState, HOTPLUG_PORTS, UNPLUG_TIMEOUT,
+};
 use crate::error::{Error, Result};
 
 pub use cmdline::{qemu_args, RunPaths, MAX_SOCKET_PATH};
@@ -53,6 +55,8 @@ impl std::fmt::Debug for QmpBackend {
 
 struct QmpVm {
     config: VmConfig,
+    /// The disks now (attach and detach change them); the next QEMU gets these.
+    disks: Mutex<Vec<ResolvedDisk>>,
     paths: RunPaths,
     state: watch::Sender<VmState>,
     session: Mutex<Option<Arc<Service>>>,
@@ -121,6 +125,7 @@ impl QmpBackend {
         }
         let entry = Arc::new(QmpVm {
             config: vm.clone(),
+            disks: Mutex::new(vm.disks.clone()),
             paths,
             state: watch::Sender::new(VmState::ShutOff),
             session: Mutex::new(None),
@@ -279,7 +284,9 @@ impl QmpBackend {
         log2: std::fs::File,
         spawn_err: &(dyn Fn(String) -> Error + Sync),
     ) -> Result<tokio::process::Child> {
-        cmd.args(qemu_args(&vm.config, &vm.paths))
+        let mut config = vm.config.clone();
+        config.disks = vm.disks.lock().unwrap().clone();
+        cmd.args(qemu_args(&config, &vm.paths))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -388,6 +395,9 @@ impl VmBackend for Arc<QmpBackend> {
             qmp::RunState::guest_panicked | qmp::RunState::internal_error => VmState::Crashed,
             _ => VmState::Paused,
         };
+        if matches!(state, VmState::Running | VmState::Paused) {
+            converge_disks(&entry, &service).await;
+        }
         self.set_state(&entry, state, "attached");
         Ok(state)
     }
@@ -498,6 +508,184 @@ impl VmBackend for Arc<QmpBackend> {
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.events.subscribe()
     }
+
+    async fn attach_disk(&self, vm: &VmConfig, disk: &ResolvedDisk) -> Result<()> {
+        let entry = self.get(vm.name())?;
+        let _op = entry.op.lock().await;
+        let active = entry.state.borrow().is_active();
+        if let (Some(service), true) = (entry.session(), active) {
+            plug(&entry, &service, disk).await?;
+        }
+        *entry.disks.lock().unwrap() = vm.disks.clone();
+        Ok(())
+    }
+
+    async fn detach_disk(&self, vm: &VmConfig, disk: &ResolvedDisk) -> Result<()> {
+        let entry = self.get(vm.name())?;
+        let _op = entry.op.lock().await;
+        *entry.disks.lock().unwrap() = vm.disks.clone();
+        let active = entry.state.borrow().is_active();
+        if let (Some(service), true) = (entry.session(), active) {
+            unplug(&entry, &service, &disk.target).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The ids of the devices QEMU has (`/machine/peripheral`).
+async fn devices(vm: &QmpVm, service: &Service) -> Result<Vec<String>> {
+    let props = service
+        .execute(qmp::qom_list {
+            path: "/machine/peripheral".into(),
+        })
+        .await
+        .map_err(vm.qmp_err("qom-list"))?;
+    Ok(props.into_iter().map(|p| p.name).collect())
+}
+
+/// Hot-plugs `disk` into a running QEMU: its block nodes, then a virtio-blk device on a free
+/// root port. Undone as far as it got if a step fails.
+async fn plug(vm: &QmpVm, service: &Service, disk: &ResolvedDisk) -> Result<()> {
+    let (file, format) = cmdline::disk_nodes(disk);
+    let add = |node: serde_json::Value| {
+        let opts: std::result::Result<qmp::BlockdevOptions, _> = serde_json::from_value(node);
+        opts.map(qmp::blockdev_add)
+    };
+    let bad = |e: serde_json::Error| Error::Qmp {
+        name: vm.name().to_string(),
+        op: "blockdev-add",
+        reason: e.to_string(),
+    };
+    let del = |node: String| async move {
+        let _ = service.execute(qmp::blockdev_del { node_name: node }).await;
+    };
+    let file_node = format!("{}-file", disk.target);
+    // Nodes left behind by a device removed without vpcd (device_del leaves them).
+    del(disk.target.clone()).await;
+    del(file_node.clone()).await;
+    service
+        .execute(add(file).map_err(bad)?)
+        .await
+        .map_err(vm.qmp_err("blockdev-add"))?;
+    if let Err(e) = service.execute(add(format).map_err(bad)?).await {
+        del(file_node).await;
+        return Err(vm.qmp_err("blockdev-add")(e));
+    }
+    // A root port with nothing behind it.
+    let pci = service
+        .execute(qmp::query_pci {})
+        .await
+        .map_err(vm.qmp_err("query-pci"))?;
+    let port = pci
+        .iter()
+        .flat_map(|bus| &bus.devices)
+        .filter(|d| d.qdev_id.starts_with("hp"))
+        .find(|d| {
+            d.pci_bridge
+                .as_ref()
+                .is_some_and(|b| b.devices.as_ref().is_none_or(|v| v.is_empty()))
+        })
+        .map(|d| d.qdev_id.clone());
+    let Some(port) = port else {
+        del(disk.target.clone()).await;
+        del(file_node).await;
+        return Err(Error::Qmp {
+            name: vm.name().to_string(),
+            op: "device_add",
+            reason: format!("all {HOTPLUG_PORTS} hot-plug ports are taken"),
+        });
+    };
+    let device = cmdline::disk_device(disk);
+    let mut fields = device.split(',');
+    let driver = fields.next().expect("a driver").to_string();
+    let mut arguments = serde_json::Map::new();
+    for f in fields {
+        let (k, v) = f.split_once('=').expect("key=value");
+        if k != "id" {
+            arguments.insert(k.into(), serde_json::Value::String(v.into()));
+        }
+    }
+    let added = service
+        .execute(qmp::device_add {
+            bus: Some(port),
+            id: Some(disk.target.clone()),
+            driver,
+            arguments,
+        })
+        .await;
+    if let Err(e) = added {
+        del(disk.target.clone()).await;
+        del(file_node).await;
+        return Err(vm.qmp_err("device_add")(e));
+    }
+    tracing::info!(vm = vm.name(), disk = %disk.target, "disk hot-plugged");
+    Ok(())
+}
+
+/// Unplugs disk `target` from a running QEMU: the device (once the guest has let it go), then
+/// its block nodes.
+async fn unplug(vm: &QmpVm, service: &Service, target: &str) -> Result<()> {
+    if devices(vm, service).await?.iter().any(|d| d == target) {
+        service
+            .execute(qmp::device_del {
+                id: target.to_string(),
+            })
+            .await
+            .map_err(vm.qmp_err("device_del"))?;
+        let deadline = Instant::now() + UNPLUG_TIMEOUT;
+        while devices(vm, service).await?.iter().any(|d| d == target) {
+            if Instant::now() > deadline {
+                return Err(Error::UnplugTimeout {
+                    name: vm.name().to_string(),
+                    target: target.to_string(),
+                    secs: UNPLUG_TIMEOUT.as_secs(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The nodes go with the device only if QEMU made them; these were added by name.
+    for node in [target.to_string(), format!("{target}-file")] {
+        let _ = service.execute(qmp::blockdev_del { node_name: node }).await;
+    }
+    tracing::info!(vm = vm.name(), disk = %target, "disk unplugged");
+    Ok(())
+}
+
+/// Brings a running QEMU's disks in line with the VM's (after vpcd was away while a disk was
+/// attached or detached, or a device was removed behind its back): missing ones are plugged,
+/// extra ones unplugged in the background (the guest takes seconds to let go).
+async fn converge_disks(vm: &Arc<QmpVm>, service: &Arc<Service>) {
+    let want = vm.disks.lock().unwrap().clone();
+    let live: Vec<String> = match devices(vm, service).await {
+        Ok(d) => d.into_iter().filter(|d| is_disk_target(d)).collect(),
+        Err(e) => {
+            tracing::warn!(vm = vm.name(), "disks not checked: {e}");
+            return;
+        }
+    };
+    for disk in want.iter().filter(|d| !live.contains(&d.target)) {
+        match plug(vm, service, disk).await {
+            Ok(()) => tracing::info!(vm = vm.name(), disk = %disk.target, "missing disk plugged"),
+            Err(e) => tracing::warn!(vm = vm.name(), disk = %disk.target, "missing disk: {e}"),
+        }
+    }
+    for target in live
+        .into_iter()
+        .filter(|t| !want.iter().any(|d| &d.target == t))
+    {
+        let (vm, service) = (vm.clone(), service.clone());
+        tokio::spawn(async move {
+            if let Err(e) = unplug(&vm, &service, &target).await {
+                tracing::warn!(vm = vm.name(), disk = %target, "extra disk: {e}");
+            }
+        });
+    }
+}
+
+/// `vda` .. `vdz`: the ids vpcd gives disk devices.
+fn is_disk_target(id: &str) -> bool {
+    id.len() == 3 && id.starts_with("vd") && id.as_bytes()[2].is_ascii_lowercase()
 }
 
 /// The pid in `pid_file` if that process is alive and is this VM's QEMU (its command line

@@ -40,6 +40,22 @@ impl DomainIface {
         Ok(self.manager.undefine(&self.info.name).await?)
     }
 
+    /// Adds a disk (`disk_toml`: the keys of one `[[disks]]` table, e.g. `volume = "data"`),
+    /// hot-plugged if the domain runs; `target` "" picks the first free `vdX`. Returns the
+    /// target.
+    async fn attach_disk(&self, disk_toml: &str, target: &str) -> Result<String, ApiError> {
+        let target = (!target.is_empty()).then_some(target);
+        Ok(self
+            .manager
+            .attach_disk(&self.info.name, disk_toml, target)
+            .await?)
+    }
+
+    /// Removes disk `target` (unplugged once the guest lets it go).
+    async fn detach_disk(&self, target: &str) -> Result<(), ApiError> {
+        Ok(self.manager.detach_disk(&self.info.name, target).await?)
+    }
+
     /// A byte stream to serial port `port` (0: the console, 1: the guest command channel).
     async fn open_console(&self, port: u32) -> Result<OwnedFd, ApiError> {
         let fd = self.manager.open_console(&self.info.name, port).await?;

@@ -130,15 +130,14 @@ impl HostIface {
     /// storage nodes as there are).
     async fn create_volume(
         &self,
+        #[zbus(connection)] conn: &zbus::Connection,
         name: &str,
         size: u64,
         replicas: u32,
     ) -> Result<VolumeRow, ApiError> {
-        Ok(row(self
-            .manager
-            .storage()?
-            .create(name, size, replicas)
-            .await?))
+        let v = self.manager.storage()?.create(name, size, replicas).await?;
+        super::volume::sync_volume_objects(conn, &self.manager).await;
+        Ok(row(v))
     }
 
     /// Grows a volume to `size` bytes.
@@ -147,12 +146,24 @@ impl HostIface {
     }
 
     /// Deletes a volume on all its nodes.
-    async fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
-        Ok(self.manager.storage()?.delete(name).await?)
+    async fn delete_volume(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        name: &str,
+    ) -> Result<(), ApiError> {
+        self.manager.storage()?.delete(name).await?;
+        super::volume::sync_volume_objects(conn, &self.manager).await;
+        Ok(())
+    }
+
+    /// The object of a volume this host holds.
+    async fn lookup_volume(&self, name: &str) -> Result<OwnedObjectPath, ApiError> {
+        self.manager.storage()?.info(name).await?;
+        Ok(super::volume::volume_object(name))
     }
 
     /// The volumes this host holds: (name, size, leader node (0: none), health, members
-    /// (id, address), NBD URI on this host).
+    /// (id, address), NBD URI on this host, NBD URI over TCP or "").
     async fn list_volumes(&self) -> Result<Vec<VolumeRow>, ApiError> {
         Ok(self
             .manager
@@ -310,9 +321,12 @@ impl HostIface {
     }
 }
 
-/// A volume on the wire: (name, size, leader, health, members (id, address), NBD URI).
-type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String);
+/// A volume on the wire: (name, size, leader, health, members (id, address), NBD URI, NBD URI
+/// over TCP or "").
+type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String, String);
 
 fn row(v: crate::storage::VolumeInfo) -> VolumeRow {
-    (v.name, v.size, v.leader, v.health, v.members, v.uri)
+    (
+        v.name, v.size, v.leader, v.health, v.members, v.uri, v.tcp_uri,
+    )
 }

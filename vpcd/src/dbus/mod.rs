@@ -10,6 +10,7 @@ mod host;
 mod network;
 mod path;
 mod router;
+mod volume;
 
 use std::sync::Arc;
 
@@ -49,6 +50,17 @@ pub async fn serve(manager: Arc<Manager>, address: &str, name: &str) -> anyhow::
         add_domain(&conn, &manager, &info.name).await;
     }
     sync_net_objects(&conn, &manager).await;
+    volume::sync_volume_objects(&conn, &manager).await;
+    if manager.storage().is_ok() {
+        // Volumes made or deleted through other hosts.
+        let (c, m) = (conn.clone(), manager.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(volume::SYNC_INTERVAL).await;
+                volume::sync_volume_objects(&c, &m).await;
+            }
+        });
+    }
     conn.request_name(name).await?;
     let c = conn.clone();
     tokio::spawn(async move {
@@ -101,15 +113,38 @@ async fn apply(conn: &Connection, manager: &Arc<Manager>, ev: ManagerEvent) {
             sync_net_objects(conn, manager).await;
         }
         ManagerEvent::State(ev) => refresh_state(conn, &ev.name, ev.state, &ev.reason).await,
+        ManagerEvent::Changed(name) => refresh_devices(conn, manager, &name).await,
     }
 }
 
-async fn refresh_state(conn: &Connection, name: &str, state: hypervisor::VmState, reason: &str) {
-    let Ok(iface) = conn
-        .object_server()
+/// A VM's disks (and so its spec) changed: the object's properties follow.
+async fn refresh_devices(conn: &Connection, manager: &Arc<Manager>, name: &str) {
+    let Some(iface) = domain_iface(conn, name).await else {
+        return;
+    };
+    let Ok(info) = manager.info(name).await else {
+        return;
+    };
+    iface.get_mut().await.info = info;
+    let emitter = iface.signal_emitter();
+    let d = iface.get().await;
+    let _ = d.disks_changed(emitter).await;
+    let _ = d.spec_changed(emitter).await;
+}
+
+/// The exported object of domain `name`, if there is one.
+async fn domain_iface(
+    conn: &Connection,
+    name: &str,
+) -> Option<zbus::object_server::InterfaceRef<DomainIface>> {
+    conn.object_server()
         .interface::<_, DomainIface>(domain_path(name))
         .await
-    else {
+        .ok()
+}
+
+async fn refresh_state(conn: &Connection, name: &str, state: hypervisor::VmState, reason: &str) {
+    let Some(iface) = domain_iface(conn, name).await else {
         return;
     };
     let changed = {

@@ -24,6 +24,11 @@ pub fn router_path(name: &str) -> String {
     escaped(&format!("{HOST_PATH}/router/"), name)
 }
 
+/// A volume's path.
+pub fn volume_path(name: &str) -> String {
+    escaped(&format!("{HOST_PATH}/volume/"), name)
+}
+
 /// A floating IP's path (`.` escaped like any other byte).
 pub fn floating_ip_path(ip: std::net::Ipv4Addr) -> String {
     escaped(&format!("{HOST_PATH}/floating_ip/"), &ip.to_string())
