@@ -167,6 +167,10 @@ pub trait VmBackend: Send + Sync + fmt::Debug {
     fn subscribe(&self) -> broadcast::Receiver<VmEvent>;
 }
 
+/// How long QEMU waits for a volume's NBD server (this host's storage node, in vpcd) to come
+/// back before a request fails: vpcd restarting does not break the guests' volumes.
+pub const NBD_RECONNECT_SECS: u32 = 60;
+
 /// Empty PCIe root ports each VM gets, so that disks can be hot-plugged (q35 has no other
 /// hot-pluggable slot).
 pub const HOTPLUG_PORTS: usize = 4;

@@ -301,7 +301,8 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
 }
 
 /// A guest boots with a volume as its disk, through QMP and through libvirt: it reads what the
-/// host wrote through NBD and writes what the host then reads back.
+/// host wrote through NBD and, after vpcd was SIGKILLed and restarted, writes what the host
+/// then reads back.
 #[tokio::test]
 async fn guests_use_a_volume_as_their_disk_through_qmp_and_libvirt() {
     let ports = [free_port()];
@@ -312,7 +313,7 @@ async fn guests_use_a_volume_as_their_disk_through_qmp_and_libvirt() {
         extra: flags.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    let d = Daemon::start_with(opts, Bus::open()).await;
+    let mut d = Daemon::start_with(opts, Bus::open()).await;
     d.vpcctl_ok(&["vol-create", "data", "16M"]);
     wait_until(
         Duration::from_secs(20),
@@ -337,6 +338,10 @@ async fn guests_use_a_volume_as_their_disk_through_qmp_and_libvirt() {
         let mut shell = d.guest_shell(&name).await;
         let first = shell.ok("dd if=/dev/vda bs=4096 count=1 2>/dev/null | od -An -tx1 | head -1");
         assert!(first.contains("5a 5a 5a 5a"), "{backend}: {first}");
+        // vpcd (and with it this host's storage node) SIGKILLed and back: QEMU reconnects to
+        // the NBD socket and the guest's writes go on.
+        d.kill9();
+        d.restart().await;
         let mark = format!("VPCDVOL{i}");
         shell.ok(&format!(
             "printf {mark} | dd of=/dev/vda bs=512 seek={} conv=notrunc,fsync 2>/dev/null",

@@ -128,6 +128,11 @@ pub fn disk_xml(disk: &ResolvedDisk, indent: &str) -> String {
                 "{indent}    <host transport='unix' socket='{}'/>",
                 esc(&n.socket.to_string_lossy())
             );
+            let _ = writeln!(
+                x,
+                "{indent}    <reconnect delay='{}'/>",
+                crate::backend::NBD_RECONNECT_SECS
+            );
             let _ = writeln!(x, "{indent}  </source>");
         }
         None => {
@@ -281,7 +286,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
         });
         let x = domain_xml(&vm, "h");
-        assert!(x.contains("<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' discard='unmap'/>\n      <source protocol='nbd' name='data'>\n        <host transport='unix' socket='/s/sbs/nbd.sock'/>\n      </source>\n      <target dev='vdc' bus='virtio'/>"), "{x}");
+        assert!(x.contains("<disk type='network' device='disk'>\n      <driver name='qemu' type='raw' discard='unmap'/>\n      <source protocol='nbd' name='data'>\n        <host transport='unix' socket='/s/sbs/nbd.sock'/>\n        <reconnect delay='60'/>\n      </source>\n      <target dev='vdc' bus='virtio'/>"), "{x}");
         assert!(x.contains("<interface type='ethernet'>\n      <mac address='02:00:00:00:00:01'/>\n      <target dev='vpct1' managed='no'/>"), "{x}");
         assert!(x.starts_with("<domain type='kvm'>"));
         assert!(x.contains("<boot dev='hd'/>"));

@@ -154,6 +154,9 @@ pub fn disk_nodes(disk: &ResolvedDisk) -> (serde_json::Value, serde_json::Value)
             "node-name": file_node,
             "server": {"type": "unix", "path": n.socket.to_string_lossy()},
             "export": n.export,
+            // The server is this host's storage node: when it restarts (with vpcd), requests
+            // wait for it instead of failing.
+            "reconnect-delay": crate::backend::NBD_RECONNECT_SECS,
             "discard": "unmap",
             "read-only": disk.readonly,
         }),
