@@ -34,6 +34,30 @@ enum Cli {
     /// Manages volumes through a node (`--addr`).
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Changes the cluster's node list through a node (`--addr`); replicas move with it.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ClusterCmd {
+    /// Adds a running node (ID=ADDR) to the cluster; replicas move onto it.
+    Add {
+        #[arg(long)]
+        addr: String,
+        node: String,
+    },
+    /// Removes node ID (alive or dead) after moving its replicas to the other nodes.
+    Remove {
+        #[arg(long)]
+        addr: String,
+        id: u64,
+    },
+    /// The cluster's nodes (JSON: id -> address).
+    List {
+        #[arg(long)]
+        addr: String,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -106,7 +130,8 @@ struct NodeArgs {
     /// Raft election timeout, ms: a random value between this and twice it.
     #[arg(long, default_value_t = 1000)]
     election_ms: u64,
-    /// A snapshot after this many applied entries.
+    /// A snapshot once this many MiB were applied since the last (entries count at least
+    /// 64 KiB each).
     #[arg(long, default_value_t = 2000)]
     snapshot_logs: u64,
     #[arg(long, default_value = "info")]
@@ -318,6 +343,30 @@ async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
+    use blockdrv::raft::node;
+    let moves: Vec<blockdrv::raft::placement::Move> = match cmd {
+        ClusterCmd::Add { addr, node: n } => {
+            let Some((id, node_addr)) = n.split_once('=') else {
+                bail!("{n:?}: expected ID=ADDR");
+            };
+            let id: u64 = id.parse().with_context(|| format!("node id in {n:?}"))?;
+            node::add_node(&addr, id, node_addr)
+                .await
+                .with_context(|| format!("add node {id}"))?
+        }
+        ClusterCmd::Remove { addr, id } => node::remove_node(&addr, id)
+            .await
+            .with_context(|| format!("remove node {id}"))?,
+        ClusterCmd::List { addr } => {
+            println!("{}", serde_json::to_string(&node::cluster(&addr).await?)?);
+            return Ok(());
+        }
+    };
+    println!("{}", serde_json::to_string(&moves)?);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = match Cli::parse() {
@@ -329,6 +378,7 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Cli::Volume(cmd) => return volume(cmd).await,
+        Cli::Cluster(cmd) => return cluster(cmd).await,
     };
     init_log(&args.log);
     if args.unix.is_none() && args.tcp.is_none() {

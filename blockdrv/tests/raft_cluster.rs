@@ -145,6 +145,51 @@ impl Cluster {
         }
     }
 
+    /// One more node's place (a port); started later with [`Cluster::spawn`], knowing every
+    /// node so far.
+    fn add_place(&mut self) -> usize {
+        self.ports.push(free_port());
+        self.nodes.push(None);
+        self.ports.len() - 1
+    }
+
+    /// Starts one more node and adds it to the cluster through node `via`: its index, and
+    /// what `blockdrv cluster add` printed (the moves).
+    fn join(&mut self, via: usize) -> (usize, String) {
+        let i = self.add_place();
+        self.spawn(i);
+        let node = format!("{}={}", i + 1, self.addr(i));
+        let (good, out) = self.blockdrv(&["cluster", "add", "--addr", &self.addr(via), &node]);
+        assert!(good, "{out}");
+        (i, out)
+    }
+
+    /// The volumes node `i` holds: name -> member ids.
+    fn held(&self, i: usize) -> std::collections::BTreeMap<String, Vec<u64>> {
+        let out = ok(&[
+            env!("CARGO_BIN_EXE_blockdrv"),
+            "volume",
+            "list",
+            "--addr",
+            &self.addr(i),
+        ]);
+        let list: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let spec = &v[0];
+                let members = spec["members"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|k| k.parse().unwrap())
+                    .collect();
+                (spec["name"].as_str().unwrap().to_string(), members)
+            })
+            .collect()
+    }
+
     fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].take() {
             c.kill().unwrap(); // SIGKILL
@@ -213,6 +258,22 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failed test shows what the nodes said.
+        if std::thread::panicking() {
+            for i in 0..self.nodes.len() {
+                let log = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.contains("openraft::"))
+                    .rev()
+                    .take(20)
+                    .collect();
+                eprintln!("--- node {} log (last lines) ---", i + 1);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
@@ -548,4 +609,126 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
         log.contains("snapshot installed"),
         "no snapshot installed on the restarted node"
     );
+}
+
+/// Nodes join and leave at run time: a node added takes replicas until they are spread
+/// evenly; a node removed (alive, then a dead one) hands its replicas to the others first; a
+/// removal that would leave a volume short of replicas is refused. Every volume's data reads
+/// back intact through the nodes that hold it now, and writes go on.
+#[test]
+fn nodes_join_and_leave_and_replicas_move_without_losing_data() {
+    let fast = ["--heartbeat-ms", "100", "--election-ms", "500"];
+    let mut c = Cluster::nodes(3, &fast);
+    let volumes = [("va", 0x11), ("vb", 0x22), ("vc", 0x33)];
+    let uri = |c: &Cluster, i: usize, v: &str| {
+        format!("nbd+unix:///{v}?socket={}", c.socket(i).display())
+    };
+    for (v, pattern) in volumes {
+        let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), v, "16M"]);
+        assert!(good, "{out}");
+        c.wait_for(
+            |c| c.status_of(0, v).is_some_and(|s| s["leader"].is_u64()),
+            "a leader",
+        );
+        ok(&[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {pattern} 0 4M"),
+            &uri(&c, 0, v),
+        ]);
+    }
+    // Every volume's data, read through a node holding it.
+    let check = |c: &Cluster, through: &[usize]| {
+        for (v, pattern) in volumes {
+            let i = *through
+                .iter()
+                .find(|i| c.held(**i).contains_key(v))
+                .unwrap_or_else(|| panic!("no node of {through:?} holds {v}"));
+            let out = ok(&[
+                "qemu-io",
+                "-f",
+                "raw",
+                "-c",
+                &format!("read -P {pattern} 0 4M"),
+                &uri(c, i, v),
+            ]);
+            assert!(
+                !out.contains("verification failed"),
+                "{v} through node {}: {out}",
+                i + 1
+            );
+        }
+    };
+
+    // Node 4 joins: it gets replicas until the counts differ by one at most (9 over 4 nodes).
+    let (n4, out) = c.join(1);
+    let moves: Vec<(String, u64, u64)> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(moves.len(), 2, "{out}");
+    assert_eq!(c.held(n4).len(), 2, "node 4 holds two volumes");
+    let nodes: serde_json::Value = serde_json::from_str(
+        ok(&[
+            env!("CARGO_BIN_EXE_blockdrv"),
+            "cluster",
+            "list",
+            "--addr",
+            &c.addr(2),
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(nodes.as_object().unwrap().len(), 4, "{nodes}");
+    check(&c, &[n4, 0, 1, 2]);
+
+    // Node 1 leaves (alive): its replicas go to the others; it holds nothing, and once it is
+    // gone every volume still reads and writes.
+    let (good, out) = c.blockdrv(&["cluster", "remove", "--addr", &c.addr(1), "1"]);
+    assert!(good, "{out}");
+    assert!(c.held(0).is_empty(), "node 1 still holds {:?}", c.held(0));
+    for i in [1, 2, n4] {
+        for (v, members) in c.held(i) {
+            assert!(
+                !members.contains(&1) && members.len() == 3,
+                "{v} on node {}: {members:?}",
+                i + 1
+            );
+        }
+    }
+    c.kill(0);
+    check(&c, &[1, 2, n4]);
+
+    // Three nodes left and three replicas each: removing one would leave a volume short.
+    let (good, out) = c.blockdrv(&["cluster", "remove", "--addr", &c.addr(1), "3"]);
+    assert!(!good && out.contains("no node left"), "{out}");
+
+    // Node 5 joins, then node 3 dies and is removed: its replicas are rebuilt elsewhere.
+    let (n5, _) = c.join(1);
+    c.kill(2);
+    let (good, out) = c.blockdrv(&["cluster", "remove", "--addr", &c.addr(1), "3"]);
+    assert!(good, "{out}");
+    for i in [1, n4, n5] {
+        for (v, members) in c.held(i) {
+            assert!(
+                !members.contains(&3) && members.len() == 3,
+                "{v} on node {}: {members:?}",
+                i + 1
+            );
+        }
+    }
+    check(&c, &[n5, n4, 1]);
+    for (v, _) in volumes {
+        let i = [1, n4, n5]
+            .into_iter()
+            .find(|i| c.held(*i).contains_key(v))
+            .unwrap();
+        ok(&[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x44 4M 1M",
+            &uri(&c, i, v),
+        ]);
+    }
 }

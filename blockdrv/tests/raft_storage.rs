@@ -1,17 +1,17 @@
-//! openraft's own storage test suite on the volume's raft log (redb) and state machine (sparse
-//! file, file snapshots), each test on stores in a fresh directory.
+//! openraft's own storage test suite on the volume's raft log (segment files) and state machine
+//! (sparse file, file snapshots), each test on stores in a fresh directory.
 
-use blockdrv::raft::log_store::LogStore;
+use blockdrv::raft::segment_log::SegmentLog;
 use blockdrv::raft::state_machine::StateMachine;
 use blockdrv::raft::{StorageError, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 
 struct Dirs;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Dirs {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+impl StoreBuilder<TypeConfig, SegmentLog, StateMachine, tempfile::TempDir> for Dirs {
+    async fn build(&self) -> Result<(tempfile::TempDir, SegmentLog, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = LogStore::open(&dir.path().join("log")).expect("log store");
+        let log = SegmentLog::open(&dir.path().join("log")).expect("log store");
         let sm = StateMachine::open(&dir.path().join("sm"), 1 << 20).expect("state machine");
         Ok((dir, log, sm))
     }
@@ -52,14 +52,14 @@ async fn blocks_survive_reopen_snapshots_stay_sparse_and_install_elsewhere() {
             1,
             BlockOp::Write {
                 offset: 0,
-                data: vec![1; 65536],
+                data: vec![1; 65536].into(),
             },
         ),
         entry(
             2,
             BlockOp::Write {
                 offset: 4 << 20,
-                data: vec![2; 4096],
+                data: vec![2; 4096].into(),
             },
         ),
         entry(
@@ -104,7 +104,7 @@ async fn blocks_survive_reopen_snapshots_stay_sparse_and_install_elsewhere() {
         4,
         BlockOp::Write {
             offset: 65536,
-            data: vec![4; 4096],
+            data: vec![4; 4096].into(),
         },
     );
     sm.apply(vec![later.clone()]).await.unwrap();
@@ -123,7 +123,7 @@ async fn blocks_survive_reopen_snapshots_stay_sparse_and_install_elsewhere() {
             1,
             BlockOp::Write {
                 offset: 4 << 20,
-                data: vec![9; 8192],
+                data: vec![9; 8192].into(),
             },
         )])
         .await
@@ -156,7 +156,7 @@ async fn a_batch_applies_its_operations_in_order_and_grows_the_volume() {
         BlockOp::Batch(vec![
             BlockOp::Write {
                 offset: 0,
-                data: vec![1; 8192],
+                data: vec![1; 8192].into(),
             },
             BlockOp::Zero {
                 offset: 0,
@@ -166,7 +166,7 @@ async fn a_batch_applies_its_operations_in_order_and_grows_the_volume() {
             BlockOp::Resize { size: 2 << 20 },
             BlockOp::Write {
                 offset: (2 << 20) - 4096,
-                data: vec![3; 4096],
+                data: vec![3; 4096].into(),
             },
         ]),
     )])

@@ -670,3 +670,84 @@ async fn volume_objects_and_nbd_over_tls_on_tcp() {
     let e = fails(&d, &["vol-info", "tls"]);
     assert!(e.contains("NotFound"), "{e}");
 }
+
+/// Storage nodes join and leave through vpcctl: a fourth host added takes replicas, the first
+/// one removed hands its replicas over, and the data stays readable through the others.
+#[tokio::test]
+async fn storage_nodes_join_and_leave_through_vpcctl() {
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    // Hosts 1-3 know each other; host 4 knows all four (it joins later).
+    let three = &ports[..3];
+    let d1 = storage_daemon(1, three).await;
+    let d2 = storage_daemon(2, three).await;
+    let _d3 = storage_daemon(3, three).await;
+    for v in ["ja", "jb"] {
+        d1.vpcctl_ok(&["vol-create", v, "8M"]);
+    }
+    wait_until(
+        Duration::from_secs(20),
+        || ["ja", "jb"].iter().all(|v| info(&d1, v)["health"] == "ok"),
+        "leaders",
+    );
+    let (good, out) = run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5e 0 1M",
+        d1.vpcctl_ok(&["vol-export", "ja"]).trim(),
+    ]);
+    assert!(good, "{out}");
+    let d4 = storage_daemon(4, &ports).await;
+    let e = fails(&d1, &["storage-node-add", "4", "not-an-address"]);
+    assert!(e.contains("InvalidArgument"), "{e}");
+    let out = d1.vpcctl_ok(&[
+        "--json",
+        "storage-node-add",
+        "4",
+        &format!("127.0.0.1:{}", ports[3]),
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        r["moves"].as_array().unwrap().len(),
+        1,
+        "6 replicas over 4 nodes: {r}"
+    );
+    let nodes = d2.vpcctl_ok(&["--json", "storage-node-list"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&nodes)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        4,
+        "{nodes}"
+    );
+    let held4 =
+        serde_json::from_str::<serde_json::Value>(&d4.vpcctl_ok(&["--json", "vol-list"])).unwrap();
+    assert_eq!(held4.as_array().unwrap().len(), 1, "{held4}");
+
+    // Host 1 leaves: its replicas go to the others, it holds nothing.
+    let out = d2.vpcctl_ok(&["--json", "storage-node-remove", "1"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!r["moves"].as_array().unwrap().is_empty(), "{r}");
+    let held1 =
+        serde_json::from_str::<serde_json::Value>(&d1.vpcctl_ok(&["--json", "vol-list"])).unwrap();
+    assert_eq!(held1, serde_json::json!([]));
+    let e = fails(&d2, &["storage-node-remove", "1"]);
+    assert!(e.contains("NotFound"), "{e}");
+    // The data reads back through a host that holds it now.
+    let holder = [&d2, &d4]
+        .into_iter()
+        .find(|d| d.vpcctl(&["vol-info", "ja"]).status.success())
+        .expect("a host holding ja");
+    let (good, out) = run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5e 0 1M",
+        holder.vpcctl_ok(&["vol-export", "ja"]).trim(),
+    ]);
+    assert!(good && !out.contains("verification failed"), "{out}");
+}

@@ -32,6 +32,9 @@ pub trait Host {
     fn delete_volume(&self, name: &str) -> zbus::Result<()>;
     fn list_volumes(&self) -> zbus::Result<Vec<VolumeRow>>;
     fn volume_info(&self, name: &str) -> zbus::Result<VolumeRow>;
+    fn add_storage_node(&self, id: u64, address: &str) -> zbus::Result<Vec<(String, u64, u64)>>;
+    fn remove_storage_node(&self, id: u64) -> zbus::Result<Vec<(String, u64, u64)>>;
+    fn list_storage_nodes(&self) -> zbus::Result<Vec<(u64, String)>>;
     fn evpn_routes(&self) -> zbus::Result<Vec<(String, u32, String, String)>>;
     #[allow(clippy::too_many_arguments)]
     fn create_port(

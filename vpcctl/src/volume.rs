@@ -26,6 +26,13 @@ pub enum VolumeCmd {
     VolResize { name: String, size: String },
     /// Delete a volume on all its nodes.
     VolDelete { name: String },
+    /// Add a storage node (running, with this cluster's members) to the cluster: ID ADDRESS:PORT;
+    /// replicas move onto it.
+    StorageNodeAdd { id: u64, address: String },
+    /// Remove a storage node (alive or dead) from the cluster; its replicas move elsewhere first.
+    StorageNodeRemove { id: u64 },
+    /// List the storage nodes of the cluster.
+    StorageNodeList,
     /// Print the NBD URI this host serves the volume at (its unix socket, or --tcp).
     VolExport {
         name: String,
@@ -140,6 +147,32 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
                 println!();
             }
         }
+        VolumeCmd::StorageNodeAdd { id, address } => {
+            let moves = host.add_storage_node(id, &address).await?;
+            print_moves(json, &format!("Storage node {id} added"), &moves);
+        }
+        VolumeCmd::StorageNodeRemove { id } => {
+            let moves = host.remove_storage_node(id).await?;
+            print_moves(json, &format!("Storage node {id} removed"), &moves);
+        }
+        VolumeCmd::StorageNodeList => {
+            let nodes = host.list_storage_nodes().await?;
+            if json {
+                let v: Vec<_> = nodes
+                    .iter()
+                    .map(|(id, a)| json!({"id": id, "address": a}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(
+                    &["Id", "Address"],
+                    nodes
+                        .into_iter()
+                        .map(|(id, a)| vec![id.to_string(), a])
+                        .collect(),
+                );
+            }
+        }
         VolumeCmd::VolList => {
             let rows = host.list_volumes().await?;
             if json {
@@ -168,6 +201,23 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+/// What a node joining or leaving did: the replica moves.
+fn print_moves(json: bool, what: &str, moves: &[(String, u64, u64)]) {
+    if json {
+        let v: Vec<_> = moves
+            .iter()
+            .map(|(v, f, t)| json!({"volume": v, "from": f, "to": t}))
+            .collect();
+        println!("{}", json!({ "result": what, "moves": v }));
+    } else {
+        println!("{what}; {} replica(s) moved", moves.len());
+        for (v, f, t) in moves {
+            println!("  {v}: node {f} -> node {t}");
+        }
+        println!();
+    }
 }
 
 #[cfg(test)]

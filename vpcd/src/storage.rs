@@ -55,7 +55,11 @@ pub struct Storage {
 }
 
 fn err(volume: &str, e: io::Error) -> Error {
-    let what = format!("volume {volume}");
+    let what = if volume.starts_with("storage node") {
+        volume.to_string()
+    } else {
+        format!("volume {volume}")
+    };
     match e.kind() {
         io::ErrorKind::NotFound => Error::NotFound(what),
         io::ErrorKind::AlreadyExists => Error::AlreadyExists(what),
@@ -63,6 +67,10 @@ fn err(volume: &str, e: io::Error) -> Error {
         io::ErrorKind::TimedOut => Error::Timeout(format!("{what}: {e}")),
         _ => Error::Failed(format!("{what}: {e}")),
     }
+}
+
+fn node_err(id: u64, e: io::Error) -> Error {
+    err(&format!("storage node {id}"), e)
 }
 
 /// The NBD socket gives access to every volume: root and the `kvm` group only (QEMU under
@@ -171,6 +179,35 @@ impl Storage {
             .await
             .map_err(|e| err(name, e))?;
         self.info(name).await
+    }
+
+    /// Adds storage node `id` at `addr` to the cluster (it must be running with this cluster's
+    /// members); replicas move onto it until they are spread evenly. The moves made: (volume,
+    /// from, to).
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<Vec<(String, u64, u64)>> {
+        addr.parse::<SocketAddr>().map_err(|_| {
+            Error::InvalidArgument(format!("storage node {id}: {addr:?} is not ADDRESS:PORT"))
+        })?;
+        if id == 0 {
+            return Err(Error::InvalidArgument(
+                "storage node 0: ids start at 1".into(),
+            ));
+        }
+        self.node
+            .add_node(id, addr)
+            .await
+            .map_err(|e| node_err(id, e))
+    }
+
+    /// Removes storage node `id` (alive or dead) from the cluster after moving its replicas to
+    /// the other nodes. The moves made.
+    pub async fn remove_node(&self, id: u64) -> Result<Vec<(String, u64, u64)>> {
+        self.node.remove_node(id).await.map_err(|e| node_err(id, e))
+    }
+
+    /// The storage nodes of the cluster: (id, RPC address).
+    pub fn nodes(&self) -> Vec<(u64, String)> {
+        self.node.cluster().into_iter().collect()
     }
 
     /// The volumes this node holds.

@@ -1,15 +1,20 @@
 //! Raft replication of a volume (issue 6, in progress): the types of a volume's raft group, its
-//! durable log (`log_store.rs`) and its state machine, the volume's blocks (`state_machine.rs`).
-//! The network between nodes and the volume front end on top of `openraft::Raft` come next.
+//! durable log (`segment_log.rs`), its state machine, the volume's blocks (`state_machine.rs`),
+//! and the storage node that runs groups and serves them (`node.rs`). Write data is shared, not
+//! copied, on its way through them (`data.rs`).
 
 // openraft's StorageError (large) is what its storage traits return; the helpers return it too.
-#[allow(clippy::result_large_err)]
-pub mod log_store;
+pub mod data;
 pub mod node;
+pub mod placement;
+#[allow(clippy::result_large_err)]
+pub mod segment_log;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;
 
 use serde::{Deserialize, Serialize};
+
+pub use data::Data;
 
 /// A change to a volume's blocks: what the raft log carries. Every operation says what the
 /// range holds afterwards, so applying one twice, in log order, gives the same blocks (the
@@ -18,11 +23,12 @@ use serde::{Deserialize, Serialize};
 pub enum BlockOp {
     Write {
         offset: u64,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: Data,
     },
     /// The volume grows to `size` bytes (never shrinks).
-    Resize { size: u64 },
+    Resize {
+        size: u64,
+    },
     /// Several operations in one entry, applied in order (writes that arrived together).
     Batch(Vec<BlockOp>),
     /// The range reads as zeroes; `allocate`: without a hole.
@@ -52,4 +58,15 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 
 fn any(e: impl std::fmt::Display) -> openraft::AnyError {
     openraft::AnyError::error(e.to_string())
+}
+
+/// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(std::path::Path::new(".")))?.sync_all()
 }

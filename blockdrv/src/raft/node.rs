@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -27,9 +28,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::log_store::LogStore;
+use super::data;
+use super::segment_log::SegmentLog;
 use super::state_machine::{Blocks, Size, StateMachine};
 use super::{BlockOp, NodeId, TypeConfig};
+
+mod cluster;
 
 /// Largest frame accepted (a 32 MiB write and its envelope).
 const MAX_FRAME: u32 = 40 << 20;
@@ -64,6 +68,14 @@ enum Rpc {
     Move(String, NodeId, NodeId, String),
     /// A volume's members changed: record the new spec.
     Update(VolumeSpec),
+    /// The cluster's node list changed: record it.
+    SetCluster(BTreeMap<NodeId, String>),
+    /// Add node (id, address) to the cluster and spread replicas onto it (this node does it).
+    AddNode(NodeId, String),
+    /// Move every replica off a node and drop it from the cluster (this node does it).
+    RemoveNode(NodeId),
+    /// The cluster's node list as this node has it.
+    Cluster,
 }
 
 /// A volume as the nodes' catalogs keep it.
@@ -99,34 +111,74 @@ enum Reply {
     NoVolume(String),
     Done(Result<(), String>),
     Volumes(Vec<(VolumeSpec, Status)>),
+    Moves(Result<Vec<super::placement::Move>, String>),
+    Cluster(BTreeMap<NodeId, String>),
 }
 
-async fn send_frame(s: &mut TcpStream, body: &[u8]) -> io::Result<()> {
-    let mut b = Vec::with_capacity(4 + body.len());
-    b.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    b.extend_from_slice(body);
-    s.write_all(&b).await
+/// Sends `msg` as one frame: `[length u32 BE][skeleton length u32 BE][skeleton][write data]`
+/// (the split of [`data::encode`]), the write data written from where it is, not copied.
+async fn send_msg<T: Serialize>(s: &mut TcpStream, msg: &T) -> io::Result<()> {
+    let (skeleton, chunks) =
+        data::encode(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let len = 4 + skeleton.len() + chunks.iter().map(|c| c.len()).sum::<usize>();
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= MAX_FRAME)
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("frame of {len} bytes"))
+        })?;
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&len.to_be_bytes());
+    head[4..].copy_from_slice(&(skeleton.len() as u32).to_be_bytes());
+    let mut slices: Vec<io::IoSlice<'_>> = [&head[..], &skeleton[..]]
+        .into_iter()
+        .chain(chunks.iter().map(|c| &c[..]))
+        .filter(|p| !p.is_empty())
+        .map(io::IoSlice::new)
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = s.write_vectored(&rest[..rest.len().min(1024)]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
 
-async fn recv_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+/// Receives a frame [`send_msg`] sent; the write data in it are slices of the frame.
+async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Result<T> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len);
-    if len > MAX_FRAME {
+    if !(4..=MAX_FRAME).contains(&len) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("frame of {len} bytes"),
         ));
     }
-    let mut b = vec![0u8; len as usize];
-    s.read_exact(&mut b).await?;
-    Ok(b)
+    let mut b = bytes::BytesMut::with_capacity(len as usize);
+    while b.len() < len as usize {
+        if s.read_buf(&mut b).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    let frame = b.freeze();
+    let sk = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
+    if sk > frame.len() - 4 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("skeleton of {sk} bytes in a frame of {len}"),
+        ));
+    }
+    data::decode(&frame[4..4 + sk], frame.slice(4 + sk..))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// One request to `addr` over `conn` (connected first if need be); the connection is dropped
 /// after an error.
 async fn call(conn: &mut Option<TcpStream>, addr: &str, rpc: &Rpc) -> io::Result<Reply> {
-    let body = bincode::serialize(rpc).map_err(io::Error::other)?;
     if conn.is_none() {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
@@ -134,9 +186,8 @@ async fn call(conn: &mut Option<TcpStream>, addr: &str, rpc: &Rpc) -> io::Result
     }
     let s = conn.as_mut().expect("connected above");
     let r = async {
-        send_frame(s, &body).await?;
-        let reply = recv_frame(s).await?;
-        bincode::deserialize(&reply).map_err(io::Error::other)
+        send_msg(s, rpc).await?;
+        recv_msg(s).await
     }
     .await;
     if r.is_err() {
@@ -177,22 +228,24 @@ type NetResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl Peer {
-    async fn rpc(&mut self, rpc: Rpc, option: &RPCOption) -> Result<Reply, Unreachable> {
-        let addr = self.addr.clone();
-        match tokio::time::timeout(option.hard_ttl(), call(&mut self.conn, &addr, &rpc)).await {
-            Ok(Ok(Reply::NoVolume(v))) => Err(Unreachable::new(&io::Error::other(format!(
+    /// One RPC to the peer. openraft bounds every call with its own timeout (`RPCOption`'s
+    /// TTL), which drops this future: the connection is taken out for the call and put back only
+    /// once the reply has been read, so a cancelled call never leaves its reply behind for the
+    /// next one to read. (A timeout here would be reported as `Unreachable`, which makes
+    /// openraft back off for 500 ms: a follower that is slow to take a large AppendEntries
+    /// would then miss heartbeats and start an election.)
+    async fn rpc(&mut self, rpc: Rpc, _option: &RPCOption) -> Result<Reply, Unreachable> {
+        let mut conn = self.conn.take();
+        match call(&mut conn, &self.addr, &rpc).await {
+            Ok(Reply::NoVolume(v)) => Err(Unreachable::new(&io::Error::other(format!(
                 "node {} has no volume {v}",
                 self.target
             )))),
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(Unreachable::new(&e)),
-            Err(_) => {
-                self.conn = None;
-                Err(Unreachable::new(&io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("node {} at {addr} did not answer", self.target),
-                )))
+            Ok(r) => {
+                self.conn = conn;
+                Ok(r)
             }
+            Err(e) => Err(Unreachable::new(&e)),
         }
     }
 }
@@ -208,13 +261,31 @@ fn unexpected<E: std::error::Error>(
 impl RaftNetwork<TypeConfig> for Peer {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> NetResult<AppendEntriesResponse<NodeId>> {
+        // At most APPEND_BYTES of write data (but at least one entry): the rest goes with the
+        // next request, which openraft sends at once on a partial success.
+        let mut bytes = 0;
+        let keep = rpc
+            .entries
+            .iter()
+            .position(|e| {
+                bytes += entry_bytes(e);
+                bytes > APPEND_BYTES
+            })
+            .map_or(rpc.entries.len(), |i| i.max(1));
+        let partial = (keep < rpc.entries.len()).then(|| {
+            rpc.entries.truncate(keep);
+            rpc.entries.last().map(|e| e.log_id)
+        });
         match self
             .rpc(Rpc::Append(self.volume.clone(), rpc), &option)
             .await?
         {
+            Reply::Append(Ok(AppendEntriesResponse::Success)) if partial.is_some() => Ok(
+                AppendEntriesResponse::PartialSuccess(partial.expect("checked")),
+            ),
             Reply::Append(Ok(r)) => Ok(r),
             Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(unexpected(&other)),
@@ -253,6 +324,18 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
+/// Most bytes of write data in one AppendEntries: openraft allows it one heartbeat interval to
+/// be sent, written and fsynced by the follower, and backs off after a timeout.
+const APPEND_BYTES: usize = 8 << 20;
+
+/// The write data an entry carries.
+fn entry_bytes(e: &super::Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(op) => op_bytes(op),
+        _ => 0,
+    }
+}
+
 /// One volume's group on this node.
 #[derive(Clone)]
 pub struct Group {
@@ -279,41 +362,99 @@ fn op_bytes(op: &BlockOp) -> usize {
     }
 }
 
-/// The group commit of one group: while an entry is being committed, the writes that arrive
-/// queue up and go into the log together as the next one (one entry, one fsync per replica, one
-/// round of replication for all of them).
+/// Log entries of the group commit in flight at once (submitted, not yet applied).
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// The writes gathered for the next log entry.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<BlockOp>,
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<(), NotHereOr>>>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, (op, waiter): Pending) {
+        self.bytes += op_bytes(&op);
+        self.ops.push(op);
+        self.waiters.push(waiter);
+    }
+
+    fn full(&self) -> bool {
+        self.bytes >= BATCH_BYTES || self.ops.len() >= BATCH_OPS
+    }
+}
+
+/// The group commit of one group: the writes that queue up while earlier entries are being
+/// committed go into the log together as the next entry (one entry, one fsync per replica, one
+/// round of replication for all of them). While an entry is in flight the next one waits to
+/// fill up: a second (up to [`BATCHES_IN_FLIGHT`]) is submitted only when it is full, so small
+/// writes make few large entries and a stream of large ones is pipelined. Entries are committed
+/// in the order they were submitted (`client_write_ff` queues one in raft's order and returns);
+/// the writes of each are answered once it is applied.
 async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
-    while let Some(first) = rx.recv().await {
-        let mut bytes = op_bytes(&first.0);
-        let mut batch = vec![first];
-        while bytes < BATCH_BYTES && batch.len() < BATCH_OPS {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (mut batch, mut in_flight, mut open) = (Batch::default(), 0usize, true);
+    while open || !batch.ops.is_empty() {
+        while !batch.full() {
             match rx.try_recv() {
-                Ok(p) => {
-                    bytes += op_bytes(&p.0);
-                    batch.push(p);
-                }
+                Ok(p) => batch.push(p),
                 Err(_) => break,
             }
         }
-        let (mut ops, waiters): (Vec<BlockOp>, Vec<_>) = batch.into_iter().unzip();
-        let op = if ops.len() == 1 {
-            ops.pop().expect("one")
-        } else {
-            BlockOp::Batch(ops)
-        };
-        let outcome = match raft.client_write(op).await {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(NotHereOr::NotHere(match f.leader_node {
-                    Some(n) => NotHere::Leader(n.addr),
-                    None => NotHere::NoLeader("no leader yet".into()),
-                }))
-            }
-            Err(e) => Err(NotHereOr::Failed(e.to_string())),
-        };
+        let go = !batch.ops.is_empty()
+            && (in_flight == 0 || !open || (batch.full() && in_flight < BATCHES_IN_FLIGHT));
+        if go {
+            in_flight += 1;
+            submit(&raft, std::mem::take(&mut batch), done_tx.clone()).await;
+            continue;
+        }
+        tokio::select! {
+            p = rx.recv(), if open && !batch.full() => match p {
+                Some(p) => batch.push(p),
+                None => open = false,
+            },
+            Some(()) = done_rx.recv() => in_flight -= 1,
+        }
+    }
+}
+
+/// Submits `batch` as one log entry; its writers are answered (and `done` told) once it is
+/// applied or has failed.
+async fn submit(
+    raft: &Raft<TypeConfig>,
+    mut batch: Batch,
+    done: tokio::sync::mpsc::UnboundedSender<()>,
+) {
+    let op = if batch.ops.len() == 1 {
+        batch.ops.pop().expect("one")
+    } else {
+        BlockOp::Batch(batch.ops)
+    };
+    let waiters = batch.waiters;
+    let answer = move |outcome: Result<(), NotHereOr>| {
+        let _ = done.send(());
         for w in waiters {
             let _ = w.send(outcome.clone());
         }
+    };
+    match raft.client_write_ff(op).await {
+        Ok(applied) => {
+            tokio::spawn(async move {
+                answer(match applied.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                        Err(NotHereOr::NotHere(match f.leader_node {
+                            Some(n) => NotHere::Leader(n.addr),
+                            None => NotHere::NoLeader("no leader yet".into()),
+                        }))
+                    }
+                    Ok(Err(e)) => Err(NotHereOr::Failed(e.to_string())),
+                    Err(_) => Err(NotHereOr::Failed("the volume's raft stopped".into())),
+                });
+            });
+        }
+        Err(e) => answer(Err(NotHereOr::Failed(e.to_string()))),
     }
 }
 
@@ -375,7 +516,10 @@ const MAX_REQUEST: u32 = 1 << 20;
 pub struct Timing {
     pub heartbeat_ms: u64,
     pub election_ms: (u64, u64),
-    /// A snapshot after this many applied entries (logs before it are purged).
+    /// A snapshot once this many MiB have been applied since the last one, each entry counted
+    /// as at least 64 KiB (so: after this many entries of 1 MiB); the log before it is purged,
+    /// but for a tenth as many entries. (Counting entries alone would snapshot, a copy of the
+    /// whole volume, every few MiB of small writes.)
     pub snapshot_logs: u64,
 }
 
@@ -389,6 +533,21 @@ impl Default for Timing {
     }
 }
 
+/// Triggers a snapshot of a group whenever `applied` (KiB applied since the last snapshot, see
+/// [`StateMachine::applied_since_snapshot`]) reaches `due_kib`; ends with the state machine.
+async fn snapshot_when_due(raft: Raft<TypeConfig>, applied: Arc<AtomicU64>, due_kib: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if Arc::strong_count(&applied) == 1 {
+            return;
+        }
+        if applied.load(Ordering::Relaxed) >= due_kib && raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn raft_config(t: Timing) -> openraft::Config {
     openraft::Config {
         cluster_name: "sbs".into(),
@@ -397,10 +556,12 @@ fn raft_config(t: Timing) -> openraft::Config {
         election_timeout_max: t.election_ms.1,
         install_snapshot_timeout: 4 * t.heartbeat_ms.max(500),
         snapshot_max_chunk_size: 1 << 20,
-        // An AppendEntries carries at most 8 entries of at most 4 MiB (a group commit): it must
-        // arrive within a heartbeat interval (openraft's timeout for it).
+        // An AppendEntries carries at most 8 entries, and at most APPEND_BYTES of data (a
+        // partial success, see `Peer::append_entries`): it must arrive within a heartbeat
+        // interval (openraft's timeout for it).
         max_payload_entries: 8,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
+        // By bytes applied instead (`snapshot_when_due`).
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: t.snapshot_logs / 10,
         ..Default::default()
     }
@@ -493,6 +654,10 @@ impl Node {
             self.open_volume(&spec.name, spec.size).await?;
         }
         *self.catalog.lock().await = c;
+        // Nodes that joined or left since the configuration was written.
+        if let Some(members) = self.saved_cluster()? {
+            self.set_cluster(members);
+        }
         Ok(())
     }
 
@@ -664,6 +829,14 @@ impl Node {
         if let Some(leader) = g.leader_addr(self.id) {
             return manage(&leader, Rpc::Move(name.into(), from, to, addr.into())).await;
         }
+        // Only the leader moves replicas: before it opens one anywhere (a group electing a new
+        // leader has none yet).
+        if g.raft.metrics().borrow().state != openraft::ServerState::Leader {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("volume {name}: no leader yet"),
+            ));
+        }
         let spec = self
             .catalog
             .lock()
@@ -689,15 +862,27 @@ impl Node {
         manage(addr, Rpc::Open(new.clone()))
             .await
             .map_err(|e| err(format!("node {to}: {e}")))?;
-        g.raft
-            .add_learner(to, BasicNode::new(addr), true)
-            .await
-            .map_err(|e| err(format!("volume {name}: add node {to}: {e}")))?;
         let voters: std::collections::BTreeSet<NodeId> = new.members.keys().copied().collect();
-        g.raft
-            .change_membership(voters, false)
-            .await
-            .map_err(|e| err(format!("volume {name}: change members: {e}")))?;
+        let joined = async {
+            g.raft
+                .add_learner(to, BasicNode::new(addr), true)
+                .await
+                .map_err(|e| err(format!("volume {name}: add node {to}: {e}")))?;
+            g.raft
+                .change_membership(voters, false)
+                .await
+                .map_err(|e| err(format!("volume {name}: change members: {e}")))
+        };
+        if let Err(e) = joined.await {
+            // The replica opened for it would be left behind: a learner outside the group.
+            // (After a membership change that did go through, the group still has it.)
+            if !g.status(self.id).members.contains(&to) {
+                if let Err(d) = manage(addr, Rpc::Drop(name.into())).await {
+                    tracing::warn!(volume = name, node = to, "replica not dropped: {d}");
+                }
+            }
+            return Err(e);
+        }
         for (id, a) in &new.members {
             if *id == self.id {
                 self.update_spec(&new).await?;
@@ -741,9 +926,9 @@ impl Node {
             return Ok(g);
         }
         let dir = self.dir.join(volume);
-        let log = LogStore::open(&dir.join("log"))?;
+        let log = SegmentLog::open(&dir.join("log"))?;
         let sm = StateMachine::open(&dir.join("blocks"), size)?;
-        let (blocks, size) = (sm.blocks(), sm.size());
+        let (blocks, size, applied) = (sm.blocks(), sm.size(), sm.applied_since_snapshot());
         let config = Arc::new(
             raft_config(self.timing)
                 .validate()
@@ -757,6 +942,11 @@ impl Node {
             .map_err(io::Error::other)?;
         let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(batcher(raft.clone(), rx));
+        tokio::spawn(snapshot_when_due(
+            raft.clone(),
+            applied,
+            self.timing.snapshot_logs << 10,
+        ));
         let g = Group {
             name: volume.to_string(),
             size,
@@ -802,22 +992,21 @@ impl Node {
             let _ = s.set_nodelay(true);
             let node = self.clone();
             tokio::spawn(async move {
-                while let Ok(frame) = recv_frame(&mut s).await {
-                    let reply = match bincode::deserialize::<Rpc>(&frame) {
-                        Ok(rpc) => node.handle(rpc).await,
+                loop {
+                    let rpc = match recv_msg::<Rpc>(&mut s).await {
+                        Ok(rpc) => rpc,
                         Err(e) => {
-                            tracing::warn!("bad RPC frame: {e}");
+                            if e.kind() == io::ErrorKind::InvalidData {
+                                tracing::warn!("bad RPC frame: {e}");
+                            }
                             break;
                         }
                     };
-                    let body = match bincode::serialize(&reply) {
-                        Ok(b) => b,
-                        Err(e) => {
+                    let reply = node.handle(rpc).await;
+                    if let Err(e) = send_msg(&mut s, &reply).await {
+                        if e.kind() == io::ErrorKind::InvalidInput {
                             tracing::warn!("RPC reply: {e}");
-                            break;
                         }
-                    };
-                    if send_frame(&mut s, &body).await.is_err() {
                         break;
                     }
                 }
@@ -837,6 +1026,14 @@ impl Node {
                 return done(self.move_replica(name, *from, *to, addr).await)
             }
             Rpc::Update(spec) => return done(self.update_spec(spec).await),
+            Rpc::SetCluster(members) => return done(self.save_cluster(members).await),
+            Rpc::AddNode(id, addr) => {
+                return Reply::Moves(self.add_node(*id, addr).await.map_err(|e| e.to_string()))
+            }
+            Rpc::RemoveNode(id) => {
+                return Reply::Moves(self.remove_node(*id).await.map_err(|e| e.to_string()))
+            }
+            Rpc::Cluster => return Reply::Cluster(self.cluster()),
             Rpc::Resize(name, size) => {
                 if self.group(name).is_none() {
                     return Reply::NoVolume(name.clone());
@@ -870,6 +1067,10 @@ impl Node {
             | Rpc::List
             | Rpc::Move(..)
             | Rpc::Update(_)
+            | Rpc::SetCluster(_)
+            | Rpc::AddNode(..)
+            | Rpc::RemoveNode(_)
+            | Rpc::Cluster
             | Rpc::Resize(..) => unreachable!("answered above"),
         }
     }
@@ -1158,7 +1359,11 @@ impl crate::volume::Volume for RaftVolume {
 
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
         // Committed on a majority's disks before it returns: FUA holds already.
-        self.write_op(BlockOp::Write { offset, data }).await
+        self.write_op(BlockOp::Write {
+            offset,
+            data: data.into(),
+        })
+        .await
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -1216,6 +1421,38 @@ async fn manage(addr: &str, rpc: Rpc) -> io::Result<()> {
             io::ErrorKind::NotFound,
             format!("no volume {v}"),
         )),
+        other => Err(err(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// What a node-joining or node-leaving request to `addr` did.
+async fn moves(addr: &str, rpc: Rpc) -> io::Result<Vec<super::placement::Move>> {
+    let mut conn = None;
+    match call(&mut conn, addr, &rpc).await? {
+        Reply::Moves(r) => r.map_err(err),
+        other => Err(err(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Adds node `id` at `node_addr` to the cluster, through the node at `addr`.
+pub async fn add_node(
+    addr: &str,
+    id: NodeId,
+    node_addr: &str,
+) -> io::Result<Vec<super::placement::Move>> {
+    moves(addr, Rpc::AddNode(id, node_addr.to_string())).await
+}
+
+/// Removes node `id` from the cluster, through the node at `addr`.
+pub async fn remove_node(addr: &str, id: NodeId) -> io::Result<Vec<super::placement::Move>> {
+    moves(addr, Rpc::RemoveNode(id)).await
+}
+
+/// The cluster's node list as the node at `addr` has it.
+pub async fn cluster(addr: &str) -> io::Result<BTreeMap<NodeId, String>> {
+    let mut conn = None;
+    match call(&mut conn, addr, &Rpc::Cluster).await? {
+        Reply::Cluster(c) => Ok(c),
         other => Err(err(format!("unexpected reply {other:?}"))),
     }
 }

@@ -12,7 +12,7 @@
 //! chunks by openraft, never whole in memory. Installing one copies it over the blocks.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,13 @@ pub struct StateMachine {
     membership: Membership,
     /// Numbers snapshots built here.
     seq: u64,
+    /// KiB applied since the last snapshot (built or installed), each entry counted as at
+    /// least [`MIN_ENTRY_KIB`]: when the next snapshot is due is decided on it.
+    since_snapshot: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// The least an entry counts for in [`StateMachine::applied_since_snapshot`].
+const MIN_ENTRY_KIB: u64 = 64;
 
 /// The blocks file of a volume, shared by the state machine and the readers.
 pub type Blocks = std::sync::Arc<std::sync::RwLock<File>>;
@@ -67,16 +73,6 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
 
 fn snap_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_snapshot(None, super::any(e)).into()
-}
-
-/// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Copies `from` (from its start) to a new file `to`, leaving holes where `from` has zeroes in
@@ -127,8 +123,8 @@ fn current(dir: &Path) -> io::Result<Option<Meta>> {
 /// Makes `meta` the current snapshot of `dir` (its image must exist) and removes older ones.
 fn set_current(dir: &Path, meta: &Meta) -> io::Result<()> {
     let bytes = serde_json::to_vec(&SnapshotFile { meta: meta.clone() }).map_err(super::io_err)?;
-    write_atomic(&snapshot_path(dir, &meta.snapshot_id, "json"), &bytes)?;
-    write_atomic(&dir.join("current.json"), &bytes)?;
+    super::write_atomic(&snapshot_path(dir, &meta.snapshot_id, "json"), &bytes)?;
+    super::write_atomic(&dir.join("current.json"), &bytes)?;
     let keep = format!("{}.", meta.snapshot_id);
     for e in std::fs::read_dir(dir.join("snapshots"))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -137,6 +133,18 @@ fn set_current(dir: &Path, meta: &Meta) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Entries writing at most this many bytes are applied on the runtime's thread.
+const INLINE_APPLY: usize = 256 << 10;
+
+fn op_bytes(op: &BlockOp) -> usize {
+    match op {
+        BlockOp::Write { data, .. } => data.len(),
+        BlockOp::Batch(ops) => ops.iter().map(op_bytes).sum(),
+        // Zeroing and growing touch no data, but may take the filesystem a while.
+        BlockOp::Zero { .. } | BlockOp::Resize { .. } => INLINE_APPLY,
+    }
 }
 
 fn apply_op(blocks: &File, op: &BlockOp) -> io::Result<()> {
@@ -197,6 +205,7 @@ impl StateMachine {
             last_applied: cur.as_ref().and_then(|m| m.last_log_id),
             membership: cur.map(|m| m.last_membership).unwrap_or_default(),
             seq: 0,
+            since_snapshot: Default::default(),
         })
     }
 
@@ -209,6 +218,13 @@ impl StateMachine {
     /// The volume's size, as it grows.
     pub fn size(&self) -> Size {
         self.size.clone()
+    }
+
+    /// KiB applied since the last snapshot (each entry counted as at least 64 KiB), reset when
+    /// a snapshot is built or installed. (After a restart it counts from the entries applied
+    /// again.)
+    pub fn applied_since_snapshot(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.since_snapshot.clone()
     }
 }
 
@@ -260,18 +276,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let blocks = dup(&self.blocks).map_err(sm_err)?;
-        let entries = tokio::task::spawn_blocking(move || {
-            for e in &entries {
+        let write_all = |blocks: &Blocks, entries: &[Entry]| {
+            let f = blocks.read().unwrap_or_else(|e| e.into_inner());
+            for e in entries {
                 if let EntryPayload::Normal(op) = &e.payload {
-                    apply_op(&blocks, op)?;
+                    apply_op(&f, op)?;
                 }
             }
-            Ok::<_, io::Error>(entries)
-        })
-        .await
-        .map_err(sm_err)?
-        .map_err(sm_err)?;
+            Ok::<_, io::Error>(())
+        };
+        let sizes = entries.iter().map(|e| match &e.payload {
+            EntryPayload::Normal(op) => op_bytes(op),
+            _ => 0,
+        });
+        let bytes: usize = sizes.clone().sum();
+        let kib: u64 = sizes.map(|b| (b as u64 >> 10).max(MIN_ENTRY_KIB)).sum();
+        self.since_snapshot
+            .fetch_add(kib, std::sync::atomic::Ordering::Relaxed);
+        let entries = if bytes <= INLINE_APPLY {
+            // Into the page cache (no fsync): quicker here than a hop to the blocking pool.
+            write_all(&self.blocks, &entries).map_err(sm_err)?;
+            entries
+        } else {
+            let blocks = self.blocks.clone();
+            tokio::task::spawn_blocking(move || write_all(&blocks, &entries).map(|()| entries))
+                .await
+                .map_err(sm_err)?
+                .map_err(sm_err)?
+        };
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             if let EntryPayload::Normal(op) = &e.payload {
@@ -302,6 +334,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.seq += 1;
+        self.since_snapshot
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let id = format!(
             "{}-{}-{}",
             self.last_applied.map_or(0, |l| l.leader_id.term),
@@ -360,6 +394,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .fetch_max(len, std::sync::atomic::Ordering::SeqCst);
         *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+        self.since_snapshot
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())

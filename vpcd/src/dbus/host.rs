@@ -175,6 +175,26 @@ impl HostIface {
             .collect())
     }
 
+    /// Adds storage node `id` at `address` to the cluster; replicas move onto it. Returns the
+    /// moves: (volume, from node, to node).
+    async fn add_storage_node(
+        &self,
+        id: u64,
+        address: &str,
+    ) -> Result<Vec<(String, u64, u64)>, ApiError> {
+        Ok(self.manager.storage()?.add_node(id, address).await?)
+    }
+
+    /// Removes storage node `id` (alive or dead) after moving its replicas elsewhere.
+    async fn remove_storage_node(&self, id: u64) -> Result<Vec<(String, u64, u64)>, ApiError> {
+        Ok(self.manager.storage()?.remove_node(id).await?)
+    }
+
+    /// The storage nodes of the cluster: (id, RPC address).
+    async fn list_storage_nodes(&self) -> Result<Vec<(u64, String)>, ApiError> {
+        Ok(self.manager.storage()?.nodes())
+    }
+
     /// One volume, as in `ListVolumes`.
     async fn volume_info(&self, name: &str) -> Result<VolumeRow, ApiError> {
         Ok(row(self.manager.storage()?.info(name).await?))

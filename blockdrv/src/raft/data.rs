@@ -1,0 +1,228 @@
+//! Write data in the raft log without copies: [`Data`] is shared bytes, so an entry is cloned
+//! (log cache, replication, state machine) without copying what it writes, and [`encode`] /
+//! [`decode`] keep the data out of the bincode body, so it goes to a socket or a segment file
+//! straight from where it is (vectored writes) and comes back as slices of the buffer it was
+//! read into.
+//!
+//! An encoded value is a *skeleton* (the bincode of the value, each `Data` in it replaced by its
+//! length) and the data, the `Data`s' bytes one after the other in the order they appear.
+//! Outside [`encode`] and [`decode`] (plain bincode) a `Data` is an ordinary byte string.
+
+use std::cell::RefCell;
+use std::io;
+
+use bytes::Bytes;
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Bytes a write carries (cheap to clone).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Data(Bytes);
+
+impl Data {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Data {
+    fn from(v: Vec<u8>) -> Data {
+        Data(Bytes::from(v))
+    }
+}
+
+impl From<Bytes> for Data {
+    fn from(b: Bytes) -> Data {
+        Data(b)
+    }
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Data({} bytes)", self.0.len())
+    }
+}
+
+thread_local! {
+    /// While [`encode`] runs on this thread: the data of the `Data`s serialized so far.
+    static ENCODING: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
+    /// While [`decode`] runs on this thread: the data, and how much of it was taken.
+    static DECODING: RefCell<Option<(Bytes, usize)>> = const { RefCell::new(None) };
+}
+
+impl Serialize for Data {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let apart = ENCODING.with(|e| match e.borrow_mut().as_mut() {
+            Some(chunks) => {
+                chunks.push(self.0.clone());
+                true
+            }
+            None => false,
+        });
+        if apart {
+            s.serialize_u64(self.0.len() as u64)
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+struct DataVisitor;
+
+impl<'de> Visitor<'de> for DataVisitor {
+    type Value = Data;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bytes")
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Data, E> {
+        Ok(Data(Bytes::copy_from_slice(v)))
+    }
+
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Data, E> {
+        Ok(Data::from(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Data, D::Error> {
+        if !DECODING.with(|s| s.borrow().is_some()) {
+            return d.deserialize_byte_buf(DataVisitor);
+        }
+        let len = u64::deserialize(d)?;
+        DECODING.with(|s| {
+            let mut s = s.borrow_mut();
+            let (data, at) = s.as_mut().expect("checked above");
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|l| at.checked_add(l))
+                .filter(|end| *end <= data.len())
+                .ok_or_else(|| de::Error::custom(format!("{len} bytes of data missing")))?;
+            let chunk = data.slice(*at..end);
+            *at = end;
+            Ok(Data(chunk))
+        })
+    }
+}
+
+/// Clears a thread-local slot when dropped (also when serde panics).
+struct Reset<T: 'static>(&'static std::thread::LocalKey<RefCell<Option<T>>>);
+
+impl<T> Drop for Reset<T> {
+    fn drop(&mut self) {
+        self.0.with(|s| *s.borrow_mut() = None);
+    }
+}
+
+/// `v` as a skeleton and the data of its `Data`s, in order.
+pub fn encode<T: Serialize>(v: &T) -> bincode::Result<(Vec<u8>, Vec<Bytes>)> {
+    ENCODING.with(|e| *e.borrow_mut() = Some(Vec::new()));
+    let reset = Reset(&ENCODING);
+    // Not `bincode::serialize`: it serializes twice (sizing first).
+    let mut skeleton = Vec::new();
+    bincode::serialize_into(&mut skeleton, v)?;
+    let chunks = ENCODING.with(|e| e.borrow_mut().take()).unwrap_or_default();
+    drop(reset);
+    Ok((skeleton, chunks))
+}
+
+/// The value [`encode`] gave `skeleton` and `data` for; its `Data`s are slices of `data`.
+pub fn decode<T: DeserializeOwned>(skeleton: &[u8], data: Bytes) -> bincode::Result<T> {
+    let total = data.len();
+    DECODING.with(|s| *s.borrow_mut() = Some((data, 0)));
+    let reset = Reset(&DECODING);
+    let v = bincode::deserialize(skeleton)?;
+    let taken = DECODING.with(|s| s.borrow().as_ref().map_or(0, |(_, at)| *at));
+    drop(reset);
+    if taken != total {
+        return Err(Box::new(bincode::ErrorKind::Custom(format!(
+            "{} bytes of data left over",
+            total - taken
+        ))));
+    }
+    Ok(v)
+}
+
+/// Writes `parts` to `w` in full, with as few vectored writes as it takes.
+pub fn write_all_vectored(w: &mut impl io::Write, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| io::IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        // At most IOV_MAX (1024) slices a call.
+        let n = rest.len().min(1024);
+        match w.write_vectored(&rest[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => io::IoSlice::advance_slices(&mut rest, written),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::BlockOp;
+
+    #[test]
+    fn data_travels_apart_and_comes_back_as_slices_of_the_buffer() {
+        let op = BlockOp::Batch(vec![
+            BlockOp::Write {
+                offset: 0,
+                data: vec![1; 4096].into(),
+            },
+            BlockOp::Resize { size: 1 << 30 },
+            BlockOp::Write {
+                offset: 8192,
+                data: vec![2; 100].into(),
+            },
+        ]);
+        let (skeleton, chunks) = encode(&op).unwrap();
+        assert!(skeleton.len() < 100, "{} bytes", skeleton.len());
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [4096, 100]
+        );
+        let data = Bytes::from(chunks.concat());
+        let back: BlockOp = decode(&skeleton, data.clone()).unwrap();
+        assert_eq!(back, op);
+        let BlockOp::Batch(ops) = back else { panic!() };
+        let BlockOp::Write { data: d, .. } = &ops[2] else {
+            panic!()
+        };
+        assert_eq!(d.as_ptr(), data[4096..].as_ptr(), "not copied");
+
+        // Too little or too much data is an error; plain bincode still works.
+        assert!(decode::<BlockOp>(&skeleton, data.slice(..4000)).is_err());
+        assert!(decode::<BlockOp>(&skeleton, Bytes::from(vec![0; 5000])).is_err());
+        let plain = bincode::serialize(&op).unwrap();
+        assert_eq!(bincode::deserialize::<BlockOp>(&plain).unwrap(), op);
+    }
+
+    #[test]
+    fn vectored_writes_cover_more_slices_than_one_call_takes() {
+        let parts: Vec<Vec<u8>> = (0..3000u32).map(|i| vec![i as u8; 3]).collect();
+        let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let mut out = Vec::new();
+        write_all_vectored(&mut out, &refs).unwrap();
+        assert_eq!(out, parts.concat());
+    }
+}

@@ -1,0 +1,1328 @@
+//! The durable raft log and vote of a volume's group, in append-only segment files.
+//!
+//! The log directory holds:
+//! - `<first index, 20 digits>.seg`: the entries in index order, each a record
+//!   `[length u32 LE][crc32 of the body u32 LE][body]`, the body being the entry as
+//!   [`super::data::encode`] splits it: `[skeleton length u32 LE][skeleton][write data]` (the
+//!   skeleton is the bincode entry without its write data, and starts with the log id). Appends
+//!   go to the last segment; once it holds [`SEGMENT_BYTES`] the next append starts a new one,
+//!   named after its first entry.
+//! - `meta.json`: the vote and the last purged log id, replaced atomically (temporary file,
+//!   fsync, rename, fsync of the directory).
+//! - `committed`: the last committed log id (openraft's optional `save_committed`),
+//!   `[length][crc32][json]` overwritten in place, by the writer thread whenever it has other work
+//!   (no wake-up of its own), and never fsynced: it only spares a restarted node re-applying
+//!   from its last snapshot, and a lost, stale or torn value (read as none) just means it
+//!   re-applies more. It never names an entry that is not on disk.
+//!
+//! An append is encoded on the caller's task, indexed and kept in memory (readable at once, as
+//! openraft requires), and handed to the log's writer thread, which writes all its records with
+//! one vectored write (the write data straight from the entries, not copied), fdatasyncs and
+//! only then calls openraft's callback: an entry is acknowledged only once on disk. Truncate,
+//! purge and vote go through the same thread, in order, and return once durable. A new
+//! segment's directory entry is fsynced before anything is written to it.
+//!
+//! Reads come from a cache of the newest entries (every entry not yet on disk, and the most
+//! recent ones within [`CACHE_BYTES`]), so replication and the state machine rarely read the
+//! files; older entries are read where the index says they are.
+//!
+//! Opening scans every segment and checks each record (length, crc, index continuity): a torn or
+//! corrupt tail of the last segment (a write cut by a crash, never acknowledged) is cut off;
+//! damage anywhere else is an error, as is a log with a hole. Segments wholly purged (a crash
+//! between recording the purge and deleting them) are deleted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
+use serde::{Deserialize, Serialize};
+
+use super::{Entry, LogId, NodeId, StorageError, TypeConfig};
+
+/// A segment takes no more appends once it holds this many bytes.
+const SEGMENT_BYTES: u64 = 64 << 20;
+/// Bytes of entries kept in memory once they are on disk (the newest ones).
+const CACHE_BYTES: usize = 64 << 20;
+/// A record's length and crc.
+const HEADER: usize = 8;
+/// A record body's skeleton length.
+const SKELETON_LEN: usize = 4;
+/// The longest record body accepted when reading one.
+const MAX_RECORD: u32 = 256 << 20;
+
+/// The durable part of the log besides its entries (`meta.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Meta {
+    vote: Option<Vote<NodeId>>,
+    purged: Option<LogId>,
+}
+
+/// Where an entry's record is.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    log_id: LogId,
+    /// The segment (its first index).
+    seg: u64,
+    /// The record's offset in the segment.
+    offset: u64,
+    /// The record's body length.
+    len: u32,
+}
+
+impl Loc {
+    fn end(&self) -> u64 {
+        self.offset + HEADER as u64 + u64::from(self.len)
+    }
+}
+
+/// A cached entry: the entry, its size, and the writer job that puts it on disk.
+#[derive(Debug)]
+struct Cached {
+    entry: Entry,
+    bytes: usize,
+    job: u64,
+}
+
+/// What the store, its readers and its writer share.
+#[derive(Debug)]
+struct State {
+    /// The index of `locs[0]`.
+    first: u64,
+    /// Every entry not purged, in index order.
+    locs: VecDeque<Loc>,
+    /// The newest entries, `cache[0]` at `cache_first`; their sizes add up to `cache_bytes`.
+    cache: VecDeque<Cached>,
+    cache_first: u64,
+    cache_bytes: usize,
+    /// The segments (first index -> file, opened for reading and writing).
+    segments: BTreeMap<u64, Arc<File>>,
+    /// Where the next record goes: the last segment and its length (none: a new segment).
+    tail: Option<(u64, u64)>,
+    meta: Meta,
+    committed: Option<LogId>,
+    /// `committed` changed since the writer last wrote it.
+    committed_dirty: bool,
+    /// Jobs handed to the writer, and done by it.
+    jobs_sent: u64,
+    jobs_done: u64,
+    /// Why the writer failed, if it did: the log takes no more changes.
+    failed: Option<String>,
+    cache_limit: usize,
+}
+
+impl State {
+    fn next_index(&self) -> u64 {
+        self.first + self.locs.len() as u64
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        self.locs.back().map(|l| l.log_id).or(self.meta.purged)
+    }
+
+    /// Drops cached entries that are on disk, oldest first, while the cache is over its limit.
+    fn evict(&mut self) {
+        while self.cache_bytes > self.cache_limit {
+            match self.cache.front() {
+                Some(c) if c.job <= self.jobs_done => {
+                    self.cache_bytes -= c.bytes;
+                    self.cache.pop_front();
+                    self.cache_first += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Forgets the cached entries from `index` on.
+    fn uncache_from(&mut self, index: u64) {
+        if index <= self.cache_first {
+            self.cache.clear();
+            self.cache_bytes = 0;
+            self.cache_first = index;
+        } else {
+            let keep = ((index - self.cache_first) as usize).min(self.cache.len());
+            for c in self.cache.drain(keep..) {
+                self.cache_bytes -= c.bytes;
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), StorageError> {
+        match &self.failed {
+            Some(e) => Err(write_err(format!("the log failed earlier: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(s: &Shared) -> MutexGuard<'_, State> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Called once a job is done (durable) or failed.
+type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// Work for the writer thread, done in the order sent.
+enum Job {
+    /// Write `parts` one after the other at `offset` of segment `seg` (creating it first if
+    /// `new`) and fdatasync.
+    Append {
+        seg: u64,
+        new: bool,
+        offset: u64,
+        parts: Vec<Bytes>,
+        done: Done,
+    },
+    /// Delete segments `remove`, cut segment `cut.0` at `cut.1`, fsync.
+    Truncate {
+        cut: Option<(u64, u64)>,
+        remove: Vec<u64>,
+        done: Done,
+    },
+    /// Replace `meta.json`, then delete segments `remove`.
+    Meta {
+        meta: Meta,
+        remove: Vec<u64>,
+        done: Done,
+    },
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::read_logs(super::any(e)).into()
+}
+
+fn write_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_logs(super::any(e)).into()
+}
+
+fn segment_path(dir: &Path, seg: u64) -> PathBuf {
+    dir.join(format!("{seg:020}.seg"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Appends the record of `entry` to `parts`: its header and skeleton, then its write data.
+/// Returns the body's length.
+fn encode(parts: &mut Vec<Bytes>, entry: &Entry) -> Result<u32, StorageError> {
+    let (skeleton, data) = super::data::encode(entry).map_err(write_err)?;
+    let len = SKELETON_LEN + skeleton.len() + data.iter().map(|d| d.len()).sum::<usize>();
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= MAX_RECORD)
+        .ok_or_else(|| write_err(format!("entry {} too large", entry.log_id)))?;
+    let mut head = Vec::with_capacity(HEADER + SKELETON_LEN + skeleton.len());
+    head.extend_from_slice(&len.to_le_bytes());
+    head.extend_from_slice(&[0; 4]);
+    head.extend_from_slice(&(skeleton.len() as u32).to_le_bytes());
+    head.extend_from_slice(&skeleton);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[HEADER..]);
+    for d in &data {
+        crc.update(d);
+    }
+    head[4..HEADER].copy_from_slice(&crc.finalize().to_le_bytes());
+    parts.push(Bytes::from(head));
+    parts.extend(data);
+    Ok(len)
+}
+
+/// A record's body, checked against its header.
+fn check_record(header: &[u8], body: &[u8]) -> bool {
+    let crc = u32::from_le_bytes(header[4..HEADER].try_into().expect("4 bytes"));
+    crc32fast::hash(body) == crc
+}
+
+/// A record body's skeleton.
+fn skeleton(body: &[u8]) -> Option<&[u8]> {
+    let n = u32::from_le_bytes(body.get(..SKELETON_LEN)?.try_into().ok()?) as usize;
+    body.get(SKELETON_LEN..SKELETON_LEN.checked_add(n)?)
+}
+
+/// The entry in a (checked) record body; its write data are slices of `body`.
+fn decode(body: Bytes) -> io::Result<Entry> {
+    let sk = skeleton(&body)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record without a skeleton"))?;
+    let data = body.slice(SKELETON_LEN + sk.len()..);
+    super::data::decode(sk, data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The size an entry counts for in the cache.
+fn entry_bytes(e: &Entry) -> usize {
+    fn op(o: &super::BlockOp) -> usize {
+        match o {
+            super::BlockOp::Write { data, .. } => data.len(),
+            super::BlockOp::Batch(ops) => ops.iter().map(op).sum(),
+            _ => 0,
+        }
+    }
+    64 + match &e.payload {
+        openraft::EntryPayload::Normal(o) => op(o),
+        _ => 0,
+    }
+}
+
+/// The durable raft log of one group (its writer thread stops when this is dropped).
+pub struct SegmentLog {
+    dir: PathBuf,
+    state: Shared,
+    segment_bytes: u64,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// The reading side of a [`SegmentLog`] (cheap to clone).
+#[derive(Clone)]
+pub struct SegmentLogReader {
+    state: Shared,
+}
+
+impl Debug for SegmentLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentLog")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Debug for SegmentLogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentLogReader").finish_non_exhaustive()
+    }
+}
+
+/// What opening found in a segment.
+struct Scanned {
+    locs: Vec<Loc>,
+    /// Where the valid records end (the file's length unless the tail is torn).
+    end: u64,
+    len: u64,
+}
+
+/// Reads every record of segment `seg`, checking lengths, crcs and that indexes follow on
+/// from `expected`; stops at the first bad record.
+fn scan(file: &File, seg: u64, expected: Option<u64>) -> io::Result<Scanned> {
+    let len = file.metadata()?.len();
+    let mut r = io::BufReader::with_capacity(1 << 20, file);
+    let (mut locs, mut offset, mut body) = (Vec::new(), 0u64, Vec::new());
+    if expected.is_some_and(|e| e != seg) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "segment {seg} follows one ending before {}",
+                expected.unwrap_or(seg)
+            ),
+        ));
+    }
+    let mut expected = seg;
+    while len - offset >= HEADER as u64 {
+        let mut header = [0u8; HEADER];
+        r.read_exact(&mut header)?;
+        let body_len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        if body_len == 0
+            || body_len > MAX_RECORD
+            || offset + (HEADER as u64) + u64::from(body_len) > len
+        {
+            break;
+        }
+        body.resize(body_len as usize, 0);
+        r.read_exact(&mut body)?;
+        if !check_record(&header, &body) {
+            break;
+        }
+        // An entry's skeleton starts with its log id.
+        let Some(Ok(log_id)) = skeleton(&body).map(bincode::deserialize::<LogId>) else {
+            break;
+        };
+        if log_id.index != expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "segment {seg}: entry {} at offset {offset}, expected {expected}",
+                    log_id.index
+                ),
+            ));
+        }
+        locs.push(Loc {
+            log_id,
+            seg,
+            offset,
+            len: body_len,
+        });
+        offset += HEADER as u64 + u64::from(body_len);
+        expected += 1;
+    }
+    Ok(Scanned {
+        locs,
+        end: offset,
+        len,
+    })
+}
+
+fn read_committed(path: &Path) -> Option<LogId> {
+    let b = std::fs::read(path).ok()?;
+    let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let body = b.get(HEADER..HEADER + len)?;
+    if !check_record(&b[..HEADER], body) {
+        return None;
+    }
+    serde_json::from_slice(body).ok()?
+}
+
+impl SegmentLog {
+    /// Opens (or creates) the log in directory `dir`, recovering from a crash (see the module
+    /// documentation).
+    pub fn open(dir: &Path) -> io::Result<SegmentLog> {
+        SegmentLog::open_with(dir, SEGMENT_BYTES, CACHE_BYTES)
+    }
+
+    fn open_with(dir: &Path, segment_bytes: u64, cache_limit: usize) -> io::Result<SegmentLog> {
+        std::fs::create_dir_all(dir)?;
+        if dir.join("raft-log.redb").exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: a raft log of an older blockdrv (redb), which this one cannot read",
+                    dir.display()
+                ),
+            ));
+        }
+        let meta: Meta = match std::fs::read(dir.join("meta.json")) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", dir.join("meta.json").display()),
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Meta::default(),
+            Err(e) => return Err(e),
+        };
+        let committed = read_committed(&dir.join("committed"));
+        let mut segs = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                std::fs::remove_file(e.path())?;
+            } else if let Some(seg) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
+                segs.push(seg);
+            }
+        }
+        segs.sort_unstable();
+
+        let purged_next = meta.purged.map_or(0, |p| p.index + 1);
+        let mut locs = VecDeque::new();
+        let mut segments = BTreeMap::new();
+        let mut expected = None;
+        let mut removed = false;
+        for (i, &seg) in segs.iter().enumerate() {
+            let path = segment_path(dir, seg);
+            let file = File::options().read(true).write(true).open(&path)?;
+            let s = scan(&file, seg, expected)?;
+            if s.end < s.len {
+                if i + 1 < segs.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: damaged record at offset {} (not the end of the log)",
+                            path.display(),
+                            s.end
+                        ),
+                    ));
+                }
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset = s.end,
+                    "cutting a torn tail off the raft log"
+                );
+                file.set_len(s.end)?;
+                file.sync_all()?;
+            }
+            let wholly_purged = s.locs.last().is_none_or(|l| l.log_id.index < purged_next);
+            if wholly_purged {
+                // Empty (a torn first record) or purged before a crash: not needed.
+                std::fs::remove_file(&path)?;
+                removed = true;
+                if let Some(l) = s.locs.last() {
+                    expected = Some(l.log_id.index + 1);
+                }
+                continue;
+            }
+            expected = s.locs.last().map(|l| l.log_id.index + 1);
+            locs.extend(s.locs.into_iter().filter(|l| l.log_id.index >= purged_next));
+            segments.insert(seg, Arc::new(file));
+        }
+        if removed {
+            sync_dir(dir)?;
+        }
+        if let (Some(p), Some(f)) = (meta.purged, locs.front()) {
+            if f.log_id.index > p.index + 1 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: entries {}..{} are missing",
+                        dir.display(),
+                        p.index + 1,
+                        f.log_id.index
+                    ),
+                ));
+            }
+        }
+        let first = locs.front().map_or(purged_next, |l| l.log_id.index);
+        let next = first + locs.len() as u64;
+        let state = State {
+            first,
+            tail: locs.back().map(|l| (l.seg, l.end())),
+            locs,
+            cache: VecDeque::new(),
+            cache_first: next,
+            cache_bytes: 0,
+            segments,
+            meta,
+            committed,
+            committed_dirty: false,
+            jobs_sent: 0,
+            jobs_done: 0,
+            failed: None,
+            cache_limit,
+        };
+        let state = Arc::new(Mutex::new(state));
+        let (tx, rx) = mpsc::channel();
+        let mut writer = Writer {
+            dir: dir.to_owned(),
+            state: state.clone(),
+            committed: None,
+        };
+        std::thread::Builder::new()
+            .name("raft-log".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(SegmentLog {
+            dir: dir.to_owned(),
+            state,
+            segment_bytes,
+            jobs: tx,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Hands `job` (made with the state locked, so jobs go in the order of their changes) to
+    /// the writer.
+    fn send(&self, st: &mut State, job: Job) -> Result<(), StorageError> {
+        st.jobs_sent += 1;
+        self.jobs
+            .send(job)
+            .map_err(|_| write_err("the log's writer stopped"))
+    }
+
+    /// Sends a job made by `make` (with the state locked) and returns what tells when it is
+    /// done.
+    fn submit(
+        &self,
+        st: &mut State,
+        make: impl FnOnce(Done) -> Job,
+    ) -> Result<tokio::sync::oneshot::Receiver<io::Result<()>>, StorageError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = make(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        self.send(st, job)?;
+        Ok(rx)
+    }
+
+    /// Appends `entries` (readable when this returns); `done` is called once they are on disk.
+    fn append_then(
+        &mut self,
+        entries: impl IntoIterator<Item = Entry>,
+        done: Done,
+    ) -> Result<(), StorageError> {
+        let mut st = self.lock();
+        st.check()?;
+        let (mut seg, offset, new) = match st.tail {
+            Some((seg, len)) if len < self.segment_bytes => (Some(seg), len, false),
+            _ => (None, 0, true),
+        };
+        let empty = st.locs.is_empty() && st.cache.is_empty();
+        let mut next = st.next_index();
+        let job = st.jobs_sent + 1;
+        let (mut parts, mut written, mut locs, mut cached) =
+            (Vec::new(), 0u64, Vec::new(), Vec::new());
+        for e in entries {
+            let index = e.log_id.index;
+            if st.meta.purged.is_some_and(|p| index <= p.index) {
+                // Covered by the state machine already (openraft's storage suite does this);
+                // never in a running group.
+                continue;
+            }
+            if empty && locs.is_empty() {
+                next = index;
+            }
+            if index != next {
+                return Err(write_err(format!(
+                    "append {index}: the log's next index is {next}"
+                )));
+            }
+            next += 1;
+            let seg = *seg.get_or_insert(index);
+            let len = encode(&mut parts, &e)?;
+            locs.push(Loc {
+                log_id: e.log_id,
+                seg,
+                offset: offset + written,
+                len,
+            });
+            written += HEADER as u64 + u64::from(len);
+            cached.push(Cached {
+                bytes: entry_bytes(&e),
+                entry: e,
+                job,
+            });
+        }
+        let Some(seg) = seg.filter(|_| !locs.is_empty()) else {
+            // Nothing to write: answered in order all the same.
+            return self.send(
+                &mut st,
+                Job::Truncate {
+                    cut: None,
+                    remove: Vec::new(),
+                    done,
+                },
+            );
+        };
+        if empty {
+            st.first = locs[0].log_id.index;
+            st.cache_first = st.first;
+        }
+        st.locs.extend(locs);
+        st.cache_bytes += cached.iter().map(|c| c.bytes).sum::<usize>();
+        st.cache.extend(cached);
+        st.tail = Some((seg, offset + written));
+        self.send(
+            &mut st,
+            Job::Append {
+                seg,
+                new,
+                offset,
+                parts,
+                done,
+            },
+        )
+    }
+
+    fn reader(&self) -> SegmentLogReader {
+        SegmentLogReader {
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The writer thread's own state.
+struct Writer {
+    dir: PathBuf,
+    state: Shared,
+    committed: Option<File>,
+}
+
+impl Writer {
+    fn run(&mut self, jobs: mpsc::Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            let (failed, committed) = {
+                let mut st = lock(&self.state);
+                let c = st.committed_dirty.then_some(st.committed);
+                st.committed_dirty = false;
+                (st.failed.clone(), c)
+            };
+            if let (Some(c), None) = (committed, &failed) {
+                if let Err(e) = self.save_committed(c) {
+                    tracing::warn!(dir = %self.dir.display(), "save committed: {e}");
+                }
+            }
+            let (r, done) = match job {
+                _ if failed.is_some() => {
+                    let e = io::Error::other(format!(
+                        "the log failed earlier: {}",
+                        failed.unwrap_or_default()
+                    ));
+                    (Err(e), job_done(job))
+                }
+                Job::Append {
+                    seg,
+                    new,
+                    offset,
+                    parts,
+                    done,
+                } => (self.append(seg, new, offset, &parts), done),
+                Job::Truncate { cut, remove, done } => (self.truncate(cut, &remove), done),
+                Job::Meta { meta, remove, done } => (self.meta(&meta, &remove), done),
+            };
+            if let Err(e) = &r {
+                tracing::error!(dir = %self.dir.display(), "raft log: {e}");
+                lock(&self.state).failed = Some(e.to_string());
+            }
+            self.finished(r.is_ok());
+            done(r);
+        }
+    }
+
+    fn finished(&self, ok: bool) {
+        let mut st = lock(&self.state);
+        st.jobs_done += 1;
+        if ok {
+            st.evict();
+        }
+    }
+
+    fn append(&self, seg: u64, new: bool, offset: u64, parts: &[Bytes]) -> io::Result<()> {
+        let file = if new {
+            let path = segment_path(&self.dir, seg);
+            let f = Arc::new(
+                File::options()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)?,
+            );
+            sync_dir(&self.dir)?;
+            lock(&self.state).segments.insert(seg, f.clone());
+            f
+        } else {
+            lock(&self.state)
+                .segments
+                .get(&seg)
+                .cloned()
+                .ok_or_else(|| io::Error::other(format!("segment {seg} is gone")))?
+        };
+        // Only this thread writes: the file position is ours (readers read at offsets).
+        let mut w = &*file;
+        w.seek(SeekFrom::Start(offset))?;
+        let parts: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        super::data::write_all_vectored(&mut w, &parts)?;
+        file.sync_data()
+    }
+
+    fn truncate(&self, cut: Option<(u64, u64)>, remove: &[u64]) -> io::Result<()> {
+        for seg in remove.iter().rev() {
+            remove_segment(&self.dir, *seg)?;
+        }
+        if let Some((seg, at)) = cut {
+            let f = lock(&self.state).segments.get(&seg).cloned();
+            if let Some(f) = f {
+                f.set_len(at)?;
+                f.sync_data()?;
+            }
+        }
+        if !remove.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn meta(&self, meta: &Meta, remove: &[u64]) -> io::Result<()> {
+        let bytes = serde_json::to_vec(meta).map_err(super::io_err)?;
+        super::write_atomic(&self.dir.join("meta.json"), &bytes)?;
+        for seg in remove {
+            remove_segment(&self.dir, *seg)?;
+        }
+        if !remove.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn save_committed(&mut self, c: Option<LogId>) -> io::Result<()> {
+        let body = serde_json::to_vec(&c).map_err(super::io_err)?;
+        let mut b = Vec::with_capacity(HEADER + body.len());
+        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        b.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        b.extend_from_slice(&body);
+        if self.committed.is_none() {
+            self.committed = Some(
+                File::options()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(self.dir.join("committed"))?,
+            );
+        }
+        self.committed
+            .as_ref()
+            .expect("opened above")
+            .write_all_at(&b, 0)
+    }
+}
+
+fn job_done(job: Job) -> Done {
+    match job {
+        Job::Append { done, .. } | Job::Truncate { done, .. } | Job::Meta { done, .. } => done,
+    }
+}
+
+fn remove_segment(dir: &Path, seg: u64) -> io::Result<()> {
+    match std::fs::remove_file(segment_path(dir, seg)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The entries at `locs` (in index order): each run of records next to each other in a
+/// segment read with one read, the entries' data slices of it.
+fn read_records(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
+    let mut out = Vec::with_capacity(locs.len());
+    let mut rest = locs;
+    while let Some((f, first)) = rest.first() {
+        let n = 1 + rest
+            .windows(2)
+            .take_while(|w| w[1].1.seg == w[0].1.seg && w[1].1.offset == w[0].1.end())
+            .count();
+        let (run, next) = rest.split_at(n);
+        rest = next;
+        let end = run[n - 1].1.end();
+        let buf = Bytes::from(read_at(f, (end - first.offset) as usize, first.offset)?);
+        for (_, l) in run {
+            let at = (l.offset - first.offset) as usize;
+            let header = &buf[at..at + HEADER];
+            let body = buf.slice(at + HEADER..at + HEADER + l.len as usize);
+            if u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) != l.len
+                || !check_record(header, &body)
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "entry {}: bad record at offset {} of segment {}",
+                        l.log_id.index, l.offset, l.seg
+                    ),
+                ));
+            }
+            out.push(decode(body)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `len` bytes of `file` from `offset`, read into memory that is not zeroed first (zeroing
+/// megabytes only to overwrite them costs as much as the read).
+fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = Vec::<u8>::with_capacity(len);
+    let mut done = 0;
+    while done < len {
+        let at = i64::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: pread writes at most `len - done` bytes at `buf.as_mut_ptr() + done`, inside
+        // the `len` bytes `buf` has room for; the descriptor is `file`'s own.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                at,
+            )
+        };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    // SAFETY: pread initialized all `len` bytes above.
+    unsafe { buf.set_len(len) };
+    Ok(buf)
+}
+
+impl RaftLogReader<TypeConfig> for SegmentLogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let (mut out, on_disk) = {
+            let st = lock(&self.state);
+            let start = match range.start_bound() {
+                Bound::Included(i) => *i,
+                Bound::Excluded(i) => i.saturating_add(1),
+                Bound::Unbounded => 0,
+            }
+            .max(st.first);
+            let end = match range.end_bound() {
+                Bound::Included(i) => i.saturating_add(1),
+                Bound::Excluded(i) => *i,
+                Bound::Unbounded => u64::MAX,
+            }
+            .min(st.next_index());
+            if start >= end {
+                return Ok(Vec::new());
+            }
+            let mut on_disk = Vec::new();
+            for i in start..end.min(st.cache_first) {
+                let l = st.locs[(i - st.first) as usize];
+                let f = st
+                    .segments
+                    .get(&l.seg)
+                    .cloned()
+                    .ok_or_else(|| read_err(format!("entry {i}: segment {} is gone", l.seg)))?;
+                on_disk.push((f, l));
+            }
+            let from = start.max(st.cache_first);
+            let out: Vec<Entry> = (from..end)
+                .map(|i| st.cache[(i - st.cache_first) as usize].entry.clone())
+                .collect();
+            (out, on_disk)
+        };
+        if on_disk.is_empty() {
+            return Ok(out);
+        }
+        let mut older = tokio::task::spawn_blocking(move || read_records(&on_disk))
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)?;
+        older.append(&mut out);
+        Ok(older)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for SegmentLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.reader().try_get_log_entries(range).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for SegmentLog {
+    type LogReader = SegmentLogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let st = self.lock();
+        Ok(LogState {
+            last_purged_log_id: st.meta.purged,
+            last_log_id: st.last_log_id(),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.reader()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let done = {
+            let mut st = self.lock();
+            st.check()?;
+            st.meta.vote = Some(*vote);
+            let meta = st.meta.clone();
+            self.submit(&mut st, |done| Job::Meta {
+                meta,
+                remove: Vec::new(),
+                done,
+            })?
+        };
+        wait(done)
+            .await
+            .map_err(|e| StorageIOError::write_vote(super::any(e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        Ok(self.lock().meta.vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Written with the writer's next job (committed entries are on disk already).
+        let mut st = self.lock();
+        st.committed = committed;
+        st.committed_dirty = true;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.append_then(entries, Box::new(move |r| callback.log_io_completed(r)))
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let since = log_id.index;
+        let done = {
+            let mut st = self.lock();
+            st.check()?;
+            if since >= st.next_index() {
+                return Ok(());
+            }
+            let keep = since.saturating_sub(st.first) as usize;
+            let cut_at = st.locs[keep];
+            st.locs.truncate(keep);
+            st.uncache_from(since);
+            // Segments starting at `since` or later go; the one holding `since` is cut.
+            let mut cut = (cut_at.seg < since).then_some((cut_at.seg, cut_at.offset));
+            let mut from = since;
+            if st.locs.is_empty() {
+                // Nothing left (all before `since` purged): the next append starts a segment.
+                st.first = since;
+                st.cache_first = since;
+                cut = None;
+                from = 0;
+            }
+            let remove: Vec<u64> = st.segments.range(from..).map(|(s, _)| *s).collect();
+            for s in &remove {
+                st.segments.remove(s);
+            }
+            st.tail = st.locs.back().map(|l| (l.seg, l.end()));
+            self.submit(&mut st, |done| Job::Truncate { cut, remove, done })?
+        };
+        wait(done).await.map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let upto = log_id.index;
+        let done = {
+            let mut st = self.lock();
+            st.check()?;
+            if st.meta.purged.is_some_and(|p| p.index >= upto) {
+                return Ok(());
+            }
+            st.meta.purged = Some(log_id);
+            if upto >= st.first {
+                let n = ((upto - st.first + 1) as usize).min(st.locs.len());
+                st.locs.drain(..n);
+            }
+            st.first = st.first.max(upto + 1);
+            if st.cache_first <= upto {
+                let n = ((upto - st.cache_first + 1) as usize).min(st.cache.len());
+                let gone: usize = st.cache.drain(..n).map(|c| c.bytes).sum();
+                st.cache_bytes -= gone;
+                st.cache_first = upto + 1;
+            }
+            // Segments holding no entry after `upto` go, once the purge is recorded.
+            let live = st.locs.front().map_or(u64::MAX, |l| l.seg);
+            let remove: Vec<u64> = st.segments.range(..live).map(|(s, _)| *s).collect();
+            for s in &remove {
+                st.segments.remove(s);
+            }
+            if st.locs.is_empty() {
+                st.tail = None;
+            }
+            let meta = st.meta.clone();
+            self.submit(&mut st, |done| Job::Meta { meta, remove, done })?
+        };
+        wait(done).await.map_err(write_err)
+    }
+}
+
+/// Waits for a job sent with [`SegmentLog::submit`].
+async fn wait(done: tokio::sync::oneshot::Receiver<io::Result<()>>) -> io::Result<()> {
+    done.await
+        .unwrap_or_else(|_| Err(io::Error::other("the log's writer stopped")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::BlockOp;
+
+    fn entry(term: u64, index: u64, fill: u8) -> Entry {
+        openraft::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term, 0), index),
+            payload: openraft::EntryPayload::Normal(BlockOp::Write {
+                offset: index * 4096,
+                data: vec![fill; 4096].into(),
+            }),
+        }
+    }
+
+    async fn append(log: &mut SegmentLog, entries: Vec<Entry>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        log.append_then(
+            entries,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    async fn indexes(log: &mut SegmentLog) -> Vec<(u64, u64)> {
+        log.try_get_log_entries(..)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect()
+    }
+
+    fn segments(dir: &Path) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let seg = n.strip_suffix(".seg")?.parse().ok()?;
+                Some((seg, e.metadata().unwrap().len()))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A small log: segments of 3 records or so (each record is ~4.1 KiB), no cache.
+    fn small(dir: &Path) -> SegmentLog {
+        SegmentLog::open_with(dir, 12 << 10, 0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn entries_survive_reopen_across_segments_and_read_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small(dir.path());
+        append(&mut log, (0..5).map(|i| entry(1, i, i as u8)).collect()).await;
+        append(&mut log, (5..10).map(|i| entry(1, i, i as u8)).collect()).await;
+        assert_eq!(segments(dir.path()).len(), 2, "{:?}", segments(dir.path()));
+        drop(log);
+        let mut log = small(dir.path());
+        let got = log.try_get_log_entries(3..8).await.unwrap();
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0], entry(1, 3, 3));
+        assert_eq!(got[4], entry(1, 7, 7));
+        assert_eq!(
+            log.get_log_state()
+                .await
+                .unwrap()
+                .last_log_id
+                .unwrap()
+                .index,
+            9
+        );
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_and_the_log_goes_on_from_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small(dir.path());
+        append(&mut log, (0..3).map(|i| entry(1, i, 1)).collect()).await;
+        drop(log);
+        // A crash in the middle of the next record.
+        let (seg, len) = segments(dir.path())[0];
+        let f = File::options()
+            .write(true)
+            .open(segment_path(dir.path(), seg))
+            .unwrap();
+        let mut torn = Vec::new();
+        encode(&mut torn, &entry(1, 3, 3)).unwrap();
+        let torn = torn.concat();
+        f.write_all_at(&torn[..torn.len() / 2], len).unwrap();
+        drop(f);
+        let mut log = small(dir.path());
+        assert_eq!(indexes(&mut log).await, vec![(1, 0), (1, 1), (1, 2)]);
+        assert_eq!(
+            segments(dir.path())[0].1,
+            len,
+            "cut where the torn record began"
+        );
+        append(&mut log, vec![entry(2, 3, 4)]).await;
+        drop(log);
+        let mut log = small(dir.path());
+        assert_eq!(
+            indexes(&mut log).await,
+            vec![(1, 0), (1, 1), (1, 2), (2, 3)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_crc_at_the_end_is_cut_but_one_before_the_end_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small(dir.path());
+        append(&mut log, (0..3).map(|i| entry(1, i, 1)).collect()).await;
+        append(&mut log, (3..5).map(|i| entry(1, i, 1)).collect()).await;
+        drop(log);
+        let segs = segments(dir.path());
+        assert_eq!(segs.len(), 2);
+        let flip = |seg: u64, at: u64| {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .open(segment_path(dir.path(), seg))
+                .unwrap();
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+        };
+        // The last record of the last segment: cut.
+        let last_record = segs[1].1 - 100;
+        flip(segs[1].0, last_record);
+        let mut log = small(dir.path());
+        assert_eq!(
+            indexes(&mut log).await,
+            (0..4).map(|i| (1, i)).collect::<Vec<_>>()
+        );
+        drop(log);
+        // A record of the first segment: the log is damaged, not torn.
+        flip(segs[0].0, 100);
+        let e = SegmentLog::open_with(dir.path(), 12 << 10, 0).unwrap_err();
+        assert!(e.to_string().contains("not the end of the log"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn truncate_then_append_replaces_the_tail_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small(dir.path());
+        append(&mut log, (0..3).map(|i| entry(1, i, 1)).collect()).await;
+        append(&mut log, (3..6).map(|i| entry(1, i, 1)).collect()).await;
+        append(&mut log, (6..8).map(|i| entry(1, i, 1)).collect()).await;
+        assert_eq!(segments(dir.path()).len(), 3);
+        // Into the middle of the second segment: the third goes, the second is cut.
+        log.truncate(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 0),
+            4,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            log.get_log_state()
+                .await
+                .unwrap()
+                .last_log_id
+                .unwrap()
+                .index,
+            3
+        );
+        assert_eq!(segments(dir.path()).len(), 2);
+        append(&mut log, (4..7).map(|i| entry(2, i, 2)).collect()).await;
+        let want: Vec<(u64, u64)> = (0..4)
+            .map(|i| (1, i))
+            .chain((4..7).map(|i| (2, i)))
+            .collect();
+        assert_eq!(indexes(&mut log).await, want);
+        drop(log);
+        let mut log = small(dir.path());
+        assert_eq!(indexes(&mut log).await, want);
+        assert_eq!(
+            log.try_get_log_entries(5..6).await.unwrap()[0],
+            entry(2, 5, 2)
+        );
+        // At a segment's first entry: the whole segment goes.
+        log.truncate(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 0),
+            3,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(segments(dir.path()).len(), 1);
+        append(&mut log, vec![entry(3, 3, 3)]).await;
+        drop(log);
+        let mut log = small(dir.path());
+        assert_eq!(
+            indexes(&mut log).await,
+            vec![(1, 0), (1, 1), (1, 2), (3, 3)]
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_whole_segments_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small(dir.path());
+        for i in 0..4 {
+            append(
+                &mut log,
+                (i * 3..i * 3 + 3).map(|j| entry(1, j, 1)).collect(),
+            )
+            .await;
+        }
+        assert_eq!(segments(dir.path()).len(), 4);
+        let purged = openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), 4);
+        log.purge(purged).await.unwrap();
+        // Segments 0 (0..=2) went; segment 3 (3..=5) still holds 5.
+        assert_eq!(
+            segments(dir.path()).iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![3, 6, 9]
+        );
+        assert_eq!(log.try_get_log_entries(0..6).await.unwrap().len(), 1);
+        drop(log);
+        let mut log = small(dir.path());
+        let st = log.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id, Some(purged));
+        assert_eq!(st.last_log_id.unwrap().index, 11);
+        assert_eq!(indexes(&mut log).await.first(), Some(&(1, 5)));
+        // Past the last entry (a snapshot installed): everything goes, appends go on after it.
+        let purged = openraft::LogId::new(openraft::CommittedLeaderId::new(2, 0), 20);
+        log.purge(purged).await.unwrap();
+        assert!(segments(dir.path()).is_empty());
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(purged));
+        append(&mut log, vec![entry(2, 21, 5)]).await;
+        drop(log);
+        let mut log = small(dir.path());
+        assert_eq!(indexes(&mut log).await, vec![(2, 21)]);
+        let st = log.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id, Some(purged));
+    }
+
+    #[tokio::test]
+    async fn vote_and_committed_survive_reopen_and_a_torn_committed_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small(dir.path());
+        let vote = Vote::new_committed(3, 2);
+        log.save_vote(&vote).await.unwrap();
+        append(&mut log, vec![entry(3, 0, 1)]).await;
+        let c = Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(3, 0),
+            0,
+        ));
+        log.save_committed(c).await.unwrap();
+        // Written with the writer's next job.
+        log.save_vote(&vote).await.unwrap();
+        drop(log);
+        let mut log = small(dir.path());
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(log.read_committed().await.unwrap(), c);
+        drop(log);
+        let f = File::options()
+            .write(true)
+            .open(dir.path().join("committed"))
+            .unwrap();
+        f.write_all_at(b"xx", 10).unwrap();
+        let mut log = small(dir.path());
+        assert_eq!(log.read_committed().await.unwrap(), None);
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    }
+
+    #[tokio::test]
+    async fn the_cache_serves_new_entries_and_evicts_only_what_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open_with(dir.path(), SEGMENT_BYTES, 10 << 10).unwrap();
+        append(&mut log, (0..6).map(|i| entry(1, i, i as u8)).collect()).await;
+        {
+            let st = log.lock();
+            assert!(st.cache_bytes <= 10 << 10);
+            assert_eq!(st.cache_first as usize + st.cache.len(), 6);
+        }
+        let got = log.try_get_log_entries(..).await.unwrap();
+        assert_eq!(
+            got,
+            (0..6).map(|i| entry(1, i, i as u8)).collect::<Vec<_>>()
+        );
+    }
+}
