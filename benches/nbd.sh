@@ -12,12 +12,12 @@
 #   4k read     qemu-img bench, 4 KiB, queue depth 32, strided offsets (step 257 x 4 KiB)
 #   4k write    the same with -w
 #
-# Settings: BENCH_RUNS (default 3; medians), BENCH_MIB (volume size, default 1024),
+# Each target is written once first, unmeasured (a warm-up). Settings: BENCH_RUNS (default 5; medians), BENCH_MIB (volume size, default 1024),
 # BENCH_DIR (default /dev/shm).
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 cd "$REPO"
-RUNS=${BENCH_RUNS:-3}
+RUNS=${BENCH_RUNS:-5}
 MIB=${BENCH_MIB:-1024}
 for tool in nbdcopy qemu-nbd qemu-img; do
     command -v "$tool" >/dev/null || { echo "nbd.sh: $tool not found (scripts/install-deps.sh)" >&2; exit 1; }
@@ -91,6 +91,9 @@ SERVERS="raft raftf ours qemu"
 for metric in write read rand_read rand_write; do
     for s in $SERVERS; do : > "$WORK/$metric.$s"; done
 done
+# Warm-up, not measured: the first write of each target allocates its files' pages (on this VM,
+# fresh pages cost a fault in the host too), which a server that has been running has done.
+for s in $SERVERS; do copy "$WORK/src.bin" "$(uri $s)" > /dev/null; done
 for _ in $(seq "$RUNS"); do
     for s in $SERVERS; do
         copy "$WORK/src.bin" "$(uri $s)" >> "$WORK/write.$s"
@@ -108,6 +111,12 @@ for metric in write read rand_read rand_write; do
     unit=$([[ $metric == rand_* ]] && echo IOPS || echo MiB/s)
     printf '%-11s %-6s %10.0f %10.0f %10.0f %10.0f   %s %s %s\n' "$metric" "$unit" "$r" "$f" "$o" "$q" \
         "$(ratio "$r" "$q")" "$(ratio "$f" "$q")" "$(ratio "$o" "$q")"
+done
+echo "every run (in order), per metric and server:"
+for metric in write read rand_read rand_write; do
+    for s in $SERVERS; do
+        printf '  %-10s %-6s %s\n' "$metric" "$s" "$(awk '{printf "%.0f ", $1}' "$WORK/$metric.$s")"
+    done
 done
 
 # Failover: SIGKILL the leader, then time until a 4 KiB write through a survivor is acknowledged

@@ -132,8 +132,11 @@ struct NodeArgs {
     election_ms: u64,
     /// A snapshot once this many MiB were applied since the last (entries count at least
     /// 64 KiB each).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 64)]
     snapshot_logs: u64,
+    /// MiB of log kept (entries count at least 64 KiB each) for replicas that fell behind.
+    #[arg(long, default_value_t = 64)]
+    keep_logs: u64,
     #[arg(long, default_value = "info")]
     log: String,
 }
@@ -257,6 +260,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         heartbeat_ms: args.heartbeat_ms,
         election_ms: (args.election_ms, 2 * args.election_ms),
         snapshot_logs: args.snapshot_logs,
+        keep_logs: args.keep_logs,
     };
     let node = Node::new(args.id, &args.dir, timing);
     node.set_cluster(members.clone());

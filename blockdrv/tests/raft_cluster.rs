@@ -537,6 +537,8 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
         "500",
         "--snapshot-logs",
         "16",
+        "--keep-logs",
+        "1",
         "--log",
         "info",
     ]);

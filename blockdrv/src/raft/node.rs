@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -30,7 +29,7 @@ use tokio::net::TcpStream;
 
 use super::data;
 use super::segment_log::SegmentLog;
-use super::state_machine::{Blocks, Size, StateMachine};
+use super::state_machine::{Applied, Blocks, Size, StateMachine};
 use super::{BlockOp, NodeId, TypeConfig};
 
 mod cluster;
@@ -517,10 +516,14 @@ pub struct Timing {
     pub heartbeat_ms: u64,
     pub election_ms: (u64, u64),
     /// A snapshot once this many MiB have been applied since the last one, each entry counted
-    /// as at least 64 KiB (so: after this many entries of 1 MiB); the log before it is purged,
-    /// but for a tenth as many entries. (Counting entries alone would snapshot, a copy of the
-    /// whole volume, every few MiB of small writes.)
+    /// as at least 64 KiB (so: after this many entries of 1 MiB). A snapshot is an fdatasync of
+    /// the blocks (see `state_machine.rs`), so this is about how much log is kept, not about
+    /// cost: the log is a rolling window that reuses the memory and disk it frees.
     pub snapshot_logs: u64,
+    /// MiB of log kept (counted as for `snapshot_logs`) behind the newest entry applied, so
+    /// that a replica that fell a little behind (a restart) catches up from the log instead of
+    /// receiving the whole volume.
+    pub keep_logs: u64,
 }
 
 impl Default for Timing {
@@ -528,22 +531,34 @@ impl Default for Timing {
         Timing {
             heartbeat_ms: 250,
             election_ms: (1000, 2000),
-            snapshot_logs: 2000,
+            snapshot_logs: 64,
+            keep_logs: 64,
         }
     }
 }
 
-/// Triggers a snapshot of a group whenever `applied` (KiB applied since the last snapshot, see
-/// [`StateMachine::applied_since_snapshot`]) reaches `due_kib`; ends with the state machine.
-async fn snapshot_when_due(raft: Raft<TypeConfig>, applied: Arc<AtomicU64>, due_kib: u64) {
+/// Triggers a snapshot of a group whenever `applied` has `due_kib` since the last one, and
+/// purges the log up to where `keep_kib` were applied after it (openraft purges only what a
+/// snapshot holds); ends with the state machine.
+async fn snapshot_when_due(
+    raft: Raft<TypeConfig>,
+    applied: Arc<Applied>,
+    due_kib: u64,
+    keep_kib: u64,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
         if Arc::strong_count(&applied) == 1 {
             return;
         }
-        if applied.load(Ordering::Relaxed) >= due_kib && raft.trigger().snapshot().await.is_err() {
+        if applied.since_snapshot() >= due_kib && raft.trigger().snapshot().await.is_err() {
             return;
+        }
+        if let Some(upto) = applied.purge_point(keep_kib) {
+            if raft.trigger().purge_log(upto).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -562,7 +577,8 @@ fn raft_config(t: Timing) -> openraft::Config {
         max_payload_entries: 8,
         // By bytes applied instead (`snapshot_when_due`).
         snapshot_policy: openraft::SnapshotPolicy::Never,
-        max_in_snapshot_log_to_keep: t.snapshot_logs / 10,
+        // Purged by bytes instead (`snapshot_when_due`).
+        max_in_snapshot_log_to_keep: u64::MAX,
         ..Default::default()
     }
 }
@@ -928,7 +944,7 @@ impl Node {
         let dir = self.dir.join(volume);
         let log = SegmentLog::open(&dir.join("log"))?;
         let sm = StateMachine::open(&dir.join("blocks"), size)?;
-        let (blocks, size, applied) = (sm.blocks(), sm.size(), sm.applied_since_snapshot());
+        let (blocks, size, applied) = (sm.blocks(), sm.size(), sm.applied());
         let config = Arc::new(
             raft_config(self.timing)
                 .validate()
@@ -946,6 +962,7 @@ impl Node {
             raft.clone(),
             applied,
             self.timing.snapshot_logs << 10,
+            self.timing.keep_logs << 10,
         ));
         let g = Group {
             name: volume.to_string(),

@@ -9,6 +9,11 @@
 //!   named after its first entry.
 //! - `meta.json`: the vote and the last purged log id, replaced atomically (temporary file,
 //!   fsync, rename, fsync of the directory).
+//! - `<first index>.free`: up to [`SPARES`] purged segments kept for reuse: the next segment is
+//!   a spare renamed, overwritten from its start, so the log's pages (page cache, tmpfs) and disk
+//!   blocks are reused instead of freed and allocated again. A segment that fills up is cut to
+//!   its last record (durably) before the next one is written, so only the last segment can have
+//!   stale records after its end: records of older entries, which opening treats as its end.
 //! - `committed`: the last committed log id (openraft's optional `save_committed`),
 //!   `[length][crc32][json]` overwritten in place, by the writer thread whenever it has other work
 //!   (no wake-up of its own), and never fsynced: it only spares a restarted node re-applying
@@ -57,6 +62,8 @@ const HEADER: usize = 8;
 const SKELETON_LEN: usize = 4;
 /// The longest record body accepted when reading one.
 const MAX_RECORD: u32 = 256 << 20;
+/// Purged segments kept for reuse.
+const SPARES: usize = 2;
 
 /// The durable part of the log besides its entries (`meta.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -174,11 +181,12 @@ type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// Work for the writer thread, done in the order sent.
 enum Job {
-    /// Write `parts` one after the other at `offset` of segment `seg` (creating it first if
-    /// `new`) and fdatasync.
+    /// Write `parts` one after the other at `offset` of segment `seg` (starting it first if
+    /// `new`, after cutting the segment before it, `close`, at its end) and fdatasync.
     Append {
         seg: u64,
         new: bool,
+        close: Option<(u64, u64)>,
         offset: u64,
         parts: Vec<Bytes>,
         done: Done,
@@ -189,10 +197,10 @@ enum Job {
         remove: Vec<u64>,
         done: Done,
     },
-    /// Replace `meta.json`, then delete segments `remove`.
+    /// Replace `meta.json`, then keep segments `remove` as spares or delete them.
     Meta {
         meta: Meta,
-        remove: Vec<u64>,
+        remove: Vec<(u64, Arc<File>)>,
         done: Done,
     },
 }
@@ -344,6 +352,10 @@ fn scan(file: &File, seg: u64, expected: Option<u64>) -> io::Result<Scanned> {
         let Some(Ok(log_id)) = skeleton(&body).map(bincode::deserialize::<LogId>) else {
             break;
         };
+        if log_id.index < seg {
+            // A record left from the segment's earlier use (a spare reused): the end.
+            break;
+        }
         if log_id.index != expected {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -408,12 +420,15 @@ impl SegmentLog {
             Err(e) => return Err(e),
         };
         let committed = read_committed(&dir.join("committed"));
-        let mut segs = Vec::new();
+        let (mut segs, mut spares) = (Vec::new(), Vec::new());
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") {
+            if name.ends_with(".tmp") || (name.ends_with(".free") && spares.len() == SPARES) {
                 std::fs::remove_file(e.path())?;
+            } else if name.ends_with(".free") {
+                let f = File::options().read(true).write(true).open(e.path())?;
+                spares.push((e.path(), Arc::new(f)));
             } else if let Some(seg) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
                 segs.push(seg);
             }
@@ -440,10 +455,10 @@ impl SegmentLog {
                         ),
                     ));
                 }
-                tracing::warn!(
+                tracing::info!(
                     segment = %path.display(),
                     offset = s.end,
-                    "cutting a torn tail off the raft log"
+                    "cutting the raft log's tail (a torn write, or what a reused segment held)"
                 );
                 file.set_len(s.end)?;
                 file.sync_all()?;
@@ -502,6 +517,7 @@ impl SegmentLog {
             dir: dir.to_owned(),
             state: state.clone(),
             committed: None,
+            spares,
         };
         std::thread::Builder::new()
             .name("raft-log".into())
@@ -554,6 +570,7 @@ impl SegmentLog {
             Some((seg, len)) if len < self.segment_bytes => (Some(seg), len, false),
             _ => (None, 0, true),
         };
+        let close = st.tail.filter(|_| new);
         let empty = st.locs.is_empty() && st.cache.is_empty();
         let mut next = st.next_index();
         let job = st.jobs_sent + 1;
@@ -614,6 +631,7 @@ impl SegmentLog {
             Job::Append {
                 seg,
                 new,
+                close,
                 offset,
                 parts,
                 done,
@@ -633,6 +651,8 @@ struct Writer {
     dir: PathBuf,
     state: Shared,
     committed: Option<File>,
+    /// Purged segments kept for reuse: the path each has now, and the file.
+    spares: Vec<(PathBuf, Arc<File>)>,
 }
 
 impl Writer {
@@ -660,12 +680,13 @@ impl Writer {
                 Job::Append {
                     seg,
                     new,
+                    close,
                     offset,
                     parts,
                     done,
-                } => (self.append(seg, new, offset, &parts), done),
+                } => (self.append(seg, new, close, offset, &parts), done),
                 Job::Truncate { cut, remove, done } => (self.truncate(cut, &remove), done),
-                Job::Meta { meta, remove, done } => (self.meta(&meta, &remove), done),
+                Job::Meta { meta, remove, done } => (self.meta(&meta, remove), done),
             };
             if let Err(e) = &r {
                 tracing::error!(dir = %self.dir.display(), "raft log: {e}");
@@ -684,17 +705,44 @@ impl Writer {
         }
     }
 
-    fn append(&self, seg: u64, new: bool, offset: u64, parts: &[Bytes]) -> io::Result<()> {
+    fn append(
+        &mut self,
+        seg: u64,
+        new: bool,
+        close: Option<(u64, u64)>,
+        offset: u64,
+        parts: &[Bytes],
+    ) -> io::Result<()> {
         let file = if new {
+            if let Some((prev, end)) = close {
+                // A reused segment may be longer than what it holds now.
+                let f = lock(&self.state).segments.get(&prev).cloned();
+                if let Some(f) = f.filter(|f| f.metadata().is_ok_and(|m| m.len() > end)) {
+                    f.set_len(end)?;
+                    f.sync_data()?;
+                }
+            }
             let path = segment_path(&self.dir, seg);
-            let f = Arc::new(
-                File::options()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?,
-            );
+            // A spare nobody reads any more (readers hold the file while they read).
+            let spare = self
+                .spares
+                .iter()
+                .position(|(_, f)| Arc::strong_count(f) == 1);
+            let f = match spare {
+                Some(i) => {
+                    let (old, f) = self.spares.swap_remove(i);
+                    std::fs::rename(old, &path)?;
+                    f
+                }
+                None => Arc::new(
+                    File::options()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&path)?,
+                ),
+            };
             sync_dir(&self.dir)?;
             lock(&self.state).segments.insert(seg, f.clone());
             f
@@ -730,11 +778,17 @@ impl Writer {
         Ok(())
     }
 
-    fn meta(&self, meta: &Meta, remove: &[u64]) -> io::Result<()> {
+    fn meta(&mut self, meta: &Meta, remove: Vec<(u64, Arc<File>)>) -> io::Result<()> {
         let bytes = serde_json::to_vec(meta).map_err(super::io_err)?;
         super::write_atomic(&self.dir.join("meta.json"), &bytes)?;
-        for seg in remove {
-            remove_segment(&self.dir, *seg)?;
+        for (seg, file) in &remove {
+            if self.spares.len() < SPARES {
+                let spare = spare_path(&self.dir, *seg);
+                std::fs::rename(segment_path(&self.dir, *seg), &spare)?;
+                self.spares.push((spare, file.clone()));
+            } else {
+                remove_segment(&self.dir, *seg)?;
+            }
         }
         if !remove.is_empty() {
             sync_dir(&self.dir)?;
@@ -768,6 +822,10 @@ fn job_done(job: Job) -> Done {
     match job {
         Job::Append { done, .. } | Job::Truncate { done, .. } | Job::Meta { done, .. } => done,
     }
+}
+
+fn spare_path(dir: &Path, seg: u64) -> PathBuf {
+    dir.join(format!("{seg:020}.free"))
 }
 
 fn remove_segment(dir: &Path, seg: u64) -> io::Result<()> {
@@ -1020,10 +1078,11 @@ impl RaftLogStorage<TypeConfig> for SegmentLog {
             }
             // Segments holding no entry after `upto` go, once the purge is recorded.
             let live = st.locs.front().map_or(u64::MAX, |l| l.seg);
-            let remove: Vec<u64> = st.segments.range(..live).map(|(s, _)| *s).collect();
-            for s in &remove {
-                st.segments.remove(s);
-            }
+            let gone: Vec<u64> = st.segments.range(..live).map(|(s, _)| *s).collect();
+            let remove: Vec<(u64, Arc<File>)> = gone
+                .into_iter()
+                .filter_map(|s| Some((s, st.segments.remove(&s)?)))
+                .collect();
             if st.locs.is_empty() {
                 st.tail = None;
             }
@@ -1278,6 +1337,77 @@ mod tests {
         assert_eq!(indexes(&mut log).await, vec![(2, 21)]);
         let st = log.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id, Some(purged));
+    }
+
+    #[tokio::test]
+    async fn purged_segments_are_reused_and_what_they_held_reads_as_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = |ext: &str| {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(ext))
+                .collect();
+            v.sort();
+            v
+        };
+        let inode = |name: &str| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(dir.path().join(name)).unwrap().ino()
+        };
+        let mut log = small(dir.path());
+        // Bigger records first (8 KiB), so a reused segment holds more than it is given later.
+        let big = |index: u64| Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
+            payload: openraft::EntryPayload::Normal(BlockOp::Write {
+                offset: 0,
+                data: vec![7; 8192].into(),
+            }),
+        };
+        for i in 0..4 {
+            append(&mut log, vec![big(2 * i), big(2 * i + 1)]).await;
+        }
+        assert_eq!(segments(dir.path()).len(), 4);
+        let first = inode("00000000000000000000.seg");
+        log.purge(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 0),
+            5,
+        ))
+        .await
+        .unwrap();
+        // Three segments purged: two kept as spares, one deleted.
+        assert_eq!(files(".free").len(), SPARES);
+        assert_eq!(segments(dir.path()).len(), 1);
+        // The next segments are the spares, cut to what they hold when the next one starts.
+        append(&mut log, vec![entry(1, 8, 8)]).await;
+        append(&mut log, vec![entry(1, 9, 9), entry(1, 10, 10)]).await;
+        append(&mut log, vec![entry(1, 11, 11)]).await;
+        assert!(files(".free").len() < SPARES, "{:?}", files(".free"));
+        let inodes: Vec<u64> = files(".seg").iter().map(|n| inode(n)).collect();
+        assert!(inodes.contains(&first), "segment 0's file was not reused");
+        let segs = segments(dir.path());
+        let (last, last_len) = *segs.last().unwrap();
+        assert!(
+            last_len > 12 << 10,
+            "no stale records after one 4 KiB record"
+        );
+        drop(log);
+        // The last segment is a reused one: stale 8 KiB records after its end; opening cuts
+        // them and the log goes on.
+        let mut log = small(dir.path());
+        assert_eq!(
+            indexes(&mut log).await,
+            (6..=11).map(|i| (1, i)).collect::<Vec<_>>()
+        );
+        let got = log.try_get_log_entries(8..12).await.unwrap();
+        assert_eq!(got[3], entry(1, 11, 11));
+        assert!(segments(dir.path()).last().unwrap().1 < 8 << 10, "not cut");
+        append(&mut log, vec![entry(1, 12, 12)]).await;
+        drop(log);
+        let mut log = small(dir.path());
+        assert_eq!(indexes(&mut log).await.last(), Some(&(1, 12)));
+        assert!(segments(dir.path()).iter().any(|s| s.0 == last));
     }
 
     #[tokio::test]

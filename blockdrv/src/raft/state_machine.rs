@@ -6,10 +6,18 @@
 //! after the last snapshot; every operation sets its range outright, so applying an entry a
 //! second time, in order, yields the same blocks.
 //!
-//! A snapshot is a sparse copy of the blocks (`snapshots/<id>.img`, holes kept) and its
-//! metadata (`snapshots/<id>.json`), made after an fdatasync of `volume.img`; `current.json`
-//! names the current one, replaced by rename. A snapshot is read and received as a file, in
-//! chunks by openraft, never whole in memory. Installing one copies it over the blocks.
+//! A snapshot is fuzzy, as ZooKeeper's are: taking one is an fdatasync of `volume.img` and
+//! recording the log id applied when it was asked for (`current.json`, replaced by rename, and
+//! `snapshots/<id>.json`); the blocks are not copied. The blocks may by then hold later writes
+//! too, so a snapshot stands for "at least this log id": whoever installs it applies every entry
+//! after that id again, which, since entries are idempotent and applied in order, brings the
+//! blocks to exactly the state of the last one applied. (The log before a snapshot is purged only
+//! up to its id, so those entries are always there to apply; and a node serves reads only once it
+//! has applied up to the read index, which is past anything the snapshot could hold.) Sending a
+//! snapshot reads the live `volume.img` in chunks; receiving one writes the chunks to
+//! `snapshots/incoming.img`, and installing it copies that, holes kept, over the blocks. Nothing
+//! is ever held whole in memory, and a snapshot costs a sync, not a copy of the volume, so the
+//! log can be compacted often.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -46,13 +54,71 @@ pub struct StateMachine {
     membership: Membership,
     /// Numbers snapshots built here.
     seq: u64,
-    /// KiB applied since the last snapshot (built or installed), each entry counted as at
-    /// least [`MIN_ENTRY_KIB`]: when the next snapshot is due is decided on it.
-    since_snapshot: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// What was applied, for deciding when to snapshot and how much log to keep.
+    applied: std::sync::Arc<Applied>,
 }
 
-/// The least an entry counts for in [`StateMachine::applied_since_snapshot`].
+/// The least an entry counts for in [`Applied`].
 const MIN_ENTRY_KIB: u64 = 64;
+
+/// KiB applied, each entry counted as at least [`MIN_ENTRY_KIB`]: since the last snapshot
+/// (built or installed; when the next one is due is decided on it), and entry by entry, so that
+/// the log can be purged by bytes, not entries (openraft keeps a number of entries; entries here
+/// carry from 4 KiB to 4 MiB). After a restart it counts from the entries applied again.
+#[derive(Debug, Default)]
+pub struct Applied {
+    inner: std::sync::Mutex<AppliedCount>,
+}
+
+#[derive(Debug, Default)]
+struct AppliedCount {
+    since_snapshot: u64,
+    total: u64,
+    /// (index, `total` once it was applied), oldest first; forgotten by `purge_point`.
+    marks: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Applied {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AppliedCount> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, entries: impl Iterator<Item = (u64, usize)>) {
+        let mut c = self.lock();
+        for (index, bytes) in entries {
+            let kib = (bytes as u64 >> 10).max(MIN_ENTRY_KIB);
+            c.since_snapshot += kib;
+            c.total += kib;
+            let total = c.total;
+            c.marks.push_back((index, total));
+        }
+    }
+
+    fn snapshot_taken(&self) {
+        self.lock().since_snapshot = 0;
+    }
+
+    /// KiB applied since the last snapshot.
+    pub fn since_snapshot(&self) -> u64 {
+        self.lock().since_snapshot
+    }
+
+    /// The newest index with at least `keep_kib` applied after it (the log may be purged up to
+    /// there), if there is a newer one than last time.
+    pub fn purge_point(&self, keep_kib: u64) -> Option<u64> {
+        let mut c = self.lock();
+        let total = c.total;
+        let mut point = None;
+        while let Some(&(index, at)) = c.marks.front() {
+            if total - at < keep_kib {
+                break;
+            }
+            point = Some(index);
+            c.marks.pop_front();
+        }
+        point
+    }
+}
 
 /// The blocks file of a volume, shared by the state machine and the readers.
 pub type Blocks = std::sync::Arc<std::sync::RwLock<File>>;
@@ -103,8 +169,8 @@ fn sparse_copy(from: &mut File, to: &Path, size: u64) -> io::Result<()> {
     out.sync_all()
 }
 
-fn snapshot_path(dir: &Path, id: &str, ext: &str) -> PathBuf {
-    dir.join("snapshots").join(format!("{id}.{ext}"))
+fn meta_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join("snapshots").join(format!("{id}.json"))
 }
 
 /// The current snapshot's metadata (`current.json`), if there is one.
@@ -120,20 +186,24 @@ fn current(dir: &Path) -> io::Result<Option<Meta>> {
     }
 }
 
-/// Makes `meta` the current snapshot of `dir` (its image must exist) and removes older ones.
+/// Makes `meta` the current snapshot of `dir` and removes what older ones left (their
+/// metadata, and the images of snapshots an older blockdrv copied).
 fn set_current(dir: &Path, meta: &Meta) -> io::Result<()> {
     let bytes = serde_json::to_vec(&SnapshotFile { meta: meta.clone() }).map_err(super::io_err)?;
-    super::write_atomic(&snapshot_path(dir, &meta.snapshot_id, "json"), &bytes)?;
+    super::write_atomic(&meta_path(dir, &meta.snapshot_id), &bytes)?;
     super::write_atomic(&dir.join("current.json"), &bytes)?;
-    let keep = format!("{}.", meta.snapshot_id);
+    let keep = format!("{}.json", meta.snapshot_id);
     for e in std::fs::read_dir(dir.join("snapshots"))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&keep) && name != "incoming.img" {
+        if name != keep && name != INCOMING {
             let _ = std::fs::remove_file(e.path());
         }
     }
     Ok(())
 }
+
+/// Where a snapshot being received is written (in `snapshots/`).
+const INCOMING: &str = "incoming.img";
 
 /// Entries writing at most this many bytes are applied on the runtime's thread.
 const INLINE_APPLY: usize = 256 << 10;
@@ -205,7 +275,7 @@ impl StateMachine {
             last_applied: cur.as_ref().and_then(|m| m.last_log_id),
             membership: cur.map(|m| m.last_membership).unwrap_or_default(),
             seq: 0,
-            since_snapshot: Default::default(),
+            applied: Default::default(),
         })
     }
 
@@ -220,11 +290,9 @@ impl StateMachine {
         self.size.clone()
     }
 
-    /// KiB applied since the last snapshot (each entry counted as at least 64 KiB), reset when
-    /// a snapshot is built or installed. (After a restart it counts from the entries applied
-    /// again.)
-    pub fn applied_since_snapshot(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-        self.since_snapshot.clone()
+    /// What was applied, shared with whoever decides on snapshots and purges.
+    pub fn applied(&self) -> std::sync::Arc<Applied> {
+        self.applied.clone()
     }
 }
 
@@ -232,33 +300,38 @@ impl StateMachine {
 #[derive(Debug)]
 pub struct SnapshotBuilder {
     dir: PathBuf,
-    size: u64,
     blocks: io::Result<File>,
     meta: Meta,
 }
 
+/// The current snapshot's data: the live blocks, opened by path (a descriptor of its own,
+/// whose position openraft moves as it reads chunks).
+fn snapshot_data(dir: &Path) -> io::Result<Box<tokio::fs::File>> {
+    Ok(Box::new(tokio::fs::File::from_std(File::open(
+        dir.join("volume.img"),
+    )?)))
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let mut blocks = self
+        let blocks = self
             .blocks
             .as_ref()
             .map_err(snap_err)?
             .try_clone()
             .map_err(snap_err)?;
-        let (dir, size, meta) = (self.dir.clone(), self.size, self.meta.clone());
-        let img = snapshot_path(&dir, &meta.snapshot_id, "img");
-        let file = tokio::task::spawn_blocking(move || {
+        let (dir, meta) = (self.dir.clone(), self.meta.clone());
+        tokio::task::spawn_blocking(move || {
+            // Everything applied up to the snapshot's log id (and maybe more) is on disk.
             blocks.sync_data()?;
-            sparse_copy(&mut blocks, &img, size)?;
-            set_current(&dir, &meta)?;
-            File::open(&img)
+            set_current(&dir, &meta)
         })
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
         Ok(Snapshot {
             meta: self.meta.clone(),
-            snapshot: Box::new(tokio::fs::File::from_std(file)),
+            snapshot: snapshot_data(&self.dir).map_err(snap_err)?,
         })
     }
 }
@@ -290,9 +363,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             _ => 0,
         });
         let bytes: usize = sizes.clone().sum();
-        let kib: u64 = sizes.map(|b| (b as u64 >> 10).max(MIN_ENTRY_KIB)).sum();
-        self.since_snapshot
-            .fetch_add(kib, std::sync::atomic::Ordering::Relaxed);
+        self.applied
+            .add(entries.iter().map(|e| e.log_id.index).zip(sizes));
         let entries = if bytes <= INLINE_APPLY {
             // Into the page cache (no fsync): quicker here than a hop to the blocking pool.
             write_all(&self.blocks, &entries).map_err(sm_err)?;
@@ -334,8 +406,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.seq += 1;
-        self.since_snapshot
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.applied.snapshot_taken();
         let id = format!(
             "{}-{}-{}",
             self.last_applied.map_or(0, |l| l.leader_id.term),
@@ -344,7 +415,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         SnapshotBuilder {
             dir: self.dir.clone(),
-            size: load(&self.size),
             blocks: dup(&self.blocks),
             meta: Meta {
                 last_log_id: self.last_applied,
@@ -360,7 +430,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .write(true)
             .create(true)
             .truncate(true)
-            .open(self.dir.join("snapshots").join("incoming.img"))
+            .open(self.dir.join("snapshots").join(INCOMING))
             .map_err(snap_err)?;
         Ok(Box::new(tokio::fs::File::from_std(f)))
     }
@@ -373,14 +443,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut received = snapshot.into_std().await;
         let (dir, size, m) = (self.dir.clone(), load(&self.size), meta.clone());
         let blocks = tokio::task::spawn_blocking(move || {
-            let img = snapshot_path(&dir, &m.snapshot_id, "img");
-            sparse_copy(&mut received, &img, size)?;
-            // The blocks become the snapshot's: a copy renamed over them, then reopened.
+            // The blocks become the snapshot's: a copy (holes kept) renamed over them, then
+            // reopened; the snapshot is current once they are in place.
             let tmp = dir.join("volume.img.new");
-            sparse_copy(&mut File::open(&img)?, &tmp, size)?;
+            sparse_copy(&mut received, &tmp, size)?;
             std::fs::rename(&tmp, dir.join("volume.img"))?;
             File::open(&dir)?.sync_all()?;
             set_current(&dir, &m)?;
+            let _ = std::fs::remove_file(dir.join("snapshots").join(INCOMING));
             File::options()
                 .read(true)
                 .write(true)
@@ -394,8 +464,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .fetch_max(len, std::sync::atomic::Ordering::SeqCst);
         *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
-        self.since_snapshot
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.applied.snapshot_taken();
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
@@ -405,10 +474,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(meta) = current(&self.dir).map_err(snap_err)? else {
             return Ok(None);
         };
-        let f = File::open(snapshot_path(&self.dir, &meta.snapshot_id, "img")).map_err(snap_err)?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(tokio::fs::File::from_std(f)),
+            snapshot: snapshot_data(&self.dir).map_err(snap_err)?,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_purge_point_keeps_that_many_kib_after_it_counting_small_entries_as_64() {
+        let a = Applied::default();
+        // 1: 1 MiB, 2..=5: 4 KiB (64 each), 6: 512 KiB.
+        a.add([(1, 1 << 20), (2, 4096), (3, 4096), (4, 4096), (5, 4096)].into_iter());
+        a.add([(6, 512 << 10)].into_iter());
+        assert_eq!(a.since_snapshot(), 1024 + 4 * 64 + 512);
+        assert_eq!(a.purge_point(10_000), None, "not that much applied");
+        assert_eq!(a.purge_point(512 + 3 * 64), Some(2));
+        assert_eq!(a.purge_point(512 + 3 * 64), None, "nothing new since");
+        a.add([(7, 128 << 10)].into_iter());
+        assert_eq!(a.purge_point(512), Some(5));
+        a.snapshot_taken();
+        assert_eq!(a.since_snapshot(), 0);
+        assert_eq!(a.purge_point(0), Some(7));
     }
 }
