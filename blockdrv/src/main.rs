@@ -7,7 +7,10 @@
 //!     --member 1=127.0.0.1:7001 --member 2=127.0.0.1:7002 --member 3=127.0.0.1:7003 \
 //!     --volume data:1G --nbd-unix /run/sbs-1.sock
 //! blockdrv status --addr 127.0.0.1:7001 --volume data
+//! blockdrv vhost-user --socket /run/data.vhost --export data=/var/lib/sbs/data.img:1G
 //! ```
+//!
+//! `node --vhost-user-dir DIR` serves each volume over vhost-user-blk too, on `DIR/NAME.sock`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +27,17 @@ enum Cli {
     Nbd(NbdArgs),
     /// Runs a storage node: raft-replicated volumes, served over NBD too.
     Node(NodeArgs),
+    /// Serves a file-backed volume as a vhost-user-blk device.
+    VhostUser {
+        /// The unix socket QEMU connects to.
+        #[arg(long)]
+        socket: PathBuf,
+        /// NAME=FILE[:SIZE], as for `nbd`.
+        #[arg(long)]
+        export: String,
+        #[arg(long, default_value = "info")]
+        log: String,
+    },
     /// Prints a node's view of a volume's group (JSON).
     Status {
         #[arg(long)]
@@ -122,6 +136,9 @@ struct NodeArgs {
     /// A unix socket to serve the volumes over NBD on.
     #[arg(long)]
     nbd_unix: Option<PathBuf>,
+    /// A directory to serve each volume over vhost-user-blk in (`NAME.sock`).
+    #[arg(long)]
+    vhost_user_dir: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
     /// Raft heartbeat interval, ms.
@@ -277,6 +294,10 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listen on {}", path.display()))?;
         tokio::spawn(server.serve_unix(l));
     }
+    if let Some(dir) = &args.vhost_user_dir {
+        node.serve_vhost_user(dir)
+            .with_context(|| format!("vhost-user-blk in {}", dir.display()))?;
+    }
     // Volumes given on the command line: this node's replica, on all members.
     for v in &args.volumes {
         let Some((name, size)) = v.split_once(':') else {
@@ -383,6 +404,24 @@ async fn main() -> anyhow::Result<()> {
         }
         Cli::Volume(cmd) => return volume(cmd).await,
         Cli::Cluster(cmd) => return cluster(cmd).await,
+        Cli::VhostUser {
+            socket,
+            export: spec,
+            log,
+        } => {
+            init_log(&log);
+            let e = export(&spec, false)?;
+            let _served = blockdrv::vhost_user::serve(
+                &e.name,
+                e.volume,
+                &socket,
+                tokio::runtime::Handle::current(),
+            )
+            .with_context(|| format!("vhost-user-blk on {}", socket.display()))?;
+            tracing::info!(socket = %socket.display(), "serving vhost-user-blk");
+            std::future::pending::<()>().await;
+            return Ok(());
+        }
     };
     init_log(&args.log);
     if args.unix.is_none() && args.tcp.is_none() {

@@ -1,4 +1,4 @@
-//! The one volume interface every front end (NBD now, vhost-user-blk next) serves, and its
+//! The one volume interface every front end (NBD, vhost-user-blk) serves, and its
 //! simplest implementation: a sparse local file. Front ends check ranges against [`Volume::size`]
 //! before they call; implementations may assume requests are inside the volume.
 

@@ -7,14 +7,6 @@ use std::time::Duration;
 
 use vpcd_tests::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn run(cmd: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(cmd[0])
         .args(&cmd[1..])

@@ -477,6 +477,9 @@ pub struct Node {
     catalog: tokio::sync::Mutex<BTreeMap<String, VolumeSpec>>,
     /// The NBD server whose exports follow the volumes, if the node serves NBD.
     nbd: RwLock<Option<crate::nbd::Server>>,
+    /// Where each volume is served over vhost-user-blk (`<dir>/<volume>.sock`), if it is, and
+    /// the volumes served there.
+    vhost: std::sync::Mutex<Option<(PathBuf, HashMap<String, crate::vhost_user::Served>)>>,
     /// The storage nodes of the cluster (id -> RPC address): where new volumes go.
     cluster: RwLock<BTreeMap<NodeId, String>>,
 }
@@ -593,6 +596,7 @@ impl Node {
             groups: RwLock::new(HashMap::new()),
             catalog: tokio::sync::Mutex::new(BTreeMap::new()),
             nbd: RwLock::new(None),
+            vhost: std::sync::Mutex::new(None),
             cluster: RwLock::new(BTreeMap::new()),
         })
     }
@@ -630,6 +634,44 @@ impl Node {
             server.add(self.export(g));
         }
         *self.nbd.write().unwrap() = Some(server);
+    }
+
+    /// Serves every volume (now and later) over vhost-user-blk too, each on
+    /// `<dir>/<volume>.sock`.
+    pub fn serve_vhost_user(self: &Arc<Node>, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        *self.vhost.lock().unwrap() = Some((dir.to_owned(), HashMap::new()));
+        let groups: Vec<Group> = self.groups.read().unwrap().values().cloned().collect();
+        groups.iter().try_for_each(|g| self.vhost_add(g))
+    }
+
+    fn vhost_add(self: &Arc<Node>, g: &Group) -> io::Result<()> {
+        let mut v = self.vhost.lock().unwrap();
+        let Some((dir, served)) = v.as_mut() else {
+            return Ok(());
+        };
+        if !served.contains_key(&g.name) {
+            let volume = Arc::new(RaftVolume::new(self.clone(), g.clone()));
+            let socket = dir.join(format!("{}.sock", g.name));
+            let rt = tokio::runtime::Handle::current();
+            served.insert(
+                g.name.clone(),
+                crate::vhost_user::serve(&g.name, volume, &socket, rt)?,
+            );
+        }
+        Ok(())
+    }
+
+    fn vhost_remove(&self, name: &str) {
+        let gone = self
+            .vhost
+            .lock()
+            .unwrap()
+            .as_mut()
+            .and_then(|(_, served)| served.remove(name));
+        if let Some(s) = gone {
+            s.stop();
+        }
     }
 
     fn export(self: &Arc<Node>, g: &Group) -> crate::nbd::Export {
@@ -771,6 +813,7 @@ impl Node {
         if let Some(server) = self.nbd.read().unwrap().as_ref() {
             server.remove(name);
         }
+        self.vhost_remove(name);
         if let Some(g) = g {
             g.raft.shutdown().await.map_err(err)?;
         }
@@ -977,6 +1020,9 @@ impl Node {
             .insert(volume.to_string(), g.clone());
         if let Some(server) = self.nbd.read().unwrap().as_ref() {
             server.add(self.export(&g));
+        }
+        if let Err(e) = self.vhost_add(&g) {
+            tracing::warn!(volume, "serving over vhost-user-blk: {e}");
         }
         Ok(g)
     }
