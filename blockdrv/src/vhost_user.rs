@@ -76,24 +76,26 @@ impl From<io::Error> for Failed {
 }
 
 impl BlkBackend {
-    /// `virtio_blk_config` as it stands (the capacity follows the volume as it grows).
+    /// `virtio_blk_config` (virtio 1.2, 5.2.4) as it stands: the capacity follows the volume
+    /// as it grows (read again by the guest at its next look; no config interrupt is sent).
     fn config(&self) -> Vec<u8> {
         let mut c = vec![0u8; 60];
-        c[0..8].copy_from_slice(&(self.volume.size() / SECTOR).to_le_bytes());
-        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&1u16.to_le_bytes());
-        c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
-        c[40..44].copy_from_slice(&MAX_ZERO_SEGS.to_le_bytes());
-        c[44..48].copy_from_slice(&1u32.to_le_bytes());
-        c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
-        c[52..56].copy_from_slice(&MAX_ZERO_SEGS.to_le_bytes());
-        c[56] = 1;
+        let mut put = |at: usize, v: &[u8]| c[at..at + v.len()].copy_from_slice(v);
+        put(0, &(self.volume.size() / SECTOR).to_le_bytes()); // capacity, in sectors
+        put(8, &SIZE_MAX.to_le_bytes()); // size_max
+        put(12, &SEG_MAX.to_le_bytes()); // seg_max
+        put(20, &(SECTOR as u32).to_le_bytes()); // blk_size
+        put(34, &1u16.to_le_bytes()); // num_queues
+        put(36, &MAX_ZERO_SECTORS.to_le_bytes()); // max_discard_sectors
+        put(40, &MAX_ZERO_SEGS.to_le_bytes()); // max_discard_seg
+        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(48, &MAX_ZERO_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(52, &MAX_ZERO_SEGS.to_le_bytes()); // max_write_zeroes_seg
+        put(56, &[1]); // write_zeroes_may_unmap
         c
     }
 
-    /// The byte range of `sectors` sectors from `sector`, if it is inside the volume.
+    /// The byte offset of `bytes` bytes from `sector`, if they are inside the volume.
     fn range(&self, sector: u64, bytes: u64) -> Result<u64, Failed> {
         let offset = sector
             .checked_mul(SECTOR)
