@@ -12,13 +12,13 @@
 #   4k read     qemu-img bench, 4 KiB, queue depth 32, strided offsets (step 257 x 4 KiB)
 #   4k write    the same with -w
 #
-# Each target is written once first, unmeasured (a warm-up). Settings: BENCH_RUNS (default 5; medians), BENCH_MIB (volume size, default 1024),
-# BENCH_DIR (default /dev/shm).
+# Each target is written once first, unmeasured (a warm-up). Settings: BENCH_RUNS (default 5;
+# medians), BENCH_MIB (volume size, default 256, as in the README), BENCH_DIR (default /dev/shm).
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 cd "$REPO"
 RUNS=${BENCH_RUNS:-5}
-MIB=${BENCH_MIB:-1024}
+MIB=${BENCH_MIB:-256}
 for tool in nbdcopy qemu-nbd qemu-img; do
     command -v "$tool" >/dev/null || { echo "nbd.sh: $tool not found (scripts/install-deps.sh)" >&2; exit 1; }
 done

@@ -4,5 +4,7 @@
 
 pub mod nbd;
 pub mod raft;
+#[doc(hidden)]
+pub mod testing;
 pub mod vhost_user;
 pub mod volume;

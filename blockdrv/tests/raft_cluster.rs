@@ -7,15 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MIB: u64 = 1 << 20;
+use blockdrv::testing::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const MIB: u64 = 1 << 20;
 
 fn run(cmd: &[&str]) -> (bool, String) {
     let out = Command::new(cmd[0])

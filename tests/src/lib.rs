@@ -84,14 +84,7 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A TCP port on loopback that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use blockdrv::testing::free_port;
 
 /// A kernel-boot spec for the test guest.
 pub fn kernel_spec(name: &str, extra: &str) -> String {
