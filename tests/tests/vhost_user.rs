@@ -34,9 +34,9 @@ fn run(cmd: &[&str]) -> String {
     text
 }
 
-/// A guest with the vhost-user-blk sockets `disks` as vda, vdb, ...; its console in
+/// A guest (killed when what this returns is dropped) with the vhost-user-blk sockets `disks` as vda, vdb, ...; its console in
 /// `dir/console-<tag>.log`, its command shell on `dir/shell-<tag>.sock`.
-fn guest(dir: &Path, tag: &str, disks: &[PathBuf]) -> (Child, GuestShell) {
+fn guest(dir: &Path, tag: &str, disks: &[PathBuf]) -> (Procs, GuestShell) {
     let i = images();
     let console = dir.join(format!("console-{tag}.log"));
     let shell = dir.join(format!("shell-{tag}.sock"));
@@ -66,11 +66,11 @@ fn guest(dir: &Path, tag: &str, disks: &[PathBuf]) -> (Child, GuestShell) {
             .arg("-device")
             .arg(format!("vhost-user-blk-pci,chardev=d{n},num-queues=1"));
     }
-    let child = cmd
+    let child = Procs(vec![cmd
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("qemu-{tag}.log"))).unwrap())
         .spawn()
-        .unwrap();
+        .unwrap()]);
     wait_until(
         PATIENCE,
         || {
@@ -162,7 +162,7 @@ fn a_guest_uses_replicated_and_file_volumes_over_vhost_user_blk() {
     wait_until(PATIENCE, || file_sock.exists(), "the file volume's socket");
 
     let disks = [d.join("vh1/v.sock"), file_sock.clone()];
-    let (mut qemu, mut shell) = guest(d, "a", &disks);
+    let (qemu, mut shell) = guest(d, "a", &disks);
     // The replicated volume: 64 MiB, its name as the disk's serial, what the host wrote.
     assert_eq!(shell.ok("cat /sys/block/vda/size").trim(), "131072");
     assert_eq!(shell.ok("cat /sys/block/vda/serial").trim(), "v");
@@ -187,17 +187,15 @@ fn a_guest_uses_replicated_and_file_volumes_over_vhost_user_blk() {
 
     // The front end goes; the sockets take the next one, which sees the same data.
     drop(shell);
-    let _ = qemu.kill();
-    let _ = qemu.wait();
+    drop(qemu);
     let start = Instant::now();
-    let (mut qemu, mut shell) = guest(d, "b", &disks);
+    let (qemu, mut shell) = guest(d, "b", &disks);
     let again = shell.ok("dd if=/dev/vda bs=512 skip=256 count=1 2>/dev/null | head -c 10");
     assert_eq!(again.trim(), "VHOSTWRITE");
     let again = shell.ok("dd if=/dev/vdb bs=512 skip=64 count=1 2>/dev/null | head -c 9");
     assert_eq!(again.trim(), "FILEWRITE");
     eprintln!("second guest up in {:?}", start.elapsed());
-    let _ = qemu.kill();
-    let _ = qemu.wait();
+    drop(qemu);
     // Deleting the volume stops serving it: every node's socket goes.
     run(&[
         blockdrv.to_str().unwrap(),
