@@ -359,18 +359,16 @@ pub fn serve(
         .name(format!("vhost-{name}"))
         .spawn(move || {
             while !stopped.load(Ordering::SeqCst) {
+                // The front end's memory, mapped by the daemon as it is told of it.
+                let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
                 let backend = Arc::new(Mutex::new(BlkBackend {
                     volume: volume.clone(),
                     rt: rt.clone(),
-                    mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                    mem: mem.clone(),
                     event_idx: false,
                     id: id.clone(),
                 }));
-                let daemon = VhostUserDaemon::new(
-                    format!("vhost-user-blk-{name}"),
-                    backend,
-                    GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-                );
+                let daemon = VhostUserDaemon::new(format!("vhost-user-blk-{name}"), backend, mem);
                 let mut daemon = match daemon {
                     Ok(d) => d,
                     Err(e) => {

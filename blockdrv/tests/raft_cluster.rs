@@ -45,10 +45,7 @@ impl Cluster {
         let mut all = vec!["--volume", "v:64M"];
         all.extend_from_slice(extra);
         let c = Cluster::bare(&all);
-        c.wait_for(
-            |c| c.status(0).is_some_and(|s| s["leader"].is_u64()),
-            "a leader",
-        );
+        c.wait_leader(0, "v");
         c
     }
 
@@ -220,6 +217,14 @@ impl Cluster {
 
     fn applied(&self, i: usize) -> Option<u64> {
         self.status(i)?["last_applied"].as_u64()
+    }
+
+    /// Waits until node `i` knows a leader of `volume`'s group.
+    fn wait_leader(&self, i: usize, volume: &str) {
+        self.wait_for(
+            |c| c.status_of(i, volume).is_some_and(|s| s["leader"].is_u64()),
+            &format!("a leader of {volume}"),
+        );
     }
 
     fn wait_for(&self, f: impl Fn(&Cluster) -> bool, what: &str) {
@@ -420,13 +425,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
     assert_eq!(members.len(), 3, "{list}");
     let spare = (0..4).find(|i| !members.contains(i)).unwrap();
     let uri = |c: &Cluster, i: usize| format!("nbd+unix:///data?socket={}", c.socket(i).display());
-    c.wait_for(
-        |c| {
-            c.status_of(members[0], "data")
-                .is_some_and(|s| s["leader"].is_u64())
-        },
-        "a leader",
-    );
+    c.wait_leader(members[0], "data");
     ok(&[
         "qemu-io",
         "-f",
@@ -622,10 +621,7 @@ fn nodes_join_and_leave_and_replicas_move_without_losing_data() {
     for (v, pattern) in volumes {
         let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), v, "16M"]);
         assert!(good, "{out}");
-        c.wait_for(
-            |c| c.status_of(0, v).is_some_and(|s| s["leader"].is_u64()),
-            "a leader",
-        );
+        c.wait_leader(0, v);
         ok(&[
             "qemu-io",
             "-f",

@@ -39,6 +39,25 @@ pub enum BlockOp {
     },
 }
 
+impl BlockOp {
+    /// The bytes of write data it carries.
+    pub fn data_len(&self) -> usize {
+        match self {
+            BlockOp::Write { data, .. } => data.len(),
+            BlockOp::Batch(ops) => ops.iter().map(BlockOp::data_len).sum(),
+            BlockOp::Resize { .. } | BlockOp::Zero { .. } => 0,
+        }
+    }
+}
+
+/// The bytes of write data an entry carries.
+pub fn entry_data_len(e: &Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(op) => op.data_len(),
+        _ => 0,
+    }
+}
+
 openraft::declare_raft_types!(
     /// The raft types of a volume's group.
     pub TypeConfig:

@@ -270,7 +270,7 @@ impl RaftNetwork<TypeConfig> for Peer {
             .entries
             .iter()
             .position(|e| {
-                bytes += entry_bytes(e);
+                bytes += super::entry_data_len(e);
                 bytes > APPEND_BYTES
             })
             .map_or(rpc.entries.len(), |i| i.max(1));
@@ -327,14 +327,6 @@ impl RaftNetwork<TypeConfig> for Peer {
 /// be sent, written and fsynced by the follower, and backs off after a timeout.
 const APPEND_BYTES: usize = 8 << 20;
 
-/// The write data an entry carries.
-fn entry_bytes(e: &super::Entry) -> usize {
-    match &e.payload {
-        openraft::EntryPayload::Normal(op) => op_bytes(op),
-        _ => 0,
-    }
-}
-
 /// One volume's group on this node.
 #[derive(Clone)]
 pub struct Group {
@@ -353,14 +345,6 @@ type Pending = (BlockOp, tokio::sync::oneshot::Sender<Result<(), NotHereOr>>);
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_OPS: usize = 256;
 
-fn op_bytes(op: &BlockOp) -> usize {
-    match op {
-        BlockOp::Write { data, .. } => data.len(),
-        BlockOp::Batch(ops) => ops.iter().map(op_bytes).sum(),
-        _ => 0,
-    }
-}
-
 /// Log entries of the group commit in flight at once (submitted, not yet applied).
 const BATCHES_IN_FLIGHT: usize = 4;
 
@@ -374,7 +358,7 @@ struct Batch {
 
 impl Batch {
     fn push(&mut self, (op, waiter): Pending) {
-        self.bytes += op_bytes(&op);
+        self.bytes += op.data_len();
         self.ops.push(op);
         self.waiters.push(waiter);
     }

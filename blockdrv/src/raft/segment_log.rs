@@ -268,17 +268,7 @@ fn decode(body: Bytes) -> io::Result<Entry> {
 
 /// The size an entry counts for in the cache.
 fn entry_bytes(e: &Entry) -> usize {
-    fn op(o: &super::BlockOp) -> usize {
-        match o {
-            super::BlockOp::Write { data, .. } => data.len(),
-            super::BlockOp::Batch(ops) => ops.iter().map(op).sum(),
-            _ => 0,
-        }
-    }
-    64 + match &e.payload {
-        openraft::EntryPayload::Normal(o) => op(o),
-        _ => 0,
-    }
+    64 + super::entry_data_len(e)
 }
 
 /// The durable raft log of one group (its writer thread stops when this is dropped).
