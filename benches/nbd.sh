@@ -38,6 +38,7 @@ trap cleanup EXIT INT TERM
 head -c "$((MIB << 20))" /dev/urandom > "$WORK/src.bin"
 truncate -s "${MIB}M" "$WORK/ours.img" "$WORK/qemu.img"
 "$BIN" nbd --unix "$WORK/ours.sock" --export "v=$WORK/ours.img" --log warn &
+OURS_PID=$!
 PIDS+=($!)
 # The 3-node cluster.
 PORT=$((20000 + $$ % 20000))
@@ -54,14 +55,18 @@ start_node() {
 }
 for i in 1 2 3; do start_node "$i"; done
 status() { "$BIN" status --addr "127.0.0.1:$((PORT + $1))" --volume v 2>/dev/null; }
-until status 1 | grep -q '"leader":[0-9]'; do sleep 0.1; done
-LEADER=$(status 1 | sed 's/.*"leader":\([0-9]*\).*/\1/')
+LEADER=
+until [ -n "$LEADER" ]; do
+    sleep 0.1
+    LEADER=$(status 1 | sed -n 's/.*"leader":\([0-9]*\).*/\1/p')
+done
 FOLLOWER=$((LEADER % 3 + 1))
 for i in 1 2 3; do until [ -S "$WORK/n$i.sock" ]; do sleep 0.05; done; done
 ln -sf "n$LEADER.sock" "$WORK/raft.sock"
 ln -sf "n$FOLLOWER.sock" "$WORK/raftf.sock"
 qemu-nbd --socket="$WORK/qemu.sock" --format=raw --persistent --shared=8 --cache=writeback --discard=unmap \
     "$WORK/qemu.img" &
+QEMU_PID=$!
 PIDS+=($!)
 for s in ours qemu; do
     until [ -S "$WORK/$s.sock" ]; do sleep 0.05; done
@@ -86,20 +91,58 @@ bench4k() {
     awk -v c="$COUNT" -v s="$secs" 'BEGIN { print c / s }'
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# After each measurement of the replicated volume, untimed: wait until all three replicas have
+# applied the same index (a write is acknowledged once a majority has it; the third replica,
+# and the followers' state machines, catch up after), so that the next measurement does not pay
+# for the last one. How long that took after writes is printed.
+applied() { status "$1" | sed -n 's/.*"last_applied":\([0-9]*\).*/\1/p'; }
+settle() {
+    [[ $1 == raft* ]] || return 0
+    local t0 a b c
+    t0=$(now)
+    for _ in $(seq 250); do
+        a=$(applied 1) b=$(applied 2) c=$(applied 3)
+        [[ -n $a && $a == "$b" && $b == "$c" ]] && break
+        sleep 0.02
+    done
+    awk -v a="$t0" -v b="$(now)" 'BEGIN { print (b - a) * 1000 }'
+}
+# CPU time (user + system, clock ticks) the server processes of a target have used so far: all
+# three nodes for the replicated volume.
+server_pids() {
+    case $1 in
+    raft | raftf) echo "${NODE[@]}" ;;
+    ours) echo "$OURS_PID" ;;
+    qemu) echo "$QEMU_PID" ;;
+    esac
+}
+ticks() {
+    local t=0 p
+    for p in $(server_pids "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    echo "$t"
+}
 
 SERVERS="raft raftf ours qemu"
 for metric in write read rand_read rand_write; do
     for s in $SERVERS; do : > "$WORK/$metric.$s"; done
 done
+for s in $SERVERS; do : > "$WORK/cpu.$s" && : > "$WORK/settle.$s"; done
 # Warm-up, not measured: the first write of each target allocates its files' pages (on this VM,
 # fresh pages cost a fault in the host too), which a server that has been running has done.
-for s in $SERVERS; do copy "$WORK/src.bin" "$(uri $s)" > /dev/null; done
+for s in $SERVERS; do
+    copy "$WORK/src.bin" "$(uri $s)" > /dev/null
+    settle "$s" > /dev/null
+done
 for _ in $(seq "$RUNS"); do
     for s in $SERVERS; do
+        c0=$(ticks "$s")
         copy "$WORK/src.bin" "$(uri $s)" >> "$WORK/write.$s"
+        echo $(($(ticks "$s") - c0)) >> "$WORK/cpu.$s"
+        settle "$s" >> "$WORK/settle.$s"
         copy "$(uri $s)" null: >> "$WORK/read.$s"
         bench4k "$(uri $s)" "" >> "$WORK/rand_read.$s"
         bench4k "$(uri $s)" -w >> "$WORK/rand_write.$s"
+        settle "$s" > /dev/null
     done
 done
 ratio() { awk -v o="$1" -v q="$2" 'BEGIN { printf "%.3f", o / q }'; }
@@ -112,6 +155,16 @@ for metric in write read rand_read rand_write; do
     printf '%-11s %-6s %10.0f %10.0f %10.0f %10.0f   %s %s %s\n' "$metric" "$unit" "$r" "$f" "$o" "$q" \
         "$(ratio "$r" "$q")" "$(ratio "$f" "$q")" "$(ratio "$o" "$q")"
 done
+# Where a write's time goes: the servers' CPU per GiB written (the machine's cores are shared by
+# the client and, for the replicated volume, all three nodes).
+hz=$(getconf CLK_TCK)
+printf 'server CPU per GiB written (median): '
+for s in $SERVERS; do
+    printf '%s %.2f s  ' "$s" "$(median < "$WORK/cpu.$s" | awk -v h="$hz" -v m="$MIB" '{print $1 / h * 1024 / m}')"
+done
+echo "(raft, raftf: the three nodes together, during the copy)"
+printf 'replicas all applied after the write copy ended, in ms (every run): %s\n' \
+    "$(awk '{printf "%.0f ", $1}' "$WORK/settle.raft" "$WORK/settle.raftf")"
 echo "every run (in order), per metric and server:"
 for metric in write read rand_read rand_write; do
     for s in $SERVERS; do

@@ -4,6 +4,7 @@
 
 pub mod nbd;
 pub mod raft;
+mod sys;
 #[doc(hidden)]
 pub mod testing;
 pub mod vhost_user;

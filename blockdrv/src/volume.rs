@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -167,36 +166,6 @@ impl FileVolume {
     }
 }
 
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
-    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    };
-    // SAFETY: fallocate on a file descriptor this `File` owns; no memory is passed.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// `lseek(fd, offset, whence)`; None where the kernel says ENXIO (no data / hole after it).
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek on a file descriptor this `File` owns. It moves the shared file offset,
-    // which nothing here uses (all I/O is positioned).
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r >= 0 {
-        return Ok(Some(r as u64));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENXIO) {
-        Ok(None)
-    } else {
-        Err(e)
-    }
-}
-
 /// The allocation of `[offset, offset + length)` of `file` (of `size` bytes).
 pub(crate) fn file_extents(
     file: &File,
@@ -208,7 +177,7 @@ pub(crate) fn file_extents(
     let mut out = Vec::new();
     let mut at = offset;
     while at < end {
-        let data = seek(file, at, libc::SEEK_DATA)?.unwrap_or(size);
+        let data = crate::sys::seek(file, at, libc::SEEK_DATA)?.unwrap_or(size);
         if data > at {
             let stop = data.min(end);
             out.push(Extent {
@@ -219,7 +188,7 @@ pub(crate) fn file_extents(
             at = stop;
             continue;
         }
-        let hole = seek(file, at, libc::SEEK_HOLE)?.unwrap_or(size);
+        let hole = crate::sys::seek(file, at, libc::SEEK_HOLE)?.unwrap_or(size);
         let stop = hole.min(end).max(at + 1);
         out.push(Extent {
             length: stop - at,
@@ -242,12 +211,8 @@ impl Volume for FileVolume {
     }
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        self.blocking(move |f| {
-            let mut buf = vec![0u8; length as usize];
-            f.read_exact_at(&mut buf, offset)?;
-            Ok(buf)
-        })
-        .await
+        self.blocking(move |f| crate::sys::read_at(f, length as usize, offset))
+            .await
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
@@ -277,12 +242,7 @@ impl Volume for FileVolume {
         fua: bool,
     ) -> io::Result<()> {
         self.blocking(move |f| {
-            let mode = if allocate {
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-            } else {
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-            };
-            fallocate(f, mode, offset, length)?;
+            crate::sys::zero_range(f, offset, length, allocate)?;
             if fua {
                 f.sync_data()?;
             }
@@ -299,11 +259,7 @@ impl Volume for FileVolume {
 
     async fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
         self.blocking(move |f| {
-            let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
-                return Ok(());
-            };
-            // SAFETY: an advice call on a descriptor this `File` owns; no memory is passed.
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+            crate::sys::will_need(f, offset, length);
             Ok(())
         })
         .await

@@ -443,14 +443,14 @@ where
     tracing::debug!(export = %session.export.name, structured = session.structured, "transmission");
     let session = Arc::new(session);
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+    let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {
-            wr.write_all(&reply).await?;
+            reply.write_to(&mut wr).await?;
             // Replies already waiting go out before the flush, which a TLS stream needs: what
             // the socket did not take at once stays in its buffer until then.
             while let Ok(reply) = rx.try_recv() {
-                wr.write_all(&reply).await?;
+                reply.write_to(&mut wr).await?;
             }
             wr.flush().await?;
         }
@@ -646,44 +646,82 @@ async fn execute(s: &Session, r: &Request, payload: Option<Vec<u8>>) -> Result<O
     }
 }
 
-/// The reply bytes of a request, simple or structured.
-fn reply(s: &Session, r: &Request, outcome: Result<Outcome, Failure>) -> Vec<u8> {
+/// The reply to one request: its header (a simple reply, or chunks) and, for a read, the data
+/// that follows, kept in the buffer it was read into.
+struct Reply {
+    head: Vec<u8>,
+    data: Vec<u8>,
+}
+
+/// Read data up to this size is copied after its header (one write); larger data is written
+/// from its own buffer (copying a megabyte costs more than a second write).
+const COPY_DATA_BELOW: usize = 64 << 10;
+
+impl Reply {
+    fn new(head: Vec<u8>, data: Vec<u8>) -> Reply {
+        if data.len() < COPY_DATA_BELOW {
+            let mut head = head;
+            head.extend_from_slice(&data);
+            return Reply {
+                head,
+                data: Vec::new(),
+            };
+        }
+        Reply { head, data }
+    }
+
+    fn bare(head: Vec<u8>) -> Reply {
+        Reply {
+            head,
+            data: Vec::new(),
+        }
+    }
+
+    async fn write_to<W: AsyncWrite + Unpin>(&self, w: &mut W) -> io::Result<()> {
+        w.write_all(&self.head).await?;
+        w.write_all(&self.data).await
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> Vec<u8> {
+        [&self.head[..], &self.data[..]].concat()
+    }
+}
+
+/// The reply to a request, simple or structured.
+fn reply(s: &Session, r: &Request, outcome: Result<Outcome, Failure>) -> Reply {
     let cookie = r.cookie;
     match (outcome, s.structured) {
-        (Ok(Outcome::Done), false) => proto::simple_reply(cookie, 0).to_vec(),
-        (Ok(Outcome::Done), true) => {
-            proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec()
-        }
-        (Ok(Outcome::Data(d)), false) => {
-            let mut b = Vec::with_capacity(16 + d.len());
-            b.extend_from_slice(&proto::simple_reply(cookie, 0));
-            b.extend_from_slice(&d);
-            b
-        }
+        (Ok(Outcome::Done), false) => Reply::bare(proto::simple_reply(cookie, 0).to_vec()),
+        (Ok(Outcome::Done), true) => Reply::bare(
+            proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec(),
+        ),
+        (Ok(Outcome::Data(d)), false) => Reply::new(proto::simple_reply(cookie, 0).to_vec(), d),
         // An empty read has no data chunk (its data may not be empty).
-        (Ok(Outcome::Data(d)), true) if d.is_empty() => {
-            proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec()
-        }
+        (Ok(Outcome::Data(d)), true) if d.is_empty() => Reply::bare(
+            proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec(),
+        ),
         (Ok(Outcome::Data(d)), true) => {
-            let mut b = Vec::with_capacity(28 + d.len());
-            b.extend_from_slice(&proto::chunk_header(
+            let mut head = Vec::with_capacity(28);
+            head.extend_from_slice(&proto::chunk_header(
                 cookie,
                 proto::REPLY_FLAG_DONE,
                 proto::REPLY_TYPE_OFFSET_DATA,
                 8 + d.len() as u32,
             ));
-            b.extend_from_slice(&r.offset.to_be_bytes());
-            b.extend_from_slice(&d);
-            b
+            head.extend_from_slice(&r.offset.to_be_bytes());
+            Reply::new(head, d)
         }
-        (Ok(Outcome::Extents(e)), _) => proto::block_status_chunk(cookie, BASE_ALLOCATION_ID, &e),
+        (Ok(Outcome::Extents(e)), _) => {
+            Reply::bare(proto::block_status_chunk(cookie, BASE_ALLOCATION_ID, &e))
+        }
         (Err((errno, msg)), false) => {
             tracing::debug!(command = %r.command, errno, "{msg}");
-            proto::simple_reply(cookie, errno).to_vec()
+            Reply::bare(proto::simple_reply(cookie, errno).to_vec())
         }
         (Err((errno, msg)), true) => {
             tracing::debug!(command = %r.command, errno, "{msg}");
-            proto::error_chunk(cookie, errno, &msg)
+            Reply::bare(proto::error_chunk(cookie, errno, &msg))
         }
     }
 }
@@ -791,6 +829,47 @@ mod tests {
             .count();
         assert_eq!(data_chunk, 6, "one chunk per request");
         assert!(out.windows(16).any(|w| w == [0x42; 16]), "the read's data");
+    }
+
+    /// A read's reply is the header and then the data, whether the data is copied after the
+    /// header (small) or written from its own buffer (large).
+    #[test]
+    fn read_replies_are_the_header_then_the_data_small_or_large() {
+        let export = memory_server().export("m").unwrap();
+        let req = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 7,
+            offset: 4096,
+            length: 0,
+        };
+        for len in [1, COPY_DATA_BELOW - 1, COPY_DATA_BELOW, 1 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            for structured in [false, true] {
+                let s = Session {
+                    export: export.clone(),
+                    structured,
+                    base_allocation: false,
+                };
+                let r = reply(&s, &req, Ok(Outcome::Data(data.clone())));
+                assert_eq!(r.data.is_empty(), len < COPY_DATA_BELOW, "{len} bytes");
+                let mut want = if structured {
+                    let mut h = proto::chunk_header(
+                        7,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_OFFSET_DATA,
+                        8 + len as u32,
+                    )
+                    .to_vec();
+                    h.extend_from_slice(&4096u64.to_be_bytes());
+                    h
+                } else {
+                    proto::simple_reply(7, 0).to_vec()
+                };
+                want.extend_from_slice(&data);
+                assert!(r.bytes() == want, "{len} bytes, structured {structured}");
+            }
+        }
     }
 
     #[tokio::test]

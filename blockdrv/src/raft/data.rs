@@ -5,59 +5,97 @@
 //! read into.
 //!
 //! An encoded value is a *skeleton* (the bincode of the value, each `Data` in it replaced by its
-//! length) and the data, the `Data`s' bytes one after the other in the order they appear.
-//! Outside [`encode`] and [`decode`] (plain bincode) a `Data` is an ordinary byte string.
+//! length and crc32) and the data, the `Data`s' bytes one after the other in the order they
+//! appear. Outside [`encode`] and [`decode`] (plain bincode) a `Data` is an ordinary byte string.
+//!
+//! A `Data`'s crc32 is computed once, where it is first needed (the leader's log), and shared by
+//! its clones; it travels in the skeleton, so a follower writes its log record without going
+//! over the data again (the record's crc is combined from the data's). A crc that came with the
+//! data is trusted as it is: if the data were damaged on the way, the log record would not match
+//! its crc and opening the log would say so.
 
 use std::cell::RefCell;
 use std::io;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// Bytes a write carries (cheap to clone).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Data(Bytes);
+/// Bytes a write carries (cheap to clone), and their crc32 once known.
+#[derive(Clone, Default)]
+pub struct Data {
+    bytes: Bytes,
+    crc: Arc<OnceLock<u32>>,
+}
 
 impl Data {
+    fn with_crc(bytes: Bytes, crc: u32) -> Data {
+        Data {
+            bytes,
+            crc: Arc::new(OnceLock::from(crc)),
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.bytes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.bytes.is_empty()
+    }
+
+    /// The bytes, shared.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The crc32 of the bytes, computed on the first call (by this value or a clone of it).
+    pub fn crc(&self) -> u32 {
+        *self.crc.get_or_init(|| crc32fast::hash(&self.bytes))
     }
 }
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Data) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for Data {}
 
 impl std::ops::Deref for Data {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 }
 
 impl From<Vec<u8>> for Data {
     fn from(v: Vec<u8>) -> Data {
-        Data(Bytes::from(v))
+        Data::from(Bytes::from(v))
     }
 }
 
 impl From<Bytes> for Data {
-    fn from(b: Bytes) -> Data {
-        Data(b)
+    fn from(bytes: Bytes) -> Data {
+        Data {
+            bytes,
+            crc: Arc::default(),
+        }
     }
 }
 
 impl std::fmt::Debug for Data {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Data({} bytes)", self.0.len())
+        write!(f, "Data({} bytes)", self.bytes.len())
     }
 }
 
 thread_local! {
     /// While [`encode`] runs on this thread: the data of the `Data`s serialized so far.
-    static ENCODING: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
+    static ENCODING: RefCell<Option<Vec<Data>>> = const { RefCell::new(None) };
     /// While [`decode`] runs on this thread: the data, and how much of it was taken.
     static DECODING: RefCell<Option<(Bytes, usize)>> = const { RefCell::new(None) };
 }
@@ -66,15 +104,15 @@ impl Serialize for Data {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let apart = ENCODING.with(|e| match e.borrow_mut().as_mut() {
             Some(chunks) => {
-                chunks.push(self.0.clone());
+                chunks.push(self.clone());
                 true
             }
             None => false,
         });
         if apart {
-            s.serialize_u64(self.0.len() as u64)
+            (self.bytes.len() as u64, self.crc()).serialize(s)
         } else {
-            s.serialize_bytes(&self.0)
+            s.serialize_bytes(&self.bytes)
         }
     }
 }
@@ -89,7 +127,7 @@ impl<'de> Visitor<'de> for DataVisitor {
     }
 
     fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Data, E> {
-        Ok(Data(Bytes::copy_from_slice(v)))
+        Ok(Data::from(Bytes::copy_from_slice(v)))
     }
 
     fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Data, E> {
@@ -102,7 +140,7 @@ impl<'de> Deserialize<'de> for Data {
         if !DECODING.with(|s| s.borrow().is_some()) {
             return d.deserialize_byte_buf(DataVisitor);
         }
-        let len = u64::deserialize(d)?;
+        let (len, crc) = <(u64, u32)>::deserialize(d)?;
         DECODING.with(|s| {
             let mut s = s.borrow_mut();
             let (data, at) = s.as_mut().expect("checked above");
@@ -113,7 +151,7 @@ impl<'de> Deserialize<'de> for Data {
                 .ok_or_else(|| de::Error::custom(format!("{len} bytes of data missing")))?;
             let chunk = data.slice(*at..end);
             *at = end;
-            Ok(Data(chunk))
+            Ok(Data::with_crc(chunk, crc))
         })
     }
 }
@@ -127,8 +165,8 @@ impl<T> Drop for Reset<T> {
     }
 }
 
-/// `v` as a skeleton and the data of its `Data`s, in order.
-pub fn encode<T: Serialize>(v: &T) -> bincode::Result<(Vec<u8>, Vec<Bytes>)> {
+/// `v` as a skeleton and its `Data`s, in order.
+pub fn encode<T: Serialize>(v: &T) -> bincode::Result<(Vec<u8>, Vec<Data>)> {
     ENCODING.with(|e| *e.borrow_mut() = Some(Vec::new()));
     let reset = Reset(&ENCODING);
     // Not `bincode::serialize`: it serializes twice (sizing first).
@@ -201,7 +239,12 @@ mod tests {
             chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
             [4096, 100]
         );
-        let data = Bytes::from(chunks.concat());
+        let data = Bytes::from(
+            chunks
+                .iter()
+                .flat_map(|c| c.iter().copied())
+                .collect::<Vec<u8>>(),
+        );
         let back: BlockOp = decode(&skeleton, data.clone()).unwrap();
         assert_eq!(back, op);
         let BlockOp::Batch(ops) = back else { panic!() };
@@ -209,12 +252,26 @@ mod tests {
             panic!()
         };
         assert_eq!(d.as_ptr(), data[4096..].as_ptr(), "not copied");
+        // The crcs came in the skeleton, and are those of the data.
+        assert_eq!(d.crc.get(), Some(&crc32fast::hash(&[2; 100])));
+        assert_eq!(chunks[0].crc(), crc32fast::hash(&[1; 4096]));
 
         // Too little or too much data is an error; plain bincode still works.
         assert!(decode::<BlockOp>(&skeleton, data.slice(..4000)).is_err());
         assert!(decode::<BlockOp>(&skeleton, Bytes::from(vec![0; 5000])).is_err());
         let plain = bincode::serialize(&op).unwrap();
         assert_eq!(bincode::deserialize::<BlockOp>(&plain).unwrap(), op);
+    }
+
+    #[test]
+    fn a_crc_is_computed_once_and_shared_by_clones() {
+        let a = Data::from(vec![9u8; 1000]);
+        let b = a.clone();
+        assert!(b.crc.get().is_none());
+        assert_eq!(a.crc(), crc32fast::hash(&[9; 1000]));
+        assert_eq!(b.crc.get(), Some(&a.crc()), "the clone has it too");
+        // Equality is the bytes'.
+        assert_eq!(Data::from(vec![9u8; 1000]), a);
     }
 
     #[test]

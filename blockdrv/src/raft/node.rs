@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -1211,9 +1210,7 @@ impl Group {
     async fn local_read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
         let blocks = self.blocks.clone();
         tokio::task::spawn_blocking(move || {
-            let mut b = vec![0u8; length as usize];
-            blocks.read().unwrap().read_exact_at(&mut b, offset)?;
-            Ok(b)
+            crate::sys::read_at(&blocks.read().unwrap(), length as usize, offset)
         })
         .await
         .map_err(err)?

@@ -235,14 +235,19 @@ fn encode(parts: &mut Vec<Bytes>, entry: &Entry) -> Result<u32, StorageError> {
     head.extend_from_slice(&[0; 4]);
     head.extend_from_slice(&(skeleton.len() as u32).to_le_bytes());
     head.extend_from_slice(&skeleton);
+    // The record's crc, from the head's and the data's own (computed once per write: a
+    // follower's came with the data).
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head[HEADER..]);
     for d in &data {
-        crc.update(d);
+        crc.combine(&crc32fast::Hasher::new_with_initial_len(
+            d.crc(),
+            d.len() as u64,
+        ));
     }
     head[4..HEADER].copy_from_slice(&crc.finalize().to_le_bytes());
     parts.push(Bytes::from(head));
-    parts.extend(data);
+    parts.extend(data.iter().map(|d| d.bytes().clone()));
     Ok(len)
 }
 
@@ -838,7 +843,11 @@ fn read_records(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
         let (run, next) = rest.split_at(n);
         rest = next;
         let end = run[n - 1].1.end();
-        let buf = Bytes::from(read_at(f, (end - first.offset) as usize, first.offset)?);
+        let buf = Bytes::from(crate::sys::read_at(
+            f,
+            (end - first.offset) as usize,
+            first.offset,
+        )?);
         for (_, l) in run {
             let at = (l.offset - first.offset) as usize;
             let header = &buf[at..at + HEADER];
@@ -858,41 +867,6 @@ fn read_records(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
         }
     }
     Ok(out)
-}
-
-/// `len` bytes of `file` from `offset`, read into memory that is not zeroed first (zeroing
-/// megabytes only to overwrite them costs as much as the read).
-fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut buf = Vec::<u8>::with_capacity(len);
-    let mut done = 0;
-    while done < len {
-        let at = i64::try_from(offset + done as u64)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: pread writes at most `len - done` bytes at `buf.as_mut_ptr() + done`, inside
-        // the `len` bytes `buf` has room for; the descriptor is `file`'s own.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                buf.as_mut_ptr().add(done).cast(),
-                len - done,
-                at,
-            )
-        };
-        match n {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    // SAFETY: pread initialized all `len` bytes above.
-    unsafe { buf.set_len(len) };
-    Ok(buf)
 }
 
 impl RaftLogReader<TypeConfig> for SegmentLogReader {

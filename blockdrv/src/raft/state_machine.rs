@@ -21,7 +21,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -231,23 +230,7 @@ fn apply_op(blocks: &File, op: &BlockOp) -> io::Result<()> {
             offset,
             length,
             allocate,
-        } => {
-            let mode = if *allocate {
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-            } else {
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-            };
-            let (Ok(off), Ok(len)) = (i64::try_from(*offset), i64::try_from(*length)) else {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            };
-            // SAFETY: fallocate on the descriptor this `File` owns; no memory is passed.
-            let r = unsafe { libc::fallocate(blocks.as_raw_fd(), mode, off, len) };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        }
+        } => crate::sys::zero_range(blocks, *offset, *length, *allocate),
     }
 }
 

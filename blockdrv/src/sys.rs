@@ -1,0 +1,125 @@
+//! The few file syscalls std does not wrap, in one place: hole punching and zeroing, hole/data
+//! seeks, read-ahead advice, and positioned reads into memory that is not zeroed first. Every
+//! `unsafe` of blockdrv's storage code is here.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+fn off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `fallocate(2)` on `[offset, offset + length)` of `file` with `mode`.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
+    let (off, len) = (off_t(offset)?, off_t(length)?);
+    // SAFETY: fallocate on a file descriptor this `File` owns; no memory is passed.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The range reads as zeroes afterwards; `allocate`: it keeps (or gets) its blocks, else it
+/// becomes a hole. The file's size does not change.
+pub fn zero_range(file: &File, offset: u64, length: u64, allocate: bool) -> io::Result<()> {
+    let mode = if allocate {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    fallocate(file, mode, offset, length)
+}
+
+/// `lseek(fd, offset, whence)`; None where the kernel says ENXIO (no data / hole after it).
+pub fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = off_t(offset)?;
+    // SAFETY: lseek on a file descriptor this `File` owns. It moves the shared file offset,
+    // which nothing here uses (all I/O is positioned).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// Tells the kernel `[offset, offset + length)` of `file` will be read soon (best effort).
+pub fn will_need(file: &File, offset: u64, length: u64) {
+    let (Ok(off), Ok(len)) = (off_t(offset), off_t(length)) else {
+        return;
+    };
+    // SAFETY: an advice call on a descriptor this `File` owns; no memory is passed.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+}
+
+/// `len` bytes of `file` from `offset`, read into memory that is not zeroed first (zeroing
+/// megabytes only to overwrite them costs as much as the read; a read past the end of the file
+/// is an error).
+pub fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::<u8>::with_capacity(len);
+    let mut done = 0;
+    while done < len {
+        let at = off_t(offset + done as u64)?;
+        // SAFETY: pread writes at most `len - done` bytes at `buf.as_mut_ptr() + done`, inside
+        // the `len` bytes `buf` has room for; the descriptor is `file`'s own.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                at,
+            )
+        };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    // SAFETY: pread initialized all `len` bytes above.
+    unsafe { buf.set_len(len) };
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn read_at_reads_exactly_and_refuses_to_read_past_the_end() {
+        let f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all_at(&data, 0).unwrap();
+        assert_eq!(read_at(&f, 4096, 1000).unwrap(), data[1000..5096]);
+        assert_eq!(read_at(&f, 0, 10_000).unwrap(), Vec::<u8>::new());
+        let e = read_at(&f, 2, 9_999).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn zero_range_punches_a_hole_or_keeps_the_blocks_and_seek_finds_them() {
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
+        zero_range(&f, 0, 512 << 10, false).unwrap();
+        zero_range(&f, 512 << 10, 256 << 10, true).unwrap();
+        assert_eq!(seek(&f, 0, libc::SEEK_DATA).unwrap(), Some(512 << 10));
+        assert_eq!(seek(&f, 0, libc::SEEK_HOLE).unwrap(), Some(0));
+        assert_eq!(seek(&f, 1 << 20, libc::SEEK_DATA).unwrap(), None);
+        assert_eq!(read_at(&f, 4, (512 << 10) + 10).unwrap(), [0; 4]);
+        assert_eq!(read_at(&f, 4, (768 << 10) + 10).unwrap(), [7; 4]);
+        assert!(fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE, 0, 4096).is_err());
+    }
+}
