@@ -40,13 +40,8 @@ const MAX_FRAME: u32 = 40 << 20;
 enum Rpc {
     Append(String, AppendEntriesRequest<TypeConfig>),
     Vote(String, VoteRequest<NodeId>),
-    /// A snapshot chunk; its data travels apart (as bytes: a `Vec<u8>` in the request would be
-    /// encoded element by element).
-    Snapshot(
-        String,
-        InstallSnapshotRequest<TypeConfig>,
-        #[serde(with = "serde_bytes")] Vec<u8>,
-    ),
+    /// A snapshot chunk; its data travels apart from the request.
+    Snapshot(String, InstallSnapshotRequest<TypeConfig>, SnapshotChunk),
     Write(String, BlockOp),
     /// The index a read must wait for (asked of the leader by a follower that serves a read).
     ReadIndex(String),
@@ -96,6 +91,42 @@ pub struct Status {
     pub term: u64,
     pub last_applied: Option<u64>,
     pub members: Vec<NodeId>,
+}
+
+/// The data of a snapshot chunk on the wire. A volume's snapshot is its blocks, mostly holes
+/// in a new or sparse volume: a chunk of zeroes is sent as its length only, and the receiver
+/// leaves a hole (see [`SnapshotChunk::into_data`]).
+#[derive(Debug, Serialize, Deserialize)]
+enum SnapshotChunk {
+    /// As bytes: a `Vec<u8>` would be encoded element by element.
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// This many bytes of zeroes, not sent.
+    Zeroes(u64),
+}
+
+impl SnapshotChunk {
+    fn new(data: Vec<u8>) -> SnapshotChunk {
+        if super::is_zero(&data) && !data.is_empty() {
+            SnapshotChunk::Zeroes(data.len() as u64)
+        } else {
+            SnapshotChunk::Bytes(data)
+        }
+    }
+
+    /// The data to hand openraft for a chunk. Zeroes become no data: openraft writes nothing
+    /// and seeks to the next chunk's offset, which leaves a hole in the file being received
+    /// (new, so holes read as zeroes). The last chunk is written whole even if it is zeroes, so
+    /// that the file has the snapshot's length (`calloc`ed, not touched).
+    fn into_data(self, last: bool) -> Result<Vec<u8>, String> {
+        match self {
+            SnapshotChunk::Bytes(b) => Ok(b),
+            SnapshotChunk::Zeroes(n) if n > MAX_FRAME as u64 => {
+                Err(format!("a chunk of {n} bytes of zeroes"))
+            }
+            SnapshotChunk::Zeroes(n) if last => Ok(vec![0; n as usize]),
+            SnapshotChunk::Zeroes(_) => Ok(Vec::new()),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -207,6 +238,8 @@ pub struct Peer {
     target: NodeId,
     addr: String,
     conn: Option<TcpStream>,
+    /// Bytes of the snapshot being sent: sent, and zeroes not sent.
+    snapshot_sent: (u64, u64),
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -218,6 +251,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             conn: None,
+            snapshot_sent: (0, 0),
         }
     }
 }
@@ -295,12 +329,35 @@ impl RaftNetwork<TypeConfig> for Peer {
         mut rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> NetResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let data = std::mem::take(&mut rpc.data);
+        let chunk = SnapshotChunk::new(std::mem::take(&mut rpc.data));
+        let (len, zeroes) = match &chunk {
+            SnapshotChunk::Bytes(b) => (b.len() as u64, false),
+            SnapshotChunk::Zeroes(n) => (*n, true),
+        };
+        let (id, offset, done) = (rpc.meta.snapshot_id.clone(), rpc.offset, rpc.done);
         match self
-            .rpc(Rpc::Snapshot(self.volume.clone(), rpc, data), &option)
+            .rpc(Rpc::Snapshot(self.volume.clone(), rpc, chunk), &option)
             .await?
         {
-            Reply::Snapshot(Ok(r)) => Ok(r),
+            Reply::Snapshot(Ok(r)) => {
+                if offset == 0 {
+                    self.snapshot_sent = (0, 0);
+                }
+                if zeroes {
+                    self.snapshot_sent.1 += len;
+                } else {
+                    self.snapshot_sent.0 += len;
+                }
+                if done {
+                    let (sent, skipped) = std::mem::take(&mut self.snapshot_sent);
+                    tracing::info!(
+                        volume = %self.volume,
+                        target = self.target,
+                        "snapshot {id} sent: {sent} bytes of data, {skipped} bytes of zeroes not sent"
+                    );
+                }
+                Ok(r)
+            }
             Reply::Snapshot(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(unexpected(&other)),
         }
@@ -549,6 +606,14 @@ async fn snapshot_when_due(
     }
 }
 
+/// Bytes of a snapshot chunk: one RPC each, so a chunk of zeroes (a few bytes on the wire)
+/// still costs a round trip.
+const SNAPSHOT_CHUNK: u64 = 4 << 20;
+
+/// How far (in log entries, each up to [`BATCH_BYTES`]) a learner may be behind to count as
+/// caught up.
+const CAUGHT_UP_ENTRIES: u64 = 8;
+
 fn raft_config(t: Timing) -> openraft::Config {
     openraft::Config {
         cluster_name: "sbs".into(),
@@ -556,11 +621,16 @@ fn raft_config(t: Timing) -> openraft::Config {
         election_timeout_min: t.election_ms.0,
         election_timeout_max: t.election_ms.1,
         install_snapshot_timeout: 4 * t.heartbeat_ms.max(500),
-        snapshot_max_chunk_size: 1 << 20,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK,
         // An AppendEntries carries at most 8 entries, and at most APPEND_BYTES of data (a
         // partial success, see `Peer::append_entries`): it must arrive within a heartbeat
         // interval (openraft's timeout for it).
         max_payload_entries: 8,
+        // A learner counts as caught up (`add_learner` returns, a moved replica becomes a
+        // voter) within this many entries of the leader's log, i.e. streaming at line rate.
+        // openraft's default, 5000, is a whole volume's worth here: a replica moved would
+        // become a voter, and the old one be dropped, long before its snapshot arrived.
+        replication_lag_threshold: CAUGHT_UP_ENTRIES,
         // By bytes applied instead (`snapshot_when_due`).
         snapshot_policy: openraft::SnapshotPolicy::Never,
         // Purged by bytes instead (`snapshot_when_due`).
@@ -905,10 +975,17 @@ impl Node {
             .await
             .map_err(|e| err(format!("node {to}: {e}")))?;
         let voters: std::collections::BTreeSet<NodeId> = new.members.keys().copied().collect();
+        // The learner catches up first (by snapshot if need be), at ~16 MiB/s at least.
+        let catch_up = Duration::from_secs(60 + spec.size / (16 << 20));
         let joined = async {
-            g.raft
-                .add_learner(to, BasicNode::new(addr), true)
+            tokio::time::timeout(catch_up, g.raft.add_learner(to, BasicNode::new(addr), true))
                 .await
+                .map_err(|_| {
+                    err(format!(
+                        "volume {name}: node {to} did not catch up within {} s",
+                        catch_up.as_secs()
+                    ))
+                })?
                 .map_err(|e| err(format!("volume {name}: add node {to}: {e}")))?;
             g.raft
                 .change_membership(voters, false)
@@ -1099,10 +1176,14 @@ impl Node {
         match rpc {
             Rpc::Append(_, r) => Reply::Append(g.raft.append_entries(r).await),
             Rpc::Vote(_, r) => Reply::Vote(g.raft.vote(r).await),
-            Rpc::Snapshot(_, mut r, data) => {
-                r.data = data;
-                Reply::Snapshot(g.raft.install_snapshot(r).await)
-            }
+            Rpc::Snapshot(_, mut r, chunk) => match chunk.into_data(r.done) {
+                Ok(data) => {
+                    r.data = data;
+                    Reply::Snapshot(g.raft.install_snapshot(r).await)
+                }
+                // Not from a node of this cluster: the sender gets a network error.
+                Err(e) => Reply::Done(Err(format!("volume {volume}: bad snapshot chunk: {e}"))),
+            },
             Rpc::Write(_, op) => Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string())),
             Rpc::ReadIndex(_) => Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string())),
             Rpc::Status(_) => Reply::Status(g.status(self.id)),
@@ -1543,5 +1624,38 @@ pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
         Reply::Status(s) => Ok(s),
         Reply::NoVolume(v) => Err(io::Error::other(format!("no volume {v} at {addr}"))),
         other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_of_zeroes_travels_as_its_length_and_leaves_a_hole_unless_it_is_the_last() {
+        let zeroes = SnapshotChunk::new(vec![0; 1 << 20]);
+        assert!(matches!(zeroes, SnapshotChunk::Zeroes(n) if n == 1 << 20));
+        assert!(zeroes.into_data(false).unwrap().is_empty());
+        let last = SnapshotChunk::new(vec![0; 4096]).into_data(true).unwrap();
+        assert_eq!(
+            last,
+            vec![0; 4096],
+            "the last chunk gives the file its length"
+        );
+        // One byte set anywhere, or nothing at all: sent as it is.
+        for at in [0, 63, 64, 1000, (1 << 20) - 1] {
+            let mut d = vec![0; 1 << 20];
+            d[at] = 1;
+            let SnapshotChunk::Bytes(b) = SnapshotChunk::new(d.clone()) else {
+                panic!("byte {at} set, sent as zeroes");
+            };
+            assert_eq!(b, d);
+        }
+        assert!(matches!(SnapshotChunk::new(Vec::new()), SnapshotChunk::Bytes(b) if b.is_empty()));
+        // A length no sender makes is refused, not allocated.
+        assert!(SnapshotChunk::Zeroes(1 << 40).into_data(true).is_err());
+        // On the wire the zeroes take a few bytes.
+        let (skeleton, data) = data::encode(&SnapshotChunk::Zeroes(1 << 20)).unwrap();
+        assert!(skeleton.len() < 16 && data.is_empty());
     }
 }

@@ -15,12 +15,13 @@
 //! up to its id, so those entries are always there to apply; and a node serves reads only once it
 //! has applied up to the read index, which is past anything the snapshot could hold.) Sending a
 //! snapshot reads the live `volume.img` in chunks; receiving one writes the chunks to
-//! `snapshots/incoming.img`, and installing it copies that, holes kept, over the blocks. Nothing
-//! is ever held whole in memory, and a snapshot costs a sync, not a copy of the volume, so the
-//! log can be compacted often.
+//! `snapshots/incoming.img` (chunks of zeroes are not written: holes), and installing it turns
+//! its other 64 KiB runs of zeroes into holes in place and renames it over the blocks, no copy.
+//! Nothing is ever held whole in memory, and a snapshot costs a sync, not a copy of the volume,
+//! so the log can be compacted often.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -140,32 +141,58 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_snapshot(None, super::any(e)).into()
 }
 
-/// Copies `from` (from its start) to a new file `to`, leaving holes where `from` has zeroes in
-/// whole 64 KiB runs, makes it `size` bytes long and syncs it.
-fn sparse_copy(from: &mut File, to: &Path, size: u64) -> io::Result<()> {
-    from.seek(SeekFrom::Start(0))?;
-    let out = File::create(to)?;
-    let mut buf = vec![0u8; 64 << 10];
-    let mut at = 0u64;
-    loop {
-        let mut n = 0;
-        while n < buf.len() {
-            let r = from.read(&mut buf[n..])?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-        }
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|b| *b != 0) {
-            out.write_all_at(&buf[..n], at)?;
-        }
-        at += n as u64;
+/// The snapshot data `received` as the file at `incoming`: it is that file when it came from
+/// [`StateMachine::begin_receiving_snapshot`] (as openraft does it); any other is copied there.
+fn into_incoming(received: File, incoming: &Path) -> io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (received.metadata()?, std::fs::metadata(incoming).ok());
+    if b.is_some_and(|b| (a.dev(), a.ino()) == (b.dev(), b.ino())) {
+        return Ok(received);
     }
-    out.set_len(size.max(at))?;
-    out.sync_all()
+    let mut out = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(incoming)?;
+    let mut from = &received;
+    std::io::Seek::rewind(&mut from)?;
+    std::io::copy(&mut from, &mut out)?;
+    Ok(out)
+}
+
+/// Makes `file` sparse in place: every aligned 64 KiB run of zeroes in its data becomes a hole
+/// (its holes are skipped, not read). Returns the bytes of data it read.
+fn punch_zero_runs(file: &File) -> io::Result<u64> {
+    const RUN: usize = 64 << 10;
+    const BUF: usize = 16 * RUN;
+    let size = file.metadata()?.len();
+    let mut read = 0;
+    let mut at = 0;
+    while at < size {
+        let Some(data) = crate::sys::seek(file, at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = crate::sys::seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size);
+        // Whole runs only, aligned to the file's start.
+        let mut pos = data - data % RUN as u64;
+        while pos < end {
+            let len = (end.div_ceil(RUN as u64) * RUN as u64)
+                .min(size)
+                .min(pos + BUF as u64)
+                - pos;
+            let buf = crate::sys::read_at(file, len as usize, pos)?;
+            read += len;
+            for (i, run) in buf.chunks(RUN).enumerate() {
+                if super::is_zero(run) {
+                    crate::sys::zero_range(file, pos + (i * RUN) as u64, run.len() as u64, false)?;
+                }
+            }
+            pos += len;
+        }
+        at = end.max(pos);
+    }
+    Ok(read)
 }
 
 fn meta_path(dir: &Path, id: &str) -> PathBuf {
@@ -423,17 +450,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &Meta,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let mut received = snapshot.into_std().await;
+        let received = snapshot.into_std().await;
         let (dir, size, m) = (self.dir.clone(), load(&self.size), meta.clone());
         let blocks = tokio::task::spawn_blocking(move || {
-            // The blocks become the snapshot's: a copy (holes kept) renamed over them, then
-            // reopened; the snapshot is current once they are in place.
-            let tmp = dir.join("volume.img.new");
-            sparse_copy(&mut received, &tmp, size)?;
-            std::fs::rename(&tmp, dir.join("volume.img"))?;
+            // The blocks become the snapshot's: the file received (zero chunks are holes in it
+            // already) loses its other runs of zeroes, is synced and renamed over them, then
+            // reopened; the snapshot is current once they are in place. No copy: a copy would
+            // put every byte in fresh pages or blocks a second time.
+            let incoming = dir.join("snapshots").join(INCOMING);
+            let received = into_incoming(received, &incoming)?;
+            punch_zero_runs(&received)?;
+            if received.metadata()?.len() < size {
+                received.set_len(size)?;
+            }
+            received.sync_all()?;
+            drop(received);
+            std::fs::rename(&incoming, dir.join("volume.img"))?;
             File::open(&dir)?.sync_all()?;
             set_current(&dir, &m)?;
-            let _ = std::fs::remove_file(dir.join("snapshots").join(INCOMING));
             File::options()
                 .read(true)
                 .write(true)
@@ -467,6 +501,56 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_is_installed_from_the_file_it_was_received_in_or_copied_there() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join(INCOMING);
+        let mut f = File::create(&incoming).unwrap();
+        f.write_all(b"received").unwrap();
+        let ino = f.metadata().unwrap().ino();
+        let same = into_incoming(File::open(&incoming).unwrap(), &incoming).unwrap();
+        assert_eq!(same.metadata().unwrap().ino(), ino);
+        let mut other = tempfile::tempfile().unwrap();
+        other.write_all(b"another snapshot").unwrap();
+        into_incoming(other, &incoming).unwrap();
+        assert_eq!(std::fs::read(&incoming).unwrap(), b"another snapshot");
+    }
+
+    #[test]
+    fn zero_runs_of_a_received_snapshot_become_holes_and_the_data_stays() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("s"))
+            .unwrap();
+        const K: u64 = 1024;
+        // 4 MiB of zeroes written out, a 64 KiB run with one byte set in the middle of them,
+        // a hole (never written), then data that ends off a run boundary.
+        f.write_all_at(&vec![0; 4 << 20], 0).unwrap();
+        f.write_all_at(&[5], (1 << 20) + 7).unwrap();
+        let mut tail = vec![0u8; 100 * K as usize];
+        tail[99 * K as usize] = 9;
+        f.write_all_at(&tail, 8 << 20).unwrap();
+        let before: Vec<u8> = crate::sys::read_at(&f, ((8 << 20) + 100 * K) as usize, 0).unwrap();
+        let read = punch_zero_runs(&f).unwrap();
+        assert!(read < (5 << 20), "holes were read: {read} bytes");
+        let after = crate::sys::read_at(&f, before.len(), 0).unwrap();
+        assert!(after == before, "the contents changed");
+        let data = |at| crate::sys::seek(&f, at, libc::SEEK_DATA).unwrap();
+        let hole = |at| crate::sys::seek(&f, at, libc::SEEK_HOLE).unwrap();
+        // What is left allocated: the run with the byte, and the tail's last run.
+        assert_eq!(data(0), Some(1 << 20));
+        assert_eq!(hole(1 << 20), Some((1 << 20) + 64 * K));
+        assert_eq!(data((1 << 20) + 64 * K), Some((8 << 20) + 64 * K));
+        assert_eq!(f.metadata().unwrap().len(), (8 << 20) + 100 * K);
+    }
 
     #[test]
     fn the_purge_point_keeps_that_many_kib_after_it_counting_small_entries_as_64() {
