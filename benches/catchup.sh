@@ -3,13 +3,13 @@
 # node that had none (`blockdrv volume move`), and timed until that node has applied what the
 # leader has. Two volumes of the same size, same run: one written whole with random data (the
 # baseline: every byte must travel) and one with only SPARSE_MIB written (a new or thin disk,
-# where the snapshot's unwritten parts travel as lengths, not bytes). Four `blockdrv node`
+# whose snapshot carries only its data). Four `blockdrv node`
 # processes on loopback, logs purged early (`--snapshot-logs 16 --keep-logs 1`) so that a
 # snapshot is the only way to catch up. Prints both times, the ratio, and what the senders
 # say they sent.
 #
 # Settings: BENCH_MIB (volume size, default 1024), SPARSE_MIB (default 16), BENCH_DIR (default
-# /dev/shm).
+# /dev/shm), KEEP=1 to keep the work directory (the nodes' logs).
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 cd "$REPO"

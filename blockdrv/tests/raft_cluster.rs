@@ -49,6 +49,23 @@ impl Cluster {
         c
     }
 
+    /// Three nodes with volume `v`, fast elections, a snapshot every `snapshot_mib` MiB
+    /// applied and 1 MiB of log kept behind it, logging at info (tests read what they say).
+    fn compacting(snapshot_mib: &str) -> Cluster {
+        Cluster::start(&[
+            "--heartbeat-ms",
+            "100",
+            "--election-ms",
+            "500",
+            "--snapshot-logs",
+            snapshot_mib,
+            "--keep-logs",
+            "1",
+            "--log",
+            "info",
+        ])
+    }
+
     /// Three nodes without volumes.
     fn bare(extra: &[&str]) -> Cluster {
         Cluster::nodes(3, extra)
@@ -523,18 +540,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
 
 #[test]
 fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapshot() {
-    let mut c = Cluster::start(&[
-        "--heartbeat-ms",
-        "100",
-        "--election-ms",
-        "500",
-        "--snapshot-logs",
-        "16",
-        "--keep-logs",
-        "1",
-        "--log",
-        "info",
-    ]);
+    let mut c = Cluster::compacting("16");
     let leader = c.leader();
     let via = (leader + 1) % 3;
     let n = 48u64;
@@ -623,6 +629,39 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
         sent.iter()
             .any(|(data, zeroes)| data + zeroes == 64 * MIB && *zeroes >= 15 * MIB),
         "no snapshot sent with the unwritten part left out: {sent:?}"
+    );
+}
+
+/// A volume whose blocks are all zeroes (written as zeroes, so allocated on the leader) is
+/// streamed as a snapshot of no parts at all; the replica that was down installs it (all
+/// holes) and holds the same blocks.
+#[test]
+fn a_snapshot_of_nothing_but_zeroes_has_no_parts_and_installs() {
+    let mut c = Cluster::compacting("1");
+    // The leader goes down (a leader's log is purged only past what its followers have, and
+    // the new leader does not know how far the old one got): it comes back behind.
+    let behind = c.leader();
+    c.kill(behind);
+    let via = (behind + 1) % 3;
+    c.wait_leader(via, "v");
+    for _ in 0..3 {
+        ok(&["qemu-io", "-f", "raw", "-c", "write -P 0 0 4M", &c.uri(via)]);
+    }
+    // Snapshots and purges are checked every 250 ms: the log is purged past the writes.
+    std::thread::sleep(Duration::from_millis(1500));
+    c.spawn(behind);
+    c.assert_replicas_identical();
+    let log = std::fs::read_to_string(c.log(behind)).unwrap();
+    assert!(log.contains("snapshot installed"), "no snapshot installed");
+    let sent = format!(
+        "sent: 0 bytes of data, {} bytes of zeroes not sent",
+        64 * MIB
+    );
+    assert!(
+        (0..3).any(|i| std::fs::read_to_string(c.log(i))
+            .unwrap_or_default()
+            .contains(&sent)),
+        "no snapshot of no parts sent"
     );
 }
 

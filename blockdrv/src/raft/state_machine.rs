@@ -14,8 +14,9 @@
 //! blocks to exactly the state of the last one applied. (The log before a snapshot is purged only
 //! up to its id, so those entries are always there to apply; and a node serves reads only once it
 //! has applied up to the read index, which is past anything the snapshot could hold.) Sending a
-//! snapshot reads the live `volume.img` in chunks; receiving one writes the chunks to
-//! `snapshots/incoming.img` (chunks of zeroes are not written: holes), and installing it turns
+//! snapshot reads the data of the live `volume.img` in chunks (its holes and zero runs are not
+//! sent); receiving one writes them to `snapshots/incoming.img` (the rest stays holes), and
+//! installing it turns
 //! its other 64 KiB runs of zeroes into holes in place and renames it over the blocks, no copy.
 //! Nothing is ever held whole in memory, and a snapshot costs a sync, not a copy of the volume,
 //! so the log can be compacted often.
@@ -103,14 +104,15 @@ impl Applied {
         self.lock().since_snapshot
     }
 
-    /// The newest index with at least `keep_kib` applied after it (the log may be purged up to
-    /// there), if there is a newer one than last time.
-    pub fn purge_point(&self, keep_kib: u64) -> Option<u64> {
+    /// The newest index at or below `snapshot` (the last index in a snapshot: the log can be
+    /// purged no further) with at least `keep_kib` applied after it, if there is a newer one
+    /// than last time. Indexes past `snapshot` are kept for a later call.
+    pub fn purge_point(&self, keep_kib: u64, snapshot: u64) -> Option<u64> {
         let mut c = self.lock();
         let total = c.total;
         let mut point = None;
         while let Some(&(index, at)) = c.marks.front() {
-            if total - at < keep_kib {
+            if total - at < keep_kib || index > snapshot {
                 break;
             }
             point = Some(index);
@@ -559,13 +561,16 @@ mod tests {
         a.add([(1, 1 << 20), (2, 4096), (3, 4096), (4, 4096), (5, 4096)].into_iter());
         a.add([(6, 512 << 10)].into_iter());
         assert_eq!(a.since_snapshot(), 1024 + 4 * 64 + 512);
-        assert_eq!(a.purge_point(10_000), None, "not that much applied");
-        assert_eq!(a.purge_point(512 + 3 * 64), Some(2));
-        assert_eq!(a.purge_point(512 + 3 * 64), None, "nothing new since");
+        assert_eq!(a.purge_point(10_000, 7), None, "not that much applied");
+        // Not past the snapshot; what is past it comes later.
+        assert_eq!(a.purge_point(512 + 3 * 64, 0), None, "no snapshot yet");
+        assert_eq!(a.purge_point(512 + 3 * 64, 1), Some(1));
+        assert_eq!(a.purge_point(512 + 3 * 64, 7), Some(2));
+        assert_eq!(a.purge_point(512 + 3 * 64, 7), None, "nothing new since");
         a.add([(7, 128 << 10)].into_iter());
-        assert_eq!(a.purge_point(512), Some(5));
+        assert_eq!(a.purge_point(512, 7), Some(5));
         a.snapshot_taken();
         assert_eq!(a.since_snapshot(), 0);
-        assert_eq!(a.purge_point(0), Some(7));
+        assert_eq!(a.purge_point(0, 7), Some(7));
     }
 }
