@@ -3,9 +3,9 @@
 //!
 //! RPCs travel over TCP, one frame each way: a 4-byte big-endian length and a bincode body.
 //! Besides raft's own (append entries, vote, and a snapshot streamed as parts and an end) a
-//! node answers the volume
-//! requests a node that is not the leader forwards (write, read, extents) and status. A client
-//! of a peer keeps one connection and opens a new one after any error.
+//! node answers the volume requests a node that is not the leader forwards (write, read,
+//! extents) and status. A client of a peer keeps one connection and opens a new one after any
+//! error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;

@@ -16,10 +16,9 @@
 //! has applied up to the read index, which is past anything the snapshot could hold.) Sending a
 //! snapshot reads the data of the live `volume.img` in chunks (its holes and zero runs are not
 //! sent); receiving one writes them to `snapshots/incoming.img` (the rest stays holes), and
-//! installing it turns
-//! its other 64 KiB runs of zeroes into holes in place and renames it over the blocks, no copy.
-//! Nothing is ever held whole in memory, and a snapshot costs a sync, not a copy of the volume,
-//! so the log can be compacted often.
+//! installing it turns its other 64 KiB runs of zeroes into holes in place and renames it over
+//! the blocks, no copy. Nothing is ever held whole in memory, and a snapshot costs a sync, not
+//! a copy of the volume, so the log can be compacted often.
 
 use std::fs::File;
 use std::io;
