@@ -50,6 +50,19 @@ pub fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<
     }
 }
 
+/// The first run of data of `file` in `[from, end)`, as `(start, stop)` (holes skipped), if
+/// there is one.
+pub fn next_data(file: &File, from: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    let Some(start) = seek(file, from, libc::SEEK_DATA)?.filter(|s| *s < end) else {
+        return Ok(None);
+    };
+    let stop = seek(file, start, libc::SEEK_HOLE)?
+        .unwrap_or(end)
+        .min(end)
+        .max(start + 1);
+    Ok(Some((start, stop)))
+}
+
 /// Tells the kernel `[offset, offset + length)` of `file` will be read soon (best effort).
 pub fn will_need(file: &File, offset: u64, length: u64) {
     let (Ok(off), Ok(len)) = (off_t(offset), off_t(length)) else {
@@ -118,6 +131,15 @@ mod tests {
         assert_eq!(seek(&f, 0, libc::SEEK_DATA).unwrap(), Some(512 << 10));
         assert_eq!(seek(&f, 0, libc::SEEK_HOLE).unwrap(), Some(0));
         assert_eq!(seek(&f, 1 << 20, libc::SEEK_DATA).unwrap(), None);
+        assert_eq!(
+            next_data(&f, 0, 1 << 20).unwrap(),
+            Some((512 << 10, 1 << 20))
+        );
+        assert_eq!(
+            next_data(&f, 0, 600 << 10).unwrap(),
+            Some((512 << 10, 600 << 10))
+        );
+        assert_eq!(next_data(&f, 0, 512 << 10).unwrap(), None);
         assert_eq!(read_at(&f, 4, (512 << 10) + 10).unwrap(), [0; 4]);
         assert_eq!(read_at(&f, 4, (768 << 10) + 10).unwrap(), [7; 4]);
         assert!(fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE, 0, 4096).is_err());

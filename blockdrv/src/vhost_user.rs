@@ -75,6 +75,13 @@ impl From<io::Error> for Failed {
     }
 }
 
+/// `len` bytes in pieces of at most `chunk`: (offset in the request, length) of each.
+fn pieces(len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(chunk.max(1))
+        .map(move |done| (done, (len - done).min(chunk)))
+}
+
 impl BlkBackend {
     /// `virtio_blk_config` (virtio 1.2, 5.2.4) as it stands: the capacity follows the volume
     /// as it grows (read again by the guest at its next look; no config interrupt is sent).
@@ -134,27 +141,21 @@ impl BlkBackend {
             VIRTIO_BLK_T_IN => {
                 let len = w.available_bytes();
                 let offset = self.sectors(sector, len, "read")?;
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(chunk);
+                for (done, n) in pieces(len, chunk) {
                     let data = self
                         .rt
                         .block_on(self.volume.read(offset + done as u64, n as u32))?;
                     w.write_all(&data)?;
-                    done += n;
                 }
             }
             VIRTIO_BLK_T_OUT => {
                 let len = r.available_bytes();
                 let offset = self.sectors(sector, len, "write")?;
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(chunk);
+                for (done, n) in pieces(len, chunk) {
                     let mut data = vec![0u8; n];
                     r.read_exact(&mut data)?;
                     self.rt
                         .block_on(self.volume.write(offset + done as u64, data, false))?;
-                    done += n;
                 }
             }
             VIRTIO_BLK_T_FLUSH => self.rt.block_on(self.volume.flush())?,

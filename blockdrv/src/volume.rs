@@ -177,24 +177,16 @@ pub(crate) fn file_extents(
     let mut out = Vec::new();
     let mut at = offset;
     while at < end {
-        let data = crate::sys::seek(file, at, libc::SEEK_DATA)?.unwrap_or(size);
-        if data > at {
-            let stop = data.min(end);
-            out.push(Extent {
-                length: stop - at,
-                hole: true,
-                zero: true,
-            });
-            at = stop;
-            continue;
+        let (start, stop) = crate::sys::next_data(file, at, end)?.unwrap_or((end, end));
+        for (from, to, hole) in [(at, start, true), (start, stop, false)] {
+            if to > from {
+                out.push(Extent {
+                    length: to - from,
+                    hole,
+                    zero: hole,
+                });
+            }
         }
-        let hole = crate::sys::seek(file, at, libc::SEEK_HOLE)?.unwrap_or(size);
-        let stop = hole.min(end).max(at + 1);
-        out.push(Extent {
-            length: stop - at,
-            hole: false,
-            zero: false,
-        });
         at = stop;
     }
     Ok(out)

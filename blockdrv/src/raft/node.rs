@@ -122,12 +122,9 @@ fn next_snapshot_chunk(
     at: u64,
     size: u64,
 ) -> io::Result<Option<(u64, Vec<u8>)>> {
-    let Some(data) = crate::sys::seek(blocks, at, libc::SEEK_DATA)?.filter(|d| *d < size) else {
+    let Some((data, hole)) = crate::sys::next_data(blocks, at, size)? else {
         return Ok(None);
     };
-    let hole = crate::sys::seek(blocks, data, libc::SEEK_HOLE)?
-        .unwrap_or(size)
-        .min(size);
     let len = (hole - data).min(SNAPSHOT_CHUNK);
     Ok(Some((
         data,
@@ -283,6 +280,28 @@ impl Peer {
             Err(e) => Err(Unreachable::new(&e)),
         }
     }
+
+    /// One RPC of a streamed snapshot: given up when openraft cancels the stream, an error
+    /// after `ttl`.
+    async fn snapshot_rpc(
+        &mut self,
+        rpc: Rpc,
+        ttl: Duration,
+        cancel: &mut std::pin::Pin<&mut impl std::future::Future<Output = ReplicationClosed>>,
+        option: &RPCOption,
+    ) -> Result<Reply, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = tokio::time::timeout(ttl, self.rpc(rpc, option)) => match r {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(unreachable)) => Err(StreamingError::Unreachable(unreachable)),
+                Err(_) => Err(StreamingError::Network(NetworkError::new(&io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("volume {}: a snapshot RPC took over {ttl:?}", self.volume),
+                )))),
+            },
+        }
+    }
 }
 
 fn unexpected<E: std::error::Error>(
@@ -373,19 +392,14 @@ impl RaftNetwork<TypeConfig> for Peer {
                 offset,
                 data: data.into(),
             };
-            let reply = tokio::select! {
-                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
-                r = tokio::time::timeout(
-                    option.hard_ttl(),
-                    self.rpc(Rpc::SnapshotPart(self.volume.clone(), part), &option),
-                ) => r,
-            };
-            match reply {
-                Ok(Ok(Reply::Done(Ok(())))) => {}
-                Ok(Ok(Reply::Done(Err(e)))) => return Err(net_err(e)),
-                Ok(Ok(other)) => return Err(net_err(format!("unexpected reply {other:?}"))),
-                Ok(Err(unreachable)) => return Err(StreamingError::Unreachable(unreachable)),
-                Err(_) => return Err(net_err(format!("snapshot {id}: a part timed out"))),
+            let rpc = Rpc::SnapshotPart(self.volume.clone(), part);
+            match self
+                .snapshot_rpc(rpc, option.hard_ttl(), &mut cancel, &option)
+                .await?
+            {
+                Reply::Done(Ok(())) => {}
+                Reply::Done(Err(e)) => return Err(net_err(e)),
+                other => return Err(net_err(format!("unexpected reply {other:?}"))),
             }
         }
         // Installing reads the data once more: time for that too.
@@ -396,15 +410,12 @@ impl RaftNetwork<TypeConfig> for Peer {
             size,
             parts,
         };
-        let reply = tokio::select! {
-            closed = &mut cancel => return Err(StreamingError::Closed(closed)),
-            r = tokio::time::timeout(
-                install,
-                self.rpc(Rpc::SnapshotEnd(self.volume.clone(), end), &option),
-            ) => r,
-        };
-        match reply {
-            Ok(Ok(Reply::Snapshot(Ok(r)))) => {
+        let rpc = Rpc::SnapshotEnd(self.volume.clone(), end);
+        match self
+            .snapshot_rpc(rpc, install, &mut cancel, &option)
+            .await?
+        {
+            Reply::Snapshot(Ok(r)) => {
                 tracing::info!(
                     volume = %self.volume,
                     target = self.target,
@@ -413,10 +424,8 @@ impl RaftNetwork<TypeConfig> for Peer {
                 );
                 Ok(r)
             }
-            Ok(Ok(Reply::Snapshot(Err(e)))) => Err(net_err(e)),
-            Ok(Ok(other)) => Err(net_err(format!("unexpected reply {other:?}"))),
-            Ok(Err(unreachable)) => Err(StreamingError::Unreachable(unreachable)),
-            Err(_) => Err(net_err(format!("snapshot {id}: not installed in time"))),
+            Reply::Snapshot(Err(e)) => Err(net_err(e)),
+            other => Err(net_err(format!("unexpected reply {other:?}"))),
         }
     }
 

@@ -170,11 +170,7 @@ fn punch_zero_runs(file: &File) -> io::Result<u64> {
     let size = file.metadata()?.len();
     let mut read = 0;
     let mut at = 0;
-    while at < size {
-        let Some(data) = crate::sys::seek(file, at, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = crate::sys::seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size);
+    while let Some((data, end)) = crate::sys::next_data(file, at, size)? {
         // Whole runs only, aligned to the file's start.
         let mut pos = data - data % RUN as u64;
         while pos < end {
