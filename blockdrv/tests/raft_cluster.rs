@@ -123,13 +123,37 @@ impl Cluster {
     }
 
     fn spawn(&mut self, i: usize) {
+        self.launch(i, None)
+    }
+
+    /// Starts node `i` with its directory on a tmpfs of `mib` MiB, mounted in a mount
+    /// namespace of its own (gone with the process).
+    fn spawn_on_small_disk(&mut self, i: usize, mib: u64) {
+        self.launch(i, Some(mib))
+    }
+
+    fn launch(&mut self, i: usize, small_disk: Option<u64>) {
         let _ = std::fs::remove_file(self.socket(i));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_blockdrv"));
+        let dir = self.dir.path().join(format!("n{}", i + 1));
+        let mut cmd = match small_disk {
+            None => Command::new(env!("CARGO_BIN_EXE_blockdrv")),
+            Some(mib) => {
+                std::fs::create_dir_all(&dir).unwrap();
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(format!(
+                        "mount -t tmpfs -o size={mib}m tmpfs \"$0\" && exec \"$@\""
+                    ))
+                    .arg(&dir)
+                    .arg(env!("CARGO_BIN_EXE_blockdrv"));
+                c
+            }
+        };
         cmd.arg("node")
             .arg("--id")
             .arg((i + 1).to_string())
             .arg("--dir")
-            .arg(self.dir.path().join(format!("n{}", i + 1)))
+            .arg(&dir)
             .arg("--listen")
             .arg(self.addr(i))
             .arg("--nbd-unix")
@@ -232,6 +256,29 @@ impl Cluster {
         panic!("no node knows a leader");
     }
 
+    /// The leader, once nodes 1-3 have agreed on it for a second (just after start, a second
+    /// election may still follow the first).
+    fn steady_leader(&self) -> usize {
+        let agreed = |c: &Cluster| {
+            let l: Vec<_> = (0..3)
+                .map(|i| c.status(i).and_then(|s| s["leader"].as_u64()))
+                .collect();
+            l[0].filter(|_| l.iter().all(|x| *x == l[0]))
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut since = (agreed(self), Instant::now());
+        loop {
+            let now = agreed(self);
+            if now != since.0 {
+                since = (now, Instant::now());
+            } else if let Some(l) = now.filter(|_| since.1.elapsed() >= Duration::from_secs(1)) {
+                return l as usize - 1;
+            }
+            assert!(Instant::now() < deadline, "no steady leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn applied(&self, i: usize) -> Option<u64> {
         self.status(i)?["last_applied"].as_u64()
     }
@@ -280,9 +327,13 @@ impl Drop for Cluster {
                 let log = std::fs::read_to_string(self.log(i)).unwrap_or_default();
                 let tail: Vec<&str> = log
                     .lines()
-                    .filter(|l| !l.contains("openraft::"))
+                    .filter(|l| std::env::var_os("DBG").is_some() || !l.contains("openraft::"))
                     .rev()
-                    .take(20)
+                    .take(if std::env::var_os("DBG").is_some() {
+                        400
+                    } else {
+                        20
+                    })
                     .collect();
                 eprintln!("--- node {} log (last lines) ---", i + 1);
                 for l in tail.iter().rev() {
@@ -663,6 +714,119 @@ fn a_snapshot_of_nothing_but_zeroes_has_no_parts_and_installs() {
             .contains(&sent)),
         "no snapshot of no parts sent"
     );
+}
+
+/// A replica moved to a node that cannot take it (its disk fills up) ends the move with that
+/// node's error once it has taken nothing for a while: the group drops the learner, the node
+/// its replica, and the volume goes on with its members. A move cut short with its leader
+/// (SIGKILL) leaves a learner behind that the next leader drops. With the disk fixed, the same
+/// move goes through.
+#[test]
+fn a_move_to_a_node_that_cannot_catch_up_fails_and_leaves_nothing_behind() {
+    let mut c = Cluster::start(&["--heartbeat-ms", "100", "--election-ms", "500"]);
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 0 48M",
+        &c.uri(0),
+    ]);
+    // Node 4 knows the others but holds no volume of its own yet.
+    c.extra.drain(..2);
+    let n4 = c.add_place();
+    c.spawn_on_small_disk(n4, 16);
+    let leader = c.steady_leader();
+    let from = (leader + 1) % 3;
+    let move_args = |c: &Cluster, via: usize| {
+        vec![
+            "volume".to_string(),
+            "move".into(),
+            "--addr".into(),
+            c.addr(via),
+            "v".into(),
+            (from + 1).to_string(),
+            format!("{}={}", n4 + 1, c.addr(n4)),
+        ]
+    };
+    let args = move_args(&c, leader);
+    let (good, out) = c.blockdrv(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !good && out.contains("node 4 took nothing") && out.contains("No space left"),
+        "{out}"
+    );
+    let left_alone = |c: &Cluster, i: usize| {
+        c.status(i).is_some_and(|s| {
+            let mut m: Vec<u64> = serde_json::from_value(s["members"].clone()).unwrap();
+            m.sort();
+            s["learners"] == serde_json::json!([]) && m == [1, 2, 3]
+        }) && c.held(n4).is_empty()
+    };
+    assert!(
+        left_alone(&c, leader),
+        "{:?} {:?}",
+        c.status(leader),
+        c.held(n4)
+    );
+    assert!(!c.exports(n4).contains("export=\"v\""));
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5b 8M 1M",
+        &c.uri(from),
+    ]);
+
+    // Again, and the leader dies while node 4 is its learner.
+    let mut moving = Command::new(env!("CARGO_BIN_EXE_blockdrv"))
+        .args(move_args(&c, leader))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.wait_for(
+        |c| {
+            c.status(leader)
+                .is_some_and(|s| s["learners"] == serde_json::json!([4]))
+        },
+        "node 4 to be a learner",
+    );
+    c.kill(leader);
+    assert!(!moving.wait().unwrap().success(), "the move went through");
+    let survivor = (leader + 2) % 3;
+    c.wait_for(
+        |c| {
+            c.status(survivor)
+                .and_then(|s| s["leader"].as_u64())
+                .is_some_and(|l| left_alone(c, l as usize - 1))
+        },
+        "the next leader to drop the learner",
+    );
+    c.spawn(leader);
+
+    // The same move once node 4 has room.
+    c.kill(n4);
+    c.spawn(n4);
+    let args = move_args(&c, survivor);
+    let (good, out) = c.blockdrv(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(good, "{out}");
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5b 8M 1M",
+        &c.uri(n4),
+    ]);
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5a 9M 39M",
+        &c.uri(n4),
+    ]);
 }
 
 /// Nodes join and leave at run time: a node added takes replicas until they are spread

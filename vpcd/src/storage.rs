@@ -240,10 +240,13 @@ impl Storage {
             name: spec.name,
             size: spec.size,
             leader: status.leader.unwrap_or(0),
-            health: if status.leader.is_some() {
-                "ok".into()
-            } else {
-                "no leader".into()
+            health: match (status.leader, status.learners.as_slice()) {
+                (None, _) => "no leader".into(),
+                (Some(_), []) => "ok".into(),
+                (Some(_), to) => {
+                    let to: Vec<String> = to.iter().map(u64::to_string).collect();
+                    format!("ok, a replica moving to node {}", to.join(", "))
+                }
             },
             members: spec.members.into_iter().collect(),
         }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     ClientWriteError, Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
@@ -21,7 +21,7 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Raft, Vote};
+use openraft::{BasicNode, ChangeMembers, Raft, Vote};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -92,7 +92,11 @@ pub struct Status {
     pub leader: Option<NodeId>,
     pub term: u64,
     pub last_applied: Option<u64>,
+    /// The voters.
     pub members: Vec<NodeId>,
+    /// Members that do not vote yet: replicas being moved in, catching up.
+    #[serde(default)]
+    pub learners: Vec<NodeId>,
 }
 
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
@@ -232,6 +236,52 @@ async fn call(conn: &mut Option<TcpStream>, addr: &str, rpc: &Rpc) -> io::Result
 #[derive(Debug, Clone)]
 pub struct Network {
     volume: String,
+    links: Arc<Links>,
+}
+
+/// How replication to each peer of a group goes, as this node's network sees it while it
+/// leads: when the peer last took data (entries or a snapshot part) and the last error.
+#[derive(Debug, Default)]
+struct Links(std::sync::Mutex<HashMap<NodeId, Link>>);
+
+#[derive(Debug)]
+struct Link {
+    progress: Instant,
+    error: Option<(Instant, String)>,
+}
+
+impl Links {
+    fn with<T>(&self, peer: NodeId, f: impl FnOnce(&mut Link) -> T) -> T {
+        let mut links = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(links.entry(peer).or_insert_with(|| Link {
+            progress: Instant::now(),
+            error: None,
+        }))
+    }
+
+    fn progressed(&self, peer: NodeId) {
+        self.with(peer, |l| l.progress = Instant::now());
+    }
+
+    fn failed(&self, peer: NodeId, e: &dyn std::fmt::Display) {
+        self.with(peer, |l| l.error = Some((Instant::now(), e.to_string())));
+    }
+
+    /// The last error of `peer` if it has taken no data for `stall` up to `now`, counting from
+    /// `since` at the earliest, and failed since it last did.
+    fn stalled(
+        &self,
+        peer: NodeId,
+        since: Instant,
+        now: Instant,
+        stall: Duration,
+    ) -> Option<String> {
+        self.with(peer, |l| {
+            let progress = l.progress.max(since);
+            let (at, e) = l.error.as_ref()?;
+            (*at >= progress && now.saturating_duration_since(progress) >= stall).then(|| e.clone())
+        })
+    }
 }
 
 /// A client of one peer for one group.
@@ -241,6 +291,7 @@ pub struct Peer {
     target: NodeId,
     addr: String,
     conn: Option<TcpStream>,
+    links: Arc<Links>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -252,6 +303,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             conn: None,
+            links: self.links.clone(),
         }
     }
 }
@@ -268,17 +320,22 @@ impl Peer {
     /// would then miss heartbeats and start an election.)
     async fn rpc(&mut self, rpc: Rpc, _option: &RPCOption) -> Result<Reply, Unreachable> {
         let mut conn = self.conn.take();
-        match call(&mut conn, &self.addr, &rpc).await {
-            Ok(Reply::NoVolume(v)) => Err(Unreachable::new(&io::Error::other(format!(
-                "node {} has no volume {v}",
-                self.target
-            )))),
+        let e = match call(&mut conn, &self.addr, &rpc).await {
+            Ok(Reply::NoVolume(v)) => {
+                io::Error::other(format!("node {} has no volume {v}", self.target))
+            }
             Ok(r) => {
                 self.conn = conn;
-                Ok(r)
+                return Ok(r);
             }
-            Err(e) => Err(Unreachable::new(&e)),
-        }
+            Err(e) => e,
+        };
+        self.failed(&e);
+        Err(Unreachable::new(&e))
+    }
+
+    fn failed(&self, e: &dyn std::fmt::Display) {
+        self.links.failed(self.target, e);
     }
 
     /// One RPC of a streamed snapshot: given up when openraft cancels the stream, an error
@@ -333,7 +390,8 @@ impl RaftNetwork<TypeConfig> for Peer {
             rpc.entries.truncate(keep);
             rpc.entries.last().map(|e| e.log_id)
         });
-        match self
+        let data = !rpc.entries.is_empty();
+        let r = match self
             .rpc(Rpc::Append(self.volume.clone(), rpc), &option)
             .await?
         {
@@ -343,13 +401,58 @@ impl RaftNetwork<TypeConfig> for Peer {
             Reply::Append(Ok(r)) => Ok(r),
             Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(unexpected(&other)),
+        };
+        match &r {
+            Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
+                if data =>
+            {
+                self.links.progressed(self.target)
+            }
+            Err(e) => self.failed(e),
+            Ok(_) => {}
         }
+        r
     }
 
     /// Streams a snapshot: the data of the blocks in chunks (one RPC each, holes and runs of
     /// zeroes left out, so a thin volume sends what it holds, not its size), then the end,
     /// on which the peer installs it.
     async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: openraft::Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let target = (self.links.clone(), self.target);
+        let r = self.send_snapshot(vote, snapshot, cancel, option).await;
+        match &r {
+            Ok(_) => target.0.progressed(target.1),
+            Err(StreamingError::Closed(_)) => {}
+            Err(e) => target.0.failed(target.1, e),
+        }
+        r
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> NetResult<VoteResponse<NodeId>> {
+        match self
+            .rpc(Rpc::Vote(self.volume.clone(), rpc), &option)
+            .await?
+        {
+            Reply::Vote(Ok(r)) => Ok(r),
+            Reply::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+impl Peer {
+    /// [`RaftNetwork::full_snapshot`]: the data of the blocks in parts, then the end.
+    async fn send_snapshot(
         &mut self,
         vote: Vote<NodeId>,
         snapshot: openraft::Snapshot<TypeConfig>,
@@ -397,7 +500,7 @@ impl RaftNetwork<TypeConfig> for Peer {
                 .snapshot_rpc(rpc, option.hard_ttl(), &mut cancel, &option)
                 .await?
             {
-                Reply::Done(Ok(())) => {}
+                Reply::Done(Ok(())) => self.links.progressed(self.target),
                 Reply::Done(Err(e)) => return Err(net_err(e)),
                 other => return Err(net_err(format!("unexpected reply {other:?}"))),
             }
@@ -428,21 +531,6 @@ impl RaftNetwork<TypeConfig> for Peer {
             other => Err(net_err(format!("unexpected reply {other:?}"))),
         }
     }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        option: RPCOption,
-    ) -> NetResult<VoteResponse<NodeId>> {
-        match self
-            .rpc(Rpc::Vote(self.volume.clone(), rpc), &option)
-            .await?
-        {
-            Reply::Vote(Ok(r)) => Ok(r),
-            Reply::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            other => Err(unexpected(&other)),
-        }
-    }
 }
 
 /// Most bytes of write data in one AppendEntries: openraft allows it one heartbeat interval to
@@ -460,6 +548,19 @@ pub struct Group {
     queue: tokio::sync::mpsc::UnboundedSender<Pending>,
     /// The snapshot being received from the leader, if one is.
     receiving: Arc<tokio::sync::Mutex<Option<Receiving>>>,
+    /// How replication to each peer goes (while this node leads).
+    links: Arc<Links>,
+    /// The node a replica is being moved to by this node, if one is.
+    moving: Arc<std::sync::Mutex<Option<NodeId>>>,
+}
+
+/// A move of a replica to a node under way (see [`Group::moving`]); over when dropped.
+struct Moving(Arc<std::sync::Mutex<Option<NodeId>>>);
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// A snapshot being received: whose, which, the file its data goes to and how many parts
@@ -686,12 +787,60 @@ async fn snapshot_when_due(
     }
 }
 
+/// While this node leads: removes from the group every learner it is not moving a replica to
+/// (one left by a move that a leader change or a crash cut short), and has that node drop
+/// the replica opened for it. Ends with the group.
+async fn drop_stray_learners(
+    volume: String,
+    raft: Raft<TypeConfig>,
+    moving: Arc<std::sync::Mutex<Option<NodeId>>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if Arc::strong_count(&moving) == 1 {
+            return;
+        }
+        let m = raft.metrics().borrow().clone();
+        if m.state != openraft::ServerState::Leader {
+            continue;
+        }
+        let mine = *moving.lock().unwrap_or_else(|e| e.into_inner());
+        let membership = m.membership_config.membership();
+        let stray: BTreeMap<NodeId, String> = membership
+            .learner_ids()
+            .filter(|id| Some(*id) != mine)
+            .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
+            .collect();
+        if stray.is_empty() {
+            continue;
+        }
+        let ids = stray.keys().copied().collect();
+        if let Err(e) = raft
+            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .await
+        {
+            tracing::warn!(volume, learners = ?stray.keys(), "stray learners not removed: {e}");
+            continue;
+        }
+        for (id, addr) in stray {
+            tracing::info!(volume, node = id, "stray learner removed");
+            if let Err(e) = manage(&addr, Rpc::Drop(volume.clone())).await {
+                tracing::warn!(volume, node = id, "replica not dropped: {e}");
+            }
+        }
+    }
+}
+
 /// Most bytes of data in one part of a streamed snapshot (one RPC).
 const SNAPSHOT_CHUNK: u64 = 4 << 20;
 
 /// How far (in log entries, each up to [`BATCH_BYTES`]) a learner may be behind to count as
 /// caught up.
 const CAUGHT_UP_ENTRIES: u64 = 8;
+
+/// A replica being moved in that takes no data for this long, and fails, ends the move.
+const STALLED: Duration = Duration::from_secs(10);
 
 fn raft_config(t: Timing) -> openraft::Config {
     openraft::Config {
@@ -1046,6 +1195,7 @@ impl Node {
                 format!("volume {name}: node {to} holds a replica already"),
             ));
         }
+        let _moving = g.start_move(to)?;
         let mut new = spec.clone();
         new.members.remove(&from);
         new.members.insert(to, addr.to_string());
@@ -1053,27 +1203,30 @@ impl Node {
             .await
             .map_err(|e| err(format!("node {to}: {e}")))?;
         let voters: std::collections::BTreeSet<NodeId> = new.members.keys().copied().collect();
-        // The learner catches up first (by snapshot if need be), at ~16 MiB/s at least.
-        let catch_up = Duration::from_secs(60 + spec.size / (16 << 20));
         let joined = async {
-            tokio::time::timeout(catch_up, g.raft.add_learner(to, BasicNode::new(addr), true))
+            g.raft
+                .add_learner(to, BasicNode::new(addr), false)
                 .await
-                .map_err(|_| {
-                    err(format!(
-                        "volume {name}: node {to} did not catch up within {} s",
-                        catch_up.as_secs()
-                    ))
-                })?
                 .map_err(|e| err(format!("volume {name}: add node {to}: {e}")))?;
+            // The learner catches up first (by snapshot if need be), at ~16 MiB/s at least.
+            g.catch_up(to, Duration::from_secs(60 + spec.size / (16 << 20)))
+                .await?;
             g.raft
                 .change_membership(voters, false)
                 .await
                 .map_err(|e| err(format!("volume {name}: change members: {e}")))
         };
         if let Err(e) = joined.await {
-            // The replica opened for it would be left behind: a learner outside the group.
-            // (After a membership change that did go through, the group still has it.)
-            if !g.status(self.id).members.contains(&to) {
+            // Unless the membership change went through (then the group has it as a voter),
+            // the learner leaves the group and drops the replica opened for it.
+            let status = g.status(self.id);
+            if !status.members.contains(&to) {
+                if status.learners.contains(&to) {
+                    let gone = ChangeMembers::RemoveNodes([to].into());
+                    if let Err(r) = g.raft.change_membership(gone, false).await {
+                        tracing::warn!(volume = name, node = to, "learner not removed: {r}");
+                    }
+                }
                 if let Err(d) = manage(addr, Rpc::Drop(name.into())).await {
                     tracing::warn!(volume = name, node = to, "replica not dropped: {d}");
                 }
@@ -1131,8 +1284,10 @@ impl Node {
                 .validate()
                 .map_err(io::Error::other)?,
         );
+        let links = Arc::<Links>::default();
         let network = Network {
             volume: volume.to_string(),
+            links: links.clone(),
         };
         let raft = Raft::new(self.id, config, network, log, sm)
             .await
@@ -1152,7 +1307,14 @@ impl Node {
             blocks,
             queue,
             receiving: Arc::default(),
+            links,
+            moving: Arc::default(),
         };
+        tokio::spawn(drop_stray_learners(
+            volume.to_string(),
+            g.raft.clone(),
+            g.moving.clone(),
+        ));
         self.groups
             .write()
             .unwrap()
@@ -1382,6 +1544,65 @@ impl Group {
             term: m.current_term,
             last_applied: m.last_applied.map(|l| l.index),
             members: m.membership_config.membership().voter_ids().collect(),
+            learners: m.membership_config.membership().learner_ids().collect(),
+        }
+    }
+
+    /// Marks a move of a replica to `to` under way, until the mark is dropped; refused while
+    /// another one is.
+    fn start_move(&self, to: NodeId) -> io::Result<Moving> {
+        let mut moving = self.moving.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = *moving {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "volume {}: a replica is being moved to node {other}",
+                    self.name
+                ),
+            ));
+        }
+        *moving = Some(to);
+        Ok(Moving(self.moving.clone()))
+    }
+
+    /// Waits until learner `to` is within [`CAUGHT_UP_ENTRIES`] of this leader's log: an error
+    /// after `within`, when this node stops leading, or once `to` has taken no data for
+    /// [`STALLED`] and failed since (a dead node, a full disk), with its last error.
+    async fn catch_up(&self, to: NodeId, within: Duration) -> io::Result<()> {
+        let start = Instant::now();
+        let mut metrics = self.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.state != openraft::ServerState::Leader {
+                    return Err(err(format!(
+                        "volume {}: this node stopped leading while node {to} caught up",
+                        self.name
+                    )));
+                }
+                let matched = m.replication.as_ref().and_then(|r| r.get(&to).copied());
+                if let (Some(Some(matched)), Some(last)) = (matched, m.last_log_index) {
+                    if matched.index + CAUGHT_UP_ENTRIES >= last {
+                        return Ok(());
+                    }
+                }
+            }
+            let now = Instant::now();
+            if let Some(e) = self.links.stalled(to, start, now, STALLED) {
+                return Err(err(format!(
+                    "volume {}: node {to} took nothing for {} s: {e}",
+                    self.name,
+                    STALLED.as_secs()
+                )));
+            }
+            if now - start > within {
+                return Err(err(format!(
+                    "volume {}: node {to} did not catch up within {} s",
+                    self.name,
+                    within.as_secs()
+                )));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(250), metrics.changed()).await;
         }
     }
 
@@ -1793,6 +2014,31 @@ pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_stalled_once_it_failed_after_taking_nothing_for_that_long() {
+        let links = Links::default();
+        let stall = Duration::from_secs(10);
+        let start = Instant::now();
+        let later = |s| start + Duration::from_secs(s);
+        // Never heard of, or only progress: not stalled.
+        assert_eq!(links.stalled(4, start, later(60), stall), None);
+        links.progressed(4);
+        assert_eq!(links.stalled(4, start, later(60), stall), None);
+        // An error: stalled only once the stall has passed since the last progress.
+        links.failed(4, &"No space left on device");
+        assert_eq!(links.stalled(4, start, later(5), stall), None);
+        assert_eq!(
+            links.stalled(4, start, later(11), stall).as_deref(),
+            Some("No space left on device")
+        );
+        // Counted from `since` at the earliest (a move that began after the error).
+        assert_eq!(links.stalled(4, later(5), later(11), stall), None);
+        // Progress after the error: not stalled, however long ago.
+        links.progressed(4);
+        assert_eq!(links.stalled(4, start, later(60), stall), None);
+        assert_eq!(links.stalled(5, start, later(60), stall), None);
+    }
 
     #[test]
     fn a_snapshot_is_read_as_its_data_in_chunks_with_the_holes_skipped() {
