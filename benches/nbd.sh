@@ -126,7 +126,7 @@ SERVERS="raft raftf ours qemu"
 for metric in write read rand_read rand_write; do
     for s in $SERVERS; do : > "$WORK/$metric.$s"; done
 done
-for s in $SERVERS; do : > "$WORK/cpu.$s" && : > "$WORK/settle.$s"; done
+for s in $SERVERS; do : > "$WORK/cpu.$s" && : > "$WORK/rcpu.$s" && : > "$WORK/settle.$s"; done
 # Warm-up, not measured: the first write of each target allocates its files' pages (on this VM,
 # fresh pages cost a fault in the host too), which a server that has been running has done.
 for s in $SERVERS; do
@@ -139,7 +139,9 @@ for _ in $(seq "$RUNS"); do
         copy "$WORK/src.bin" "$(uri $s)" >> "$WORK/write.$s"
         echo $(($(ticks "$s") - c0)) >> "$WORK/cpu.$s"
         settle "$s" >> "$WORK/settle.$s"
+        c0=$(ticks "$s")
         copy "$(uri $s)" null: >> "$WORK/read.$s"
+        echo $(($(ticks "$s") - c0)) >> "$WORK/rcpu.$s"
         bench4k "$(uri $s)" "" >> "$WORK/rand_read.$s"
         bench4k "$(uri $s)" -w >> "$WORK/rand_write.$s"
         settle "$s" > /dev/null
@@ -158,11 +160,13 @@ done
 # Where a write's time goes: the servers' CPU per GiB written (the machine's cores are shared by
 # the client and, for the replicated volume, all three nodes).
 hz=$(getconf CLK_TCK)
-printf 'server CPU per GiB written (median): '
-for s in $SERVERS; do
-    printf '%s %.2f s  ' "$s" "$(median < "$WORK/cpu.$s" | awk -v h="$hz" -v m="$MIB" '{print $1 / h * 1024 / m}')"
+for what in written:cpu read:rcpu; do
+    printf 'server CPU per GiB %s (median): ' "${what%%:*}"
+    for s in $SERVERS; do
+        printf '%s %.2f s  ' "$s" "$(median < "$WORK/${what#*:}.$s" | awk -v h="$hz" -v m="$MIB" '{print $1 / h * 1024 / m}')"
+    done
+    echo "(raft, raftf: the three nodes together, during the copy)"
 done
-echo "(raft, raftf: the three nodes together, during the copy)"
 printf 'replicas all applied after the write copy ended, in ms (every run): %s\n' \
     "$(awk '{printf "%.0f ", $1}' "$WORK/settle.raft" "$WORK/settle.raftf")"
 echo "every run (in order), per metric and server:"

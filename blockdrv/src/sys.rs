@@ -1,10 +1,12 @@
 //! The few file syscalls std does not wrap, in one place: hole punching and zeroing, hole/data
-//! seeks, read-ahead advice, and positioned reads into memory that is not zeroed first. Every
-//! `unsafe` of blockdrv's storage code is here.
+//! seeks, read-ahead advice, positioned reads into memory that is not zeroed first, and sending
+//! a file's bytes to a socket without copying them (`sendfile`). Every `unsafe` of blockdrv's
+//! storage code is here.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
 
 fn off_t(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -106,6 +108,70 @@ pub fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Sends `len` bytes of `file` from `offset` to `socket` with `sendfile(2)`: the kernel hands
+/// the file's pages to the socket, no copy through memory here. The socket may be non-blocking
+/// (one a runtime polls): this waits for room with `poll(2)` and gives up once the peer has
+/// taken nothing for `stall`. A file that ends first is an error, as is a peer that goes away.
+pub fn send_file(
+    socket: BorrowedFd<'_>,
+    file: &File,
+    offset: u64,
+    len: usize,
+    stall: Duration,
+) -> io::Result<()> {
+    let mut off = off_t(offset)?;
+    let mut left = len;
+    let mut progress = Instant::now();
+    while left > 0 {
+        // SAFETY: sendfile between two descriptors that stay open for the call (`socket` is
+        // borrowed, `file` owned); `off` is a local the kernel advances.
+        let n = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut off, left) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {
+                left -= n as usize;
+                progress = Instant::now();
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => {
+                        let waited = progress.elapsed();
+                        if waited >= stall {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("the peer took nothing for {waited:?}"),
+                            ));
+                        }
+                        wait_writable(socket, stall - waited)?;
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `fd` can be written to (or has an error to report), at most `timeout`.
+fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one pollfd, valid for the call, for a descriptor that stays open.
+    if unsafe { libc::poll(&mut p, 1, ms) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +185,35 @@ mod tests {
         assert_eq!(read_at(&f, 4096, 1000).unwrap(), data[1000..5096]);
         assert_eq!(read_at(&f, 0, 10_000).unwrap(), Vec::<u8>::new());
         let e = read_at(&f, 2, 9_999).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn send_file_sends_the_range_through_a_full_socket_and_stops_at_a_stall_or_the_end() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+        f.write_all_at(&data, 0).unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Non-blocking, as a runtime's socket is; 3 MiB do not fit in its buffer at once.
+        a.set_nonblocking(true).unwrap();
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut got = vec![0u8; 3 << 20];
+            b.read_exact(&mut got).unwrap();
+            (got, b)
+        });
+        send_file(a.as_fd(), &f, 1000, 3 << 20, Duration::from_secs(10)).unwrap();
+        let (got, b) = reader.join().unwrap();
+        assert!(got == data[1000..1000 + (3 << 20)], "other bytes arrived");
+        // Nobody reads: it gives up.
+        let e = send_file(a.as_fd(), &f, 0, 4 << 20, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // Past the end of the file.
+        drop(b);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let e = send_file(a.as_fd(), &f, (4 << 20) - 10, 20, Duration::from_secs(1)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 

@@ -18,6 +18,15 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// Where the bytes of a read are: `len` bytes of `file` from `offset`, for a front end that
+/// sends them straight from the file (see [`Volume::read_region`]).
+#[derive(Debug, Clone)]
+pub struct FileRegion {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: u32,
+}
+
 /// A block volume. Writes are durable once `flush` returns, or at once with `fua`.
 #[async_trait::async_trait]
 pub trait Volume: Send + Sync + std::fmt::Debug {
@@ -32,6 +41,15 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     }
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>>;
+
+    /// A read whose bytes are taken from a file when they are sent, not now: the region of a
+    /// file that holds them, if the volume keeps them in one (`None`: use [`Volume::read`]).
+    /// Whatever is ordered before the call (completed writes, a read barrier) is in the region;
+    /// a write that completes after it may be seen too, as it may be by a read that overlaps
+    /// it.
+    async fn read_region(&self, _offset: u64, _length: u32) -> io::Result<Option<FileRegion>> {
+        Ok(None)
+    }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()>;
 
@@ -205,6 +223,14 @@ impl Volume for FileVolume {
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
         self.blocking(move |f| crate::sys::read_at(f, length as usize, offset))
             .await
+    }
+
+    async fn read_region(&self, offset: u64, length: u32) -> io::Result<Option<FileRegion>> {
+        Ok(Some(FileRegion {
+            file: self.file.clone(),
+            offset,
+            len: length,
+        }))
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {

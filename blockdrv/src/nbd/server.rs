@@ -15,7 +15,9 @@
 //! request (and a write's data), hands it to a task of its own, and the replies go through one
 //! writer, each written whole. A reply is sent only when its operation is done, so a write is
 //! acknowledged only once the volume has it; `DISC` (or the client going away) waits for the
-//! requests in flight.
+//! requests in flight. On a socket without TLS, large reads from a volume that keeps its bytes
+//! in a file go out with `sendfile` from that file ([`Volume::read_region`]), not through a
+//! buffer.
 //!
 //! Peer errors: a bad magic or malformed handshake closes the connection; a bad request (unknown
 //! command or flags, out of range, too long) gets an NBD error and the connection goes on, except
@@ -23,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -30,7 +33,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::proto::{self, Command, Request, TlsGate, TlsState};
 use super::tls::{TlsConfig, TlsError};
-use crate::volume::Volume;
+use crate::volume::{FileRegion, Volume};
 
 /// Requests of one connection executed at the same time.
 pub const IN_FLIGHT: usize = 64;
@@ -108,6 +111,8 @@ struct Session {
     export: Export,
     structured: bool,
     base_allocation: bool,
+    /// Large reads go out from the volume's file (`sendfile`), when it has one.
+    send_files: bool,
 }
 
 /// How option haggling ended.
@@ -183,17 +188,38 @@ impl Server {
         }
     }
 
-    fn spawn<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, stream: S) {
+    /// Serves a socket's connection in a task of its own; reads from files go out with
+    /// `sendfile` (the socket's descriptor, duplicated, is kept for it until the end).
+    fn spawn<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
+    {
         let server = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = server.serve_connection(stream).await {
+            let socket = match stream.as_fd().try_clone_to_owned() {
+                Ok(fd) => Some(Arc::new(fd)),
+                Err(e) => {
+                    tracing::warn!("reads will be copied: no socket descriptor: {e}");
+                    None
+                }
+            };
+            if let Err(e) = server.serve(stream, socket).await {
                 tracing::info!("NBD connection ended: {e}");
             }
         });
     }
 
     /// Serves one connection to its end.
-    pub async fn serve_connection<S>(&self, mut stream: S) -> Result<(), ConnError>
+    pub async fn serve_connection<S>(&self, stream: S) -> Result<(), ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve(stream, None).await
+    }
+
+    /// Serves one connection; `socket`: its descriptor, for sending reads from files with
+    /// `sendfile` while there is no TLS on it.
+    async fn serve<S>(&self, mut stream: S, socket: Option<Arc<OwnedFd>>) -> Result<(), ConnError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -204,7 +230,7 @@ impl Server {
         let no_zeroes = client & proto::FLAG_C_NO_ZEROES != 0;
         let state = TlsState::new(self.tls.is_some());
         match self.negotiate(&mut stream, no_zeroes, state).await? {
-            Negotiated::Transmission(session) => transmission(stream, session).await,
+            Negotiated::Transmission(session) => transmission(stream, session, socket).await,
             Negotiated::Aborted => Ok(()),
             Negotiated::StartTls => {
                 // (Acknowledged only when the server has TLS.)
@@ -220,7 +246,7 @@ impl Server {
                     .negotiate(&mut stream, no_zeroes, TlsState::Established)
                     .await?
                 {
-                    Negotiated::Transmission(session) => transmission(stream, session).await,
+                    Negotiated::Transmission(session) => transmission(stream, session, None).await,
                     Negotiated::Aborted => {
                         // close_notify: whoever ends a TLS session shuts TLS down first.
                         let _ = stream.shutdown().await;
@@ -310,6 +336,7 @@ impl Server {
                         export: export.clone(),
                         structured,
                         base_allocation,
+                        send_files: false,
                     }));
                 }
                 proto::OPT_ABORT => {
@@ -375,6 +402,7 @@ impl Server {
                             export: export.clone(),
                             structured,
                             base_allocation,
+                            send_files: false,
                         }));
                     }
                 }
@@ -435,22 +463,28 @@ impl Server {
     }
 }
 
-/// The transmission phase of a connection.
-async fn transmission<S>(stream: S, session: Session) -> Result<(), ConnError>
+/// The transmission phase of a connection; `socket`: the connection's own socket (no TLS on
+/// it), to which reads from files are sent with `sendfile`.
+async fn transmission<S>(
+    stream: S,
+    mut session: Session,
+    socket: Option<Arc<OwnedFd>>,
+) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tracing::debug!(export = %session.export.name, structured = session.structured, "transmission");
+    session.send_files = socket.is_some();
     let session = Arc::new(session);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {
-            reply.write_to(&mut wr).await?;
+            reply.write_to(&mut wr, socket.as_ref()).await?;
             // Replies already waiting go out before the flush, which a TLS stream needs: what
             // the socket did not take at once stays in its buffer until then.
             while let Ok(reply) = rx.try_recv() {
-                reply.write_to(&mut wr).await?;
+                reply.write_to(&mut wr, socket.as_ref()).await?;
             }
             wr.flush().await?;
         }
@@ -511,6 +545,8 @@ where
 enum Outcome {
     Done,
     Data(Vec<u8>),
+    /// Read data to send from a file.
+    Region(FileRegion),
     Extents(Vec<(u32, u32)>),
 }
 
@@ -591,6 +627,14 @@ async fn execute(s: &Session, r: &Request, payload: Option<Vec<u8>>) -> Result<O
     let fua = r.has(proto::CMD_FLAG_FUA);
     let (off, len) = (r.offset, u64::from(r.length));
     match r.command {
+        Command::Read if s.send_files && r.length as usize >= COPY_DATA_BELOW => {
+            match v.read_region(off, r.length).await {
+                Ok(Some(region)) => Ok(Outcome::Region(region)),
+                Ok(None) => v.read(off, r.length).await.map(Outcome::Data),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| io_failure("read", &e))
+        }
         Command::Read => v
             .read(off, r.length)
             .await
@@ -647,11 +691,15 @@ async fn execute(s: &Session, r: &Request, payload: Option<Vec<u8>>) -> Result<O
 }
 
 /// The reply to one request: its header (a simple reply, or chunks) and, for a read, the data
-/// that follows, kept in the buffer it was read into.
+/// that follows, kept in the buffer it was read into or, from a file, sent from there.
 struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
+    file: Option<FileRegion>,
 }
+
+/// A peer that takes none of a read's data for this long loses its connection.
+const SEND_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Read data up to this size is copied after its header (one write); larger data is written
 /// from its own buffer (copying a megabyte costs more than a second write).
@@ -662,30 +710,69 @@ impl Reply {
         if data.len() < COPY_DATA_BELOW {
             let mut head = head;
             head.extend_from_slice(&data);
-            return Reply {
-                head,
-                data: Vec::new(),
-            };
+            return Reply::bare(head);
         }
-        Reply { head, data }
+        Reply {
+            head,
+            data,
+            file: None,
+        }
     }
 
     fn bare(head: Vec<u8>) -> Reply {
         Reply {
             head,
             data: Vec::new(),
+            file: None,
         }
     }
 
-    async fn write_to<W: AsyncWrite + Unpin>(&self, w: &mut W) -> io::Result<()> {
+    /// Writes the reply to `w`; data from a file goes to `socket` (`w`'s socket) with
+    /// `sendfile`, on a blocking thread, once the header is out.
+    async fn write_to<W: AsyncWrite + Unpin>(
+        self,
+        w: &mut W,
+        socket: Option<&Arc<OwnedFd>>,
+    ) -> io::Result<()> {
         w.write_all(&self.head).await?;
-        w.write_all(&self.data).await
+        w.write_all(&self.data).await?;
+        let Some(region) = self.file else {
+            return Ok(());
+        };
+        let socket = socket
+            .cloned()
+            .ok_or_else(|| io::Error::other("data from a file without a socket to send it to"))?;
+        w.flush().await?;
+        tokio::task::spawn_blocking(move || {
+            crate::sys::send_file(
+                socket.as_fd(),
+                &region.file,
+                region.offset,
+                region.len as usize,
+                SEND_STALL,
+            )
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     #[cfg(test)]
     fn bytes(&self) -> Vec<u8> {
         [&self.head[..], &self.data[..]].concat()
     }
+}
+
+/// The header of the one data chunk of a structured reply to a read.
+fn data_chunk_head(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut head = Vec::with_capacity(28);
+    head.extend_from_slice(&proto::chunk_header(
+        cookie,
+        proto::REPLY_FLAG_DONE,
+        proto::REPLY_TYPE_OFFSET_DATA,
+        8 + len,
+    ));
+    head.extend_from_slice(&offset.to_be_bytes());
+    head
 }
 
 /// The reply to a request, simple or structured.
@@ -697,20 +784,21 @@ fn reply(s: &Session, r: &Request, outcome: Result<Outcome, Failure>) -> Reply {
             proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec(),
         ),
         (Ok(Outcome::Data(d)), false) => Reply::new(proto::simple_reply(cookie, 0).to_vec(), d),
+        (Ok(Outcome::Region(f)), false) => Reply {
+            file: Some(f),
+            ..Reply::bare(proto::simple_reply(cookie, 0).to_vec())
+        },
+        (Ok(Outcome::Region(f)), true) => Reply {
+            head: data_chunk_head(cookie, r.offset, f.len),
+            file: Some(f),
+            data: Vec::new(),
+        },
         // An empty read has no data chunk (its data may not be empty).
         (Ok(Outcome::Data(d)), true) if d.is_empty() => Reply::bare(
             proto::chunk_header(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 0).to_vec(),
         ),
         (Ok(Outcome::Data(d)), true) => {
-            let mut head = Vec::with_capacity(28);
-            head.extend_from_slice(&proto::chunk_header(
-                cookie,
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_OFFSET_DATA,
-                8 + d.len() as u32,
-            ));
-            head.extend_from_slice(&r.offset.to_be_bytes());
-            Reply::new(head, d)
+            Reply::new(data_chunk_head(cookie, r.offset, d.len() as u32), d)
         }
         (Ok(Outcome::Extents(e)), _) => {
             Reply::bare(proto::block_status_chunk(cookie, BASE_ALLOCATION_ID, &e))
@@ -850,6 +938,7 @@ mod tests {
                     export: export.clone(),
                     structured,
                     base_allocation: false,
+                    send_files: false,
                 };
                 let r = reply(&s, &req, Ok(Outcome::Data(data.clone())));
                 assert_eq!(r.data.is_empty(), len < COPY_DATA_BELOW, "{len} bytes");

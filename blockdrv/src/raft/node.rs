@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 
 use super::data;
 use super::segment_log::SegmentLog;
-use super::state_machine::{Applied, Blocks, Size, StateMachine};
+use super::state_machine::{dup, Applied, Blocks, Size, StateMachine};
 use super::{BlockOp, NodeId, TypeConfig};
 
 mod cluster;
@@ -1864,6 +1864,22 @@ impl crate::volume::Volume for RaftVolume {
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
         self.read_barrier().await?;
         self.group.local_read(offset, length).await
+    }
+
+    async fn read_region(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> io::Result<Option<crate::volume::FileRegion>> {
+        self.read_barrier().await?;
+        // The blocks as they are now (a snapshot installed later replaces them with newer
+        // ones; these hold at least what the barrier asked for).
+        let file = dup(&self.group.blocks)?;
+        Ok(Some(crate::volume::FileRegion {
+            file: Arc::new(file),
+            offset,
+            len: length,
+        }))
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {

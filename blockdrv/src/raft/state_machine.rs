@@ -130,7 +130,7 @@ fn load(size: &Size) -> u64 {
     size.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-fn dup(blocks: &Blocks) -> io::Result<File> {
+pub(super) fn dup(blocks: &Blocks) -> io::Result<File> {
     blocks.read().unwrap_or_else(|e| e.into_inner()).try_clone()
 }
 
