@@ -456,13 +456,20 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
         "read -P 0x5c 1M 1M",
         &uri(&c, 0),
     ]);
-    // Deleted: gone from every node, with its files.
+    // Deleted while node 3 is down: gone from the others, with its files; node 3 drops its
+    // replica once it is back and finds no other member with the volume.
+    c.kill(2);
     let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
     assert!(good, "{out}");
-    for i in 0..3 {
-        assert!(!c.exports(i).contains("export=\"data\""), "node {}", i + 1);
-        assert!(!c.dir.path().join(format!("n{}/data", i + 1)).exists());
+    let gone = |c: &Cluster, i: usize| {
+        !c.exports(i).contains("export=\"data\"")
+            && !c.dir.path().join(format!("n{}/data", i + 1)).exists()
+    };
+    for i in 0..2 {
+        assert!(gone(&c, i), "node {}", i + 1);
     }
+    c.spawn(2);
+    c.wait_for(|c| gone(c, 2), "node 3 to drop the deleted volume");
     let (good, _) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
     assert!(!good, "deleting a deleted volume");
 }
@@ -587,6 +594,22 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         &to,
     ]);
     assert!(!good && out.contains("holds no replica"), "{out}");
+    // The dead node comes back with its replica, which the group went on without: it drops
+    // it (nothing left on its disk, no export) and the volume goes on.
+    c.spawn(dead);
+    c.wait_for(
+        |c| c.held(dead).is_empty() && !c.exports(dead).contains("export=\"data\""),
+        "the returning node to drop its old replica",
+    );
+    assert!(!c.dir.path().join(format!("n{}/data", dead + 1)).exists());
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x6e 8M 1M",
+        &uri(&c, members[0]),
+    ]);
 }
 
 #[test]

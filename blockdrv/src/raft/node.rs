@@ -97,6 +97,9 @@ pub struct Status {
     /// Members that do not vote yet: replicas being moved in, catching up.
     #[serde(default)]
     pub learners: Vec<NodeId>,
+    /// The node this one is moving a replica to, if it is.
+    #[serde(default)]
+    pub moving: Option<NodeId>,
 }
 
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
@@ -787,6 +790,19 @@ async fn snapshot_when_due(
     }
 }
 
+/// [`Node::orphaned`] from what the `asked` other nodes said: their statuses of the group
+/// (`answers`), and how many have no such volume (`gone`).
+fn orphan_verdict(me: NodeId, answers: &[Status], gone: usize, asked: usize) -> Option<bool> {
+    let newest = answers.iter().map(|s| s.term).max();
+    if let Some(s) = answers
+        .iter()
+        .find(|s| s.leader == Some(s.node) && Some(s.term) == newest)
+    {
+        return Some(!s.members.contains(&me) && !s.learners.contains(&me) && s.moving != Some(me));
+    }
+    (asked > 0 && gone == asked).then_some(true)
+}
+
 /// While this node leads: removes from the group every learner it is not moving a replica to
 /// (one left by a move that a leader change or a crash cut short), and has that node drop
 /// the replica opened for it. Ends with the group.
@@ -991,12 +1007,69 @@ impl Node {
         for spec in c.values() {
             self.open_volume(&spec.name, spec.size).await?;
         }
-        *self.catalog.lock().await = c;
         // Nodes that joined or left since the configuration was written.
         if let Some(members) = self.saved_cluster()? {
             self.set_cluster(members);
         }
+        let specs: Vec<VolumeSpec> = c.values().cloned().collect();
+        *self.catalog.lock().await = c;
+        for spec in specs {
+            tokio::spawn(self.clone().drop_if_orphaned(spec));
+        }
         Ok(())
+    }
+
+    /// Drops this node's replica of `spec` if the group has gone on without it (see
+    /// [`Node::orphaned`]), asking again every second until that can be told, for up to
+    /// [`LEADER_WAIT`] times four.
+    async fn drop_if_orphaned(self: Arc<Node>, spec: VolumeSpec) {
+        let deadline = tokio::time::Instant::now() + 4 * LEADER_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            match self.orphaned(&spec).await {
+                Some(true) => {
+                    tracing::info!(volume = %spec.name, "the group went on without this node: replica dropped");
+                    return self.drop_orphan(&spec.name).await;
+                }
+                Some(false) => return,
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        tracing::info!(volume = %spec.name, "no leader answered; replica kept");
+    }
+
+    /// Whether the group of `spec` went on without this node while it could not be told (a
+    /// move off this node, or to it, that ended while it was down; a delete): its leader, of
+    /// the newest term any node reports, has it neither as a member nor as the node a move
+    /// is under way to, or no other node of the cluster (as the nodes know it now: some may
+    /// have joined since) has the volume at all. None while that cannot be told.
+    async fn orphaned(&self, spec: &VolumeSpec) -> Option<bool> {
+        const ASK: Duration = Duration::from_secs(2);
+        let mut nodes = spec.members.clone();
+        nodes.extend(self.cluster());
+        nodes.remove(&self.id);
+        for addr in nodes.clone().values() {
+            if let Ok(Ok(c)) = tokio::time::timeout(ASK, cluster(addr)).await {
+                nodes.extend(c);
+                nodes.remove(&self.id);
+                break;
+            }
+        }
+        let mut answers = Vec::new();
+        let mut gone = 0;
+        for addr in nodes.values() {
+            match tokio::time::timeout(ASK, status(addr, &spec.name)).await {
+                Ok(Ok(s)) => answers.push(s),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => gone += 1,
+                _ => {}
+            }
+        }
+        orphan_verdict(self.id, &answers, gone, nodes.len())
+    }
+
+    async fn drop_orphan(&self, name: &str) {
+        if let Err(e) = self.drop_replica(name).await {
+            tracing::warn!(volume = name, "orphaned replica not dropped: {e}");
+        }
     }
 
     /// This node's replica of `spec`: opened (created if new) and remembered.
@@ -1545,6 +1618,7 @@ impl Group {
             last_applied: m.last_applied.map(|l| l.index),
             members: m.membership_config.membership().voter_ids().collect(),
             learners: m.membership_config.membership().learner_ids().collect(),
+            moving: *self.moving.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 
@@ -2022,7 +2096,10 @@ pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
     let mut conn = None;
     match call(&mut conn, addr, &Rpc::Status(volume.to_string())).await? {
         Reply::Status(s) => Ok(s),
-        Reply::NoVolume(v) => Err(io::Error::other(format!("no volume {v} at {addr}"))),
+        Reply::NoVolume(v) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no volume {v} at {addr}"),
+        )),
         other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
     }
 }
@@ -2030,6 +2107,45 @@ pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_is_orphaned_when_the_newest_leader_goes_on_without_it_or_nobody_has_it() {
+        let st = |node, leader, term, members: &[u64], learners: &[u64], moving| Status {
+            node,
+            leader,
+            term,
+            last_applied: None,
+            members: members.to_vec(),
+            learners: learners.to_vec(),
+            moving,
+        };
+        let v = orphan_verdict;
+        // The leader has node 3 as a voter, a learner, or is moving a replica to it: kept.
+        assert_eq!(
+            v(3, &[st(1, Some(1), 5, &[1, 2, 3], &[], None)], 0, 2),
+            Some(false)
+        );
+        assert_eq!(
+            v(3, &[st(1, Some(1), 5, &[1, 2, 4], &[3], None)], 0, 2),
+            Some(false)
+        );
+        assert_eq!(
+            v(3, &[st(1, Some(1), 5, &[1, 2, 4], &[], Some(3))], 0, 2),
+            Some(false)
+        );
+        // Without it: dropped.
+        let moved_off = st(1, Some(1), 5, &[1, 2, 4], &[], None);
+        assert_eq!(v(3, std::slice::from_ref(&moved_off), 1, 3), Some(true));
+        // A node that still thinks it leads, in an older term than another node knows, is
+        // not listened to; followers do not decide either.
+        let newer = st(2, Some(4), 6, &[2, 3, 4], &[], None);
+        assert_eq!(v(3, &[moved_off, newer.clone()], 0, 3), None);
+        assert_eq!(v(3, &[newer], 0, 3), None);
+        // Nobody has the volume (deleted meanwhile): dropped; only if every node said so.
+        assert_eq!(v(3, &[], 3, 3), Some(true));
+        assert_eq!(v(3, &[], 2, 3), None);
+        assert_eq!(v(3, &[], 0, 0), None);
+    }
 
     #[test]
     fn a_peer_is_stalled_once_it_failed_after_taking_nothing_for_that_long() {
