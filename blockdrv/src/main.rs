@@ -395,12 +395,26 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = match Cli::parse() {
+async fn main() -> std::process::ExitCode {
+    // One line, causes after colons (anyhow's `{:#}`), never a backtrace: a bad address or an
+    // unknown volume is an answer, not a crash.
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blockdrv: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let args = match cli {
         Cli::Nbd(a) => a,
         Cli::Node(a) => return node(a).await,
         Cli::Status { addr, volume } => {
-            let s = blockdrv::raft::node::status(&addr, &volume).await?;
+            let s = blockdrv::raft::node::status(&addr, &volume)
+                .await
+                .with_context(|| format!("status of volume {volume} at {addr}"))?;
             println!("{}", serde_json::to_string(&s)?);
             return Ok(());
         }

@@ -509,9 +509,18 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         "write -P 0x6d 0 8M",
         &uri(&c, members[0]),
     ]);
-    // A member dies (not the one we talk to); it is replaced by the spare, through a survivor.
+    // A member dies (not the one we talk to): the leader reports it unreachable; it is
+    // replaced by the spare, through a survivor.
     let dead = members[2];
     c.kill(dead);
+    let unreachable = |c: &Cluster| {
+        let leader = c.status_of(members[0], "data")?["leader"].as_u64()?;
+        Some(c.status_of(leader as usize - 1, "data")?["unreachable"].clone())
+    };
+    c.wait_for(
+        |c| unreachable(c) == Some(serde_json::json!([dead + 1])),
+        "the leader to report the dead member",
+    );
     let to = format!("{}={}", spare + 1, c.addr(spare));
     let (good, out) = c.blockdrv(&[
         "volume",
@@ -563,6 +572,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         blocks(spare) == blocks(members[0]),
         "the new replica differs"
     );
+    assert_eq!(unreachable(&c), Some(serde_json::json!([])));
     for i in &now {
         let list: serde_json::Value =
             serde_json::from_str(&c.blockdrv(&["volume", "list", "--addr", &c.addr(*i)]).1)

@@ -233,7 +233,7 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     let ports = [free_port(), free_port(), free_port()];
     let d1 = storage_daemon(1, &ports).await;
     let d2 = storage_daemon(2, &ports).await;
-    let d3 = storage_daemon(3, &ports).await;
+    let mut d3 = storage_daemon(3, &ports).await;
     d2.vpcctl_ok(&["vol-create", "shared", "16M"]);
     for d in [&d1, &d2, &d3] {
         wait_until(
@@ -290,6 +290,21 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         e.contains("InvalidArgument") && e.contains("3 nodes"),
         "{e}"
     );
+    // A host holding a replica dies: the others say the volume is degraded, naming it.
+    d1.vpcctl_ok(&["vol-create", "tri", "4M"]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(&d1, "tri")["health"] == "ok",
+        "the new volume to have a leader",
+    );
+    d3.kill9();
+    for d in [&d1, &d2] {
+        wait_until(
+            Duration::from_secs(20),
+            || info(d, "tri")["health"] == "degraded: node 3 unreachable",
+            "the volume to be degraded",
+        );
+    }
 }
 
 /// A guest boots with a volume as its disk, through QMP and through libvirt: it reads what the

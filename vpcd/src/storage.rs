@@ -210,15 +210,14 @@ impl Storage {
         self.node.cluster().into_iter().collect()
     }
 
-    /// The volumes this node holds.
+    /// The volumes this node holds, with their health as their leaders see it.
     pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
-        Ok(self
-            .node
-            .volumes()
-            .await
-            .into_iter()
-            .map(|(spec, status)| self.to_info(spec, status))
-            .collect())
+        let mut out = Vec::new();
+        for (spec, status) in self.node.volumes().await {
+            let status = self.node.leader_status(&spec.name).await.unwrap_or(status);
+            out.push(self.to_info(spec, status));
+        }
+        Ok(out)
     }
 
     pub async fn info(&self, name: &str) -> Result<VolumeInfo> {
@@ -240,15 +239,53 @@ impl Storage {
             name: spec.name,
             size: spec.size,
             leader: status.leader.unwrap_or(0),
-            health: match (status.leader, status.learners.as_slice()) {
-                (None, _) => "no leader".into(),
-                (Some(_), []) => "ok".into(),
-                (Some(_), to) => {
-                    let to: Vec<String> = to.iter().map(u64::to_string).collect();
-                    format!("ok, a replica moving to node {}", to.join(", "))
-                }
-            },
+            health: health(&status),
             members: spec.members.into_iter().collect(),
         }
+    }
+}
+/// A volume's health from its leader's status: `no leader`, `degraded: node N unreachable`
+/// (a voter the leader cannot reach), `ok, a replica moving to node N`, or `ok`.
+fn health(status: &node::Status) -> String {
+    let nodes = |ids: &[u64]| {
+        ids.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (status.leader, &status.unreachable[..], &status.learners[..]) {
+        (None, _, _) => "no leader".into(),
+        (Some(_), [], []) => "ok".into(),
+        (Some(_), [], to) => format!("ok, a replica moving to node {}", nodes(to)),
+        (Some(_), down, _) => format!("degraded: node {} unreachable", nodes(down)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_says_what_the_leader_sees() {
+        let st = |leader, unreachable: &[u64], learners: &[u64]| node::Status {
+            node: 1,
+            leader,
+            term: 2,
+            last_applied: None,
+            members: vec![1, 2, 3],
+            learners: learners.to_vec(),
+            unreachable: unreachable.to_vec(),
+            moving: None,
+        };
+        assert_eq!(health(&st(None, &[3], &[])), "no leader");
+        assert_eq!(health(&st(Some(1), &[], &[])), "ok");
+        assert_eq!(
+            health(&st(Some(1), &[], &[4])),
+            "ok, a replica moving to node 4"
+        );
+        assert_eq!(
+            health(&st(Some(1), &[2, 3], &[4])),
+            "degraded: node 2, 3 unreachable"
+        );
     }
 }

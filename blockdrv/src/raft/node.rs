@@ -97,6 +97,9 @@ pub struct Status {
     /// Members that do not vote yet: replicas being moved in, catching up.
     #[serde(default)]
     pub learners: Vec<NodeId>,
+    /// On the leader: the voters whose last RPC failed (down, unreachable, failing).
+    #[serde(default)]
+    pub unreachable: Vec<NodeId>,
     /// The node this one is moving a replica to, if it is.
     #[serde(default)]
     pub moving: Option<NodeId>,
@@ -250,6 +253,8 @@ struct Links(std::sync::Mutex<HashMap<NodeId, Link>>);
 #[derive(Debug)]
 struct Link {
     progress: Instant,
+    /// The last RPC the peer answered (heartbeats too).
+    answered: Option<Instant>,
     error: Option<(Instant, String)>,
 }
 
@@ -258,8 +263,22 @@ impl Links {
         let mut links = self.0.lock().unwrap_or_else(|e| e.into_inner());
         f(links.entry(peer).or_insert_with(|| Link {
             progress: Instant::now(),
+            answered: None,
             error: None,
         }))
+    }
+
+    fn answered(&self, peer: NodeId) {
+        self.with(peer, |l| l.answered = Some(Instant::now()));
+    }
+
+    /// Whether the last RPC to `peer` failed (it has not answered since).
+    fn failing(&self, peer: NodeId) -> bool {
+        self.with(peer, |l| {
+            l.error
+                .as_ref()
+                .is_some_and(|(at, _)| l.answered.is_none_or(|ok| *at > ok))
+        })
     }
 
     fn progressed(&self, peer: NodeId) {
@@ -329,6 +348,7 @@ impl Peer {
             }
             Ok(r) => {
                 self.conn = conn;
+                self.links.answered(self.target);
                 return Ok(r);
             }
             Err(e) => e,
@@ -1339,6 +1359,21 @@ impl Node {
             .collect()
     }
 
+    /// The status of `volume`'s group as its leader sees it (which voters it cannot reach, a
+    /// move under way); this node's own when it leads, knows no leader, or the leader does not
+    /// answer within 2 s. None if this node holds no such volume.
+    pub async fn leader_status(&self, volume: &str) -> Option<Status> {
+        let g = self.group(volume)?;
+        let local = g.status(self.id);
+        let Some(addr) = g.leader_addr(self.id) else {
+            return Some(local);
+        };
+        match tokio::time::timeout(Duration::from_secs(2), status(&addr, volume)).await {
+            Ok(Ok(s)) => Some(s),
+            _ => Some(local),
+        }
+    }
+
     pub fn group(&self, volume: &str) -> Option<Group> {
         self.groups.read().unwrap().get(volume).cloned()
     }
@@ -1618,6 +1653,15 @@ impl Group {
             last_applied: m.last_applied.map(|l| l.index),
             members: m.membership_config.membership().voter_ids().collect(),
             learners: m.membership_config.membership().learner_ids().collect(),
+            unreachable: match m.state {
+                openraft::ServerState::Leader => m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|id| *id != node && self.links.failing(*id))
+                    .collect(),
+                _ => Vec::new(),
+            },
             moving: *self.moving.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
