@@ -2161,6 +2161,7 @@ mod tests {
             last_applied: None,
             members: members.to_vec(),
             learners: learners.to_vec(),
+            unreachable: Vec::new(),
             moving,
         };
         let v = orphan_verdict;
@@ -2192,7 +2193,8 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_is_stalled_once_it_failed_after_taking_nothing_for_that_long() {
+    fn a_peer_is_stalled_once_it_failed_after_taking_nothing_for_that_long_and_failing_until_it_answers(
+    ) {
         let links = Links::default();
         let stall = Duration::from_secs(10);
         let start = Instant::now();
@@ -2214,6 +2216,16 @@ mod tests {
         links.progressed(4);
         assert_eq!(links.stalled(4, start, later(60), stall), None);
         assert_eq!(links.stalled(5, start, later(60), stall), None);
+        // Failing: the last RPC failed, none answered since.
+        assert!(!links.failing(6));
+        links.answered(6);
+        assert!(!links.failing(6));
+        links.failed(6, &"Connection refused");
+        assert!(links.failing(6));
+        links.answered(6);
+        assert!(!links.failing(6));
+        links.failed(7, &"Connection refused");
+        assert!(links.failing(7), "never answered");
     }
 
     #[test]
