@@ -154,6 +154,17 @@ pub fn send_file(
     Ok(())
 }
 
+/// Shuts both directions of `socket` down: its peer sees the connection end, and whoever
+/// reads it (another descriptor of the same socket too) reads its end.
+pub fn shutdown(socket: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor that stays open for the call; no memory is passed.
+    if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Waits until `fd` can be written to (or has an error to report), at most `timeout`.
 fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
     let mut p = libc::pollfd {

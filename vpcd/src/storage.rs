@@ -210,22 +210,34 @@ impl Storage {
         self.node.cluster().into_iter().collect()
     }
 
-    /// The volumes this node holds, with their health as their leaders see it.
+    /// The volumes this node holds, with their health as their leaders see it (asked of all
+    /// leaders at once).
     pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
-        let mut out = Vec::new();
-        for (spec, status) in self.node.volumes().await {
-            let status = self.node.leader_status(&spec.name).await.unwrap_or(status);
-            out.push(self.to_info(spec, status));
-        }
-        Ok(out)
+        let volumes = self.node.volumes().await;
+        let statuses = futures::future::join_all(
+            volumes
+                .iter()
+                .map(|(spec, _)| self.node.leader_status(&spec.name)),
+        )
+        .await;
+        Ok(volumes
+            .into_iter()
+            .zip(statuses)
+            .map(|((spec, status), leader)| self.to_info(spec, leader.unwrap_or(status)))
+            .collect())
     }
 
     pub async fn info(&self, name: &str) -> Result<VolumeInfo> {
-        self.list()
-            .await?
+        let not_found = || Error::NotFound(format!("volume {name} (on this host)"));
+        let (spec, status) = self
+            .node
+            .volumes()
+            .await
             .into_iter()
-            .find(|v| v.name == name)
-            .ok_or_else(|| Error::NotFound(format!("volume {name} (on this host)")))
+            .find(|(spec, _)| spec.name == name)
+            .ok_or_else(not_found)?;
+        let leader = self.node.leader_status(name).await;
+        Ok(self.to_info(spec, leader.unwrap_or(status)))
     }
 
     fn to_info(&self, spec: VolumeSpec, status: node::Status) -> VolumeInfo {

@@ -479,16 +479,28 @@ where
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        while let Some(reply) = rx.recv().await {
-            reply.write_to(&mut wr, socket.as_ref()).await?;
-            // Replies already waiting go out before the flush, which a TLS stream needs: what
-            // the socket did not take at once stays in its buffer until then.
-            while let Ok(reply) = rx.try_recv() {
+        let written = async {
+            while let Some(reply) = rx.recv().await {
                 reply.write_to(&mut wr, socket.as_ref()).await?;
+                // Replies already waiting go out before the flush, which a TLS stream needs:
+                // what the socket did not take at once stays in its buffer until then.
+                while let Ok(reply) = rx.try_recv() {
+                    reply.write_to(&mut wr, socket.as_ref()).await?;
+                }
+                wr.flush().await?;
             }
-            wr.flush().await?;
+            wr.shutdown().await
         }
-        wr.shutdown().await
+        .await;
+        // A reply cut off (its header sent, its data not: a file that could not be read, a
+        // peer that took nothing for SEND_STALL) leaves the stream unusable: the connection
+        // ends, for the peer and for the reader, rather than the peer waiting for the rest.
+        if written.is_err() {
+            if let Some(s) = &socket {
+                let _ = crate::sys::shutdown(s.as_fd());
+            }
+        }
+        written
     });
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let result = loop {
@@ -537,8 +549,13 @@ where
     // Requests in flight finish and are answered before the connection closes.
     let _all = slots.acquire_many(IN_FLIGHT as u32).await;
     drop(tx);
-    let _ = writer.await;
-    result
+    match writer.await {
+        Ok(Err(e)) => {
+            tracing::info!(export = %session.export.name, "replies not sent: {e}");
+            result.and(Err(e.into()))
+        }
+        _ => result,
+    }
 }
 
 /// What a request produced.
@@ -751,6 +768,10 @@ impl Reply {
                 region.len as usize,
                 SEND_STALL,
             )
+            .map_err(|e| {
+                let what = format!("read of {} bytes at {}: {e}", region.len, region.offset);
+                io::Error::new(e.kind(), what)
+            })
         })
         .await
         .map_err(io::Error::other)?
@@ -904,6 +925,64 @@ mod tests {
         req(&mut b, Command::Flush, 0, 0, 0);
         req(&mut b, Command::Disc, 0, 0, 0);
         b
+    }
+
+    /// A read sent from a file that turns out shorter than the read (its header is out, its
+    /// data cannot follow) ends the connection: the client reads the end, it does not wait.
+    #[tokio::test]
+    async fn a_read_cut_off_after_its_header_ends_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.img");
+        let volume = crate::volume::FileVolume::open(&path, 1 << 20).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
+        let server = Server::new(vec![Export {
+            name: "f".into(),
+            description: String::new(),
+            volume: Arc::new(volume),
+            read_only: false,
+        }]);
+        let (mut client, conn) = tokio::net::UnixStream::pair().unwrap();
+        server.spawn(conn);
+        let mut b = (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        let mut go = 1u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"f");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+        b.extend_from_slice(&(go.len() as u32).to_be_bytes());
+        b.extend_from_slice(&go);
+        let read = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 9,
+            offset: 512 << 10,
+            length: 256 << 10,
+        };
+        b.extend_from_slice(&read.encode());
+        client.write_all(&b).await.unwrap();
+        let mut out = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            client.read_to_end(&mut out),
+        )
+        .await;
+        assert!(ended.is_ok(), "the connection stayed open");
+        let header = proto::simple_reply(9, 0);
+        let at = out
+            .windows(header.len())
+            .position(|w| w == header)
+            .expect("the read's header");
+        assert!(
+            out.len() - at - header.len() < 256 << 10,
+            "all the data came"
+        );
     }
 
     #[tokio::test]

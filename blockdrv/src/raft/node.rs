@@ -252,10 +252,21 @@ struct Links(std::sync::Mutex<HashMap<NodeId, Link>>);
 
 #[derive(Debug)]
 struct Link {
+    /// When the peer last took something it had not taken before: a log index past `log`,
+    /// a part of snapshot `snapshot.0` ending past `snapshot.1` (a snapshot sent again after
+    /// an error is no progress until it gets further than before).
     progress: Instant,
+    log: u64,
+    snapshot: Option<(String, u64)>,
     /// The last RPC the peer answered (heartbeats too).
     answered: Option<Instant>,
     error: Option<(Instant, String)>,
+}
+
+/// How far a peer got (see [`Link::progress`]).
+enum Mark<'a> {
+    Log(u64),
+    Snapshot(&'a str, u64),
 }
 
 impl Links {
@@ -263,6 +274,8 @@ impl Links {
         let mut links = self.0.lock().unwrap_or_else(|e| e.into_inner());
         f(links.entry(peer).or_insert_with(|| Link {
             progress: Instant::now(),
+            log: 0,
+            snapshot: None,
             answered: None,
             error: None,
         }))
@@ -281,8 +294,30 @@ impl Links {
         })
     }
 
-    fn progressed(&self, peer: NodeId) {
-        self.with(peer, |l| l.progress = Instant::now());
+    fn progressed(&self, peer: NodeId, to: Mark<'_>) {
+        self.with(peer, |l| {
+            let further = match to {
+                Mark::Log(index) if index > l.log => {
+                    l.log = index;
+                    true
+                }
+                Mark::Snapshot(id, end) => match &mut l.snapshot {
+                    Some((sid, done)) if sid == id => {
+                        let further = end > *done;
+                        *done = (*done).max(end);
+                        further
+                    }
+                    other => {
+                        *other = Some((id.to_string(), end));
+                        true
+                    }
+                },
+                Mark::Log(_) => false,
+            };
+            if further {
+                l.progress = Instant::now();
+            }
+        })
     }
 
     fn failed(&self, peer: NodeId, e: &dyn std::fmt::Display) {
@@ -413,7 +448,7 @@ impl RaftNetwork<TypeConfig> for Peer {
             rpc.entries.truncate(keep);
             rpc.entries.last().map(|e| e.log_id)
         });
-        let data = !rpc.entries.is_empty();
+        let last = rpc.entries.last().map(|e| e.log_id.index);
         let r = match self
             .rpc(Rpc::Append(self.volume.clone(), rpc), &option)
             .await?
@@ -425,14 +460,13 @@ impl RaftNetwork<TypeConfig> for Peer {
             Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(unexpected(&other)),
         };
-        match &r {
-            Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
-                if data =>
-            {
-                self.links.progressed(self.target)
-            }
-            Err(e) => self.failed(e),
-            Ok(_) => {}
+        match (&r, last) {
+            (
+                Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)),
+                Some(last),
+            ) => self.links.progressed(self.target, Mark::Log(last)),
+            (Err(e), _) => self.failed(e),
+            _ => {}
         }
         r
     }
@@ -448,9 +482,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
         let target = (self.links.clone(), self.target);
+        let last = snapshot.meta.last_log_id.map_or(0, |l| l.index);
         let r = self.send_snapshot(vote, snapshot, cancel, option).await;
         match &r {
-            Ok(_) => target.0.progressed(target.1),
+            Ok(_) => target.0.progressed(target.1, Mark::Log(last)),
             Err(StreamingError::Closed(_)) => {}
             Err(e) => target.0.failed(target.1, e),
         }
@@ -523,7 +558,7 @@ impl Peer {
                 .snapshot_rpc(rpc, option.hard_ttl(), &mut cancel, &option)
                 .await?
             {
-                Reply::Done(Ok(())) => self.links.progressed(self.target),
+                Reply::Done(Ok(())) => self.links.progressed(self.target, Mark::Snapshot(&id, at)),
                 Reply::Done(Err(e)) => return Err(net_err(e)),
                 other => return Err(net_err(format!("unexpected reply {other:?}"))),
             }
@@ -573,14 +608,35 @@ pub struct Group {
     receiving: Arc<tokio::sync::Mutex<Option<Receiving>>>,
     /// How replication to each peer goes (while this node leads).
     links: Arc<Links>,
-    /// The node a replica is being moved to by this node, if one is.
-    moving: Arc<std::sync::Mutex<Option<NodeId>>>,
+    /// What this node is changing in the group's membership, if anything.
+    busy: Arc<std::sync::Mutex<Option<Busy>>>,
 }
 
-/// A move of a replica to a node under way (see [`Group::moving`]); over when dropped.
-struct Moving(Arc<std::sync::Mutex<Option<NodeId>>>);
+/// A change of a group's membership this node has under way: one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Busy {
+    /// Moving a replica to this node.
+    Moving(NodeId),
+    /// Taking stray learners out ([`drop_stray_learners`]).
+    Cleaning,
+}
 
-impl Drop for Moving {
+/// A membership change under way (see [`Group::busy`]); over when dropped.
+struct BusyMark(Arc<std::sync::Mutex<Option<Busy>>>);
+
+impl BusyMark {
+    /// Marks `what` under way, if nothing else is.
+    fn take(busy: &Arc<std::sync::Mutex<Option<Busy>>>, what: Busy) -> Result<BusyMark, Busy> {
+        let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = *b {
+            return Err(other);
+        }
+        *b = Some(what);
+        Ok(BusyMark(busy.clone()))
+    }
+}
+
+impl Drop for BusyMark {
     fn drop(&mut self) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
@@ -810,47 +866,48 @@ async fn snapshot_when_due(
     }
 }
 
-/// [`Node::orphaned`] from what the `asked` other nodes said: their statuses of the group
-/// (`answers`), and how many have no such volume (`gone`).
-fn orphan_verdict(me: NodeId, answers: &[Status], gone: usize, asked: usize) -> Option<bool> {
-    let newest = answers.iter().map(|s| s.term).max();
-    if let Some(s) = answers
+/// [`Node::orphaned`] from the statuses of the group other nodes gave (`answers`), this node
+/// being `me` at term `mine`: only a leader of the newest term anyone knows, this node
+/// included, decides; without one, nothing can be told (a node that has no such volume is no
+/// proof: the volume may have one replica, or its other replicas may be lost).
+fn orphan_verdict(me: NodeId, mine: u64, answers: &[Status]) -> Option<bool> {
+    let newest = answers.iter().map(|s| s.term).max()?.max(mine);
+    let s = answers
         .iter()
-        .find(|s| s.leader == Some(s.node) && Some(s.term) == newest)
-    {
-        return Some(!s.members.contains(&me) && !s.learners.contains(&me) && s.moving != Some(me));
-    }
-    (asked > 0 && gone == asked).then_some(true)
+        .find(|s| s.leader == Some(s.node) && s.term == newest)?;
+    Some(!s.members.contains(&me) && !s.learners.contains(&me) && s.moving != Some(me))
 }
 
-/// While this node leads: removes from the group every learner it is not moving a replica to
+/// While this node leads and has no move under way: removes from the group every learner
 /// (one left by a move that a leader change or a crash cut short), and has that node drop
-/// the replica opened for it. Ends with the group.
+/// the replica opened for it; no move starts meanwhile. Ends when the group's raft shuts
+/// down.
 async fn drop_stray_learners(
     volume: String,
     raft: Raft<TypeConfig>,
-    moving: Arc<std::sync::Mutex<Option<NodeId>>>,
+    busy: Arc<std::sync::Mutex<Option<Busy>>>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if Arc::strong_count(&moving) == 1 {
-            return;
-        }
         let m = raft.metrics().borrow().clone();
-        if m.state != openraft::ServerState::Leader {
+        match m.state {
+            openraft::ServerState::Shutdown => return,
+            openraft::ServerState::Leader => {}
+            _ => continue,
+        }
+        let membership = m.membership_config.membership();
+        if membership.learner_ids().next().is_none() {
             continue;
         }
-        let mine = *moving.lock().unwrap_or_else(|e| e.into_inner());
-        let membership = m.membership_config.membership();
+        // No move under way (its learner is not a stray), and none starts until this is done.
+        let Ok(_cleaning) = BusyMark::take(&busy, Busy::Cleaning) else {
+            continue;
+        };
         let stray: BTreeMap<NodeId, String> = membership
             .learner_ids()
-            .filter(|id| Some(*id) != mine)
             .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
             .collect();
-        if stray.is_empty() {
-            continue;
-        }
         let ids = stray.keys().copied().collect();
         if let Err(e) = raft
             .change_membership(ChangeMembers::RemoveNodes(ids), false)
@@ -1043,9 +1100,14 @@ impl Node {
     /// [`Node::orphaned`]), asking again every second until that can be told, for up to
     /// [`LEADER_WAIT`] times four.
     async fn drop_if_orphaned(self: Arc<Node>, spec: VolumeSpec) {
+        // The term the replica had when it was opened: elections it may start later (a voter
+        // the group no longer has) raise it with nobody following.
+        let Some(term) = self.group(&spec.name).map(|g| g.status(self.id).term) else {
+            return;
+        };
         let deadline = tokio::time::Instant::now() + 4 * LEADER_WAIT;
         while tokio::time::Instant::now() < deadline {
-            match self.orphaned(&spec).await {
+            match self.orphaned(&spec, term).await {
                 Some(true) => {
                     tracing::info!(volume = %spec.name, "the group went on without this node: replica dropped");
                     return self.drop_orphan(&spec.name).await;
@@ -1058,11 +1120,11 @@ impl Node {
     }
 
     /// Whether the group of `spec` went on without this node while it could not be told (a
-    /// move off this node, or to it, that ended while it was down; a delete): its leader, of
-    /// the newest term any node reports, has it neither as a member nor as the node a move
-    /// is under way to, or no other node of the cluster (as the nodes know it now: some may
-    /// have joined since) has the volume at all. None while that cannot be told.
-    async fn orphaned(&self, spec: &VolumeSpec) -> Option<bool> {
+    /// move off this node, or to it, that ended while it was down): its leader, of the newest
+    /// term this node or any other node of the cluster knows (the cluster as the nodes know it
+    /// now: some may have joined since), has it neither as a member nor as the node a move is
+    /// under way to. None while that cannot be told. `term`: this node's term at start.
+    async fn orphaned(&self, spec: &VolumeSpec, term: u64) -> Option<bool> {
         const ASK: Duration = Duration::from_secs(2);
         let mut nodes = spec.members.clone();
         nodes.extend(self.cluster());
@@ -1075,15 +1137,12 @@ impl Node {
             }
         }
         let mut answers = Vec::new();
-        let mut gone = 0;
         for addr in nodes.values() {
-            match tokio::time::timeout(ASK, status(addr, &spec.name)).await {
-                Ok(Ok(s)) => answers.push(s),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => gone += 1,
-                _ => {}
+            if let Ok(Ok(s)) = tokio::time::timeout(ASK, status(addr, &spec.name)).await {
+                answers.push(s);
             }
         }
-        orphan_verdict(self.id, &answers, gone, nodes.len())
+        orphan_verdict(self.id, term, &answers)
     }
 
     async fn drop_orphan(&self, name: &str) {
@@ -1288,7 +1347,7 @@ impl Node {
                 format!("volume {name}: node {to} holds a replica already"),
             ));
         }
-        let _moving = g.start_move(to)?;
+        let _busy = g.start_move(to)?;
         let mut new = spec.clone();
         new.members.remove(&from);
         new.members.insert(to, addr.to_string());
@@ -1312,14 +1371,24 @@ impl Node {
         if let Err(e) = joined.await {
             // Unless the membership change went through (then the group has it as a voter),
             // the learner leaves the group and drops the replica opened for it.
+            // (When the learner cannot be taken out, this node no longer leads: the next leader
+            // takes it out and has its replica dropped, `drop_stray_learners`.)
             let status = g.status(self.id);
-            if !status.members.contains(&to) {
-                if status.learners.contains(&to) {
-                    let gone = ChangeMembers::RemoveNodes([to].into());
-                    if let Err(r) = g.raft.change_membership(gone, false).await {
-                        tracing::warn!(volume = name, node = to, "learner not removed: {r}");
+            let out = if status.members.contains(&to) {
+                false
+            } else if status.learners.contains(&to) {
+                let gone = ChangeMembers::RemoveNodes([to].into());
+                match g.raft.change_membership(gone, false).await {
+                    Ok(_) => true,
+                    Err(r) => {
+                        tracing::warn!(volume = name, node = to, "learner not taken out: {r}");
+                        false
                     }
                 }
+            } else {
+                true
+            };
+            if out {
                 if let Err(d) = manage(addr, Rpc::Drop(name.into())).await {
                     tracing::warn!(volume = name, node = to, "replica not dropped: {d}");
                 }
@@ -1360,17 +1429,21 @@ impl Node {
     }
 
     /// The status of `volume`'s group as its leader sees it (which voters it cannot reach, a
-    /// move under way); this node's own when it leads, knows no leader, or the leader does not
-    /// answer within 2 s. None if this node holds no such volume.
+    /// move under way); this node's own when it leads or knows no leader, with the leader
+    /// among the unreachable when it does not answer within 2 s. None if this node holds no
+    /// such volume.
     pub async fn leader_status(&self, volume: &str) -> Option<Status> {
         let g = self.group(volume)?;
-        let local = g.status(self.id);
+        let mut local = g.status(self.id);
         let Some(addr) = g.leader_addr(self.id) else {
             return Some(local);
         };
         match tokio::time::timeout(Duration::from_secs(2), status(&addr, volume)).await {
             Ok(Ok(s)) => Some(s),
-            _ => Some(local),
+            _ => {
+                local.unreachable.extend(local.leader);
+                Some(local)
+            }
         }
     }
 
@@ -1416,12 +1489,12 @@ impl Node {
             queue,
             receiving: Arc::default(),
             links,
-            moving: Arc::default(),
+            busy: Arc::default(),
         };
         tokio::spawn(drop_stray_learners(
             volume.to_string(),
             g.raft.clone(),
-            g.moving.clone(),
+            g.busy.clone(),
         ));
         self.groups
             .write()
@@ -1662,25 +1735,26 @@ impl Group {
                     .collect(),
                 _ => Vec::new(),
             },
-            moving: *self.moving.lock().unwrap_or_else(|e| e.into_inner()),
+            moving: match *self.busy.lock().unwrap_or_else(|e| e.into_inner()) {
+                Some(Busy::Moving(to)) => Some(to),
+                _ => None,
+            },
         }
     }
 
     /// Marks a move of a replica to `to` under way, until the mark is dropped; refused while
-    /// another one is.
-    fn start_move(&self, to: NodeId) -> io::Result<Moving> {
-        let mut moving = self.moving.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(other) = *moving {
-            return Err(io::Error::new(
+    /// another change of the membership is.
+    fn start_move(&self, to: NodeId) -> io::Result<BusyMark> {
+        BusyMark::take(&self.busy, Busy::Moving(to)).map_err(|other| {
+            let what = match other {
+                Busy::Moving(n) => format!("a replica is being moved to node {n}"),
+                Busy::Cleaning => "stray learners are being taken out, try again".into(),
+            };
+            io::Error::new(
                 io::ErrorKind::ResourceBusy,
-                format!(
-                    "volume {}: a replica is being moved to node {other}",
-                    self.name
-                ),
-            ));
-        }
-        *moving = Some(to);
-        Ok(Moving(self.moving.clone()))
+                format!("volume {}: {what}", self.name),
+            )
+        })
     }
 
     /// Waits until learner `to` is within [`CAUGHT_UP_ENTRIES`] of this leader's log: an error
@@ -1695,6 +1769,12 @@ impl Group {
                 if m.state != openraft::ServerState::Leader {
                     return Err(err(format!(
                         "volume {}: this node stopped leading while node {to} caught up",
+                        self.name
+                    )));
+                }
+                if m.membership_config.membership().get_node(&to).is_none() {
+                    return Err(err(format!(
+                        "volume {}: node {to} was taken out of the group",
                         self.name
                     )));
                 }
@@ -2153,7 +2233,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_replica_is_orphaned_when_the_newest_leader_goes_on_without_it_or_nobody_has_it() {
+    fn a_replica_is_orphaned_only_when_a_leader_of_the_newest_term_goes_on_without_it() {
         let st = |node, leader, term, members: &[u64], learners: &[u64], moving| Status {
             node,
             leader,
@@ -2167,29 +2247,28 @@ mod tests {
         let v = orphan_verdict;
         // The leader has node 3 as a voter, a learner, or is moving a replica to it: kept.
         assert_eq!(
-            v(3, &[st(1, Some(1), 5, &[1, 2, 3], &[], None)], 0, 2),
+            v(3, 5, &[st(1, Some(1), 5, &[1, 2, 3], &[], None)]),
             Some(false)
         );
         assert_eq!(
-            v(3, &[st(1, Some(1), 5, &[1, 2, 4], &[3], None)], 0, 2),
+            v(3, 5, &[st(1, Some(1), 5, &[1, 2, 4], &[3], None)]),
             Some(false)
         );
         assert_eq!(
-            v(3, &[st(1, Some(1), 5, &[1, 2, 4], &[], Some(3))], 0, 2),
+            v(3, 5, &[st(1, Some(1), 5, &[1, 2, 4], &[], Some(3))]),
             Some(false)
         );
         // Without it: dropped.
         let moved_off = st(1, Some(1), 5, &[1, 2, 4], &[], None);
-        assert_eq!(v(3, std::slice::from_ref(&moved_off), 1, 3), Some(true));
-        // A node that still thinks it leads, in an older term than another node knows, is
-        // not listened to; followers do not decide either.
+        assert_eq!(v(3, 4, std::slice::from_ref(&moved_off)), Some(true));
+        // A node that still thinks it leads, in an older term than another node or this one
+        // knows, is not listened to; followers do not decide either.
         let newer = st(2, Some(4), 6, &[2, 3, 4], &[], None);
-        assert_eq!(v(3, &[moved_off, newer.clone()], 0, 3), None);
-        assert_eq!(v(3, &[newer], 0, 3), None);
-        // Nobody has the volume (deleted meanwhile): dropped; only if every node said so.
-        assert_eq!(v(3, &[], 3, 3), Some(true));
-        assert_eq!(v(3, &[], 2, 3), None);
-        assert_eq!(v(3, &[], 0, 0), None);
+        assert_eq!(v(3, 5, &[moved_off.clone(), newer.clone()]), None);
+        assert_eq!(v(3, 6, std::slice::from_ref(&moved_off)), None);
+        assert_eq!(v(3, 5, &[newer]), None);
+        // Nobody answering with the volume is no proof (a single replica, lost replicas).
+        assert_eq!(v(3, 5, &[]), None);
     }
 
     #[test]
@@ -2201,7 +2280,7 @@ mod tests {
         let later = |s| start + Duration::from_secs(s);
         // Never heard of, or only progress: not stalled.
         assert_eq!(links.stalled(4, start, later(60), stall), None);
-        links.progressed(4);
+        links.progressed(4, Mark::Log(10));
         assert_eq!(links.stalled(4, start, later(60), stall), None);
         // An error: stalled only once the stall has passed since the last progress.
         links.failed(4, &"No space left on device");
@@ -2212,8 +2291,22 @@ mod tests {
         );
         // Counted from `since` at the earliest (a move that began after the error).
         assert_eq!(links.stalled(4, later(5), later(11), stall), None);
-        // Progress after the error: not stalled, however long ago.
-        links.progressed(4);
+        // Taking again what it took before is no progress: still stalled.
+        links.progressed(4, Mark::Log(10));
+        assert!(links.stalled(4, start, later(11), stall).is_some());
+        links.progressed(4, Mark::Snapshot("s1", 4 << 20));
+        links.failed(4, &"No space left on device");
+        links.progressed(4, Mark::Snapshot("s1", 4 << 20));
+        let after = Instant::now() + Duration::from_secs(11);
+        assert!(
+            links.stalled(4, start, after, stall).is_some(),
+            "the same part again"
+        );
+        // Getting further after the error: not stalled, however long ago.
+        links.progressed(4, Mark::Snapshot("s1", 8 << 20));
+        assert_eq!(links.stalled(4, start, later(60), stall), None);
+        links.failed(4, &"No space left on device");
+        links.progressed(4, Mark::Log(11));
         assert_eq!(links.stalled(4, start, later(60), stall), None);
         assert_eq!(links.stalled(5, start, later(60), stall), None);
         // Failing: the last RPC failed, none answered since.
