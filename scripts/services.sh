@@ -14,8 +14,10 @@ if ! dbus-send --system --dest=org.freedesktop.DBus --print-reply / org.freedesk
     dbus-daemon --system --fork
 fi
 mkdir -p /run/libvirt
-pgrep -x virtlogd >/dev/null || virtlogd -d
-if ! pgrep -x libvirtd >/dev/null; then
+# Running, not a zombie (a daemon killed where nothing reaps it stays in the process table).
+alive() { pgrep -x -r D,R,S,T "$1" >/dev/null; }
+alive virtlogd || virtlogd -d
+if ! alive libvirtd; then
     libvirtd -d
 fi
 # The first connection probes QEMU's capabilities (~8 s); wait until libvirtd answers.

@@ -310,6 +310,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
             size: parse_size(size)?,
             members: members.clone(),
             replicas: 0,
+            id: 0,
         };
         node.open_replica(&spec)
             .await
@@ -337,6 +338,7 @@ async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                 size: parse_size(&size)?,
                 members: Default::default(),
                 replicas,
+                id: 0,
             };
             node::create(&addr, spec)
                 .await

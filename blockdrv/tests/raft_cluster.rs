@@ -491,13 +491,38 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
         "the only replica was dropped"
     );
     ok(&["qemu-io", "-f", "raw", "-c", "read -P 0x5d 0 1M", &solo_uri]);
-    // Deleted: gone from every node, with its files.
+    // Deleted while node 3 is down: gone from the others, with its files; node 3 drops its
+    // replica once it is back and finds the volume's tombstone on another node.
+    c.kill(2);
     let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
     assert!(good, "{out}");
-    for i in 0..3 {
-        assert!(!c.exports(i).contains("export=\"data\""), "node {}", i + 1);
-        assert!(!c.dir.path().join(format!("n{}/data", i + 1)).exists());
+    let gone = |c: &Cluster, i: usize| {
+        !c.exports(i).contains("export=\"data\"")
+            && !c.dir.path().join(format!("n{}/data", i + 1)).exists()
+    };
+    for i in 0..2 {
+        assert!(gone(&c, i), "node {}", i + 1);
     }
+    c.spawn(2);
+    c.wait_for(|c| gone(c, 2), "node 3 to drop the deleted volume");
+    // A new volume of the same name is not taken for the deleted one.
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "data", "8M"]);
+    assert!(good, "{out}");
+    for i in 0..3 {
+        c.wait_for(
+            |c| c.exports(i).contains("export=\"data\""),
+            "the new volume's export on every node",
+        );
+    }
+    c.kill(0);
+    c.spawn(0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        c.exports(0).contains("export=\"data\""),
+        "the new volume was dropped"
+    );
+    let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(1), "data"]);
+    assert!(good, "{out}");
     let (good, _) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
     assert!(!good, "deleting a deleted volume");
 }

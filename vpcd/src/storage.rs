@@ -158,6 +158,7 @@ impl Storage {
             size,
             members: BTreeMap::new(),
             replicas,
+            id: 0,
         };
         self.node
             .create_volume(&spec)

@@ -71,6 +71,11 @@ enum Rpc {
     RemoveNode(NodeId),
     /// The cluster's node list as this node has it.
     Cluster,
+    /// Volume (name, id) was deleted: remember it (a node that was down then drops its replica
+    /// when it is back).
+    Deleted(String, u64),
+    /// The volumes this node knows were deleted: name -> id of the last one of that name.
+    Tombstones,
 }
 
 /// A volume as the nodes' catalogs keep it.
@@ -83,6 +88,11 @@ pub struct VolumeSpec {
     /// How many replicas a new volume without members gets (0: [`REPLICAS`]).
     #[serde(default)]
     pub replicas: u32,
+    /// Which volume of that name this is: a random number given when it is created through
+    /// the cluster (0: given on the nodes' command lines, or not created yet), so that a
+    /// deleted volume is not taken for a later one of the same name.
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// A volume group's state as a node sees it.
@@ -155,6 +165,7 @@ enum Reply {
     Volumes(Vec<(VolumeSpec, Status)>),
     Moves(Result<Vec<super::placement::Move>, String>),
     Cluster(BTreeMap<NodeId, String>),
+    Tombstones(BTreeMap<String, u64>),
 }
 
 /// Sends `msg` as one frame: `[length u32 BE][skeleton length u32 BE][skeleton][write data]`
@@ -772,6 +783,9 @@ pub struct Node {
     groups: RwLock<HashMap<String, Group>>,
     /// The volumes this node holds a replica of (`volumes.json`).
     catalog: tokio::sync::Mutex<BTreeMap<String, VolumeSpec>>,
+    /// Volumes deleted through the cluster that this node was told of (`deleted.json`): name
+    /// -> id of the last one of that name.
+    tombstones: tokio::sync::Mutex<BTreeMap<String, u64>>,
     /// The NBD server whose exports follow the volumes, if the node serves NBD.
     nbd: RwLock<Option<crate::nbd::Server>>,
     /// Where each volume is served over vhost-user-blk (`<dir>/<volume>.sock`), if it is, and
@@ -968,6 +982,7 @@ impl Node {
             timing,
             groups: RwLock::new(HashMap::new()),
             catalog: tokio::sync::Mutex::new(BTreeMap::new()),
+            tombstones: tokio::sync::Mutex::new(BTreeMap::new()),
             nbd: RwLock::new(None),
             vhost: std::sync::Mutex::new(None),
             cluster: RwLock::new(BTreeMap::new()),
@@ -1073,9 +1088,32 @@ impl Node {
         .map_err(err)?
     }
 
+    fn tombstones_path(&self) -> PathBuf {
+        self.dir.join("deleted.json")
+    }
+
+    /// Remembers that volume (`name`, `id`) was deleted, durably.
+    async fn remember_deleted(&self, name: &str, id: u64) -> io::Result<()> {
+        let mut t = self.tombstones.lock().await;
+        if t.get(name) == Some(&id) {
+            return Ok(());
+        }
+        t.insert(name.to_string(), id);
+        let bytes = serde_json::to_vec_pretty(&*t).map_err(err)?;
+        let path = self.tombstones_path();
+        tokio::task::spawn_blocking(move || crate::raft::write_atomic(&path, &bytes))
+            .await
+            .map_err(err)?
+    }
+
     /// Reopens the volumes of the catalog (after a restart).
     pub async fn start(self: &Arc<Node>) -> io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
+        match std::fs::read(self.tombstones_path()) {
+            Ok(b) => *self.tombstones.lock().await = serde_json::from_slice(&b).map_err(err)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let c: BTreeMap<String, VolumeSpec> = match std::fs::read(self.catalog_path()) {
             Ok(b) => serde_json::from_slice(&b).map_err(err)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
@@ -1107,10 +1145,13 @@ impl Node {
         };
         let deadline = tokio::time::Instant::now() + 4 * LEADER_WAIT;
         while tokio::time::Instant::now() < deadline {
+            if self.catalog.lock().await.get(&spec.name) != Some(&spec) {
+                return; // dropped, or changed, meanwhile
+            }
             match self.orphaned(&spec, term).await {
                 Some(true) => {
                     tracing::info!(volume = %spec.name, "the group went on without this node: replica dropped");
-                    return self.drop_orphan(&spec.name).await;
+                    return self.drop_orphan(&spec).await;
                 }
                 Some(false) => return,
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -1119,8 +1160,9 @@ impl Node {
         tracing::info!(volume = %spec.name, "no leader answered; replica kept");
     }
 
-    /// Whether the group of `spec` went on without this node while it could not be told (a
-    /// move off this node, or to it, that ended while it was down): its leader, of the newest
+    /// Whether the group of `spec` went on without this node while it could not be told: a
+    /// node has a tombstone of this volume (deleted while this node was down), or (a move off
+    /// this node, or to it, that ended while it was down) its leader, of the newest
     /// term this node or any other node of the cluster knows (the cluster as the nodes know it
     /// now: some may have joined since), has it neither as a member nor as the node a move is
     /// under way to. None while that cannot be told. `term`: this node's term at start.
@@ -1138,6 +1180,12 @@ impl Node {
         }
         let mut answers = Vec::new();
         for addr in nodes.values() {
+            // Deleted: a tombstone of this very volume (not of an older one of its name).
+            if let Ok(Ok(t)) = tokio::time::timeout(ASK, tombstones(addr)).await {
+                if spec.id != 0 && t.get(&spec.name) == Some(&spec.id) {
+                    return Some(true);
+                }
+            }
             if let Ok(Ok(s)) = tokio::time::timeout(ASK, status(addr, &spec.name)).await {
                 answers.push(s);
             }
@@ -1145,9 +1193,9 @@ impl Node {
         orphan_verdict(self.id, term, &answers)
     }
 
-    async fn drop_orphan(&self, name: &str) {
-        if let Err(e) = self.drop_replica(name).await {
-            tracing::warn!(volume = name, "orphaned replica not dropped: {e}");
+    async fn drop_orphan(&self, spec: &VolumeSpec) {
+        if let Err(e) = self.drop_replica_of(&spec.name, Some(spec)).await {
+            tracing::warn!(volume = %spec.name, "orphaned replica not dropped: {e}");
         }
     }
 
@@ -1179,6 +1227,21 @@ impl Node {
     /// members, the volume is placed on the cluster ([`Node::place`]).
     pub async fn create_volume(self: &Arc<Node>, spec: &VolumeSpec) -> io::Result<()> {
         check_volume_name(&spec.name)?;
+        if spec.id == 0 {
+            use std::hash::{BuildHasher, Hasher};
+            // A random 64-bit number: std's randomly seeded hasher, fed the time.
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::UNIX_EPOCH
+                    .elapsed()
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            let spec = VolumeSpec {
+                id: h.finish().max(1),
+                ..spec.clone()
+            };
+            return Box::pin(self.create_volume(&spec)).await;
+        }
         if spec.members.is_empty() {
             let replicas = match spec.replicas {
                 0 => REPLICAS.min(self.cluster.read().unwrap().len()),
@@ -1240,7 +1303,20 @@ impl Node {
 
     /// Drops this node's replica of `name`: its raft stops, its export and files go.
     pub async fn drop_replica(&self, name: &str) -> io::Result<()> {
+        self.drop_replica_of(name, None).await
+    }
+
+    /// [`Node::drop_replica`], only if the replica of `name` is still `spec` (when given): not
+    /// a later volume of the same name, nor a spec that changed meanwhile.
+    async fn drop_replica_of(&self, name: &str, spec: Option<&VolumeSpec>) -> io::Result<()> {
         let mut c = self.catalog.lock().await;
+        if spec.is_some_and(|s| c.get(name) != Some(s)) {
+            tracing::info!(
+                volume = name,
+                "not dropped: the replica is another one by now"
+            );
+            return Ok(());
+        }
         let g = self.groups.write().unwrap().remove(name);
         if let Some(server) = self.nbd.read().unwrap().as_ref() {
             server.remove(name);
@@ -1277,9 +1353,25 @@ impl Node {
                 Ok(Reply::Done(Ok(()))) => {}
                 Ok(Reply::Done(Err(e))) => return Err(err(format!("node {id}: {e}"))),
                 Ok(other) => return Err(err(format!("node {id}: unexpected reply {other:?}"))),
-                // A member that is down drops its replica when told again (delete is
-                // idempotent); the volume is gone for everyone else.
+                // A member that is down drops its replica when it is back and finds the
+                // volume's tombstone on another node (`orphaned`); the volume is gone for
+                // everyone else.
                 Err(e) => tracing::warn!(volume = name, node = id, "not reached: {e}"),
+            }
+        }
+        if spec.id != 0 {
+            // Every node remembers the delete (best effort: one is enough).
+            let mut nodes = self.cluster();
+            nodes.extend(spec.members.clone());
+            for (id, addr) in nodes {
+                let told = if id == self.id {
+                    self.remember_deleted(name, spec.id).await
+                } else {
+                    manage(&addr, Rpc::Deleted(name.to_string(), spec.id)).await
+                };
+                if let Err(e) = told {
+                    tracing::warn!(volume = name, node = id, "delete not recorded there: {e}");
+                }
             }
         }
         Ok(())
@@ -1579,6 +1671,8 @@ impl Node {
                 return Reply::Moves(self.remove_node(*id).await.map_err(|e| e.to_string()))
             }
             Rpc::Cluster => return Reply::Cluster(self.cluster()),
+            Rpc::Deleted(name, id) => return done(self.remember_deleted(name, *id).await),
+            Rpc::Tombstones => return Reply::Tombstones(self.tombstones.lock().await.clone()),
             Rpc::Resize(name, size) => {
                 if self.group(name).is_none() {
                     return Reply::NoVolume(name.clone());
@@ -1617,6 +1711,8 @@ impl Node {
             | Rpc::AddNode(..)
             | Rpc::RemoveNode(_)
             | Rpc::Cluster
+            | Rpc::Deleted(..)
+            | Rpc::Tombstones
             | Rpc::Resize(..) => unreachable!("answered above"),
         }
     }
@@ -2216,6 +2312,15 @@ pub async fn list(addr: &str) -> io::Result<Vec<(VolumeSpec, Status)>> {
 }
 
 /// The status of `volume` as the node at `addr` sees it.
+/// The volumes the node at `addr` knows were deleted: name -> id.
+async fn tombstones(addr: &str) -> io::Result<BTreeMap<String, u64>> {
+    let mut conn = None;
+    match call(&mut conn, addr, &Rpc::Tombstones).await? {
+        Reply::Tombstones(t) => Ok(t),
+        other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+    }
+}
+
 pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
     let mut conn = None;
     match call(&mut conn, addr, &Rpc::Status(volume.to_string())).await? {
