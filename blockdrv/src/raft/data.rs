@@ -12,7 +12,8 @@
 //! its clones; it travels in the skeleton, so a follower writes its log record without going
 //! over the data again (the record's crc is combined from the data's). A crc that came with the
 //! data is trusted as it is: if the data were damaged on the way, the log record would not match
-//! its crc and opening the log would say so.
+//! its crc and opening the log would say so. Data that no log keeps (a snapshot's parts) is
+//! checked against its crc where it arrives ([`Data::intact`]).
 
 use std::cell::RefCell;
 use std::io;
@@ -53,6 +54,15 @@ impl Data {
     /// The crc32 of the bytes, computed on the first call (by this value or a clone of it).
     pub fn crc(&self) -> u32 {
         *self.crc.get_or_init(|| crc32fast::hash(&self.bytes))
+    }
+
+    /// Whether the bytes match the crc32 they came with (one that came with none is computed
+    /// now, and matches): for data nothing else checks later.
+    pub fn intact(&self) -> bool {
+        match self.crc.get() {
+            Some(crc) => crc32fast::hash(&self.bytes) == *crc,
+            None => true,
+        }
     }
 }
 
@@ -261,6 +271,18 @@ mod tests {
         assert!(decode::<BlockOp>(&skeleton, Bytes::from(vec![0; 5000])).is_err());
         let plain = bincode::serialize(&op).unwrap();
         assert_eq!(bincode::deserialize::<BlockOp>(&plain).unwrap(), op);
+    }
+
+    #[test]
+    fn data_damaged_on_the_way_is_not_intact() {
+        let (skeleton, chunks) = encode(&Data::from(vec![7u8; 4096])).unwrap();
+        let mut bytes: Vec<u8> = chunks.iter().flat_map(|d| d.to_vec()).collect();
+        let good: Data = decode(&skeleton, Bytes::from(bytes.clone())).unwrap();
+        assert!(good.intact());
+        bytes[100] ^= 1;
+        let bad: Data = decode(&skeleton, Bytes::from(bytes)).unwrap();
+        assert!(!bad.intact());
+        assert!(Data::from(vec![1u8; 10]).intact());
     }
 
     #[test]

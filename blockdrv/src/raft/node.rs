@@ -1751,7 +1751,20 @@ impl Group {
         }
         let r = receiving.as_mut().expect("set above");
         let file = r.file.try_clone()?;
+        let what = format!(
+            "volume {}: snapshot {} part at {}",
+            self.name, part.id, part.offset
+        );
         tokio::task::spawn_blocking(move || {
+            // Nothing checks a snapshot's data later (a log record's crc is checked when the
+            // log is read): the crc it travelled with is checked here. A damaged part is
+            // refused and not counted, so the snapshot does not install.
+            if !part.data.intact() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{what}: the data does not match its crc32"),
+                ));
+            }
             std::os::unix::fs::FileExt::write_all_at(&file, &part.data, part.offset)
         })
         .await
