@@ -229,6 +229,13 @@ impl Cluster {
         }
     }
 
+    /// Sends node `i` a signal (`STOP`: it keeps its connections but answers nothing, as if
+    /// cut off; `CONT`: back).
+    fn signal(&self, i: usize, sig: &str) {
+        let pid = self.nodes[i].as_ref().expect("running").id().to_string();
+        ok(&["kill", &format!("-{sig}"), &pid]);
+    }
+
     fn status(&self, i: usize) -> Option<serde_json::Value> {
         self.status_of(i, "v")
     }
@@ -916,6 +923,38 @@ fn a_move_to_a_node_that_cannot_catch_up_fails_and_leaves_nothing_behind() {
         "read -P 0x5a 9M 39M",
         &c.uri(n4),
     ]);
+}
+
+/// A volume deleted while one of its nodes is cut off (stopped: it answers nothing) is deleted
+/// without waiting for that node (each request to it gives up after 10 s), the node drops its
+/// replica once it is back, and a new volume of the same name starts empty on every node.
+#[test]
+fn a_volume_deleted_while_a_node_is_cut_off_stays_deleted_and_a_new_one_starts_empty() {
+    let c = Cluster::bare(&["--heartbeat-ms", "100", "--election-ms", "500"]);
+    let uri = |i: usize| format!("nbd+unix:///data?socket={}", c.socket(i).display());
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "data", "8M"]);
+    assert!(good, "{out}");
+    c.wait_leader(0, "data");
+    ok(&["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 1M", &uri(0)]);
+    c.signal(2, "STOP");
+    let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
+    assert!(good, "{out}");
+    c.signal(2, "CONT");
+    c.wait_for(
+        |c| !c.held(2).contains_key("data"),
+        "node 3 to drop the deleted volume",
+    );
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "data", "8M"]);
+    assert!(good, "{out}");
+    for i in 0..3 {
+        c.wait_leader(i, "data");
+        let out = ok(&["qemu-io", "-f", "raw", "-c", "read -P 0 0 1M", &uri(i)]);
+        assert!(
+            !out.contains("verification failed"),
+            "node {}: old data: {out}",
+            i + 1
+        );
+    }
 }
 
 /// Nodes join and leave at run time: a node added takes replicas until they are spread

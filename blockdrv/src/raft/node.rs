@@ -52,8 +52,9 @@ enum Rpc {
     Open(VolumeSpec),
     /// Create a volume on its members (this node coordinates).
     Create(VolumeSpec),
-    /// Drop this node's replica of a volume.
-    Drop(String),
+    /// Drop this node's replica of volume (name, id): refused if the replica of that name is
+    /// another volume (id 0: whichever it is).
+    Drop(String, u64),
     /// Delete a volume on all its members (this node coordinates).
     Delete(String),
     /// Grow a volume (through its log).
@@ -74,7 +75,7 @@ enum Rpc {
     /// Volume (name, id) was deleted: remember it (a node that was down then drops its replica
     /// when it is back).
     Deleted(String, u64),
-    /// The volumes this node knows were deleted: name -> id of the last one of that name.
+    /// The volumes this node knows were deleted: name -> ids.
     Tombstones,
 }
 
@@ -165,7 +166,7 @@ enum Reply {
     Volumes(Vec<(VolumeSpec, Status)>),
     Moves(Result<Vec<super::placement::Move>, String>),
     Cluster(BTreeMap<NodeId, String>),
-    Tombstones(BTreeMap<String, u64>),
+    Tombstones(Tombstones),
 }
 
 /// Sends `msg` as one frame: `[length u32 BE][skeleton length u32 BE][skeleton][write data]`
@@ -335,8 +336,9 @@ impl Links {
         self.with(peer, |l| l.error = Some((Instant::now(), e.to_string())));
     }
 
-    /// The last error of `peer` if it has taken no data for `stall` up to `now`, counting from
-    /// `since` at the earliest, and failed since it last did.
+    /// The last error of `peer` if it has taken nothing new for `stall` up to `now`, counting
+    /// from `since` at the earliest, and its last RPC failed (one that answers, taking again
+    /// what it took before, say a snapshot sent again after an error, is not stalled).
     fn stalled(
         &self,
         peer: NodeId,
@@ -347,8 +349,19 @@ impl Links {
         self.with(peer, |l| {
             let progress = l.progress.max(since);
             let (at, e) = l.error.as_ref()?;
-            (*at >= progress && now.saturating_duration_since(progress) >= stall).then(|| e.clone())
+            let failing = l.answered.is_none_or(|ok| *at > ok);
+            (failing && *at >= progress && now.saturating_duration_since(progress) >= stall)
+                .then(|| e.clone())
         })
+    }
+
+    /// Forgets what `peer` took and when (a replica moved to a node that held one before starts
+    /// from nothing).
+    fn reset(&self, peer: NodeId) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
     }
 }
 
@@ -623,6 +636,19 @@ pub struct Group {
     busy: Arc<std::sync::Mutex<Option<Busy>>>,
 }
 
+/// Volumes deleted through the cluster: name -> the ids of the volumes of that name deleted.
+type Tombstones = BTreeMap<String, std::collections::BTreeSet<u64>>;
+
+/// Which replica of a name [`Node::drop_replica_of`] drops.
+#[derive(Debug, Clone, Copy)]
+enum Only<'a> {
+    Any,
+    /// Only this very spec (still in the catalog as it was).
+    Spec(&'a VolumeSpec),
+    /// Only the volume of this id (0: any); another one is an error.
+    Id(u64),
+}
+
 /// A change of a group's membership this node has under way: one at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Busy {
@@ -659,7 +685,8 @@ struct Receiving {
     vote: Vote<NodeId>,
     id: String,
     file: std::fs::File,
-    parts: u64,
+    /// The offsets of the parts written (a part sent again is counted once).
+    parts: std::collections::BTreeSet<u64>,
 }
 
 /// A write waiting for the group commit, and who waits for its outcome.
@@ -783,9 +810,8 @@ pub struct Node {
     groups: RwLock<HashMap<String, Group>>,
     /// The volumes this node holds a replica of (`volumes.json`).
     catalog: tokio::sync::Mutex<BTreeMap<String, VolumeSpec>>,
-    /// Volumes deleted through the cluster that this node was told of (`deleted.json`): name
-    /// -> id of the last one of that name.
-    tombstones: tokio::sync::Mutex<BTreeMap<String, u64>>,
+    /// Volumes deleted through the cluster that this node was told of (`deleted.json`).
+    tombstones: tokio::sync::Mutex<Tombstones>,
     /// The NBD server whose exports follow the volumes, if the node serves NBD.
     nbd: RwLock<Option<crate::nbd::Server>>,
     /// Where each volume is served over vhost-user-blk (`<dir>/<volume>.sock`), if it is, and
@@ -932,7 +958,7 @@ async fn drop_stray_learners(
         }
         for (id, addr) in stray {
             tracing::info!(volume, node = id, "stray learner removed");
-            if let Err(e) = manage(&addr, Rpc::Drop(volume.clone())).await {
+            if let Err(e) = manage_quick(&addr, Rpc::Drop(volume.clone(), 0)).await {
                 tracing::warn!(volume, node = id, "replica not dropped: {e}");
             }
         }
@@ -1092,18 +1118,45 @@ impl Node {
         self.dir.join("deleted.json")
     }
 
-    /// Remembers that volume (`name`, `id`) was deleted, durably.
+    /// Remembers that volume (`name`, `id`) was deleted, durably, and drops this node's
+    /// replica of it if it still has one (it was not reached by the delete).
     async fn remember_deleted(&self, name: &str, id: u64) -> io::Result<()> {
-        let mut t = self.tombstones.lock().await;
-        if t.get(name) == Some(&id) {
-            return Ok(());
+        {
+            let mut t = self.tombstones.lock().await;
+            if !t.entry(name.to_string()).or_default().insert(id) {
+                return Ok(());
+            }
+            let bytes = serde_json::to_vec_pretty(&*t).map_err(err)?;
+            let path = self.tombstones_path();
+            tokio::task::spawn_blocking(move || crate::raft::write_atomic(&path, &bytes))
+                .await
+                .map_err(err)??;
         }
-        t.insert(name.to_string(), id);
-        let bytes = serde_json::to_vec_pretty(&*t).map_err(err)?;
-        let path = self.tombstones_path();
-        tokio::task::spawn_blocking(move || crate::raft::write_atomic(&path, &bytes))
-            .await
-            .map_err(err)?
+        let spec = self.catalog.lock().await.get(name).cloned();
+        match spec {
+            Some(spec) if spec.id == id => self.drop_replica_of(name, Only::Spec(&spec)).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether volume (`name`, `id`) was deleted, as this node or any other node of the
+    /// cluster that answers knows.
+    async fn was_deleted(&self, name: &str, id: u64) -> bool {
+        let gone = |t: &Tombstones| t.get(name).is_some_and(|ids| ids.contains(&id));
+        if id == 0 || gone(&*self.tombstones.lock().await) {
+            return id != 0;
+        }
+        for (n, addr) in self.cluster() {
+            if n == self.id {
+                continue;
+            }
+            if let Ok(Ok(t)) = tokio::time::timeout(QUICK, tombstones(&addr)).await {
+                if gone(&t) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Reopens the volumes of the catalog (after a restart).
@@ -1182,7 +1235,7 @@ impl Node {
         for addr in nodes.values() {
             // Deleted: a tombstone of this very volume (not of an older one of its name).
             if let Ok(Ok(t)) = tokio::time::timeout(ASK, tombstones(addr)).await {
-                if spec.id != 0 && t.get(&spec.name) == Some(&spec.id) {
+                if spec.id != 0 && t.get(&spec.name).is_some_and(|ids| ids.contains(&spec.id)) {
                     return Some(true);
                 }
             }
@@ -1194,7 +1247,7 @@ impl Node {
     }
 
     async fn drop_orphan(&self, spec: &VolumeSpec) {
-        if let Err(e) = self.drop_replica_of(&spec.name, Some(spec)).await {
+        if let Err(e) = self.drop_replica_of(&spec.name, Only::Spec(spec)).await {
             tracing::warn!(volume = %spec.name, "orphaned replica not dropped: {e}");
         }
     }
@@ -1208,9 +1261,25 @@ impl Node {
                 spec.name, self.id
             )));
         }
+        // A replica of a deleted volume of that name, left here because the delete did not
+        // reach this node, goes first; one of a live volume is refused.
+        let have = self.catalog.lock().await.get(&spec.name).cloned();
+        if let Some(have) = have.filter(|h| h.id != 0 && spec.id != 0 && h.id != spec.id) {
+            if !self.was_deleted(&have.name, have.id).await {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "volume {}: node {} holds another volume of that name",
+                        spec.name, self.id
+                    ),
+                ));
+            }
+            tracing::info!(volume = %spec.name, "a deleted volume's replica dropped for a new one");
+            self.drop_replica_of(&have.name, Only::Spec(&have)).await?;
+        }
         let mut c = self.catalog.lock().await;
         if let Some(have) = c.get(&spec.name) {
-            if have.members != spec.members || have.size != spec.size {
+            if have.members != spec.members || have.size != spec.size || have.id != spec.id {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     format!("volume {} exists (with another size or members)", spec.name),
@@ -1303,19 +1372,30 @@ impl Node {
 
     /// Drops this node's replica of `name`: its raft stops, its export and files go.
     pub async fn drop_replica(&self, name: &str) -> io::Result<()> {
-        self.drop_replica_of(name, None).await
+        self.drop_replica_of(name, Only::Any).await
     }
 
-    /// [`Node::drop_replica`], only if the replica of `name` is still `spec` (when given): not
-    /// a later volume of the same name, nor a spec that changed meanwhile.
-    async fn drop_replica_of(&self, name: &str, spec: Option<&VolumeSpec>) -> io::Result<()> {
+    /// [`Node::drop_replica`], if the replica of `name` is the one `only` says.
+    async fn drop_replica_of(&self, name: &str, only: Only<'_>) -> io::Result<()> {
         let mut c = self.catalog.lock().await;
-        if spec.is_some_and(|s| c.get(name) != Some(s)) {
-            tracing::info!(
-                volume = name,
-                "not dropped: the replica is another one by now"
-            );
-            return Ok(());
+        match (only, c.get(name)) {
+            (Only::Spec(s), have) if have != Some(s) => {
+                tracing::info!(
+                    volume = name,
+                    "not dropped: the replica is another one by now"
+                );
+                return Ok(());
+            }
+            (Only::Id(id), Some(have)) if id != 0 && have.id != 0 && have.id != id => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "volume {name}: node {} holds another volume of that name ({:#x}, not {id:#x})",
+                        self.id, have.id
+                    ),
+                ));
+            }
+            _ => {}
         }
         let g = self.groups.write().unwrap().remove(name);
         if let Some(server) = self.nbd.read().unwrap().as_ref() {
@@ -1348,15 +1428,16 @@ impl Node {
                 self.drop_replica(name).await?;
                 continue;
             }
-            let mut conn = None;
-            match call(&mut conn, addr, &Rpc::Drop(name.to_string())).await {
-                Ok(Reply::Done(Ok(()))) => {}
-                Ok(Reply::Done(Err(e))) => return Err(err(format!("node {id}: {e}"))),
-                Ok(other) => return Err(err(format!("node {id}: unexpected reply {other:?}"))),
-                // A member that is down drops its replica when it is back and finds the
-                // volume's tombstone on another node (`orphaned`); the volume is gone for
-                // everyone else.
+            match manage_quick(addr, Rpc::Drop(name.to_string(), spec.id)).await {
+                // The member refused (it holds another volume of that name).
+                Err(e) if e.kind() == io::ErrorKind::Other => {
+                    return Err(err(format!("node {id}: {e}")))
+                }
+                // A member that is down (or cut off) drops its replica when it is back and
+                // finds the volume's tombstone on another node (`orphaned`), or is told of it
+                // (`Deleted`); the volume is gone for everyone else.
                 Err(e) => tracing::warn!(volume = name, node = id, "not reached: {e}"),
+                Ok(()) => {}
             }
         }
         if spec.id != 0 {
@@ -1367,7 +1448,7 @@ impl Node {
                 let told = if id == self.id {
                     self.remember_deleted(name, spec.id).await
                 } else {
-                    manage(&addr, Rpc::Deleted(name.to_string(), spec.id)).await
+                    manage_quick(&addr, Rpc::Deleted(name.to_string(), spec.id)).await
                 };
                 if let Err(e) = told {
                     tracing::warn!(volume = name, node = id, "delete not recorded there: {e}");
@@ -1443,10 +1524,12 @@ impl Node {
         let mut new = spec.clone();
         new.members.remove(&from);
         new.members.insert(to, addr.to_string());
-        manage(addr, Rpc::Open(new.clone()))
+        manage_quick(addr, Rpc::Open(new.clone()))
             .await
             .map_err(|e| err(format!("node {to}: {e}")))?;
         let voters: std::collections::BTreeSet<NodeId> = new.members.keys().copied().collect();
+        // What `to` took when it held a replica before does not count for this move.
+        g.links.reset(to);
         let joined = async {
             g.raft
                 .add_learner(to, BasicNode::new(addr), false)
@@ -1481,7 +1564,7 @@ impl Node {
                 true
             };
             if out {
-                if let Err(d) = manage(addr, Rpc::Drop(name.into())).await {
+                if let Err(d) = manage_quick(addr, Rpc::Drop(name.into(), spec.id)).await {
                     tracing::warn!(volume = name, node = to, "replica not dropped: {d}");
                 }
             }
@@ -1490,15 +1573,17 @@ impl Node {
         for (id, a) in &new.members {
             if *id == self.id {
                 self.update_spec(&new).await?;
-            } else if let Err(e) = manage(a, Rpc::Update(new.clone())).await {
+            } else if let Err(e) = manage_quick(a, Rpc::Update(new.clone())).await {
                 tracing::warn!(volume = name, node = id, "catalog not updated: {e}");
             }
         }
+        // The move is done: the next one may start while `from` is told to drop its replica.
+        drop(_busy);
         let old = spec.members[&from].clone();
         let dropped = if from == self.id {
             self.drop_replica(name).await
         } else {
-            manage(&old, Rpc::Drop(name.into())).await
+            manage_quick(&old, Rpc::Drop(name.into(), spec.id)).await
         };
         if let Err(e) = dropped {
             tracing::warn!(volume = name, node = from, "replica not dropped: {e}");
@@ -1656,7 +1741,7 @@ impl Node {
         let volume = match &rpc {
             Rpc::Open(spec) => return done(self.open_replica(spec).await),
             Rpc::Create(spec) => return done(self.create_volume(spec).await),
-            Rpc::Drop(name) => return done(self.drop_replica(name).await),
+            Rpc::Drop(name, id) => return done(self.drop_replica_of(name, Only::Id(*id)).await),
             Rpc::Delete(name) => return done(self.delete_volume(name).await),
             Rpc::List => return Reply::Volumes(self.volumes().await),
             Rpc::Move(name, from, to, addr) => {
@@ -1702,7 +1787,7 @@ impl Node {
             Rpc::Status(_) => Reply::Status(g.status(self.id)),
             Rpc::Open(_)
             | Rpc::Create(_)
-            | Rpc::Drop(_)
+            | Rpc::Drop(..)
             | Rpc::Delete(_)
             | Rpc::List
             | Rpc::Move(..)
@@ -1746,14 +1831,15 @@ impl Group {
                 vote: part.vote,
                 id: part.id.clone(),
                 file: file.into_std().await,
-                parts: 0,
+                parts: Default::default(),
             });
         }
         let r = receiving.as_mut().expect("set above");
         let file = r.file.try_clone()?;
+        let offset = part.offset;
         let what = format!(
-            "volume {}: snapshot {} part at {}",
-            self.name, part.id, part.offset
+            "volume {}: snapshot {} part at {offset}",
+            self.name, part.id
         );
         tokio::task::spawn_blocking(move || {
             // Nothing checks a snapshot's data later (a log record's crc is checked when the
@@ -1769,7 +1855,7 @@ impl Group {
         })
         .await
         .map_err(err)??;
-        r.parts += 1;
+        r.parts.insert(offset);
         Ok(())
     }
 
@@ -1789,11 +1875,13 @@ impl Group {
         // Every part the sender sent must be in the file: one restarted in between (another
         // transfer took over the file) would have lost the ones before.
         let file = match taken {
-            Some(r) if r.parts == end.parts => r.file,
+            Some(r) if r.parts.len() as u64 == end.parts => r.file,
             Some(r) => {
                 return Err(format!(
                     "volume {}: snapshot {id}: {} of its {} parts received",
-                    self.name, r.parts, end.parts
+                    self.name,
+                    r.parts.len(),
+                    end.parts
                 ))
             }
             // A snapshot of nothing but holes has no parts: it starts here.
@@ -2244,6 +2332,23 @@ impl crate::volume::Volume for RaftVolume {
     }
 }
 
+/// [`manage`] for a request that takes a node little time (opening or dropping a replica,
+/// recording a spec): an error after [`QUICK`], so that a node that is down or hangs does not
+/// hold up a move (a replica it keeps is found at its next start, `orphaned`).
+async fn manage_quick(addr: &str, rpc: Rpc) -> io::Result<()> {
+    tokio::time::timeout(QUICK, manage(addr, rpc))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{addr} did not answer within {} s", QUICK.as_secs()),
+            )
+        })?
+}
+
+/// How long a quick management request may take ([`manage_quick`]).
+const QUICK: Duration = Duration::from_secs(10);
+
 /// Sends a volume-management request to the node at `addr`.
 async fn manage(addr: &str, rpc: Rpc) -> io::Result<()> {
     let mut conn = None;
@@ -2326,7 +2431,7 @@ pub async fn list(addr: &str) -> io::Result<Vec<(VolumeSpec, Status)>> {
 
 /// The status of `volume` as the node at `addr` sees it.
 /// The volumes the node at `addr` knows were deleted: name -> id.
-async fn tombstones(addr: &str) -> io::Result<BTreeMap<String, u64>> {
+async fn tombstones(addr: &str) -> io::Result<Tombstones> {
     let mut conn = None;
     match call(&mut conn, addr, &Rpc::Tombstones).await? {
         Reply::Tombstones(t) => Ok(t),
@@ -2409,23 +2514,35 @@ mod tests {
         );
         // Counted from `since` at the earliest (a move that began after the error).
         assert_eq!(links.stalled(4, later(5), later(11), stall), None);
-        // Taking again what it took before is no progress: still stalled.
+        // Answering again, taking again what it took before (a snapshot sent again after an
+        // error): not stalled while it answers...
+        links.answered(4);
         links.progressed(4, Mark::Log(10));
-        assert!(links.stalled(4, start, later(11), stall).is_some());
+        let after = || Instant::now() + Duration::from_secs(11);
+        assert_eq!(links.stalled(4, start, after(), stall), None, "it answers");
+        // ...stalled once it fails again with nothing new taken.
+        links.progressed(4, Mark::Snapshot("s1", 4 << 20));
+        links.answered(4);
         links.progressed(4, Mark::Snapshot("s1", 4 << 20));
         links.failed(4, &"No space left on device");
-        links.progressed(4, Mark::Snapshot("s1", 4 << 20));
-        let after = Instant::now() + Duration::from_secs(11);
         assert!(
-            links.stalled(4, start, after, stall).is_some(),
+            links.stalled(4, start, after(), stall).is_some(),
             "the same part again"
         );
         // Getting further after the error: not stalled, however long ago.
+        links.answered(4);
         links.progressed(4, Mark::Snapshot("s1", 8 << 20));
-        assert_eq!(links.stalled(4, start, later(60), stall), None);
         links.failed(4, &"No space left on device");
+        assert_eq!(links.stalled(4, start, later(5), stall), None);
         links.progressed(4, Mark::Log(11));
         assert_eq!(links.stalled(4, start, later(60), stall), None);
+        // Forgotten: a move to it starts from nothing.
+        links.reset(4);
+        links.failed(4, &"Connection refused");
+        assert!(links.stalled(4, start, after(), stall).is_some());
+        links.reset(4);
+        links.progressed(4, Mark::Log(1));
+        assert_eq!(links.stalled(4, start, after(), stall), None);
         assert_eq!(links.stalled(5, start, later(60), stall), None);
         // Failing: the last RPC failed, none answered since.
         assert!(!links.failing(6));
