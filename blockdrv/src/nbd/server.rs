@@ -877,18 +877,25 @@ async fn transcript(server: Server, input: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// Option `o` with data `d`, as a client sends it.
+    fn opt(b: &mut Vec<u8>, o: u32, d: &[u8]) {
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&o.to_be_bytes());
+        b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        b.extend_from_slice(d);
+    }
+
+    /// The client's flags, as the first bytes of a session.
+    fn client_flags() -> Vec<u8> {
+        (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec()
+    }
+
     /// A whole well-formed session: flags, STRUCTURED_REPLY, SET_META_CONTEXT, GO, then a
     /// write, a read, a block status, a trim, a flush and DISC.
     fn session() -> Vec<u8> {
-        let opt = |b: &mut Vec<u8>, o: u32, d: &[u8]| {
-            b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-            b.extend_from_slice(&o.to_be_bytes());
-            b.extend_from_slice(&(d.len() as u32).to_be_bytes());
-            b.extend_from_slice(d);
-        };
-        let mut b = (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
-            .to_be_bytes()
-            .to_vec();
+        let mut b = client_flags();
         opt(&mut b, proto::OPT_STRUCTURED_REPLY, &[]);
         let mut meta = 0u32.to_be_bytes().to_vec();
         meta.extend_from_slice(&1u32.to_be_bytes());
@@ -948,16 +955,11 @@ mod tests {
         }]);
         let (mut client, conn) = tokio::net::UnixStream::pair().unwrap();
         server.spawn(conn);
-        let mut b = (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
-            .to_be_bytes()
-            .to_vec();
+        let mut b = client_flags();
         let mut go = 1u32.to_be_bytes().to_vec();
         go.extend_from_slice(b"f");
         go.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-        b.extend_from_slice(&(go.len() as u32).to_be_bytes());
-        b.extend_from_slice(&go);
+        opt(&mut b, proto::OPT_GO, &go);
         let read = Request {
             flags: 0,
             command: Command::Read,
@@ -1063,15 +1065,7 @@ mod tests {
     /// A client's bytes to a forced-TLS server: flags, LIST, GO, STRUCTURED_REPLY, an unknown
     /// option, STARTTLS, then what should be a TLS ClientHello.
     fn tls_session() -> Vec<u8> {
-        let opt = |b: &mut Vec<u8>, o: u32, d: &[u8]| {
-            b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-            b.extend_from_slice(&o.to_be_bytes());
-            b.extend_from_slice(&(d.len() as u32).to_be_bytes());
-            b.extend_from_slice(d);
-        };
-        let mut b = (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
-            .to_be_bytes()
-            .to_vec();
+        let mut b = client_flags();
         opt(&mut b, proto::OPT_LIST, &[]);
         let mut go = 1u32.to_be_bytes().to_vec();
         go.extend_from_slice(b"m");

@@ -505,13 +505,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let target = (self.links.clone(), self.target);
         let last = snapshot.meta.last_log_id.map_or(0, |l| l.index);
         let r = self.send_snapshot(vote, snapshot, cancel, option).await;
         match &r {
-            Ok(_) => target.0.progressed(target.1, Mark::Log(last)),
+            Ok(_) => self.links.progressed(self.target, Mark::Log(last)),
             Err(StreamingError::Closed(_)) => {}
-            Err(e) => target.0.failed(target.1, e),
+            Err(e) => self.failed(e),
         }
         r
     }
@@ -1142,18 +1141,12 @@ impl Node {
     /// Whether volume (`name`, `id`) was deleted, as this node or any other node of the
     /// cluster that answers knows.
     async fn was_deleted(&self, name: &str, id: u64) -> bool {
-        let gone = |t: &Tombstones| t.get(name).is_some_and(|ids| ids.contains(&id));
-        if id == 0 || gone(&*self.tombstones.lock().await) {
-            return id != 0;
+        if buried(&*self.tombstones.lock().await, name, id) {
+            return true;
         }
         for (n, addr) in self.cluster() {
-            if n == self.id {
-                continue;
-            }
-            if let Ok(Ok(t)) = tokio::time::timeout(QUICK, tombstones(&addr)).await {
-                if gone(&t) {
-                    return true;
-                }
+            if n != self.id && buried_on(&addr, name, id, QUICK).await {
+                return true;
             }
         }
         false
@@ -1233,11 +1226,8 @@ impl Node {
         }
         let mut answers = Vec::new();
         for addr in nodes.values() {
-            // Deleted: a tombstone of this very volume (not of an older one of its name).
-            if let Ok(Ok(t)) = tokio::time::timeout(ASK, tombstones(addr)).await {
-                if spec.id != 0 && t.get(&spec.name).is_some_and(|ids| ids.contains(&spec.id)) {
-                    return Some(true);
-                }
+            if buried_on(addr, &spec.name, spec.id, ASK).await {
+                return Some(true);
             }
             if let Ok(Ok(s)) = tokio::time::timeout(ASK, status(addr, &spec.name)).await {
                 answers.push(s);
@@ -2430,6 +2420,21 @@ pub async fn list(addr: &str) -> io::Result<Vec<(VolumeSpec, Status)>> {
 }
 
 /// The status of `volume` as the node at `addr` sees it.
+/// Whether `t` has the tombstone of volume (`name`, `id`): that very volume, not an older one
+/// of its name (id 0, a volume of a node's command line, has none).
+fn buried(t: &Tombstones, name: &str, id: u64) -> bool {
+    id != 0 && t.get(name).is_some_and(|ids| ids.contains(&id))
+}
+
+/// Whether the node at `addr` has the tombstone of volume (`name`, `id`); no if it does not
+/// answer within `within`.
+async fn buried_on(addr: &str, name: &str, id: u64, within: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(within, tombstones(addr)).await,
+        Ok(Ok(t)) if buried(&t, name, id)
+    )
+}
+
 /// The volumes the node at `addr` knows were deleted: name -> id.
 async fn tombstones(addr: &str) -> io::Result<Tombstones> {
     let mut conn = None;
