@@ -5,7 +5,8 @@
 # file, each against qemu-nbd serving a raw file of the same size in that directory (tmpfs by
 # default, so the disk does not decide; BENCH_DIR=/var/tmp for a disk). Targets for the
 # replicated volume vs qemu-nbd: read >= 0.8x, write >= 0.5x, 4 KiB write >= 0.3x.
-# Failover: SIGKILL of the leader until the next 4 KiB write is acknowledged (target < 2 s).
+# Failover: SIGKILL of the leader until the next 4 KiB write is acknowledged (target < 2 s);
+# also SIGSTOP of the leader (nothing tells the followers; see the end).
 #
 #   seq write   nbdcopy, 1 MiB requests, 1 connection, from a file of random data
 #   seq read    nbdcopy, 1 MiB requests, 1 connection, to null:
@@ -176,12 +177,46 @@ for metric in write read rand_read rand_write; do
     done
 done
 
-# Failover: SIGKILL the leader, then time until a 4 KiB write through a survivor is acknowledged
-# (qemu-io retries nothing: blockdrv waits for the new leader itself).
-survivor=$FOLLOWER
-kill -9 "${NODE[$LEADER]}"
-t0=$(now)
-wait "${NODE[$LEADER]}" 2>/dev/null || true
-qemu-io -f raw -c "write -P 9 0 4k" "nbd+unix:///v?socket=$WORK/n$survivor.sock" >/dev/null
-t1=$(now)
-awk -v a="$t0" -v b="$t1" 'BEGIN { printf "failover: leader killed -> next write acknowledged in %.2f s\n", b - a }'
+# Failover, FAILOVER_RUNS times each (default 5), with all three replicas caught up first:
+#   kill   SIGKILL of the leader: its followers see its connections end and nothing answer at
+#          its address, and elect at once (the killed node is restarted after)
+#   stop   SIGSTOP of the leader, as a hung or cut-off node: nothing tells, so openraft's timer
+#          elects once the lease the followers gave it has run out (SIGCONT after)
+# Each is timed until a 4 KiB write through a survivor is acknowledged (qemu-io retries
+# nothing: blockdrv waits for the new leader itself).
+agreed_leader() {
+    local a b c
+    for _ in $(seq 200); do
+        a=$(status 1 | sed -n 's/.*"leader":\([0-9]*\).*/\1/p')
+        b=$(status 2 | sed -n 's/.*"leader":\([0-9]*\).*/\1/p')
+        c=$(status 3 | sed -n 's/.*"leader":\([0-9]*\).*/\1/p')
+        [[ -n $a && $a == "$b" && $b == "$c" ]] && { echo "$a"; return; }
+        sleep 0.05
+    done
+    echo "nbd.sh: the nodes do not agree on a leader" >&2
+    exit 1
+}
+: > "$WORK/failover.kill" && : > "$WORK/failover.stop"
+for _ in $(seq "${FAILOVER_RUNS:-5}"); do
+    for how in kill stop; do
+        settle raft > /dev/null
+        leader=$(agreed_leader)
+        survivor=$((leader % 3 + 1))
+        if [ "$how" = kill ]; then kill -9 "${NODE[$leader]}"; else kill -STOP "${NODE[$leader]}"; fi
+        t0=$(now)
+        qemu-io -f raw -c "write -P 9 0 4k" "nbd+unix:///v?socket=$WORK/n$survivor.sock" >/dev/null
+        awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }' >> "$WORK/failover.$how"
+        if [ "$how" = kill ]; then
+            wait "${NODE[$leader]}" 2>/dev/null || true
+            start_node "$leader"
+            until [ -S "$WORK/n$leader.sock" ]; do sleep 0.05; done
+        else
+            kill -CONT "${NODE[$leader]}"
+        fi
+    done
+done
+for how in kill stop; do
+    printf 'failover (%s of the leader -> next write acknowledged): median %.2f s, max %.2f s; every run: %s\n' \
+        "$how" "$(median < "$WORK/failover.$how")" "$(sort -g "$WORK/failover.$how" | tail -1)" \
+        "$(awk '{printf "%.2f ", $1}' "$WORK/failover.$how")"
+done

@@ -286,6 +286,39 @@ impl Cluster {
         }
     }
 
+    /// Writes 1 MiB of `fill` at `fill` MiB through node `i` (given up after 60 s): whether it
+    /// was acknowledged, and what qemu-io said.
+    fn write_mib(&self, i: usize, fill: u64) -> (bool, String) {
+        let (good, out) = run(&[
+            "timeout",
+            "60",
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {fill} {} 1M", fill * MIB),
+            &self.uri(i),
+        ]);
+        (good && out.contains("wrote 1048576/1048576"), out)
+    }
+
+    /// Asserts that node `i` reads what [`Cluster::write_mib`] wrote with `fill`.
+    fn assert_mib(&self, i: usize, fill: u64) {
+        let (good, out) = run(&[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -P {fill} {} 1M", fill * MIB),
+            &self.uri(i),
+        ]);
+        assert!(
+            good && !out.contains("Pattern verification failed"),
+            "node {}, fill {fill}: {out}",
+            i + 1
+        );
+    }
+
     fn applied(&self, i: usize) -> Option<u64> {
         self.status(i)?["last_applied"].as_u64()
     }
@@ -777,6 +810,103 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
             .any(|(data, zeroes)| data + zeroes == 64 * MIB && *zeroes >= 15 * MIB),
         "no snapshot sent with the unwritten part left out: {sent:?}"
     );
+}
+
+/// A leader whose process dies is replaced at once: its followers see its connections end and
+/// nothing answer at its address, and elect. The election timer here (6-12 s, after the dead
+/// leader's 12 s lease) would take 18 s at least; writes resume long before. A leader whose
+/// connections are cut while it lives stays (its followers find it answering).
+#[test]
+fn a_leader_whose_process_dies_is_replaced_at_once_and_a_live_one_stays() {
+    let mut c = Cluster::start(&[
+        "--heartbeat-ms",
+        "100",
+        "--election-ms",
+        "6000",
+        "--log",
+        "info",
+    ]);
+    let leader = c.steady_leader();
+    let via = (leader + 1) % 3;
+    let (good, out) = c.write_mib(via, 1);
+    assert!(good, "{out}");
+
+    // Cut the leader's connections to its followers (`ss -K` destroys the sockets; the
+    // followers get a reset): it still answers, so nothing changes.
+    let term = c.status(leader).unwrap()["term"].as_u64().unwrap();
+    for f in [(leader + 1) % 3, (leader + 2) % 3] {
+        let port = c.ports[f].to_string();
+        ok(&["ss", "-K", "dst", "127.0.0.1", "dport", "=", &port]);
+    }
+    c.wait_for(
+        |c| {
+            (0..3).any(|i| {
+                std::fs::read_to_string(c.log(i))
+                    .unwrap_or_default()
+                    .contains("it answers at")
+            })
+        },
+        "a follower to find the leader answering",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    for i in 0..3 {
+        let s = c.status(i).unwrap();
+        assert_eq!(
+            s["leader"].as_u64(),
+            Some(leader as u64 + 1),
+            "node {}: {s}",
+            i + 1
+        );
+        assert_eq!(s["term"].as_u64(), Some(term), "node {}: {s}", i + 1);
+    }
+    let (good, out) = c.write_mib(via, 2);
+    assert!(good, "{out}");
+
+    // SIGKILL: a write through a survivor is acknowledged long before the timer would elect.
+    c.kill(leader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (good, out) = c.write_mib(via, 3);
+        if good {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write acknowledged after the leader died: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let said = (0..3)
+        .filter(|i| {
+            std::fs::read_to_string(c.log(*i))
+                .unwrap_or_default()
+                .contains("the leader's process is gone")
+        })
+        .count();
+    assert_eq!(said, 2, "both survivors saw the leader's process gone");
+    for fill in 1..=3 {
+        c.assert_mib(via, fill);
+    }
+}
+
+/// A follower forwards writes to its leader; if the leader hangs (SIGSTOP: connections stay
+/// open, nothing answers), a write forwarded to it goes to the leader elected next instead of
+/// waiting for an answer forever.
+#[test]
+fn a_write_forwarded_to_a_leader_that_hangs_goes_to_the_next_one() {
+    let c = Cluster::start(&["--heartbeat-ms", "100", "--election-ms", "500"]);
+    let leader = c.steady_leader();
+    let via = (leader + 1) % 3;
+    // The first write opens the follower's connection to the leader.
+    let (good, out) = c.write_mib(via, 1);
+    assert!(good, "{out}");
+    c.signal(leader, "STOP");
+    let (good, out) = c.write_mib(via, 2);
+    c.signal(leader, "CONT");
+    assert!(good, "{out}");
+    for fill in 1..=2 {
+        c.assert_mib((leader + 2) % 3, fill);
+    }
 }
 
 /// A volume whose blocks are all zeroes (written as zeroes, so allocated on the leader) is

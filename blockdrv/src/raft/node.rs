@@ -230,17 +230,60 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// The version of the node-to-node protocol: the framing and the bincode of [`Rpc`],
+/// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
+/// field names or tags to tell a changed type by, so nodes of different versions must refuse
+/// each other, saying why, rather than misread each other.
+const RPC_VERSION: u32 = 1;
+
+/// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
+fn hello() -> [u8; 8] {
+    let mut h = *b"SBSR\0\0\0\0";
+    h[4..].copy_from_slice(&RPC_VERSION.to_be_bytes());
+    h
+}
+
+/// Checks the hello of the node at `peer`.
+fn check_hello(peer: &str, h: [u8; 8]) -> io::Result<()> {
+    let version = u32::from_be_bytes(h[4..].try_into().expect("4 bytes"));
+    let what = if &h[..4] != b"SBSR" {
+        format!("{peer} is not a blockdrv storage node (it did not greet as one)")
+    } else if version != RPC_VERSION {
+        format!(
+            "{peer} speaks node protocol version {version}, this node {RPC_VERSION}: run one \
+             release on every node"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(io::Error::new(io::ErrorKind::InvalidData, what))
+}
+
+/// Reads the greeting of the node at `peer` from `s` and checks it. The client of a
+/// connection greets first and the server answers; [`call`] sends its first request right
+/// behind its hello, and reads the server's hello before the reply.
+async fn read_hello(s: &mut TcpStream, peer: &str) -> io::Result<()> {
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h).await?;
+    check_hello(peer, h)
+}
+
 /// One request to `addr` over `conn` (connected first if need be); the connection is dropped
 /// after an error.
 async fn call(conn: &mut Option<TcpStream>, addr: &str, rpc: &Rpc) -> io::Result<Reply> {
-    if conn.is_none() {
-        let s = TcpStream::connect(addr).await?;
+    let new = conn.is_none();
+    if new {
+        let mut s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
+        s.write_all(&hello()).await?;
         *conn = Some(s);
     }
     let s = conn.as_mut().expect("connected above");
     let r = async {
         send_msg(s, rpc).await?;
+        if new {
+            read_hello(s, addr).await?;
+        }
         recv_msg(s).await
     }
     .await;
@@ -971,6 +1014,20 @@ const SNAPSHOT_CHUNK: u64 = 4 << 20;
 /// caught up.
 const CAUGHT_UP_ENTRIES: u64 = 8;
 
+/// How long a leader whose connection ended has to answer, and how far apart the survivors of
+/// a dead one elect again ([`Node::leader_gone`]).
+const LEADER_PROBE: Duration = Duration::from_millis(200);
+
+/// Whether `e`, from a request to a node, says its process is gone: nothing listens at its
+/// address, or it closed the connection without answering.
+fn gone(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionReset | UnexpectedEof | BrokenPipe
+    )
+}
+
 /// A replica being moved in that takes no data for this long, and fails, ends the move.
 const STALLED: Duration = Duration::from_secs(10);
 
@@ -1700,10 +1757,37 @@ impl Node {
     /// Serves the RPCs of the other nodes on `listener`.
     pub async fn serve(self: Arc<Node>, listener: tokio::net::TcpListener) -> io::Result<()> {
         loop {
-            let (mut s, _) = listener.accept().await?;
+            let (mut s, peer) = listener.accept().await?;
             let _ = s.set_nodelay(true);
             let node = self.clone();
             tokio::spawn(async move {
+                // Greeted back whatever the peer is (so that it can say what it met), served
+                // only if it speaks this version.
+                let greeted = match read_hello(&mut s, &peer.to_string()).await {
+                    Ok(()) => s.write_all(&hello()).await.is_ok(),
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::InvalidData {
+                            tracing::warn!("{e}");
+                            // Closed with its request unread, the connection would be reset,
+                            // and the hello perhaps lost before the peer read it: the peer is
+                            // left to close it.
+                            let _ = s.write_all(&hello()).await;
+                            let _ = s.shutdown().await;
+                            let drain = async {
+                                let mut b = [0u8; 4096];
+                                while s.read(&mut b).await.is_ok_and(|n| n > 0) {}
+                            };
+                            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                        }
+                        false
+                    }
+                };
+                if !greeted {
+                    return;
+                }
+                // The leader whose AppendEntries came over this connection last, and for
+                // which group: when the connection ends, that leader may have died.
+                let mut replicating = None;
                 loop {
                     let rpc = match recv_msg::<Rpc>(&mut s).await {
                         Ok(rpc) => rpc,
@@ -1714,6 +1798,9 @@ impl Node {
                             break;
                         }
                     };
+                    if let Rpc::Append(v, r) = &rpc {
+                        replicating = r.vote.leader_id().voted_for().map(|l| (v.clone(), l));
+                    }
                     let reply = node.handle(rpc).await;
                     if let Err(e) = send_msg(&mut s, &reply).await {
                         if e.kind() == io::ErrorKind::InvalidInput {
@@ -1722,7 +1809,75 @@ impl Node {
                         break;
                     }
                 }
+                if let Some((volume, leader)) = replicating {
+                    node.leader_gone(&volume, leader).await;
+                }
             });
+        }
+    }
+
+    /// The connection over which `leader` replicated `volume` to this node has ended: if the
+    /// leader's process is gone (its address refuses connections), elect a new one now instead
+    /// of after openraft's election timer, which waits out the dead leader's lease first (the
+    /// election timeout's maximum) and then a random timeout: 1.5-2 s with 500-1000 ms, 3-4 s
+    /// by default. A leader whose host is down or cut off refuses nothing (its connections
+    /// time out), and is left to the timer; one that is alive (a connection dropped after a
+    /// timeout) answers, and stays.
+    ///
+    /// Every surviving voter sees its connection end and elects at once. A voter keeps the
+    /// lease it gave the dead leader until it is a candidate itself, so it is the candidates
+    /// that grant votes here: of two of the same term, the one with the lower id grants the
+    /// other's (openraft orders the leaders of a term by node id), and one round elects the
+    /// survivor with the highest id. Should a round elect nobody, the survivors elect again in
+    /// turn, lowest id first, while nobody leads. Elections are safe at any time; this only
+    /// decides when one starts.
+    async fn leader_gone(&self, volume: &str, leader: NodeId) {
+        let Some(g) = self.group(volume) else { return };
+        let (addr, rank, survivors) = {
+            let m = g.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let survivors: Vec<NodeId> = membership.voter_ids().filter(|v| *v != leader).collect();
+            let rank = survivors.iter().position(|v| *v == self.id);
+            match (membership.get_node(&leader), rank) {
+                (Some(n), Some(rank)) if m.current_leader == Some(leader) => {
+                    (n.addr.clone(), rank as u32, survivors.len() as u32)
+                }
+                _ => return,
+            }
+        };
+        // A dying process may still accept a connection (its listener closes after the
+        // connections that ended): what tells is whether it answers.
+        let probe = Rpc::Status(volume.to_owned());
+        match tokio::time::timeout(LEADER_PROBE, call(&mut None, &addr, &probe)).await {
+            Ok(Err(e)) if gone(&e) => {}
+            Ok(Ok(_)) => {
+                tracing::info!(
+                    volume,
+                    leader,
+                    "the leader's connection ended; it answers at {addr}: it stays"
+                );
+                return;
+            }
+            _ => return,
+        }
+        tracing::info!(
+            volume,
+            leader,
+            "the leader's process is gone (nothing answers at {addr}): electing now"
+        );
+        let leads = |who| g.raft.metrics().borrow().current_leader == who;
+        if !leads(Some(leader)) || g.raft.trigger().elect().await.is_err() {
+            return;
+        }
+        // Up to two more rounds, each survivor in its turn, LEADER_PROBE apart (an election
+        // on loopback takes milliseconds; a slow one is not cut short by the next survivor's).
+        let mut wait = LEADER_PROBE / 4 + LEADER_PROBE * rank;
+        for _ in 0..2 {
+            tokio::time::sleep(wait).await;
+            if !leads(None) || g.raft.trigger().elect().await.is_err() {
+                return;
+            }
+            wait = LEADER_PROBE * survivors;
         }
     }
 
@@ -2004,6 +2159,28 @@ impl Group {
             .map(|n| n.addr.clone())
     }
 
+    /// Returns once a leader other than the one at `addr` is known (this node, `me`, too), or
+    /// the group is shut down.
+    async fn leader_moved(&self, me: NodeId, addr: &str) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let moved = {
+                let m = metrics.borrow_and_update();
+                m.current_leader.is_some_and(|l| {
+                    l == me
+                        || m.membership_config
+                            .membership()
+                            .get_node(&l)
+                            .map(|n| n.addr.as_str())
+                            != Some(addr)
+                })
+            };
+            if moved || metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// A write on this node as the leader: done once committed on a majority and applied
     /// (through the group commit).
     async fn leader_write(&self, op: BlockOp) -> Result<(), NotHereOr> {
@@ -2167,14 +2344,24 @@ impl RaftVolume {
                 Some(a) => Some(a),
             };
             if let Some(addr) = addr {
-                match self.forward(&addr, &there).await {
-                    Ok(reply) => match unpack(reply) {
+                // A leader that hangs (stopped, cut off) never answers: once another is
+                // elected, the request goes there instead. (A write sent twice writes the same
+                // bytes at the same place; the first, if the old leader ever takes it, cannot
+                // commit in its old term, or commits before anything the new leader appends.)
+                let answer = tokio::select! {
+                    r = self.forward(&addr, &there) => Some(r),
+                    () = self.group.leader_moved(self.node.id, &addr) => None,
+                    () = tokio::time::sleep_until(deadline) => None,
+                };
+                match answer {
+                    Some(Ok(reply)) => match unpack(reply) {
                         Some(Ok(v)) => return Ok(v),
                         // The leader changed under us, or it failed: ask again.
                         Some(Err(e)) => last = e,
                         None => last = format!("unexpected reply from {addr}"),
                     },
-                    Err(e) => last = format!("{addr}: {e}"),
+                    Some(Err(e)) => last = format!("{addr}: {e}"),
+                    None => last = format!("{addr} stopped leading before it answered"),
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2459,6 +2646,55 @@ pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node serving on a loopback port, and its address.
+    async fn serving() -> (Arc<Node>, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::new(1, dir.path(), Timing::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(node.clone().serve(listener));
+        (node, addr, dir)
+    }
+
+    #[tokio::test]
+    async fn nodes_of_another_protocol_version_refuse_each_other_and_say_so() {
+        let (_node, addr, _dir) = serving().await;
+        // Same version: served.
+        let r = call(&mut None, &addr, &Rpc::Cluster).await.unwrap();
+        assert!(matches!(r, Reply::Cluster(_)), "{r:?}");
+
+        // A client of another version is greeted back, then the connection ends unserved.
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"SBSR\0\0\0\x09").await.unwrap();
+        send_msg(&mut s, &Rpc::Cluster).await.unwrap();
+        let mut h = [0u8; 8];
+        s.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, hello());
+        assert_eq!(s.read(&mut h).await.unwrap(), 0, "served anyway");
+
+        // A server of another version, or something else altogether: the client says which.
+        for (greeting, says) in [
+            (
+                &b"SBSR\0\0\0\x09"[..],
+                "speaks node protocol version 9, this node 1",
+            ),
+            (&b"SSH-2.0-"[..], "is not a blockdrv storage node"),
+        ] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let other = l.local_addr().unwrap().to_string();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                s.write_all(greeting).await.unwrap();
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+            let e = call(&mut None, &other, &Rpc::Cluster).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            assert!(e.to_string().contains(says), "{e}");
+            assert!(e.to_string().contains(&other), "{e}");
+        }
+    }
 
     #[test]
     fn a_replica_is_orphaned_only_when_a_leader_of_the_newest_term_goes_on_without_it() {
