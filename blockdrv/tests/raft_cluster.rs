@@ -286,6 +286,23 @@ impl Cluster {
         }
     }
 
+    /// `blockdrv volume move` through node `via`: `volume`'s replica on node `from` to node
+    /// `to` (indices; given up after 120 s). Whether it worked, and what it said.
+    fn move_replica(&self, via: usize, volume: &str, from: usize, to: usize) -> (bool, String) {
+        run(&[
+            "timeout",
+            "120",
+            env!("CARGO_BIN_EXE_blockdrv"),
+            "volume",
+            "move",
+            "--addr",
+            &self.addr(via),
+            volume,
+            &(from + 1).to_string(),
+            &format!("{}={}", to + 1, self.addr(to)),
+        ])
+    }
+
     /// Writes 1 MiB of `fill` at `fill` MiB through node `i` (given up after 60 s): whether it
     /// was acknowledged, and what qemu-io said.
     fn write_mib(&self, i: usize, fill: u64) -> (bool, String) {
@@ -614,16 +631,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         |c| unreachable(c) == Some(serde_json::json!([dead + 1])),
         "the leader to report the dead member",
     );
-    let to = format!("{}={}", spare + 1, c.addr(spare));
-    let (good, out) = c.blockdrv(&[
-        "volume",
-        "move",
-        "--addr",
-        &c.addr(members[0]),
-        "data",
-        &(dead + 1).to_string(),
-        &to,
-    ]);
+    let (good, out) = c.move_replica(members[0], "data", dead, spare);
     assert!(good, "{out}");
     // The spare serves the data, holds an identical replica, and every catalog has the new
     // members.
@@ -690,15 +698,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         &uri(&c, spare),
     ]);
     // Bad moves are refused: a node that holds no replica, a node that holds one already.
-    let (good, out) = c.blockdrv(&[
-        "volume",
-        "move",
-        "--addr",
-        &c.addr(spare),
-        "data",
-        &(dead + 1).to_string(),
-        &to,
-    ]);
+    let (good, out) = c.move_replica(spare, "data", dead, spare);
     assert!(!good && out.contains("holds no replica"), "{out}");
     // The dead node comes back with its replica, which the group went on without: it drops
     // it (nothing left on its disk, no export) and the volume goes on.
@@ -715,6 +715,31 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         "-c",
         "read -P 0x6e 8M 1M",
         &uri(&c, members[0]),
+    ]);
+
+    // A move through a follower while the leader hangs (SIGSTOP) is carried out by the next
+    // leader: the forwarded move gives way once another is elected, and the CLI tries again.
+    // The hung leader's replica moves back to the node that came back.
+    let leader = c.status_of(members[0], "data").unwrap()["leader"]
+        .as_u64()
+        .unwrap() as usize
+        - 1;
+    let via = *now.iter().find(|i| **i != leader).unwrap();
+    c.signal(leader, "STOP");
+    let (good, out) = c.move_replica(via, "data", leader, dead);
+    c.signal(leader, "CONT");
+    assert!(good, "{out}");
+    c.wait_for(
+        |c| c.exports(dead).contains("export=\"data\""),
+        "the moved replica's export",
+    );
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x6e 8M 1M",
+        &uri(&c, dead),
     ]);
 }
 

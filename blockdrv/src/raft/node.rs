@@ -162,11 +162,70 @@ enum Reply {
     ReadIndex(Result<u64, String>),
     Status(Status),
     NoVolume(String),
-    Done(Result<(), String>),
+    Done(Result<(), WireError>),
     Volumes(Vec<(VolumeSpec, Status)>),
     Moves(Result<Vec<super::placement::Move>, String>),
     Cluster(BTreeMap<NodeId, String>),
     Tombstones(Tombstones),
+}
+
+/// An error as it crosses the wire between nodes: its message, and its kind where a caller
+/// acts on it (a request that found no leader is tried again; one for a volume that does not
+/// exist is not), so an error forwarded from node to node reaches the client as it began.
+#[derive(Debug, Serialize, Deserialize)]
+struct WireError {
+    kind: WireKind,
+    message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+enum WireKind {
+    NotFound,
+    InvalidInput,
+    AlreadyExists,
+    ResourceBusy,
+    /// No leader yet, or it changed: try again.
+    WouldBlock,
+    TimedOut,
+    Other,
+}
+
+const WIRE_KINDS: [(WireKind, io::ErrorKind); 6] = [
+    (WireKind::NotFound, io::ErrorKind::NotFound),
+    (WireKind::InvalidInput, io::ErrorKind::InvalidInput),
+    (WireKind::AlreadyExists, io::ErrorKind::AlreadyExists),
+    (WireKind::ResourceBusy, io::ErrorKind::ResourceBusy),
+    (WireKind::WouldBlock, io::ErrorKind::WouldBlock),
+    (WireKind::TimedOut, io::ErrorKind::TimedOut),
+];
+
+impl From<io::Error> for WireError {
+    fn from(e: io::Error) -> WireError {
+        let kind = WIRE_KINDS
+            .iter()
+            .find(|(_, k)| *k == e.kind())
+            .map_or(WireKind::Other, |(w, _)| *w);
+        WireError {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<WireError> for io::Error {
+    fn from(e: WireError) -> io::Error {
+        let kind = WIRE_KINDS
+            .iter()
+            .find(|(w, _)| *w == e.kind)
+            .map_or(io::ErrorKind::Other, |(_, k)| *k);
+        io::Error::new(kind, e.message)
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// Sends `msg` as one frame: `[length u32 BE][skeleton length u32 BE][skeleton][write data]`
@@ -234,7 +293,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 1;
+const RPC_VERSION: u32 = 2;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -625,7 +684,7 @@ impl Peer {
                 .await?
             {
                 Reply::Done(Ok(())) => self.links.progressed(self.target, Mark::Snapshot(&id, at)),
-                Reply::Done(Err(e)) => return Err(net_err(e)),
+                Reply::Done(Err(e)) => return Err(net_err(e.message)),
                 other => return Err(net_err(format!("unexpected reply {other:?}"))),
             }
         }
@@ -868,6 +927,19 @@ pub const REPLICAS: usize = 3;
 
 fn err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
+}
+
+/// The error of a membership change: `WouldBlock` (try again, through the new leader) when
+/// this node no longer leads.
+fn change_err(
+    what: String,
+    e: RaftError<NodeId, openraft::error::ClientWriteError<NodeId, BasicNode>>,
+) -> io::Error {
+    let kind = match e.api_error() {
+        Some(openraft::error::ClientWriteError::ForwardToLeader(_)) => io::ErrorKind::WouldBlock,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{what}: {e}"))
 }
 
 fn check_volume_name(name: &str) -> io::Result<()> {
@@ -1538,7 +1610,20 @@ impl Node {
             .group(name)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
         if let Some(leader) = g.leader_addr(self.id) {
-            return manage(&leader, Rpc::Move(name.into(), from, to, addr.into())).await;
+            // Through the leader; a leader that dies or hangs meanwhile is for the caller to
+            // try again with (`WouldBlock`): its move dies with it or ends when it hears of the
+            // next leader, whose stray-learner cleanup takes out what it left.
+            let rpc = Rpc::Move(name.into(), from, to, addr.into());
+            let again = |e: String| {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("volume {name}: its leader at {leader}: {e}"),
+                )
+            };
+            return tokio::select! {
+                r = manage(&leader, rpc) => r.map_err(|e| if gone(&e) { again(e.to_string()) } else { e }),
+                () = g.leader_moved(self.id, &leader) => Err(again("no longer leads".into())),
+            };
         }
         // Only the leader moves replicas: before it opens one anywhere (a group electing a new
         // leader has none yet).
@@ -1581,14 +1666,14 @@ impl Node {
             g.raft
                 .add_learner(to, BasicNode::new(addr), false)
                 .await
-                .map_err(|e| err(format!("volume {name}: add node {to}: {e}")))?;
+                .map_err(|e| change_err(format!("volume {name}: add node {to}"), e))?;
             // The learner catches up first (by snapshot if need be), at ~16 MiB/s at least.
             g.catch_up(to, Duration::from_secs(60 + spec.size / (16 << 20)))
                 .await?;
             g.raft
                 .change_membership(voters, false)
                 .await
-                .map_err(|e| err(format!("volume {name}: change members: {e}")))
+                .map_err(|e| change_err(format!("volume {name}: change members"), e))
         };
         if let Err(e) = joined.await {
             // Unless the membership change went through (then the group has it as a voter),
@@ -1882,7 +1967,7 @@ impl Node {
     }
 
     async fn handle(self: &Arc<Node>, rpc: Rpc) -> Reply {
-        let done = |r: io::Result<()>| Reply::Done(r.map_err(|e| e.to_string()));
+        let done = |r: io::Result<()>| Reply::Done(r.map_err(WireError::from));
         let volume = match &rpc {
             Rpc::Open(spec) => return done(self.open_replica(spec).await),
             Rpc::Create(spec) => return done(self.create_volume(spec).await),
@@ -1924,7 +2009,7 @@ impl Node {
             Rpc::Append(_, r) => Reply::Append(g.raft.append_entries(r).await),
             Rpc::Vote(_, r) => Reply::Vote(g.raft.vote(r).await),
             Rpc::SnapshotPart(_, part) => {
-                Reply::Done(g.receive_part(part).await.map_err(|e| e.to_string()))
+                Reply::Done(g.receive_part(part).await.map_err(WireError::from))
             }
             Rpc::SnapshotEnd(_, end) => Reply::Snapshot(g.finish_receiving(end).await),
             Rpc::Write(_, op) => Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string())),
@@ -2092,10 +2177,12 @@ impl Group {
                 Busy::Moving(n) => format!("a replica is being moved to node {n}"),
                 Busy::Cleaning => "stray learners are being taken out, try again".into(),
             };
-            io::Error::new(
-                io::ErrorKind::ResourceBusy,
-                format!("volume {}: {what}", self.name),
-            )
+            // Stray learners are taken out in a moment; another move may take long.
+            let kind = match other {
+                Busy::Moving(_) => io::ErrorKind::ResourceBusy,
+                Busy::Cleaning => io::ErrorKind::WouldBlock,
+            };
+            io::Error::new(kind, format!("volume {}: {what}", self.name))
         })
     }
 
@@ -2109,10 +2196,13 @@ impl Group {
             {
                 let m = metrics.borrow_and_update();
                 if m.state != openraft::ServerState::Leader {
-                    return Err(err(format!(
-                        "volume {}: this node stopped leading while node {to} caught up",
-                        self.name
-                    )));
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!(
+                            "volume {}: this node stopped leading while node {to} caught up",
+                            self.name
+                        ),
+                    ));
                 }
                 if m.membership_config.membership().get_node(&to).is_none() {
                     return Err(err(format!(
@@ -2530,7 +2620,7 @@ const QUICK: Duration = Duration::from_secs(10);
 async fn manage(addr: &str, rpc: Rpc) -> io::Result<()> {
     let mut conn = None;
     match call(&mut conn, addr, &rpc).await? {
-        Reply::Done(r) => r.map_err(err),
+        Reply::Done(r) => r.map_err(io::Error::from),
         Reply::NoVolume(v) => Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no volume {v}"),
@@ -2571,7 +2661,10 @@ pub async fn cluster(addr: &str) -> io::Result<BTreeMap<NodeId, String>> {
     }
 }
 
-/// Replaces member `from` of a volume by `to` at `to_addr`, through the node at `addr`.
+/// Replaces member `from` of a volume by `to` at `to_addr`, through the node at `addr`. A move
+/// that finds no leader, or whose leader changes or dies under it, starts again through the
+/// next one (given up once it has failed so for [`LEADER_WAIT`]); one that went through
+/// although its answer was lost is done.
 pub async fn move_replica(
     addr: &str,
     name: &str,
@@ -2579,7 +2672,29 @@ pub async fn move_replica(
     to: NodeId,
     to_addr: &str,
 ) -> io::Result<()> {
-    manage(addr, Rpc::Move(name.into(), from, to, to_addr.into())).await
+    let mut failing = None;
+    loop {
+        let began = Instant::now();
+        let e = match manage(addr, Rpc::Move(name.into(), from, to, to_addr.into())).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // An attempt that ran that long got somewhere: the count starts again.
+        if began.elapsed() >= LEADER_WAIT {
+            failing = None;
+        }
+        let since = *failing.get_or_insert_with(Instant::now);
+        if e.kind() != io::ErrorKind::WouldBlock || since.elapsed() >= LEADER_WAIT {
+            return Err(e);
+        }
+        if let Ok(s) = status(addr, name).await {
+            if s.leader.is_some() && s.members.contains(&to) && !s.members.contains(&from) {
+                return Ok(());
+            }
+        }
+        tracing::info!(volume = name, from, to, "move not done ({e}); trying again");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Creates a volume through the node at `addr`.
@@ -2674,11 +2789,9 @@ mod tests {
         assert_eq!(s.read(&mut h).await.unwrap(), 0, "served anyway");
 
         // A server of another version, or something else altogether: the client says which.
+        let other_version = format!("speaks node protocol version 9, this node {RPC_VERSION}");
         for (greeting, says) in [
-            (
-                &b"SBSR\0\0\0\x09"[..],
-                "speaks node protocol version 9, this node 1",
-            ),
+            (&b"SBSR\0\0\0\x09"[..], &other_version[..]),
             (&b"SSH-2.0-"[..], "is not a blockdrv storage node"),
         ] {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
