@@ -914,6 +914,67 @@ fn a_leader_whose_process_dies_is_replaced_at_once_and_a_live_one_stays() {
     }
 }
 
+/// A move whose new replica's disk fills while it takes the snapshot (the log was compacted:
+/// no log entry carries the data any more) ends once the replica has taken nothing for 10 s,
+/// though it answers heartbeats all along (without that, only the move's overall bound of
+/// 60 s and more ended it), and leaves nothing behind.
+#[test]
+fn a_move_whose_snapshot_fills_the_new_nodes_disk_fails_and_leaves_nothing_behind() {
+    let mut c = Cluster::start(&[
+        "--heartbeat-ms",
+        "100",
+        "--election-ms",
+        "500",
+        "--snapshot-logs",
+        "8",
+        "--keep-logs",
+        "1",
+        "--log",
+        "info",
+    ]);
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5c 0 40M",
+        &c.uri(0),
+    ]);
+    let leader = c.steady_leader();
+    c.wait_for(
+        |c| {
+            std::fs::read_to_string(c.log(leader))
+                .unwrap_or_default()
+                .contains("purge_upto")
+        },
+        "the leader to purge its log",
+    );
+    // Node 4 knows the others but holds no volume of its own yet.
+    c.extra.drain(..2);
+    let n4 = c.add_place();
+    c.spawn_on_small_disk(n4, 16);
+    let from = (leader + 1) % 3;
+    let (good, out) = c.move_replica(leader, "v", from, n4);
+    assert!(
+        !good
+            && out.contains("node 4 took nothing")
+            && out.contains("snapshot")
+            && out.contains("No space left"),
+        "{out}"
+    );
+    c.wait_for(
+        |c| {
+            c.status(leader).is_some_and(|s| {
+                let mut m: Vec<u64> = serde_json::from_value(s["members"].clone()).unwrap();
+                m.sort();
+                s["learners"] == serde_json::json!([]) && m == [1, 2, 3]
+            }) && c.held(n4).is_empty()
+        },
+        "the group without node 4, and node 4 without a replica",
+    );
+    assert!(!c.exports(n4).contains("export=\"v\""));
+}
+
 /// A follower forwards writes to its leader; if the leader hangs (SIGSTOP: connections stay
 /// open, nothing answers), a write forwarded to it goes to the leader elected next instead of
 /// waiting for an answer forever.

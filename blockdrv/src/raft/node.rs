@@ -360,7 +360,9 @@ pub struct Network {
 }
 
 /// How replication to each peer of a group goes, as this node's network sees it while it
-/// leads: when the peer last took data (entries or a snapshot part) and the last error.
+/// leads: when the peer last answered and failed, any RPC (heartbeats too: for health), and
+/// when it last took data (entries or a snapshot part) and failed to (for stalls: a learner
+/// whose disk is full answers heartbeats all the same).
 #[derive(Debug, Default)]
 struct Links(std::sync::Mutex<HashMap<NodeId, Link>>);
 
@@ -372,9 +374,12 @@ struct Link {
     progress: Instant,
     log: u64,
     snapshot: Option<(String, u64)>,
-    /// The last RPC the peer answered (heartbeats too).
+    /// The last RPC the peer answered (heartbeats too), and the last that failed.
     answered: Option<Instant>,
     error: Option<(Instant, String)>,
+    /// The last RPC carrying data the peer took, and the last that failed.
+    took: Option<Instant>,
+    data_error: Option<(Instant, String)>,
 }
 
 /// How far a peer got (see [`Link::progress`]).
@@ -392,6 +397,8 @@ impl Links {
             snapshot: None,
             answered: None,
             error: None,
+            took: None,
+            data_error: None,
         }))
     }
 
@@ -438,9 +445,24 @@ impl Links {
         self.with(peer, |l| l.error = Some((Instant::now(), e.to_string())));
     }
 
-    /// The last error of `peer` if it has taken nothing new for `stall` up to `now`, counting
-    /// from `since` at the earliest, and its last RPC failed (one that answers, taking again
-    /// what it took before, say a snapshot sent again after an error, is not stalled).
+    /// `peer` took an RPC carrying data (new or not).
+    fn took(&self, peer: NodeId) {
+        self.with(peer, |l| l.took = Some(Instant::now()));
+    }
+
+    /// An RPC carrying data to `peer` failed (also recorded as a failure of any RPC).
+    fn data_failed(&self, peer: NodeId, e: &dyn std::fmt::Display) {
+        self.with(peer, |l| {
+            let now = Instant::now();
+            l.error = Some((now, e.to_string()));
+            l.data_error = Some((now, e.to_string()));
+        });
+    }
+
+    /// The last data error of `peer` if it has taken nothing new for `stall` up to `now`,
+    /// counting from `since` at the earliest, and its last RPC carrying data failed (one that
+    /// takes again what it took before, say a snapshot sent again after an error, is not
+    /// stalled; answering heartbeats does not count).
     fn stalled(
         &self,
         peer: NodeId,
@@ -450,8 +472,8 @@ impl Links {
     ) -> Option<String> {
         self.with(peer, |l| {
             let progress = l.progress.max(since);
-            let (at, e) = l.error.as_ref()?;
-            let failing = l.answered.is_none_or(|ok| *at > ok);
+            let (at, e) = l.data_error.as_ref()?;
+            let failing = l.took.is_none_or(|ok| *at > ok);
             (failing && *at >= progress && now.saturating_duration_since(progress) >= stall)
                 .then(|| e.clone())
         })
@@ -575,23 +597,31 @@ impl RaftNetwork<TypeConfig> for Peer {
             rpc.entries.last().map(|e| e.log_id)
         });
         let last = rpc.entries.last().map(|e| e.log_id.index);
-        let r = match self
+        let reply = self
             .rpc(Rpc::Append(self.volume.clone(), rpc), &option)
-            .await?
-        {
-            Reply::Append(Ok(AppendEntriesResponse::Success)) if partial.is_some() => Ok(
+            .await;
+        let r = match reply {
+            Ok(Reply::Append(Ok(AppendEntriesResponse::Success))) if partial.is_some() => Ok(
                 AppendEntriesResponse::PartialSuccess(partial.expect("checked")),
             ),
-            Reply::Append(Ok(r)) => Ok(r),
-            Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            other => Err(unexpected(&other)),
+            Ok(Reply::Append(Ok(r))) => Ok(r),
+            Ok(Reply::Append(Err(e))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(unreachable) => Err(RPCError::Unreachable(unreachable)),
         };
+        // Heartbeats (no entries) tell whether the peer answers, not whether it takes data.
         match (&r, last) {
             (
                 Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)),
                 Some(last),
-            ) => self.links.progressed(self.target, Mark::Log(last)),
-            (Err(e), _) => self.failed(e),
+            ) => {
+                self.links.took(self.target);
+                self.links.progressed(self.target, Mark::Log(last));
+            }
+            (Err(e), Some(_)) => self.links.data_failed(self.target, e),
+            (Err(e), None) => self.failed(e),
             _ => {}
         }
         r
@@ -612,7 +642,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         match &r {
             Ok(_) => self.links.progressed(self.target, Mark::Log(last)),
             Err(StreamingError::Closed(_)) => {}
-            Err(e) => self.failed(e),
+            Err(e) => self.links.data_failed(self.target, e),
         }
         r
     }
@@ -683,7 +713,10 @@ impl Peer {
                 .snapshot_rpc(rpc, option.hard_ttl(), &mut cancel, &option)
                 .await?
             {
-                Reply::Done(Ok(())) => self.links.progressed(self.target, Mark::Snapshot(&id, at)),
+                Reply::Done(Ok(())) => {
+                    self.links.took(self.target);
+                    self.links.progressed(self.target, Mark::Snapshot(&id, at));
+                }
                 Reply::Done(Err(e)) => return Err(net_err(e.message)),
                 other => return Err(net_err(format!("unexpected reply {other:?}"))),
             }
@@ -2082,6 +2115,7 @@ impl Group {
                 ));
             }
             std::os::unix::fs::FileExt::write_all_at(&file, &part.data, part.offset)
+                .map_err(|e| io::Error::new(e.kind(), format!("{what}: {e}")))
         })
         .await
         .map_err(err)??;
@@ -2849,7 +2883,7 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_is_stalled_once_it_failed_after_taking_nothing_for_that_long_and_failing_until_it_answers(
+    fn a_peer_is_stalled_once_it_failed_after_taking_nothing_for_that_long_and_failing_until_it_takes_data(
     ) {
         let links = Links::default();
         let stall = Duration::from_secs(10);
@@ -2860,7 +2894,7 @@ mod tests {
         links.progressed(4, Mark::Log(10));
         assert_eq!(links.stalled(4, start, later(60), stall), None);
         // An error: stalled only once the stall has passed since the last progress.
-        links.failed(4, &"No space left on device");
+        links.data_failed(4, &"No space left on device");
         assert_eq!(links.stalled(4, start, later(5), stall), None);
         assert_eq!(
             links.stalled(4, start, later(11), stall).as_deref(),
@@ -2868,31 +2902,41 @@ mod tests {
         );
         // Counted from `since` at the earliest (a move that began after the error).
         assert_eq!(links.stalled(4, later(5), later(11), stall), None);
-        // Answering again, taking again what it took before (a snapshot sent again after an
-        // error): not stalled while it answers...
+        // Answering heartbeats (its disk full, say) changes nothing; a heartbeat that fails
+        // is no data error.
         links.answered(4);
+        assert!(links.stalled(4, start, later(11), stall).is_some());
+        links.failed(5, &"Connection refused");
+        assert_eq!(links.stalled(5, start, later(60), stall), None);
+        // Taking again what it took before (a snapshot sent again after an error): not
+        // stalled while it takes it...
+        links.took(4);
         links.progressed(4, Mark::Log(10));
         let after = || Instant::now() + Duration::from_secs(11);
-        assert_eq!(links.stalled(4, start, after(), stall), None, "it answers");
+        assert_eq!(
+            links.stalled(4, start, after(), stall),
+            None,
+            "it takes data"
+        );
         // ...stalled once it fails again with nothing new taken.
         links.progressed(4, Mark::Snapshot("s1", 4 << 20));
-        links.answered(4);
+        links.took(4);
         links.progressed(4, Mark::Snapshot("s1", 4 << 20));
-        links.failed(4, &"No space left on device");
+        links.data_failed(4, &"No space left on device");
         assert!(
             links.stalled(4, start, after(), stall).is_some(),
             "the same part again"
         );
         // Getting further after the error: not stalled, however long ago.
-        links.answered(4);
+        links.took(4);
         links.progressed(4, Mark::Snapshot("s1", 8 << 20));
-        links.failed(4, &"No space left on device");
+        links.data_failed(4, &"No space left on device");
         assert_eq!(links.stalled(4, start, later(5), stall), None);
         links.progressed(4, Mark::Log(11));
         assert_eq!(links.stalled(4, start, later(60), stall), None);
         // Forgotten: a move to it starts from nothing.
         links.reset(4);
-        links.failed(4, &"Connection refused");
+        links.data_failed(4, &"Connection refused");
         assert!(links.stalled(4, start, after(), stall).is_some());
         links.reset(4);
         links.progressed(4, Mark::Log(1));
@@ -2908,6 +2952,8 @@ mod tests {
         assert!(!links.failing(6));
         links.failed(7, &"Connection refused");
         assert!(links.failing(7), "never answered");
+        links.data_failed(8, &"No space left on device");
+        assert!(links.failing(8), "a data error is an error");
     }
 
     #[test]
