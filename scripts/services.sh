@@ -20,9 +20,11 @@ alive virtlogd || virtlogd -d
 if ! alive libvirtd; then
     libvirtd -d
 fi
-# The first connection probes QEMU's capabilities (~8 s); wait until libvirtd answers.
+# The first connection probes QEMU's capabilities (~8 s); wait until libvirtd answers. One
+# that was shutting down when we looked (it can take half a minute) is started again once gone.
 for _ in $(seq 1 120); do
     virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+    alive libvirtd || libvirtd -d
     sleep 0.5
 done
 echo "libvirtd did not answer on qemu:///system" >&2
