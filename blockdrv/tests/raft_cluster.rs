@@ -1141,12 +1141,57 @@ fn a_move_to_a_node_that_cannot_catch_up_fails_and_leaves_nothing_behind() {
     ]);
 }
 
-/// A volume deleted while one of its nodes is cut off (stopped: it answers nothing) is deleted
-/// without waiting for that node (each request to it gives up after 10 s), the node drops its
-/// replica once it is back, and a new volume of the same name starts empty on every node.
+/// A node's RPC port cut off: an nftables table of the test's own drops every TCP packet to or
+/// from that port (what the node sends as a client still goes out); deleted when dropped.
+struct CutOff(String);
+
+impl CutOff {
+    fn new(port: u16) -> CutOff {
+        use std::io::Write;
+        let table = format!("vpcdtest_cut_{}_{port}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; \
+             policy accept;\n  tcp dport {port} drop\n  tcp sport {port} drop\n }}\n}}\n"
+        );
+        let mut nft = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft -f: {rules}");
+        CutOff(table)
+    }
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+/// A volume deleted while one of its nodes is cut off is deleted without waiting for that
+/// node (each request to it gives up after 10 s), and a new volume of the same name starts
+/// empty on every node. Stopped (SIGSTOP), the node reads the requests queued for it once it
+/// runs again, and drops its replica; cut off by the network, it never hears of the delete,
+/// keeps the old replica, and drops it when asked to open the new volume of that name (the
+/// cluster has the old one's tombstone).
 #[test]
 fn a_volume_deleted_while_a_node_is_cut_off_stays_deleted_and_a_new_one_starts_empty() {
-    let c = Cluster::bare(&["--heartbeat-ms", "100", "--election-ms", "500"]);
+    let c = Cluster::bare(&[
+        "--heartbeat-ms",
+        "100",
+        "--election-ms",
+        "500",
+        "--log",
+        "info",
+    ]);
     let uri = |i: usize| format!("nbd+unix:///data?socket={}", c.socket(i).display());
     let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "data", "8M"]);
     assert!(good, "{out}");
@@ -1162,15 +1207,42 @@ fn a_volume_deleted_while_a_node_is_cut_off_stays_deleted_and_a_new_one_starts_e
     );
     let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "data", "8M"]);
     assert!(good, "{out}");
-    for i in 0..3 {
-        c.wait_leader(i, "data");
-        let out = ok(&["qemu-io", "-f", "raw", "-c", "read -P 0 0 1M", &uri(i)]);
-        assert!(
-            !out.contains("verification failed"),
-            "node {}: old data: {out}",
-            i + 1
-        );
-    }
+    let empty_everywhere = |c: &Cluster| {
+        for i in 0..3 {
+            c.wait_leader(i, "data");
+            let out = ok(&["qemu-io", "-f", "raw", "-c", "read -P 0 0 1M", &uri(i)]);
+            assert!(
+                !out.contains("verification failed"),
+                "node {}: old data: {out}",
+                i + 1
+            );
+        }
+    };
+    empty_everywhere(&c);
+
+    // Again with a follower cut off by the network.
+    ok(&["qemu-io", "-f", "raw", "-c", "write -P 0x78 0 1M", &uri(0)]);
+    let leader = c.status_of(0, "data").unwrap()["leader"].as_u64().unwrap() as usize - 1;
+    let cut = (leader + 1) % 3;
+    let via = (leader + 2) % 3;
+    let partition = CutOff::new(c.ports[cut]);
+    let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(via), "data"]);
+    assert!(good, "{out}");
+    drop(partition);
+    assert!(
+        c.held(cut).contains_key("data"),
+        "node {} heard of the delete",
+        cut + 1
+    );
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(via), "data", "8M"]);
+    assert!(good, "{out}");
+    let log = std::fs::read_to_string(c.log(cut)).unwrap();
+    assert!(
+        log.contains("a deleted volume's replica dropped for a new one"),
+        "node {} did not drop the old replica",
+        cut + 1
+    );
+    empty_everywhere(&c);
 }
 
 /// Nodes join and leave at run time: a node added takes replicas until they are spread
