@@ -112,6 +112,12 @@ pub struct Config {
     pub storage_tls_cert: PathBuf,
     pub storage_tls_key: PathBuf,
     pub storage_tls_ca: PathBuf,
+    /// Storage role: raft heartbeat interval, ms.
+    pub storage_heartbeat_ms: u64,
+    /// Storage role: raft election timeout, ms (a random value between this and twice it). A
+    /// leader whose process dies is replaced at once; one that hangs, or whose host or network
+    /// fails, after 1.5 to 2 times this (its lease, then the timeout).
+    pub storage_election_ms: u64,
 }
 
 impl Default for Config {
@@ -155,6 +161,8 @@ impl Default for Config {
             storage_tls_cert: PathBuf::new(),
             storage_tls_key: PathBuf::new(),
             storage_tls_ca: PathBuf::new(),
+            storage_heartbeat_ms: 250,
+            storage_election_ms: 1000,
         }
     }
 }
@@ -283,6 +291,19 @@ impl Config {
             }),
             _ => return Err("storage_tls_cert and storage_tls_key go together".into()),
         };
+        let (heartbeat, election) = (self.storage_heartbeat_ms, self.storage_election_ms);
+        if heartbeat == 0 || election < 3 * heartbeat {
+            return Err(format!(
+                "storage_election_ms {election} must be at least 3 times storage_heartbeat_ms \
+                 {heartbeat}, and that more than 0 (a follower would start elections between \
+                 heartbeats)"
+            ));
+        }
+        let timing = blockdrv::raft::node::Timing {
+            heartbeat_ms: heartbeat,
+            election_ms: (election, 2 * election),
+            ..Default::default()
+        };
         Ok(Some(crate::storage::StorageConfig {
             id: self.storage_node_id,
             listen,
@@ -290,6 +311,7 @@ impl Config {
             dir: self.state_dir.join("sbs"),
             nbd_tcp,
             tls,
+            timing,
         }))
     }
 
@@ -608,6 +630,20 @@ mod tests {
                 .unwrap();
             assert_eq!(s.nbd_tcp, Some("127.0.0.1:10809".parse().unwrap()));
             assert_eq!(s.tls.unwrap().ca, None);
+            assert_eq!(
+                (s.timing.heartbeat_ms, s.timing.election_ms),
+                (250, (1000, 2000))
+            );
+            let fast = format!("{base}storage_heartbeat_ms = 100\nstorage_election_ms = 500\n");
+            let s = load(jail, &fast, &Dict::new())
+                .unwrap()
+                .storage()
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (s.timing.heartbeat_ms, s.timing.election_ms),
+                (100, (500, 1000))
+            );
             for (extra, word) in [
                 ("storage_nbd_listen = \"localhost\"\n", "storage_nbd_listen"),
                 (
@@ -619,6 +655,11 @@ mod tests {
                     "go together",
                 ),
                 ("storage_tls_ca = \"/ca.pem\"\n", "storage_tls_ca"),
+                (
+                    "storage_heartbeat_ms = 200\nstorage_election_ms = 500\n",
+                    "at least 3 times storage_heartbeat_ms 200",
+                ),
+                ("storage_heartbeat_ms = 0\n", "storage_election_ms"),
             ] {
                 let err = load(jail, &format!("{base}{extra}"), &Dict::new())
                     .unwrap_err()

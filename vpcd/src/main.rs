@@ -121,6 +121,12 @@ struct Cli {
     /// Storage role: CA (PEM) whose client certificates the NBD TCP listener requires.
     #[arg(long)]
     storage_tls_ca: Option<PathBuf>,
+    /// Storage role: raft heartbeat interval, ms (default 250).
+    #[arg(long)]
+    storage_heartbeat_ms: Option<u64>,
+    /// Storage role: raft election timeout, ms, between this and twice it (default 1000).
+    #[arg(long)]
+    storage_election_ms: Option<u64>,
 }
 
 impl Cli {
@@ -159,6 +165,14 @@ impl Cli {
         }
         if let Some(mtu) = self.underlay_mtu {
             d.insert("underlay_mtu".into(), Value::from(mtu));
+        }
+        for (k, v) in [
+            ("storage_heartbeat_ms", self.storage_heartbeat_ms),
+            ("storage_election_ms", self.storage_election_ms),
+        ] {
+            if let Some(v) = v {
+                d.insert(k.into(), Value::from(v));
+            }
         }
         let mut list = |k: &str, v: &[String]| {
             if !v.is_empty() {

@@ -25,6 +25,8 @@ pub struct StorageConfig {
     pub nbd_tcp: Option<SocketAddr>,
     /// TLS on the TCP listener (the unix socket is local and guarded by its mode).
     pub tls: Option<blockdrv::nbd::TlsConfig>,
+    /// Raft heartbeats and election timeouts.
+    pub timing: Timing,
 }
 
 /// A volume as the API shows it.
@@ -97,7 +99,7 @@ fn nix_group_id(name: &str) -> Option<u32> {
 impl Storage {
     /// Starts the node: reopens its volumes, listens for the other nodes and for NBD clients.
     pub async fn start(cfg: &StorageConfig) -> anyhow::Result<Storage> {
-        let node = Node::new(cfg.id, &cfg.dir, Timing::default());
+        let node = Node::new(cfg.id, &cfg.dir, cfg.timing);
         node.set_cluster(cfg.members.clone());
         node.start().await?;
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;

@@ -998,7 +998,7 @@ const LEADER_WAIT: Duration = Duration::from_secs(15);
 const MAX_REQUEST: u32 = 1 << 20;
 
 /// Raft timing: heartbeats, and the election timeout range (which bounds failover).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     pub heartbeat_ms: u64,
     pub election_ms: (u64, u64),
