@@ -729,6 +729,21 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
     let (good, out) = c.move_replica(via, "data", leader, dead);
     c.signal(leader, "CONT");
     assert!(good, "{out}");
+    // The old leader, running again, reads the move it was sent while it hung: it is no
+    // leader a quorum follows, so it neither moves nor drops anything (the new replica is a
+    // voter now).
+    std::thread::sleep(Duration::from_secs(3));
+    let s = c.status_of(via, "data").unwrap();
+    let members: Vec<u64> = serde_json::from_value(s["members"].clone()).unwrap();
+    assert!(
+        members.contains(&(dead as u64 + 1)) && !members.contains(&(leader as u64 + 1)),
+        "{s}"
+    );
+    assert!(
+        c.held(dead).contains_key("data"),
+        "node {} lost its replica",
+        dead + 1
+    );
     c.wait_for(
         |c| c.exports(dead).contains("export=\"data\""),
         "the moved replica's export",
@@ -1091,19 +1106,27 @@ fn a_move_to_a_node_that_cannot_catch_up_fails_and_leaves_nothing_behind() {
     ]);
 
     // Again, and the leader dies while node 4 is its learner.
+    let said = c.dir.path().join("move.err");
     let mut moving = Command::new(env!("CARGO_BIN_EXE_blockdrv"))
         .args(move_args(&c, leader))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&said).unwrap())
         .spawn()
         .unwrap();
-    c.wait_for(
-        |c| {
-            c.status(leader)
-                .is_some_and(|s| s["learners"] == serde_json::json!([4]))
-        },
-        "node 4 to be a learner",
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c
+        .status(leader)
+        .is_some_and(|s| s["learners"] == serde_json::json!([4]))
+    {
+        if let Some(end) = moving.try_wait().unwrap() {
+            panic!(
+                "the move ended ({end}) before node 4 was seen a learner: {}",
+                std::fs::read_to_string(&said).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "node 4 is no learner");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     c.kill(leader);
     assert!(!moving.wait().unwrap().success(), "the move went through");
     let survivor = (leader + 2) % 3;
@@ -1148,6 +1171,17 @@ struct CutOff(String);
 impl CutOff {
     fn new(port: u16) -> CutOff {
         use std::io::Write;
+        // Tables left by a test process that was killed: they would cut off a port that is
+        // someone else's by now.
+        let (_, tables) = run(&["nft", "list", "tables"]);
+        for t in tables.lines().filter_map(|l| l.strip_prefix("table inet ")) {
+            let pid = t
+                .strip_prefix("vpcdtest_cut_")
+                .and_then(|r| r.split('_').next());
+            if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+                ok(&["nft", "delete", "table", "inet", t]);
+            }
+        }
         let table = format!("vpcdtest_cut_{}_{port}", std::process::id());
         let rules = format!(
             "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; \

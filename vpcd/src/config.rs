@@ -116,7 +116,8 @@ pub struct Config {
     pub storage_heartbeat_ms: u64,
     /// Storage role: raft election timeout, ms (a random value between this and twice it). A
     /// leader whose process dies is replaced at once; one that hangs, or whose host or network
-    /// fails, after 1.5 to 2 times this (its lease, then the timeout).
+    /// fails, after 3 to 4 times this (the lease its followers gave it, twice this, then the
+    /// timeout).
     pub storage_election_ms: u64,
 }
 

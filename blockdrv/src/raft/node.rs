@@ -992,7 +992,8 @@ fn check_volume_name(name: &str) -> io::Result<()> {
     }
 }
 
-/// How long a request waits for a leader (an election) before it fails.
+/// How long a request waits for a leader (an election) before it fails, at least
+/// ([`Node::leader_wait`]: longer if the election timeout is).
 const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// The longest read or write of a replicated volume (one log entry).
 const MAX_REQUEST: u32 = 1 << 20;
@@ -1123,6 +1124,23 @@ const CAUGHT_UP_ENTRIES: u64 = 8;
 /// a dead one elect again ([`Node::leader_gone`]).
 const LEADER_PROBE: Duration = Duration::from_millis(200);
 
+/// How long after a quorum acknowledged it a leader serves reads without asking the quorum
+/// again: half the shortest election timeout (followers refuse to vote while they hear from
+/// their leader; see [`Node::leader_gone`] for the one case where they do not wait for that).
+fn read_lease(config: &openraft::Config) -> Duration {
+    Duration::from_millis(config.election_timeout_min / 2)
+}
+
+/// Whether the node at `addr` answers a request (any) within a second.
+async fn answers(addr: &str) -> bool {
+    let mut conn = None;
+    let ping = call(&mut conn, addr, &Rpc::Cluster);
+    matches!(
+        tokio::time::timeout(LEADER_PROBE * 5, ping).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Whether `e`, from a request to a node, says its process is gone: nothing listens at its
 /// address, or it closed the connection without answering.
 fn gone(e: &io::Error) -> bool {
@@ -1174,6 +1192,13 @@ impl Node {
             vhost: std::sync::Mutex::new(None),
             cluster: RwLock::new(BTreeMap::new()),
         })
+    }
+
+    /// How long a request waits for a leader: [`LEADER_WAIT`], or three times the longest
+    /// election timeout if that is longer (a leader that hangs is replaced after its lease,
+    /// the longest timeout, and a timeout more).
+    fn leader_wait(&self) -> Duration {
+        LEADER_WAIT.max(Duration::from_millis(3 * self.timing.election_ms.1))
     }
 
     /// The storage nodes new volumes are placed on.
@@ -1582,7 +1607,7 @@ impl Node {
             }
             match manage_quick(addr, Rpc::Drop(name.to_string(), spec.id)).await {
                 // The member refused (it holds another volume of that name).
-                Err(e) if e.kind() == io::ErrorKind::Other => {
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                     return Err(err(format!("node {id}: {e}")))
                 }
                 // A member that is down (or cut off) drops its replica when it is back and
@@ -1643,9 +1668,11 @@ impl Node {
             .group(name)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
         if let Some(leader) = g.leader_addr(self.id) {
-            // Through the leader; a leader that dies or hangs meanwhile is for the caller to
-            // try again with (`WouldBlock`): its move dies with it or ends when it hears of the
-            // next leader, whose stray-learner cleanup takes out what it left.
+            // Through the leader. A leader that dies meanwhile, or hangs, is for the caller to
+            // try again with (`WouldBlock`): its move dies with it, or fails when it hears of
+            // the next leader, whose stray-learner cleanup takes out what it left. Another
+            // leader known is not enough to give up: a leader that moved a replica off itself
+            // steps down before it has told every member, and answers when it has.
             let rpc = Rpc::Move(name.into(), from, to, addr.into());
             let again = |e: String| {
                 io::Error::new(
@@ -1653,14 +1680,31 @@ impl Node {
                     format!("volume {name}: its leader at {leader}: {e}"),
                 )
             };
-            return tokio::select! {
-                r = manage(&leader, rpc) => r.map_err(|e| if gone(&e) { again(e.to_string()) } else { e }),
-                () = g.leader_moved(self.id, &leader) => Err(again("no longer leads".into())),
-            };
+            let answered =
+                |r: io::Result<()>| r.map_err(|e| if gone(&e) { again(e.to_string()) } else { e });
+            let answer = manage(&leader, rpc);
+            tokio::pin!(answer);
+            tokio::select! {
+                r = &mut answer => return answered(r),
+                () = g.leader_moved(self.id, &leader) => {}
+            }
+            // Another leader is known: wait on while the old one answers.
+            loop {
+                if !answers(&leader).await {
+                    return Err(again("another node leads, and it does not answer".into()));
+                }
+                tokio::select! {
+                    r = &mut answer => return answered(r),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
         // Only the leader moves replicas: before it opens one anywhere (a group electing a new
-        // leader has none yet).
-        if g.raft.metrics().borrow().state != openraft::ServerState::Leader {
+        // leader has none yet), and one that a quorum still follows (one that hung and runs
+        // again, say with this request queued, may not have heard of the next leader yet).
+        if g.raft.metrics().borrow().state != openraft::ServerState::Leader
+            || g.raft.ensure_linearizable().await.is_err()
+        {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!("volume {name}: no leader yet"),
@@ -1713,8 +1757,19 @@ impl Node {
             // the learner leaves the group and drops the replica opened for it.
             // (When the learner cannot be taken out, this node no longer leads: the next leader
             // takes it out and has its replica dropped, `drop_stray_learners`.)
+            // Only as the leader a quorum follows: a node that lost the lead sees an old
+            // membership, in which `to` may be missing although the next leader made it a
+            // voter (whose replica must stay).
+            let leading = g.raft.ensure_linearizable().await.is_ok();
             let status = g.status(self.id);
-            let out = if status.members.contains(&to) {
+            let out = if !leading {
+                tracing::warn!(
+                    volume = name,
+                    node = to,
+                    "no longer leading: the learner is the next leader's"
+                );
+                false
+            } else if status.members.contains(&to) {
                 false
             } else if status.learners.contains(&to) {
                 let gone = ChangeMembers::RemoveNodes([to].into());
@@ -1875,7 +1930,16 @@ impl Node {
     /// Serves the RPCs of the other nodes on `listener`.
     pub async fn serve(self: Arc<Node>, listener: tokio::net::TcpListener) -> io::Result<()> {
         loop {
-            let (mut s, peer) = listener.accept().await?;
+            // Out of descriptors, say: the node must not stop listening while it runs (its
+            // followers would take a refused connection for its death).
+            let (mut s, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("RPC listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let _ = s.set_nodelay(true);
             let node = self.clone();
             tokio::spawn(async move {
@@ -1917,7 +1981,11 @@ impl Node {
                         }
                     };
                     if let Rpc::Append(v, r) = &rpc {
-                        replicating = r.vote.leader_id().voted_for().map(|l| (v.clone(), l));
+                        replicating = r
+                            .vote
+                            .leader_id()
+                            .voted_for()
+                            .map(|l| (v.clone(), l, Instant::now()));
                     }
                     let reply = node.handle(rpc).await;
                     if let Err(e) = send_msg(&mut s, &reply).await {
@@ -1927,8 +1995,8 @@ impl Node {
                         break;
                     }
                 }
-                if let Some((volume, leader)) = replicating {
-                    node.leader_gone(&volume, leader).await;
+                if let Some((volume, leader, last)) = replicating {
+                    node.leader_gone(&volume, leader, last).await;
                 }
             });
         }
@@ -1949,7 +2017,11 @@ impl Node {
     /// survivor with the highest id. Should a round elect nobody, the survivors elect again in
     /// turn, lowest id first, while nobody leads. Elections are safe at any time; this only
     /// decides when one starts.
-    async fn leader_gone(&self, volume: &str, leader: NodeId) {
+    ///
+    /// The election waits until the leader's read lease has run out, counted from the last
+    /// AppendEntries it sent here (`last`): should it be alive after all (its listener gone,
+    /// say), it must not serve a read from its lease while another leader takes writes.
+    async fn leader_gone(&self, volume: &str, leader: NodeId, last: Instant) {
         let Some(g) = self.group(volume) else { return };
         let (addr, rank, survivors) = {
             let m = g.raft.metrics().borrow().clone();
@@ -1978,11 +2050,14 @@ impl Node {
             }
             _ => return,
         }
+        let lease = read_lease(g.raft.config());
         tracing::info!(
             volume,
             leader,
-            "the leader's process is gone (nothing answers at {addr}): electing now"
+            "the leader's process is gone (nothing answers at {addr}): electing once its read \
+             lease has run out ({lease:?} after its last AppendEntries)"
         );
+        tokio::time::sleep_until((last + lease).into()).await;
         let leads = |who| g.raft.metrics().borrow().current_leader == who;
         if !leads(Some(leader)) || g.raft.trigger().elect().await.is_err() {
             return;
@@ -2324,7 +2399,7 @@ impl Group {
         // applied an entry of its own term, so every write committed before it led is applied
         // (and every write it acknowledged was applied before it was acknowledged).
         let m = self.raft.metrics().borrow().clone();
-        let lease = self.raft.config().election_timeout_min / 2;
+        let lease = read_lease(self.raft.config()).as_millis() as u64;
         if m.state == openraft::ServerState::Leader
             && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease)
             && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
@@ -2449,7 +2524,7 @@ impl RaftVolume {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, NotHereOr>>,
     {
-        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let deadline = tokio::time::Instant::now() + self.node.leader_wait();
         let mut last = String::new();
         while tokio::time::Instant::now() < deadline {
             let addr = match self.group.leader_addr(self.node.id) {
@@ -2473,19 +2548,23 @@ impl RaftVolume {
                 // bytes at the same place; the first, if the old leader ever takes it, cannot
                 // commit in its old term, or commits before anything the new leader appends.)
                 let answer = tokio::select! {
-                    r = self.forward(&addr, &there) => Some(r),
-                    () = self.group.leader_moved(self.node.id, &addr) => None,
-                    () = tokio::time::sleep_until(deadline) => None,
+                    r = self.forward(&addr, &there) => Ok(r),
+                    () = self.group.leader_moved(self.node.id, &addr) => {
+                        Err(format!("{addr} stopped leading before it answered"))
+                    }
+                    () = tokio::time::sleep_until(deadline) => {
+                        Err(format!("{addr} did not answer"))
+                    }
                 };
                 match answer {
-                    Some(Ok(reply)) => match unpack(reply) {
+                    Ok(Ok(reply)) => match unpack(reply) {
                         Some(Ok(v)) => return Ok(v),
                         // The leader changed under us, or it failed: ask again.
                         Some(Err(e)) => last = e,
                         None => last = format!("unexpected reply from {addr}"),
                     },
-                    Some(Err(e)) => last = format!("{addr}: {e}"),
-                    None => last = format!("{addr} stopped leading before it answered"),
+                    Ok(Err(e)) => last = format!("{addr}: {e}"),
+                    Err(e) => last = e,
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2697,8 +2776,8 @@ pub async fn cluster(addr: &str) -> io::Result<BTreeMap<NodeId, String>> {
 
 /// Replaces member `from` of a volume by `to` at `to_addr`, through the node at `addr`. A move
 /// that finds no leader, or whose leader changes or dies under it, starts again through the
-/// next one (given up once it has failed so for [`LEADER_WAIT`]); one that went through
-/// although its answer was lost is done.
+/// next one (given up once it has failed so for [`LEADER_WAIT`], or after 20 attempts); one
+/// that went through although its answer was lost is done.
 pub async fn move_replica(
     addr: &str,
     name: &str,
@@ -2706,8 +2785,9 @@ pub async fn move_replica(
     to: NodeId,
     to_addr: &str,
 ) -> io::Result<()> {
-    let mut failing = None;
+    let (mut failing, mut attempts) = (None, 0);
     loop {
+        attempts += 1;
         let began = Instant::now();
         let e = match manage(addr, Rpc::Move(name.into(), from, to, to_addr.into())).await {
             Ok(()) => return Ok(()),
@@ -2718,7 +2798,8 @@ pub async fn move_replica(
             failing = None;
         }
         let since = *failing.get_or_insert_with(Instant::now);
-        if e.kind() != io::ErrorKind::WouldBlock || since.elapsed() >= LEADER_WAIT {
+        let done_trying = since.elapsed() >= LEADER_WAIT || attempts == 20;
+        if e.kind() != io::ErrorKind::WouldBlock || done_trying {
             return Err(e);
         }
         if let Ok(s) = status(addr, name).await {
