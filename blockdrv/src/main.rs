@@ -414,8 +414,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cli::Nbd(a) => a,
         Cli::Node(a) => return node(a).await,
         Cli::Status { addr, volume } => {
-            let s = blockdrv::raft::node::status(&addr, &volume)
+            // A node that hangs answers nothing: say so rather than wait for ever.
+            let asked = blockdrv::raft::node::status(&addr, &volume);
+            let s = tokio::time::timeout(std::time::Duration::from_secs(10), asked)
                 .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer within 10 s",
+                    ))
+                })
                 .with_context(|| format!("status of volume {volume} at {addr}"))?;
             println!("{}", serde_json::to_string(&s)?);
             return Ok(());

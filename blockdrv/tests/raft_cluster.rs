@@ -1003,8 +1003,14 @@ fn a_write_forwarded_to_a_leader_that_hangs_goes_to_the_next_one() {
     assert!(good, "{out}");
     c.signal(leader, "STOP");
     let (good, out) = c.write_mib(via, 2);
+    // Asked of the stopped node, `blockdrv status` says that it does not answer.
+    let (answered, said) = c.blockdrv(&["status", "--addr", &c.addr(leader), "--volume", "v"]);
     c.signal(leader, "CONT");
     assert!(good, "{out}");
+    assert!(
+        !answered && said.contains("no answer within 10 s"),
+        "{said}"
+    );
     for fill in 1..=2 {
         c.assert_mib((leader + 2) % 3, fill);
     }
