@@ -303,32 +303,30 @@ impl Cluster {
         ])
     }
 
-    /// Writes 1 MiB of `fill` at `fill` MiB through node `i` (given up after 60 s): whether it
-    /// was acknowledged, and what qemu-io said.
-    fn write_mib(&self, i: usize, fill: u64) -> (bool, String) {
-        let (good, out) = run(&[
+    /// `qemu-io -c cmd` on volume `v` through node `i` (given up after 60 s).
+    fn qemu_io(&self, i: usize, cmd: &str) -> (bool, String) {
+        run(&[
             "timeout",
             "60",
             "qemu-io",
             "-f",
             "raw",
             "-c",
-            &format!("write -P {fill} {} 1M", fill * MIB),
+            cmd,
             &self.uri(i),
-        ]);
+        ])
+    }
+
+    /// Writes 1 MiB of `fill` at `fill` MiB through node `i`: whether it was acknowledged, and
+    /// what qemu-io said.
+    fn write_mib(&self, i: usize, fill: u64) -> (bool, String) {
+        let (good, out) = self.qemu_io(i, &format!("write -P {fill} {} 1M", fill * MIB));
         (good && out.contains("wrote 1048576/1048576"), out)
     }
 
     /// Asserts that node `i` reads what [`Cluster::write_mib`] wrote with `fill`.
     fn assert_mib(&self, i: usize, fill: u64) {
-        let (good, out) = run(&[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -P {fill} {} 1M", fill * MIB),
-            &self.uri(i),
-        ]);
+        let (good, out) = self.qemu_io(i, &format!("read -P {fill} {} 1M", fill * MIB));
         assert!(
             good && !out.contains("Pattern verification failed"),
             "node {}, fill {fill}: {out}",

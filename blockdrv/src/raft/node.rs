@@ -415,8 +415,10 @@ impl Links {
         })
     }
 
+    /// `peer` took an RPC carrying data (new or not), getting as far as `to`.
     fn progressed(&self, peer: NodeId, to: Mark<'_>) {
         self.with(peer, |l| {
+            l.took = Some(Instant::now());
             let further = match to {
                 Mark::Log(index) if index > l.log => {
                     l.log = index;
@@ -443,11 +445,6 @@ impl Links {
 
     fn failed(&self, peer: NodeId, e: &dyn std::fmt::Display) {
         self.with(peer, |l| l.error = Some((Instant::now(), e.to_string())));
-    }
-
-    /// `peer` took an RPC carrying data (new or not).
-    fn took(&self, peer: NodeId) {
-        self.with(peer, |l| l.took = Some(Instant::now()));
     }
 
     /// An RPC carrying data to `peer` failed (also recorded as a failure of any RPC).
@@ -616,10 +613,7 @@ impl RaftNetwork<TypeConfig> for Peer {
             (
                 Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)),
                 Some(last),
-            ) => {
-                self.links.took(self.target);
-                self.links.progressed(self.target, Mark::Log(last));
-            }
+            ) => self.links.progressed(self.target, Mark::Log(last)),
             (Err(e), Some(_)) => self.links.data_failed(self.target, e),
             (Err(e), None) => self.failed(e),
             _ => {}
@@ -713,10 +707,7 @@ impl Peer {
                 .snapshot_rpc(rpc, option.hard_ttl(), &mut cancel, &option)
                 .await?
             {
-                Reply::Done(Ok(())) => {
-                    self.links.took(self.target);
-                    self.links.progressed(self.target, Mark::Snapshot(&id, at));
-                }
+                Reply::Done(Ok(())) => self.links.progressed(self.target, Mark::Snapshot(&id, at)),
                 Reply::Done(Err(e)) => return Err(net_err(e.message)),
                 other => return Err(net_err(format!("unexpected reply {other:?}"))),
             }
@@ -1131,14 +1122,16 @@ fn read_lease(config: &openraft::Config) -> Duration {
     Duration::from_millis(config.election_timeout_min / 2)
 }
 
-/// Whether the node at `addr` answers a request (any) within a second.
-async fn answers(addr: &str) -> bool {
+/// How the node at `addr` takes a request (any) within `within`: `Some(true)`, it answers;
+/// `Some(false)`, its process is gone ([`gone`]); `None`, no telling (no answer in time, or
+/// another error).
+async fn probe(addr: &str, within: Duration) -> Option<bool> {
     let mut conn = None;
-    let ping = call(&mut conn, addr, &Rpc::Cluster);
-    matches!(
-        tokio::time::timeout(LEADER_PROBE * 5, ping).await,
-        Ok(Ok(_))
-    )
+    match tokio::time::timeout(within, call(&mut conn, addr, &Rpc::Cluster)).await {
+        Ok(Ok(_)) => Some(true),
+        Ok(Err(e)) if gone(&e) => Some(false),
+        _ => None,
+    }
 }
 
 /// Whether `e`, from a request to a node, says its process is gone: nothing listens at its
@@ -1690,7 +1683,7 @@ impl Node {
             }
             // Another leader is known: wait on while the old one answers.
             loop {
-                if !answers(&leader).await {
+                if probe(&leader, LEADER_PROBE * 5).await != Some(true) {
                     return Err(again("another node leads, and it does not answer".into()));
                 }
                 tokio::select! {
@@ -2037,10 +2030,9 @@ impl Node {
         };
         // A dying process may still accept a connection (its listener closes after the
         // connections that ended): what tells is whether it answers.
-        let probe = Rpc::Status(volume.to_owned());
-        match tokio::time::timeout(LEADER_PROBE, call(&mut None, &addr, &probe)).await {
-            Ok(Err(e)) if gone(&e) => {}
-            Ok(Ok(_)) => {
+        match probe(&addr, LEADER_PROBE).await {
+            Some(false) => {}
+            Some(true) => {
                 tracing::info!(
                     volume,
                     leader,
@@ -2048,7 +2040,7 @@ impl Node {
                 );
                 return;
             }
-            _ => return,
+            None => return,
         }
         let lease = read_lease(g.raft.config());
         tracing::info!(
@@ -2991,7 +2983,6 @@ mod tests {
         assert_eq!(links.stalled(5, start, later(60), stall), None);
         // Taking again what it took before (a snapshot sent again after an error): not
         // stalled while it takes it...
-        links.took(4);
         links.progressed(4, Mark::Log(10));
         let after = || Instant::now() + Duration::from_secs(11);
         assert_eq!(
@@ -3001,7 +2992,6 @@ mod tests {
         );
         // ...stalled once it fails again with nothing new taken.
         links.progressed(4, Mark::Snapshot("s1", 4 << 20));
-        links.took(4);
         links.progressed(4, Mark::Snapshot("s1", 4 << 20));
         links.data_failed(4, &"No space left on device");
         assert!(
@@ -3009,7 +2999,6 @@ mod tests {
             "the same part again"
         );
         // Getting further after the error: not stalled, however long ago.
-        links.took(4);
         links.progressed(4, Mark::Snapshot("s1", 8 << 20));
         links.data_failed(4, &"No space left on device");
         assert_eq!(links.stalled(4, start, later(5), stall), None);
