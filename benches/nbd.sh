@@ -13,8 +13,9 @@
 #   4k read     qemu-img bench, 4 KiB, queue depth 32, strided offsets (step 257 x 4 KiB)
 #   4k write    the same with -w
 #
-# Each target is written once first, unmeasured (a warm-up). Settings: BENCH_RUNS (default 5;
-# medians), BENCH_MIB (volume size, default 256, as in the README), BENCH_DIR (default /dev/shm).
+# Each target is written a few times first, unmeasured (a warm-up, BENCH_WARMUP times: by default
+# 576 MiB and one volume's worth). Settings: BENCH_RUNS (default 5; medians), BENCH_MIB (volume
+# size, default 256, as in the README), BENCH_DIR (default /dev/shm).
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 cd "$REPO"
@@ -128,11 +129,16 @@ for metric in write read rand_read rand_write; do
     for s in $SERVERS; do : > "$WORK/$metric.$s"; done
 done
 for s in $SERVERS; do : > "$WORK/cpu.$s" && : > "$WORK/rcpu.$s" && : > "$WORK/settle.$s"; done
-# Warm-up, not measured: the first write of each target allocates its files' pages (on this VM,
-# fresh pages cost a fault in the host too), which a server that has been running has done.
+# Warm-up, not measured: the first writes of each target allocate its files' pages (on this VM,
+# fresh pages cost a fault in the host too), which a server that has been running has done; a
+# replica's log grows until it spans the writes it holds and the log kept behind them (576 MiB,
+# see --defer-logs), so every target is written that much and a volume more first.
+WARMUP=${BENCH_WARMUP:-$(((576 + 2 * MIB - 1) / MIB))}
 for s in $SERVERS; do
-    copy "$WORK/src.bin" "$(uri $s)" > /dev/null
-    settle "$s" > /dev/null
+    for _ in $(seq "$WARMUP"); do
+        copy "$WORK/src.bin" "$(uri $s)" > /dev/null
+        settle "$s" > /dev/null
+    done
 done
 for _ in $(seq "$RUNS"); do
     for s in $SERVERS; do
@@ -157,6 +163,15 @@ for metric in write read rand_read rand_write; do
     unit=$([[ $metric == rand_* ]] && echo IOPS || echo MiB/s)
     printf '%-11s %-6s %10.0f %10.0f %10.0f %10.0f   %s %s %s\n' "$metric" "$unit" "$r" "$f" "$o" "$q" \
         "$(ratio "$r" "$q")" "$(ratio "$f" "$q")" "$(ratio "$o" "$q")"
+done
+# The same per round: each round measures every server back to back, so a ratio of one round
+# compares the volume with qemu-nbd under the same conditions (qemu-nbd's speed on this VM
+# varies by 2x from one minute to the next); the median of those ratios.
+paired() { paste "$WORK/$1.$2" "$WORK/$1.qemu" | awk '{ printf "%.3f\n", $1 / $2 }'; }
+for metric in write read rand_read rand_write; do
+    printf '%-11s per-round ratios vs qemu-nbd, median (every round): 3 replicas %s (%s)  via follower %s\n' \
+        "$metric" "$(paired "$metric" raft | median)" "$(paired "$metric" raft | tr '\n' ' ' | sed 's/ $//')" \
+        "$(paired "$metric" raftf | median)"
 done
 # Where a write's time goes: the servers' CPU per GiB written (the machine's cores are shared by
 # the client and, for the replicated volume, all three nodes).

@@ -154,6 +154,10 @@ struct NodeArgs {
     /// MiB of log kept (entries count at least 64 KiB each) for replicas that fell behind.
     #[arg(long, default_value_t = 64)]
     keep_logs: u64,
+    /// MiB of later writes for which a write of 64 KiB or more stays in the log only, before
+    /// it is written to the blocks (overwritten meanwhile: never); 0: at once.
+    #[arg(long, default_value_t = blockdrv::raft::node::Timing::default().defer_logs)]
+    defer_logs: u64,
     #[arg(long, default_value = "info")]
     log: String,
 }
@@ -280,6 +284,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         election_ms: (args.election_ms, 2 * args.election_ms),
         snapshot_logs: args.snapshot_logs,
         keep_logs: args.keep_logs,
+        defer_logs: args.defer_logs,
     };
     let node = Node::new(args.id, &args.dir, timing);
     node.set_cluster(members.clone());

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 fn off_t(v: u64) -> io::Result<libc::off_t> {
@@ -72,6 +73,45 @@ pub fn will_need(file: &File, offset: u64, length: u64) {
     };
     // SAFETY: an advice call on a descriptor this `File` owns; no memory is passed.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+}
+
+/// Copies `len` bytes at `from_at` of `from` to `to` at `to_at`, in the kernel
+/// (`copy_file_range`: one copy, or none where the filesystem shares blocks), or through
+/// memory where the kernel cannot (another filesystem, an old kernel).
+pub fn copy_range(from: &File, from_at: u64, to: &File, to_at: u64, len: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let (mut a, mut b) = (off_t(from_at + done)?, off_t(to_at + done)?);
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: both descriptors are owned by the `File`s; the offsets are locals the call
+        // updates.
+        let n = unsafe {
+            libc::copy_file_range(from.as_raw_fd(), &mut a, to.as_raw_fd(), &mut b, want, 0)
+        };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => done += n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        const CHUNK: u64 = 4 << 20;
+                        while done < len {
+                            let n = (len - done).min(CHUNK);
+                            let buf = read_at(from, n as usize, from_at + done)?;
+                            to.write_all_at(&buf, to_at + done)?;
+                            done += n;
+                        }
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `len` bytes of `file` from `offset`, read into memory that is not zeroed first (zeroing
@@ -186,7 +226,27 @@ fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn copy_range_copies_within_a_filesystem_and_across_two() {
+        let data: Vec<u8> = (0..(3 << 20) + 123).map(|i| (i % 251) as u8).collect();
+        let here = tempfile::tempdir().unwrap();
+        let from = tempfile::tempfile_in(here.path()).unwrap();
+        from.write_all_at(&data, 4096).unwrap();
+        // The same filesystem (the kernel copies), and tmpfs to the temporary directory's
+        // (another filesystem where /tmp is not tmpfs: copied through memory).
+        for dir in [here.path(), std::path::Path::new("/dev/shm")] {
+            let to = tempfile::tempfile_in(dir).unwrap();
+            to.write_all_at(&[7; 10], 0).unwrap();
+            copy_range(&from, 4096 + 5, &to, 10, data.len() as u64 - 5).unwrap();
+            let back = read_at(&to, data.len() + 5, 0).unwrap();
+            assert_eq!(&back[..10], &[7; 10]);
+            assert!(back[10..] == data[5..], "{}", dir.display());
+        }
+        let to = tempfile::tempfile_in(here.path()).unwrap();
+        let e = copy_range(&from, data.len() as u64, &to, 0, 8192).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn read_at_reads_exactly_and_refuses_to_read_past_the_end() {

@@ -50,7 +50,9 @@ impl Cluster {
     }
 
     /// Three nodes with volume `v`, fast elections, a snapshot every `snapshot_mib` MiB
-    /// applied and 1 MiB of log kept behind it, logging at info (tests read what they say).
+    /// applied and 1 MiB of log kept behind it, large writes held in the log for 2 MiB of
+    /// later writes (so the log is purged, and a snapshot catches a replica up, after a few
+    /// MiB), logging at info (tests read what they say).
     fn compacting(snapshot_mib: &str) -> Cluster {
         Cluster::start(&[
             "--heartbeat-ms",
@@ -61,6 +63,8 @@ impl Cluster {
             snapshot_mib,
             "--keep-logs",
             "1",
+            "--defer-logs",
+            "2",
             "--log",
             "info",
         ])
@@ -115,11 +119,19 @@ impl Cluster {
         self.dir.path().join(format!("n{}.log", i + 1))
     }
 
-    fn blocks(&self, i: usize) -> PathBuf {
-        self.dir
+    /// Volume `volume` as node `i` reads it itself (a node up to date serves reads from its
+    /// own replica: its blocks, and its log where that holds writes).
+    fn replica(&self, i: usize, volume: &str) -> Vec<u8> {
+        let out = self
+            .dir
             .path()
-            .join(format!("n{}", i + 1))
-            .join("v/blocks/volume.img")
+            .join(format!("replica-{}-{volume}.img", i + 1));
+        let uri = format!("nbd+unix:///{volume}?socket={}", self.socket(i).display());
+        let (good, said) = run(&["timeout", "60", "nbdcopy", &uri, &out.to_string_lossy()]);
+        assert!(good, "node {}: read {volume}: {said}", i + 1);
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        bytes
     }
 
     fn spawn(&mut self, i: usize) {
@@ -363,10 +375,10 @@ impl Cluster {
             },
             "every replica to apply the same log",
         );
-        let first = std::fs::read(self.blocks(0)).unwrap();
+        let first = self.replica(0, "v");
         for i in 1..3 {
             assert!(
-                std::fs::read(self.blocks(i)).unwrap() == first,
+                self.replica(i, "v") == first,
                 "replica {} differs from replica 1",
                 i + 1
             );
@@ -659,16 +671,8 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         },
         "the new replica to catch up",
     );
-    let blocks = |i: usize| {
-        std::fs::read(
-            c.dir
-                .path()
-                .join(format!("n{}/data/blocks/volume.img", i + 1)),
-        )
-        .unwrap()
-    };
     assert!(
-        blocks(spare) == blocks(members[0]),
+        c.replica(spare, "data") == c.replica(members[0], "data"),
         "the new replica differs"
     );
     c.wait_for(
@@ -942,6 +946,8 @@ fn a_move_whose_snapshot_fills_the_new_nodes_disk_fails_and_leaves_nothing_behin
         "8",
         "--keep-logs",
         "1",
+        "--defer-logs",
+        "2",
         "--log",
         "info",
     ]);

@@ -119,6 +119,10 @@ pub struct Config {
     /// fails, after 3 to 4 times this (the lease its followers gave it, twice this, then the
     /// timeout).
     pub storage_election_ms: u64,
+    /// Storage role: MiB of later writes for which a volume's write of 64 KiB or more stays in
+    /// its raft log only before it is written to the volume's blocks (overwritten meanwhile:
+    /// never); its log is kept that far back. 0: at once.
+    pub storage_defer_mib: u64,
 }
 
 impl Default for Config {
@@ -164,6 +168,7 @@ impl Default for Config {
             storage_tls_ca: PathBuf::new(),
             storage_heartbeat_ms: 250,
             storage_election_ms: 1000,
+            storage_defer_mib: blockdrv::raft::node::Timing::default().defer_logs,
         }
     }
 }
@@ -303,6 +308,7 @@ impl Config {
         let timing = blockdrv::raft::node::Timing {
             heartbeat_ms: heartbeat,
             election_ms: (election, 2 * election),
+            defer_logs: self.storage_defer_mib,
             ..Default::default()
         };
         Ok(Some(crate::storage::StorageConfig {
@@ -632,18 +638,28 @@ mod tests {
             assert_eq!(s.nbd_tcp, Some("127.0.0.1:10809".parse().unwrap()));
             assert_eq!(s.tls.unwrap().ca, None);
             assert_eq!(
-                (s.timing.heartbeat_ms, s.timing.election_ms),
-                (250, (1000, 2000))
+                (
+                    s.timing.heartbeat_ms,
+                    s.timing.election_ms,
+                    s.timing.defer_logs
+                ),
+                (250, (1000, 2000), 512)
             );
-            let fast = format!("{base}storage_heartbeat_ms = 100\nstorage_election_ms = 500\n");
+            let fast = format!(
+                "{base}storage_heartbeat_ms = 100\nstorage_election_ms = 500\nstorage_defer_mib = 0\n"
+            );
             let s = load(jail, &fast, &Dict::new())
                 .unwrap()
                 .storage()
                 .unwrap()
                 .unwrap();
             assert_eq!(
-                (s.timing.heartbeat_ms, s.timing.election_ms),
-                (100, (500, 1000))
+                (
+                    s.timing.heartbeat_ms,
+                    s.timing.election_ms,
+                    s.timing.defer_logs
+                ),
+                (100, (500, 1000), 0)
             );
             for (extra, word) in [
                 ("storage_nbd_listen = \"localhost\"\n", "storage_nbd_listen"),

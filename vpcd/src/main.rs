@@ -127,6 +127,10 @@ struct Cli {
     /// Storage role: raft election timeout, ms, between this and twice it (default 1000).
     #[arg(long)]
     storage_election_ms: Option<u64>,
+    /// Storage role: MiB of later writes for which a large write stays in the raft log only,
+    /// before it goes to the volume's blocks (default 512; 0: at once).
+    #[arg(long)]
+    storage_defer_mib: Option<u64>,
 }
 
 impl Cli {
@@ -169,6 +173,7 @@ impl Cli {
         for (k, v) in [
             ("storage_heartbeat_ms", self.storage_heartbeat_ms),
             ("storage_election_ms", self.storage_election_ms),
+            ("storage_defer_mib", self.storage_defer_mib),
         ] {
             if let Some(v) = v {
                 d.insert(k.into(), Value::from(v));

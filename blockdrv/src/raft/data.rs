@@ -23,19 +23,49 @@ use bytes::Bytes;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// Bytes a write carries (cheap to clone), and their crc32 once known.
+/// Bytes a write carries (cheap to clone), their crc32 once known, and where a log wrote them.
 #[derive(Clone, Default)]
 pub struct Data {
     bytes: Bytes,
-    crc: Arc<OnceLock<u32>>,
+    known: Arc<Known>,
+}
+
+/// What is learnt of a [`Data`] once, shared by its clones.
+#[derive(Default)]
+struct Known {
+    crc: OnceLock<u32>,
+    place: OnceLock<Place>,
+}
+
+/// Where a log holds a [`Data`]'s bytes: a file that keeps them unchanged while the entry is in
+/// the log, or anyone holds the file (see `segment_log.rs`), and their offset in it.
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// Which log of the process (`SegmentLog::id`).
+    pub log: u64,
+    pub file: Arc<std::fs::File>,
+    pub offset: u64,
 }
 
 impl Data {
     fn with_crc(bytes: Bytes, crc: u32) -> Data {
         Data {
             bytes,
-            crc: Arc::new(OnceLock::from(crc)),
+            known: Arc::new(Known {
+                crc: OnceLock::from(crc),
+                place: OnceLock::new(),
+            }),
         }
+    }
+
+    /// Where a log wrote the bytes, once they are there (readable, not yet synced).
+    pub fn place(&self) -> Option<&Place> {
+        self.known.place.get()
+    }
+
+    /// Records where a log wrote the bytes (the first place only).
+    pub fn placed(&self, place: Place) {
+        let _ = self.known.place.set(place);
     }
 
     pub fn len(&self) -> usize {
@@ -53,13 +83,13 @@ impl Data {
 
     /// The crc32 of the bytes, computed on the first call (by this value or a clone of it).
     pub fn crc(&self) -> u32 {
-        *self.crc.get_or_init(|| crc32fast::hash(&self.bytes))
+        *self.known.crc.get_or_init(|| crc32fast::hash(&self.bytes))
     }
 
     /// Whether the bytes match the crc32 they came with (one that came with none is computed
     /// now, and matches): for data nothing else checks later.
     pub fn intact(&self) -> bool {
-        match self.crc.get() {
+        match self.known.crc.get() {
             Some(crc) => crc32fast::hash(&self.bytes) == *crc,
             None => true,
         }
@@ -92,7 +122,7 @@ impl From<Bytes> for Data {
     fn from(bytes: Bytes) -> Data {
         Data {
             bytes,
-            crc: Arc::default(),
+            known: Arc::default(),
         }
     }
 }
@@ -263,7 +293,7 @@ mod tests {
         };
         assert_eq!(d.as_ptr(), data[4096..].as_ptr(), "not copied");
         // The crcs came in the skeleton, and are those of the data.
-        assert_eq!(d.crc.get(), Some(&crc32fast::hash(&[2; 100])));
+        assert_eq!(d.known.crc.get(), Some(&crc32fast::hash(&[2; 100])));
         assert_eq!(chunks[0].crc(), crc32fast::hash(&[1; 4096]));
 
         // Too little or too much data is an error; plain bincode still works.
@@ -289,9 +319,9 @@ mod tests {
     fn a_crc_is_computed_once_and_shared_by_clones() {
         let a = Data::from(vec![9u8; 1000]);
         let b = a.clone();
-        assert!(b.crc.get().is_none());
+        assert!(b.known.crc.get().is_none());
         assert_eq!(a.crc(), crc32fast::hash(&[9; 1000]));
-        assert_eq!(b.crc.get(), Some(&a.crc()), "the clone has it too");
+        assert_eq!(b.known.crc.get(), Some(&a.crc()), "the clone has it too");
         // Equality is the bytes'.
         assert_eq!(Data::from(vec![9u8; 1000]), a);
     }

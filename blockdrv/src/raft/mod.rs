@@ -6,6 +6,7 @@
 // openraft's StorageError (large) is what its storage traits return; the helpers return it too.
 pub mod data;
 pub mod node;
+pub mod overlay;
 pub mod placement;
 #[allow(clippy::result_large_err)]
 pub mod segment_log;
@@ -51,6 +52,22 @@ impl BlockOp {
 }
 
 /// The bytes of write data an entry carries.
+/// The write data of an entry, in the order [`data::encode`] lays them out.
+pub fn entry_data(e: &Entry) -> Vec<&Data> {
+    fn walk<'a>(op: &'a BlockOp, out: &mut Vec<&'a Data>) {
+        match op {
+            BlockOp::Write { data, .. } => out.push(data),
+            BlockOp::Batch(ops) => ops.iter().for_each(|o| walk(o, out)),
+            BlockOp::Resize { .. } | BlockOp::Zero { .. } => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let openraft::EntryPayload::Normal(op) = &e.payload {
+        walk(op, &mut out);
+    }
+    out
+}
+
 pub fn entry_data_len(e: &Entry) -> usize {
     match &e.payload {
         openraft::EntryPayload::Normal(op) => op.data_len(),

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 
 use super::data;
 use super::segment_log::SegmentLog;
-use super::state_machine::{dup, Applied, Blocks, Size, StateMachine};
+use super::state_machine::{Applied, Blocks, Pieces, Size, StateMachine};
 use super::{BlockOp, NodeId, TypeConfig};
 
 mod cluster;
@@ -751,6 +751,8 @@ pub struct Group {
     size: Size,
     pub raft: Raft<TypeConfig>,
     blocks: Blocks,
+    /// The writes held in the log over `blocks`.
+    pieces: Pieces,
     /// Writes queued for the group commit ([`batcher`]).
     queue: tokio::sync::mpsc::UnboundedSender<Pending>,
     /// The snapshot being received from the leader, if one is.
@@ -1003,6 +1005,11 @@ pub struct Timing {
     /// that a replica that fell a little behind (a restart) catches up from the log instead of
     /// receiving the whole volume.
     pub keep_logs: u64,
+    /// MiB of later writes for which a write of 64 KiB or more stays in the log only (it is
+    /// applied by reference to where the log holds it), before its bytes are written to the
+    /// blocks; a write overwritten meanwhile is never written there. The log is kept that far
+    /// back, on top of `keep_logs`. 0: every write goes to the blocks as it is applied.
+    pub defer_logs: u64,
 }
 
 impl Default for Timing {
@@ -1012,6 +1019,7 @@ impl Default for Timing {
             election_ms: (1000, 2000),
             snapshot_logs: 64,
             keep_logs: 64,
+            defer_logs: super::state_machine::DEFER_BYTES >> 20,
         }
     }
 }
@@ -1847,9 +1855,12 @@ impl Node {
             return Ok(g);
         }
         let dir = self.dir.join(volume);
-        let log = SegmentLog::open(&dir.join("log"))?;
-        let sm = StateMachine::open(&dir.join("blocks"), size)?;
-        let (blocks, size, applied) = (sm.blocks(), sm.size(), sm.applied());
+        // The log spans up to the writes held in it and the log kept behind them.
+        let span = (self.timing.defer_logs + self.timing.keep_logs) << 20;
+        let log = SegmentLog::open_spanning(&dir.join("log"), span)?;
+        let sm = StateMachine::open(&dir.join("blocks"), size)?
+            .by_reference(log.id(), self.timing.defer_logs << 20);
+        let (blocks, pieces, size, applied) = (sm.blocks(), sm.pieces(), sm.size(), sm.applied());
         let config = Arc::new(
             raft_config(self.timing)
                 .validate()
@@ -1876,6 +1887,7 @@ impl Node {
             size,
             raft,
             blocks,
+            pieces,
             queue,
             receiving: Arc::default(),
             links,
@@ -2426,22 +2438,22 @@ impl Group {
     }
 
     async fn local_read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        let blocks = self.blocks.clone();
+        let (blocks, pieces) = (self.blocks.clone(), self.pieces.clone());
         tokio::task::spawn_blocking(move || {
-            crate::sys::read_at(&blocks.read().unwrap(), length as usize, offset)
+            super::state_machine::read_volume(&blocks, &pieces, offset, length as usize)
         })
         .await
         .map_err(err)?
     }
 
     async fn local_extents(&self, offset: u64, length: u64) -> io::Result<Vec<(u64, bool)>> {
-        let (blocks, size) = (
+        let (blocks, pieces, size) = (
             self.blocks.clone(),
+            self.pieces.clone(),
             self.size.load(std::sync::atomic::Ordering::SeqCst),
         );
         tokio::task::spawn_blocking(move || {
-            let f = blocks.read().unwrap();
-            crate::volume::file_extents(&f, size, offset, length)
+            super::state_machine::volume_extents(&blocks, &pieces, size, offset, length)
                 .map(|v| v.into_iter().map(|e| (e.length, e.hole)).collect())
         })
         .await
@@ -2639,14 +2651,9 @@ impl crate::volume::Volume for RaftVolume {
         length: u32,
     ) -> io::Result<Option<crate::volume::FileRegion>> {
         self.read_barrier().await?;
-        // The blocks as they are now (a snapshot installed later replaces them with newer
-        // ones; these hold at least what the barrier asked for).
-        let file = dup(&self.group.blocks)?;
-        Ok(Some(crate::volume::FileRegion {
-            file: Arc::new(file),
-            offset,
-            len: length,
-        }))
+        // The file that holds the range now, if one does (a snapshot installed later replaces
+        // the blocks with newer ones; these hold at least what the barrier asked for).
+        super::state_machine::volume_region(&self.group.blocks, &self.group.pieces, offset, length)
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {

@@ -9,8 +9,12 @@
 //!   named after its first entry.
 //! - `meta.json`: the vote and the last purged log id, replaced atomically (temporary file,
 //!   fsync, rename, fsync of the directory).
-//! - `<first index>.free`: up to [`SPARES`] purged segments kept for reuse: the next segment is
-//!   a spare renamed, overwritten from its start, so the log's pages (page cache, tmpfs) and disk
+//! - `<first index>.free`: up to [`SPARES`] purged segments kept for reuse (more for a log
+//!   that spans more, [`SegmentLog::open_spanning`]: as PostgreSQL recycles WAL segments, a log
+//!   keeps the files of the longest it is to be, instead of freeing and allocating them as it
+//!   breathes): the next segment is
+//!   a spare that nothing holds any more (a read in progress, or a write the state machine holds
+//!   here, see [`Place`]) renamed, overwritten from its start, so the log's pages (page cache, tmpfs) and disk
 //!   blocks are reused instead of freed and allocated again. A segment that fills up is cut to
 //!   its last record (durably) before the next one is written, so only the last segment can have
 //!   stale records after its end: records of older entries, which opening treats as its end.
@@ -22,8 +26,10 @@
 //!
 //! An append is encoded on the caller's task, indexed and kept in memory (readable at once, as
 //! openraft requires), and handed to the log's writer thread, which writes all its records with
-//! one vectored write (the write data straight from the entries, not copied), fdatasyncs and
-//! only then calls openraft's callback: an entry is acknowledged only once on disk. Truncate,
+//! one vectored write (the write data straight from the entries, not copied), fdatasyncs,
+//! records in each write's data where it is now (its [`Place`]: the state machine applies large
+//! writes by reference to it) and only then calls openraft's callback: an entry is acknowledged
+//! only once on disk. Entries read back from the files are placed too. Truncate,
 //! purge and vote go through the same thread, in order, and return once durable. A new
 //! segment's directory entry is fsynced before anything is written to it.
 //!
@@ -50,7 +56,8 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use super::data::Place;
+use super::{Data, Entry, LogId, NodeId, StorageError, TypeConfig};
 
 /// A segment takes no more appends once it holds this many bytes.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -101,6 +108,8 @@ struct Cached {
 /// What the store, its readers and its writer share.
 #[derive(Debug)]
 struct State {
+    /// This log, among those of this process (in the [`Place`]s of its entries' data).
+    log: u64,
     /// The index of `locs[0]`.
     first: u64,
     /// Every entry not purged, in index order.
@@ -189,6 +198,8 @@ enum Job {
         close: Option<(u64, u64)>,
         offset: u64,
         parts: Vec<Bytes>,
+        /// The write data in `parts` and their offsets in the segment: placed once written.
+        places: Vec<(Data, u64)>,
         done: Done,
     },
     /// Delete segments `remove`, cut segment `cut.0` at `cut.1`, fsync.
@@ -222,8 +233,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Appends the record of `entry` to `parts`: its header and skeleton, then its write data.
-/// Returns the body's length.
-fn encode(parts: &mut Vec<Bytes>, entry: &Entry) -> Result<u32, StorageError> {
+/// Returns the body's length, and the write data with their offsets in the record.
+fn encode(parts: &mut Vec<Bytes>, entry: &Entry) -> Result<(u32, Vec<(Data, u64)>), StorageError> {
     let (skeleton, data) = super::data::encode(entry).map_err(write_err)?;
     let len = SKELETON_LEN + skeleton.len() + data.iter().map(|d| d.len()).sum::<usize>();
     let len = u32::try_from(len)
@@ -246,9 +257,18 @@ fn encode(parts: &mut Vec<Bytes>, entry: &Entry) -> Result<u32, StorageError> {
         ));
     }
     head[4..HEADER].copy_from_slice(&crc.finalize().to_le_bytes());
+    let mut at = head.len() as u64;
     parts.push(Bytes::from(head));
     parts.extend(data.iter().map(|d| d.bytes().clone()));
-    Ok(len)
+    let placed = data
+        .into_iter()
+        .map(|d| {
+            let here = at;
+            at += d.len() as u64;
+            (d, here)
+        })
+        .collect();
+    Ok((len, placed))
 }
 
 /// A record's body, checked against its header.
@@ -263,12 +283,24 @@ fn skeleton(body: &[u8]) -> Option<&[u8]> {
     body.get(SKELETON_LEN..SKELETON_LEN.checked_add(n)?)
 }
 
-/// The entry in a (checked) record body; its write data are slices of `body`.
-fn decode(body: Bytes) -> io::Result<Entry> {
+/// The entry in a (checked) record body; its write data are slices of `body`, which is at
+/// `place` (its file, and its offset there), and they are placed there.
+fn decode(body: Bytes, place: Place) -> io::Result<Entry> {
     let sk = skeleton(&body)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record without a skeleton"))?;
-    let data = body.slice(SKELETON_LEN + sk.len()..);
-    super::data::decode(sk, data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let start = SKELETON_LEN + sk.len();
+    let e: Entry = super::data::decode(sk, body.slice(start..))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut at = place.offset + start as u64;
+    for d in super::entry_data(&e) {
+        d.placed(Place {
+            log: place.log,
+            file: place.file.clone(),
+            offset: at,
+        });
+        at += d.len() as u64;
+    }
+    Ok(e)
 }
 
 /// The size an entry counts for in the cache.
@@ -390,10 +422,22 @@ impl SegmentLog {
     /// Opens (or creates) the log in directory `dir`, recovering from a crash (see the module
     /// documentation).
     pub fn open(dir: &Path) -> io::Result<SegmentLog> {
-        SegmentLog::open_with(dir, SEGMENT_BYTES, CACHE_BYTES)
+        SegmentLog::open_with(dir, SEGMENT_BYTES, CACHE_BYTES, SPARES)
     }
 
-    fn open_with(dir: &Path, segment_bytes: u64, cache_limit: usize) -> io::Result<SegmentLog> {
+    /// [`SegmentLog::open`] for a log that grows to `span` bytes: it keeps the purged
+    /// segments of that much (and at least [`SPARES`]) for reuse.
+    pub fn open_spanning(dir: &Path, span: u64) -> io::Result<SegmentLog> {
+        let spares = (span.div_ceil(SEGMENT_BYTES) as usize + 1).max(SPARES);
+        SegmentLog::open_with(dir, SEGMENT_BYTES, CACHE_BYTES, spares)
+    }
+
+    fn open_with(
+        dir: &Path,
+        segment_bytes: u64,
+        cache_limit: usize,
+        spares_max: usize,
+    ) -> io::Result<SegmentLog> {
         std::fs::create_dir_all(dir)?;
         if dir.join("raft-log.redb").exists() {
             return Err(io::Error::new(
@@ -419,7 +463,7 @@ impl SegmentLog {
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") || (name.ends_with(".free") && spares.len() == SPARES) {
+            if name.ends_with(".tmp") || (name.ends_with(".free") && spares.len() == spares_max) {
                 std::fs::remove_file(e.path())?;
             } else if name.ends_with(".free") {
                 let f = File::options().read(true).write(true).open(e.path())?;
@@ -490,7 +534,9 @@ impl SegmentLog {
         }
         let first = locs.front().map_or(purged_next, |l| l.log_id.index);
         let next = first + locs.len() as u64;
+        static LOGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let state = State {
+            log: LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             first,
             tail: locs.back().map(|l| (l.seg, l.end())),
             locs,
@@ -513,6 +559,7 @@ impl SegmentLog {
             state: state.clone(),
             committed: None,
             spares,
+            spares_max,
         };
         std::thread::Builder::new()
             .name("raft-log".into())
@@ -569,8 +616,8 @@ impl SegmentLog {
         let empty = st.locs.is_empty() && st.cache.is_empty();
         let mut next = st.next_index();
         let job = st.jobs_sent + 1;
-        let (mut parts, mut written, mut locs, mut cached) =
-            (Vec::new(), 0u64, Vec::new(), Vec::new());
+        let (mut parts, mut written, mut locs, mut cached, mut places) =
+            (Vec::new(), 0u64, Vec::new(), Vec::new(), Vec::new());
         for e in entries {
             let index = e.log_id.index;
             if st.meta.purged.is_some_and(|p| index <= p.index) {
@@ -588,7 +635,9 @@ impl SegmentLog {
             }
             next += 1;
             let seg = *seg.get_or_insert(index);
-            let len = encode(&mut parts, &e)?;
+            let (len, placed) = encode(&mut parts, &e)?;
+            let at = offset + written;
+            places.extend(placed.into_iter().map(|(d, rel)| (d, at + rel)));
             locs.push(Loc {
                 log_id: e.log_id,
                 seg,
@@ -629,9 +678,15 @@ impl SegmentLog {
                 close,
                 offset,
                 parts,
+                places,
                 done,
             },
         )
+    }
+
+    /// This log among those of the process: what [`Place`]s of its entries' data name.
+    pub fn id(&self) -> u64 {
+        self.lock().log
     }
 
     fn reader(&self) -> SegmentLogReader {
@@ -648,6 +703,8 @@ struct Writer {
     committed: Option<File>,
     /// Purged segments kept for reuse: the path each has now, and the file.
     spares: Vec<(PathBuf, Arc<File>)>,
+    /// How many spares are kept.
+    spares_max: usize,
 }
 
 impl Writer {
@@ -678,8 +735,9 @@ impl Writer {
                     close,
                     offset,
                     parts,
+                    places,
                     done,
-                } => (self.append(seg, new, close, offset, &parts), done),
+                } => (self.append(seg, new, close, offset, &parts, places), done),
                 Job::Truncate { cut, remove, done } => (self.truncate(cut, &remove), done),
                 Job::Meta { meta, remove, done } => (self.meta(&meta, remove), done),
             };
@@ -707,6 +765,7 @@ impl Writer {
         close: Option<(u64, u64)>,
         offset: u64,
         parts: &[Bytes],
+        places: Vec<(Data, u64)>,
     ) -> io::Result<()> {
         let file = if new {
             if let Some((prev, end)) = close {
@@ -753,7 +812,16 @@ impl Writer {
         w.seek(SeekFrom::Start(offset))?;
         let parts: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
         super::data::write_all_vectored(&mut w, &parts)?;
-        file.sync_data()
+        file.sync_data()?;
+        let log = lock(&self.state).log;
+        for (d, offset) in places {
+            d.placed(Place {
+                log,
+                file: file.clone(),
+                offset,
+            });
+        }
+        Ok(())
     }
 
     fn truncate(&self, cut: Option<(u64, u64)>, remove: &[u64]) -> io::Result<()> {
@@ -777,7 +845,7 @@ impl Writer {
         let bytes = serde_json::to_vec(meta).map_err(super::io_err)?;
         super::write_atomic(&self.dir.join("meta.json"), &bytes)?;
         for (seg, file) in &remove {
-            if self.spares.len() < SPARES {
+            if self.spares.len() < self.spares_max {
                 let spare = spare_path(&self.dir, *seg);
                 std::fs::rename(segment_path(&self.dir, *seg), &spare)?;
                 self.spares.push((spare, file.clone()));
@@ -832,7 +900,7 @@ fn remove_segment(dir: &Path, seg: u64) -> io::Result<()> {
 
 /// The entries at `locs` (in index order): each run of records next to each other in a
 /// segment read with one read, the entries' data slices of it.
-fn read_records(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
+fn read_records(log: u64, locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
     let mut out = Vec::with_capacity(locs.len());
     let mut rest = locs;
     while let Some((f, first)) = rest.first() {
@@ -863,7 +931,12 @@ fn read_records(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
                     ),
                 ));
             }
-            out.push(decode(body)?);
+            let place = Place {
+                log,
+                file: f.clone(),
+                offset: l.offset + HEADER as u64,
+            };
+            out.push(decode(body, place)?);
         }
     }
     Ok(out)
@@ -874,7 +947,7 @@ impl RaftLogReader<TypeConfig> for SegmentLogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let (mut out, on_disk) = {
+        let (mut out, on_disk, log) = {
             let st = lock(&self.state);
             let start = match range.start_bound() {
                 Bound::Included(i) => *i,
@@ -905,12 +978,12 @@ impl RaftLogReader<TypeConfig> for SegmentLogReader {
             let out: Vec<Entry> = (from..end)
                 .map(|i| st.cache[(i - st.cache_first) as usize].entry.clone())
                 .collect();
-            (out, on_disk)
+            (out, on_disk, st.log)
         };
         if on_disk.is_empty() {
             return Ok(out);
         }
-        let mut older = tokio::task::spawn_blocking(move || read_records(&on_disk))
+        let mut older = tokio::task::spawn_blocking(move || read_records(log, &on_disk))
             .await
             .map_err(read_err)?
             .map_err(read_err)?;
@@ -1057,6 +1130,23 @@ impl RaftLogStorage<TypeConfig> for SegmentLog {
     }
 }
 
+#[cfg(test)]
+impl SegmentLog {
+    /// Appends `entries` and waits until they are on disk (openraft's callback cannot be made
+    /// outside openraft).
+    pub(crate) async fn append_durably(&mut self, entries: Vec<Entry>) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.append_then(
+            entries,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .map_err(io::Error::other)?;
+        wait(rx).await
+    }
+}
+
 /// Waits for a job sent with [`SegmentLog::submit`].
 async fn wait(done: tokio::sync::oneshot::Receiver<io::Result<()>>) -> io::Result<()> {
     done.await
@@ -1079,15 +1169,7 @@ mod tests {
     }
 
     async fn append(log: &mut SegmentLog, entries: Vec<Entry>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        log.append_then(
-            entries,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        )
-        .unwrap();
-        rx.await.unwrap().unwrap();
+        log.append_durably(entries).await.unwrap();
     }
 
     async fn indexes(log: &mut SegmentLog) -> Vec<(u64, u64)> {
@@ -1115,7 +1197,7 @@ mod tests {
 
     /// A small log: segments of 3 records or so (each record is ~4.1 KiB), no cache.
     fn small(dir: &Path) -> SegmentLog {
-        SegmentLog::open_with(dir, 12 << 10, 0).unwrap()
+        SegmentLog::open_with(dir, 12 << 10, 0, SPARES).unwrap()
     }
 
     #[tokio::test]
@@ -1205,7 +1287,7 @@ mod tests {
         drop(log);
         // A record of the first segment: the log is damaged, not torn.
         flip(segs[0].0, 100);
-        let e = SegmentLog::open_with(dir.path(), 12 << 10, 0).unwrap_err();
+        let e = SegmentLog::open_with(dir.path(), 12 << 10, 0, SPARES).unwrap_err();
         assert!(e.to_string().contains("not the end of the log"), "{e}");
     }
 
@@ -1406,7 +1488,7 @@ mod tests {
     #[tokio::test]
     async fn the_cache_serves_new_entries_and_evicts_only_what_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = SegmentLog::open_with(dir.path(), SEGMENT_BYTES, 10 << 10).unwrap();
+        let mut log = SegmentLog::open_with(dir.path(), SEGMENT_BYTES, 10 << 10, SPARES).unwrap();
         append(&mut log, (0..6).map(|i| entry(1, i, i as u8)).collect()).await;
         {
             let st = log.lock();

@@ -1,17 +1,27 @@
-//! A volume's raft state machine: its blocks in a sparse file (`volume.img`), changed by
-//! [`BlockOp`]s in log order.
+//! A volume's raft state machine: its blocks in a sparse file (`volume.img`), and the log where
+//! it holds recent large writes, changed by [`BlockOp`]s in log order.
 //!
 //! Durability comes from the log, not from here: applying does not fsync, and what was applied
 //! is recorded only with a snapshot. After a crash the group applies again every committed entry
 //! after the last snapshot; every operation sets its range outright, so applying an entry a
 //! second time, in order, yields the same blocks.
 //!
+//! A write of [`BY_REFERENCE`] bytes or more that the group's own log has written (its
+//! [`Place`](super::data::Place)) is applied by reference: that range of the volume becomes a
+//! piece of the [`Overlay`], read from the log segment, and the blocks are left alone. Once
+//! `defer` bytes of later writes have been applied, a piece's bytes are written to the blocks
+//! (oldest first); a range written again before that never reaches the blocks. Other
+//! operations go to the blocks, then cut what pieces held of their range.
+//!
 //! A snapshot is fuzzy, as ZooKeeper's are: taking one is an fdatasync of `volume.img` and
-//! recording the log id applied when it was asked for (`current.json`, replaced by rename, and
-//! `snapshots/<id>.json`); the blocks are not copied. The blocks may by then hold later writes
-//! too, so a snapshot stands for "at least this log id": whoever installs it applies every entry
-//! after that id again, which, since entries are idempotent and applied in order, brings the
-//! blocks to exactly the state of the last one applied. (The log before a snapshot is purged only
+//! recording a log id (`current.json`, replaced by rename, and `snapshots/<id>.json`): the
+//! entry before the oldest piece's, before which everything is in the blocks (the last one
+//! applied, without pieces). The blocks are not copied, and may by then hold later writes
+//! too, while the ranges pieces hold may be older there than that id; every such range is set
+//! by an entry after it. So a snapshot stands for "this log id, and the entries after it":
+//! whoever installs it, or restarts from it, applies every entry after that id again, which,
+//! since entries are idempotent and applied in order, brings the volume to exactly the state of
+//! the last one applied. (The log before a snapshot is purged only
 //! up to its id, so those entries are always there to apply; and a node serves reads only once it
 //! has applied up to the read index, which is past anything the snapshot could hold.) Sending a
 //! snapshot reads the data of the live `volume.img` in chunks (its holes and zero runs are not
@@ -31,6 +41,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::overlay::{Overlay, Source};
 use super::{BlockOp, Entry, LogId, NodeId, StorageError, TypeConfig};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -56,6 +67,16 @@ pub struct StateMachine {
     seq: u64,
     /// What was applied, for deciding when to snapshot and how much log to keep.
     applied: std::sync::Arc<Applied>,
+    /// Writes applied by reference: their bytes are in the log, not yet in the blocks.
+    pieces: Pieces,
+    /// Bytes of writes applied since this was opened: the age of a piece.
+    pos: u64,
+    /// For how many bytes of later writes a piece stays in the log only.
+    defer: u64,
+    /// The log (`SegmentLog::id`) whose data writes are applied by reference to, if any.
+    log: Option<u64>,
+    /// The membership in force at the oldest piece's entry (first), and those applied after.
+    memberships: std::collections::VecDeque<Membership>,
 }
 
 /// The least an entry counts for in [`Applied`].
@@ -123,6 +144,100 @@ impl Applied {
 
 /// The blocks file of a volume, shared by the state machine and the readers.
 pub type Blocks = std::sync::Arc<std::sync::RwLock<File>>;
+/// The writes of a volume held in the log, shared by the state machine and the readers.
+pub type Pieces = std::sync::Arc<std::sync::RwLock<Overlay>>;
+
+/// Writes of at least this many bytes are applied by reference to where the log holds them.
+const BY_REFERENCE: usize = 64 << 10;
+/// For how many bytes of later writes a write applied by reference stays in the log only, by
+/// default; then its bytes are written to the blocks.
+pub const DEFER_BYTES: u64 = 512 << 20;
+
+fn read_pieces(p: &Pieces) -> std::sync::RwLockReadGuard<'_, Overlay> {
+    p.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_pieces(p: &Pieces) -> std::sync::RwLockWriteGuard<'_, Overlay> {
+    p.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `len` bytes of the volume at `offset`: from the blocks, and from the log where it holds
+/// them.
+pub fn read_volume(
+    blocks: &Blocks,
+    pieces: &Pieces,
+    offset: u64,
+    len: usize,
+) -> io::Result<Vec<u8>> {
+    let parts = read_pieces(pieces).resolve(offset, len as u64);
+    let blocks = || blocks.read().unwrap_or_else(|e| e.into_inner());
+    if let [(_, _, Source::Blocks)] = parts[..] {
+        return crate::sys::read_at(&blocks(), len, offset);
+    }
+    let mut out = Vec::with_capacity(len);
+    for (at, n, source) in parts {
+        out.extend(match source {
+            Source::Blocks => crate::sys::read_at(&blocks(), n as usize, at)?,
+            Source::Log(file, at) => crate::sys::read_at(&file, n as usize, at)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Where `len` bytes of the volume at `offset` are, if in one file: the blocks or the log.
+pub fn volume_region(
+    blocks: &Blocks,
+    pieces: &Pieces,
+    offset: u64,
+    len: u32,
+) -> io::Result<Option<crate::volume::FileRegion>> {
+    let parts = read_pieces(pieces).resolve(offset, len.into());
+    Ok(match parts.as_slice() {
+        [(_, _, Source::Blocks)] => Some(crate::volume::FileRegion {
+            file: std::sync::Arc::new(dup(blocks)?),
+            offset,
+            len,
+        }),
+        [(_, _, Source::Log(file, at))] => Some(crate::volume::FileRegion {
+            file: file.clone(),
+            offset: *at,
+            len,
+        }),
+        _ => None,
+    })
+}
+
+/// The allocation of `[offset, offset + length)` of the volume (`size` bytes): the blocks'
+/// holes and data, and data where the log holds the bytes.
+pub fn volume_extents(
+    blocks: &Blocks,
+    pieces: &Pieces,
+    size: u64,
+    offset: u64,
+    length: u64,
+) -> io::Result<Vec<crate::volume::Extent>> {
+    let end = offset.saturating_add(length).min(size);
+    let parts = read_pieces(pieces).resolve(offset, end.saturating_sub(offset));
+    let f = blocks.read().unwrap_or_else(|e| e.into_inner());
+    let mut out: Vec<crate::volume::Extent> = Vec::new();
+    for (at, n, source) in parts {
+        let these = match source {
+            Source::Blocks => crate::volume::file_extents(&f, size, at, n)?,
+            Source::Log(..) => vec![crate::volume::Extent {
+                length: n,
+                hole: false,
+                zero: false,
+            }],
+        };
+        for e in these {
+            match out.last_mut() {
+                Some(l) if l.hole == e.hole && l.zero == e.zero => l.length += e.length,
+                _ => out.push(e),
+            }
+        }
+    }
+    Ok(out)
+}
 /// A volume's size, shared by the state machine and the front end.
 pub type Size = std::sync::Arc<std::sync::atomic::AtomicU64>;
 
@@ -240,21 +355,90 @@ fn op_bytes(op: &BlockOp) -> usize {
     }
 }
 
-fn apply_op(blocks: &File, op: &BlockOp) -> io::Result<()> {
-    match op {
-        BlockOp::Batch(ops) => ops.iter().try_for_each(|o| apply_op(blocks, o)),
-        BlockOp::Write { offset, data } => blocks.write_all_at(data, *offset),
-        BlockOp::Resize { size } => {
-            if blocks.metadata()?.len() < *size {
-                blocks.set_len(*size)?;
-            }
-            Ok(())
+/// Applies entries to the blocks and the pieces (on the runtime's thread or off it).
+struct Apply<'a> {
+    blocks: &'a File,
+    pieces: &'a Pieces,
+    /// As [`StateMachine::log`].
+    log: Option<u64>,
+    /// As [`StateMachine::pos`].
+    pos: u64,
+}
+
+/// Where the write is, if it is applied by reference: it is large, and log `log` (the
+/// state machine's own) has written it.
+fn by_reference(data: &super::Data, log: Option<u64>) -> Option<&super::data::Place> {
+    data.place()
+        .filter(|p| data.len() >= BY_REFERENCE && Some(p.log) == log)
+}
+
+impl Apply<'_> {
+    /// Applies entry `e`, `before` being the entry applied before it.
+    fn entry(&mut self, e: &Entry, before: Option<LogId>) -> io::Result<()> {
+        match &e.payload {
+            EntryPayload::Normal(op) => self.op(op, e.log_id.index, before),
+            _ => Ok(()),
         }
-        BlockOp::Zero {
-            offset,
-            length,
-            allocate,
-        } => crate::sys::zero_range(blocks, *offset, *length, *allocate),
+    }
+
+    fn op(&mut self, op: &BlockOp, index: u64, before: Option<LogId>) -> io::Result<()> {
+        match op {
+            BlockOp::Batch(ops) => ops.iter().try_for_each(|o| self.op(o, index, before)),
+            BlockOp::Write { offset, data } => {
+                let len = data.len() as u64;
+                match by_reference(data, self.log) {
+                    Some(place) => {
+                        write_pieces(self.pieces).set(*offset, len, place, index, before, self.pos)
+                    }
+                    None => {
+                        // Into the blocks first: a reader meanwhile reads the older write.
+                        self.blocks.write_all_at(data, *offset)?;
+                        write_pieces(self.pieces).cut(*offset, len);
+                    }
+                }
+                self.pos += len;
+                Ok(())
+            }
+            BlockOp::Resize { size } => {
+                if self.blocks.metadata()?.len() < *size {
+                    self.blocks.set_len(*size)?;
+                }
+                Ok(())
+            }
+            BlockOp::Zero {
+                offset,
+                length,
+                allocate,
+            } => {
+                crate::sys::zero_range(self.blocks, *offset, *length, *allocate)?;
+                write_pieces(self.pieces).cut(*offset, *length);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes to the blocks the pieces older than `defer` bytes of writes, oldest first.
+    fn settle(&mut self, defer: u64) -> io::Result<()> {
+        loop {
+            let (off, p) = match read_pieces(self.pieces).oldest() {
+                Some((off, p)) if p.pos.saturating_add(defer) < self.pos => (off, p.clone()),
+                _ => return Ok(()),
+            };
+            crate::sys::copy_range(&p.file, p.at, self.blocks, off, p.len)?;
+            // Only this thread changes the pieces: `off` still holds this one.
+            write_pieces(self.pieces).cut(off, p.len);
+        }
+    }
+}
+
+/// The bytes applying `op` copies (zeroing and growing count as [`INLINE_APPLY`]: they touch
+/// no data, but may take the filesystem a while).
+fn copied_bytes(op: &BlockOp, log: Option<u64>) -> usize {
+    match op {
+        BlockOp::Write { data, .. } if by_reference(data, log).is_some() => 0,
+        BlockOp::Write { data, .. } => data.len(),
+        BlockOp::Batch(ops) => ops.iter().map(|o| copied_bytes(o, log)).sum(),
+        BlockOp::Zero { .. } | BlockOp::Resize { .. } => INLINE_APPLY,
     }
 }
 
@@ -275,15 +459,39 @@ impl StateMachine {
         }
         let size = len.max(size);
         let cur = current(dir)?;
+        let membership = cur
+            .as_ref()
+            .map(|m| m.last_membership.clone())
+            .unwrap_or_default();
         Ok(StateMachine {
             dir: dir.to_owned(),
             size: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(size)),
             blocks: std::sync::Arc::new(std::sync::RwLock::new(blocks)),
-            last_applied: cur.as_ref().and_then(|m| m.last_log_id),
-            membership: cur.map(|m| m.last_membership).unwrap_or_default(),
+            last_applied: cur.and_then(|m| m.last_log_id),
+            memberships: [membership.clone()].into(),
+            membership,
             seq: 0,
             applied: Default::default(),
+            pieces: Default::default(),
+            pos: 0,
+            defer: DEFER_BYTES,
+            log: None,
         })
+    }
+
+    /// Large writes are applied by reference to where `log` (the group's log, `SegmentLog::id`)
+    /// holds them, and stay there only for `defer` bytes of later writes (0: none is, every
+    /// write is copied to the blocks as it is applied, as without this).
+    pub fn by_reference(mut self, log: u64, defer: u64) -> StateMachine {
+        // Nothing deferred: copied from the entry at once (a piece would be read back).
+        self.log = Some(log).filter(|_| defer > 0);
+        self.defer = defer;
+        self
+    }
+
+    /// The writes held in the log, for reads.
+    pub fn pieces(&self) -> Pieces {
+        self.pieces.clone()
     }
 
     /// The blocks, for reads (positioned reads need no `&mut`); the same handle after a
@@ -356,33 +564,57 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let write_all = |blocks: &Blocks, entries: &[Entry]| {
+        let (pos, defer, before, log) = (self.pos, self.defer, self.last_applied, self.log);
+        let write_all = move |blocks: &Blocks, pieces: &Pieces, entries: &[Entry]| {
             let f = blocks.read().unwrap_or_else(|e| e.into_inner());
+            let mut apply = Apply {
+                blocks: &f,
+                pieces,
+                log,
+                pos,
+            };
+            let mut before = before;
             for e in entries {
-                if let EntryPayload::Normal(op) = &e.payload {
-                    apply_op(&f, op)?;
-                }
+                apply.entry(e, before)?;
+                before = Some(e.log_id);
             }
-            Ok::<_, io::Error>(())
+            apply.settle(defer)?;
+            Ok::<_, io::Error>(apply.pos)
         };
         let sizes = entries.iter().map(|e| match &e.payload {
             EntryPayload::Normal(op) => op_bytes(op),
             _ => 0,
         });
-        let bytes: usize = sizes.clone().sum();
         self.applied
             .add(entries.iter().map(|e| e.log_id.index).zip(sizes));
-        let entries = if bytes <= INLINE_APPLY {
+        let copied: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(op) => copied_bytes(op, log),
+                _ => 0,
+            })
+            .sum();
+        let written: u64 = entries
+            .iter()
+            .map(|e| super::entry_data_len(e) as u64)
+            .sum();
+        let settling = read_pieces(&self.pieces)
+            .oldest()
+            .is_some_and(|(_, p)| p.pos.saturating_add(defer) < pos + written);
+        let (entries, pos) = if copied <= INLINE_APPLY && !settling {
             // Into the page cache (no fsync): quicker here than a hop to the blocking pool.
-            write_all(&self.blocks, &entries).map_err(sm_err)?;
-            entries
+            let pos = write_all(&self.blocks, &self.pieces, &entries).map_err(sm_err)?;
+            (entries, pos)
         } else {
-            let blocks = self.blocks.clone();
-            tokio::task::spawn_blocking(move || write_all(&blocks, &entries).map(|()| entries))
-                .await
-                .map_err(sm_err)?
-                .map_err(sm_err)?
+            let (blocks, pieces) = (self.blocks.clone(), self.pieces.clone());
+            tokio::task::spawn_blocking(move || {
+                write_all(&blocks, &pieces, &entries).map(|pos| (entries, pos))
+            })
+            .await
+            .map_err(sm_err)?
+            .map_err(sm_err)?
         };
+        self.pos = pos;
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             if let EntryPayload::Normal(op) = &e.payload {
@@ -404,6 +636,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             if let EntryPayload::Membership(m) = e.payload {
                 self.membership = StoredMembership::new(Some(e.log_id), m);
+                self.memberships.push_back(self.membership.clone());
             }
             self.last_applied = Some(e.log_id);
             out.push(());
@@ -414,18 +647,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.seq += 1;
         self.applied.snapshot_taken();
+        // Everything up to the entry before the oldest piece's is in the blocks: the snapshot
+        // stands for that entry (the log is kept from there, to apply the pieces again).
+        let upto = match read_pieces(&self.pieces).oldest() {
+            Some((_, p)) => p.before,
+            None => self.last_applied,
+        };
+        while self.memberships.get(1).is_some_and(|m| *m.log_id() <= upto) {
+            self.memberships.pop_front();
+        }
         let id = format!(
             "{}-{}-{}",
-            self.last_applied.map_or(0, |l| l.leader_id.term),
-            self.last_applied.map_or(0, |l| l.index),
+            upto.map_or(0, |l| l.leader_id.term),
+            upto.map_or(0, |l| l.index),
             self.seq
         );
         SnapshotBuilder {
             dir: self.dir.clone(),
             blocks: dup(&self.blocks),
             meta: Meta {
-                last_log_id: self.last_applied,
-                last_membership: self.membership.clone(),
+                last_log_id: upto,
+                last_membership: self.memberships.front().cloned().unwrap_or_default(),
                 snapshot_id: id,
             },
         }
@@ -476,7 +718,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let len = blocks.metadata().map_err(snap_err)?.len();
         self.size
             .fetch_max(len, std::sync::atomic::Ordering::SeqCst);
-        *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
+        {
+            // The pieces are older than the snapshot: gone with the blocks they were over.
+            let mut pieces = write_pieces(&self.pieces);
+            *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
+            pieces.clear();
+        }
+        self.memberships = [meta.last_membership.clone()].into();
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         self.applied.snapshot_taken();
         self.last_applied = meta.last_log_id;
@@ -498,6 +746,150 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entries of writes (large, some overlapping in one batch, and small), zeroings, after a
+    /// blank entry at 1; and the volume of `size` bytes they leave.
+    fn workload(size: u64, n: u64) -> (Vec<Entry>, Vec<u8>) {
+        let mut x = 7u64;
+        let mut next = move || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            x >> 33
+        };
+        let mut model = vec![0u8; size as usize];
+        let log_id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 0), i);
+        let mut entries = vec![Entry {
+            log_id: log_id(1),
+            payload: EntryPayload::Blank,
+        }];
+        for i in 0..n {
+            let off = (next() % (size / 4096 - 96)) * 4096;
+            let fill = (i % 250) as u8 + 1;
+            let write = |off: u64, len: usize| BlockOp::Write {
+                offset: off,
+                data: vec![fill; len].into(),
+            };
+            let op = match i % 6 {
+                0 => write(off, 4096),
+                1 => BlockOp::Zero {
+                    offset: off,
+                    length: 128 << 10,
+                    allocate: false,
+                },
+                2 => BlockOp::Batch(vec![
+                    write(off, 128 << 10),
+                    write(off + (32 << 10), 64 << 10),
+                ]),
+                _ => write(off, 256 << 10),
+            };
+            let mut model_op = |op: &BlockOp| match op {
+                BlockOp::Write { offset, data } => {
+                    model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+                }
+                BlockOp::Zero { offset, length, .. } => {
+                    model[*offset as usize..(*offset + *length) as usize].fill(0)
+                }
+                _ => unreachable!(),
+            };
+            match &op {
+                BlockOp::Batch(ops) => ops.iter().for_each(&mut model_op),
+                op => model_op(op),
+            }
+            entries.push(Entry {
+                log_id: log_id(i + 2),
+                payload: EntryPayload::Normal(op),
+            });
+        }
+        (entries, model)
+    }
+
+    fn volume(sm: &StateMachine, size: u64) -> Vec<u8> {
+        read_volume(&sm.blocks(), &sm.pieces(), 0, size as usize).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn writes_held_in_the_log_read_back_and_survive_a_restart_and_a_snapshot_elsewhere() {
+        use openraft::storage::RaftLogReader;
+        use openraft::RaftSnapshotBuilder;
+        const SIZE: u64 = 4 << 20;
+        const DEFER: u64 = 2 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let (entries, model) = workload(SIZE, 60);
+        let open = |log: &super::super::segment_log::SegmentLog| {
+            StateMachine::open(&dir.path().join("sm"), SIZE)
+                .unwrap()
+                .by_reference(log.id(), DEFER)
+        };
+        let log_dir = dir.path().join("log");
+        let mut log = super::super::segment_log::SegmentLog::open(&log_dir).unwrap();
+        let mut sm = open(&log);
+        log.append_durably(entries.clone()).await.unwrap();
+        sm.apply(entries.clone()).await.unwrap();
+        assert!(volume(&sm, SIZE) == model, "the volume differs");
+        // The newest large writes are in the log only; the older ones went to the blocks.
+        let held = read_pieces(&sm.pieces()).bytes();
+        assert!(held > 0 && held <= DEFER + (256 << 10), "{held} bytes held");
+        let blocks = crate::sys::read_at(&sm.blocks().read().unwrap(), SIZE as usize, 0).unwrap();
+        assert!(blocks != model, "the blocks have every write");
+        // A snapshot stands for the entry before the oldest piece's: all before is in the
+        // blocks.
+        let oldest = read_pieces(&sm.pieces()).oldest().unwrap().1.index;
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(snap.meta.last_log_id.unwrap().index, oldest - 1);
+        // A restart: what came after the snapshot is applied again from the log, by reference.
+        drop((sm, log));
+        let mut log = super::super::segment_log::SegmentLog::open(&log_dir).unwrap();
+        let mut sm = open(&log);
+        let applied = sm.applied_state().await.unwrap().0;
+        assert_eq!(applied, snap.meta.last_log_id);
+        let after = applied.unwrap().index + 1;
+        let again = log.try_get_log_entries(after..).await.unwrap();
+        sm.apply(again).await.unwrap();
+        assert!(
+            volume(&sm, SIZE) == model,
+            "the volume differs after a restart"
+        );
+        assert!(
+            read_pieces(&sm.pieces()).bytes() > 0,
+            "nothing applied by reference"
+        );
+        // Another replica installs the snapshot (the blocks as they are now: at least as new as
+        // it) and applies the entries after it, copying them: the same volume.
+        let mut other = StateMachine::open(&dir.path().join("other"), SIZE).unwrap();
+        let rx = other.begin_receiving_snapshot().await.unwrap();
+        let mut src = snap.snapshot.into_std().await;
+        let mut dst = rx.try_clone().await.unwrap().into_std().await;
+        std::io::copy(&mut src, &mut dst).unwrap();
+        other.install_snapshot(&snap.meta, rx).await.unwrap();
+        other
+            .apply(entries[after as usize - 1..].to_vec())
+            .await
+            .unwrap();
+        assert!(read_pieces(&other.pieces()).is_empty());
+        assert!(volume(&other, SIZE) == model, "the other replica differs");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn with_nothing_deferred_every_write_is_in_the_blocks_once_applied() {
+        const SIZE: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let (entries, model) = workload(SIZE, 30);
+        let mut log = super::super::segment_log::SegmentLog::open(&dir.path().join("log")).unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("sm"), SIZE)
+            .unwrap()
+            .by_reference(log.id(), 0);
+        log.append_durably(entries.clone()).await.unwrap();
+        sm.apply(entries).await.unwrap();
+        assert!(read_pieces(&sm.pieces()).is_empty());
+        let blocks = crate::sys::read_at(&sm.blocks().read().unwrap(), SIZE as usize, 0).unwrap();
+        assert!(blocks == model, "the blocks differ");
+    }
 
     #[test]
     fn a_snapshot_is_installed_from_the_file_it_was_received_in_or_copied_there() {
