@@ -9,13 +9,15 @@
 # also SIGSTOP of the leader (nothing tells the followers; see the end).
 #
 #   seq write   nbdcopy, 1 MiB requests, 1 connection, from a file of random data
+#   hot write   the first 64 MiB (BENCH_HOT_MIB) written 4 times over, the same way
 #   seq read    nbdcopy, 1 MiB requests, 1 connection, to null:
 #   4k read     qemu-img bench, 4 KiB, queue depth 32, strided offsets (step 257 x 4 KiB)
 #   4k write    the same with -w
 #
 # Each target is written a few times first, unmeasured (a warm-up, BENCH_WARMUP times: by default
-# 576 MiB and one volume's worth). Settings: BENCH_RUNS (default 5; medians), BENCH_MIB (volume
-# size, default 256, as in the README), BENCH_DIR (default /dev/shm).
+# 192 MiB and one volume's worth). Settings: BENCH_RUNS (default 5; medians), BENCH_MIB (volume
+# size, default 256, as in the README), BENCH_DIR (default /dev/shm), BENCH_NODE_ARGS (more
+# options for every `blockdrv node`, e.g. --defer-logs 0).
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 cd "$REPO"
@@ -38,6 +40,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 head -c "$((MIB << 20))" /dev/urandom > "$WORK/src.bin"
+HOT=${BENCH_HOT_MIB:-64}
+head -c "$((HOT << 20))" "$WORK/src.bin" > "$WORK/hot.bin"
 truncate -s "${MIB}M" "$WORK/ours.img" "$WORK/qemu.img"
 "$BIN" nbd --unix "$WORK/ours.sock" --export "v=$WORK/ours.img" --log warn &
 OURS_PID=$!
@@ -51,7 +55,7 @@ start_node() {
     rm -f "$WORK/n$1.sock"
     "$BIN" node --id "$1" --dir "$WORK/n$1" --listen "127.0.0.1:$((PORT + $1))" "${MEMBERS[@]}" \
         --volume "v:${MIB}M" --nbd-unix "$WORK/n$1.sock" --heartbeat-ms 100 --election-ms 500 \
-        --log warn 2>>"$WORK/n$1.log" &
+        --log warn ${BENCH_NODE_ARGS:-} 2>>"$WORK/n$1.log" &
     NODE[$1]=$!
     PIDS+=($!)
 }
@@ -83,6 +87,16 @@ copy() {
     nbdcopy --connections=1 --request-size=1048576 "$1" "$2"
     t1=$(now)
     awk -v m="$MIB" -v a="$t0" -v b="$t1" 'BEGIN { print m / (b - a) }'
+}
+# MiB/s of writing the first HOT MiB of the target four times over (a hot region rewritten)
+hot() {
+    local t0 t1
+    t0=$(now)
+    for _ in 1 2 3 4; do
+        nbdcopy --connections=1 --request-size=1048576 "$WORK/hot.bin" "$1"
+    done
+    t1=$(now)
+    awk -v m="$((4 * HOT))" -v a="$t0" -v b="$t1" 'BEGIN { print m / (b - a) }'
 }
 # IOPS of one qemu-img bench run (it prints "Run completed in N seconds.")
 COUNT=$((MIB * 64))
@@ -125,15 +139,15 @@ ticks() {
 }
 
 SERVERS="raft raftf ours qemu"
-for metric in write read rand_read rand_write; do
+for metric in write hot_write read rand_read rand_write; do
     for s in $SERVERS; do : > "$WORK/$metric.$s"; done
 done
 for s in $SERVERS; do : > "$WORK/cpu.$s" && : > "$WORK/rcpu.$s" && : > "$WORK/settle.$s"; done
 # Warm-up, not measured: the first writes of each target allocate its files' pages (on this VM,
 # fresh pages cost a fault in the host too), which a server that has been running has done; a
-# replica's log grows until it spans the writes it holds and the log kept behind them (576 MiB,
+# replica's log grows until it spans the writes it holds and the log kept behind them (192 MiB,
 # see --defer-logs), so every target is written that much and a volume more first.
-WARMUP=${BENCH_WARMUP:-$(((576 + 2 * MIB - 1) / MIB))}
+WARMUP=${BENCH_WARMUP:-$(((192 + 2 * MIB - 1) / MIB))}
 for s in $SERVERS; do
     for _ in $(seq "$WARMUP"); do
         copy "$WORK/src.bin" "$(uri $s)" > /dev/null
@@ -146,6 +160,8 @@ for _ in $(seq "$RUNS"); do
         copy "$WORK/src.bin" "$(uri $s)" >> "$WORK/write.$s"
         echo $(($(ticks "$s") - c0)) >> "$WORK/cpu.$s"
         settle "$s" >> "$WORK/settle.$s"
+        hot "$(uri $s)" >> "$WORK/hot_write.$s"
+        settle "$s" > /dev/null
         c0=$(ticks "$s")
         copy "$(uri $s)" null: >> "$WORK/read.$s"
         echo $(($(ticks "$s") - c0)) >> "$WORK/rcpu.$s"
@@ -157,7 +173,7 @@ done
 ratio() { awk -v o="$1" -v q="$2" 'BEGIN { printf "%.3f", o / q }'; }
 printf '%-11s %-6s %10s %10s %10s %10s   %s\n' metric unit "3 replicas" "(follower)" "file" qemu-nbd \
     "ratios vs qemu-nbd: 3 replicas, via follower, file"
-for metric in write read rand_read rand_write; do
+for metric in write hot_write read rand_read rand_write; do
     r=$(median < "$WORK/$metric.raft"); f=$(median < "$WORK/$metric.raftf")
     o=$(median < "$WORK/$metric.ours"); q=$(median < "$WORK/$metric.qemu")
     unit=$([[ $metric == rand_* ]] && echo IOPS || echo MiB/s)
@@ -168,7 +184,7 @@ done
 # compares the volume with qemu-nbd under the same conditions (qemu-nbd's speed on this VM
 # varies by 2x from one minute to the next); the median of those ratios.
 paired() { paste "$WORK/$1.$2" "$WORK/$1.qemu" | awk '{ printf "%.3f\n", $1 / $2 }'; }
-for metric in write read rand_read rand_write; do
+for metric in write hot_write read rand_read rand_write; do
     printf '%-11s per-round ratios vs qemu-nbd, median (every round): 3 replicas %s (%s)  via follower %s\n' \
         "$metric" "$(paired "$metric" raft | median)" "$(paired "$metric" raft | tr '\n' ' ' | sed 's/ $//')" \
         "$(paired "$metric" raftf | median)"
@@ -186,7 +202,7 @@ done
 printf 'replicas all applied after the write copy ended, in ms (every run): %s\n' \
     "$(awk '{printf "%.0f ", $1}' "$WORK/settle.raft" "$WORK/settle.raftf")"
 echo "every run (in order), per metric and server:"
-for metric in write read rand_read rand_write; do
+for metric in write hot_write read rand_read rand_write; do
     for s in $SERVERS; do
         printf '  %-10s %-6s %s\n' "$metric" "$s" "$(awk '{printf "%.0f ", $1}' "$WORK/$metric.$s")"
     done

@@ -643,7 +643,7 @@ mod tests {
                     s.timing.election_ms,
                     s.timing.defer_logs
                 ),
-                (250, (1000, 2000), 512)
+                (250, (1000, 2000), 128)
             );
             let fast = format!(
                 "{base}storage_heartbeat_ms = 100\nstorage_election_ms = 500\nstorage_defer_mib = 0\n"

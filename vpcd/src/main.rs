@@ -128,7 +128,7 @@ struct Cli {
     #[arg(long)]
     storage_election_ms: Option<u64>,
     /// Storage role: MiB of later writes for which a large write stays in the raft log only,
-    /// before it goes to the volume's blocks (default 512; 0: at once).
+    /// before it goes to the volume's blocks (default 128; 0: at once).
     #[arg(long)]
     storage_defer_mib: Option<u64>,
 }

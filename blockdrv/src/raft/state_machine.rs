@@ -151,7 +151,7 @@ pub type Pieces = std::sync::Arc<std::sync::RwLock<Overlay>>;
 const BY_REFERENCE: usize = 64 << 10;
 /// For how many bytes of later writes a write applied by reference stays in the log only, by
 /// default; then its bytes are written to the blocks.
-pub const DEFER_BYTES: u64 = 512 << 20;
+pub const DEFER_BYTES: u64 = 128 << 20;
 
 fn read_pieces(p: &Pieces) -> std::sync::RwLockReadGuard<'_, Overlay> {
     p.read().unwrap_or_else(|e| e.into_inner())
@@ -598,9 +598,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .iter()
             .map(|e| super::entry_data_len(e) as u64)
             .sum();
-        let settling = read_pieces(&self.pieces)
-            .oldest()
-            .is_some_and(|(_, p)| p.pos.saturating_add(defer) < pos + written);
+        // Pieces, older or made now, that are due for the blocks (a long run of entries, as
+        // after a restart, may hold more than `defer` bytes of writes itself).
+        let settling = written > defer
+            || read_pieces(&self.pieces)
+                .oldest()
+                .is_some_and(|(_, p)| p.pos.saturating_add(defer) < pos + written);
         let (entries, pos) = if copied <= INLINE_APPLY && !settling {
             // Into the page cache (no fsync): quicker here than a hop to the blocking pool.
             let pos = write_all(&self.blocks, &self.pieces, &entries).map_err(sm_err)?;
