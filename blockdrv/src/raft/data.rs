@@ -43,6 +43,10 @@ struct Known {
 pub struct Place {
     /// Which log of the process (`SegmentLog::id`).
     pub log: u64,
+    /// The entry whose record holds them. A `Data` proposed again (a write retried through
+    /// another leader) keeps its first place: that record may have been truncated and its bytes
+    /// overwritten since, and only an entry with this id is sure to be at it.
+    pub entry: super::LogId,
     pub file: Arc<std::fs::File>,
     pub offset: u64,
 }
@@ -58,7 +62,7 @@ impl Data {
         }
     }
 
-    /// Where a log wrote the bytes, once they are there (readable, not yet synced).
+    /// Where a log wrote the bytes, once they are there (written and synced).
     pub fn place(&self) -> Option<&Place> {
         self.known.place.get()
     }

@@ -51,7 +51,6 @@ impl BlockOp {
     }
 }
 
-/// The bytes of write data an entry carries.
 /// The write data of an entry, in the order [`data::encode`] lays them out.
 pub fn entry_data(e: &Entry) -> Vec<&Data> {
     fn walk<'a>(op: &'a BlockOp, out: &mut Vec<&'a Data>) {
@@ -68,6 +67,7 @@ pub fn entry_data(e: &Entry) -> Vec<&Data> {
     out
 }
 
+/// The bytes of write data an entry carries.
 pub fn entry_data_len(e: &Entry) -> usize {
     match &e.payload {
         openraft::EntryPayload::Normal(op) => op.data_len(),

@@ -1005,10 +1005,11 @@ pub struct Timing {
     /// that a replica that fell a little behind (a restart) catches up from the log instead of
     /// receiving the whole volume.
     pub keep_logs: u64,
-    /// MiB of later writes for which a write of 64 KiB or more stays in the log only (it is
-    /// applied by reference to where the log holds it), before its bytes are written to the
-    /// blocks; a write overwritten meanwhile is never written there. The log is kept that far
-    /// back, on top of `keep_logs`. 0: every write goes to the blocks as it is applied.
+    /// MiB of later entries (counted as for `snapshot_logs`) for which a write of 64 KiB or
+    /// more stays in the log only (it is applied by reference to where the log holds it),
+    /// before its bytes are written to the blocks; a write overwritten meanwhile is never
+    /// written there. The log is kept back to the oldest such write (or `keep_logs`, if that
+    /// is further). 0: every write goes to the blocks as it is applied.
     pub defer_logs: u64,
 }
 

@@ -186,6 +186,7 @@ mod tests {
     fn place(at: u64) -> Place {
         Place {
             log: 1,
+            entry: LogId::new(openraft::CommittedLeaderId::new(1, 0), 1),
             file: Arc::new(tempfile::tempfile().unwrap()),
             offset: at,
         }

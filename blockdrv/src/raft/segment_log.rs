@@ -198,8 +198,9 @@ enum Job {
         close: Option<(u64, u64)>,
         offset: u64,
         parts: Vec<Bytes>,
-        /// The write data in `parts` and their offsets in the segment: placed once written.
-        places: Vec<(Data, u64)>,
+        /// The write data in `parts`, their entries and their offsets in the segment: placed
+        /// once written.
+        places: Vec<(Data, LogId, u64)>,
         done: Done,
     },
     /// Delete segments `remove`, cut segment `cut.0` at `cut.1`, fsync.
@@ -284,18 +285,19 @@ fn skeleton(body: &[u8]) -> Option<&[u8]> {
 }
 
 /// The entry in a (checked) record body; its write data are slices of `body`, which is at
-/// `place` (its file, and its offset there), and they are placed there.
-fn decode(body: Bytes, place: Place) -> io::Result<Entry> {
+/// `offset` of `file` in log `log`, and they are placed there.
+fn decode(body: Bytes, log: u64, file: &Arc<File>, offset: u64) -> io::Result<Entry> {
     let sk = skeleton(&body)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record without a skeleton"))?;
     let start = SKELETON_LEN + sk.len();
     let e: Entry = super::data::decode(sk, body.slice(start..))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut at = place.offset + start as u64;
+    let mut at = offset + start as u64;
     for d in super::entry_data(&e) {
         d.placed(Place {
-            log: place.log,
-            file: place.file.clone(),
+            log,
+            entry: e.log_id,
+            file: file.clone(),
             offset: at,
         });
         at += d.len() as u64;
@@ -637,7 +639,7 @@ impl SegmentLog {
             let seg = *seg.get_or_insert(index);
             let (len, placed) = encode(&mut parts, &e)?;
             let at = offset + written;
-            places.extend(placed.into_iter().map(|(d, rel)| (d, at + rel)));
+            places.extend(placed.into_iter().map(|(d, rel)| (d, e.log_id, at + rel)));
             locs.push(Loc {
                 log_id: e.log_id,
                 seg,
@@ -765,7 +767,7 @@ impl Writer {
         close: Option<(u64, u64)>,
         offset: u64,
         parts: &[Bytes],
-        places: Vec<(Data, u64)>,
+        places: Vec<(Data, LogId, u64)>,
     ) -> io::Result<()> {
         let file = if new {
             if let Some((prev, end)) = close {
@@ -814,9 +816,10 @@ impl Writer {
         super::data::write_all_vectored(&mut w, &parts)?;
         file.sync_data()?;
         let log = lock(&self.state).log;
-        for (d, offset) in places {
+        for (d, entry, offset) in places {
             d.placed(Place {
                 log,
+                entry,
                 file: file.clone(),
                 offset,
             });
@@ -931,12 +934,7 @@ fn read_records(log: u64, locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
                     ),
                 ));
             }
-            let place = Place {
-                log,
-                file: f.clone(),
-                offset: l.offset + HEADER as u64,
-            };
-            out.push(decode(body, place)?);
+            out.push(decode(body, log, f, l.offset + HEADER as u64)?);
         }
     }
     Ok(out)

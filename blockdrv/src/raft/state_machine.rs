@@ -9,7 +9,8 @@
 //! A write of [`BY_REFERENCE`] bytes or more that the group's own log has written (its
 //! [`Place`](super::data::Place)) is applied by reference: that range of the volume becomes a
 //! piece of the [`Overlay`], read from the log segment, and the blocks are left alone. Once
-//! `defer` bytes of later writes have been applied, a piece's bytes are written to the blocks
+//! `defer` bytes of later entries (each counted as at least 64 KiB) have been applied, a
+//! piece's bytes are written to the blocks
 //! (oldest first); a range written again before that never reaches the blocks. Other
 //! operations go to the blocks, then cut what pieces held of their range.
 //!
@@ -69,14 +70,17 @@ pub struct StateMachine {
     applied: std::sync::Arc<Applied>,
     /// Writes applied by reference: their bytes are in the log, not yet in the blocks.
     pieces: Pieces,
-    /// Bytes of writes applied since this was opened: the age of a piece.
+    /// Bytes of entries applied since this was opened, each counted as at least 64 KiB
+    /// ([`entry_weight`]): the age of a piece.
     pos: u64,
-    /// For how many bytes of later writes a piece stays in the log only.
+    /// For how many bytes of later entries (counted as for `pos`) a piece stays in the log only.
     defer: u64,
     /// The log (`SegmentLog::id`) whose data writes are applied by reference to, if any.
     log: Option<u64>,
     /// The membership in force at the oldest piece's entry (first), and those applied after.
     memberships: std::collections::VecDeque<Membership>,
+    /// Held while the current snapshot changes.
+    current: Current,
 }
 
 /// The least an entry counts for in [`Applied`].
@@ -366,37 +370,49 @@ struct Apply<'a> {
 }
 
 /// Where the write is, if it is applied by reference: it is large, and log `log` (the
-/// state machine's own) has written it.
-fn by_reference(data: &super::Data, log: Option<u64>) -> Option<&super::data::Place> {
+/// state machine's own) has written it in the record of entry `entry` (the one applied).
+fn by_reference(data: &super::Data, log: Option<u64>, entry: LogId) -> Option<&super::data::Place> {
     data.place()
-        .filter(|p| data.len() >= BY_REFERENCE && Some(p.log) == log)
+        .filter(|p| data.len() >= BY_REFERENCE && Some(p.log) == log && p.entry == entry)
+}
+
+/// What an entry adds to [`StateMachine::pos`]: its write data, and at least 64 KiB (as
+/// [`Applied`] counts), so that zeroings and small writes age the pieces too and the log they
+/// keep is bounded in entries as well as bytes.
+fn entry_weight(e: &Entry) -> u64 {
+    (super::entry_data_len(e) as u64).max(MIN_ENTRY_KIB << 10)
 }
 
 impl Apply<'_> {
     /// Applies entry `e`, `before` being the entry applied before it.
     fn entry(&mut self, e: &Entry, before: Option<LogId>) -> io::Result<()> {
-        match &e.payload {
-            EntryPayload::Normal(op) => self.op(op, e.log_id.index, before),
-            _ => Ok(()),
+        if let EntryPayload::Normal(op) = &e.payload {
+            self.op(op, e.log_id, before)?;
         }
+        self.pos += entry_weight(e);
+        Ok(())
     }
 
-    fn op(&mut self, op: &BlockOp, index: u64, before: Option<LogId>) -> io::Result<()> {
+    fn op(&mut self, op: &BlockOp, entry: LogId, before: Option<LogId>) -> io::Result<()> {
         match op {
-            BlockOp::Batch(ops) => ops.iter().try_for_each(|o| self.op(o, index, before)),
+            BlockOp::Batch(ops) => ops.iter().try_for_each(|o| self.op(o, entry, before)),
             BlockOp::Write { offset, data } => {
                 let len = data.len() as u64;
-                match by_reference(data, self.log) {
-                    Some(place) => {
-                        write_pieces(self.pieces).set(*offset, len, place, index, before, self.pos)
-                    }
+                match by_reference(data, self.log, entry) {
+                    Some(place) => write_pieces(self.pieces).set(
+                        *offset,
+                        len,
+                        place,
+                        entry.index,
+                        before,
+                        self.pos,
+                    ),
                     None => {
                         // Into the blocks first: a reader meanwhile reads the older write.
                         self.blocks.write_all_at(data, *offset)?;
                         write_pieces(self.pieces).cut(*offset, len);
                     }
                 }
-                self.pos += len;
                 Ok(())
             }
             BlockOp::Resize { size } => {
@@ -433,11 +449,11 @@ impl Apply<'_> {
 
 /// The bytes applying `op` copies (zeroing and growing count as [`INLINE_APPLY`]: they touch
 /// no data, but may take the filesystem a while).
-fn copied_bytes(op: &BlockOp, log: Option<u64>) -> usize {
+fn copied_bytes(op: &BlockOp, log: Option<u64>, entry: LogId) -> usize {
     match op {
-        BlockOp::Write { data, .. } if by_reference(data, log).is_some() => 0,
+        BlockOp::Write { data, .. } if by_reference(data, log, entry).is_some() => 0,
         BlockOp::Write { data, .. } => data.len(),
-        BlockOp::Batch(ops) => ops.iter().map(|o| copied_bytes(o, log)).sum(),
+        BlockOp::Batch(ops) => ops.iter().map(|o| copied_bytes(o, log, entry)).sum(),
         BlockOp::Zero { .. } | BlockOp::Resize { .. } => INLINE_APPLY,
     }
 }
@@ -476,6 +492,7 @@ impl StateMachine {
             pos: 0,
             defer: DEFER_BYTES,
             log: None,
+            current: Current::default(),
         })
     }
 
@@ -517,6 +534,16 @@ pub struct SnapshotBuilder {
     dir: PathBuf,
     blocks: io::Result<File>,
     meta: Meta,
+    /// As [`StateMachine::current`].
+    current: Current,
+}
+
+/// Held while `current.json` is replaced: openraft builds a snapshot on a task of its own,
+/// which may end after a newer snapshot was installed.
+type Current = std::sync::Arc<std::sync::Mutex<()>>;
+
+fn lock_current(c: &Current) -> std::sync::MutexGuard<'_, ()> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The current snapshot's data: the live blocks, opened by path (a descriptor of its own,
@@ -535,11 +562,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(snap_err)?
             .try_clone()
             .map_err(snap_err)?;
-        let (dir, meta) = (self.dir.clone(), self.meta.clone());
+        let (dir, meta, lock) = (self.dir.clone(), self.meta.clone(), self.current.clone());
         tokio::task::spawn_blocking(move || {
             // Everything applied up to the snapshot's log id (and maybe more) is on disk.
             blocks.sync_data()?;
-            set_current(&dir, &meta)
+            let _current = lock_current(&lock);
+            // Not over a newer one installed meanwhile (its log is purged up to it: a restart
+            // from this one would find entries missing).
+            match current(&dir)? {
+                Some(c) if c.last_log_id >= meta.last_log_id => Ok(()),
+                _ => set_current(&dir, &meta),
+            }
         })
         .await
         .map_err(snap_err)?
@@ -590,14 +623,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let copied: usize = entries
             .iter()
             .map(|e| match &e.payload {
-                EntryPayload::Normal(op) => copied_bytes(op, log),
+                EntryPayload::Normal(op) => copied_bytes(op, log, e.log_id),
                 _ => 0,
             })
             .sum();
-        let written: u64 = entries
-            .iter()
-            .map(|e| super::entry_data_len(e) as u64)
-            .sum();
+        let written: u64 = entries.iter().map(entry_weight).sum();
         // Pieces, older or made now, that are due for the blocks (a long run of entries, as
         // after a restart, may hold more than `defer` bytes of writes itself).
         let settling = written > defer
@@ -673,6 +703,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 last_membership: self.memberships.front().cloned().unwrap_or_default(),
                 snapshot_id: id,
             },
+            current: self.current.clone(),
         }
     }
 
@@ -694,7 +725,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let received = snapshot.into_std().await;
         let (dir, size, m) = (self.dir.clone(), load(&self.size), meta.clone());
+        let lock = self.current.clone();
         let blocks = tokio::task::spawn_blocking(move || {
+            let _current = lock_current(&lock);
             // The blocks become the snapshot's: the file received (zero chunks are holes in it
             // already) loses its other runs of zeroes, is synced and renamed over them, then
             // reopened; the snapshot is current once they are in place. No copy: a copy would
@@ -876,6 +909,116 @@ mod tests {
             .unwrap();
         assert!(read_pieces(&other.pieces()).is_empty());
         assert!(volume(&other, SIZE) == model, "the other replica differs");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_snapshot_built_late_does_not_replace_a_newer_one_installed_meanwhile() {
+        use openraft::RaftSnapshotBuilder;
+        const SIZE: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let (entries, _) = workload(SIZE, 12);
+        let mut a = StateMachine::open(&dir.path().join("a"), SIZE).unwrap();
+        a.apply(entries[..4].to_vec()).await.unwrap();
+        let mut late = a.get_snapshot_builder().await;
+        // Another replica's newer snapshot is installed before the build ends.
+        let mut b = StateMachine::open(&dir.path().join("b"), SIZE).unwrap();
+        b.apply(entries.clone()).await.unwrap();
+        let newer = b
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let rx = a.begin_receiving_snapshot().await.unwrap();
+        let mut src = newer.snapshot.into_std().await;
+        let mut dst = rx.try_clone().await.unwrap().into_std().await;
+        std::io::copy(&mut src, &mut dst).unwrap();
+        a.install_snapshot(&newer.meta, rx).await.unwrap();
+        late.build_snapshot().await.unwrap();
+        let cur = current(&dir.path().join("a")).unwrap().unwrap();
+        assert_eq!(cur.last_log_id, newer.meta.last_log_id);
+        assert_eq!(cur.last_log_id.unwrap().index, 13);
+    }
+
+    /// A write proposed again (its first entry truncated, the retry a new entry) keeps the
+    /// place of its first record, where another entry is now: it is not applied from there.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_proposed_again_is_not_applied_from_its_truncated_record() {
+        use openraft::storage::RaftLogStorage;
+        const SIZE: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = super::super::segment_log::SegmentLog::open(&dir.path().join("log")).unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("sm"), SIZE)
+            .unwrap()
+            .by_reference(log.id(), DEFER_BYTES);
+        let id = |term, index| LogId::new(openraft::CommittedLeaderId::new(term, 0), index);
+        let write = |fill: u8| BlockOp::Write {
+            offset: 1 << 20,
+            data: vec![fill; 256 << 10].into(),
+        };
+        let entry = |log_id, op| Entry {
+            log_id,
+            payload: EntryPayload::Normal(op),
+        };
+        let blank = Entry {
+            log_id: id(1, 1),
+            payload: EntryPayload::Blank,
+        };
+        let first = write(1);
+        log.append_durably(vec![blank.clone(), entry(id(1, 2), first.clone())])
+            .await
+            .unwrap();
+        // A new leader's entry replaces it; the write comes again after it.
+        log.truncate(id(1, 2)).await.unwrap();
+        let other = entry(id(2, 2), write(2));
+        let retry = entry(id(2, 3), first);
+        log.append_durably(vec![other.clone(), retry.clone()])
+            .await
+            .unwrap();
+        sm.apply(vec![blank, other, retry]).await.unwrap();
+        let got = read_volume(&sm.blocks(), &sm.pieces(), 1 << 20, 256 << 10).unwrap();
+        assert!(
+            got == vec![1; 256 << 10],
+            "the retried write reads {}",
+            got[0]
+        );
+    }
+
+    /// Entries without write data age the pieces too, so that they cannot hold the log back
+    /// for ever.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn zeroings_after_a_write_held_in_the_log_send_it_to_the_blocks() {
+        const SIZE: u64 = 4 << 20;
+        const DEFER: u64 = 2 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = super::super::segment_log::SegmentLog::open(&dir.path().join("log")).unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("sm"), SIZE)
+            .unwrap()
+            .by_reference(log.id(), DEFER);
+        let id = |index| LogId::new(openraft::CommittedLeaderId::new(1, 0), index);
+        let mut entries = vec![Entry {
+            log_id: id(1),
+            payload: EntryPayload::Normal(BlockOp::Write {
+                offset: 0,
+                data: vec![3; 1 << 20].into(),
+            }),
+        }];
+        // 40 zeroings of 4 KiB elsewhere: 2.5 MiB as entries count.
+        entries.extend((0..40).map(|i| Entry {
+            log_id: id(i + 2),
+            payload: EntryPayload::Normal(BlockOp::Zero {
+                offset: 2 << 20,
+                length: 4096,
+                allocate: false,
+            }),
+        }));
+        log.append_durably(entries.clone()).await.unwrap();
+        sm.apply(entries[..1].to_vec()).await.unwrap();
+        assert_eq!(read_pieces(&sm.pieces()).bytes(), 1 << 20);
+        sm.apply(entries[1..].to_vec()).await.unwrap();
+        assert!(read_pieces(&sm.pieces()).is_empty());
+        let blocks = crate::sys::read_at(&sm.blocks().read().unwrap(), 1 << 20, 0).unwrap();
+        assert!(blocks == vec![3; 1 << 20], "the write is not in the blocks");
     }
 
     #[tokio::test(flavor = "multi_thread")]
