@@ -2,7 +2,7 @@
 //! are where the raft log wrote them, not (yet) in the blocks file (see `state_machine.rs`).
 //!
 //! The ranges never overlap: a range set again replaces, wholly or in part, what was there.
-//! Each range remembers the entry that wrote it and how far into the applied writes that entry
+//! Each range remembers the entry that wrote it and how far into the applied entries that entry
 //! was, so the oldest can be found (to be written to the blocks) and the log kept back to it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,7 +22,8 @@ pub struct Piece {
     /// The index of the entry that wrote it, and the entry applied before that one.
     pub index: u64,
     pub before: Option<LogId>,
-    /// The bytes of writes applied before that entry (its age, in bytes).
+    /// The bytes of entries applied before that entry, as the state machine counts them (its
+    /// age).
     pub pos: u64,
 }
 
@@ -120,7 +121,7 @@ impl Overlay {
     }
 
     /// `[off, off + len)` is now at `place`, written by entry `index` (`before`: the entry
-    /// applied before it) at `pos` bytes of writes applied.
+    /// applied before it) at `pos` bytes of entries applied.
     pub fn set(
         &mut self,
         off: u64,
