@@ -620,15 +620,11 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
     assert_eq!(members.len(), 3, "{list}");
     let spare = (0..4).find(|i| !members.contains(i)).unwrap();
     let uri = |c: &Cluster, i: usize| format!("nbd+unix:///data?socket={}", c.socket(i).display());
+    let qemu_io = |c: &Cluster, i: usize, cmd: &str| {
+        ok(&["qemu-io", "-f", "raw", "-c", cmd, &uri(c, i)]);
+    };
     c.wait_leader(members[0], "data");
-    ok(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x6d 0 8M",
-        &uri(&c, members[0]),
-    ]);
+    qemu_io(&c, members[0], "write -P 0x6d 0 8M");
     // A member dies (not the one we talk to): the leader reports it unreachable; it is
     // replaced by the spare, through a survivor.
     let dead = members[2];
@@ -649,14 +645,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         |c| c.exports(spare).contains("export=\"data\""),
         "the spare's export",
     );
-    ok(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x6d 0 8M",
-        &uri(&c, spare),
-    ]);
+    qemu_io(&c, spare, "read -P 0x6d 0 8M");
     let now: Vec<usize> = vec![members[0], members[1], spare];
     c.wait_for(
         |c| {
@@ -691,14 +680,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         );
     }
     // Writes go on with the dead node gone for good.
-    ok(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x6e 8M 1M",
-        &uri(&c, spare),
-    ]);
+    qemu_io(&c, spare, "write -P 0x6e 8M 1M");
     // Bad moves are refused: a node that holds no replica, a node that holds one already.
     let (good, out) = c.move_replica(spare, "data", dead, spare);
     assert!(!good && out.contains("holds no replica"), "{out}");
@@ -710,14 +692,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         "the returning node to drop its old replica",
     );
     assert!(!c.dir.path().join(format!("n{}/data", dead + 1)).exists());
-    ok(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x6e 8M 1M",
-        &uri(&c, members[0]),
-    ]);
+    qemu_io(&c, members[0], "read -P 0x6e 8M 1M");
 
     // A move through a follower while the leader hangs (SIGSTOP) is carried out by the next
     // leader: the forwarded move gives way once another is elected, and the CLI tries again.
@@ -750,14 +725,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         |c| c.exports(dead).contains("export=\"data\""),
         "the moved replica's export",
     );
-    ok(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x6e 8M 1M",
-        &uri(&c, dead),
-    ]);
+    qemu_io(&c, dead, "read -P 0x6e 8M 1M");
 }
 
 #[test]
