@@ -154,9 +154,9 @@ struct NodeArgs {
     /// MiB of log kept (entries count at least 64 KiB each) for replicas that fell behind.
     #[arg(long, default_value_t = 64)]
     keep_logs: u64,
-    /// MiB of later entries (counted as for --snapshot-logs) for which a write of 64 KiB or
-    /// more stays in the log only, before it is written to the blocks (overwritten meanwhile:
-    /// never); 0: at once.
+    /// MiB of log segments a volume's writes of 64 KiB or more may keep: they stay where the
+    /// log wrote them until that fills, then those in the emptiest segment go to the blocks
+    /// (overwritten before: never); 0: every write goes to the blocks at once.
     #[arg(long, default_value_t = blockdrv::raft::node::Timing::default().defer_logs)]
     defer_logs: u64,
     #[arg(long, default_value = "info")]

@@ -119,9 +119,9 @@ pub struct Config {
     /// fails, after 3 to 4 times this (the lease its followers gave it, twice this, then the
     /// timeout).
     pub storage_election_ms: u64,
-    /// Storage role: MiB of later writes for which a volume's write of 64 KiB or more stays in
-    /// its raft log only before it is written to the volume's blocks (overwritten meanwhile:
-    /// never); its log is kept that far back. 0: at once.
+    /// Storage role: MiB of raft log segments a volume's writes of 64 KiB or more may stay in
+    /// (where the log wrote them, past its purge) before the emptiest segment's go to the
+    /// volume's blocks (overwritten before: never). 0: every write goes to the blocks at once.
     pub storage_defer_mib: u64,
 }
 
@@ -643,7 +643,7 @@ mod tests {
                     s.timing.election_ms,
                     s.timing.defer_logs
                 ),
-                (250, (1000, 2000), 128)
+                (250, (1000, 2000), 512)
             );
             let fast = format!(
                 "{base}storage_heartbeat_ms = 100\nstorage_election_ms = 500\nstorage_defer_mib = 0\n"

@@ -127,8 +127,8 @@ struct Cli {
     /// Storage role: raft election timeout, ms, between this and twice it (default 1000).
     #[arg(long)]
     storage_election_ms: Option<u64>,
-    /// Storage role: MiB of later writes for which a large write stays in the raft log only,
-    /// before it goes to the volume's blocks (default 128; 0: at once).
+    /// Storage role: MiB of raft log segments a volume's large writes may stay in before they
+    /// go to its blocks (default 512; 0: at once).
     #[arg(long)]
     storage_defer_mib: Option<u64>,
 }

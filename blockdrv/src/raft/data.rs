@@ -47,6 +47,8 @@ pub struct Place {
     /// another leader) keeps its first place: that record may have been truncated and its bytes
     /// overwritten since, and only an entry with this id is sure to be at it.
     pub entry: super::LogId,
+    /// The segment (its name in the log's directory: its first index).
+    pub seg: u64,
     pub file: Arc<std::fs::File>,
     pub offset: u64,
 }

@@ -136,20 +136,22 @@ struct SnapshotEnd {
     parts: u64,
 }
 
-/// The next piece of data of a snapshot's blocks at or after `at` (holes skipped, at most
-/// [`SNAPSHOT_CHUNK`] bytes), if there is one before `size`.
+/// The next piece of data of a snapshot's volume (its blocks, and the writes held in the log
+/// over them) at or after `at` (holes skipped, at most [`SNAPSHOT_CHUNK`] bytes), if there is
+/// one before `size`.
 fn next_snapshot_chunk(
     blocks: &std::fs::File,
+    pieces: &Pieces,
     at: u64,
     size: u64,
 ) -> io::Result<Option<(u64, Vec<u8>)>> {
-    let Some((data, hole)) = crate::sys::next_data(blocks, at, size)? else {
+    let Some((data, end)) = super::state_machine::next_data(blocks, pieces, at, size)? else {
         return Ok(None);
     };
-    let len = (hole - data).min(SNAPSHOT_CHUNK);
+    let len = (end - data).min(SNAPSHOT_CHUNK);
     Ok(Some((
         data,
-        crate::sys::read_at(blocks, len as usize, data)?,
+        super::state_machine::read_over(blocks, pieces, data, len as usize)?,
     )))
 }
 
@@ -357,6 +359,9 @@ async fn call(conn: &mut Option<TcpStream>, addr: &str, rpc: &Rpc) -> io::Result
 pub struct Network {
     volume: String,
     links: Arc<Links>,
+    /// The writes the group's state machine holds in the log (a snapshot's data is read
+    /// through them).
+    pieces: Pieces,
 }
 
 /// How replication to each peer of a group goes, as this node's network sees it while it
@@ -494,6 +499,7 @@ pub struct Peer {
     addr: String,
     conn: Option<TcpStream>,
     links: Arc<Links>,
+    pieces: Pieces,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -506,6 +512,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             conn: None,
             links: self.links.clone(),
+            pieces: self.pieces.clone(),
         }
     }
 }
@@ -682,8 +689,8 @@ impl Peer {
         tokio::pin!(cancel);
         let (mut at, mut sent, mut parts) = (0, 0, 0);
         loop {
-            let b = blocks.clone();
-            let next = tokio::task::spawn_blocking(move || next_snapshot_chunk(&b, at, size))
+            let (b, p) = (blocks.clone(), self.pieces.clone());
+            let next = tokio::task::spawn_blocking(move || next_snapshot_chunk(&b, &p, at, size))
                 .await
                 .map_err(|e| read_err(io::Error::other(e)))?
                 .map_err(read_err)?;
@@ -1005,11 +1012,10 @@ pub struct Timing {
     /// that a replica that fell a little behind (a restart) catches up from the log instead of
     /// receiving the whole volume.
     pub keep_logs: u64,
-    /// MiB of later entries (counted as for `snapshot_logs`) for which a write of 64 KiB or
-    /// more stays in the log only (it is applied by reference to where the log holds it),
-    /// before its bytes are written to the blocks; a write overwritten meanwhile is never
-    /// written there. The log is kept back to the oldest such write (or `keep_logs`, if that
-    /// is further). 0: every write goes to the blocks as it is applied.
+    /// MiB of log segments that writes of 64 KiB or more, applied by reference to where the
+    /// log holds them, may keep after the log is purged: past it, the segments holding the
+    /// fewest bytes of such writes have them copied to the blocks; a write overwritten before
+    /// that is never written there. 0: every write goes to the blocks as it is applied.
     pub defer_logs: u64,
 }
 
@@ -1020,7 +1026,7 @@ impl Default for Timing {
             election_ms: (1000, 2000),
             snapshot_logs: 64,
             keep_logs: 64,
-            defer_logs: super::state_machine::DEFER_BYTES >> 20,
+            defer_logs: super::state_machine::HOLD_BYTES >> 20,
         }
     }
 }
@@ -1860,7 +1866,7 @@ impl Node {
         let span = (self.timing.defer_logs + self.timing.keep_logs) << 20;
         let log = SegmentLog::open_spanning(&dir.join("log"), span)?;
         let sm = StateMachine::open(&dir.join("blocks"), size)?
-            .by_reference(log.id(), self.timing.defer_logs << 20);
+            .with_log(&log, self.timing.defer_logs << 20)?;
         let (blocks, pieces, size, applied) = (sm.blocks(), sm.pieces(), sm.size(), sm.applied());
         let config = Arc::new(
             raft_config(self.timing)
@@ -1871,6 +1877,7 @@ impl Node {
         let network = Network {
             volume: volume.to_string(),
             links: links.clone(),
+            pieces: pieces.clone(),
         };
         let raft = Raft::new(self.id, config, network, log, sm)
             .await
@@ -3035,17 +3042,31 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_is_read_as_its_data_in_chunks_with_the_holes_skipped() {
+    fn a_snapshot_is_read_as_its_data_and_pieces_in_chunks_with_the_holes_skipped() {
         use std::os::unix::fs::FileExt;
         let f = tempfile::tempfile().unwrap();
         let size = 64 << 20;
         f.set_len(size).unwrap();
-        // 9 MiB of data at 8 MiB, one byte at 40 MiB + 5, a hole to the end.
+        // 9 MiB of data at 8 MiB, one byte at 40 MiB + 5, a hole to the end; and writes held
+        // in a log: 64 KiB of 3s at 9 MiB (over the data) and 1 MiB of 5s at 30 MiB (a hole).
         f.write_all_at(&vec![1; 9 << 20], 8 << 20).unwrap();
         f.write_all_at(&[2], (40 << 20) + 5).unwrap();
+        let log = Arc::new(tempfile::tempfile().unwrap());
+        log.write_all_at(&vec![3; 64 << 10], 0).unwrap();
+        log.write_all_at(&vec![5; 1 << 20], 64 << 10).unwrap();
+        let pieces = Pieces::default();
+        for (offset, len, at) in [(9 << 20, 64 << 10, 0), (30 << 20, 1 << 20, 64 << 10)] {
+            let piece = super::super::overlay::Piece {
+                len,
+                seg: 0,
+                file: log.clone(),
+                at,
+            };
+            pieces.write().unwrap().put(offset, piece);
+        }
         let mut chunks = Vec::new();
         let mut at = 0;
-        while let Some((offset, data)) = next_snapshot_chunk(&f, at, size).unwrap() {
+        while let Some((offset, data)) = next_snapshot_chunk(&f, &pieces, at, size).unwrap() {
             at = offset + data.len() as u64;
             chunks.push((
                 offset,
@@ -3055,18 +3076,21 @@ mod tests {
         }
         let (a, b, c) = (8 << 20, 12 << 20, 16 << 20);
         assert_eq!(
-            &chunks[..3],
+            &chunks[..4],
             &[
-                (a, 4 << 20, 4 << 20),
+                (a, 4 << 20, (4 << 20) + 2 * (64 << 10)),
                 (b, 4 << 20, 4 << 20),
-                (c, 1 << 20, 1 << 20)
+                (c, 1 << 20, 1 << 20),
+                (30 << 20, 1 << 20, 5 << 20),
             ]
         );
         // The lone byte comes in whatever block the filesystem keeps for it, and nothing after.
-        assert_eq!(chunks.len(), 4, "{chunks:?}");
-        let (offset, len, sum) = chunks[3];
+        assert_eq!(chunks.len(), 5, "{chunks:?}");
+        let (offset, len, sum) = chunks[4];
         assert!(offset <= (40 << 20) + 5 && offset + len > (40 << 20) + 5 && sum == 2);
         // Only up to `size`: a file grown since is read as it was.
-        assert!(next_snapshot_chunk(&f, 0, 4 << 20).unwrap().is_none());
+        assert!(next_snapshot_chunk(&f, &pieces, 0, 4 << 20)
+            .unwrap()
+            .is_none());
     }
 }

@@ -1,30 +1,36 @@
 //! Writes a volume's state machine has applied by reference: ranges of the volume whose bytes
-//! are where the raft log wrote them, not (yet) in the blocks file (see `state_machine.rs`).
+//! are where the raft log wrote them, not in the blocks file (see `state_machine.rs`).
 //!
 //! The ranges never overlap: a range set again replaces, wholly or in part, what was there.
-//! Each range remembers the entry that wrote it and how far into the applied entries that entry
-//! was, so the oldest can be found (to be written to the blocks) and the log kept back to it.
+//! Each range knows the log segment it is in, and the overlay counts the bytes each segment
+//! still holds for it, so that the state machine can tell how many segments it keeps and
+//! which one is cheapest to give back (its pieces copied to the blocks).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::data::Place;
-use super::LogId;
 
 /// A range of the volume held in the log.
 #[derive(Debug, Clone)]
 pub struct Piece {
     pub len: u64,
-    /// Where its first byte is.
+    /// The segment (its first index) and where in it the first byte is.
+    pub seg: u64,
     pub file: Arc<File>,
     pub at: u64,
-    /// The index of the entry that wrote it, and the entry applied before that one.
-    pub index: u64,
-    pub before: Option<LogId>,
-    /// The bytes of entries applied before that entry, as the state machine counts them (its
-    /// age).
-    pub pos: u64,
+}
+
+/// A piece as a snapshot records it: the segment file is found again by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub offset: u64,
+    pub len: u64,
+    pub seg: u64,
+    pub at: u64,
 }
 
 /// Where a part of a read comes from.
@@ -40,8 +46,10 @@ pub enum Source {
 #[derive(Debug, Default)]
 pub struct Overlay {
     pieces: BTreeMap<u64, Piece>,
-    /// (index, offset) of every piece: oldest first.
-    by_age: BTreeSet<(u64, u64)>,
+    /// (segment, offset) of every piece.
+    by_seg: BTreeSet<(u64, u64)>,
+    /// Bytes of pieces in each segment that holds any.
+    live: BTreeMap<u64, u64>,
     bytes: u64,
 }
 
@@ -55,25 +63,93 @@ impl Overlay {
         self.pieces.is_empty()
     }
 
-    /// The oldest piece, and its offset.
-    pub fn oldest(&self) -> Option<(u64, &Piece)> {
-        let (_, off) = self.by_age.first()?;
-        Some((*off, &self.pieces[off]))
+    /// How many log segments hold pieces.
+    pub fn segments(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The segment holding the fewest bytes of pieces (the oldest of those), leaving out the
+    /// newest segment unless `newest_too`: what is cheapest to copy to the blocks to give a
+    /// segment back.
+    pub fn leanest(&self, newest_too: bool) -> Option<u64> {
+        let skip = if newest_too {
+            None
+        } else {
+            self.live.keys().next_back().copied()
+        };
+        self.live
+            .iter()
+            .filter(|(s, _)| Some(**s) != skip)
+            .min_by_key(|(s, live)| (**live, **s))
+            .map(|(s, _)| *s)
+    }
+
+    /// The pieces in segment `seg`, and their offsets in the volume.
+    pub fn in_segment(&self, seg: u64) -> Vec<(u64, Piece)> {
+        self.by_seg
+            .range((seg, 0)..=(seg, u64::MAX))
+            .map(|(_, off)| (*off, self.pieces[off].clone()))
+            .collect()
+    }
+
+    /// Every piece, as a snapshot records it, and the files they are in.
+    pub fn record(&self) -> (Vec<Recorded>, Vec<Arc<File>>) {
+        let mut files: BTreeMap<u64, Arc<File>> = BTreeMap::new();
+        let pieces = self
+            .pieces
+            .iter()
+            .map(|(off, p)| {
+                files.entry(p.seg).or_insert_with(|| p.file.clone());
+                Recorded {
+                    offset: *off,
+                    len: p.len,
+                    seg: p.seg,
+                    at: p.at,
+                }
+            })
+            .collect();
+        (pieces, files.into_values().collect())
+    }
+
+    /// The first byte at or after `at` that a piece holds, and where that piece ends.
+    pub fn next_piece(&self, at: u64) -> Option<(u64, u64)> {
+        let before = self
+            .pieces
+            .range(..at)
+            .next_back()
+            .filter(|(o, p)| **o + p.len > at)
+            .map(|(o, p)| (at, *o + p.len));
+        before.or_else(|| {
+            self.pieces
+                .range(at..)
+                .next()
+                .map(|(o, p)| (*o, *o + p.len))
+        })
     }
 
     fn take(&mut self, off: u64) -> Option<Piece> {
         let p = self.pieces.remove(&off)?;
-        self.by_age.remove(&(p.index, off));
+        self.by_seg.remove(&(p.seg, off));
         self.bytes -= p.len;
+        let live = self
+            .live
+            .get_mut(&p.seg)
+            .expect("a piece's segment is counted");
+        *live -= p.len;
+        if *live == 0 {
+            self.live.remove(&p.seg);
+        }
         Some(p)
     }
 
-    fn put(&mut self, off: u64, p: Piece) {
+    /// Adds piece `p` at `off` (where nothing is).
+    pub fn put(&mut self, off: u64, p: Piece) {
         if p.len == 0 {
             return;
         }
-        self.by_age.insert((p.index, off));
+        self.by_seg.insert((p.seg, off));
         self.bytes += p.len;
+        *self.live.entry(p.seg).or_default() += p.len;
         self.pieces.insert(off, p);
     }
 
@@ -120,27 +196,16 @@ impl Overlay {
         }
     }
 
-    /// `[off, off + len)` is now at `place`, written by entry `index` (`before`: the entry
-    /// applied before it) at `pos` bytes of entries applied.
-    pub fn set(
-        &mut self,
-        off: u64,
-        len: u64,
-        place: &Place,
-        index: u64,
-        before: Option<LogId>,
-        pos: u64,
-    ) {
+    /// `[off, off + len)` is now at `place`.
+    pub fn set(&mut self, off: u64, len: u64, place: &Place) {
         self.cut(off, len);
         self.put(
             off,
             Piece {
                 len,
+                seg: place.seg,
                 file: place.file.clone(),
                 at: place.offset,
-                index,
-                before,
-                pos,
             },
         );
     }
@@ -184,10 +249,11 @@ impl Overlay {
 mod tests {
     use super::*;
 
-    fn place(at: u64) -> Place {
+    fn place(seg: u64, at: u64) -> Place {
         Place {
             log: 1,
-            entry: LogId::new(openraft::CommittedLeaderId::new(1, 0), 1),
+            entry: super::super::LogId::new(openraft::CommittedLeaderId::new(1, 0), 1),
+            seg,
             file: Arc::new(tempfile::tempfile().unwrap()),
             offset: at,
         }
@@ -213,11 +279,11 @@ mod tests {
     #[test]
     fn set_replaces_what_it_overlaps_and_keeps_the_rest_of_older_pieces() {
         let mut o = Overlay::default();
-        o.set(100, 100, &place(1000), 1, None, 0);
-        o.set(300, 50, &place(5000), 2, None, 100);
+        o.set(100, 100, &place(1, 1000));
+        o.set(300, 50, &place(2, 5000));
         assert_eq!(o.bytes(), 150);
         // Into the middle of the first piece: it splits around the new one.
-        o.set(120, 10, &place(9000), 3, None, 150);
+        o.set(120, 10, &place(3, 9000));
         assert_eq!(
             map(&o, 0, 400),
             vec![
@@ -232,7 +298,7 @@ mod tests {
         );
         assert_eq!(o.bytes(), 150);
         // Over the tail of one piece and the head of the next.
-        o.set(190, 120, &place(7000), 4, None, 160);
+        o.set(190, 120, &place(4, 7000));
         assert_eq!(
             map(&o, 150, 250),
             vec![
@@ -246,21 +312,38 @@ mod tests {
     }
 
     #[test]
-    fn cut_drops_a_range_and_the_oldest_piece_is_the_earliest_entry() {
+    fn cut_drops_a_range_and_segments_are_counted_by_the_bytes_they_still_hold() {
         let mut o = Overlay::default();
-        o.set(0, 100, &place(0), 5, None, 0);
-        o.set(100, 100, &place(100), 6, None, 100);
-        o.set(50, 10, &place(900), 7, None, 200);
-        assert_eq!(o.oldest().map(|(off, p)| (off, p.index)), Some((0, 5)));
+        o.set(0, 100, &place(5, 0));
+        o.set(100, 100, &place(5, 100));
+        o.set(300, 30, &place(6, 0));
+        o.set(50, 10, &place(7, 900));
+        assert_eq!(o.segments(), 3);
+        // Segment 6 holds 30 bytes, 7 holds 10 but is the newest, 5 holds 190.
+        assert_eq!(o.leanest(false), Some(6));
+        assert_eq!(o.leanest(true), Some(7));
+        let in5: Vec<(u64, u64, u64)> = o
+            .in_segment(5)
+            .iter()
+            .map(|(off, p)| (*off, p.len, p.at))
+            .collect();
+        assert_eq!(in5, vec![(0, 50, 0), (60, 40, 60), (100, 100, 100)]);
+        assert_eq!(o.next_piece(55), Some((55, 60)));
+        assert_eq!(o.next_piece(200), Some((300, 330)));
+        assert_eq!(o.next_piece(330), None);
+        let (rec, files) = o.record();
+        assert_eq!(rec.len(), 5);
+        assert_eq!(files.len(), 3);
+        // Segment 6 given back: it is no longer counted.
+        o.cut(300, 30);
+        assert_eq!(o.segments(), 2);
         o.cut(0, 50);
-        // What is left of entry 5 is still the oldest.
-        assert_eq!(o.oldest().map(|(off, p)| (off, p.at)), Some((60, 60)));
         o.cut(40, 1000);
         assert!(o.is_empty());
-        assert_eq!(o.bytes(), 0);
+        assert_eq!((o.bytes(), o.segments()), (0, 0));
         assert_eq!(map(&o, 0, 10), vec![(0, 10, None)]);
         // A read inside one piece.
-        o.set(1000, 100, &place(40), 8, None, 300);
+        o.set(1000, 100, &place(8, 40));
         assert_eq!(map(&o, 1010, 20), vec![(1010, 20, Some(50))]);
     }
 }

@@ -9,12 +9,17 @@
 //!   named after its first entry.
 //! - `meta.json`: the vote and the last purged log id, replaced atomically (temporary file,
 //!   fsync, rename, fsync of the directory).
+//! - `<first index>.held`: purged segments that something else still held when they were
+//!   purged: the state machine, which applies large writes by reference to where the log wrote
+//!   them ([`Place`]) and records those places in its snapshots, so these files outlive the
+//!   entries in them. The writer gives one back (below) once nothing else holds it; the state
+//!   machine takes again, when it opens ([`SegmentLog::segment`]), those its snapshot names
+//!   (opening holds every purged segment it finds; the others go at the first job).
 //! - `<first index>.free`: up to [`SPARES`] purged segments kept for reuse (more for a log
 //!   that spans more, [`SegmentLog::open_spanning`]: as PostgreSQL recycles WAL segments, a log
 //!   keeps the files of the longest it is to be, instead of freeing and allocating them as it
-//!   breathes): the next segment is
-//!   a spare that nothing holds any more (a read in progress, or a write the state machine holds
-//!   here, see [`Place`]) renamed, overwritten from its start, so the log's pages (page cache, tmpfs) and disk
+//!   breathes): the next segment is a spare that nothing holds any more (a read in progress)
+//!   renamed, overwritten from its start, so the log's pages (page cache, tmpfs) and disk
 //!   blocks are reused instead of freed and allocated again. A segment that fills up is cut to
 //!   its last record (durably) before the next one is written, so only the last segment can have
 //!   stale records after its end: records of older entries, which opening treats as its end.
@@ -40,7 +45,7 @@
 //! Opening scans every segment and checks each record (length, crc, index continuity): a torn or
 //! corrupt tail of the last segment (a write cut by a crash, never acknowledged) is cut off;
 //! damage anywhere else is an error, as is a log with a hole. Segments wholly purged (a crash
-//! between recording the purge and deleting them) are deleted.
+//! between recording the purge and renaming them) are held.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
@@ -120,6 +125,10 @@ struct State {
     cache_bytes: usize,
     /// The segments (first index -> file, opened for reading and writing).
     segments: BTreeMap<u64, Arc<File>>,
+    /// Purged segments something else still holds (`<first index>.held`): the state machine
+    /// applied writes by reference to them ([`Place`]). Given back (made spares, or deleted)
+    /// by the writer once nothing else holds them.
+    held: BTreeMap<u64, Arc<File>>,
     /// Where the next record goes: the last segment and its length (none: a new segment).
     tail: Option<(u64, u64)>,
     meta: Meta,
@@ -286,7 +295,7 @@ fn skeleton(body: &[u8]) -> Option<&[u8]> {
 
 /// The entry in a (checked) record body; its write data are slices of `body`, which is at
 /// `offset` of `file` in log `log`, and they are placed there.
-fn decode(body: Bytes, log: u64, file: &Arc<File>, offset: u64) -> io::Result<Entry> {
+fn decode(body: Bytes, log: u64, seg: u64, file: &Arc<File>, offset: u64) -> io::Result<Entry> {
     let sk = skeleton(&body)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record without a skeleton"))?;
     let start = SKELETON_LEN + sk.len();
@@ -297,6 +306,7 @@ fn decode(body: Bytes, log: u64, file: &Arc<File>, offset: u64) -> io::Result<En
         d.placed(Place {
             log,
             entry: e.log_id,
+            seg,
             file: file.clone(),
             offset: at,
         });
@@ -461,7 +471,7 @@ impl SegmentLog {
             Err(e) => return Err(e),
         };
         let committed = read_committed(&dir.join("committed"));
-        let (mut segs, mut spares) = (Vec::new(), Vec::new());
+        let (mut segs, mut spares, mut held) = (Vec::new(), Vec::new(), BTreeMap::new());
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
@@ -472,6 +482,9 @@ impl SegmentLog {
                 spares.push((e.path(), Arc::new(f)));
             } else if let Some(seg) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
                 segs.push(seg);
+            } else if let Some(seg) = name.strip_suffix(".held").and_then(|n| n.parse().ok()) {
+                let f = File::options().read(true).write(true).open(e.path())?;
+                held.insert(seg, Arc::new(f));
             }
         }
         segs.sort_unstable();
@@ -504,14 +517,19 @@ impl SegmentLog {
                 file.set_len(s.end)?;
                 file.sync_all()?;
             }
-            let wholly_purged = s.locs.last().is_none_or(|l| l.log_id.index < purged_next);
-            if wholly_purged {
-                // Empty (a torn first record) or purged before a crash: not needed.
+            if s.locs.is_empty() {
+                // Empty (a torn first record): not needed.
                 std::fs::remove_file(&path)?;
                 removed = true;
-                if let Some(l) = s.locs.last() {
-                    expected = Some(l.log_id.index + 1);
-                }
+                continue;
+            }
+            if s.locs.last().is_some_and(|l| l.log_id.index < purged_next) {
+                // Purged before a crash: held, as the purge would have if the state machine
+                // still refers to it, and given back once it is known not to.
+                std::fs::rename(&path, held_path(dir, seg))?;
+                held.insert(seg, Arc::new(file));
+                removed = true;
+                expected = s.locs.last().map(|l| l.log_id.index + 1);
                 continue;
             }
             expected = s.locs.last().map(|l| l.log_id.index + 1);
@@ -546,6 +564,7 @@ impl SegmentLog {
             cache_first: next,
             cache_bytes: 0,
             segments,
+            held,
             meta,
             committed,
             committed_dirty: false,
@@ -691,6 +710,18 @@ impl SegmentLog {
         self.lock().log
     }
 
+    /// Segment `seg` (its first index), in the log or purged and held: for a state machine
+    /// that recorded pieces in it (holding the file keeps it from being reused).
+    pub fn segment(&self, seg: u64) -> Option<Arc<File>> {
+        let st = self.lock();
+        st.segments.get(&seg).or_else(|| st.held.get(&seg)).cloned()
+    }
+
+    /// How long a segment grows (it ends at the first record past this).
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
     fn reader(&self) -> SegmentLogReader {
         SegmentLogReader {
             state: self.state.clone(),
@@ -721,6 +752,11 @@ impl Writer {
             if let (Some(c), None) = (committed, &failed) {
                 if let Err(e) = self.save_committed(c) {
                     tracing::warn!(dir = %self.dir.display(), "save committed: {e}");
+                }
+            }
+            if failed.is_none() {
+                if let Err(e) = self.release_held() {
+                    tracing::warn!(dir = %self.dir.display(), "giving back held segments: {e}");
                 }
             }
             let (r, done) = match job {
@@ -820,6 +856,7 @@ impl Writer {
             d.placed(Place {
                 log,
                 entry,
+                seg,
                 file: file.clone(),
                 offset,
             });
@@ -847,19 +884,59 @@ impl Writer {
     fn meta(&mut self, meta: &Meta, remove: Vec<(u64, Arc<File>)>) -> io::Result<()> {
         let bytes = serde_json::to_vec(meta).map_err(super::io_err)?;
         super::write_atomic(&self.dir.join("meta.json"), &bytes)?;
-        for (seg, file) in &remove {
-            if self.spares.len() < self.spares_max {
-                let spare = spare_path(&self.dir, *seg);
-                std::fs::rename(segment_path(&self.dir, *seg), &spare)?;
-                self.spares.push((spare, file.clone()));
+        let any = !remove.is_empty();
+        for (seg, file) in remove {
+            let from = segment_path(&self.dir, seg);
+            // Held by the state machine (or a read): kept under another name until it is not.
+            if Arc::strong_count(&file) > 1 {
+                std::fs::rename(&from, held_path(&self.dir, seg))?;
+                lock(&self.state).held.insert(seg, file);
             } else {
-                remove_segment(&self.dir, *seg)?;
+                self.give_back(seg, &from, file)?;
             }
         }
-        if !remove.is_empty() {
+        if any {
             sync_dir(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// Keeps purged segment `seg`, at `path`, as a spare, or deletes it.
+    fn give_back(&mut self, seg: u64, path: &Path, file: Arc<File>) -> io::Result<()> {
+        if self.spares.len() < self.spares_max {
+            let spare = spare_path(&self.dir, seg);
+            std::fs::rename(path, &spare)?;
+            self.spares.push((spare, file));
+            Ok(())
+        } else {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// Gives back the held segments nothing else holds any more.
+    fn release_held(&mut self) -> io::Result<()> {
+        let free: Vec<(u64, Arc<File>)> = {
+            let mut st = lock(&self.state);
+            let segs: Vec<u64> = st
+                .held
+                .iter()
+                .filter(|(_, f)| Arc::strong_count(f) == 1)
+                .map(|(s, _)| *s)
+                .collect();
+            segs.into_iter()
+                .filter_map(|s| Some((s, st.held.remove(&s)?)))
+                .collect()
+        };
+        if free.is_empty() {
+            return Ok(());
+        }
+        for (seg, file) in free {
+            self.give_back(seg, &held_path(&self.dir, seg), file)?;
+        }
+        sync_dir(&self.dir)
     }
 
     fn save_committed(&mut self, c: Option<LogId>) -> io::Result<()> {
@@ -892,6 +969,10 @@ fn job_done(job: Job) -> Done {
 
 fn spare_path(dir: &Path, seg: u64) -> PathBuf {
     dir.join(format!("{seg:020}.free"))
+}
+
+fn held_path(dir: &Path, seg: u64) -> PathBuf {
+    dir.join(format!("{seg:020}.held"))
 }
 
 fn remove_segment(dir: &Path, seg: u64) -> io::Result<()> {
@@ -934,7 +1015,7 @@ fn read_records(log: u64, locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
                     ),
                 ));
             }
-            out.push(decode(body, log, f, l.offset + HEADER as u64)?);
+            out.push(decode(body, log, l.seg, f, l.offset + HEADER as u64)?);
         }
     }
     Ok(out)
@@ -1130,6 +1211,11 @@ impl RaftLogStorage<TypeConfig> for SegmentLog {
 
 #[cfg(test)]
 impl SegmentLog {
+    /// A log whose segments take no more appends past `segment_bytes`.
+    pub(crate) fn open_small(dir: &Path, segment_bytes: u64) -> io::Result<SegmentLog> {
+        SegmentLog::open_with(dir, segment_bytes, 0, SPARES)
+    }
+
     /// Appends `entries` and waits until they are on disk (openraft's callback cannot be made
     /// outside openraft).
     pub(crate) async fn append_durably(&mut self, entries: Vec<Entry>) -> io::Result<()> {
@@ -1452,6 +1538,65 @@ mod tests {
         let mut log = small(dir.path());
         assert_eq!(indexes(&mut log).await.last(), Some(&(1, 12)));
         assert!(segments(dir.path()).iter().any(|s| s.0 == last));
+    }
+
+    #[tokio::test]
+    async fn a_purged_segment_something_holds_is_kept_until_let_go_also_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let exists = |name: String| dir.path().join(name).exists();
+        let mut log = small(dir.path());
+        let entries: Vec<Entry> = (0..10).map(|i| entry(1, i, i as u8)).collect();
+        for e in &entries {
+            append(&mut log, vec![e.clone()]).await;
+        }
+        assert_eq!(
+            segments(dir.path()).iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![0, 3, 6, 9]
+        );
+        // The state machine holds entry 4's write, in segment 3, and entry 7's, in 6.
+        let place = |i: usize| {
+            crate::raft::entry_data(&entries[i])[0]
+                .place()
+                .unwrap()
+                .clone()
+        };
+        let (four, seven) = (place(4), place(7));
+        assert_eq!((four.seg, seven.seg), (3, 6));
+        drop(entries);
+        let id = |i| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), i);
+        let held = |seg: u64| exists(format!("{seg:020}.held"));
+        log.purge(id(7)).await.unwrap();
+        assert!(held(3));
+        assert!(!held(0) && !exists(format!("{:020}.seg", 0)));
+        assert!(log.segment(3).is_some_and(|f| Arc::ptr_eq(&f, &four.file)));
+        // Still held after other jobs; once let go, given back at the next one.
+        log.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(held(3));
+        drop(four);
+        log.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(!held(3));
+        assert!(log.segment(3).is_none());
+
+        // Across a reopen, and a crash between recording a purge and renaming the segment:
+        // a purged segment is held until the first job, and what takes it first keeps it.
+        log.purge(id(8)).await.unwrap();
+        assert!(held(6));
+        drop(log);
+        drop(seven);
+        std::fs::rename(
+            dir.path().join(format!("{:020}.held", 6)),
+            dir.path().join(format!("{:020}.seg", 6)),
+        )
+        .unwrap();
+        let mut log = small(dir.path());
+        let six = log.segment(6).expect("segment 6 is held");
+        assert!(held(6));
+        log.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(held(6));
+        assert_eq!(indexes(&mut log).await, vec![(1, 9)]);
+        drop(six);
+        log.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(!held(6));
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
-//! A volume's raft state machine: its blocks in a sparse file (`volume.img`), and the log where
-//! it holds recent large writes, changed by [`BlockOp`]s in log order.
+//! A volume's raft state machine: its blocks in a sparse file (`volume.img`), and the log
+//! segments where it holds large writes, changed by [`BlockOp`]s in log order.
 //!
 //! Durability comes from the log, not from here: applying does not fsync, and what was applied
 //! is recorded only with a snapshot. After a crash the group applies again every committed entry
@@ -8,28 +8,32 @@
 //!
 //! A write of [`BY_REFERENCE`] bytes or more that the group's own log has written (its
 //! [`Place`](super::data::Place)) is applied by reference: that range of the volume becomes a
-//! piece of the [`Overlay`], read from the log segment, and the blocks are left alone. Once
-//! `defer` bytes of later entries (each counted as at least 64 KiB) have been applied, a
-//! piece's bytes are written to the blocks
-//! (oldest first); a range written again before that never reaches the blocks. Other
-//! operations go to the blocks, then cut what pieces held of their range.
+//! piece of the [`Overlay`], read from the log segment, and the blocks are left alone; a
+//! range written again, or zeroed, is cut out of the pieces. The pieces keep their segments
+//! past the log's purge (the log holds them, see `segment_log.rs`), up to `budget` bytes of
+//! segments: past it, the pieces of the segment that holds the fewest bytes of them are
+//! copied to the blocks (`copy_file_range`), so a segment is given back. Each byte is copied
+//! at most once, and a volume rewritten within the budget never is: its old segments empty
+//! as it is rewritten. Other operations go to the blocks, then cut what pieces held of their
+//! range.
 //!
 //! A snapshot is fuzzy, as ZooKeeper's are: taking one is an fdatasync of `volume.img` and
-//! recording a log id (`current.json`, replaced by rename, and `snapshots/<id>.json`): the
-//! entry before the oldest piece's, before which everything is in the blocks (the last one
-//! applied, without pieces). The blocks are not copied, and may by then hold later writes
-//! too, while the ranges pieces hold may be older there than that id; every such range is set
-//! by an entry after it. So a snapshot stands for "this log id, and the entries after it":
-//! whoever installs it, or restarts from it, applies every entry after that id again, which,
-//! since entries are idempotent and applied in order, brings the volume to exactly the state of
-//! the last one applied. (The log before a snapshot is purged only
-//! up to its id, so those entries are always there to apply; and a node serves reads only once it
-//! has applied up to the read index, which is past anything the snapshot could hold.) Sending a
-//! snapshot reads the data of the live `volume.img` in chunks (its holes and zero runs are not
+//! recording the last log id applied and the pieces at that id (where in which segment each
+//! range is: `current.json`, replaced by rename, and `snapshots/<id>.json`); the segments the
+//! current snapshot names are held until a newer one no longer does, so a restart finds them.
+//! The blocks are not copied, and may by then hold later writes too (as may the pieces'
+//! ranges, which later entries cut); every such range is set by an entry after the id. So a
+//! snapshot stands for "this log id, and the entries after it": whoever installs it, or
+//! restarts from it, applies every entry after that id again, which, since entries are
+//! idempotent and applied in order, brings the volume to exactly the state of the last one
+//! applied. (The log is purged only up to a snapshot's id, so those entries are always there
+//! to apply; and a node serves reads only once it has applied up to the read index, which is
+//! past anything the snapshot could hold.) Sending a snapshot reads the live volume in chunks,
+//! the blocks' data and the pieces ([`next_data`], [`read_over`]; holes and zero runs are not
 //! sent); receiving one writes them to `snapshots/incoming.img` (the rest stays holes), and
 //! installing it turns its other 64 KiB runs of zeroes into holes in place and renames it over
-//! the blocks, no copy. Nothing is ever held whole in memory, and a snapshot costs a sync, not
-//! a copy of the volume, so the log can be compacted often.
+//! the blocks, no copy, with no pieces. Nothing is ever held whole in memory, and a snapshot
+//! costs a sync, not a copy of the volume, so the log can be compacted often.
 
 use std::fs::File;
 use std::io;
@@ -42,7 +46,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::overlay::{Overlay, Source};
+use super::overlay::{Overlay, Piece, Recorded, Source};
 use super::{BlockOp, Entry, LogId, NodeId, StorageError, TypeConfig};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -52,6 +56,9 @@ type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SnapshotFile {
     meta: Meta,
+    /// The ranges of the volume that were in the log at the snapshot's log id, and where.
+    #[serde(default)]
+    pieces: Vec<Recorded>,
 }
 
 /// The state machine of one volume's group on this node.
@@ -68,18 +75,16 @@ pub struct StateMachine {
     seq: u64,
     /// What was applied, for deciding when to snapshot and how much log to keep.
     applied: std::sync::Arc<Applied>,
-    /// Writes applied by reference: their bytes are in the log, not yet in the blocks.
+    /// Writes applied by reference: their bytes are in the log, not in the blocks.
     pieces: Pieces,
-    /// Bytes of entries applied since this was opened, each counted as at least 64 KiB
-    /// ([`entry_weight`]): the age of a piece.
-    pos: u64,
-    /// For how many bytes of later entries (counted as for `pos`) a piece stays in the log only.
-    defer: u64,
+    /// Bytes of log segments the pieces may keep: past it, the segments that hold the fewest
+    /// bytes of pieces have those copied to the blocks.
+    budget: u64,
+    /// How long a segment of the log is.
+    seg_bytes: u64,
     /// The log (`SegmentLog::id`) whose data writes are applied by reference to, if any.
     log: Option<u64>,
-    /// The membership in force at the oldest piece's entry (first), and those applied after.
-    memberships: std::collections::VecDeque<Membership>,
-    /// Held while the current snapshot changes.
+    /// The segment files the current snapshot records pieces in; locked while it changes.
     current: Current,
 }
 
@@ -153,9 +158,8 @@ pub type Pieces = std::sync::Arc<std::sync::RwLock<Overlay>>;
 
 /// Writes of at least this many bytes are applied by reference to where the log holds them.
 const BY_REFERENCE: usize = 64 << 10;
-/// For how many bytes of later writes a write applied by reference stays in the log only, by
-/// default; then its bytes are written to the blocks.
-pub const DEFER_BYTES: u64 = 128 << 20;
+/// Bytes of log segments a volume's writes applied by reference may keep, by default.
+pub const HOLD_BYTES: u64 = 512 << 20;
 
 fn read_pieces(p: &Pieces) -> std::sync::RwLockReadGuard<'_, Overlay> {
     p.read().unwrap_or_else(|e| e.into_inner())
@@ -173,19 +177,48 @@ pub fn read_volume(
     offset: u64,
     len: usize,
 ) -> io::Result<Vec<u8>> {
+    read_over(
+        &blocks.read().unwrap_or_else(|e| e.into_inner()),
+        pieces,
+        offset,
+        len,
+    )
+}
+
+/// [`read_volume`] from the blocks file `blocks`.
+pub fn read_over(blocks: &File, pieces: &Pieces, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let parts = read_pieces(pieces).resolve(offset, len as u64);
-    let blocks = || blocks.read().unwrap_or_else(|e| e.into_inner());
     if let [(_, _, Source::Blocks)] = parts[..] {
-        return crate::sys::read_at(&blocks(), len, offset);
+        return crate::sys::read_at(blocks, len, offset);
     }
     let mut out = Vec::with_capacity(len);
     for (at, n, source) in parts {
         out.extend(match source {
-            Source::Blocks => crate::sys::read_at(&blocks(), n as usize, at)?,
+            Source::Blocks => crate::sys::read_at(blocks, n as usize, at)?,
             Source::Log(file, at) => crate::sys::read_at(&file, n as usize, at)?,
         });
     }
     Ok(out)
+}
+
+/// Where the next data of the volume (blocks file `blocks`, `size` bytes) at or after `at`
+/// is, and where it ends: the blocks' next data, or the next piece, whichever comes first
+/// (the range may hold holes of the blocks where pieces are not). None if there is none.
+pub fn next_data(
+    blocks: &File,
+    pieces: &Pieces,
+    at: u64,
+    size: u64,
+) -> io::Result<Option<(u64, u64)>> {
+    let data = crate::sys::next_data(blocks, at, size)?;
+    let piece = read_pieces(pieces)
+        .next_piece(at)
+        .filter(|(start, _)| *start < size)
+        .map(|(start, end)| (start, end.min(size)));
+    Ok(match (data, piece) {
+        (Some(d), Some(p)) => Some(if d.0 <= p.0 { d } else { p }),
+        (d, p) => d.or(p),
+    })
 }
 
 /// Where `len` bytes of the volume at `offset` are, if in one file: the blocks or the log.
@@ -315,23 +348,28 @@ fn meta_path(dir: &Path, id: &str) -> PathBuf {
     dir.join("snapshots").join(format!("{id}.json"))
 }
 
-/// The current snapshot's metadata (`current.json`), if there is one.
-fn current(dir: &Path) -> io::Result<Option<Meta>> {
+/// The current snapshot (`current.json`), if there is one.
+fn current_file(dir: &Path) -> io::Result<Option<SnapshotFile>> {
     match std::fs::read(dir.join("current.json")) {
-        Ok(b) => Ok(Some(
-            serde_json::from_slice::<SnapshotFile>(&b)
-                .map_err(super::io_err)?
-                .meta,
-        )),
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).map_err(super::io_err)?)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// Makes `meta` the current snapshot of `dir` and removes what older ones left (their
-/// metadata, and the images of snapshots an older blockdrv copied).
-fn set_current(dir: &Path, meta: &Meta) -> io::Result<()> {
-    let bytes = serde_json::to_vec(&SnapshotFile { meta: meta.clone() }).map_err(super::io_err)?;
+/// The current snapshot's metadata, if there is one.
+fn current(dir: &Path) -> io::Result<Option<Meta>> {
+    Ok(current_file(dir)?.map(|f| f.meta))
+}
+
+/// Makes `meta`, with `pieces` in the log, the current snapshot of `dir` and removes what
+/// older ones left (their metadata, and the images of snapshots an older blockdrv copied).
+fn set_current(dir: &Path, meta: &Meta, pieces: &[Recorded]) -> io::Result<()> {
+    let file = SnapshotFile {
+        meta: meta.clone(),
+        pieces: pieces.to_vec(),
+    };
+    let bytes = serde_json::to_vec(&file).map_err(super::io_err)?;
     super::write_atomic(&meta_path(dir, &meta.snapshot_id), &bytes)?;
     super::write_atomic(&dir.join("current.json"), &bytes)?;
     let keep = format!("{}.json", meta.snapshot_id);
@@ -365,8 +403,6 @@ struct Apply<'a> {
     pieces: &'a Pieces,
     /// As [`StateMachine::log`].
     log: Option<u64>,
-    /// As [`StateMachine::pos`].
-    pos: u64,
 }
 
 /// Where the write is, if it is applied by reference: it is large, and log `log` (the
@@ -376,37 +412,22 @@ fn by_reference(data: &super::Data, log: Option<u64>, entry: LogId) -> Option<&s
         .filter(|p| data.len() >= BY_REFERENCE && Some(p.log) == log && p.entry == entry)
 }
 
-/// What an entry adds to [`StateMachine::pos`]: its write data, and at least 64 KiB (as
-/// [`Applied`] counts), so that zeroings and small writes age the pieces too and the log they
-/// keep is bounded in entries as well as bytes.
-fn entry_weight(e: &Entry) -> u64 {
-    (super::entry_data_len(e) as u64).max(MIN_ENTRY_KIB << 10)
-}
-
 impl Apply<'_> {
-    /// Applies entry `e`, `before` being the entry applied before it.
-    fn entry(&mut self, e: &Entry, before: Option<LogId>) -> io::Result<()> {
-        if let EntryPayload::Normal(op) = &e.payload {
-            self.op(op, e.log_id, before)?;
+    /// Applies entry `e`.
+    fn entry(&mut self, e: &Entry) -> io::Result<()> {
+        match &e.payload {
+            EntryPayload::Normal(op) => self.op(op, e.log_id),
+            _ => Ok(()),
         }
-        self.pos += entry_weight(e);
-        Ok(())
     }
 
-    fn op(&mut self, op: &BlockOp, entry: LogId, before: Option<LogId>) -> io::Result<()> {
+    fn op(&mut self, op: &BlockOp, entry: LogId) -> io::Result<()> {
         match op {
-            BlockOp::Batch(ops) => ops.iter().try_for_each(|o| self.op(o, entry, before)),
+            BlockOp::Batch(ops) => ops.iter().try_for_each(|o| self.op(o, entry)),
             BlockOp::Write { offset, data } => {
                 let len = data.len() as u64;
                 match by_reference(data, self.log, entry) {
-                    Some(place) => write_pieces(self.pieces).set(
-                        *offset,
-                        len,
-                        place,
-                        entry.index,
-                        before,
-                        self.pos,
-                    ),
+                    Some(place) => write_pieces(self.pieces).set(*offset, len, place),
                     None => {
                         // Into the blocks first: a reader meanwhile reads the older write.
                         self.blocks.write_all_at(data, *offset)?;
@@ -432,19 +453,33 @@ impl Apply<'_> {
             }
         }
     }
+}
 
-    /// Writes to the blocks the pieces older than `defer` bytes of writes, oldest first.
-    fn settle(&mut self, defer: u64) -> io::Result<()> {
-        loop {
-            let (off, p) = match read_pieces(self.pieces).oldest() {
-                Some((off, p)) if p.pos.saturating_add(defer) < self.pos => (off, p.clone()),
-                _ => return Ok(()),
-            };
-            crate::sys::copy_range(&p.file, p.at, self.blocks, off, p.len)?;
-            // Only this thread changes the pieces: `off` still holds this one.
-            write_pieces(self.pieces).cut(off, p.len);
+/// Whether the pieces keep more than `budget` bytes of log segments of `seg_bytes`.
+fn over_budget(pieces: &Pieces, budget: u64, seg_bytes: u64) -> bool {
+    (read_pieces(pieces).segments() as u64).saturating_mul(seg_bytes) > budget
+}
+
+/// Gives back log segments until the pieces keep at most `budget` bytes of them: the pieces
+/// of the segment that holds the fewest bytes of them are copied to the blocks, and so on (the
+/// newest segment, where writes go now, only if the budget has no room for one). Each byte
+/// is copied at most once: once in the blocks, it stays there.
+fn settle(blocks: &File, pieces: &Pieces, budget: u64, seg_bytes: u64) -> io::Result<()> {
+    while over_budget(pieces, budget, seg_bytes) {
+        let Some(seg) = read_pieces(pieces).leanest(budget < seg_bytes) else {
+            return Ok(());
+        };
+        let these = read_pieces(pieces).in_segment(seg);
+        for (off, p) in &these {
+            crate::sys::copy_range(&p.file, p.at, blocks, *off, p.len)?;
+        }
+        // Only the applying thread changes the pieces: each offset still holds its piece.
+        let mut w = write_pieces(pieces);
+        for (off, p) in these {
+            w.cut(off, p.len);
         }
     }
+    Ok(())
 }
 
 /// The bytes applying `op` copies (zeroing and growing count as [`INLINE_APPLY`]: they touch
@@ -484,26 +519,61 @@ impl StateMachine {
             size: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(size)),
             blocks: std::sync::Arc::new(std::sync::RwLock::new(blocks)),
             last_applied: cur.and_then(|m| m.last_log_id),
-            memberships: [membership.clone()].into(),
             membership,
             seq: 0,
             applied: Default::default(),
             pieces: Default::default(),
-            pos: 0,
-            defer: DEFER_BYTES,
+            budget: 0,
+            seg_bytes: 1,
             log: None,
             current: Current::default(),
         })
     }
 
-    /// Large writes are applied by reference to where `log` (the group's log, `SegmentLog::id`)
-    /// holds them, and stay there only for `defer` bytes of later writes (0: none is, every
-    /// write is copied to the blocks as it is applied, as without this).
-    pub fn by_reference(mut self, log: u64, defer: u64) -> StateMachine {
-        // Nothing deferred: copied from the entry at once (a piece would be read back).
-        self.log = Some(log).filter(|_| defer > 0);
-        self.defer = defer;
-        self
+    /// The state machine of the group whose log is `log`: the pieces its current snapshot
+    /// records are taken from the log's segments, and large writes are applied by reference to
+    /// where the log holds them, keeping at most `budget` bytes of its segments (0: none is,
+    /// every write is copied to the blocks as it is applied).
+    pub fn with_log(
+        mut self,
+        log: &super::segment_log::SegmentLog,
+        budget: u64,
+    ) -> io::Result<StateMachine> {
+        if let Some(snapshot) = current_file(&self.dir)? {
+            let mut pieces = write_pieces(&self.pieces);
+            let mut files = std::collections::BTreeMap::new();
+            for r in snapshot.pieces {
+                let file = log.segment(r.seg).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: snapshot {} has {} bytes at offset {} in log segment {}, which is missing",
+                            self.dir.display(),
+                            snapshot.meta.snapshot_id,
+                            r.len,
+                            r.offset,
+                            r.seg
+                        ),
+                    )
+                })?;
+                files.insert(r.seg, file.clone());
+                pieces.put(
+                    r.offset,
+                    Piece {
+                        len: r.len,
+                        seg: r.seg,
+                        file,
+                        at: r.at,
+                    },
+                );
+            }
+            *lock_current(&self.current) = files.into_values().collect();
+        }
+        // Nothing held: copied from the entry at once (a piece would be read back).
+        self.log = Some(log.id()).filter(|_| budget > 0);
+        self.budget = budget;
+        self.seg_bytes = log.segment_bytes();
+        Ok(self)
     }
 
     /// The writes held in the log, for reads.
@@ -534,15 +604,20 @@ pub struct SnapshotBuilder {
     dir: PathBuf,
     blocks: io::Result<File>,
     meta: Meta,
+    /// The pieces at the snapshot's log id, and the segments they are in.
+    pieces: Vec<Recorded>,
+    files: Vec<std::sync::Arc<File>>,
     /// As [`StateMachine::current`].
     current: Current,
 }
 
-/// Held while `current.json` is replaced: openraft builds a snapshot on a task of its own,
-/// which may end after a newer snapshot was installed.
-type Current = std::sync::Arc<std::sync::Mutex<()>>;
+/// The segment files the current snapshot records pieces in (held, so that the log does not
+/// reuse them while a restart may need them), locked while `current.json` is replaced:
+/// openraft builds a snapshot on a task of its own, which may end after a newer snapshot was
+/// installed.
+type Current = std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<File>>>>;
 
-fn lock_current(c: &Current) -> std::sync::MutexGuard<'_, ()> {
+fn lock_current(c: &Current) -> std::sync::MutexGuard<'_, Vec<std::sync::Arc<File>>> {
     c.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -563,15 +638,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .try_clone()
             .map_err(snap_err)?;
         let (dir, meta, lock) = (self.dir.clone(), self.meta.clone(), self.current.clone());
+        let (pieces, files) = (self.pieces.clone(), self.files.clone());
         tokio::task::spawn_blocking(move || {
-            // Everything applied up to the snapshot's log id (and maybe more) is on disk.
+            // Everything applied up to the snapshot's log id (and maybe more) is on disk, in
+            // the blocks or in the log (synced before it was acknowledged).
             blocks.sync_data()?;
-            let _current = lock_current(&lock);
+            let mut held = lock_current(&lock);
             // Not over a newer one installed meanwhile (its log is purged up to it: a restart
             // from this one would find entries missing).
             match current(&dir)? {
-                Some(c) if c.last_log_id >= meta.last_log_id => Ok(()),
-                _ => set_current(&dir, &meta),
+                Some(c) if c.last_log_id >= meta.last_log_id => Ok::<_, io::Error>(()),
+                _ => {
+                    set_current(&dir, &meta, &pieces)?;
+                    // The segments the older one named may be reused now.
+                    *held = files;
+                    Ok(())
+                }
             }
         })
         .await
@@ -597,22 +679,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let (pos, defer, before, log) = (self.pos, self.defer, self.last_applied, self.log);
-        let write_all = move |blocks: &Blocks, pieces: &Pieces, entries: &[Entry]| {
+        let (budget, seg_bytes, log) = (self.budget, self.seg_bytes, self.log);
+        // Applies the entries, then gives back segments if `settling` (off the runtime).
+        let write_all = move |blocks: &Blocks, pieces: &Pieces, entries: &[Entry], settling| {
             let f = blocks.read().unwrap_or_else(|e| e.into_inner());
             let mut apply = Apply {
                 blocks: &f,
                 pieces,
                 log,
-                pos,
             };
-            let mut before = before;
             for e in entries {
-                apply.entry(e, before)?;
-                before = Some(e.log_id);
+                apply.entry(e)?;
             }
-            apply.settle(defer)?;
-            Ok::<_, io::Error>(apply.pos)
+            if settling {
+                settle(&f, pieces, budget, seg_bytes)?;
+            }
+            Ok::<_, io::Error>(())
         };
         let sizes = entries.iter().map(|e| match &e.payload {
             EntryPayload::Normal(op) => op_bytes(op),
@@ -627,27 +709,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 _ => 0,
             })
             .sum();
-        let written: u64 = entries.iter().map(entry_weight).sum();
-        // Pieces, older or made now, that are due for the blocks (a long run of entries, as
-        // after a restart, may hold more than `defer` bytes of writes itself).
-        let settling = written > defer
-            || read_pieces(&self.pieces)
-                .oldest()
-                .is_some_and(|(_, p)| p.pos.saturating_add(defer) < pos + written);
-        let (entries, pos) = if copied <= INLINE_APPLY && !settling {
+        let entries = if copied <= INLINE_APPLY {
             // Into the page cache (no fsync): quicker here than a hop to the blocking pool.
-            let pos = write_all(&self.blocks, &self.pieces, &entries).map_err(sm_err)?;
-            (entries, pos)
+            write_all(&self.blocks, &self.pieces, &entries, false).map_err(sm_err)?;
+            if over_budget(&self.pieces, budget, seg_bytes) {
+                let (blocks, pieces) = (self.blocks.clone(), self.pieces.clone());
+                tokio::task::spawn_blocking(move || {
+                    let f = blocks.read().unwrap_or_else(|e| e.into_inner());
+                    settle(&f, &pieces, budget, seg_bytes)
+                })
+                .await
+                .map_err(sm_err)?
+                .map_err(sm_err)?;
+            }
+            entries
         } else {
             let (blocks, pieces) = (self.blocks.clone(), self.pieces.clone());
             tokio::task::spawn_blocking(move || {
-                write_all(&blocks, &pieces, &entries).map(|pos| (entries, pos))
+                write_all(&blocks, &pieces, &entries, true).map(|()| entries)
             })
             .await
             .map_err(sm_err)?
             .map_err(sm_err)?
         };
-        self.pos = pos;
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             if let EntryPayload::Normal(op) = &e.payload {
@@ -669,7 +753,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             if let EntryPayload::Membership(m) = e.payload {
                 self.membership = StoredMembership::new(Some(e.log_id), m);
-                self.memberships.push_back(self.membership.clone());
             }
             self.last_applied = Some(e.log_id);
             out.push(());
@@ -680,15 +763,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.seq += 1;
         self.applied.snapshot_taken();
-        // Everything up to the entry before the oldest piece's is in the blocks: the snapshot
-        // stands for that entry (the log is kept from there, to apply the pieces again).
-        let upto = match read_pieces(&self.pieces).oldest() {
-            Some((_, p)) => p.before,
-            None => self.last_applied,
-        };
-        while self.memberships.get(1).is_some_and(|m| *m.log_id() <= upto) {
-            self.memberships.pop_front();
-        }
+        // The last entry applied: the blocks hold what it left outside the pieces, and the
+        // pieces, recorded with it, the rest.
+        let upto = self.last_applied;
+        let (pieces, files) = read_pieces(&self.pieces).record();
         let id = format!(
             "{}-{}-{}",
             upto.map_or(0, |l| l.leader_id.term),
@@ -700,9 +778,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             blocks: dup(&self.blocks),
             meta: Meta {
                 last_log_id: upto,
-                last_membership: self.memberships.front().cloned().unwrap_or_default(),
+                last_membership: self.membership.clone(),
                 snapshot_id: id,
             },
+            pieces,
+            files,
             current: self.current.clone(),
         }
     }
@@ -727,7 +807,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (dir, size, m) = (self.dir.clone(), load(&self.size), meta.clone());
         let lock = self.current.clone();
         let blocks = tokio::task::spawn_blocking(move || {
-            let _current = lock_current(&lock);
+            let mut held = lock_current(&lock);
             // The blocks become the snapshot's: the file received (zero chunks are holes in it
             // already) loses its other runs of zeroes, is synced and renamed over them, then
             // reopened; the snapshot is current once they are in place. No copy: a copy would
@@ -742,7 +822,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             drop(received);
             std::fs::rename(&incoming, dir.join("volume.img"))?;
             File::open(&dir)?.sync_all()?;
-            set_current(&dir, &m)?;
+            set_current(&dir, &m, &[])?;
+            held.clear();
             File::options()
                 .read(true)
                 .write(true)
@@ -760,7 +841,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
             pieces.clear();
         }
-        self.memberships = [meta.last_membership.clone()].into();
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         self.applied.snapshot_taken();
         self.last_applied = meta.last_log_id;
@@ -844,67 +924,129 @@ mod tests {
         read_volume(&sm.blocks(), &sm.pieces(), 0, size as usize).unwrap()
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn writes_held_in_the_log_read_back_and_survive_a_restart_and_a_snapshot_elsewhere() {
-        use openraft::storage::RaftLogReader;
+    async fn snapshot(sm: &mut StateMachine) -> Snapshot<TypeConfig> {
         use openraft::RaftSnapshotBuilder;
-        const SIZE: u64 = 4 << 20;
-        const DEFER: u64 = 2 << 20;
-        let dir = tempfile::tempdir().unwrap();
-        let (entries, model) = workload(SIZE, 60);
-        let open = |log: &super::super::segment_log::SegmentLog| {
-            StateMachine::open(&dir.path().join("sm"), SIZE)
-                .unwrap()
-                .by_reference(log.id(), DEFER)
-        };
-        let log_dir = dir.path().join("log");
-        let mut log = super::super::segment_log::SegmentLog::open(&log_dir).unwrap();
-        let mut sm = open(&log);
-        log.append_durably(entries.clone()).await.unwrap();
-        sm.apply(entries.clone()).await.unwrap();
-        assert!(volume(&sm, SIZE) == model, "the volume differs");
-        // The newest large writes are in the log only; the older ones went to the blocks.
-        let held = read_pieces(&sm.pieces()).bytes();
-        assert!(held > 0 && held <= DEFER + (256 << 10), "{held} bytes held");
-        let blocks = crate::sys::read_at(&sm.blocks().read().unwrap(), SIZE as usize, 0).unwrap();
-        assert!(blocks != model, "the blocks have every write");
-        // A snapshot stands for the entry before the oldest piece's: all before is in the
-        // blocks.
-        let oldest = read_pieces(&sm.pieces()).oldest().unwrap().1.index;
-        let snap = sm
-            .get_snapshot_builder()
+        sm.get_snapshot_builder()
             .await
             .build_snapshot()
             .await
-            .unwrap();
-        assert_eq!(snap.meta.last_log_id.unwrap().index, oldest - 1);
-        // A restart: what came after the snapshot is applied again from the log, by reference.
-        drop((sm, log));
-        let mut log = super::super::segment_log::SegmentLog::open(&log_dir).unwrap();
+            .unwrap()
+    }
+
+    /// What a leader sends of a snapshot (`node.rs`): the data of the volume, read through the
+    /// pieces, written at its offsets into the file a replica receives it in.
+    async fn send(snap: Snapshot<TypeConfig>, pieces: &Pieces, to: &mut StateMachine) {
+        let rx = to.begin_receiving_snapshot().await.unwrap();
+        let blocks = snap.snapshot.into_std().await;
+        let size = blocks.metadata().unwrap().len();
+        let dst = rx.try_clone().await.unwrap().into_std().await;
+        let mut at = 0;
+        while let Some((start, end)) = next_data(&blocks, pieces, at, size).unwrap() {
+            let len = (end - start).min(1 << 20);
+            let data = read_over(&blocks, pieces, start, len as usize).unwrap();
+            dst.write_all_at(&data, start).unwrap();
+            at = start + len;
+        }
+        to.install_snapshot(&snap.meta, rx).await.unwrap();
+    }
+
+    /// A log of 1 MiB segments in `dir`, its entries appended one by one (as a leader's come).
+    async fn log_with(dir: &Path, entries: &[Entry]) -> super::super::segment_log::SegmentLog {
+        let mut log = super::super::segment_log::SegmentLog::open_small(dir, 1 << 20).unwrap();
+        for e in entries {
+            log.append_durably(vec![e.clone()]).await.unwrap();
+        }
+        log
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn writes_held_in_the_log_survive_a_restart_from_a_snapshot_past_them_and_go_elsewhere() {
+        use openraft::storage::{RaftLogReader, RaftLogStorage};
+        const SIZE: u64 = 4 << 20;
+        const BUDGET: u64 = 3 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let (entries, model) = workload(SIZE, 60);
+        let log_dir = dir.path().join("log");
+        let open = |log: &super::super::segment_log::SegmentLog| {
+            StateMachine::open(&dir.path().join("sm"), SIZE)
+                .unwrap()
+                .with_log(log, BUDGET)
+                .unwrap()
+        };
+        let mut log = log_with(&log_dir, &entries).await;
         let mut sm = open(&log);
-        let applied = sm.applied_state().await.unwrap().0;
-        assert_eq!(applied, snap.meta.last_log_id);
-        let after = applied.unwrap().index + 1;
-        let again = log.try_get_log_entries(after..).await.unwrap();
+        // Up to entry 46, then a snapshot of it, with the log purged up to it.
+        sm.apply(entries[..46].to_vec()).await.unwrap();
+        let pieces = sm.pieces();
+        let (kept, held) = {
+            let p = read_pieces(&pieces);
+            (p.segments(), p.bytes())
+        };
+        assert!(
+            kept > 0 && kept <= 3 && held > 0,
+            "{kept} segments, {held} bytes"
+        );
+        let snap = snapshot(&mut sm).await;
+        let at = snap.meta.last_log_id.unwrap();
+        assert_eq!(at.index, 46);
+        let recorded = current_file(&dir.path().join("sm"))
+            .unwrap()
+            .unwrap()
+            .pieces;
+        assert_eq!(recorded.iter().map(|r| r.len).sum::<u64>(), held);
+        log.purge(at).await.unwrap();
+        // The rest; the blocks alone are not the volume.
+        sm.apply(entries[46..].to_vec()).await.unwrap();
+        assert!(volume(&sm, SIZE) == model, "the volume differs");
+        let blocks = crate::sys::read_at(&sm.blocks().read().unwrap(), SIZE as usize, 0).unwrap();
+        assert!(blocks != model, "the blocks have every write");
+        assert!(read_pieces(&sm.pieces()).segments() <= 3);
+
+        // A restart: the pieces the snapshot recorded, in purged segments the log held, then
+        // the entries after it, applied again from the log (by reference).
+        drop((sm, log));
+        let held_files = || {
+            std::fs::read_dir(&log_dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".held"))
+                .count()
+        };
+        assert!(held_files() > 0, "no purged segment held");
+        let mut log = super::super::segment_log::SegmentLog::open_small(&log_dir, 1 << 20).unwrap();
+        let mut sm = open(&log);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(at));
+        let again = log.try_get_log_entries(at.index + 1..).await.unwrap();
         sm.apply(again).await.unwrap();
         assert!(
             volume(&sm, SIZE) == model,
             "the volume differs after a restart"
         );
+
+        // Another snapshot, and what the first one held and the second does not is given back.
+        let snap = snapshot(&mut sm).await;
+        log.purge(snap.meta.last_log_id.unwrap()).await.unwrap();
+        log.save_vote(&openraft::Vote::new(1, 1)).await.unwrap();
+        let named: std::collections::BTreeSet<u64> = current_file(&dir.path().join("sm"))
+            .unwrap()
+            .unwrap()
+            .pieces
+            .iter()
+            .map(|r| r.seg)
+            .collect();
         assert!(
-            read_pieces(&sm.pieces()).bytes() > 0,
-            "nothing applied by reference"
+            held_files() <= named.len(),
+            "{} held, {named:?} named",
+            held_files()
         );
-        // Another replica installs the snapshot (the blocks as they are now: at least as new as
-        // it) and applies the entries after it, copying them: the same volume.
+
+        // Another replica installs it (the volume as it is now: at least as new as the
+        // snapshot) and applies the entries after it: the same volume.
         let mut other = StateMachine::open(&dir.path().join("other"), SIZE).unwrap();
-        let rx = other.begin_receiving_snapshot().await.unwrap();
-        let mut src = snap.snapshot.into_std().await;
-        let mut dst = rx.try_clone().await.unwrap().into_std().await;
-        std::io::copy(&mut src, &mut dst).unwrap();
-        other.install_snapshot(&snap.meta, rx).await.unwrap();
+        let from = snap.meta.last_log_id.unwrap().index;
+        send(snap, &sm.pieces(), &mut other).await;
         other
-            .apply(entries[after as usize - 1..].to_vec())
+            .apply(entries[from as usize..].to_vec())
             .await
             .unwrap();
         assert!(read_pieces(&other.pieces()).is_empty());
@@ -913,7 +1055,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_snapshot_built_late_does_not_replace_a_newer_one_installed_meanwhile() {
-        use openraft::RaftSnapshotBuilder;
         const SIZE: u64 = 1 << 20;
         let dir = tempfile::tempdir().unwrap();
         let (entries, _) = workload(SIZE, 12);
@@ -923,12 +1064,7 @@ mod tests {
         // Another replica's newer snapshot is installed before the build ends.
         let mut b = StateMachine::open(&dir.path().join("b"), SIZE).unwrap();
         b.apply(entries.clone()).await.unwrap();
-        let newer = b
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let newer = snapshot(&mut b).await;
         let rx = a.begin_receiving_snapshot().await.unwrap();
         let mut src = newer.snapshot.into_std().await;
         let mut dst = rx.try_clone().await.unwrap().into_std().await;
@@ -950,7 +1086,8 @@ mod tests {
         let mut log = super::super::segment_log::SegmentLog::open(&dir.path().join("log")).unwrap();
         let mut sm = StateMachine::open(&dir.path().join("sm"), SIZE)
             .unwrap()
-            .by_reference(log.id(), DEFER_BYTES);
+            .with_log(&log, HOLD_BYTES)
+            .unwrap();
         let id = |term, index| LogId::new(openraft::CommittedLeaderId::new(term, 0), index);
         let write = |fill: u8| BlockOp::Write {
             offset: 1 << 20,
@@ -984,41 +1121,52 @@ mod tests {
         );
     }
 
-    /// Entries without write data age the pieces too, so that they cannot hold the log back
-    /// for ever.
     #[tokio::test(flavor = "multi_thread")]
-    async fn zeroings_after_a_write_held_in_the_log_send_it_to_the_blocks() {
-        const SIZE: u64 = 4 << 20;
-        const DEFER: u64 = 2 << 20;
+    async fn a_volume_written_over_within_the_budget_is_never_copied_and_past_it_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = super::super::segment_log::SegmentLog::open(&dir.path().join("log")).unwrap();
-        let mut sm = StateMachine::open(&dir.path().join("sm"), SIZE)
-            .unwrap()
-            .by_reference(log.id(), DEFER);
         let id = |index| LogId::new(openraft::CommittedLeaderId::new(1, 0), index);
-        let mut entries = vec![Entry {
-            log_id: id(1),
-            payload: EntryPayload::Normal(BlockOp::Write {
-                offset: 0,
-                data: vec![3; 1 << 20].into(),
-            }),
-        }];
-        // 40 zeroings of 4 KiB elsewhere: 2.5 MiB as entries count.
-        entries.extend((0..40).map(|i| Entry {
-            log_id: id(i + 2),
-            payload: EntryPayload::Normal(BlockOp::Zero {
-                offset: 2 << 20,
-                length: 4096,
-                allocate: false,
-            }),
-        }));
-        log.append_durably(entries.clone()).await.unwrap();
-        sm.apply(entries[..1].to_vec()).await.unwrap();
-        assert_eq!(read_pieces(&sm.pieces()).bytes(), 1 << 20);
-        sm.apply(entries[1..].to_vec()).await.unwrap();
-        assert!(read_pieces(&sm.pieces()).is_empty());
-        let blocks = crate::sys::read_at(&sm.blocks().read().unwrap(), 1 << 20, 0).unwrap();
-        assert!(blocks == vec![3; 1 << 20], "the write is not in the blocks");
+        // Volume of `size` written `times` over in 256 KiB writes, filled with the pass number.
+        let passes = |size: u64, times: u8| -> Vec<Entry> {
+            let mut v = vec![];
+            for pass in 1..=times {
+                for off in (0..size).step_by(256 << 10) {
+                    v.push(BlockOp::Write {
+                        offset: off,
+                        data: vec![pass; 256 << 10].into(),
+                    });
+                }
+            }
+            v.into_iter()
+                .enumerate()
+                .map(|(i, op)| Entry {
+                    log_id: id(i as u64 + 1),
+                    payload: EntryPayload::Normal(op),
+                })
+                .collect()
+        };
+        for (name, size, copied) in [("within", 2u64 << 20, false), ("past", 8 << 20, true)] {
+            let entries = passes(size, 3);
+            let log = log_with(&dir.path().join(name).join("log"), &entries).await;
+            let mut sm = StateMachine::open(&dir.path().join(name).join("sm"), size)
+                .unwrap()
+                .with_log(&log, 3 << 20)
+                .unwrap();
+            for e in entries {
+                sm.apply(vec![e]).await.unwrap();
+                assert!(read_pieces(&sm.pieces()).segments() <= 3);
+            }
+            assert!(
+                volume(&sm, size) == vec![3; size as usize],
+                "{name}: the volume differs"
+            );
+            let blocks =
+                crate::sys::read_at(&sm.blocks().read().unwrap(), size as usize, 0).unwrap();
+            assert_eq!(
+                blocks.iter().any(|b| *b != 0),
+                copied,
+                "{name}: copied to the blocks"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -1029,7 +1177,8 @@ mod tests {
         let mut log = super::super::segment_log::SegmentLog::open(&dir.path().join("log")).unwrap();
         let mut sm = StateMachine::open(&dir.path().join("sm"), SIZE)
             .unwrap()
-            .by_reference(log.id(), 0);
+            .with_log(&log, 0)
+            .unwrap();
         log.append_durably(entries.clone()).await.unwrap();
         sm.apply(entries).await.unwrap();
         assert!(read_pieces(&sm.pieces()).is_empty());
