@@ -159,6 +159,9 @@ struct NodeArgs {
     /// (overwritten before: never); 0: every write goes to the blocks at once.
     #[arg(long, default_value_t = blockdrv::raft::node::Timing::default().defer_logs)]
     defer_logs: u64,
+    /// MiB per raft log segment file.
+    #[arg(long, default_value_t = blockdrv::raft::node::Timing::default().segment_mib, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    segment_mib: u64,
     #[arg(long, default_value = "info")]
     log: String,
 }
@@ -286,6 +289,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         snapshot_logs: args.snapshot_logs,
         keep_logs: args.keep_logs,
         defer_logs: args.defer_logs,
+        segment_mib: args.segment_mib,
     };
     let node = Node::new(args.id, &args.dir, timing);
     node.set_cluster(members.clone());

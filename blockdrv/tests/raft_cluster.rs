@@ -51,8 +51,9 @@ impl Cluster {
 
     /// Three nodes with volume `v`, fast elections, a snapshot every `snapshot_mib` MiB
     /// applied and 1 MiB of log kept behind it (so the log is purged, and a snapshot catches a
-    /// replica up, after a few MiB; large writes stay where the log wrote them, and snapshots
-    /// record them there), logging at info (tests read what they say).
+    /// replica up, after a few MiB), log segments of 4 MiB of which large writes applied by
+    /// reference keep at most 4 (so purged segments are held for them, and past that they go
+    /// to the blocks), logging at info (tests read what they say).
     fn compacting(snapshot_mib: &str) -> Cluster {
         Cluster::start(&[
             "--heartbeat-ms",
@@ -63,9 +64,31 @@ impl Cluster {
             snapshot_mib,
             "--keep-logs",
             "1",
+            "--segment-mib",
+            "4",
+            "--defer-logs",
+            "16",
             "--log",
             "info",
         ])
+    }
+
+    /// The log segments node `i` holds for writes applied by reference after the log was
+    /// purged past them.
+    fn held_segments(&self, i: usize) -> usize {
+        let log = self
+            .dir
+            .path()
+            .join(format!("n{}", i + 1))
+            .join("v")
+            .join("log");
+        std::fs::read_dir(log)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".held"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Three nodes without volumes.
@@ -820,7 +843,10 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
         "no snapshot sent with the unwritten part left out: {sent:?}"
     );
     // Every node restarted: each starts from its last snapshot, whose writes held in the log
-    // it finds again where the snapshot recorded them, and applies the rest again.
+    // it finds again where the snapshot recorded them (in segments purged and held), and
+    // applies the rest again.
+    let held: usize = (0..3).map(|i| c.held_segments(i)).sum();
+    assert!(held > 0, "no purged segment held for writes in it");
     for i in 0..3 {
         c.kill(i);
     }

@@ -1017,6 +1017,9 @@ pub struct Timing {
     /// fewest bytes of such writes have them copied to the blocks; a write overwritten before
     /// that is never written there. 0: every write goes to the blocks as it is applied.
     pub defer_logs: u64,
+    /// MiB of log per segment file: a segment takes no more appends once it holds this much.
+    /// Purged segments are reused, or held while writes applied by reference are in them.
+    pub segment_mib: u64,
 }
 
 impl Default for Timing {
@@ -1027,6 +1030,7 @@ impl Default for Timing {
             snapshot_logs: 64,
             keep_logs: 64,
             defer_logs: super::state_machine::HOLD_BYTES >> 20,
+            segment_mib: super::segment_log::SEGMENT_BYTES >> 20,
         }
     }
 }
@@ -1862,9 +1866,11 @@ impl Node {
             return Ok(g);
         }
         let dir = self.dir.join(volume);
-        // The log spans up to the writes held in it and the log kept behind them.
-        let span = (self.timing.defer_logs + self.timing.keep_logs) << 20;
-        let log = SegmentLog::open_spanning(&dir.join("log"), span)?;
+        // The log spans the entries kept behind the last snapshot and those after it (the
+        // segments writes applied by reference hold are not the log's: given back, they are
+        // spares, or deleted once there are enough).
+        let span = (self.timing.snapshot_logs + self.timing.keep_logs) << 20;
+        let log = SegmentLog::open_spanning(&dir.join("log"), span, self.timing.segment_mib << 20)?;
         let sm = StateMachine::open(&dir.join("blocks"), size)?
             .with_log(&log, self.timing.defer_logs << 20)?;
         let (blocks, pieces, size, applied) = (sm.blocks(), sm.pieces(), sm.size(), sm.applied());

@@ -64,8 +64,8 @@ use serde::{Deserialize, Serialize};
 use super::data::Place;
 use super::{Data, Entry, LogId, NodeId, StorageError, TypeConfig};
 
-/// A segment takes no more appends once it holds this many bytes.
-const SEGMENT_BYTES: u64 = 64 << 20;
+/// A segment takes no more appends once it holds this many bytes (by default).
+pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Bytes of entries kept in memory once they are on disk (the newest ones).
 const CACHE_BYTES: usize = 64 << 20;
 /// A record's length and crc.
@@ -437,11 +437,12 @@ impl SegmentLog {
         SegmentLog::open_with(dir, SEGMENT_BYTES, CACHE_BYTES, SPARES)
     }
 
-    /// [`SegmentLog::open`] for a log that grows to `span` bytes: it keeps the purged
-    /// segments of that much (and at least [`SPARES`]) for reuse.
-    pub fn open_spanning(dir: &Path, span: u64) -> io::Result<SegmentLog> {
-        let spares = (span.div_ceil(SEGMENT_BYTES) as usize + 1).max(SPARES);
-        SegmentLog::open_with(dir, SEGMENT_BYTES, CACHE_BYTES, spares)
+    /// [`SegmentLog::open`] for a log of segments of `segment_bytes` that grows to `span`
+    /// bytes: it keeps the purged segments of that much (and at least [`SPARES`]) for reuse.
+    pub fn open_spanning(dir: &Path, span: u64, segment_bytes: u64) -> io::Result<SegmentLog> {
+        let segment_bytes = segment_bytes.max(1);
+        let spares = (span.div_ceil(segment_bytes) as usize + 1).max(SPARES);
+        SegmentLog::open_with(dir, segment_bytes, CACHE_BYTES, spares)
     }
 
     fn open_with(
@@ -1152,17 +1153,16 @@ impl RaftLogStorage<TypeConfig> for SegmentLog {
             let cut_at = st.locs[keep];
             st.locs.truncate(keep);
             st.uncache_from(since);
-            // Segments starting at `since` or later go; the one holding `since` is cut.
-            let mut cut = (cut_at.seg < since).then_some((cut_at.seg, cut_at.offset));
-            let mut from = since;
+            // Segments starting at `since` or later go; the one holding `since` is cut (also
+            // when all before `since` is purged: it may hold writes the state machine refers
+            // to, and goes with the next purge, held if need be).
+            let cut = (cut_at.seg < since).then_some((cut_at.seg, cut_at.offset));
             if st.locs.is_empty() {
-                // Nothing left (all before `since` purged): the next append starts a segment.
+                // Nothing left: the next append starts a segment.
                 st.first = since;
                 st.cache_first = since;
-                cut = None;
-                from = 0;
             }
-            let remove: Vec<u64> = st.segments.range(from..).map(|(s, _)| *s).collect();
+            let remove: Vec<u64> = st.segments.range(since..).map(|(s, _)| *s).collect();
             for s in &remove {
                 st.segments.remove(s);
             }
@@ -1597,6 +1597,43 @@ mod tests {
         drop(six);
         log.save_vote(&Vote::new(1, 1)).await.unwrap();
         assert!(!held(6));
+    }
+
+    /// Everything after the purge truncated (a new leader's log differs from the first entry
+    /// not purged): the segment holding it is cut, not deleted, since it also holds purged
+    /// entries whose writes the state machine may refer to.
+    #[tokio::test]
+    async fn a_truncation_of_all_after_a_purge_keeps_the_segment_for_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small(dir.path());
+        let entries: Vec<Entry> = (0..6).map(|i| entry(1, i, i as u8)).collect();
+        for e in &entries {
+            append(&mut log, vec![e.clone()]).await;
+        }
+        let place = crate::raft::entry_data(&entries[4])[0]
+            .place()
+            .unwrap()
+            .clone();
+        assert_eq!(place.seg, 3);
+        drop(entries);
+        let id = |term, i| openraft::LogId::new(openraft::CommittedLeaderId::new(term, 0), i);
+        log.purge(id(1, 4)).await.unwrap();
+        log.truncate(id(1, 5)).await.unwrap();
+        append(&mut log, vec![entry(2, 5, 9)]).await;
+        log.purge(id(2, 5)).await.unwrap();
+        assert!(dir.path().join(format!("{:020}.held", 3)).exists());
+        let bytes = crate::sys::read_at(&place.file, 4096, place.offset).unwrap();
+        assert!(
+            bytes == vec![4; 4096],
+            "entry 4's write is not where it was"
+        );
+        drop(log);
+        let mut log = small(dir.path());
+        let held = log.segment(3).expect("segment 3 is held after a reopen");
+        assert!(crate::sys::read_at(&held, 4096, place.offset).unwrap() == vec![4; 4096]);
+        assert_eq!(indexes(&mut log).await, Vec::<(u64, u64)>::new());
+        append(&mut log, vec![entry(2, 6, 6)]).await;
+        assert_eq!(indexes(&mut log).await, vec![(2, 6)]);
     }
 
     #[tokio::test]

@@ -372,8 +372,13 @@ fn set_current(dir: &Path, meta: &Meta, pieces: &[Recorded]) -> io::Result<()> {
     let bytes = serde_json::to_vec(&file).map_err(super::io_err)?;
     super::write_atomic(&meta_path(dir, &meta.snapshot_id), &bytes)?;
     super::write_atomic(&dir.join("current.json"), &bytes)?;
+    // What older ones left goes if it can: the snapshot is current already.
     let keep = format!("{}.json", meta.snapshot_id);
-    for e in std::fs::read_dir(dir.join("snapshots"))?.flatten() {
+    for e in std::fs::read_dir(dir.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name != keep && name != INCOMING {
             let _ = std::fs::remove_file(e.path());
@@ -649,8 +654,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             match current(&dir)? {
                 Some(c) if c.last_log_id >= meta.last_log_id => Ok::<_, io::Error>(()),
                 _ => {
+                    // Held before `current.json` may name them (it may be replaced and a later
+                    // step fail); those only the older one named may be reused once it is.
+                    held.extend(files.iter().cloned());
                     set_current(&dir, &meta, &pieces)?;
-                    // The segments the older one named may be reused now.
                     *held = files;
                     Ok(())
                 }
@@ -836,9 +843,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.size
             .fetch_max(len, std::sync::atomic::Ordering::SeqCst);
         {
-            // The pieces are older than the snapshot: gone with the blocks they were over.
+            // The pieces are older than the snapshot: gone with the blocks they were over. The
+            // blocks' lock first, as readers take them (`read_volume`).
+            let mut old = self.blocks.write().unwrap_or_else(|e| e.into_inner());
             let mut pieces = write_pieces(&self.pieces);
-            *self.blocks.write().unwrap_or_else(|e| e.into_inner()) = blocks;
+            *old = blocks;
             pieces.clear();
         }
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
@@ -1005,27 +1014,28 @@ mod tests {
         // A restart: the pieces the snapshot recorded, in purged segments the log held, then
         // the entries after it, applied again from the log (by reference).
         drop((sm, log));
-        let held_files = || {
-            std::fs::read_dir(&log_dir)
-                .unwrap()
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".held"))
-                .count()
-        };
-        assert!(held_files() > 0, "no purged segment held");
-        let mut log = super::super::segment_log::SegmentLog::open_small(&log_dir, 1 << 20).unwrap();
+        assert!(!held_segs(&log_dir).is_empty(), "no purged segment held");
+        let reopen =
+            || super::super::segment_log::SegmentLog::open_small(&log_dir, 1 << 20).unwrap();
+        let mut log = reopen();
         let mut sm = open(&log);
         assert_eq!(sm.applied_state().await.unwrap().0, Some(at));
-        let again = log.try_get_log_entries(at.index + 1..).await.unwrap();
+        // Up to entry 55 again, a second snapshot there, the log purged up to it, the rest.
+        let again = log.try_get_log_entries(at.index + 1..56).await.unwrap();
         sm.apply(again).await.unwrap();
+        let snap = snapshot(&mut sm).await;
+        let at = snap.meta.last_log_id.unwrap();
+        assert_eq!(at.index, 55);
+        log.purge(at).await.unwrap();
+        sm.apply(log.try_get_log_entries(56..).await.unwrap())
+            .await
+            .unwrap();
         assert!(
             volume(&sm, SIZE) == model,
             "the volume differs after a restart"
         );
-
-        // Another snapshot, and what the first one held and the second does not is given back.
-        let snap = snapshot(&mut sm).await;
-        log.purge(snap.meta.last_log_id.unwrap()).await.unwrap();
+        // What only the first snapshot named is given back (at the log's next job); what the
+        // second names, or the pieces now hold, is there.
         log.save_vote(&openraft::Vote::new(1, 1)).await.unwrap();
         let named: std::collections::BTreeSet<u64> = current_file(&dir.path().join("sm"))
             .unwrap()
@@ -1034,23 +1044,101 @@ mod tests {
             .iter()
             .map(|r| r.seg)
             .collect();
-        assert!(
-            held_files() <= named.len(),
-            "{} held, {named:?} named",
-            held_files()
-        );
+        let live: std::collections::BTreeSet<u64> = read_pieces(&sm.pieces())
+            .record()
+            .0
+            .iter()
+            .map(|r| r.seg)
+            .collect();
+        for seg in named.iter().chain(&live) {
+            let path = |ext| log_dir.join(format!("{seg:020}.{ext}"));
+            assert!(
+                path("held").exists() || path("seg").exists(),
+                "segment {seg} is gone"
+            );
+        }
+        for seg in held_segs(&log_dir) {
+            assert!(
+                named.contains(&seg) || live.contains(&seg),
+                "segment {seg} still held"
+            );
+        }
 
-        // Another replica installs it (the volume as it is now: at least as new as the
-        // snapshot) and applies the entries after it: the same volume.
-        let mut other = StateMachine::open(&dir.path().join("other"), SIZE).unwrap();
-        let from = snap.meta.last_log_id.unwrap().index;
-        send(snap, &sm.pieces(), &mut other).await;
-        other
-            .apply(entries[from as usize..].to_vec())
+        // Another restart, from the second snapshot: the same volume.
+        drop((sm, log));
+        let mut log = reopen();
+        let mut sm = open(&log);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(at));
+        sm.apply(log.try_get_log_entries(56..).await.unwrap())
             .await
             .unwrap();
+        assert!(
+            volume(&sm, SIZE) == model,
+            "the volume differs after a restart from the second snapshot"
+        );
+
+        // Another replica installs it (the volume as it is now: newer than the snapshot) and
+        // applies the entries after it: the same volume.
+        let mut other = StateMachine::open(&dir.path().join("other"), SIZE).unwrap();
+        send(snap, &sm.pieces(), &mut other).await;
+        other.apply(entries[55..].to_vec()).await.unwrap();
         assert!(read_pieces(&other.pieces()).is_empty());
         assert!(volume(&other, SIZE) == model, "the other replica differs");
+    }
+
+    /// The segments `log_dir` holds past the purge.
+    fn held_segs(log_dir: &Path) -> Vec<u64> {
+        std::fs::read_dir(log_dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".held")?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// `blocks` (a snapshot's, without pieces) received by `to`, to install.
+    async fn receive(blocks: Box<tokio::fs::File>, to: &mut StateMachine) -> Box<tokio::fs::File> {
+        let rx = to.begin_receiving_snapshot().await.unwrap();
+        let mut src = blocks.into_std().await;
+        let mut dst = rx.try_clone().await.unwrap().into_std().await;
+        std::io::copy(&mut src, &mut dst).unwrap();
+        rx
+    }
+
+    /// A reader holds the blocks' lock while it resolves the pieces (`read_volume`); an
+    /// install that took the pieces' first and then waited for the blocks' would leave both
+    /// waiting for ever.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_install_waits_for_a_read_in_progress_without_locking_it_out() {
+        const SIZE: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let (entries, _) = workload(SIZE, 12);
+        let mut a = StateMachine::open(&dir.path().join("a"), SIZE).unwrap();
+        a.apply(entries).await.unwrap();
+        let snap = snapshot(&mut a).await;
+        let mut b = StateMachine::open(&dir.path().join("b"), SIZE).unwrap();
+        let rx = receive(snap.snapshot, &mut b).await;
+        let (blocks, pieces) = (b.blocks(), b.pieces());
+        let reading = blocks.read().unwrap();
+        let meta = snap.meta.clone();
+        let install = tokio::spawn(async move { b.install_snapshot(&meta, rx).await });
+        // Once the snapshot is current, the install is at the swap, waiting for the read.
+        while current(&dir.path().join("b"))
+            .unwrap()
+            .map(|m| m.snapshot_id)
+            != Some(snap.meta.snapshot_id.clone())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            pieces.try_read().is_ok(),
+            "the install holds the pieces while it waits for the blocks"
+        );
+        drop(reading);
+        install.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -1065,10 +1153,7 @@ mod tests {
         let mut b = StateMachine::open(&dir.path().join("b"), SIZE).unwrap();
         b.apply(entries.clone()).await.unwrap();
         let newer = snapshot(&mut b).await;
-        let rx = a.begin_receiving_snapshot().await.unwrap();
-        let mut src = newer.snapshot.into_std().await;
-        let mut dst = rx.try_clone().await.unwrap().into_std().await;
-        std::io::copy(&mut src, &mut dst).unwrap();
+        let rx = receive(newer.snapshot, &mut a).await;
         a.install_snapshot(&newer.meta, rx).await.unwrap();
         late.build_snapshot().await.unwrap();
         let cur = current(&dir.path().join("a")).unwrap().unwrap();
