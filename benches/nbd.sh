@@ -145,8 +145,9 @@ done
 for s in $SERVERS; do : > "$WORK/cpu.$s" && : > "$WORK/rcpu.$s" && : > "$WORK/settle.$s"; done
 # Warm-up, not measured: the first writes of each target allocate its files' pages (on this VM,
 # fresh pages cost a fault in the host too), which a server that has been running has done; a
-# replica's log grows until it spans the writes it holds and the log kept behind them (192 MiB,
-# see --defer-logs), so every target is written that much and a volume more first.
+# replica's log, and the segments it holds for the volume's data (see --defer-logs), grow until
+# the volume is rewritten and its first segments are given back as spares: every target is
+# written 192 MiB and a volume more first (twice, for 256 MiB).
 WARMUP=${BENCH_WARMUP:-$(((192 + 2 * MIB - 1) / MIB))}
 for s in $SERVERS; do
     for _ in $(seq "$WARMUP"); do
