@@ -19,12 +19,21 @@ pub struct Extent {
 }
 
 /// Where the bytes of a read are: `len` bytes of `file` from `offset`, for a front end that
-/// sends them straight from the file (see [`Volume::read_region`]).
+/// sends them straight from the file (see [`Volume::read_sendable`]).
 #[derive(Debug, Clone)]
 pub struct FileRegion {
     pub file: Arc<File>,
     pub offset: u64,
     pub len: u32,
+}
+
+/// What a read for a front end that can send from files gives.
+#[derive(Debug)]
+pub enum Sendable {
+    /// The bytes are in one file: taken from it when they are sent.
+    Region(FileRegion),
+    /// The bytes, read now.
+    Data(Vec<u8>),
 }
 
 /// A block volume. Writes are durable once `flush` returns, or at once with `fua`.
@@ -42,13 +51,13 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>>;
 
-    /// A read whose bytes are taken from a file when they are sent, not now: the region of a
-    /// file that holds them, if the volume keeps them in one (`None`: use [`Volume::read`]).
-    /// Whatever is ordered before the call (completed writes, a read barrier) is in the region;
-    /// a write that completes after it may be seen too, as it may be by a read that overlaps
-    /// it.
-    async fn read_region(&self, _offset: u64, _length: u32) -> io::Result<Option<FileRegion>> {
-        Ok(None)
+    /// A read whose bytes are taken from a file when they are sent, not now, if the volume
+    /// keeps them in one (the region of the file), or else read now as [`Volume::read`] reads
+    /// them. Whatever is ordered before the call (completed writes, a read barrier) is in the
+    /// region; a write that completes after it may be seen too, as it may be by a read that
+    /// overlaps it.
+    async fn read_sendable(&self, offset: u64, length: u32) -> io::Result<Sendable> {
+        self.read(offset, length).await.map(Sendable::Data)
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()>;
@@ -225,8 +234,8 @@ impl Volume for FileVolume {
             .await
     }
 
-    async fn read_region(&self, offset: u64, length: u32) -> io::Result<Option<FileRegion>> {
-        Ok(Some(FileRegion {
+    async fn read_sendable(&self, offset: u64, length: u32) -> io::Result<Sendable> {
+        Ok(Sendable::Region(FileRegion {
             file: self.file.clone(),
             offset,
             len: length,

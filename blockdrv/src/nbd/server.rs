@@ -16,7 +16,7 @@
 //! writer, each written whole. A reply is sent only when its operation is done, so a write is
 //! acknowledged only once the volume has it; `DISC` (or the client going away) waits for the
 //! requests in flight. On a socket without TLS, large reads from a volume that keeps its bytes
-//! in a file go out with `sendfile` from that file ([`Volume::read_region`]), not through a
+//! in a file go out with `sendfile` from that file ([`Volume::read_sendable`]), not through a
 //! buffer.
 //!
 //! Peer errors: a bad magic or malformed handshake closes the connection; a bad request (unknown
@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::proto::{self, Command, Request, TlsGate, TlsState};
 use super::tls::{TlsConfig, TlsError};
-use crate::volume::{FileRegion, Volume};
+use crate::volume::{FileRegion, Sendable, Volume};
 
 /// Requests of one connection executed at the same time.
 pub const IN_FLIGHT: usize = 64;
@@ -645,9 +645,9 @@ async fn execute(s: &Session, r: &Request, payload: Option<Vec<u8>>) -> Result<O
     let (off, len) = (r.offset, u64::from(r.length));
     match r.command {
         Command::Read if s.send_files && r.length as usize >= COPY_DATA_BELOW => {
-            match v.read_region(off, r.length).await {
-                Ok(Some(region)) => Ok(Outcome::Region(region)),
-                Ok(None) => v.read(off, r.length).await.map(Outcome::Data),
+            match v.read_sendable(off, r.length).await {
+                Ok(Sendable::Region(region)) => Ok(Outcome::Region(region)),
+                Ok(Sendable::Data(data)) => Ok(Outcome::Data(data)),
                 Err(e) => Err(e),
             }
             .map_err(|e| io_failure("read", &e))

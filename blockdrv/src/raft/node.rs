@@ -2659,15 +2659,26 @@ impl crate::volume::Volume for RaftVolume {
         self.group.local_read(offset, length).await
     }
 
-    async fn read_region(
-        &self,
-        offset: u64,
-        length: u32,
-    ) -> io::Result<Option<crate::volume::FileRegion>> {
+    async fn read_sendable(&self, offset: u64, length: u32) -> io::Result<crate::volume::Sendable> {
+        use crate::volume::Sendable;
         self.read_barrier().await?;
         // The file that holds the range now, if one does (a snapshot installed later replaces
-        // the blocks with newer ones; these hold at least what the barrier asked for).
-        super::state_machine::volume_region(&self.group.blocks, &self.group.pieces, offset, length)
+        // the blocks with newer ones; these hold at least what the barrier asked for), or the
+        // bytes of the blocks and the log, without asking the leader again.
+        let region = super::state_machine::volume_region(
+            &self.group.blocks,
+            &self.group.pieces,
+            offset,
+            length,
+        )?;
+        match region {
+            Some(r) => Ok(Sendable::Region(r)),
+            None => self
+                .group
+                .local_read(offset, length)
+                .await
+                .map(Sendable::Data),
+        }
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
