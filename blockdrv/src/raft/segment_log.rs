@@ -212,10 +212,12 @@ enum Job {
         places: Vec<(Data, LogId, u64)>,
         done: Done,
     },
-    /// Delete segments `remove`, cut segment `cut.0` at `cut.1`, fsync.
+    /// Delete the segments named `since` or later, cut segment `cut.0` at `cut.1`, fsync.
+    /// Which segments those are is decided here, in job order: a segment an append queued
+    /// before starts may not exist yet when the truncation is asked for.
     Truncate {
         cut: Option<(u64, u64)>,
-        remove: Vec<u64>,
+        since: Option<u64>,
         done: Done,
     },
     /// Replace `meta.json`, then keep segments `remove` as spares or delete them.
@@ -679,7 +681,7 @@ impl SegmentLog {
                 &mut st,
                 Job::Truncate {
                     cut: None,
-                    remove: Vec::new(),
+                    since: None,
                     done,
                 },
             );
@@ -777,7 +779,7 @@ impl Writer {
                     places,
                     done,
                 } => (self.append(seg, new, close, offset, &parts, places), done),
-                Job::Truncate { cut, remove, done } => (self.truncate(cut, &remove), done),
+                Job::Truncate { cut, since, done } => (self.truncate(cut, since), done),
                 Job::Meta { meta, remove, done } => (self.meta(&meta, remove), done),
             };
             if let Err(e) = &r {
@@ -865,7 +867,18 @@ impl Writer {
         Ok(())
     }
 
-    fn truncate(&self, cut: Option<(u64, u64)>, remove: &[u64]) -> io::Result<()> {
+    fn truncate(&self, cut: Option<(u64, u64)>, since: Option<u64>) -> io::Result<()> {
+        let remove: Vec<u64> = match since {
+            Some(since) => {
+                let mut st = lock(&self.state);
+                let remove: Vec<u64> = st.segments.range(since..).map(|(s, _)| *s).collect();
+                for s in &remove {
+                    st.segments.remove(s);
+                }
+                remove
+            }
+            None => Vec::new(),
+        };
         for seg in remove.iter().rev() {
             remove_segment(&self.dir, *seg)?;
         }
@@ -1162,12 +1175,9 @@ impl RaftLogStorage<TypeConfig> for SegmentLog {
                 st.first = since;
                 st.cache_first = since;
             }
-            let remove: Vec<u64> = st.segments.range(since..).map(|(s, _)| *s).collect();
-            for s in &remove {
-                st.segments.remove(s);
-            }
             st.tail = st.locs.back().map(|l| (l.seg, l.end()));
-            self.submit(&mut st, |done| Job::Truncate { cut, remove, done })?
+            let since = Some(since);
+            self.submit(&mut st, |done| Job::Truncate { cut, since, done })?
         };
         wait(done).await.map_err(write_err)
     }
@@ -1634,6 +1644,53 @@ mod tests {
         assert_eq!(indexes(&mut log).await, Vec::<(u64, u64)>::new());
         append(&mut log, vec![entry(2, 6, 6)]).await;
         assert_eq!(indexes(&mut log).await, vec![(2, 6)]);
+    }
+
+    /// openraft truncates without waiting for appends to be on disk: a truncation asked for
+    /// while an append that starts a segment is queued removes that segment too (left behind,
+    /// with entries of an older term, it made the log impossible to open).
+    #[tokio::test]
+    async fn a_truncation_removes_the_segment_an_append_queued_before_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let sized = |term: u64, index: u64, len: usize| Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term, 0), index),
+            payload: openraft::EntryPayload::Normal(BlockOp::Write {
+                offset: 0,
+                data: vec![index as u8; len].into(),
+            }),
+        };
+        let mut log = SegmentLog::open_small(dir.path(), 1 << 20).unwrap();
+        // Segment 0 full with entries 0 and 1; entry 2 (large: the writer takes a while) would
+        // start segment 2.
+        append(
+            &mut log,
+            vec![sized(1, 0, 600 << 10), sized(1, 1, 600 << 10)],
+        )
+        .await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        log.append_then(
+            vec![sized(1, 2, 16 << 20)],
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .unwrap();
+        log.truncate(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 0),
+            1,
+        ))
+        .await
+        .unwrap();
+        wait(rx).await.unwrap();
+        // A new leader's small entries go on in segment 0.
+        append(&mut log, (1..4).map(|i| sized(2, i, 4096)).collect()).await;
+        assert_eq!(segments(dir.path()).len(), 1, "{:?}", segments(dir.path()));
+        drop(log);
+        let mut log = SegmentLog::open_small(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            indexes(&mut log).await,
+            vec![(1, 0), (2, 1), (2, 2), (2, 3)]
+        );
     }
 
     #[tokio::test]
