@@ -136,23 +136,15 @@ struct SnapshotEnd {
     parts: u64,
 }
 
-/// The next piece of data of a snapshot's volume (its blocks, and the writes held in the log
-/// over them) at or after `at` (holes skipped, at most [`SNAPSHOT_CHUNK`] bytes), if there is
-/// one before `size`.
+/// The next piece of data of a snapshot's volume at or after `at` (at most
+/// [`SNAPSHOT_CHUNK`] bytes, see `state_machine::next_chunk`), if there is one before `size`.
 fn next_snapshot_chunk(
     blocks: &std::fs::File,
     pieces: &Pieces,
     at: u64,
     size: u64,
 ) -> io::Result<Option<(u64, Vec<u8>)>> {
-    let Some((data, end)) = super::state_machine::next_data(blocks, pieces, at, size)? else {
-        return Ok(None);
-    };
-    let len = (end - data).min(SNAPSHOT_CHUNK);
-    Ok(Some((
-        data,
-        super::state_machine::read_over(blocks, pieces, data, len as usize)?,
-    )))
+    super::state_machine::next_chunk(blocks, pieces, at, size, SNAPSHOT_CHUNK)
 }
 
 #[derive(Debug, Serialize, Deserialize)]

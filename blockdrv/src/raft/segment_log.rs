@@ -923,10 +923,7 @@ impl Writer {
             self.spares.push((spare, file));
             Ok(())
         } else {
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
+            remove_file(path)
         }
     }
 
@@ -990,7 +987,12 @@ fn held_path(dir: &Path, seg: u64) -> PathBuf {
 }
 
 fn remove_segment(dir: &Path, seg: u64) -> io::Result<()> {
-    match std::fs::remove_file(segment_path(dir, seg)) {
+    remove_file(&segment_path(dir, seg))
+}
+
+/// Deletes `path`; one already gone is fine.
+fn remove_file(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }

@@ -29,7 +29,7 @@
 //! applied. (The log is purged only up to a snapshot's id, so those entries are always there
 //! to apply; and a node serves reads only once it has applied up to the read index, which is
 //! past anything the snapshot could hold.) Sending a snapshot reads the live volume in chunks,
-//! the blocks' data and the pieces ([`next_data`], [`read_over`]; holes and zero runs are not
+//! the blocks' data and the pieces ([`next_chunk`]; holes and zero runs are not
 //! sent); receiving one writes them to `snapshots/incoming.img` (the rest stays holes), and
 //! installing it turns its other 64 KiB runs of zeroes into holes in place and renames it over
 //! the blocks, no copy, with no pieces. Nothing is ever held whole in memory, and a snapshot
@@ -186,7 +186,7 @@ pub fn read_volume(
 }
 
 /// [`read_volume`] from the blocks file `blocks`.
-pub fn read_over(blocks: &File, pieces: &Pieces, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+fn read_over(blocks: &File, pieces: &Pieces, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let parts = read_pieces(pieces).resolve(offset, len as u64);
     if let [(_, _, Source::Blocks)] = parts[..] {
         return crate::sys::read_at(blocks, len, offset);
@@ -201,15 +201,30 @@ pub fn read_over(blocks: &File, pieces: &Pieces, offset: u64, len: usize) -> io:
     Ok(out)
 }
 
-/// Where the next data of the volume (blocks file `blocks`, `size` bytes) at or after `at`
-/// is, and where it ends: the blocks' next data, or the next piece, whichever comes first
-/// (the range may hold holes of the blocks where pieces are not). None if there is none.
-pub fn next_data(
+/// The next data of the volume (blocks file `blocks`, `size` bytes) at or after `at`, at most
+/// `max` bytes of it, and its offset: what a snapshot sends (the blocks' holes where no piece
+/// is are left out). None once there is none.
+pub fn next_chunk(
     blocks: &File,
     pieces: &Pieces,
     at: u64,
     size: u64,
-) -> io::Result<Option<(u64, u64)>> {
+    max: u64,
+) -> io::Result<Option<(u64, Vec<u8>)>> {
+    let Some((start, end)) = next_data(blocks, pieces, at, size)? else {
+        return Ok(None);
+    };
+    let len = (end - start).min(max);
+    Ok(Some((
+        start,
+        read_over(blocks, pieces, start, len as usize)?,
+    )))
+}
+
+/// Where the next data of the volume (blocks file `blocks`, `size` bytes) at or after `at`
+/// is, and where it ends: the blocks' next data, or the next piece, whichever comes first
+/// (the range may hold holes of the blocks where pieces are not). None if there is none.
+fn next_data(blocks: &File, pieces: &Pieces, at: u64, size: u64) -> io::Result<Option<(u64, u64)>> {
     let data = crate::sys::next_data(blocks, at, size)?;
     let piece = read_pieces(pieces)
         .next_piece(at)
@@ -950,11 +965,9 @@ mod tests {
         let size = blocks.metadata().unwrap().len();
         let dst = rx.try_clone().await.unwrap().into_std().await;
         let mut at = 0;
-        while let Some((start, end)) = next_data(&blocks, pieces, at, size).unwrap() {
-            let len = (end - start).min(1 << 20);
-            let data = read_over(&blocks, pieces, start, len as usize).unwrap();
+        while let Some((start, data)) = next_chunk(&blocks, pieces, at, size, 1 << 20).unwrap() {
             dst.write_all_at(&data, start).unwrap();
-            at = start + len;
+            at = start + data.len() as u64;
         }
         to.install_snapshot(&snap.meta, rx).await.unwrap();
     }
@@ -1027,13 +1040,7 @@ mod tests {
         let at = snap.meta.last_log_id.unwrap();
         assert_eq!(at.index, 55);
         log.purge(at).await.unwrap();
-        sm.apply(log.try_get_log_entries(56..).await.unwrap())
-            .await
-            .unwrap();
-        assert!(
-            volume(&sm, SIZE) == model,
-            "the volume differs after a restart"
-        );
+        applies_from_log(&mut sm, &mut log, 56, &model, "after a restart").await;
         // What only the first snapshot named is given back (at the log's next job); what the
         // second names, or the pieces now hold, is there.
         log.save_vote(&openraft::Vote::new(1, 1)).await.unwrap();
@@ -1069,13 +1076,14 @@ mod tests {
         let mut log = reopen();
         let mut sm = open(&log);
         assert_eq!(sm.applied_state().await.unwrap().0, Some(at));
-        sm.apply(log.try_get_log_entries(56..).await.unwrap())
-            .await
-            .unwrap();
-        assert!(
-            volume(&sm, SIZE) == model,
-            "the volume differs after a restart from the second snapshot"
-        );
+        applies_from_log(
+            &mut sm,
+            &mut log,
+            56,
+            &model,
+            "after a restart from the second snapshot",
+        )
+        .await;
 
         // Another replica installs it (the volume as it is now: newer than the snapshot) and
         // applies the entries after it: the same volume.
@@ -1084,6 +1092,24 @@ mod tests {
         other.apply(entries[55..].to_vec()).await.unwrap();
         assert!(read_pieces(&other.pieces()).is_empty());
         assert!(volume(&other, SIZE) == model, "the other replica differs");
+    }
+
+    /// Applies the entries of `log` from index `from` on to `sm`, which then reads as `model`.
+    async fn applies_from_log(
+        sm: &mut StateMachine,
+        log: &mut super::super::segment_log::SegmentLog,
+        from: u64,
+        model: &[u8],
+        when: &str,
+    ) {
+        use openraft::storage::RaftLogReader;
+        sm.apply(log.try_get_log_entries(from..).await.unwrap())
+            .await
+            .unwrap();
+        assert!(
+            volume(sm, model.len() as u64) == model,
+            "the volume differs {when}"
+        );
     }
 
     /// The segments `log_dir` holds past the purge.
