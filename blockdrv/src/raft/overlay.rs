@@ -48,9 +48,18 @@ pub struct Overlay {
     pieces: BTreeMap<u64, Piece>,
     /// (segment, offset) of every piece.
     by_seg: BTreeSet<(u64, u64)>,
-    /// Bytes of pieces in each segment that holds any.
-    live: BTreeMap<u64, u64>,
+    /// What each segment that holds any piece holds.
+    live: BTreeMap<u64, Held>,
     bytes: u64,
+}
+
+/// What a segment holds for the pieces.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    /// Bytes of pieces in it.
+    bytes: u64,
+    /// The end of the furthest piece put in it (the file is at least this long).
+    end: u64,
 }
 
 impl Overlay {
@@ -68,6 +77,13 @@ impl Overlay {
         self.live.len()
     }
 
+    /// Bytes of the log segments that hold pieces, each counted as `segment_bytes` (the newest
+    /// is still being filled) or as far as its furthest piece, if further: one append that
+    /// does not fit in a segment's room still goes into it whole, so a segment can be longer.
+    pub fn held_bytes(&self, segment_bytes: u64) -> u64 {
+        self.live.values().map(|h| h.end.max(segment_bytes)).sum()
+    }
+
     /// The segment holding the fewest bytes of pieces (the oldest of those), leaving out the
     /// newest segment unless `newest_too`: what is cheapest to copy to the blocks to give a
     /// segment back.
@@ -80,7 +96,7 @@ impl Overlay {
         self.live
             .iter()
             .filter(|(s, _)| Some(**s) != skip)
-            .min_by_key(|(s, live)| (**live, **s))
+            .min_by_key(|(s, held)| (held.bytes, **s))
             .map(|(s, _)| *s)
     }
 
@@ -131,12 +147,12 @@ impl Overlay {
         let p = self.pieces.remove(&off)?;
         self.by_seg.remove(&(p.seg, off));
         self.bytes -= p.len;
-        let live = self
+        let held = self
             .live
             .get_mut(&p.seg)
             .expect("a piece's segment is counted");
-        *live -= p.len;
-        if *live == 0 {
+        held.bytes -= p.len;
+        if held.bytes == 0 {
             self.live.remove(&p.seg);
         }
         Some(p)
@@ -149,7 +165,9 @@ impl Overlay {
         }
         self.by_seg.insert((p.seg, off));
         self.bytes += p.len;
-        *self.live.entry(p.seg).or_default() += p.len;
+        let held = self.live.entry(p.seg).or_default();
+        held.bytes += p.len;
+        held.end = held.end.max(p.at + p.len);
         self.pieces.insert(off, p);
     }
 
@@ -312,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn cut_drops_a_range_and_segments_are_counted_by_the_bytes_they_still_hold() {
+    fn cut_drops_a_range_and_segments_are_counted_by_the_bytes_they_still_hold_and_reach() {
         let mut o = Overlay::default();
         o.set(0, 100, &place(5, 0));
         o.set(100, 100, &place(5, 100));
@@ -322,6 +340,9 @@ mod tests {
         // Segment 6 holds 30 bytes, 7 holds 10 but is the newest, 5 holds 190.
         assert_eq!(o.leanest(false), Some(6));
         assert_eq!(o.leanest(true), Some(7));
+        // Each at least a segment's size, segment 7 as far as its piece reaches.
+        assert_eq!(o.held_bytes(256), 256 + 256 + 910);
+        assert_eq!(o.held_bytes(1000), 3000);
         let in5: Vec<(u64, u64, u64)> = o
             .in_segment(5)
             .iter()
@@ -337,6 +358,7 @@ mod tests {
         // Segment 6 given back: it is no longer counted.
         o.cut(300, 30);
         assert_eq!(o.segments(), 2);
+        assert_eq!(o.held_bytes(256), 256 + 910);
         o.cut(0, 50);
         o.cut(40, 1000);
         assert!(o.is_empty());

@@ -11,7 +11,8 @@
 //! piece of the [`Overlay`], read from the log segment, and the blocks are left alone; a
 //! range written again, or zeroed, is cut out of the pieces. The pieces keep their segments
 //! past the log's purge (the log holds them, see `segment_log.rs`), up to `budget` bytes of
-//! segments: past it, the pieces of the segment that holds the fewest bytes of them are
+//! segments (each counted as the segment size, or as far as its pieces reach if further: an
+//! append goes whole into the segment it starts in): past it, the pieces of the segment that holds the fewest bytes of them are
 //! copied to the blocks (`copy_file_range`), so a segment is given back. Each byte is copied
 //! at most once, and a volume rewritten within the budget never is: its old segments empty
 //! as it is rewritten. Other operations go to the blocks, then cut what pieces held of their
@@ -477,7 +478,7 @@ impl Apply<'_> {
 
 /// Whether the pieces keep more than `budget` bytes of log segments of `seg_bytes`.
 fn over_budget(pieces: &Pieces, budget: u64, seg_bytes: u64) -> bool {
-    (read_pieces(pieces).segments() as u64).saturating_mul(seg_bytes) > budget
+    read_pieces(pieces).held_bytes(seg_bytes) > budget
 }
 
 /// Gives back log segments until the pieces keep at most `budget` bytes of them: the pieces
@@ -1255,16 +1256,19 @@ mod tests {
                 })
                 .collect()
         };
+        // Segments of 1 MiB and a little more (the record that crosses 1 MiB goes in whole): a
+        // 2 MiB volume written over sequentially spans at most three of them.
+        const BUDGET: u64 = 4 << 20;
         for (name, size, copied) in [("within", 2u64 << 20, false), ("past", 8 << 20, true)] {
             let entries = passes(size, 3);
             let log = log_with(&dir.path().join(name).join("log"), &entries).await;
             let mut sm = StateMachine::open(&dir.path().join(name).join("sm"), size)
                 .unwrap()
-                .with_log(&log, 3 << 20)
+                .with_log(&log, BUDGET)
                 .unwrap();
             for e in entries {
                 sm.apply(vec![e]).await.unwrap();
-                assert!(read_pieces(&sm.pieces()).segments() <= 3);
+                assert!(read_pieces(&sm.pieces()).held_bytes(1 << 20) <= BUDGET);
             }
             assert!(
                 volume(&sm, size) == vec![3; size as usize],
@@ -1278,6 +1282,36 @@ mod tests {
                 "{name}: copied to the blocks"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn segments_longer_than_the_segment_size_count_as_long_as_they_are() {
+        const SIZE: u64 = 12 << 20;
+        const BUDGET: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        // 3 MiB writes into a log of 1 MiB segments: each goes whole into a segment of its own.
+        let entries: Vec<Entry> = (0..4u8)
+            .map(|i| Entry {
+                log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), u64::from(i) + 1),
+                payload: EntryPayload::Normal(BlockOp::Write {
+                    offset: u64::from(i) * (3 << 20),
+                    data: vec![i + 1; 3 << 20].into(),
+                }),
+            })
+            .collect();
+        let log = log_with(&dir.path().join("log"), &entries).await;
+        let mut sm = StateMachine::open(&dir.path().join("sm"), SIZE)
+            .unwrap()
+            .with_log(&log, BUDGET)
+            .unwrap();
+        for e in entries {
+            sm.apply(vec![e]).await.unwrap();
+            let (_, files) = read_pieces(&sm.pieces()).record();
+            let held: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+            assert!(held > 0 && held <= BUDGET, "{held} bytes of segments held");
+        }
+        let model: Vec<u8> = (1..=4u8).flat_map(|i| vec![i; 3 << 20]).collect();
+        assert!(volume(&sm, SIZE) == model, "the volume differs");
     }
 
     #[tokio::test(flavor = "multi_thread")]
