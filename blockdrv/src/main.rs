@@ -151,7 +151,8 @@ struct NodeArgs {
     /// 64 KiB each).
     #[arg(long, default_value_t = 64)]
     snapshot_logs: u64,
-    /// MiB of log kept (entries count at least 64 KiB each) for replicas that fell behind.
+    /// MiB of log kept (entries count at least 64 KiB each) for replicas that fell behind
+    /// (a leader keeps more for a follower that answers, up to the volume's size or 1 GiB).
     #[arg(long, default_value_t = 64)]
     keep_logs: u64,
     /// MiB of log segments a volume's writes of 64 KiB or more may keep: they stay where the

@@ -865,6 +865,70 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
     }
 }
 
+/// A follower that falls behind for a moment but answered lately (stopped here for well under
+/// the 2 s its leader waits for it with these elections) catches up from the log, not by a
+/// snapshot: its leader's snapshots move on, but its log keeps what the follower still needs.
+/// (openraft would send it the whole volume; under a steady stream of writes a follower a
+/// little slower than the other was sent it again and again.) One that stops answering for
+/// longer is sent a snapshot (`sigkill_of_the_leader_...`).
+#[test]
+fn a_follower_briefly_behind_catches_up_from_the_log_not_by_a_snapshot() {
+    let c = Cluster::compacting("4");
+    let leader = c.steady_leader();
+    let behind = (leader + 1) % 3;
+    let snapshot_index = |i: usize| -> u64 {
+        let path = c
+            .dir
+            .path()
+            .join(format!("n{}", i + 1))
+            .join("v")
+            .join("blocks")
+            .join("current.json");
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["meta"]["last_log_id"]["index"].as_u64())
+            .unwrap_or(0)
+    };
+    c.assert_replicas_identical();
+    let had = c.applied(behind).expect("applied");
+    c.signal(behind, "STOP");
+    let stopped = Instant::now();
+    // 12 MiB in one qemu-io: three snapshot intervals, twelve times the log kept.
+    let writes: Vec<String> = (1..=12u64)
+        .map(|i| format!("write -P {i} {} 1M", i * MIB))
+        .collect();
+    let mut cmd = vec!["timeout", "60", "qemu-io", "-f", "raw"];
+    for w in &writes {
+        cmd.extend(["-c", w.as_str()]);
+    }
+    let uri = c.uri(leader);
+    cmd.push(&uri);
+    let (good, out) = run(&cmd);
+    assert!(
+        good && out.matches("wrote 1048576/1048576").count() == 12,
+        "{out}"
+    );
+    // Two rounds of the leader's snapshots and purges (every 250 ms).
+    std::thread::sleep(Duration::from_millis(600));
+    let snapshot = snapshot_index(leader);
+    println!("follower stopped for {:?}", stopped.elapsed());
+    c.signal(behind, "CONT");
+    assert!(
+        snapshot > had,
+        "the leader's snapshot ({snapshot}) is not past the follower ({had})"
+    );
+    c.assert_replicas_identical();
+    for i in 1..=12 {
+        c.assert_mib(behind, i);
+    }
+    let log = std::fs::read_to_string(c.log(behind)).unwrap();
+    assert!(
+        !log.contains("snapshot installed"),
+        "the follower was sent a snapshot"
+    );
+}
+
 /// A leader whose process dies is replaced at once: its followers see its connections end and
 /// nothing answer at its address, and elect. The election timer here (6-12 s, after the dead
 /// leader's 12 s lease) would take 18 s at least; writes resume long before. A leader whose

@@ -135,9 +135,10 @@ impl Applied {
     }
 
     /// The newest index at or below `snapshot` (the last index in a snapshot: the log can be
-    /// purged no further) with at least `keep_kib` applied after it, if there is a newer one
-    /// than last time. Indexes past `snapshot` are kept for a later call.
-    pub fn purge_point(&self, keep_kib: u64, snapshot: u64) -> Option<u64> {
+    /// purged no further) with at least `keep_kib` applied after it, and not past what `hold`
+    /// keeps for a follower, if there is a newer one than last time. Indexes past that are kept
+    /// for a later call.
+    pub fn purge_point(&self, keep_kib: u64, snapshot: u64, hold: Option<Hold>) -> Option<u64> {
         let mut c = self.lock();
         let total = c.total;
         let mut point = None;
@@ -145,11 +146,22 @@ impl Applied {
             if total - at < keep_kib || index > snapshot {
                 break;
             }
+            if hold.is_some_and(|h| index > h.matched && total - at < h.most_kib) {
+                break;
+            }
             point = Some(index);
             c.marks.pop_front();
         }
         point
     }
+}
+
+/// Log a follower still needs: the entries after `matched` (the last it has) stay unless more
+/// than `most_kib` were applied after them, past which a snapshot is cheaper to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub matched: u64,
+    pub most_kib: u64,
 }
 
 /// The blocks file of a volume, shared by the state machine and the readers.
@@ -1388,16 +1400,45 @@ mod tests {
         a.add([(1, 1 << 20), (2, 4096), (3, 4096), (4, 4096), (5, 4096)].into_iter());
         a.add([(6, 512 << 10)].into_iter());
         assert_eq!(a.since_snapshot(), 1024 + 4 * 64 + 512);
-        assert_eq!(a.purge_point(10_000, 7), None, "not that much applied");
+        assert_eq!(
+            a.purge_point(10_000, 7, None),
+            None,
+            "not that much applied"
+        );
         // Not past the snapshot; what is past it comes later.
-        assert_eq!(a.purge_point(512 + 3 * 64, 0), None, "no snapshot yet");
-        assert_eq!(a.purge_point(512 + 3 * 64, 1), Some(1));
-        assert_eq!(a.purge_point(512 + 3 * 64, 7), Some(2));
-        assert_eq!(a.purge_point(512 + 3 * 64, 7), None, "nothing new since");
+        assert_eq!(
+            a.purge_point(512 + 3 * 64, 0, None),
+            None,
+            "no snapshot yet"
+        );
+        assert_eq!(a.purge_point(512 + 3 * 64, 1, None), Some(1));
+        assert_eq!(a.purge_point(512 + 3 * 64, 7, None), Some(2));
+        assert_eq!(
+            a.purge_point(512 + 3 * 64, 7, None),
+            None,
+            "nothing new since"
+        );
         a.add([(7, 128 << 10)].into_iter());
-        assert_eq!(a.purge_point(512, 7), Some(5));
+        assert_eq!(a.purge_point(512, 7, None), Some(5));
         a.snapshot_taken();
         assert_eq!(a.since_snapshot(), 0);
-        assert_eq!(a.purge_point(0, 7), Some(7));
+        assert_eq!(a.purge_point(0, 7, None), Some(7));
+    }
+
+    #[test]
+    fn the_purge_point_stops_at_what_a_follower_needs_unless_that_is_too_far_behind() {
+        let a = Applied::default();
+        // 1..=8: 1 MiB each.
+        a.add((1..=8).map(|i| (i, 1 << 20)));
+        let hold = |matched, most_kib| Some(Hold { matched, most_kib });
+        // The follower has up to 2: entries 3.. stay while fewer than 6 MiB follow them.
+        assert_eq!(a.purge_point(1024, 8, hold(2, 6 * 1024)), Some(2));
+        // Entry 3 has 5 MiB after it: it stays; then the follower gets further.
+        assert_eq!(a.purge_point(1024, 8, hold(2, 6 * 1024)), None);
+        assert_eq!(a.purge_point(1024, 8, hold(4, 6 * 1024)), Some(4));
+        // Entries more than 2 MiB behind go, whatever the follower has.
+        assert_eq!(a.purge_point(1024, 8, hold(4, 2 * 1024)), Some(6));
+        // Without a follower to keep it for, down to the 1 MiB kept.
+        assert_eq!(a.purge_point(1024, 8, None), Some(7));
     }
 }
