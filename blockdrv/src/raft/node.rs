@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use super::data;
 use super::segment_log::SegmentLog;
 use super::state_machine::{Applied, Blocks, Hold, Pieces, Size, StateMachine};
-use super::{BlockOp, NodeId, TypeConfig};
+use super::{BlockOp, Data, NodeId, TypeConfig};
 
 mod cluster;
 
@@ -2719,11 +2719,12 @@ impl crate::volume::Volume for RaftVolume {
 
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
         // Committed on a majority's disks before it returns: FUA holds already.
-        self.write_op(BlockOp::Write {
-            offset,
-            data: data.into(),
-        })
-        .await
+        let data: Data = data.into();
+        // The crc the log record (or the RPC to the leader) needs, now, while the front end
+        // has just read the bytes and they are in this core's cache: computed later, by the
+        // log, it costs twice as much (measured: 5.3% of the nodes' CPU writing, 3.0% here).
+        data.crc();
+        self.write_op(BlockOp::Write { offset, data }).await
     }
 
     async fn flush(&self) -> io::Result<()> {
