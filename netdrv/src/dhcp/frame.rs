@@ -83,10 +83,11 @@ pub fn build(
         &udp_len.to_be_bytes()[..],
     ]
     .concat();
-    let mut udp_sum = checksum(&[&pseudo, &f[udp_start..]]);
-    if udp_sum == 0 {
-        udp_sum = 0xffff;
-    }
+    // A sum that comes out 0 goes as 0, "no checksum" (RFC 768 allows it over IPv4), not as
+    // RFC 768's 0xffff: busybox udhcpc compares the field with its own sum, which is 0 then,
+    // and drops the offer (its xid stays the same for every retry of a discover, so each one
+    // would be dropped: one client in 65536 never got a lease).
+    let udp_sum = checksum(&[&pseudo, &f[udp_start..]]);
     f[udp_start + 6..udp_start + 8].copy_from_slice(&udp_sum.to_be_bytes());
     f
 }
@@ -160,6 +161,38 @@ mod tests {
         assert_eq!(d.src_mac, src);
         assert_eq!((d.src_port, d.dst_port), (67, 68));
         assert_eq!(d.payload, payload);
+    }
+
+    /// A datagram whose UDP checksum comes out 0 carries 0, which busybox udhcpc takes as
+    /// "no checksum" (the 0xffff of RFC 768 it would compare with its own sum, 0, and drop).
+    #[test]
+    fn a_udp_sum_of_zero_goes_as_no_checksum() {
+        let (src, dst) = (Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 0, 1, 7));
+        let frame = |payload: &[u8]| build(Mac([2; 6]), Mac([4; 6]), src, dst, 67, 68, payload);
+        let udp_check = |f: &[u8]| {
+            let at = ETH_HLEN + IPV4_HLEN + 6;
+            u16::from_be_bytes([f[at], f[at + 1]])
+        };
+        // A payload whose last word is chosen to make the one's complement sum 0xffff.
+        let mut payload = b"offer for an xid".to_vec();
+        payload.extend_from_slice(&[0, 0]);
+        let sum = !udp_check(&frame(&payload));
+        let word = 0xffff - sum;
+        let n = payload.len();
+        payload[n - 2..].copy_from_slice(&word.to_be_bytes());
+        let f = frame(&payload);
+        assert_eq!(udp_check(&f), 0);
+        // And it is right: the datagram with its pseudo-header sums to zero.
+        let udp = &f[ETH_HLEN + IPV4_HLEN..];
+        let pseudo = [
+            &src.octets()[..],
+            &dst.octets(),
+            &[0, 17],
+            &(udp.len() as u16).to_be_bytes(),
+        ]
+        .concat();
+        assert_eq!(checksum(&[&pseudo, udp]), 0);
+        assert_eq!(parse(&f).unwrap().payload, &payload[..]);
     }
 
     #[test]
