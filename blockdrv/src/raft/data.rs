@@ -8,8 +8,9 @@
 //! length and crc32) and the data, the `Data`s' bytes one after the other in the order they
 //! appear. Outside [`encode`] and [`decode`] (plain bincode) a `Data` is an ordinary byte string.
 //!
-//! A `Data`'s crc32 is computed once, where it is first needed (the leader's log), and shared by
-//! its clones; it travels in the skeleton, so a follower writes its log record without going
+//! A `Data`'s crc32 is computed once, by the node whose front end takes the write, as it hands
+//! it over (while its bytes are in cache; the leader's log would need it otherwise), and shared
+//! by its clones; it travels in the skeleton, so a follower writes its log record without going
 //! over the data again (the record's crc is combined from the data's). A crc that came with the
 //! data is trusted as it is: if the data were damaged on the way, the log record would not match
 //! its crc and opening the log would say so. Data that no log keeps (a snapshot's parts) is

@@ -405,9 +405,12 @@ impl Links {
 
     /// Whether `peer` answered an RPC (heartbeats too) within `within`.
     fn answered_within(&self, peer: NodeId, within: Duration) -> bool {
-        self.with(peer, |l| {
-            l.answered.is_some_and(|at| at.elapsed() <= within)
-        })
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .and_then(|l| l.answered)
+            .is_some_and(|at| at.elapsed() <= within)
     }
 
     /// Whether the last RPC to `peer` failed (it has not answered since).
@@ -1043,13 +1046,15 @@ const HOLD_LOGS_MAX: u64 = 1 << 30;
 /// snapshot holds); ends with the state machine.
 ///
 /// A leader purges no entry a follower that answered within `answering` still needs, unless
-/// more than the volume's `size` (at least `keep_kib`, at most [`HOLD_LOGS_MAX`]) was applied
+/// the volume's `size` (at least `keep_kib`, at most [`HOLD_LOGS_MAX`]) or more was applied
 /// after it: a snapshot would then be cheaper to send. openraft sends a follower whose next
 /// entry is purged the whole volume instead, and under a steady stream of writes a follower a
 /// little slower than the others never caught up: every snapshot took it longer than the log
 /// it missed took them (the third replica of a volume written at ~570 MiB/s on this 2-core VM
 /// was sent the whole volume 5 times in 2 GiB of writes, and held no log of its own). A
 /// follower that does not answer is not waited for: it gets a snapshot when it is back.
+/// Followers purge their own logs as before, so a newly elected leader has only `keep_kib`
+/// behind it to offer a follower that lags.
 async fn snapshot_when_due(
     raft: Raft<TypeConfig>,
     applied: Arc<Applied>,
@@ -1069,7 +1074,8 @@ async fn snapshot_when_due(
         }
         let m = raft.metrics().borrow().clone();
         let most_kib = (size.load(std::sync::atomic::Ordering::SeqCst) >> 10)
-            .clamp(keep_kib, HOLD_LOGS_MAX >> 10);
+            .min(HOLD_LOGS_MAX >> 10)
+            .max(keep_kib);
         let hold =
             needed_by_followers(&m, &links, answering).map(|matched| Hold { matched, most_kib });
         // Up to the last snapshot only (one just asked for may not be built yet: its entries
@@ -1084,7 +1090,8 @@ async fn snapshot_when_due(
 }
 
 /// On a leader: the last log index of the follower furthest behind among those that answered
-/// within `answering` and have any entry.
+/// within `answering` (0 for one whose progress this leader does not know yet: just elected,
+/// it has not heard back from it).
 fn needed_by_followers(
     m: &openraft::RaftMetrics<NodeId, BasicNode>,
     links: &Links,
@@ -1094,7 +1101,7 @@ fn needed_by_followers(
         .as_ref()?
         .iter()
         .filter(|(id, _)| **id != m.id && links.answered_within(**id, answering))
-        .filter_map(|(_, matched)| matched.map(|l| l.index))
+        .map(|(_, matched)| matched.map_or(0, |l| l.index))
         .min()
 }
 
@@ -1902,7 +1909,8 @@ impl Node {
         let dir = self.dir.join(volume);
         // The log spans the entries kept behind the last snapshot and those after it (the
         // segments writes applied by reference hold are not the log's: given back, they are
-        // spares, or deleted once there are enough).
+        // spares, or deleted once there are enough). A leader's log spans more while it keeps
+        // entries for a follower that lags (`snapshot_when_due`): those segments are new files.
         let span = (self.timing.snapshot_logs + self.timing.keep_logs) << 20;
         let log = SegmentLog::open_spanning(&dir.join("log"), span, self.timing.segment_mib << 20)?;
         let sm = StateMachine::open(&dir.join("blocks"), size)?

@@ -190,6 +190,8 @@ impl Overlay {
         hit.extend(self.pieces.range(off..end).map(|(o, _)| *o));
         for o in hit {
             let p = self.take(o).expect("a piece just found");
+            // What is left of it keeps its segment counted as long as it was.
+            let seg_end = self.cut_segment_end(p.seg, p.at + p.len);
             let p_end = o + p.len;
             if o < off {
                 self.put(
@@ -207,11 +209,35 @@ impl Overlay {
                     Piece {
                         len: p_end - end,
                         at: p.at + skip,
-                        ..p
+                        ..p.clone()
                     },
                 );
             }
+            self.reaches(p.seg, seg_end);
         }
+    }
+
+    /// The end counted for segment `seg`, at least `piece_end` (a piece of it just taken out).
+    fn cut_segment_end(&self, seg: u64, piece_end: u64) -> u64 {
+        self.live
+            .get(&seg)
+            .map_or(piece_end, |h| h.end.max(piece_end))
+    }
+
+    /// Segment `seg`, if it holds pieces, is at least `len` long (its file's length, say: the
+    /// pieces of a segment need not reach its end).
+    pub fn reaches(&mut self, seg: u64, len: u64) {
+        if let Some(h) = self.live.get_mut(&seg) {
+            h.end = h.end.max(len);
+        }
+    }
+
+    /// How `held_bytes` counts the newest segment that holds pieces.
+    pub fn newest_held(&self, segment_bytes: u64) -> Option<u64> {
+        self.live
+            .values()
+            .next_back()
+            .map(|h| h.end.max(segment_bytes))
     }
 
     /// `[off, off + len)` is now at `place`.
@@ -359,6 +385,13 @@ mod tests {
         o.cut(300, 30);
         assert_eq!(o.segments(), 2);
         assert_eq!(o.held_bytes(256), 256 + 910);
+        // A piece cut down to its head leaves its segment counted as long as it was, as does
+        // one whose file is known to be longer.
+        o.cut(55, 5);
+        assert_eq!(o.held_bytes(256), 256 + 910);
+        o.reaches(5, 1000);
+        assert_eq!(o.held_bytes(256), 1000 + 910);
+        assert_eq!(o.newest_held(256), Some(910));
         o.cut(0, 50);
         o.cut(40, 1000);
         assert!(o.is_empty());

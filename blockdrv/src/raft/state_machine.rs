@@ -156,8 +156,8 @@ impl Applied {
     }
 }
 
-/// Log a follower still needs: the entries after `matched` (the last it has) stay unless more
-/// than `most_kib` were applied after them, past which a snapshot is cheaper to send.
+/// Log a follower still needs: the entries after `matched` (the last it has) stay unless
+/// `most_kib` or more were applied after them, past which a snapshot is cheaper to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hold {
     pub matched: u64,
@@ -495,11 +495,14 @@ fn over_budget(pieces: &Pieces, budget: u64, seg_bytes: u64) -> bool {
 
 /// Gives back log segments until the pieces keep at most `budget` bytes of them: the pieces
 /// of the segment that holds the fewest bytes of them are copied to the blocks, and so on (the
-/// newest segment, where writes go now, only if the budget has no room for one). Each byte
+/// newest segment, where writes go now, only if the budget has no room for it). Each byte
 /// is copied at most once: once in the blocks, it stays there.
 fn settle(blocks: &File, pieces: &Pieces, budget: u64, seg_bytes: u64) -> io::Result<()> {
     while over_budget(pieces, budget, seg_bytes) {
-        let Some(seg) = read_pieces(pieces).leanest(budget < seg_bytes) else {
+        let newest_too = read_pieces(pieces)
+            .newest_held(seg_bytes)
+            .is_some_and(|n| n > budget);
+        let Some(seg) = read_pieces(pieces).leanest(newest_too) else {
             return Ok(());
         };
         let these = read_pieces(pieces).in_segment(seg);
@@ -599,6 +602,10 @@ impl StateMachine {
                         at: r.at,
                     },
                 );
+            }
+            // A segment counts as long as its file, whatever of it the pieces still hold.
+            for (seg, file) in &files {
+                pieces.reaches(*seg, file.metadata()?.len());
             }
             *lock_current(&self.current) = files.into_values().collect();
         }
@@ -985,6 +992,12 @@ mod tests {
         to.install_snapshot(&snap.meta, rx).await.unwrap();
     }
 
+    /// The length of the log segment files the pieces of `sm` are in.
+    fn held_file_bytes(sm: &StateMachine) -> u64 {
+        let (_, files) = read_pieces(&sm.pieces()).record();
+        files.iter().map(|f| f.metadata().unwrap().len()).sum()
+    }
+
     /// A log of 1 MiB segments in `dir`, its entries appended one by one (as a leader's come).
     async fn log_with(dir: &Path, entries: &[Entry]) -> super::super::segment_log::SegmentLog {
         let mut log = super::super::segment_log::SegmentLog::open_small(dir, 1 << 20).unwrap();
@@ -1280,7 +1293,8 @@ mod tests {
                 .unwrap();
             for e in entries {
                 sm.apply(vec![e]).await.unwrap();
-                assert!(read_pieces(&sm.pieces()).held_bytes(1 << 20) <= BUDGET);
+                let held = held_file_bytes(&sm);
+                assert!(held <= BUDGET, "{name}: {held} bytes of segments held");
             }
             assert!(
                 volume(&sm, size) == vec![3; size as usize],
@@ -1318,8 +1332,7 @@ mod tests {
             .unwrap();
         for e in entries {
             sm.apply(vec![e]).await.unwrap();
-            let (_, files) = read_pieces(&sm.pieces()).record();
-            let held: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+            let held = held_file_bytes(&sm);
             assert!(held > 0 && held <= BUDGET, "{held} bytes of segments held");
         }
         let model: Vec<u8> = (1..=4u8).flat_map(|i| vec![i; 3 << 20]).collect();
