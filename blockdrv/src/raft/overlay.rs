@@ -62,6 +62,14 @@ struct Held {
     end: u64,
 }
 
+impl Held {
+    /// The segment's length as the budget counts it: the segment size (the newest is still
+    /// being filled), or as far as its pieces reach, if further.
+    fn counted(&self, segment_bytes: u64) -> u64 {
+        self.end.max(segment_bytes)
+    }
+}
+
 impl Overlay {
     /// Bytes of the volume held in the log.
     pub fn bytes(&self) -> u64 {
@@ -81,7 +89,7 @@ impl Overlay {
     /// is still being filled) or as far as its furthest piece, if further: one append that
     /// does not fit in a segment's room still goes into it whole, so a segment can be longer.
     pub fn held_bytes(&self, segment_bytes: u64) -> u64 {
-        self.live.values().map(|h| h.end.max(segment_bytes)).sum()
+        self.live.values().map(|h| h.counted(segment_bytes)).sum()
     }
 
     /// The segment holding the fewest bytes of pieces (the oldest of those), leaving out the
@@ -189,9 +197,9 @@ impl Overlay {
             .collect();
         hit.extend(self.pieces.range(off..end).map(|(o, _)| *o));
         for o in hit {
+            // What is left of the piece keeps its segment counted as long as it was.
+            let seg_end = self.live.get(&self.pieces[&o].seg).map_or(0, |h| h.end);
             let p = self.take(o).expect("a piece just found");
-            // What is left of it keeps its segment counted as long as it was.
-            let seg_end = self.cut_segment_end(p.seg, p.at + p.len);
             let p_end = o + p.len;
             if o < off {
                 self.put(
@@ -217,13 +225,6 @@ impl Overlay {
         }
     }
 
-    /// The end counted for segment `seg`, at least `piece_end` (a piece of it just taken out).
-    fn cut_segment_end(&self, seg: u64, piece_end: u64) -> u64 {
-        self.live
-            .get(&seg)
-            .map_or(piece_end, |h| h.end.max(piece_end))
-    }
-
     /// Segment `seg`, if it holds pieces, is at least `len` long (its file's length, say: the
     /// pieces of a segment need not reach its end).
     pub fn reaches(&mut self, seg: u64, len: u64) {
@@ -237,7 +238,7 @@ impl Overlay {
         self.live
             .values()
             .next_back()
-            .map(|h| h.end.max(segment_bytes))
+            .map(|h| h.counted(segment_bytes))
     }
 
     /// `[off, off + len)` is now at `place`.

@@ -12,11 +12,11 @@
 //! range written again, or zeroed, is cut out of the pieces. The pieces keep their segments
 //! past the log's purge (the log holds them, see `segment_log.rs`), up to `budget` bytes of
 //! segments (each counted as the segment size, or as far as its pieces reach if further: an
-//! append goes whole into the segment it starts in): past it, the pieces of the segment that holds the fewest bytes of them are
-//! copied to the blocks (`copy_file_range`), so a segment is given back. Each byte is copied
-//! at most once, and a volume rewritten within the budget never is: its old segments empty
-//! as it is rewritten. Other operations go to the blocks, then cut what pieces held of their
-//! range.
+//! append goes whole into the segment it starts in): past it, the pieces of the segment that
+//! holds the fewest bytes of them are copied to the blocks (`copy_file_range`), so a segment
+//! is given back. Each byte is copied at most once, and a volume rewritten within the budget
+//! never is: its old segments empty as it is rewritten. Other operations go to the blocks, then
+//! cut what pieces held of their range.
 //!
 //! A snapshot is fuzzy, as ZooKeeper's are: taking one is an fdatasync of `volume.img` and
 //! recording the last log id applied and the pieces at that id (where in which segment each
