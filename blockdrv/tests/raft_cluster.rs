@@ -934,6 +934,89 @@ fn a_follower_briefly_behind_catches_up_from_the_log_not_by_a_snapshot() {
     );
 }
 
+/// Stops and continues a process over and over (stopped `stopped` of every `cycle`): a node that
+/// answers and takes entries, but slowly. Continued for good when dropped.
+struct Throttle {
+    pid: libc::pid_t,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn new(pid: u32, stopped: Duration, cycle: Duration) -> Throttle {
+        let pid = pid as libc::pid_t;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                // SAFETY: signals to a child of this process, which it reaps only after this.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(stopped);
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                std::thread::sleep(cycle - stopped);
+            }
+        });
+        Throttle {
+            pid,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
+}
+
+/// A follower that takes entries, but at a fraction of the others' pace (stopped 30 ms of
+/// every 40), is not left behind: writes wait for it once it lags by 16 MiB (the least lag
+/// writes wait at; half of what the leader would keep for it, 64 MiB here), so it never needs
+/// the whole volume sent. Left behind, with 192 MiB written at the others' pace, it fell past
+/// the 64 MiB and was sent snapshots.
+#[test]
+fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapshot() {
+    let c = Cluster::compacting("4");
+    let leader = c.steady_leader();
+    let slow = (leader + 1) % 3;
+    let src = c.dir.path().join("src.bin");
+    random_file(&src, 64);
+    let src = src.to_str().unwrap();
+    c.assert_replicas_identical();
+    let throttle = Throttle::new(
+        c.nodes[slow].as_ref().expect("running").id(),
+        Duration::from_millis(30),
+        Duration::from_millis(40),
+    );
+    for _ in 0..3 {
+        ok(&[
+            "timeout",
+            "120",
+            "nbdcopy",
+            "--request-size=1048576",
+            src,
+            &c.uri(leader),
+        ]);
+    }
+    drop(throttle);
+    c.assert_replicas_identical();
+    let uri = c.uri(slow);
+    let out = ok(&["qemu-img", "compare", "-f", "raw", "-F", "raw", src, &uri]);
+    assert!(out.contains("identical"), "{out}");
+    let log = std::fs::read_to_string(c.log(slow)).unwrap();
+    assert!(
+        !log.contains("snapshot installed"),
+        "the slow follower was sent a snapshot"
+    );
+}
+
 /// A leader whose process dies is replaced at once: its followers see its connections end and
 /// nothing answer at its address, and elect. The election timer here (6-12 s, after the dead
 /// leader's 12 s lease) would take 18 s at least; writes resume long before. A leader whose

@@ -413,6 +413,22 @@ impl Links {
             .is_some_and(|at| at.elapsed() <= within)
     }
 
+    /// Whether `peer` took new log entries within `within`, and no RPC carrying data to it
+    /// has failed since it last took one.
+    fn taking(&self, peer: NodeId, within: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .is_some_and(|l| {
+                l.log > 0
+                    && l.progress.elapsed() <= within
+                    && l.data_error
+                        .as_ref()
+                        .is_none_or(|(at, _)| l.took.is_some_and(|ok| ok >= *at))
+            })
+    }
+
     /// Whether the last RPC to `peer` failed (it has not answered since).
     fn failing(&self, peer: NodeId) -> bool {
         self.with(peer, |l| {
@@ -855,6 +871,84 @@ impl Batch {
     }
 }
 
+/// What a leader's writes are paced by ([`pace`]).
+struct Pacing {
+    /// Not kept alive by this (it ends `snapshot_when_due` once the state machine is gone).
+    applied: std::sync::Weak<Applied>,
+    links: Arc<Links>,
+    size: Size,
+    keep_kib: u64,
+    heartbeat: Duration,
+}
+
+/// A follower that keeps up lags by the group commit's entries in flight at most.
+const PACE_FLOOR_KIB: u64 = (BATCHES_IN_FLIGHT * BATCH_BYTES) as u64 >> 10;
+
+impl Pacing {
+    /// How far (KiB applied after the last entry it has) a follower that takes entries may
+    /// lag before writes wait for it: half the log every replica keeps behind what it applied
+    /// (so that whichever replica leads next still has what a live follower needs), but no
+    /// less than [`PACE_FLOOR_KIB`], and no more than half what a leader keeps for a follower.
+    fn limit_kib(&self) -> u64 {
+        let most = hold_most_kib(
+            self.size.load(std::sync::atomic::Ordering::SeqCst),
+            self.keep_kib,
+        );
+        (self.keep_kib / 2).max(PACE_FLOOR_KIB).min(most / 2)
+    }
+}
+
+/// The followers writes wait for, and the last entry each has: on a leader, the voters that
+/// took new entries within two heartbeats and have not failed to take any since (one that hangs,
+/// dies or is cut off is not waited for, nor is a learner being filled), whose next entries the
+/// log still has (one that needs a snapshot is not waited for either), and that lag by more than
+/// [`Pacing::limit_kib`].
+fn lagging(m: &openraft::RaftMetrics<NodeId, BasicNode>, p: &Pacing) -> BTreeMap<NodeId, u64> {
+    let Some(replication) = m.replication.as_ref() else {
+        return BTreeMap::new();
+    };
+    let Some(applied) = p.applied.upgrade() else {
+        return BTreeMap::new();
+    };
+    let limit = p.limit_kib();
+    let membership = m.membership_config.membership();
+    replication
+        .iter()
+        .filter(|(id, _)| **id != m.id && membership.voter_ids().any(|v| v == **id))
+        .filter_map(|(id, matched)| Some((*id, matched.as_ref()?.index)))
+        .filter(|(id, _)| p.links.taking(*id, 2 * p.heartbeat))
+        .filter(|(_, matched)| applied.kib_after(*matched).is_some_and(|kib| kib > limit))
+        .collect()
+}
+
+/// Before a leader's next log entry: while followers that take entries lag by more than the
+/// limit, waits until each of them has taken more (or stopped taking), so that writes go at the
+/// pace of the slowest live replica instead of leaving it behind. A replica systematically
+/// slower than the others (a slower disk, a busier host) would otherwise fall further behind
+/// with every write until the log it needs is purged, and be sent the whole volume, again and
+/// again while the writes go on (the volume running on the other replicas meanwhile), as
+/// synchronous replication (Ceph, DRBD, Longhorn) never lets happen. The wait ends at the latest
+/// two heartbeats after the follower last took anything: one that hangs is not waited for.
+async fn pace(raft: &Raft<TypeConfig>, p: &Pacing) {
+    let mut metrics = raft.metrics();
+    let waiting = lagging(&metrics.borrow_and_update(), p);
+    if waiting.is_empty() {
+        return;
+    }
+    loop {
+        if let Ok(Err(_)) = tokio::time::timeout(p.heartbeat, metrics.changed()).await {
+            return;
+        }
+        let now = lagging(&metrics.borrow_and_update(), p);
+        if waiting
+            .iter()
+            .all(|(id, had)| now.get(id).is_none_or(|m| m > had))
+        {
+            return;
+        }
+    }
+}
+
 /// The group commit of one group: the writes that queue up while earlier entries are being
 /// committed go into the log together as the next entry (one entry, one fsync per replica, one
 /// round of replication for all of them). While an entry is in flight the next one waits to
@@ -862,7 +956,11 @@ impl Batch {
 /// writes make few large entries and a stream of large ones is pipelined. Entries are committed
 /// in the order they were submitted (`client_write_ff` queues one in raft's order and returns);
 /// the writes of each are answered once it is applied.
-async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+async fn batcher(
+    raft: Raft<TypeConfig>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>,
+    pacing: Pacing,
+) {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (mut batch, mut in_flight, mut open) = (Batch::default(), 0usize, true);
     while open || !batch.ops.is_empty() {
@@ -875,6 +973,14 @@ async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::UnboundedRec
         let go = !batch.ops.is_empty()
             && (in_flight == 0 || !open || (batch.full() && in_flight < BATCHES_IN_FLIGHT));
         if go {
+            pace(&raft, &pacing).await;
+            // Writes that came meanwhile go with it.
+            while !batch.full() {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
             in_flight += 1;
             submit(&raft, std::mem::take(&mut batch), done_tx.clone()).await;
             continue;
@@ -1073,9 +1179,7 @@ async fn snapshot_when_due(
             return;
         }
         let m = raft.metrics().borrow().clone();
-        let most_kib = (size.load(std::sync::atomic::Ordering::SeqCst) >> 10)
-            .min(HOLD_LOGS_MAX >> 10)
-            .max(keep_kib);
+        let most_kib = hold_most_kib(size.load(std::sync::atomic::Ordering::SeqCst), keep_kib);
         let hold =
             needed_by_followers(&m, &links, answering).map(|matched| Hold { matched, most_kib });
         // Up to the last snapshot only (one just asked for may not be built yet: its entries
@@ -1087,6 +1191,12 @@ async fn snapshot_when_due(
             }
         }
     }
+}
+
+/// The most log (KiB applied after the last entry a follower has) a leader keeps for a
+/// follower, of a volume of `size` bytes (see [`snapshot_when_due`]).
+fn hold_most_kib(size: u64, keep_kib: u64) -> u64 {
+    (size >> 10).min(HOLD_LOGS_MAX >> 10).max(keep_kib)
 }
 
 /// On a leader: the last log index of the follower furthest behind among those that answered
@@ -1931,7 +2041,14 @@ impl Node {
             .await
             .map_err(io::Error::other)?;
         let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(batcher(raft.clone(), rx));
+        let pacing = Pacing {
+            applied: Arc::downgrade(&applied),
+            links: links.clone(),
+            size: size.clone(),
+            keep_kib: self.timing.keep_logs << 10,
+            heartbeat: Duration::from_millis(self.timing.heartbeat_ms),
+        };
+        tokio::spawn(batcher(raft.clone(), rx, pacing));
         tokio::spawn(snapshot_when_due(
             raft.clone(),
             applied,

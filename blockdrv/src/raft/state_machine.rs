@@ -154,6 +154,17 @@ impl Applied {
         }
         point
     }
+
+    /// KiB applied after entry `index` (0 if it is the newest applied, or newer), if that entry
+    /// is still counted: not one that [`Applied::purge_point`] has given up, nor one applied
+    /// before this process started, nor the one before the oldest counted (which is not known
+    /// for how much it counted).
+    pub fn kib_after(&self, index: u64) -> Option<u64> {
+        let c = self.lock();
+        let counted = c.marks.partition_point(|&(i, _)| i <= index);
+        let &(_, at) = c.marks.get(counted.checked_sub(1)?)?;
+        Some(c.total - at)
+    }
 }
 
 /// Log a follower still needs: the entries after `matched` (the last it has) stay unless
@@ -1453,5 +1464,25 @@ mod tests {
         assert_eq!(a.purge_point(1024, 8, hold(4, 2 * 1024)), Some(6));
         // Without a follower to keep it for, down to the 1 MiB kept.
         assert_eq!(a.purge_point(1024, 8, None), Some(7));
+    }
+
+    #[test]
+    fn how_much_was_applied_after_an_entry_is_known_while_it_is_counted() {
+        let a = Applied::default();
+        assert_eq!(a.kib_after(0), None, "nothing applied yet");
+        // 3..=6: 1 MiB, 4 KiB (64), 1 MiB, 1 MiB.
+        a.add([(3, 1 << 20), (4, 4096), (5, 1 << 20), (6, 1 << 20)].into_iter());
+        assert_eq!(a.kib_after(6), Some(0));
+        assert_eq!(
+            a.kib_after(9),
+            Some(0),
+            "a follower ahead of what is applied"
+        );
+        assert_eq!(a.kib_after(4), Some(2048));
+        assert_eq!(a.kib_after(3), Some(64 + 2048));
+        assert_eq!(a.kib_after(2), None, "before the first counted");
+        assert_eq!(a.purge_point(1024, 6, None), Some(5));
+        assert_eq!(a.kib_after(5), None, "given up by the purge");
+        assert_eq!(a.kib_after(6), Some(0));
     }
 }
