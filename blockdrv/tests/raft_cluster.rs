@@ -977,13 +977,27 @@ impl Drop for Throttle {
 }
 
 /// A follower that takes entries, but at a fraction of the others' pace (stopped 30 ms of
-/// every 40), is not left behind: writes wait for it once it lags by 16 MiB (the least lag
-/// writes wait at; half of what the leader would keep for it, 64 MiB here), so it never needs
-/// the whole volume sent. Left behind, with 192 MiB written at the others' pace, it fell past
-/// the 64 MiB and was sent snapshots.
+/// every 40), is not left behind: writes wait for it once it lags by 32 MiB (half the 64 MiB of
+/// log kept), so it never needs the whole volume sent. Left behind, with 192 MiB written at the
+/// others' pace, it fell past the 64 MiB and was sent snapshots. Slow elections (2-4 s) and
+/// heartbeats (250 ms, which is how long an AppendEntries may take) so that a slow machine
+/// cannot make it fail for another reason.
 #[test]
 fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapshot() {
-    let c = Cluster::compacting("4");
+    let c = Cluster::start(&[
+        "--heartbeat-ms",
+        "250",
+        "--election-ms",
+        "2000",
+        "--snapshot-logs",
+        "4",
+        "--keep-logs",
+        "64",
+        "--segment-mib",
+        "4",
+        "--log",
+        "info",
+    ]);
     let leader = c.steady_leader();
     let slow = (leader + 1) % 3;
     let src = c.dir.path().join("src.bin");
@@ -1010,10 +1024,16 @@ fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapsh
     let uri = c.uri(slow);
     let out = ok(&["qemu-img", "compare", "-f", "raw", "-F", "raw", src, &uri]);
     assert!(out.contains("identical"), "{out}");
+    assert_eq!(c.leader(), leader, "the leader changed");
     let log = std::fs::read_to_string(c.log(slow)).unwrap();
     assert!(
         !log.contains("snapshot installed"),
         "the slow follower was sent a snapshot"
+    );
+    let log = std::fs::read_to_string(c.log(leader)).unwrap();
+    assert!(
+        log.contains(&format!("writes wait for node {}", slow + 1)),
+        "the writes never waited for the slow follower"
     );
 }
 

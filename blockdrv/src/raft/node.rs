@@ -873,13 +873,18 @@ impl Batch {
 
 /// What a leader's writes are paced by ([`pace`]).
 struct Pacing {
+    volume: String,
     /// Not kept alive by this (it ends `snapshot_when_due` once the state machine is gone).
     applied: std::sync::Weak<Applied>,
     links: Arc<Links>,
     size: Size,
     keep_kib: u64,
     heartbeat: Duration,
+    /// When a wait was last logged (at most one line every [`PACE_LOG_EVERY`]).
+    logged: Option<Instant>,
 }
+
+const PACE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A follower that keeps up lags by the group commit's entries in flight at most.
 const PACE_FLOOR_KIB: u64 = (BATCHES_IN_FLIGHT * BATCH_BYTES) as u64 >> 10;
@@ -887,8 +892,10 @@ const PACE_FLOOR_KIB: u64 = (BATCHES_IN_FLIGHT * BATCH_BYTES) as u64 >> 10;
 impl Pacing {
     /// How far (KiB applied after the last entry it has) a follower that takes entries may
     /// lag before writes wait for it: half the log every replica keeps behind what it applied
-    /// (so that whichever replica leads next still has what a live follower needs), but no
-    /// less than [`PACE_FLOOR_KIB`], and no more than half what a leader keeps for a follower.
+    /// (so that whichever replica leads next still has what a live follower needs, with the
+    /// entries in flight, which are not counted yet, on top: with the default `keep_logs`,
+    /// 64 MiB, and any of 32 MiB or more), but no less than [`PACE_FLOOR_KIB`], and no more
+    /// than half what a leader keeps for a follower.
     fn limit_kib(&self) -> u64 {
         let most = hold_most_kib(
             self.size.load(std::sync::atomic::Ordering::SeqCst),
@@ -898,12 +905,16 @@ impl Pacing {
     }
 }
 
-/// The followers writes wait for, and the last entry each has: on a leader, the voters that
-/// took new entries within two heartbeats and have not failed to take any since (one that hangs,
-/// dies or is cut off is not waited for, nor is a learner being filled), whose next entries the
-/// log still has (one that needs a snapshot is not waited for either), and that lag by more than
-/// [`Pacing::limit_kib`].
-fn lagging(m: &openraft::RaftMetrics<NodeId, BasicNode>, p: &Pacing) -> BTreeMap<NodeId, u64> {
+/// The followers writes wait for, with the last entry each has and how far behind it is (KiB):
+/// on a leader, the voters that took new entries within two heartbeats and have not failed to
+/// take any since (one that hangs, dies or is cut off is not waited for, nor is a learner being
+/// filled), whose next entries the log still has (one that needs a snapshot is not waited for
+/// either; nor, after this node restarted, one behind the first entry it applied again), and
+/// that lag by more than [`Pacing::limit_kib`].
+fn lagging(
+    m: &openraft::RaftMetrics<NodeId, BasicNode>,
+    p: &Pacing,
+) -> BTreeMap<NodeId, (u64, u64)> {
     let Some(replication) = m.replication.as_ref() else {
         return BTreeMap::new();
     };
@@ -915,9 +926,12 @@ fn lagging(m: &openraft::RaftMetrics<NodeId, BasicNode>, p: &Pacing) -> BTreeMap
     replication
         .iter()
         .filter(|(id, _)| **id != m.id && membership.voter_ids().any(|v| v == **id))
-        .filter_map(|(id, matched)| Some((*id, matched.as_ref()?.index)))
-        .filter(|(id, _)| p.links.taking(*id, 2 * p.heartbeat))
-        .filter(|(_, matched)| applied.kib_after(*matched).is_some_and(|kib| kib > limit))
+        .filter(|(id, _)| p.links.taking(**id, 2 * p.heartbeat))
+        .filter_map(|(id, matched)| {
+            let matched = matched.as_ref()?.index;
+            let behind = applied.kib_after(matched).filter(|kib| *kib > limit)?;
+            Some((*id, (matched, behind)))
+        })
         .collect()
 }
 
@@ -929,20 +943,30 @@ fn lagging(m: &openraft::RaftMetrics<NodeId, BasicNode>, p: &Pacing) -> BTreeMap
 /// again while the writes go on (the volume running on the other replicas meanwhile), as
 /// synchronous replication (Ceph, DRBD, Longhorn) never lets happen. The wait ends at the latest
 /// two heartbeats after the follower last took anything: one that hangs is not waited for.
-async fn pace(raft: &Raft<TypeConfig>, p: &Pacing) {
+async fn pace(raft: &Raft<TypeConfig>, p: &mut Pacing) {
     let mut metrics = raft.metrics();
-    let waiting = lagging(&metrics.borrow_and_update(), p);
+    let waiting = lagging(&metrics.borrow_and_update().clone(), p);
     if waiting.is_empty() {
         return;
+    }
+    if p.logged.is_none_or(|at| at.elapsed() >= PACE_LOG_EVERY) {
+        p.logged = Some(Instant::now());
+        for (id, (_, kib)) in &waiting {
+            tracing::info!(
+                volume = %p.volume,
+                "writes wait for node {id}, {} MiB behind",
+                kib >> 10
+            );
+        }
     }
     loop {
         if let Ok(Err(_)) = tokio::time::timeout(p.heartbeat, metrics.changed()).await {
             return;
         }
-        let now = lagging(&metrics.borrow_and_update(), p);
+        let now = lagging(&metrics.borrow_and_update().clone(), p);
         if waiting
             .iter()
-            .all(|(id, had)| now.get(id).is_none_or(|m| m > had))
+            .all(|(id, (had, _))| now.get(id).is_none_or(|(m, _)| m > had))
         {
             return;
         }
@@ -959,7 +983,7 @@ async fn pace(raft: &Raft<TypeConfig>, p: &Pacing) {
 async fn batcher(
     raft: Raft<TypeConfig>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>,
-    pacing: Pacing,
+    mut pacing: Pacing,
 ) {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (mut batch, mut in_flight, mut open) = (Batch::default(), 0usize, true);
@@ -973,7 +997,7 @@ async fn batcher(
         let go = !batch.ops.is_empty()
             && (in_flight == 0 || !open || (batch.full() && in_flight < BATCHES_IN_FLIGHT));
         if go {
-            pace(&raft, &pacing).await;
+            pace(&raft, &mut pacing).await;
             // Writes that came meanwhile go with it.
             while !batch.full() {
                 match rx.try_recv() {
@@ -2042,11 +2066,13 @@ impl Node {
             .map_err(io::Error::other)?;
         let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
         let pacing = Pacing {
+            volume: volume.to_string(),
             applied: Arc::downgrade(&applied),
             links: links.clone(),
             size: size.clone(),
             keep_kib: self.timing.keep_logs << 10,
             heartbeat: Duration::from_millis(self.timing.heartbeat_ms),
+            logged: None,
         };
         tokio::spawn(batcher(raft.clone(), rx, pacing));
         tokio::spawn(snapshot_when_due(

@@ -107,6 +107,8 @@ struct AppliedCount {
     total: u64,
     /// (index, `total` once it was applied), oldest first; forgotten by `purge_point`.
     marks: std::collections::VecDeque<(u64, u64)>,
+    /// The last mark `purge_point` forgot (the log's purge point).
+    purged: Option<(u64, u64)>,
 }
 
 impl Applied {
@@ -150,19 +152,22 @@ impl Applied {
                 break;
             }
             point = Some(index);
-            c.marks.pop_front();
+            c.purged = c.marks.pop_front();
         }
         point
     }
 
-    /// KiB applied after entry `index` (0 if it is the newest applied, or newer), if that entry
-    /// is still counted: not one that [`Applied::purge_point`] has given up, nor one applied
-    /// before this process started, nor the one before the oldest counted (which is not known
-    /// for how much it counted).
+    /// KiB applied after entry `index` (0 if it is the newest applied, or newer), if the
+    /// entries after it are counted: `index` is not before the last [`Applied::purge_point`]
+    /// (the log no longer has what follows it), nor before the first entry this process
+    /// applied.
     pub fn kib_after(&self, index: u64) -> Option<u64> {
         let c = self.lock();
         let counted = c.marks.partition_point(|&(i, _)| i <= index);
-        let &(_, at) = c.marks.get(counted.checked_sub(1)?)?;
+        let (_, at) = match counted.checked_sub(1) {
+            Some(last) => c.marks[last],
+            None => c.purged.filter(|&(i, _)| i <= index)?,
+        };
         Some(c.total - at)
     }
 }
@@ -1457,6 +1462,8 @@ mod tests {
         let hold = |matched, most_kib| Some(Hold { matched, most_kib });
         // The follower has up to 2: entries 3.. stay while fewer than 6 MiB follow them.
         assert_eq!(a.purge_point(1024, 8, hold(2, 6 * 1024)), Some(2));
+        // How far behind the follower is stays known (writes are paced by it).
+        assert_eq!(a.kib_after(2), Some(6 * 1024));
         // Entry 3 has 5 MiB after it: it stays; then the follower gets further.
         assert_eq!(a.purge_point(1024, 8, hold(2, 6 * 1024)), None);
         assert_eq!(a.purge_point(1024, 8, hold(4, 6 * 1024)), Some(4));
@@ -1482,7 +1489,8 @@ mod tests {
         assert_eq!(a.kib_after(3), Some(64 + 2048));
         assert_eq!(a.kib_after(2), None, "before the first counted");
         assert_eq!(a.purge_point(1024, 6, None), Some(5));
-        assert_eq!(a.kib_after(5), None, "given up by the purge");
+        assert_eq!(a.kib_after(5), Some(1024), "the purge point");
+        assert_eq!(a.kib_after(4), None, "purged after it");
         assert_eq!(a.kib_after(6), Some(0));
     }
 }
