@@ -372,6 +372,28 @@ impl Cluster {
         );
     }
 
+    /// A file of `mib` MiB of random data in the cluster's directory.
+    fn random_source(&self, mib: usize) -> String {
+        let src = self.dir.path().join("src.bin");
+        random_file(&src, mib);
+        src.to_string_lossy().into_owned()
+    }
+
+    /// Writes file `src` to volume `v` from its start, through node `i`.
+    fn convert_into(&self, src: &str, i: usize) {
+        let uri = self.uri(i);
+        ok(&[
+            "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, &uri,
+        ]);
+    }
+
+    /// Asserts that volume `v`, read through node `i`, holds file `src` (and zeroes after it).
+    fn assert_holds(&self, i: usize, src: &str) {
+        let uri = self.uri(i);
+        let out = ok(&["qemu-img", "compare", "-f", "raw", "-F", "raw", src, &uri]);
+        assert!(out.contains("identical"), "node {}: {out}", i + 1);
+    }
+
     fn applied(&self, i: usize) -> Option<u64> {
         self.status(i)?["last_applied"].as_u64()
     }
@@ -460,33 +482,16 @@ fn writes_through_one_node_read_back_through_another_and_every_replica_is_identi
     assert!(info.contains("can_multi_conn: true"), "{info}");
     let leader = c.leader();
     let (via, other) = ((leader + 1) % 3, (leader + 2) % 3);
-    let src = c.dir.path().join("src.bin");
-    random_file(&src, 64);
-    let src = src.to_str().unwrap();
+    let src = c.random_source(64);
+    let src = src.as_str();
     // Through a follower (forwarded to the leader), read back through the other follower.
-    ok(&[
-        "qemu-img",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        src,
-        &c.uri(via),
-    ]);
-    let compare = || {
-        let uri = c.uri(other);
-        ok(&["qemu-img", "compare", "-f", "raw", "-F", "raw", src, &uri])
-    };
-    let out = compare();
-    assert!(out.contains("identical"), "{out}");
+    c.convert_into(src, via);
+    c.assert_holds(other, src);
     // A small write into ranges held in the log: reads of them come partly from the blocks.
     for target in [src, c.uri(via).as_str()] {
         ok(&["qemu-io", "-f", "raw", "-c", "write -P 90 12k 4k", target]);
     }
-    let out = compare();
-    assert!(out.contains("identical"), "after a small write: {out}");
+    c.assert_holds(other, src);
     ok(&["qemu-io", "-f", "raw", "-c", "discard 0 8M", &c.uri(other)]);
     let map = ok(&["nbdinfo", "--map", &c.uri(via)]);
     assert!(
@@ -1000,9 +1005,7 @@ fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapsh
     ]);
     let leader = c.steady_leader();
     let slow = (leader + 1) % 3;
-    let src = c.dir.path().join("src.bin");
-    random_file(&src, 64);
-    let src = src.to_str().unwrap();
+    let src = c.random_source(64);
     c.assert_replicas_identical();
     let throttle = Throttle::new(
         c.nodes[slow].as_ref().expect("running").id(),
@@ -1015,15 +1018,13 @@ fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapsh
             "120",
             "nbdcopy",
             "--request-size=1048576",
-            src,
+            &src,
             &c.uri(leader),
         ]);
     }
     drop(throttle);
     c.assert_replicas_identical();
-    let uri = c.uri(slow);
-    let out = ok(&["qemu-img", "compare", "-f", "raw", "-F", "raw", src, &uri]);
-    assert!(out.contains("identical"), "{out}");
+    c.assert_holds(slow, &src);
     assert_eq!(c.leader(), leader, "the leader changed");
     let log = std::fs::read_to_string(c.log(slow)).unwrap();
     assert!(
@@ -1035,6 +1036,51 @@ fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapsh
         log.contains(&format!("writes wait for node {}", slow + 1)),
         "the writes never waited for the slow follower"
     );
+}
+
+/// A replica back from an outage, far behind, is reported catching up by its leader (vpcd's
+/// `degraded: node N catching up`) until it has caught up; while it was down it was
+/// unreachable. It is slowed down (stopped 30 ms of every 40) so that it catches up slowly
+/// enough to be seen doing so.
+#[test]
+fn a_replica_back_from_an_outage_is_reported_catching_up_until_it_has() {
+    let mut c = Cluster::compacting_electing("4", "2000");
+    let leader = c.steady_leader();
+    let back = (leader + 1) % 3;
+    c.kill(back);
+    let src = c.random_source(48);
+    c.convert_into(&src, leader);
+    let status = |c: &Cluster| c.status(leader).expect("the leader answers");
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let id = back as u64 + 1;
+    c.wait_for(
+        |c| ids(&status(c)["unreachable"]) == [id],
+        "the stopped replica to be unreachable",
+    );
+    c.spawn(back);
+    let throttle = Throttle::new(
+        c.nodes[back].as_ref().expect("running").id(),
+        Duration::from_millis(30),
+        Duration::from_millis(40),
+    );
+    c.wait_for(
+        |c| ids(&status(c)["behind"]) == [id],
+        "the replica back to be reported catching up",
+    );
+    drop(throttle);
+    c.wait_for(
+        |c| {
+            let s = status(c);
+            ids(&s["behind"]).is_empty() && ids(&s["unreachable"]).is_empty()
+        },
+        "the replica to have caught up",
+    );
+    c.assert_replicas_identical();
+    c.assert_holds(back, &src);
 }
 
 /// A leader whose process dies is replaced at once: its followers see its connections end and

@@ -260,7 +260,9 @@ impl Storage {
     }
 }
 /// A volume's health from its leader's status: `no leader`, `degraded: node N unreachable`
-/// (a voter the leader cannot reach), `ok, a replica moving to node N`, or `ok`.
+/// (a voter the leader cannot reach) and/or `node N catching up` (one that answers but is far
+/// behind: back from a restart or an outage, or being sent a snapshot), `ok, a replica moving
+/// to node N`, or `ok`.
 fn health(status: &node::Status) -> String {
     let nodes = |ids: &[u64]| {
         ids.iter()
@@ -268,11 +270,23 @@ fn health(status: &node::Status) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    match (status.leader, &status.unreachable[..], &status.learners[..]) {
-        (None, _, _) => "no leader".into(),
-        (Some(_), [], []) => "ok".into(),
-        (Some(_), [], to) => format!("ok, a replica moving to node {}", nodes(to)),
-        (Some(_), down, _) => format!("degraded: node {} unreachable", nodes(down)),
+    let (down, behind) = (&status.unreachable[..], &status.behind[..]);
+    match (status.leader, &status.learners[..]) {
+        (None, _) => "no leader".into(),
+        (Some(_), []) if down.is_empty() && behind.is_empty() => "ok".into(),
+        (Some(_), to) if down.is_empty() && behind.is_empty() => {
+            format!("ok, a replica moving to node {}", nodes(to))
+        }
+        (Some(_), _) => {
+            let mut what = Vec::new();
+            if !down.is_empty() {
+                what.push(format!("node {} unreachable", nodes(down)));
+            }
+            if !behind.is_empty() {
+                what.push(format!("node {} catching up", nodes(behind)));
+            }
+            format!("degraded: {}", what.join(", "))
+        }
     }
 }
 
@@ -282,7 +296,7 @@ mod tests {
 
     #[test]
     fn health_says_what_the_leader_sees() {
-        let st = |leader, unreachable: &[u64], learners: &[u64]| node::Status {
+        let with = |leader, unreachable: &[u64], learners: &[u64], behind: &[u64]| node::Status {
             node: 1,
             leader,
             term: 2,
@@ -291,6 +305,10 @@ mod tests {
             learners: learners.to_vec(),
             unreachable: unreachable.to_vec(),
             moving: None,
+            behind: behind.to_vec(),
+        };
+        let st = |leader, unreachable: &[u64], learners: &[u64]| {
+            with(leader, unreachable, learners, &[])
         };
         assert_eq!(health(&st(None, &[3], &[])), "no leader");
         assert_eq!(health(&st(Some(1), &[], &[])), "ok");
@@ -301,6 +319,14 @@ mod tests {
         assert_eq!(
             health(&st(Some(1), &[2, 3], &[4])),
             "degraded: node 2, 3 unreachable"
+        );
+        assert_eq!(
+            health(&with(Some(1), &[], &[], &[3])),
+            "degraded: node 3 catching up"
+        );
+        assert_eq!(
+            health(&with(Some(1), &[2], &[4], &[3])),
+            "degraded: node 2 unreachable, node 3 catching up"
         );
     }
 }

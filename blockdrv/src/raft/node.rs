@@ -114,6 +114,9 @@ pub struct Status {
     /// The node this one is moving a replica to, if it is.
     #[serde(default)]
     pub moving: Option<NodeId>,
+    /// On the leader: the voters that answer but are catching up ([`catching_up`]).
+    #[serde(default)]
+    pub behind: Vec<NodeId>,
 }
 
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
@@ -287,7 +290,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 2;
+const RPC_VERSION: u32 = 3;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -786,6 +789,9 @@ pub struct Group {
     links: Arc<Links>,
     /// What this node is changing in the group's membership, if anything.
     busy: Arc<std::sync::Mutex<Option<Busy>>>,
+    /// What the state machine applied (how far behind followers are).
+    applied: std::sync::Weak<Applied>,
+    keep_kib: u64,
 }
 
 /// Volumes deleted through the cluster: name -> the ids of the volumes of that name deleted.
@@ -897,11 +903,38 @@ impl Pacing {
     /// 64 MiB, and any of 32 MiB or more), but no less than [`PACE_FLOOR_KIB`], and no more
     /// than half what a leader keeps for a follower.
     fn limit_kib(&self) -> u64 {
-        let most = hold_most_kib(
+        pace_limit_kib(
             self.size.load(std::sync::atomic::Ordering::SeqCst),
             self.keep_kib,
-        );
-        (self.keep_kib / 2).max(PACE_FLOOR_KIB).min(most / 2)
+        )
+    }
+}
+
+/// [`Pacing::limit_kib`] for a volume of `size` bytes.
+fn pace_limit_kib(size: u64, keep_kib: u64) -> u64 {
+    (keep_kib / 2)
+        .max(PACE_FLOOR_KIB)
+        .min(hold_most_kib(size, keep_kib) / 2)
+}
+
+/// Whether a follower that has the log up to `matched` (`None`: not known yet) is catching up
+/// with a leader that applied up to `applied`, `kib_after` saying how many KiB it applied after
+/// an entry (if it can tell, see [`Applied::kib_after`]): it is behind the log's purge point
+/// (it needs a snapshot, or is being sent one), or more than `limit_kib` behind, which is set
+/// well above what writes let a live follower lag (so one that sets their pace is not
+/// reported, a replica back from a restart or an outage is).
+fn catching_up(
+    matched: Option<u64>,
+    applied: Option<u64>,
+    kib_after: impl Fn(u64) -> Option<u64>,
+    limit_kib: u64,
+) -> bool {
+    let Some(matched) = matched else {
+        return false;
+    };
+    match kib_after(matched) {
+        Some(kib) => kib > limit_kib,
+        None => applied.is_some_and(|a| matched < a),
     }
 }
 
@@ -2075,6 +2108,7 @@ impl Node {
             logged: None,
         };
         tokio::spawn(batcher(raft.clone(), rx, pacing));
+        let counted = Arc::downgrade(&applied);
         tokio::spawn(snapshot_when_due(
             raft.clone(),
             applied,
@@ -2093,6 +2127,8 @@ impl Node {
             receiving: Arc::default(),
             links,
             busy: Arc::default(),
+            applied: counted,
+            keep_kib: self.timing.keep_logs << 10,
         };
         tokio::spawn(drop_stray_learners(
             volume.to_string(),
@@ -2479,6 +2515,33 @@ impl Group {
             moving: match *self.busy.lock().unwrap_or_else(|e| e.into_inner()) {
                 Some(Busy::Moving(to)) => Some(to),
                 _ => None,
+            },
+            behind: match (&m.replication, self.applied.upgrade()) {
+                (Some(replication), Some(applied)) => {
+                    let membership = m.membership_config.membership();
+                    let limit = 2 * pace_limit_kib(
+                        self.size.load(std::sync::atomic::Ordering::SeqCst),
+                        self.keep_kib,
+                    );
+                    replication
+                        .iter()
+                        .filter(|(id, _)| {
+                            **id != node
+                                && membership.voter_ids().any(|v| v == **id)
+                                && !self.links.failing(**id)
+                        })
+                        .filter(|(_, matched)| {
+                            catching_up(
+                                matched.map(|l| l.index),
+                                m.last_applied.map(|l| l.index),
+                                |i| applied.kib_after(i),
+                                limit,
+                            )
+                        })
+                        .map(|(id, _)| *id)
+                        .collect()
+                }
+                _ => Vec::new(),
             },
         }
     }
@@ -3137,6 +3200,24 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_is_catching_up_when_it_needs_a_snapshot_or_lags_past_the_limit() {
+        // The leader applied up to 50; what it counts after each entry, from 20 on (before 20:
+        // purged).
+        let after = |i: u64| (i >= 20).then(|| (50 - i.min(50)) * 1024);
+        let c = |matched| catching_up(matched, Some(50), after, 8 * 1024);
+        assert!(!c(None), "progress not known yet");
+        assert!(!c(Some(50)));
+        assert!(!c(Some(60)), "ahead of what the leader applied");
+        assert!(!c(Some(42)), "8 MiB behind: at the limit");
+        assert!(c(Some(41)), "9 MiB behind");
+        assert!(c(Some(19)), "behind the purge point");
+        assert!(
+            !catching_up(Some(19), Some(19), after, 8 * 1024),
+            "nothing applied after it"
+        );
+    }
+
+    #[test]
     fn a_replica_is_orphaned_only_when_a_leader_of_the_newest_term_goes_on_without_it() {
         let st = |node, leader, term, members: &[u64], learners: &[u64], moving| Status {
             node,
@@ -3147,6 +3228,7 @@ mod tests {
             learners: learners.to_vec(),
             unreachable: Vec::new(),
             moving,
+            behind: Vec::new(),
         };
         let v = orphan_verdict;
         // The leader has node 3 as a voter, a learner, or is moving a replica to it: kept.
