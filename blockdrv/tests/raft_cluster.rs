@@ -1040,8 +1040,9 @@ fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapsh
 
 /// A replica back from an outage, far behind, is reported catching up by its leader (vpcd's
 /// `degraded: node N catching up`) until it has caught up; while it was down it was
-/// unreachable. It is slowed down (stopped 30 ms of every 40) so that it catches up slowly
-/// enough to be seen doing so.
+/// unreachable. 96 MiB are written meanwhile, more than the leader keeps for it (64 MiB), so it
+/// is sent a snapshot; it is slowed down (stopped 30 ms of every 40) so that it catches up
+/// slowly enough to be seen doing so.
 #[test]
 fn a_replica_back_from_an_outage_is_reported_catching_up_until_it_has() {
     let mut c = Cluster::compacting_electing("4", "2000");
@@ -1049,6 +1050,7 @@ fn a_replica_back_from_an_outage_is_reported_catching_up_until_it_has() {
     let back = (leader + 1) % 3;
     c.kill(back);
     let src = c.random_source(48);
+    c.convert_into(&src, leader);
     c.convert_into(&src, leader);
     let status = |c: &Cluster| c.status(leader).expect("the leader answers");
     let ids = |v: &serde_json::Value| -> Vec<u64> {
@@ -1081,6 +1083,12 @@ fn a_replica_back_from_an_outage_is_reported_catching_up_until_it_has() {
     );
     c.assert_replicas_identical();
     c.assert_holds(back, &src);
+    let log = std::fs::read_to_string(c.log(leader)).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" sent: ") && l.contains(&format!("target={id}"))),
+        "no snapshot was sent to the replica back"
+    );
 }
 
 /// A leader whose process dies is replaced at once: its followers see its connections end and

@@ -380,6 +380,8 @@ struct Link {
     /// The last RPC carrying data the peer took, and the last that failed.
     took: Option<Instant>,
     data_error: Option<(Instant, String)>,
+    /// Whether a snapshot is being sent to the peer.
+    sending: bool,
 }
 
 /// How far a peer got (see [`Link::progress`]).
@@ -399,7 +401,13 @@ impl Links {
             error: None,
             took: None,
             data_error: None,
+            sending: false,
         }))
+    }
+
+    /// Whether a snapshot is being sent to `peer`.
+    fn sending(&self, peer: NodeId) -> bool {
+        self.with(peer, |l| l.sending)
     }
 
     fn answered(&self, peer: NodeId) {
@@ -660,6 +668,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
         let last = snapshot.meta.last_log_id.map_or(0, |l| l.index);
+        let _sending = Sending::new(self.links.clone(), self.target);
         let r = self.send_snapshot(vote, snapshot, cancel, option).await;
         match &r {
             Ok(_) => self.links.progressed(self.target, Mark::Log(last)),
@@ -682,6 +691,23 @@ impl RaftNetwork<TypeConfig> for Peer {
             Reply::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+/// Marks a snapshot being sent to a peer (in [`Links`]) while it lives: openraft may drop the
+/// sending future at any point.
+struct Sending(Arc<Links>, NodeId);
+
+impl Sending {
+    fn new(links: Arc<Links>, peer: NodeId) -> Sending {
+        links.with(peer, |l| l.sending = true);
+        Sending(links, peer)
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.with(self.1, |l| l.sending = false);
     }
 }
 
@@ -917,15 +943,15 @@ fn pace_limit_kib(size: u64, keep_kib: u64) -> u64 {
         .min(hold_most_kib(size, keep_kib) / 2)
 }
 
-/// Whether a follower that has the log up to `matched` (`None`: not known yet) is catching up
-/// with a leader that applied up to `applied`, `kib_after` saying how many KiB it applied after
-/// an entry (if it can tell, see [`Applied::kib_after`]): it is behind the log's purge point
-/// (it needs a snapshot, or is being sent one), or more than `limit_kib` behind, which is set
-/// well above what writes let a live follower lag (so one that sets their pace is not
-/// reported, a replica back from a restart or an outage is).
+/// Whether a follower that has the log up to `matched` (`None`: not known yet; a snapshot
+/// being sent is told apart by [`Links`]) is catching up with a leader whose log is purged up
+/// to `purged`, `kib_after` saying how many KiB it applied after an entry (if it can tell, see
+/// [`Applied::kib_after`]): it is behind the purge point (it needs a snapshot), or more than
+/// `limit_kib` behind, which is set well above what writes let a live follower lag (so one
+/// that sets their pace is not reported, a replica back from a restart or an outage is).
 fn catching_up(
     matched: Option<u64>,
-    applied: Option<u64>,
+    purged: Option<u64>,
     kib_after: impl Fn(u64) -> Option<u64>,
     limit_kib: u64,
 ) -> bool {
@@ -934,7 +960,7 @@ fn catching_up(
     };
     match kib_after(matched) {
         Some(kib) => kib > limit_kib,
-        None => applied.is_some_and(|a| matched < a),
+        None => purged.is_some_and(|p| matched < p),
     }
 }
 
@@ -2519,10 +2545,13 @@ impl Group {
             behind: match (&m.replication, self.applied.upgrade()) {
                 (Some(replication), Some(applied)) => {
                     let membership = m.membership_config.membership();
-                    let limit = 2 * pace_limit_kib(
+                    // Twice the pace limit, and at least the entries in flight (not counted)
+                    // past it.
+                    let pace = pace_limit_kib(
                         self.size.load(std::sync::atomic::Ordering::SeqCst),
                         self.keep_kib,
                     );
+                    let limit = (2 * pace).max(pace + PACE_FLOOR_KIB);
                     replication
                         .iter()
                         .filter(|(id, _)| {
@@ -2530,13 +2559,14 @@ impl Group {
                                 && membership.voter_ids().any(|v| v == **id)
                                 && !self.links.failing(**id)
                         })
-                        .filter(|(_, matched)| {
-                            catching_up(
-                                matched.map(|l| l.index),
-                                m.last_applied.map(|l| l.index),
-                                |i| applied.kib_after(i),
-                                limit,
-                            )
+                        .filter(|(id, matched)| {
+                            self.links.sending(**id)
+                                || catching_up(
+                                    matched.map(|l| l.index),
+                                    m.purged.map(|l| l.index),
+                                    |i| applied.kib_after(i),
+                                    limit,
+                                )
                         })
                         .map(|(id, _)| *id)
                         .collect()
@@ -3201,19 +3231,21 @@ mod tests {
 
     #[test]
     fn a_follower_is_catching_up_when_it_needs_a_snapshot_or_lags_past_the_limit() {
-        // The leader applied up to 50; what it counts after each entry, from 20 on (before 20:
-        // purged).
+        // The leader applied up to 50, its log purged up to 15; what it counts after each
+        // entry, from 20 on (it restarted there).
         let after = |i: u64| (i >= 20).then(|| (50 - i.min(50)) * 1024);
-        let c = |matched| catching_up(matched, Some(50), after, 8 * 1024);
+        let c = |matched| catching_up(matched, Some(15), after, 8 * 1024);
         assert!(!c(None), "progress not known yet");
         assert!(!c(Some(50)));
         assert!(!c(Some(60)), "ahead of what the leader applied");
         assert!(!c(Some(42)), "8 MiB behind: at the limit");
         assert!(c(Some(41)), "9 MiB behind");
-        assert!(c(Some(19)), "behind the purge point");
+        assert!(!c(Some(19)), "not counted since the restart: not known");
+        assert!(!c(Some(15)), "at the purge point: the log has what follows");
+        assert!(c(Some(14)), "behind the purge point");
         assert!(
-            !catching_up(Some(19), Some(19), after, 8 * 1024),
-            "nothing applied after it"
+            !catching_up(Some(14), None, after, 8 * 1024),
+            "nothing purged"
         );
     }
 

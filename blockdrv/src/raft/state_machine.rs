@@ -131,6 +131,15 @@ impl Applied {
         self.lock().since_snapshot = 0;
     }
 
+    /// A snapshot up to `index` was installed: what was counted before it no longer says how
+    /// far behind anyone is; counting goes on from it.
+    fn installed(&self, index: u64) {
+        let mut c = self.lock();
+        c.since_snapshot = 0;
+        c.marks.clear();
+        c.purged = Some((index, c.total));
+    }
+
     /// KiB applied since the last snapshot.
     pub fn since_snapshot(&self) -> u64 {
         self.lock().since_snapshot
@@ -902,7 +911,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             pieces.clear();
         }
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
-        self.applied.snapshot_taken();
+        self.applied
+            .installed(meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
@@ -1492,5 +1502,11 @@ mod tests {
         assert_eq!(a.kib_after(5), Some(1024), "the purge point");
         assert_eq!(a.kib_after(4), None, "purged after it");
         assert_eq!(a.kib_after(6), Some(0));
+        // A snapshot installed at 9: counted from there.
+        a.installed(9);
+        assert_eq!(a.kib_after(6), None);
+        assert_eq!(a.kib_after(9), Some(0));
+        a.add([(10, 1 << 20)].into_iter());
+        assert_eq!(a.kib_after(9), Some(1024));
     }
 }
