@@ -815,9 +815,8 @@ pub struct Group {
     links: Arc<Links>,
     /// What this node is changing in the group's membership, if anything.
     busy: Arc<std::sync::Mutex<Option<Busy>>>,
-    /// What the state machine applied (how far behind followers are).
-    applied: std::sync::Weak<Applied>,
-    keep_kib: u64,
+    /// How far behind followers are (while this node leads).
+    lag: Lag,
 }
 
 /// Volumes deleted through the cluster: name -> the ids of the volumes of that name deleted.
@@ -903,14 +902,21 @@ impl Batch {
     }
 }
 
+/// What tells how far behind a leader's followers are: the KiB its state machine applied
+/// after their last entries ([`Applied::kib_after`]), against [`Lag::limit_kib`].
+#[derive(Clone)]
+struct Lag {
+    /// Not kept alive by this (it ends `snapshot_when_due` once the state machine is gone).
+    applied: std::sync::Weak<Applied>,
+    size: Size,
+    keep_kib: u64,
+}
+
 /// What a leader's writes are paced by ([`pace`]).
 struct Pacing {
     volume: String,
-    /// Not kept alive by this (it ends `snapshot_when_due` once the state machine is gone).
-    applied: std::sync::Weak<Applied>,
+    lag: Lag,
     links: Arc<Links>,
-    size: Size,
-    keep_kib: u64,
     heartbeat: Duration,
     /// When a wait was last logged (at most one line every [`PACE_LOG_EVERY`]).
     logged: Option<Instant>,
@@ -921,7 +927,7 @@ const PACE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// A follower that keeps up lags by the group commit's entries in flight at most.
 const PACE_FLOOR_KIB: u64 = (BATCHES_IN_FLIGHT * BATCH_BYTES) as u64 >> 10;
 
-impl Pacing {
+impl Lag {
     /// How far (KiB applied after the last entry it has) a follower that takes entries may
     /// lag before writes wait for it: half the log every replica keeps behind what it applied
     /// (so that whichever replica leads next still has what a live follower needs, with the
@@ -929,18 +935,24 @@ impl Pacing {
     /// 64 MiB, and any of 32 MiB or more), but no less than [`PACE_FLOOR_KIB`], and no more
     /// than half what a leader keeps for a follower.
     fn limit_kib(&self) -> u64 {
-        pace_limit_kib(
-            self.size.load(std::sync::atomic::Ordering::SeqCst),
-            self.keep_kib,
-        )
+        let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
+        (self.keep_kib / 2)
+            .max(PACE_FLOOR_KIB)
+            .min(hold_most_kib(size, self.keep_kib) / 2)
     }
 }
 
-/// [`Pacing::limit_kib`] for a volume of `size` bytes.
-fn pace_limit_kib(size: u64, keep_kib: u64) -> u64 {
-    (keep_kib / 2)
-        .max(PACE_FLOOR_KIB)
-        .min(hold_most_kib(size, keep_kib) / 2)
+/// On a leader: the voters other than itself, each with the last log index it has (`None`:
+/// not known yet).
+fn voter_followers(
+    m: &openraft::RaftMetrics<NodeId, BasicNode>,
+) -> impl Iterator<Item = (NodeId, Option<u64>)> + '_ {
+    let membership = m.membership_config.membership();
+    m.replication
+        .iter()
+        .flatten()
+        .filter(move |(id, _)| **id != m.id && membership.voter_ids().any(|v| v == **id))
+        .map(|(id, matched)| (*id, matched.map(|l| l.index)))
 }
 
 /// Whether a follower that has the log up to `matched` (`None`: not known yet; a snapshot
@@ -969,27 +981,21 @@ fn catching_up(
 /// take any since (one that hangs, dies or is cut off is not waited for, nor is a learner being
 /// filled), whose next entries the log still has (one that needs a snapshot is not waited for
 /// either; nor, after this node restarted, one behind the first entry it applied again), and
-/// that lag by more than [`Pacing::limit_kib`].
+/// that lag by more than [`Lag::limit_kib`].
 fn lagging(
     m: &openraft::RaftMetrics<NodeId, BasicNode>,
     p: &Pacing,
 ) -> BTreeMap<NodeId, (u64, u64)> {
-    let Some(replication) = m.replication.as_ref() else {
+    let Some(applied) = p.lag.applied.upgrade() else {
         return BTreeMap::new();
     };
-    let Some(applied) = p.applied.upgrade() else {
-        return BTreeMap::new();
-    };
-    let limit = p.limit_kib();
-    let membership = m.membership_config.membership();
-    replication
-        .iter()
-        .filter(|(id, _)| **id != m.id && membership.voter_ids().any(|v| v == **id))
-        .filter(|(id, _)| p.links.taking(**id, 2 * p.heartbeat))
+    let limit = p.lag.limit_kib();
+    voter_followers(m)
+        .filter(|(id, _)| p.links.taking(*id, 2 * p.heartbeat))
         .filter_map(|(id, matched)| {
-            let matched = matched.as_ref()?.index;
+            let matched = matched?;
             let behind = applied.kib_after(matched).filter(|kib| *kib > limit)?;
-            Some((*id, (matched, behind)))
+            Some((id, (matched, behind)))
         })
         .collect()
 }
@@ -2124,17 +2130,19 @@ impl Node {
             .await
             .map_err(io::Error::other)?;
         let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-        let pacing = Pacing {
-            volume: volume.to_string(),
+        let lag = Lag {
             applied: Arc::downgrade(&applied),
-            links: links.clone(),
             size: size.clone(),
             keep_kib: self.timing.keep_logs << 10,
+        };
+        let pacing = Pacing {
+            volume: volume.to_string(),
+            lag: lag.clone(),
+            links: links.clone(),
             heartbeat: Duration::from_millis(self.timing.heartbeat_ms),
             logged: None,
         };
         tokio::spawn(batcher(raft.clone(), rx, pacing));
-        let counted = Arc::downgrade(&applied);
         tokio::spawn(snapshot_when_due(
             raft.clone(),
             applied,
@@ -2153,8 +2161,7 @@ impl Node {
             receiving: Arc::default(),
             links,
             busy: Arc::default(),
-            applied: counted,
-            keep_kib: self.timing.keep_logs << 10,
+            lag,
         };
         tokio::spawn(drop_stray_learners(
             volume.to_string(),
@@ -2542,36 +2549,27 @@ impl Group {
                 Some(Busy::Moving(to)) => Some(to),
                 _ => None,
             },
-            behind: match (&m.replication, self.applied.upgrade()) {
-                (Some(replication), Some(applied)) => {
-                    let membership = m.membership_config.membership();
+            behind: match self.lag.applied.upgrade() {
+                Some(applied) => {
                     // Twice the pace limit, and at least the entries in flight (not counted)
                     // past it.
-                    let pace = pace_limit_kib(
-                        self.size.load(std::sync::atomic::Ordering::SeqCst),
-                        self.keep_kib,
-                    );
+                    let pace = self.lag.limit_kib();
                     let limit = (2 * pace).max(pace + PACE_FLOOR_KIB);
-                    replication
-                        .iter()
-                        .filter(|(id, _)| {
-                            **id != node
-                                && membership.voter_ids().any(|v| v == **id)
-                                && !self.links.failing(**id)
-                        })
+                    voter_followers(&m)
                         .filter(|(id, matched)| {
-                            self.links.sending(**id)
-                                || catching_up(
-                                    matched.map(|l| l.index),
-                                    m.purged.map(|l| l.index),
-                                    |i| applied.kib_after(i),
-                                    limit,
-                                )
+                            !self.links.failing(*id)
+                                && (self.links.sending(*id)
+                                    || catching_up(
+                                        *matched,
+                                        m.purged.map(|l| l.index),
+                                        |i| applied.kib_after(i),
+                                        limit,
+                                    ))
                         })
-                        .map(|(id, _)| *id)
+                        .map(|(id, _)| id)
                         .collect()
                 }
-                _ => Vec::new(),
+                None => Vec::new(),
             },
         }
     }
