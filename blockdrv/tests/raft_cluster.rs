@@ -58,6 +58,29 @@ impl Cluster {
         Cluster::compacting_electing(snapshot_mib, "500")
     }
 
+    /// A [`Cluster::compacting_electing`] cluster (4 MiB snapshots, 2-4 s elections) whose
+    /// volume had 96 MiB written while one follower was down (killed): more than its leader
+    /// keeps for it, so it needs a snapshot when back. Returns the cluster, the leader, the
+    /// follower down (which the leader reports unreachable) and the source of the last 48 MiB.
+    fn with_a_replica_down_while_written() -> (Cluster, usize, usize, String) {
+        let mut c = Cluster::compacting_electing("4", "2000");
+        let leader = c.steady_leader();
+        let back = (leader + 1) % 3;
+        c.kill(back);
+        let src = c.random_source(48);
+        c.convert_into(&src, leader);
+        c.convert_into(&src, leader);
+        let id = back as u64 + 1;
+        c.wait_for(
+            |c| {
+                c.status(leader)
+                    .is_some_and(|s| ids(&s["unreachable"]) == [id])
+            },
+            "the stopped replica to be unreachable",
+        );
+        (c, leader, back, src)
+    }
+
     /// [`Cluster::compacting`] with elections after `election_ms` (to twice that).
     fn compacting_electing(snapshot_mib: &str, election_ms: &str) -> Cluster {
         Cluster::start(&[
@@ -164,8 +187,9 @@ impl Cluster {
         self.launch(i, None)
     }
 
-    /// Starts node `i` with its directory on a tmpfs of `mib` MiB, mounted in a mount
-    /// namespace of its own (gone with the process).
+    /// Starts node `i` with its directory on a tmpfs of `mib` MiB that holds a copy of what
+    /// it held, mounted in a mount namespace of its own (gone with the process, and what was
+    /// written to it with it).
     fn spawn_on_small_disk(&mut self, i: usize, mib: u64) {
         self.launch(i, Some(mib))
     }
@@ -180,7 +204,9 @@ impl Cluster {
                 let mut c = Command::new("unshare");
                 c.args(["--mount", "--propagation", "private", "sh", "-c"])
                     .arg(format!(
-                        "mount -t tmpfs -o size={mib}m tmpfs \"$0\" && exec \"$@\""
+                        "mkdir -p \"$0.disk\" && mount -t tmpfs -o size={mib}m tmpfs \"$0.disk\" \
+                         && cp -a \"$0\"/. \"$0.disk\"/ && mount --move \"$0.disk\" \"$0\" \
+                         && exec \"$@\""
                     ))
                     .arg(&dir)
                     .arg(env!("CARGO_BIN_EXE_blockdrv"));
@@ -432,6 +458,13 @@ impl Cluster {
             );
         }
     }
+}
+
+/// The node ids in a list of a status (`unreachable`, `behind`).
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+        .unwrap_or_default()
 }
 
 impl Drop for Cluster {
@@ -1045,24 +1078,9 @@ fn a_slow_follower_sets_the_pace_of_writes_instead_of_falling_behind_to_a_snapsh
 /// slowly enough to be seen doing so.
 #[test]
 fn a_replica_back_from_an_outage_is_reported_catching_up_until_it_has() {
-    let mut c = Cluster::compacting_electing("4", "2000");
-    let leader = c.steady_leader();
-    let back = (leader + 1) % 3;
-    c.kill(back);
-    let src = c.random_source(48);
-    c.convert_into(&src, leader);
-    c.convert_into(&src, leader);
+    let (mut c, leader, back, src) = Cluster::with_a_replica_down_while_written();
     let status = |c: &Cluster| c.status(leader).expect("the leader answers");
-    let ids = |v: &serde_json::Value| -> Vec<u64> {
-        v.as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
-            .unwrap_or_default()
-    };
     let id = back as u64 + 1;
-    c.wait_for(
-        |c| ids(&status(c)["unreachable"]) == [id],
-        "the stopped replica to be unreachable",
-    );
     c.spawn(back);
     let throttle = Throttle::new(
         c.nodes[back].as_ref().expect("running").id(),
@@ -1089,6 +1107,54 @@ fn a_replica_back_from_an_outage_is_reported_catching_up_until_it_has() {
             .any(|l| l.contains(" sent: ") && l.contains(&format!("target={id}"))),
         "no snapshot was sent to the replica back"
     );
+}
+
+/// A replica that answers heartbeats but cannot take the snapshot it is sent (its disk fills
+/// up) is reported stalled, with its error, by its leader (vpcd's `degraded: node N stalled
+/// (...)`), steadily: not unreachable whenever a part fails and catching up whenever it
+/// answers a heartbeat. Back on a disk with room, it catches up and the report clears.
+#[test]
+fn a_replica_whose_disk_fills_with_the_snapshot_it_is_sent_is_reported_stalled_with_its_error() {
+    let (mut c, leader, back, src) = Cluster::with_a_replica_down_while_written();
+    let status = |c: &Cluster| c.status(leader).expect("the leader answers");
+    let id = back as u64 + 1;
+    let stalled = |s: &serde_json::Value| -> Vec<(u64, String)> {
+        serde_json::from_value(s["stalled"].clone()).unwrap_or_default()
+    };
+    c.spawn_on_small_disk(back, 16);
+    c.wait_for(
+        |c| !stalled(&status(c)).is_empty(),
+        "the replica back on a full disk to be reported stalled",
+    );
+    // Steadily so, and only so (a part fails every few hundred ms, a heartbeat is answered
+    // every 100).
+    for _ in 0..20 {
+        let s = status(&c);
+        let st = stalled(&s);
+        assert!(
+            st.len() == 1 && st[0].0 == id && st[0].1.contains("No space left"),
+            "{s}"
+        );
+        assert!(
+            ids(&s["unreachable"]).is_empty() && ids(&s["behind"]).is_empty(),
+            "{s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The same node with room (its directory as it was before the small disk).
+    c.kill(back);
+    c.spawn(back);
+    c.wait_for(
+        |c| {
+            let s = status(c);
+            stalled(&s).is_empty()
+                && ids(&s["behind"]).is_empty()
+                && ids(&s["unreachable"]).is_empty()
+        },
+        "the replica to have caught up",
+    );
+    c.assert_replicas_identical();
+    c.assert_holds(back, &src);
 }
 
 /// A leader whose process dies is replaced at once: its followers see its connections end and

@@ -259,10 +259,11 @@ impl Storage {
         }
     }
 }
-/// A volume's health from its leader's status: `no leader`, `degraded: node N unreachable`
-/// (a voter the leader cannot reach) and/or `node N catching up` (one that answers but is far
-/// behind: back from a restart or an outage, or being sent a snapshot), `ok, a replica moving
-/// to node N`, or `ok`.
+/// A volume's health from its leader's status: `no leader`, `degraded: ` with
+/// `node N unreachable` (a voter the leader cannot reach), `node N stalled (error)` (one that
+/// answers but fails to take data: a snapshot that fills its disk) and `node N catching up`
+/// (one that answers but is far behind: back from a restart or an outage, or being sent a
+/// snapshot), as many as apply, `ok, a replica moving to node N`, or `ok`.
 fn health(status: &node::Status) -> String {
     let nodes = |ids: &[u64]| {
         ids.iter()
@@ -271,22 +272,23 @@ fn health(status: &node::Status) -> String {
             .join(", ")
     };
     let (down, behind) = (&status.unreachable[..], &status.behind[..]);
+    let stalled = status
+        .stalled
+        .iter()
+        .map(|(id, e)| format!("node {id} stalled ({e})"));
+    let mut what = Vec::new();
+    if !down.is_empty() {
+        what.push(format!("node {} unreachable", nodes(down)));
+    }
+    what.extend(stalled);
+    if !behind.is_empty() {
+        what.push(format!("node {} catching up", nodes(behind)));
+    }
     match (status.leader, &status.learners[..]) {
         (None, _) => "no leader".into(),
-        (Some(_), []) if down.is_empty() && behind.is_empty() => "ok".into(),
-        (Some(_), to) if down.is_empty() && behind.is_empty() => {
-            format!("ok, a replica moving to node {}", nodes(to))
-        }
-        (Some(_), _) => {
-            let mut what = Vec::new();
-            if !down.is_empty() {
-                what.push(format!("node {} unreachable", nodes(down)));
-            }
-            if !behind.is_empty() {
-                what.push(format!("node {} catching up", nodes(behind)));
-            }
-            format!("degraded: {}", what.join(", "))
-        }
+        (Some(_), []) if what.is_empty() => "ok".into(),
+        (Some(_), to) if what.is_empty() => format!("ok, a replica moving to node {}", nodes(to)),
+        (Some(_), _) => format!("degraded: {}", what.join(", ")),
     }
 }
 
@@ -306,6 +308,7 @@ mod tests {
             unreachable: unreachable.to_vec(),
             moving: None,
             behind: behind.to_vec(),
+            stalled: Vec::new(),
         };
         let st = |leader, unreachable: &[u64], learners: &[u64]| {
             with(leader, unreachable, learners, &[])
@@ -327,6 +330,17 @@ mod tests {
         assert_eq!(
             health(&with(Some(1), &[2], &[4], &[3])),
             "degraded: node 2 unreachable, node 3 catching up"
+        );
+        let mut full = with(Some(1), &[2], &[], &[]);
+        full.stalled = vec![(3, "No space left on device (os error 28)".into())];
+        assert_eq!(
+            health(&full),
+            "degraded: node 2 unreachable, node 3 stalled (No space left on device (os error 28))"
+        );
+        full.unreachable.clear();
+        assert_eq!(
+            health(&full),
+            "degraded: node 3 stalled (No space left on device (os error 28))"
         );
     }
 }

@@ -117,6 +117,11 @@ pub struct Status {
     /// On the leader: the voters that answer but are catching up ([`catching_up`]).
     #[serde(default)]
     pub behind: Vec<NodeId>,
+    /// On the leader: the voters that answer heartbeats but fail to take data (a snapshot
+    /// that fills their disk) and have taken nothing for [`STALLED`], with their last error;
+    /// not in `unreachable` or `behind`.
+    #[serde(default)]
+    pub stalled: Vec<(NodeId, String)>,
 }
 
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
@@ -290,7 +295,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 3;
+const RPC_VERSION: u32 = 4;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -491,20 +496,23 @@ impl Links {
     }
 
     /// The last data error of `peer` if it has taken nothing new for `stall` up to `now`,
-    /// counting from `since` at the earliest, and its last RPC carrying data failed (one that
-    /// takes again what it took before, say a snapshot sent again after an error, is not
-    /// stalled; answering heartbeats does not count).
+    /// counting from `since` at the earliest (if given), and it is failing to: its last RPC
+    /// carrying data failed, or one did within the last half of `stall` (a snapshot whose first
+    /// part it takes again and whose next fails, over and over, is stalled all along; one sent
+    /// again after an error, which it takes part by part, is not). Answering heartbeats does not
+    /// count.
     fn stalled(
         &self,
         peer: NodeId,
-        since: Instant,
+        since: Option<Instant>,
         now: Instant,
         stall: Duration,
     ) -> Option<String> {
         self.with(peer, |l| {
-            let progress = l.progress.max(since);
+            let progress = since.map_or(l.progress, |s| l.progress.max(s));
             let (at, e) = l.data_error.as_ref()?;
-            let failing = l.took.is_none_or(|ok| *at > ok);
+            let failing =
+                l.took.is_none_or(|ok| *at > ok) || now.saturating_duration_since(*at) < stall / 2;
             (failing && *at >= progress && now.saturating_duration_since(progress) >= stall)
                 .then(|| e.clone())
         })
@@ -762,7 +770,15 @@ impl Peer {
                 .await?
             {
                 Reply::Done(Ok(())) => self.links.progressed(self.target, Mark::Snapshot(&id, at)),
-                Reply::Done(Err(e)) => return Err(net_err(e.message)),
+                // Refused (its disk is full, say): as unreachable, so that openraft waits (500
+                // ms) before it sends the snapshot again. It would at once otherwise, and the
+                // parts before the one refused, over and over (a part of 4 MiB every 25 ms
+                // here).
+                Reply::Done(Err(e)) => {
+                    return Err(StreamingError::Unreachable(Unreachable::new(
+                        &io::Error::other(e.message),
+                    )))
+                }
                 other => return Err(net_err(format!("unexpected reply {other:?}"))),
             }
         }
@@ -980,8 +996,7 @@ fn catching_up(
 /// on a leader, the voters that took new entries within two heartbeats and have not failed to
 /// take any since (one that hangs, dies or is cut off is not waited for, nor is a learner being
 /// filled), whose next entries the log still has (one that needs a snapshot is not waited for
-/// either; nor, after this node restarted, one behind the first entry it applied again), and
-/// that lag by more than [`Lag::limit_kib`].
+/// either), and that lag by more than [`Lag::limit_kib`].
 fn lagging(
     m: &openraft::RaftMetrics<NodeId, BasicNode>,
     p: &Pacing,
@@ -1403,7 +1418,8 @@ fn gone(e: &io::Error) -> bool {
     )
 }
 
-/// A replica being moved in that takes no data for this long, and fails, ends the move.
+/// A replica being moved in that takes no data for this long, and fails, ends the move; a
+/// voter that does is reported stalled ([`Status::stalled`]).
 const STALLED: Duration = Duration::from_secs(10);
 
 fn raft_config(t: Timing) -> openraft::Config {
@@ -2529,6 +2545,18 @@ impl Group {
 
     pub fn status(&self, node: NodeId) -> Status {
         let m = self.raft.metrics().borrow().clone();
+        let stalled: BTreeMap<NodeId, String> = match m.state {
+            openraft::ServerState::Leader => {
+                // Answering (not dead): within the time openraft waits before it sends again a
+                // snapshot refused, and then some.
+                let now = Instant::now();
+                voter_followers(&m)
+                    .filter(|(id, _)| self.links.answered_within(*id, STALLED / 2))
+                    .filter_map(|(id, _)| Some((id, self.links.stalled(id, None, now, STALLED)?)))
+                    .collect()
+            }
+            _ => BTreeMap::new(),
+        };
         Status {
             node,
             leader: m.current_leader,
@@ -2541,7 +2569,9 @@ impl Group {
                     .membership_config
                     .membership()
                     .voter_ids()
-                    .filter(|id| *id != node && self.links.failing(*id))
+                    .filter(|id| {
+                        *id != node && self.links.failing(*id) && !stalled.contains_key(id)
+                    })
                     .collect(),
                 _ => Vec::new(),
             },
@@ -2558,6 +2588,7 @@ impl Group {
                     voter_followers(&m)
                         .filter(|(id, matched)| {
                             !self.links.failing(*id)
+                                && !stalled.contains_key(id)
                                 && (self.links.sending(*id)
                                     || catching_up(
                                         *matched,
@@ -2571,6 +2602,7 @@ impl Group {
                 }
                 None => Vec::new(),
             },
+            stalled: stalled.into_iter().collect(),
         }
     }
 
@@ -2623,7 +2655,7 @@ impl Group {
                 }
             }
             let now = Instant::now();
-            if let Some(e) = self.links.stalled(to, start, now, STALLED) {
+            if let Some(e) = self.links.stalled(to, Some(start), now, STALLED) {
                 return Err(err(format!(
                     "volume {}: node {to} took nothing for {} s: {e}",
                     self.name,
@@ -3259,6 +3291,7 @@ mod tests {
             unreachable: Vec::new(),
             moving,
             behind: Vec::new(),
+            stalled: Vec::new(),
         };
         let v = orphan_verdict;
         // The leader has node 3 as a voter, a learner, or is moving a replica to it: kept.
@@ -3295,30 +3328,32 @@ mod tests {
         let start = Instant::now();
         let later = |s| start + Duration::from_secs(s);
         // Never heard of, or only progress: not stalled.
-        assert_eq!(links.stalled(4, start, later(60), stall), None);
+        assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
         links.progressed(4, Mark::Log(10));
-        assert_eq!(links.stalled(4, start, later(60), stall), None);
+        assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
         // An error: stalled only once the stall has passed since the last progress.
         links.data_failed(4, &"No space left on device");
-        assert_eq!(links.stalled(4, start, later(5), stall), None);
+        assert_eq!(links.stalled(4, Some(start), later(5), stall), None);
         assert_eq!(
-            links.stalled(4, start, later(11), stall).as_deref(),
+            links.stalled(4, Some(start), later(11), stall).as_deref(),
             Some("No space left on device")
         );
-        // Counted from `since` at the earliest (a move that began after the error).
-        assert_eq!(links.stalled(4, later(5), later(11), stall), None);
+        // Counted from `since` at the earliest (a move that began after the error), or from
+        // the last progress.
+        assert_eq!(links.stalled(4, Some(later(5)), later(11), stall), None);
+        assert!(links.stalled(4, None, later(11), stall).is_some());
         // Answering heartbeats (its disk full, say) changes nothing; a heartbeat that fails
         // is no data error.
         links.answered(4);
-        assert!(links.stalled(4, start, later(11), stall).is_some());
+        assert!(links.stalled(4, Some(start), later(11), stall).is_some());
         links.failed(5, &"Connection refused");
-        assert_eq!(links.stalled(5, start, later(60), stall), None);
+        assert_eq!(links.stalled(5, Some(start), later(60), stall), None);
         // Taking again what it took before (a snapshot sent again after an error): not
         // stalled while it takes it...
         links.progressed(4, Mark::Log(10));
         let after = || Instant::now() + Duration::from_secs(11);
         assert_eq!(
-            links.stalled(4, start, after(), stall),
+            links.stalled(4, Some(start), after(), stall),
             None,
             "it takes data"
         );
@@ -3327,23 +3362,32 @@ mod tests {
         links.progressed(4, Mark::Snapshot("s1", 4 << 20));
         links.data_failed(4, &"No space left on device");
         assert!(
-            links.stalled(4, start, after(), stall).is_some(),
+            links.stalled(4, Some(start), after(), stall).is_some(),
             "the same part again"
         );
+        // Taking the first part of a snapshot again, failing on the next, over and over: stalled
+        // all along, also just after a part was taken; no longer once failures stop.
+        links.progressed(9, Mark::Snapshot("s2", 4 << 20));
+        links.with(9, |l| {
+            l.data_error = Some((later(11), "No space left on device".into()));
+            l.took = Some(later(11) + Duration::from_millis(25));
+        });
+        assert!(links.stalled(9, None, later(12), stall).is_some());
+        assert_eq!(links.stalled(9, None, later(17), stall), None);
         // Getting further after the error: not stalled, however long ago.
         links.progressed(4, Mark::Snapshot("s1", 8 << 20));
         links.data_failed(4, &"No space left on device");
-        assert_eq!(links.stalled(4, start, later(5), stall), None);
+        assert_eq!(links.stalled(4, Some(start), later(5), stall), None);
         links.progressed(4, Mark::Log(11));
-        assert_eq!(links.stalled(4, start, later(60), stall), None);
+        assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
         // Forgotten: a move to it starts from nothing.
         links.reset(4);
         links.data_failed(4, &"Connection refused");
-        assert!(links.stalled(4, start, after(), stall).is_some());
+        assert!(links.stalled(4, Some(start), after(), stall).is_some());
         links.reset(4);
         links.progressed(4, Mark::Log(1));
-        assert_eq!(links.stalled(4, start, after(), stall), None);
-        assert_eq!(links.stalled(5, start, later(60), stall), None);
+        assert_eq!(links.stalled(4, Some(start), after(), stall), None);
+        assert_eq!(links.stalled(5, Some(start), later(60), stall), None);
         // Failing: the last RPC failed, none answered since.
         assert!(!links.failing(6));
         links.answered(6);

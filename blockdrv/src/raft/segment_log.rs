@@ -725,6 +725,19 @@ impl SegmentLog {
         self.segment_bytes
     }
 
+    /// The index of the last entry purged, if any, and the index and record body length of
+    /// every entry the log holds up to `upto`.
+    pub fn sizes_upto(&self, upto: u64) -> (Option<u64>, Vec<(u64, usize)>) {
+        let st = self.lock();
+        let sizes = st
+            .locs
+            .iter()
+            .take_while(|l| l.log_id.index <= upto)
+            .map(|l| (l.log_id.index, l.len as usize))
+            .collect();
+        (st.meta.purged.map(|l| l.index), sizes)
+    }
+
     fn reader(&self) -> SegmentLogReader {
         SegmentLogReader {
             state: self.state.clone(),

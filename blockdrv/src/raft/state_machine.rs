@@ -95,7 +95,9 @@ const MIN_ENTRY_KIB: u64 = 64;
 /// KiB applied, each entry counted as at least [`MIN_ENTRY_KIB`]: since the last snapshot
 /// (built or installed; when the next one is due is decided on it), and entry by entry, so that
 /// the log can be purged by bytes, not entries (openraft keeps a number of entries; entries here
-/// carry from 4 KiB to 4 MiB). After a restart it counts from the entries applied again.
+/// carry from 4 KiB to 4 MiB). After a restart it counts, from their records, the entries the
+/// log still holds up to the snapshot the state machine opens at ([`Applied::seed`]), and
+/// then the entries applied again.
 #[derive(Debug, Default)]
 pub struct Applied {
     inner: std::sync::Mutex<AppliedCount>,
@@ -111,6 +113,16 @@ struct AppliedCount {
     purged: Option<(u64, u64)>,
 }
 
+impl AppliedCount {
+    /// Counts entry `index` of `bytes`: its KiB.
+    fn count(&mut self, index: u64, bytes: usize) -> u64 {
+        let kib = (bytes as u64 >> 10).max(MIN_ENTRY_KIB);
+        self.total += kib;
+        self.marks.push_back((index, self.total));
+        kib
+    }
+}
+
 impl Applied {
     fn lock(&self) -> std::sync::MutexGuard<'_, AppliedCount> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -119,11 +131,19 @@ impl Applied {
     fn add(&self, entries: impl Iterator<Item = (u64, usize)>) {
         let mut c = self.lock();
         for (index, bytes) in entries {
-            let kib = (bytes as u64 >> 10).max(MIN_ENTRY_KIB);
-            c.since_snapshot += kib;
-            c.total += kib;
-            let total = c.total;
-            c.marks.push_back((index, total));
+            c.since_snapshot += c.count(index, bytes);
+        }
+    }
+
+    /// Counts `entries` (index, bytes), the log's up to the snapshot this state machine
+    /// opened at, after the log's purge point `purged`: they were applied before a restart,
+    /// not since the snapshot. Nothing must have been counted yet.
+    fn seed(&self, purged: Option<u64>, entries: Vec<(u64, usize)>) {
+        let mut c = self.lock();
+        debug_assert!(c.total == 0 && c.marks.is_empty());
+        c.purged = purged.map(|i| (i, 0));
+        for (index, bytes) in entries {
+            c.count(index, bytes);
         }
     }
 
@@ -168,8 +188,8 @@ impl Applied {
 
     /// KiB applied after entry `index` (0 if it is the newest applied, or newer), if the
     /// entries after it are counted: `index` is not before the last [`Applied::purge_point`]
-    /// (the log no longer has what follows it), nor before the first entry this process
-    /// applied.
+    /// (the log no longer has what follows it), nor before the log's first entry when this
+    /// process opened it, nor before the last snapshot installed.
     pub fn kib_after(&self, index: u64) -> Option<u64> {
         let c = self.lock();
         let counted = c.marks.partition_point(|&(i, _)| i <= index);
@@ -633,6 +653,12 @@ impl StateMachine {
                 pieces.reaches(*seg, file.metadata()?.len());
             }
             *lock_current(&self.current) = files.into_values().collect();
+        }
+        // What the log holds up to the snapshot is not applied again, but counts for how far
+        // behind a follower is.
+        if let Some(at) = self.last_applied {
+            let (purged, sizes) = log.sizes_upto(at.index);
+            self.applied.seed(purged, sizes);
         }
         // Nothing held: copied from the entry at once (a piece would be read back).
         self.log = Some(log.id()).filter(|_| budget > 0);
@@ -1481,6 +1507,58 @@ mod tests {
         assert_eq!(a.purge_point(1024, 8, hold(4, 2 * 1024)), Some(6));
         // Without a follower to keep it for, down to the 1 MiB kept.
         assert_eq!(a.purge_point(1024, 8, None), Some(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn after_a_restart_how_far_behind_an_entry_is_counts_the_log_up_to_the_snapshot() {
+        use openraft::storage::RaftLogStorage;
+        const SIZE: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let log_id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 0), i);
+        // Entries 1..=30, each a write of 256 KiB.
+        let entries: Vec<Entry> = (1..=30)
+            .map(|i| Entry {
+                log_id: log_id(i),
+                payload: EntryPayload::Normal(BlockOp::Write {
+                    offset: (i % 16) * (256 << 10),
+                    data: vec![i as u8; 256 << 10].into(),
+                }),
+            })
+            .collect();
+        let log_dir = dir.path().join("log");
+        let mut log = log_with(&log_dir, &entries).await;
+        let open = |log: &super::super::segment_log::SegmentLog| {
+            StateMachine::open(&dir.path().join("sm"), SIZE)
+                .unwrap()
+                .with_log(log, 1 << 30)
+                .unwrap()
+        };
+        let mut sm = open(&log);
+        sm.apply(entries[..20].to_vec()).await.unwrap();
+        assert_eq!(snapshot(&mut sm).await.meta.last_log_id, Some(log_id(20)));
+        log.purge(log_id(5)).await.unwrap();
+        drop((sm, log));
+
+        let mut log = super::super::segment_log::SegmentLog::open_small(&log_dir, 1 << 20).unwrap();
+        let mut sm = open(&log);
+        let a = sm.applied();
+        // Each record: the 256 KiB and the skeleton (under 1 KiB).
+        assert_eq!(
+            a.kib_after(10),
+            Some(10 * 256),
+            "entries 11..=20, from the log"
+        );
+        assert_eq!(a.kib_after(5), Some(15 * 256), "the log's purge point");
+        assert_eq!(a.kib_after(4), None, "purged after it");
+        assert_eq!(a.since_snapshot(), 0);
+        let again = {
+            use openraft::storage::RaftLogReader;
+            log.try_get_log_entries(21..=30).await.unwrap()
+        };
+        sm.apply(again).await.unwrap();
+        assert_eq!(a.kib_after(10), Some(20 * 256));
+        assert_eq!(a.kib_after(30), Some(0));
+        assert_eq!(a.since_snapshot(), 10 * 256);
     }
 
     #[test]
