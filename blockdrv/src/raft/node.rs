@@ -108,7 +108,8 @@ pub struct Status {
     /// Members that do not vote yet: replicas being moved in, catching up.
     #[serde(default)]
     pub learners: Vec<NodeId>,
-    /// On the leader: the voters whose last RPC failed (down, unreachable, failing).
+    /// On the leader: the voters whose last RPC failed (down, unreachable, failing), but for
+    /// those in `stalled`.
     #[serde(default)]
     pub unreachable: Vec<NodeId>,
     /// The node this one is moving a replica to, if it is.
@@ -374,25 +375,36 @@ struct Links(std::sync::Mutex<HashMap<NodeId, Link>>);
 #[derive(Debug)]
 struct Link {
     /// When the peer last took something it had not taken before: a log index past `log`,
-    /// a part of snapshot `snapshot.0` ending past `snapshot.1` (a snapshot sent again after
-    /// an error is no progress until it gets further than before).
+    /// a part of a snapshot ending past `snapshot` (the furthest any snapshot sent since it last
+    /// took entries got: one sent again after an error, or a newer one sent instead, is no
+    /// progress until it gets further than that).
     progress: Instant,
     log: u64,
-    snapshot: Option<(String, u64)>,
+    snapshot: Option<u64>,
     /// The last RPC the peer answered (heartbeats too), and the last that failed.
     answered: Option<Instant>,
     error: Option<(Instant, String)>,
     /// The last RPC carrying data the peer took, and the last that failed.
     took: Option<Instant>,
-    data_error: Option<(Instant, String)>,
+    data_error: Option<DataError>,
     /// Whether a snapshot is being sent to the peer.
     sending: bool,
 }
 
-/// How far a peer got (see [`Link::progress`]).
-enum Mark<'a> {
+/// An RPC carrying data that failed: when, why, and whether the peer refused it (it answered
+/// with an error: its disk is full, say) rather than not answering or not being there.
+#[derive(Debug)]
+struct DataError {
+    at: Instant,
+    error: String,
+    refused: bool,
+}
+
+/// How far a peer got (see [`Link::progress`]): the last log index it has, or the end of the
+/// snapshot part it took.
+enum Mark {
     Log(u64),
-    Snapshot(&'a str, u64),
+    Snapshot(u64),
 }
 
 impl Links {
@@ -441,7 +453,7 @@ impl Links {
                     && l.progress.elapsed() <= within
                     && l.data_error
                         .as_ref()
-                        .is_none_or(|(at, _)| l.took.is_some_and(|ok| ok >= *at))
+                        .is_none_or(|d| l.took.is_some_and(|ok| ok >= d.at))
             })
     }
 
@@ -455,26 +467,21 @@ impl Links {
     }
 
     /// `peer` took an RPC carrying data (new or not), getting as far as `to`.
-    fn progressed(&self, peer: NodeId, to: Mark<'_>) {
+    fn progressed(&self, peer: NodeId, to: Mark) {
         self.with(peer, |l| {
             l.took = Some(Instant::now());
             let further = match to {
                 Mark::Log(index) if index > l.log => {
                     l.log = index;
+                    l.snapshot = None;
                     true
                 }
-                Mark::Snapshot(id, end) => match &mut l.snapshot {
-                    Some((sid, done)) if sid == id => {
-                        let further = end > *done;
-                        *done = (*done).max(end);
-                        further
-                    }
-                    other => {
-                        *other = Some((id.to_string(), end));
-                        true
-                    }
-                },
                 Mark::Log(_) => false,
+                Mark::Snapshot(end) => {
+                    let further = l.snapshot.is_none_or(|done| end > done);
+                    l.snapshot = Some(l.snapshot.map_or(end, |done| done.max(end)));
+                    further
+                }
             };
             if further {
                 l.progress = Instant::now();
@@ -486,21 +493,31 @@ impl Links {
         self.with(peer, |l| l.error = Some((Instant::now(), e.to_string())));
     }
 
-    /// An RPC carrying data to `peer` failed (also recorded as a failure of any RPC).
-    fn data_failed(&self, peer: NodeId, e: &dyn std::fmt::Display) {
+    /// An RPC carrying data to `peer` failed, `refused` by it or not (also recorded as a
+    /// failure of any RPC).
+    fn data_failed(&self, peer: NodeId, e: &dyn std::fmt::Display, refused: bool) {
         self.with(peer, |l| {
             let now = Instant::now();
             l.error = Some((now, e.to_string()));
-            l.data_error = Some((now, e.to_string()));
+            l.data_error = Some(DataError {
+                at: now,
+                error: e.to_string(),
+                refused,
+            });
         });
+    }
+
+    /// Whether the last RPC carrying data that failed to `peer` was refused by it.
+    fn refused(&self, peer: NodeId) -> bool {
+        self.with(peer, |l| l.data_error.as_ref().is_some_and(|d| d.refused))
     }
 
     /// The last data error of `peer` if it has taken nothing new for `stall` up to `now`,
     /// counting from `since` at the earliest (if given), and it is failing to: its last RPC
-    /// carrying data failed, or one did within the last half of `stall` (a snapshot whose first
-    /// part it takes again and whose next fails, over and over, is stalled all along; one sent
-    /// again after an error, which it takes part by part, is not). Answering heartbeats does not
-    /// count.
+    /// carrying data failed, or it refused one within the last half of `stall` (a snapshot
+    /// whose first part it takes again and whose next it refuses, over and over, is stalled
+    /// all along; one sent again after an error, which it takes part by part, is not).
+    /// Answering heartbeats does not count.
     fn stalled(
         &self,
         peer: NodeId,
@@ -510,11 +527,11 @@ impl Links {
     ) -> Option<String> {
         self.with(peer, |l| {
             let progress = since.map_or(l.progress, |s| l.progress.max(s));
-            let (at, e) = l.data_error.as_ref()?;
-            let failing =
-                l.took.is_none_or(|ok| *at > ok) || now.saturating_duration_since(*at) < stall / 2;
-            (failing && *at >= progress && now.saturating_duration_since(progress) >= stall)
-                .then(|| e.clone())
+            let d = l.data_error.as_ref()?;
+            let failing = l.took.is_none_or(|ok| d.at > ok)
+                || (d.refused && now.saturating_duration_since(d.at) < stall / 2);
+            (failing && d.at >= progress && now.saturating_duration_since(progress) >= stall)
+                .then(|| d.error.clone())
         })
     }
 
@@ -658,7 +675,10 @@ impl RaftNetwork<TypeConfig> for Peer {
                 Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)),
                 Some(last),
             ) => self.links.progressed(self.target, Mark::Log(last)),
-            (Err(e), Some(_)) => self.links.data_failed(self.target, e),
+            (Err(e), Some(_)) => {
+                let refused = matches!(e, RPCError::RemoteError(_));
+                self.links.data_failed(self.target, e, refused)
+            }
             (Err(e), None) => self.failed(e),
             _ => {}
         }
@@ -680,10 +700,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         let r = self.send_snapshot(vote, snapshot, cancel, option).await;
         match &r {
             Ok(_) => self.links.progressed(self.target, Mark::Log(last)),
-            Err(StreamingError::Closed(_)) => {}
-            Err(e) => self.links.data_failed(self.target, e),
+            Err((StreamingError::Closed(_), _)) | Err((_, Recorded::Yes)) => {}
+            Err((e, Recorded::No)) => self.links.data_failed(self.target, e, false),
         }
-        r
+        r.map_err(|(e, _)| e)
     }
 
     async fn vote(
@@ -719,6 +739,21 @@ impl Drop for Sending {
     }
 }
 
+/// Whether [`Peer::send_snapshot`] recorded its error in [`Links`] itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    Yes,
+    No,
+}
+
+type SnapshotError = StreamingError<TypeConfig, Fatal<NodeId>>;
+
+/// How long a leader waits before it sends a snapshot again to a peer that refused a part of
+/// it: openraft sends it again at once otherwise, and with it the parts before the one refused,
+/// over and over (a part of 4 MiB every 25 ms to a full disk in the test). The wait is in the
+/// task that streams snapshots, not in the one that sends heartbeats.
+const REFUSED_WAIT: Duration = Duration::from_millis(500);
+
 impl Peer {
     /// [`RaftNetwork::full_snapshot`]: the data of the blocks in parts, then the end.
     async fn send_snapshot(
@@ -727,17 +762,21 @@ impl Peer {
         snapshot: openraft::Snapshot<TypeConfig>,
         cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
-    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+    ) -> Result<SnapshotResponse<NodeId>, (SnapshotError, Recorded)> {
         let read_err = |e: io::Error| {
-            StreamingError::StorageError(
-                openraft::StorageIOError::read_snapshot(
-                    Some(snapshot.meta.signature()),
-                    super::any(e),
-                )
-                .into(),
+            (
+                StreamingError::StorageError(
+                    openraft::StorageIOError::read_snapshot(
+                        Some(snapshot.meta.signature()),
+                        super::any(e),
+                    )
+                    .into(),
+                ),
+                Recorded::No,
             )
         };
         let net_err = |e: String| StreamingError::Network(NetworkError::new(&io::Error::other(e)));
+        let unexpected = |r: Reply| (net_err(format!("unexpected reply {r:?}")), Recorded::No);
         let blocks = Arc::new(snapshot.snapshot.into_std().await);
         let size = blocks.metadata().map_err(read_err)?.len();
         let id = snapshot.meta.snapshot_id.clone();
@@ -767,19 +806,12 @@ impl Peer {
             let rpc = Rpc::SnapshotPart(self.volume.clone(), part);
             match self
                 .snapshot_rpc(rpc, option.hard_ttl(), &mut cancel, &option)
-                .await?
+                .await
+                .map_err(|e| (e, Recorded::No))?
             {
-                Reply::Done(Ok(())) => self.links.progressed(self.target, Mark::Snapshot(&id, at)),
-                // Refused (its disk is full, say): as unreachable, so that openraft waits (500
-                // ms) before it sends the snapshot again. It would at once otherwise, and the
-                // parts before the one refused, over and over (a part of 4 MiB every 25 ms
-                // here).
-                Reply::Done(Err(e)) => {
-                    return Err(StreamingError::Unreachable(Unreachable::new(
-                        &io::Error::other(e.message),
-                    )))
-                }
-                other => return Err(net_err(format!("unexpected reply {other:?}"))),
+                Reply::Done(Ok(())) => self.links.progressed(self.target, Mark::Snapshot(at)),
+                Reply::Done(Err(e)) => return Err(self.refused(e.message, &mut cancel).await),
+                other => return Err(unexpected(other)),
             }
         }
         // Installing reads the data once more: time for that too.
@@ -793,7 +825,8 @@ impl Peer {
         let rpc = Rpc::SnapshotEnd(self.volume.clone(), end);
         match self
             .snapshot_rpc(rpc, install, &mut cancel, &option)
-            .await?
+            .await
+            .map_err(|e| (e, Recorded::No))?
         {
             Reply::Snapshot(Ok(r)) => {
                 tracing::info!(
@@ -804,8 +837,25 @@ impl Peer {
                 );
                 Ok(r)
             }
-            Reply::Snapshot(Err(e)) => Err(net_err(e)),
-            other => Err(net_err(format!("unexpected reply {other:?}"))),
+            Reply::Snapshot(Err(e)) => Err(self.refused(e, &mut cancel).await),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The peer refused a snapshot RPC with `error`: recorded as such, then [`REFUSED_WAIT`]
+    /// (unless the stream is cancelled meanwhile) before the error is returned to openraft.
+    async fn refused(
+        &self,
+        error: String,
+        cancel: &mut std::pin::Pin<&mut impl std::future::Future<Output = ReplicationClosed>>,
+    ) -> (SnapshotError, Recorded) {
+        self.links.data_failed(self.target, &error, true);
+        tokio::select! {
+            closed = cancel => (StreamingError::Closed(closed), Recorded::Yes),
+            _ = tokio::time::sleep(REFUSED_WAIT) => (
+                StreamingError::Network(NetworkError::new(&io::Error::other(error))),
+                Recorded::Yes,
+            ),
         }
     }
 }
@@ -2547,11 +2597,13 @@ impl Group {
         let m = self.raft.metrics().borrow().clone();
         let stalled: BTreeMap<NodeId, String> = match m.state {
             openraft::ServerState::Leader => {
-                // Answering (not dead): within the time openraft waits before it sends again a
-                // snapshot refused, and then some.
+                // Answering (not dead), and refusing data (not failing to answer or to be
+                // reached: a node down, or just back, is not stalled).
                 let now = Instant::now();
                 voter_followers(&m)
-                    .filter(|(id, _)| self.links.answered_within(*id, STALLED / 2))
+                    .filter(|(id, _)| {
+                        self.links.answered_within(*id, STALLED / 2) && self.links.refused(*id)
+                    })
                     .filter_map(|(id, _)| Some((id, self.links.stalled(id, None, now, STALLED)?)))
                     .collect()
             }
@@ -3332,7 +3384,8 @@ mod tests {
         links.progressed(4, Mark::Log(10));
         assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
         // An error: stalled only once the stall has passed since the last progress.
-        links.data_failed(4, &"No space left on device");
+        links.data_failed(4, &"No space left on device", true);
+        assert!(links.refused(4));
         assert_eq!(links.stalled(4, Some(start), later(5), stall), None);
         assert_eq!(
             links.stalled(4, Some(start), later(11), stall).as_deref(),
@@ -3358,31 +3411,49 @@ mod tests {
             "it takes data"
         );
         // ...stalled once it fails again with nothing new taken.
-        links.progressed(4, Mark::Snapshot("s1", 4 << 20));
-        links.progressed(4, Mark::Snapshot("s1", 4 << 20));
-        links.data_failed(4, &"No space left on device");
+        links.progressed(4, Mark::Snapshot(4 << 20));
+        links.progressed(4, Mark::Snapshot(4 << 20));
+        links.data_failed(4, &"No space left on device", true);
         assert!(
             links.stalled(4, Some(start), after(), stall).is_some(),
             "the same part again"
         );
-        // Taking the first part of a snapshot again, failing on the next, over and over: stalled
-        // all along, also just after a part was taken; no longer once failures stop.
-        links.progressed(9, Mark::Snapshot("s2", 4 << 20));
-        links.with(9, |l| {
-            l.data_error = Some((later(11), "No space left on device".into()));
-            l.took = Some(later(11) + Duration::from_millis(25));
-        });
+        // Taking the first part of a snapshot again (of that one, or of a newer one sent
+        // instead), refusing the next, over and over: stalled all along, also just after a part
+        // was taken; no longer once refusals stop.
+        links.progressed(9, Mark::Snapshot(4 << 20));
+        let refusing = |refused| {
+            links.progressed(9, Mark::Snapshot(4 << 20));
+            links.with(9, |l| {
+                l.data_error = Some(DataError {
+                    at: later(11),
+                    error: "No space left on device".into(),
+                    refused,
+                });
+                l.took = Some(later(11) + Duration::from_millis(25));
+            });
+        };
+        refusing(true);
         assert!(links.stalled(9, None, later(12), stall).is_some());
         assert_eq!(links.stalled(9, None, later(17), stall), None);
+        // Failing to reach it (a node down or just back) is not that.
+        refusing(false);
+        assert_eq!(links.stalled(9, None, later(12), stall), None);
+        assert!(!links.refused(9));
+        // Entries taken start the count of snapshot parts again.
+        links.progressed(9, Mark::Log(3));
+        let before = links.with(9, |l| l.progress);
+        links.progressed(9, Mark::Snapshot(1 << 20));
+        assert!(links.with(9, |l| l.progress >= before && l.snapshot == Some(1 << 20)));
         // Getting further after the error: not stalled, however long ago.
-        links.progressed(4, Mark::Snapshot("s1", 8 << 20));
-        links.data_failed(4, &"No space left on device");
+        links.progressed(4, Mark::Snapshot(8 << 20));
+        links.data_failed(4, &"No space left on device", true);
         assert_eq!(links.stalled(4, Some(start), later(5), stall), None);
         links.progressed(4, Mark::Log(11));
         assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
         // Forgotten: a move to it starts from nothing.
         links.reset(4);
-        links.data_failed(4, &"Connection refused");
+        links.data_failed(4, &"Connection refused", false);
         assert!(links.stalled(4, Some(start), after(), stall).is_some());
         links.reset(4);
         links.progressed(4, Mark::Log(1));
@@ -3398,7 +3469,7 @@ mod tests {
         assert!(!links.failing(6));
         links.failed(7, &"Connection refused");
         assert!(links.failing(7), "never answered");
-        links.data_failed(8, &"No space left on device");
+        links.data_failed(8, &"No space left on device", true);
         assert!(links.failing(8), "a data error is an error");
     }
 

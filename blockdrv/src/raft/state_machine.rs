@@ -655,10 +655,15 @@ impl StateMachine {
             *lock_current(&self.current) = files.into_values().collect();
         }
         // What the log holds up to the snapshot is not applied again, but counts for how far
-        // behind a follower is.
+        // behind a follower is. A log that ends before the snapshot (one installed, the log not
+        // yet purged when the node stopped) is purged up to it as openraft starts: counting
+        // starts at the snapshot then, as after an install.
         if let Some(at) = self.last_applied {
             let (purged, sizes) = log.sizes_upto(at.index);
-            self.applied.seed(purged, sizes);
+            match sizes.last() {
+                Some(&(last, _)) if last == at.index => self.applied.seed(purged, sizes),
+                _ => self.applied.installed(at.index),
+            }
         }
         // Nothing held: copied from the entry at once (a piece would be read back).
         self.log = Some(log.id()).filter(|_| budget > 0);
@@ -1527,10 +1532,11 @@ mod tests {
             .collect();
         let log_dir = dir.path().join("log");
         let mut log = log_with(&log_dir, &entries).await;
+        // Every write in the blocks (the log is cut short below).
         let open = |log: &super::super::segment_log::SegmentLog| {
             StateMachine::open(&dir.path().join("sm"), SIZE)
                 .unwrap()
-                .with_log(log, 1 << 30)
+                .with_log(log, 0)
                 .unwrap()
         };
         let mut sm = open(&log);
@@ -1559,6 +1565,15 @@ mod tests {
         assert_eq!(a.kib_after(10), Some(20 * 256));
         assert_eq!(a.kib_after(30), Some(0));
         assert_eq!(a.since_snapshot(), 10 * 256);
+
+        // A log that ends before the snapshot (openraft purges it up to the snapshot as it
+        // starts): counted from the snapshot.
+        log.truncate(log_id(16)).await.unwrap();
+        drop((sm, log));
+        let log = super::super::segment_log::SegmentLog::open_small(&log_dir, 1 << 20).unwrap();
+        let a = open(&log).applied();
+        assert_eq!(a.kib_after(10), None);
+        assert_eq!(a.kib_after(20), Some(0));
     }
 
     #[test]
