@@ -3,26 +3,22 @@
 # network with two subnets and a router between them, define and boot a VM with a NIC on it
 # from the test guest, list it with vpcctl and virsh, show its console, run commands inside it
 # (it pings a namespace "VM" on its subnet through the filtered tenant bridge and one on the
-# other subnet through the router, and reads its metadata from 169.254.169.254), and shut
-# everything down again. Safe to run again: what an earlier run left is removed first.
+# other subnet through the router, and reads its metadata from 169.254.169.254); then
+# replicated block storage: a storage cluster of three nodes on this host (a second vpcd with
+# the storage role, on a bus and state directory of its own, and two blockdrv nodes), a
+# volume of three replicas, a VM with it as its disk writing to it, one node killed (the
+# volume degraded, its data still there) and back; and shut everything down again. Safe to
+# run again: what an earlier run left is removed first.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
 bash "$REPO/scripts/setup.sh"
 
 VM=vpcd-demo
-IMG=/var/lib/vpcd/images
 SPEC=$(mktemp /tmp/vpcd-demo-XXXXXX.toml)
 trap 'rm -f "$SPEC"' EXIT
-cat > "$SPEC" <<TOML
-name = "$VM"
-vcpus = 1
-memory_mib = 256
-
-[boot]
-kernel = "$IMG/vmlinux"
-initrd = "$IMG/initramfs.cpio.gz"
-cmdline = "console=ttyS0 panic=-1 quiet vpcd.hostname=$VM"
+guest_spec "$VM" > "$SPEC"
+cat >> "$SPEC" <<TOML
 
 [[nics]]
 network = "demo-net"
@@ -100,4 +96,6 @@ run vpcctl shutdown "$VM"
 run vpcctl list --all
 run vpcctl undefine "$VM"
 cleanup
+
+bash "$REPO/scripts/demo-storage.sh"
 log "demo done"
