@@ -8,6 +8,8 @@
 # start of the next run if this one was cut short.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
+# Only the command lines below configure the demo's vpcd.
+for v in $(compgen -e | grep '^VPCD_' || true); do unset "$v"; done
 
 cargo build --release --locked --manifest-path "$REPO/Cargo.toml" -p blockdrv -p vpcd -p vpcctl
 BIN=$CARGO_TARGET_DIR/release
@@ -27,10 +29,13 @@ run() { printf '\n$ %s\n' "$*"; "$@"; }
 # `vpcctl` as shown to the reader (the bus address is the only difference).
 svpc() { printf '\n$ vpcctl %s\n' "$*"; vpc "$@"; }
 
+# Stops the process in pid file $1 (signal $2, TERM by default), if it is still one this
+# script started (its command line names the demo's directories: a pid left by a run cut
+# short may be another process's now).
 stop_pid() {
     local f=$1 pid
     pid=$(cat "$f" 2>/dev/null || true)
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    if [ -n "$pid" ] && tr '\0' ' ' 2>/dev/null </proc/"$pid"/cmdline | grep -qE "$RUN|$DIR"; then
         kill "${2:--TERM}" "$pid" 2>/dev/null || true
         for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null || true
@@ -47,10 +52,22 @@ cleanup() {
     stop_pid "$RUN/node2.pid"
     stop_pid "$RUN/node3.pid"
     stop_pid "$RUN/bus.pid"
-    # A VM left by a run cut short while vpcd was down (libvirt keeps it).
-    virsh destroy "$VM" >/dev/null 2>&1 || true
-    virsh undefine "$VM" >/dev/null 2>&1 || true
+    # A VM left by a run cut short while vpcd was down (libvirt keeps it): only the demo's.
+    if virsh dumpxml "$VM" 2>/dev/null | grep -q "$DIR/"; then
+        virsh destroy "$VM" >/dev/null 2>&1 || true
+        virsh undefine "$VM" >/dev/null 2>&1 || true
+    fi
     rm -rf "$DIR" "$RUN" "$BPF"
+}
+# On failure, what the nodes said (their logs go with the rest).
+on_exit() {
+    local rc=$?
+    if [ "$rc" != 0 ]; then
+        for f in "$DIR"/vpcd.log "$DIR"/n2.log "$DIR"/n3.log; do
+            [ -e "$f" ] && { echo "--- $f (last lines)"; tail -20 "$f"; } >&2
+        done
+    fi
+    cleanup
 }
 cleanup
 for p in "${PORTS[@]}"; do
@@ -59,8 +76,10 @@ for p in "${PORTS[@]}"; do
         exit 1
     fi
 done
-trap 'cleanup' EXIT
-mkdir -p "$RUN" "$DIR"
+trap on_exit EXIT
+# The bus (it lets anyone do anything) and the blockdrv nodes' NBD sockets: root's only.
+mkdir -p -m 0700 "$RUN"
+mkdir -p "$DIR"
 # QEMU under libvirt runs unprivileged and must reach the VM's files in vpcd's state.
 chmod 0755 "$DIR"
 

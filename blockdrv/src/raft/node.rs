@@ -376,8 +376,8 @@ struct Links(std::sync::Mutex<HashMap<NodeId, Link>>);
 struct Link {
     /// When the peer last took something it had not taken before: a log index past `log`,
     /// a part of a snapshot ending past `snapshot` (the furthest any snapshot sent since it last
-    /// took entries got: one sent again after an error, or a newer one sent instead, is no
-    /// progress until it gets further than that).
+    /// took entries, or failed to be reached, got: one sent again after it refused a part, or
+    /// a newer one sent instead, is no progress until it gets further than that).
     progress: Instant,
     log: u64,
     snapshot: Option<u64>,
@@ -494,10 +494,14 @@ impl Links {
     }
 
     /// An RPC carrying data to `peer` failed, `refused` by it or not (also recorded as a
-    /// failure of any RPC).
+    /// failure of any RPC). One not refused (a connection lost, a timeout) lets the parts of
+    /// the snapshot sent next count as progress from its start.
     fn data_failed(&self, peer: NodeId, e: &dyn std::fmt::Display, refused: bool) {
         self.with(peer, |l| {
             let now = Instant::now();
+            if !refused {
+                l.snapshot = None;
+            }
             l.error = Some((now, e.to_string()));
             l.data_error = Some(DataError {
                 at: now,
@@ -507,30 +511,36 @@ impl Links {
         });
     }
 
-    /// Whether the last RPC carrying data that failed to `peer` was refused by it.
-    fn refused(&self, peer: NodeId) -> bool {
-        self.with(peer, |l| l.data_error.as_ref().is_some_and(|d| d.refused))
-    }
-
     /// The last data error of `peer` if it has taken nothing new for `stall` up to `now`,
-    /// counting from `since` at the earliest (if given), and it is failing to: its last RPC
-    /// carrying data failed, or it refused one within the last half of `stall` (a snapshot
-    /// whose first part it takes again and whose next it refuses, over and over, is stalled
-    /// all along; one sent again after an error, which it takes part by part, is not).
-    /// Answering heartbeats does not count.
+    /// counting from `since` at the earliest, and its last RPC carrying data failed (one that
+    /// takes again what it took before, say a snapshot sent again after an error, is not
+    /// stalled; answering heartbeats does not count). For a move: any failure counts, and one
+    /// that takes data again is given its time.
     fn stalled(
         &self,
         peer: NodeId,
-        since: Option<Instant>,
+        since: Instant,
         now: Instant,
         stall: Duration,
     ) -> Option<String> {
         self.with(peer, |l| {
-            let progress = since.map_or(l.progress, |s| l.progress.max(s));
+            let progress = l.progress.max(since);
             let d = l.data_error.as_ref()?;
-            let failing = l.took.is_none_or(|ok| d.at > ok)
-                || (d.refused && now.saturating_duration_since(d.at) < stall / 2);
+            let failing = l.took.is_none_or(|ok| d.at > ok);
             (failing && d.at >= progress && now.saturating_duration_since(progress) >= stall)
+                .then(|| d.error.clone())
+        })
+    }
+
+    /// The error with which `peer` refused data, if it has taken nothing new for `stall` up
+    /// to `now` and the last RPC carrying data that failed since was refused (answered with an
+    /// error), not failed to reach it: a full disk, where a snapshot's first parts are taken
+    /// again and the next refused, over and over (however long the parts before take to send
+    /// again), not a node down or just back. For health.
+    fn refusing(&self, peer: NodeId, now: Instant, stall: Duration) -> Option<String> {
+        self.with(peer, |l| {
+            let d = l.data_error.as_ref().filter(|d| d.refused)?;
+            (d.at >= l.progress && now.saturating_duration_since(l.progress) >= stall)
                 .then(|| d.error.clone())
         })
     }
@@ -2597,14 +2607,11 @@ impl Group {
         let m = self.raft.metrics().borrow().clone();
         let stalled: BTreeMap<NodeId, String> = match m.state {
             openraft::ServerState::Leader => {
-                // Answering (not dead), and refusing data (not failing to answer or to be
-                // reached: a node down, or just back, is not stalled).
+                // Answering (not dead; the refusals come every REFUSED_WAIT and more).
                 let now = Instant::now();
                 voter_followers(&m)
-                    .filter(|(id, _)| {
-                        self.links.answered_within(*id, STALLED / 2) && self.links.refused(*id)
-                    })
-                    .filter_map(|(id, _)| Some((id, self.links.stalled(id, None, now, STALLED)?)))
+                    .filter(|(id, _)| self.links.answered_within(*id, STALLED / 2))
+                    .filter_map(|(id, _)| Some((id, self.links.refusing(id, now, STALLED)?)))
                     .collect()
             }
             _ => BTreeMap::new(),
@@ -2707,7 +2714,7 @@ impl Group {
                 }
             }
             let now = Instant::now();
-            if let Some(e) = self.links.stalled(to, Some(start), now, STALLED) {
+            if let Some(e) = self.links.stalled(to, start, now, STALLED) {
                 return Err(err(format!(
                     "volume {}: node {to} took nothing for {} s: {e}",
                     self.name,
@@ -3380,33 +3387,30 @@ mod tests {
         let start = Instant::now();
         let later = |s| start + Duration::from_secs(s);
         // Never heard of, or only progress: not stalled.
-        assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
+        assert_eq!(links.stalled(4, start, later(60), stall), None);
         links.progressed(4, Mark::Log(10));
-        assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
+        assert_eq!(links.stalled(4, start, later(60), stall), None);
         // An error: stalled only once the stall has passed since the last progress.
         links.data_failed(4, &"No space left on device", true);
-        assert!(links.refused(4));
-        assert_eq!(links.stalled(4, Some(start), later(5), stall), None);
+        assert_eq!(links.stalled(4, start, later(5), stall), None);
         assert_eq!(
-            links.stalled(4, Some(start), later(11), stall).as_deref(),
+            links.stalled(4, start, later(11), stall).as_deref(),
             Some("No space left on device")
         );
-        // Counted from `since` at the earliest (a move that began after the error), or from
-        // the last progress.
-        assert_eq!(links.stalled(4, Some(later(5)), later(11), stall), None);
-        assert!(links.stalled(4, None, later(11), stall).is_some());
+        // Counted from `since` at the earliest (a move that began after the error).
+        assert_eq!(links.stalled(4, later(5), later(11), stall), None);
         // Answering heartbeats (its disk full, say) changes nothing; a heartbeat that fails
         // is no data error.
         links.answered(4);
-        assert!(links.stalled(4, Some(start), later(11), stall).is_some());
+        assert!(links.stalled(4, start, later(11), stall).is_some());
         links.failed(5, &"Connection refused");
-        assert_eq!(links.stalled(5, Some(start), later(60), stall), None);
+        assert_eq!(links.stalled(5, start, later(60), stall), None);
         // Taking again what it took before (a snapshot sent again after an error): not
         // stalled while it takes it...
         links.progressed(4, Mark::Log(10));
         let after = || Instant::now() + Duration::from_secs(11);
         assert_eq!(
-            links.stalled(4, Some(start), after(), stall),
+            links.stalled(4, start, after(), stall),
             None,
             "it takes data"
         );
@@ -3415,12 +3419,12 @@ mod tests {
         links.progressed(4, Mark::Snapshot(4 << 20));
         links.data_failed(4, &"No space left on device", true);
         assert!(
-            links.stalled(4, Some(start), after(), stall).is_some(),
+            links.stalled(4, start, after(), stall).is_some(),
             "the same part again"
         );
-        // Taking the first part of a snapshot again (of that one, or of a newer one sent
-        // instead), refusing the next, over and over: stalled all along, also just after a part
-        // was taken; no longer once refusals stop.
+        // For health: refusing data, with nothing new taken since, however long the parts
+        // before the one refused take to send again (a snapshot's first part taken again, of
+        // that one or a newer one sent instead, then the next refused, over and over).
         links.progressed(9, Mark::Snapshot(4 << 20));
         let refusing = |refused| {
             links.progressed(9, Mark::Snapshot(4 << 20));
@@ -3434,31 +3438,48 @@ mod tests {
             });
         };
         refusing(true);
-        assert!(links.stalled(9, None, later(12), stall).is_some());
-        assert_eq!(links.stalled(9, None, later(17), stall), None);
-        // Failing to reach it (a node down or just back) is not that.
-        refusing(false);
-        assert_eq!(links.stalled(9, None, later(12), stall), None);
-        assert!(!links.refused(9));
-        // Entries taken start the count of snapshot parts again.
-        links.progressed(9, Mark::Log(3));
+        assert_eq!(
+            links.refusing(9, later(5), stall),
+            None,
+            "not for that long"
+        );
+        assert!(links.refusing(9, later(12), stall).is_some());
+        assert!(links.refusing(9, later(60), stall).is_some());
+        assert_eq!(
+            links.stalled(9, start, later(12), stall),
+            None,
+            "a move gives it its time"
+        );
+        // Failing to reach it (a node down or just back) is not that; and the parts of the
+        // snapshot sent next count from its start.
+        links.data_failed(9, &"Connection refused", false);
+        assert_eq!(links.refusing(9, later(60), stall), None);
         let before = links.with(9, |l| l.progress);
         links.progressed(9, Mark::Snapshot(1 << 20));
         assert!(links.with(9, |l| l.progress >= before && l.snapshot == Some(1 << 20)));
+        // Entries taken start the count of snapshot parts again.
+        links.progressed(9, Mark::Snapshot(8 << 20));
+        links.progressed(9, Mark::Log(3));
+        links.progressed(9, Mark::Snapshot(2 << 20));
+        assert_eq!(links.with(9, |l| l.snapshot), Some(2 << 20));
+        // Taking something new after a refusal: not refusing any more.
+        links.data_failed(9, &"No space left on device", true);
+        links.progressed(9, Mark::Snapshot(4 << 20));
+        assert_eq!(links.refusing(9, Instant::now() + stall * 2, stall), None);
         // Getting further after the error: not stalled, however long ago.
         links.progressed(4, Mark::Snapshot(8 << 20));
         links.data_failed(4, &"No space left on device", true);
-        assert_eq!(links.stalled(4, Some(start), later(5), stall), None);
+        assert_eq!(links.stalled(4, start, later(5), stall), None);
         links.progressed(4, Mark::Log(11));
-        assert_eq!(links.stalled(4, Some(start), later(60), stall), None);
+        assert_eq!(links.stalled(4, start, later(60), stall), None);
         // Forgotten: a move to it starts from nothing.
         links.reset(4);
         links.data_failed(4, &"Connection refused", false);
-        assert!(links.stalled(4, Some(start), after(), stall).is_some());
+        assert!(links.stalled(4, start, after(), stall).is_some());
         links.reset(4);
         links.progressed(4, Mark::Log(1));
-        assert_eq!(links.stalled(4, Some(start), after(), stall), None);
-        assert_eq!(links.stalled(5, Some(start), later(60), stall), None);
+        assert_eq!(links.stalled(4, start, after(), stall), None);
+        assert_eq!(links.stalled(5, start, later(60), stall), None);
         // Failing: the last RPC failed, none answered since.
         assert!(!links.failing(6));
         links.answered(6);
