@@ -1157,65 +1157,6 @@ fn a_replica_whose_disk_fills_with_the_snapshot_it_is_sent_is_reported_stalled_w
     c.assert_holds(back, &src);
 }
 
-/// A follower whose disk fills while it takes entries (a storage error stops its raft, as
-/// openraft treats every one as fatal) reopens its replica by itself once there is room again
-/// (the disk grown), catches up and holds the same data, without a restart of its process.
-#[test]
-fn a_replica_whose_raft_stopped_on_a_full_disk_is_reopened_once_there_is_room() {
-    let mut c = Cluster::start(&[
-        "--heartbeat-ms",
-        "100",
-        "--election-ms",
-        "1000",
-        "--log",
-        "info",
-    ]);
-    let leader = c.steady_leader();
-    let back = (leader + 1) % 3;
-    c.kill(back);
-    // Less than the log the leader keeps: the follower is sent entries, not a snapshot.
-    let src = c.random_source(24);
-    c.convert_into(&src, leader);
-    c.spawn_on_small_disk(back, 8);
-    let said = |c: &Cluster, what: &str| {
-        std::fs::read_to_string(c.log(back))
-            .unwrap_or_default()
-            .contains(what)
-    };
-    c.wait_for(
-        |c| said(c, "the replica's raft stopped"),
-        "the follower's raft to stop on its full disk",
-    );
-    let pid = c.nodes[back].as_ref().expect("running").id().to_string();
-    let dir = c.dir.path().join(format!("n{}", back + 1));
-    ok(&[
-        "nsenter",
-        "-t",
-        &pid,
-        "-m",
-        "mount",
-        "-o",
-        "remount,size=256m",
-        &dir.to_string_lossy(),
-    ]);
-    c.wait_for(
-        |c| said(c, "the replica was reopened"),
-        "the replica to be reopened",
-    );
-    c.wait_for(
-        |c| {
-            c.status(leader).is_some_and(|s| {
-                ids(&s["behind"]).is_empty()
-                    && ids(&s["unreachable"]).is_empty()
-                    && s["stalled"] == serde_json::json!([])
-            })
-        },
-        "the replica to have caught up",
-    );
-    c.assert_replicas_identical();
-    c.assert_holds(back, &src);
-}
-
 /// A leader whose process dies is replaced at once: its followers see its connections end and
 /// nothing answer at its address, and elect. The election timer here (6-12 s, after the dead
 /// leader's 12 s lease) would take 18 s at least; writes resume long before. A leader whose

@@ -1438,93 +1438,6 @@ async fn drop_stray_learners(
     }
 }
 
-/// How often a replica whose raft stopped on its own is tried again ([`reopen_when_stopped`]).
-const REOPEN_EVERY: Duration = Duration::from_secs(5);
-
-/// While `g` is `node`'s replica of its volume: if its raft stops on its own (a storage error,
-/// such as a full disk, is fatal to openraft), reopens the replica from its directory once
-/// nothing of the stopped one is left (its log's writer thread, its state machine), trying
-/// every [`REOPEN_EVERY`], so that a replica whose disk was full catches up by itself once
-/// there is room again, as a restarted node would. A replica dropped or replaced meanwhile is
-/// left alone. The reopened replica gets one of these of its own. (Boxed: it opens the replica
-/// again, which spawns this.)
-fn reopen_when_stopped(
-    node: std::sync::Weak<Node>,
-    g: Group,
-    log: super::segment_log::LogAlive,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(reopen_once_stopped(node, g, log))
-}
-
-async fn reopen_once_stopped(
-    node: std::sync::Weak<Node>,
-    g: Group,
-    log: super::segment_log::LogAlive,
-) {
-    let mut metrics = g.raft.metrics();
-    let why = loop {
-        let m = metrics.borrow_and_update().clone();
-        if m.state == openraft::ServerState::Shutdown {
-            break m
-                .running_state
-                .err()
-                .filter(|e| !matches!(e, openraft::error::Fatal::Stopped));
-        }
-        if metrics.changed().await.is_err() {
-            break None;
-        }
-    };
-    let ours = |n: &Node| {
-        n.group(&g.name)
-            .is_some_and(|h| Arc::ptr_eq(&h.links, &g.links))
-    };
-    match node.upgrade() {
-        Some(n) if ours(&n) => {}
-        _ => return,
-    }
-    let Some(why) = why else {
-        // Shut down on purpose.
-        return;
-    };
-    tracing::error!(
-        volume = %g.name,
-        "the replica's raft stopped: {why}; it is reopened every {} s until it runs",
-        REOPEN_EVERY.as_secs()
-    );
-    let name = g.name.clone();
-    let size = g.size.load(std::sync::atomic::Ordering::SeqCst);
-    let applied = g.lag.applied.clone();
-    let links = g.links.clone();
-    drop(g);
-    loop {
-        tokio::time::sleep(REOPEN_EVERY).await;
-        let Some(n) = node.upgrade() else { return };
-        if log.alive() || applied.strong_count() > 0 {
-            continue;
-        }
-        // Under the catalog's lock: not while the replica is being dropped.
-        let _catalog = n.catalog.lock().await;
-        if !n
-            .group(&name)
-            .is_some_and(|h| Arc::ptr_eq(&h.links, &links))
-        {
-            return;
-        }
-        n.groups.write().unwrap().remove(&name);
-        if let Some(server) = n.nbd.read().unwrap().as_ref() {
-            server.remove(&name);
-        }
-        n.vhost_remove(&name);
-        match n.open_volume(&name, size).await {
-            Ok(_) => {
-                tracing::info!(volume = %name, "the replica was reopened");
-                return;
-            }
-            Err(e) => tracing::error!(volume = %name, "reopening the replica: {e}"),
-        }
-    }
-}
-
 /// Most bytes of data in one part of a streamed snapshot (one RPC).
 const SNAPSHOT_CHUNK: u64 = 4 << 20;
 
@@ -2289,7 +2202,6 @@ impl Node {
             links: links.clone(),
             pieces: pieces.clone(),
         };
-        let log_alive = log.alive();
         let raft = Raft::new(self.id, config, network, log, sm)
             .await
             .map_err(io::Error::other)?;
@@ -2331,11 +2243,6 @@ impl Node {
             volume.to_string(),
             g.raft.clone(),
             g.busy.clone(),
-        ));
-        tokio::spawn(reopen_when_stopped(
-            Arc::downgrade(self),
-            g.clone(),
-            log_alive,
         ));
         self.groups
             .write()

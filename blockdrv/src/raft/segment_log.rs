@@ -330,17 +330,6 @@ pub struct SegmentLog {
     jobs: mpsc::Sender<Job>,
 }
 
-/// Tells whether anything of a [`SegmentLog`] is left: the log, its readers or its writer
-/// thread (which ends after the last job queued).
-#[derive(Debug, Clone)]
-pub struct LogAlive(std::sync::Weak<Mutex<State>>);
-
-impl LogAlive {
-    pub fn alive(&self) -> bool {
-        self.0.strong_count() > 0
-    }
-}
-
 /// The reading side of a [`SegmentLog`] (cheap to clone).
 #[derive(Clone)]
 pub struct SegmentLogReader {
@@ -729,11 +718,6 @@ impl SegmentLog {
     pub fn segment(&self, seg: u64) -> Option<Arc<File>> {
         let st = self.lock();
         st.segments.get(&seg).or_else(|| st.held.get(&seg)).cloned()
-    }
-
-    /// What tells when nothing of this log is left (see [`LogAlive`]).
-    pub fn alive(&self) -> LogAlive {
-        LogAlive(Arc::downgrade(&self.state))
     }
 
     /// How long a segment grows (it ends at the first record past this).
