@@ -4,6 +4,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/vpcd-target}
 export CARGO_TERM_COLOR=never
 log() { printf '\n==> %s\n' "$*"; }
+# Shows a command, then runs it (the demo's way of showing what it does).
+run() { printf '\n$ %s\n' "$*"; "$@"; }
 has_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 # The start of a VM spec (TOML) that boots the test guest's kernel (scripts/setup.sh puts the
 # images in /var/lib/vpcd/images): name $1, one vCPU, 256 MiB.

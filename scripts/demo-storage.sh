@@ -25,7 +25,6 @@ for i in 1 2 3; do MEMBERS+=(--member "$i=127.0.0.1:${PORTS[$((i - 1))]}"); done
 # Bounded: a bus or vpcd that does not answer fails the demo instead of hanging it.
 vpc() { timeout 120 "$BIN/vpcctl" --bus-address "$BUS" "$@"; }
 quick() { timeout 10 "$BIN/vpcctl" --bus-address "$BUS" "$@"; }
-run() { printf '\n$ %s\n' "$*"; "$@"; }
 # `vpcctl` as shown to the reader (the bus address is the only difference).
 svpc() { printf '\n$ vpcctl %s\n' "$*"; vpc "$@"; }
 

@@ -30,7 +30,6 @@ hostname = "$VM"
 user_data = "#cloud-config\n"
 TOML
 
-run() { printf '\n$ %s\n' "$*"; "$@"; }
 
 NS=vpcd-demo-ns
 NS2=vpcd-demo-ns2

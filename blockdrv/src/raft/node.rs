@@ -118,9 +118,9 @@ pub struct Status {
     /// On the leader: the voters that answer but are catching up ([`catching_up`]).
     #[serde(default)]
     pub behind: Vec<NodeId>,
-    /// On the leader: the voters that answer heartbeats but fail to take data (a snapshot
-    /// that fills their disk) and have taken nothing for [`STALLED`], with their last error;
-    /// not in `unreachable` or `behind`.
+    /// On the leader: the voters that answer but refuse data (a snapshot that fills their
+    /// disk) and have taken nothing new for [`STALLED`] ([`Links::refusing`]), with the error
+    /// they refused it with; not in `unreachable` or `behind`.
     #[serde(default)]
     pub stalled: Vec<(NodeId, String)>,
 }
