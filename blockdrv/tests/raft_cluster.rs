@@ -3,6 +3,7 @@
 //! every replica; SIGKILL of the leader in a stream of writes loses no acknowledged write, and
 //! the killed node, restarted far behind, catches up by snapshot to identical blocks.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1155,6 +1156,160 @@ fn a_replica_whose_disk_fills_with_the_snapshot_it_is_sent_is_reported_stalled_w
     );
     c.assert_replicas_identical();
     c.assert_holds(back, &src);
+}
+
+/// An interactive `qemu-io` on volume `v` through one node: one NBD connection, kept open
+/// across its commands.
+struct Session {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    /// What it printed so far (stdout and stderr).
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    commands: usize,
+}
+
+impl Session {
+    fn open(uri: &str) -> Session {
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "raw", uri])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-io");
+        let out = std::sync::Arc::<std::sync::Mutex<String>>::default();
+        let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for mut pipe in pipes {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        Session {
+            child,
+            stdin,
+            out,
+            commands: 0,
+        }
+    }
+
+    /// Runs `cmd`; what it printed for it (once it asks for the next command; up to 60 s).
+    fn run(&mut self, cmd: &str) -> String {
+        use std::io::Write;
+        let before = self.out.lock().unwrap().len();
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.commands += 1;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // qemu-io prompts once at the start and after every command.
+        while self.out.lock().unwrap().matches("qemu-io> ").count() <= self.commands {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-io {cmd:?}: no answer: {}",
+                self.out.lock().unwrap()
+            );
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "qemu-io exited: {}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Errors go to stderr, read by the other thread.
+        std::thread::sleep(Duration::from_millis(100));
+        self.out.lock().unwrap()[before..].to_string()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A follower whose disk fills while it takes entries (a storage error stops its raft, as
+/// openraft treats every one as fatal) is reopened by its node, again and again while the disk
+/// stays full, and once there is room (the disk grown under the running node) it catches up
+/// and holds the same data, without a restart of its process; a client connected to it before
+/// its raft stopped is served by the reopened replica.
+#[test]
+fn a_replica_whose_raft_stopped_on_a_full_disk_is_reopened_once_there_is_room() {
+    let mut c = Cluster::start(&[
+        "--heartbeat-ms",
+        "100",
+        "--election-ms",
+        "1000",
+        "--log",
+        "info",
+    ]);
+    let leader = c.steady_leader();
+    let back = (leader + 1) % 3;
+    c.kill(back);
+    // Less than the log the leader keeps: the follower is sent entries, not a snapshot.
+    let src = c.random_source(24);
+    c.convert_into(&src, leader);
+    c.spawn_on_small_disk(back, 8);
+    let mut client = Session::open(&c.uri(back));
+    let said = |c: &Cluster, what: &str| {
+        std::fs::read_to_string(c.log(back))
+            .unwrap_or_default()
+            .matches(what)
+            .count()
+    };
+    let tries = |c: &Cluster| {
+        said(c, "the replica's raft stopped") + said(c, "reopening the replica failed")
+    };
+    c.wait_for(
+        |c| tries(c) >= 1,
+        "the follower's raft to stop on its full disk",
+    );
+    // Tried again while the disk is still full (1 s, then 2 s later), and again after that.
+    c.wait_for(|c| tries(c) >= 3, "two more tries on the full disk");
+    let pid = c.nodes[back].as_ref().expect("running").id().to_string();
+    let dir = c.dir.path().join(format!("n{}", back + 1));
+    ok(&[
+        "nsenter",
+        "-t",
+        &pid,
+        "-m",
+        "mount",
+        "-o",
+        "remount,size=256m",
+        &dir.to_string_lossy(),
+    ]);
+    c.wait_for(
+        |c| {
+            c.status(leader).is_some_and(|s| {
+                ids(&s["behind"]).is_empty()
+                    && ids(&s["unreachable"]).is_empty()
+                    && s["stalled"] == serde_json::json!([])
+            })
+        },
+        "the replica to have caught up",
+    );
+    assert!(said(&c, "the replica was reopened") >= 1);
+    c.assert_replicas_identical();
+    c.assert_holds(back, &src);
+    // The client's connection, from before the raft stopped, reads from the reopened replica.
+    let out = client.run("write -P 0x5a 0 64k");
+    assert!(out.contains("wrote 65536/65536"), "{out}");
+    let out = client.run("read -P 0x5a 0 64k");
+    assert!(
+        out.contains("read 65536/65536") && !out.contains("failed"),
+        "{out}"
+    );
 }
 
 /// A leader whose process dies is replaced at once: its followers see its connections end and

@@ -893,6 +893,7 @@ pub struct Group {
     busy: Arc<std::sync::Mutex<Option<Busy>>>,
     /// How far behind followers are (while this node leads).
     lag: Lag,
+    incarnation: Incarnation,
 }
 
 /// Volumes deleted through the cluster: name -> the ids of the volumes of that name deleted.
@@ -1438,6 +1439,109 @@ async fn drop_stray_learners(
     }
 }
 
+/// How long a replica whose raft stopped on its own waits before it is reopened, at first and
+/// at most ([`keep_open`]): each failed try, and each stop soon after a reopen, doubles it.
+const REOPEN_FIRST: Duration = Duration::from_secs(1);
+const REOPEN_MOST: Duration = Duration::from_secs(60);
+
+/// Which replica a [`Group`] runs. A replica keeps it when it is reopened ([`keep_open`]), so
+/// front ends that serve it ([`RaftVolume`]) go on with the reopened one; a replica of the same
+/// name opened after this one was dropped has another.
+#[derive(Clone, Default)]
+struct Incarnation(Arc<()>);
+
+impl Incarnation {
+    fn is(&self, other: &Incarnation) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// What is left of a replica whose raft stopped: its log's writer thread and its state machine
+/// (also held by a snapshot build openraft runs on a task of its own). A replica is reopened
+/// from its directory only once none of it is.
+struct Remains {
+    log: super::segment_log::LogAlive,
+    applied: std::sync::Weak<Applied>,
+}
+
+impl Remains {
+    fn gone(&self) -> bool {
+        !self.log.alive() && self.applied.strong_count() == 0
+    }
+}
+
+/// Waits until `raft` stops; why, if it stopped on its own (a storage error or a panic, not a
+/// shutdown asked for). It wakes only when the server's state changes (elections), not with
+/// every write.
+async fn stopped(raft: &Raft<TypeConfig>) -> Option<Fatal<NodeId>> {
+    let mut server = raft.server_metrics();
+    // Ends when the raft core, which holds the sender, is gone.
+    while server.changed().await.is_ok() {}
+    Some(why_stopped(raft)).filter(|e| !matches!(e, Fatal::Stopped))
+}
+
+/// Why `raft`, whose core has ended, stopped: what it said, or a panic if it said nothing.
+fn why_stopped(raft: &Raft<TypeConfig>) -> Fatal<NodeId> {
+    let said = raft.metrics().borrow().running_state.clone();
+    said.err().unwrap_or(Fatal::Panicked)
+}
+
+/// Keeps `node`'s replica `g` running: openraft treats every storage error as fatal, so a
+/// replica whose log write fails (its disk full) would stop for good. Whenever its raft stops
+/// on its own, the replica is reopened from its directory, as a restart of the node would, once
+/// nothing of the stopped one is left ([`Remains`]), and tried again, waiting twice as long each
+/// time up to [`REOPEN_MOST`], until it runs: a replica whose disk was full catches up by itself
+/// once there is room again. The stopped group stays the node's until a reopen works (it answers
+/// with errors meanwhile). Ends once the replica is dropped, or shut down on purpose.
+async fn keep_open(node: std::sync::Weak<Node>, mut g: Group, mut remains: Remains) {
+    let mut wait = REOPEN_FIRST;
+    loop {
+        let ran = Instant::now();
+        let Some(why) = stopped(&g.raft).await else {
+            return;
+        };
+        if ran.elapsed() > REOPEN_MOST {
+            wait = REOPEN_FIRST;
+        }
+        let (name, incarnation) = (g.name.clone(), g.incarnation.clone());
+        let size = g.size.load(std::sync::atomic::Ordering::SeqCst);
+        drop(g);
+        tracing::error!(volume = %name, "the replica's raft stopped: {why}; it is reopened once it can be");
+        let mut failures = 0u32;
+        g = loop {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(REOPEN_MOST);
+            let Some(n) = node.upgrade() else { return };
+            let tried = if remains.gone() {
+                n.reopen(&name, size, &incarnation).await
+            } else {
+                Err(io::Error::other(
+                    "the stopped replica's log or state machine is still in use",
+                ))
+            };
+            match tried {
+                Ok(Some((g, r))) => {
+                    remains = r;
+                    break g;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    failures += 1;
+                    // 1, 2, 4, ... failures: a disk that stays full does not flood the log.
+                    if failures.is_power_of_two() {
+                        tracing::warn!(
+                            volume = %name,
+                            "reopening the replica failed ({failures} times so far): {e}; tried again in {} s",
+                            wait.as_secs()
+                        );
+                    }
+                }
+            }
+        };
+        tracing::info!(volume = %name, "the replica was reopened");
+    }
+}
+
 /// Most bytes of data in one part of a streamed snapshot (one RPC).
 const SNAPSHOT_CHUNK: u64 = 4 << 20;
 
@@ -1579,7 +1683,7 @@ impl Node {
             return Ok(());
         };
         if !served.contains_key(&g.name) {
-            let volume = Arc::new(RaftVolume::new(self.clone(), g.clone()));
+            let volume = Arc::new(RaftVolume::new(self.clone(), g));
             let socket = dir.join(format!("{}.sock", g.name));
             let rt = tokio::runtime::Handle::current();
             served.insert(
@@ -1606,7 +1710,7 @@ impl Node {
         crate::nbd::Export {
             name: g.name.clone(),
             description: "replicated volume".into(),
-            volume: Arc::new(RaftVolume::new(self.clone(), g.clone())),
+            volume: Arc::new(RaftVolume::new(self.clone(), g)),
             read_only: false,
         }
     }
@@ -1968,7 +2072,7 @@ impl Node {
         let g = self
             .group(name)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
-        RaftVolume::new(self.clone(), g).resize(size).await
+        RaftVolume::new(self.clone(), &g).resize(size).await
     }
 
     /// Records `spec` (new members of a volume this node holds).
@@ -2176,11 +2280,63 @@ impl Node {
         self.groups.read().unwrap().get(volume).cloned()
     }
 
-    /// Opens (or creates) this node's replica of `volume` (`size` bytes) and starts its raft.
+    /// Opens (or creates) this node's replica of `volume` (`size` bytes), starts its raft and
+    /// serves it.
     pub async fn open_volume(self: &Arc<Node>, volume: &str, size: u64) -> io::Result<Group> {
         if let Some(g) = self.group(volume) {
             return Ok(g);
         }
+        let (g, remains) = self
+            .start_group(volume, size, Incarnation::default())
+            .await?;
+        self.groups
+            .write()
+            .unwrap()
+            .insert(volume.to_string(), g.clone());
+        tokio::spawn(keep_open(Arc::downgrade(self), g.clone(), remains));
+        if let Some(server) = self.nbd.read().unwrap().as_ref() {
+            server.add(self.export(&g));
+        }
+        if let Err(e) = self.vhost_add(&g) {
+            tracing::warn!(volume, "serving over vhost-user-blk: {e}");
+        }
+        Ok(g)
+    }
+
+    /// Reopens replica `incarnation` of `volume` (its raft stopped, see [`keep_open`]) from its
+    /// directory and makes it the node's in place of the stopped one; None if the node no
+    /// longer has that replica (dropped meanwhile). Under the catalog's lock, as replicas are
+    /// opened and dropped: never while the directory is removed or opened for another replica
+    /// of that name. (The lock is held for the open: a log scan, seldom, see [`keep_open`].)
+    async fn reopen(
+        self: &Arc<Node>,
+        volume: &str,
+        size: u64,
+        incarnation: &Incarnation,
+    ) -> io::Result<Option<(Group, Remains)>> {
+        let _catalog = self.catalog.lock().await;
+        if !self
+            .group(volume)
+            .is_some_and(|g| g.incarnation.is(incarnation))
+        {
+            return Ok(None);
+        }
+        let (g, remains) = self.start_group(volume, size, incarnation.clone()).await?;
+        self.groups
+            .write()
+            .unwrap()
+            .insert(volume.to_string(), g.clone());
+        Ok(Some((g, remains)))
+    }
+
+    /// This node's replica of `volume` opened from its directory (created if new) and its raft
+    /// started, with its tasks; what will be left of it once its raft stops.
+    async fn start_group(
+        &self,
+        volume: &str,
+        size: u64,
+        incarnation: Incarnation,
+    ) -> io::Result<(Group, Remains)> {
         let dir = self.dir.join(volume);
         // The log spans the entries kept behind the last snapshot and those after it (the
         // segments writes applied by reference hold are not the log's: given back, they are
@@ -2201,6 +2357,10 @@ impl Node {
             volume: volume.to_string(),
             links: links.clone(),
             pieces: pieces.clone(),
+        };
+        let remains = Remains {
+            log: log.alive(),
+            applied: Arc::downgrade(&applied),
         };
         let raft = Raft::new(self.id, config, network, log, sm)
             .await
@@ -2238,23 +2398,14 @@ impl Node {
             links,
             busy: Arc::default(),
             lag,
+            incarnation,
         };
         tokio::spawn(drop_stray_learners(
             volume.to_string(),
             g.raft.clone(),
             g.busy.clone(),
         ));
-        self.groups
-            .write()
-            .unwrap()
-            .insert(volume.to_string(), g.clone());
-        if let Some(server) = self.nbd.read().unwrap().as_ref() {
-            server.add(self.export(&g));
-        }
-        if let Err(e) = self.vhost_add(&g) {
-            tracing::warn!(volume, "serving over vhost-user-blk: {e}");
-        }
-        Ok(g)
+        Ok((g, remains))
     }
 
     /// Makes `members` (id -> RPC address) the first membership of `volume` (on one node, once;
@@ -2463,9 +2614,18 @@ impl Node {
         let Some(g) = self.group(&volume) else {
             return Reply::NoVolume(volume);
         };
+        // A replica whose raft stopped (see `keep_open`) answers its peers with why, as its raft
+        // would, but without openraft logging each refused message in full.
+        let stopped = || g.stopped().map(RaftError::Fatal);
         match rpc {
-            Rpc::Append(_, r) => Reply::Append(g.raft.append_entries(r).await),
-            Rpc::Vote(_, r) => Reply::Vote(g.raft.vote(r).await),
+            Rpc::Append(_, r) => match stopped() {
+                Some(e) => Reply::Append(Err(e)),
+                None => Reply::Append(g.raft.append_entries(r).await),
+            },
+            Rpc::Vote(_, r) => match stopped() {
+                Some(e) => Reply::Vote(Err(e)),
+                None => Reply::Vote(g.raft.vote(r).await),
+            },
             Rpc::SnapshotPart(_, part) => {
                 Reply::Done(g.receive_part(part).await.map_err(WireError::from))
             }
@@ -2499,6 +2659,13 @@ enum NotHere {
 }
 
 impl Group {
+    /// Why the group's raft stopped, if it has (shut down, a storage error: `keep_open`).
+    fn stopped(&self) -> Option<Fatal<NodeId>> {
+        // The raft core holds the sender of its metrics: closed once it has ended.
+        let ended = self.raft.server_metrics().has_changed().is_err();
+        ended.then(|| why_stopped(&self.raft))
+    }
+
     /// Writes a part of a snapshot streamed by the leader. The first part of a snapshot (or of
     /// a newer leader's) starts receiving it afresh; a part from an older leader is refused.
     async fn receive_part(&self, part: SnapshotPart) -> io::Result<()> {
@@ -2862,21 +3029,49 @@ impl std::fmt::Display for NotHereOr {
 
 /// A replicated volume as the front ends see it, on one node: requests run on the leader, here
 /// or forwarded to it, and wait out elections (up to 15 s).
-#[derive(Debug)]
 pub struct RaftVolume {
     node: Arc<Node>,
-    group: Group,
+    name: String,
+    /// The replica served: each request runs on the node's group of it as it is then (a
+    /// replica reopened after its raft stopped is the same one, see [`keep_open`]).
+    incarnation: Incarnation,
     /// Idle connections to leaders, by address, for forwarded requests.
     pool: std::sync::Mutex<HashMap<String, Vec<TcpStream>>>,
 }
 
+impl std::fmt::Debug for RaftVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftVolume")
+            .field("node", &self.node.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RaftVolume {
-    pub fn new(node: Arc<Node>, group: Group) -> RaftVolume {
+    pub fn new(node: Arc<Node>, group: &Group) -> RaftVolume {
         RaftVolume {
             node,
-            group,
+            name: group.name.clone(),
+            incarnation: group.incarnation.clone(),
             pool: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The node's group of the replica served, now.
+    fn group(&self) -> io::Result<Group> {
+        self.node
+            .group(&self.name)
+            .filter(|g| g.incarnation.is(&self.incarnation))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "volume {}: node {} no longer holds this replica",
+                        self.name, self.node.id
+                    ),
+                )
+            })
     }
 
     /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked).
@@ -2908,17 +3103,18 @@ impl RaftVolume {
         unpack: fn(Reply) -> Option<Result<T, String>>,
     ) -> io::Result<T>
     where
-        F: Fn() -> Fut,
+        F: Fn(Group) -> Fut,
         Fut: std::future::Future<Output = Result<T, NotHereOr>>,
     {
         let deadline = tokio::time::Instant::now() + self.node.leader_wait();
         let mut last = String::new();
         while tokio::time::Instant::now() < deadline {
-            let addr = match self.group.leader_addr(self.node.id) {
-                None => match here().await {
+            let g = self.group()?;
+            let addr = match g.leader_addr(self.node.id) {
+                None => match here(g.clone()).await {
                     Ok(v) => return Ok(v),
                     Err(NotHereOr::Failed(e)) => {
-                        tracing::warn!(volume = %self.group.name, "request failed: {e}");
+                        tracing::warn!(volume = %self.name, "request failed: {e}");
                         return Err(io::Error::other(e));
                     }
                     Err(NotHereOr::NotHere(NotHere::Leader(a))) => Some(a),
@@ -2936,7 +3132,7 @@ impl RaftVolume {
                 // commit in its old term, or commits before anything the new leader appends.)
                 let answer = tokio::select! {
                     r = self.forward(&addr, &there) => Ok(r),
-                    () = self.group.leader_moved(self.node.id, &addr) => {
+                    () = g.leader_moved(self.node.id, &addr) => {
                         Err(format!("{addr} stopped leading before it answered"))
                     }
                     () = tokio::time::sleep_until(deadline) => {
@@ -2958,25 +3154,27 @@ impl RaftVolume {
         }
         Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("volume {}: no leader answered: {last}", self.group.name),
+            format!("volume {}: no leader answered: {last}", self.name),
         ))
     }
 
     /// Waits until this replica may serve a linearizable read: the read index comes from the
     /// leader (this node or another), and this replica has applied up to it. So any
-    /// up-to-date node serves reads from its own blocks.
-    async fn read_barrier(&self) -> io::Result<()> {
+    /// up-to-date node serves reads from its own blocks: the group returned, which has.
+    async fn read_barrier(&self) -> io::Result<Group> {
         let index = self
             .on_leader(
-                || self.group.read_index(),
-                Rpc::ReadIndex(self.group.name.clone()),
+                |g| async move { g.read_index().await },
+                Rpc::ReadIndex(self.name.clone()),
                 |r| match r {
                     Reply::ReadIndex(r) => Some(r),
                     _ => None,
                 },
             )
             .await?;
-        self.group.wait_applied(index).await
+        let g = self.group()?;
+        g.wait_applied(index).await?;
+        Ok(g)
     }
 
     /// Grows the volume to `size` bytes (through the log, so every replica grows).
@@ -2987,7 +3185,7 @@ impl RaftVolume {
                 io::ErrorKind::InvalidInput,
                 format!(
                     "volume {}: {size} bytes is smaller than its {} (volumes only grow)",
-                    self.group.name,
+                    self.name,
                     self.size()
                 ),
             ));
@@ -2996,9 +3194,12 @@ impl RaftVolume {
     }
 
     async fn write_op(&self, op: BlockOp) -> io::Result<()> {
-        let rpc = Rpc::Write(self.group.name.clone(), op.clone());
+        let rpc = Rpc::Write(self.name.clone(), op.clone());
         self.on_leader(
-            || self.group.leader_write(op.clone()),
+            |g| {
+                let op = op.clone();
+                async move { g.leader_write(op).await }
+            },
             rpc,
             |r| match r {
                 Reply::Write(r) => Some(r),
@@ -3012,7 +3213,9 @@ impl RaftVolume {
 #[async_trait::async_trait]
 impl crate::volume::Volume for RaftVolume {
     fn size(&self) -> u64 {
-        self.group.size.load(std::sync::atomic::Ordering::SeqCst)
+        // 0 once the node no longer holds the replica: every request is out of range.
+        self.group()
+            .map_or(0, |g| g.size.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     fn fast_zero(&self) -> bool {
@@ -3024,29 +3227,19 @@ impl crate::volume::Volume for RaftVolume {
     }
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        self.read_barrier().await?;
-        self.group.local_read(offset, length).await
+        self.read_barrier().await?.local_read(offset, length).await
     }
 
     async fn read_sendable(&self, offset: u64, length: u32) -> io::Result<crate::volume::Sendable> {
         use crate::volume::Sendable;
-        self.read_barrier().await?;
+        let g = self.read_barrier().await?;
         // The file that holds the range now, if one does (a snapshot installed later replaces
         // the blocks with newer ones; these hold at least what the barrier asked for), or the
         // bytes of the blocks and the log, without asking the leader again.
-        let region = super::state_machine::volume_region(
-            &self.group.blocks,
-            &self.group.pieces,
-            offset,
-            length,
-        )?;
+        let region = super::state_machine::volume_region(&g.blocks, &g.pieces, offset, length)?;
         match region {
             Some(r) => Ok(Sendable::Region(r)),
-            None => self
-                .group
-                .local_read(offset, length)
-                .await
-                .map(Sendable::Data),
+            None => g.local_read(offset, length).await.map(Sendable::Data),
         }
     }
 
@@ -3090,8 +3283,8 @@ impl crate::volume::Volume for RaftVolume {
     }
 
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
-        self.read_barrier().await?;
-        let v = self.group.local_extents(offset, length).await?;
+        let g = self.read_barrier().await?;
+        let v = g.local_extents(offset, length).await?;
         Ok(v.into_iter()
             .map(|(length, hole)| crate::volume::Extent {
                 length,

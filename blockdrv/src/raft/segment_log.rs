@@ -330,6 +330,17 @@ pub struct SegmentLog {
     jobs: mpsc::Sender<Job>,
 }
 
+/// Tells whether anything of a [`SegmentLog`] is left: the log, its readers or its writer
+/// thread (which ends after the last job queued).
+#[derive(Debug, Clone)]
+pub struct LogAlive(std::sync::Weak<Mutex<State>>);
+
+impl LogAlive {
+    pub fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
 /// The reading side of a [`SegmentLog`] (cheap to clone).
 #[derive(Clone)]
 pub struct SegmentLogReader {
@@ -720,6 +731,11 @@ impl SegmentLog {
         st.segments.get(&seg).or_else(|| st.held.get(&seg)).cloned()
     }
 
+    /// What tells when nothing of this log is left (see [`LogAlive`]).
+    pub fn alive(&self) -> LogAlive {
+        LogAlive(Arc::downgrade(&self.state))
+    }
+
     /// How long a segment grows (it ends at the first record past this).
     pub fn segment_bytes(&self) -> u64 {
         self.segment_bytes
@@ -865,8 +881,18 @@ impl Writer {
         let mut w = &*file;
         w.seek(SeekFrom::Start(offset))?;
         let parts: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
-        super::data::write_all_vectored(&mut w, &parts)?;
-        file.sync_data()?;
+        if let Err(e) =
+            super::data::write_all_vectored(&mut w, &parts).and_then(|()| file.sync_data())
+        {
+            // Nothing of this append is acknowledged. What it wrote goes: records written in
+            // full whose fdatasync failed would be found whole in the page cache when the
+            // replica is reopened (`node.rs`, `keep_open`), with no telling whether the disk
+            // has them.
+            if let Err(cut) = file.set_len(offset).and_then(|()| file.sync_data()) {
+                tracing::warn!(dir = %self.dir.display(), seg, offset, "cutting back a failed append: {cut}");
+            }
+            return Err(e);
+        }
         let log = lock(&self.state).log;
         for (d, entry, offset) in places {
             d.placed(Place {

@@ -705,6 +705,10 @@ pub struct SnapshotBuilder {
     files: Vec<std::sync::Arc<File>>,
     /// As [`StateMachine::current`].
     current: Current,
+    /// The state machine's, held while the snapshot is built (openraft builds it on a task of
+    /// its own, which may outlive the state machine): a node reopens a replica whose raft
+    /// stopped only once nothing holds this (`node.rs`, `Remains`).
+    applied: std::sync::Arc<Applied>,
 }
 
 /// The segment files the current snapshot records pieces in (held, so that the log does not
@@ -735,7 +739,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(snap_err)?;
         let (dir, meta, lock) = (self.dir.clone(), self.meta.clone(), self.current.clone());
         let (pieces, files) = (self.pieces.clone(), self.files.clone());
+        let applied = self.applied.clone();
         tokio::task::spawn_blocking(move || {
+            let _applied = applied;
             // Everything applied up to the snapshot's log id (and maybe more) is on disk, in
             // the blocks or in the log (synced before it was acknowledged).
             blocks.sync_data()?;
@@ -882,6 +888,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             pieces,
             files,
             current: self.current.clone(),
+            applied: self.applied.clone(),
         }
     }
 
