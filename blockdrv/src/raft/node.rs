@@ -894,6 +894,8 @@ pub struct Group {
     /// How far behind followers are (while this node leads).
     lag: Lag,
     incarnation: Incarnation,
+    /// Whether anything of the group's log is left (see [`Remains`]).
+    log: super::segment_log::LogAlive,
 }
 
 /// Volumes deleted through the cluster: name -> the ids of the volumes of that name deleted.
@@ -983,7 +985,7 @@ impl Batch {
 /// after their last entries ([`Applied::kib_after`]), against [`Lag::limit_kib`].
 #[derive(Clone)]
 struct Lag {
-    /// Not kept alive by this (it ends `snapshot_when_due` once the state machine is gone).
+    /// The state machine's: not kept alive by this (see [`Remains`]).
     applied: std::sync::Weak<Applied>,
     size: Size,
     keep_kib: u64,
@@ -1328,7 +1330,7 @@ const HOLD_LOGS_MAX: u64 = 1 << 30;
 /// behind it to offer a follower that lags.
 async fn snapshot_when_due(
     raft: Raft<TypeConfig>,
-    applied: Arc<Applied>,
+    applied: std::sync::Weak<Applied>,
     links: Arc<Links>,
     size: Size,
     (due_kib, keep_kib): (u64, u64),
@@ -1337,9 +1339,10 @@ async fn snapshot_when_due(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
-        if Arc::strong_count(&applied) == 1 {
+        // Not kept alive by this task: it ends with the state machine.
+        let Some(applied) = applied.upgrade() else {
             return;
-        }
+        };
         if applied.since_snapshot() >= due_kib && raft.trigger().snapshot().await.is_err() {
             return;
         }
@@ -1456,17 +1459,46 @@ impl Incarnation {
     }
 }
 
-/// What is left of a replica whose raft stopped: its log's writer thread and its state machine
-/// (also held by a snapshot build openraft runs on a task of its own). A replica is reopened
-/// from its directory only once none of it is.
+/// What may be left of a replica (or of an attempt to open one) after its raft stopped: its
+/// log's writer thread and its state machine (also held by a snapshot build openraft runs on a
+/// task of its own), which write in its directory. A replica's directory is opened again, or
+/// removed, only once none of it is.
+#[derive(Default)]
 struct Remains {
-    log: super::segment_log::LogAlive,
-    applied: std::sync::Weak<Applied>,
+    logs: Vec<super::segment_log::LogAlive>,
+    applied: Vec<std::sync::Weak<Applied>>,
 }
 
 impl Remains {
-    fn gone(&self) -> bool {
-        !self.log.alive() && self.applied.strong_count() == 0
+    fn of(g: &Group) -> Remains {
+        Remains {
+            logs: vec![g.log.clone()],
+            applied: vec![g.lag.applied.clone()],
+        }
+    }
+
+    fn gone(&mut self) -> bool {
+        self.logs.retain(|l| l.alive());
+        self.applied.retain(|a| a.strong_count() > 0);
+        self.logs.is_empty() && self.applied.is_empty()
+    }
+
+    /// Waits until [`Remains::gone`] (a snapshot build, the log's last jobs: seconds at most),
+    /// saying so every 10 s.
+    async fn wait_gone(&mut self, volume: &str) {
+        let since = Instant::now();
+        let mut said = since;
+        while !self.gone() {
+            if said.elapsed() >= Duration::from_secs(10) {
+                said = Instant::now();
+                tracing::warn!(
+                    volume,
+                    "waiting {} s so far for the stopped replica's log and state machine to end",
+                    since.elapsed().as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -1493,7 +1525,7 @@ fn why_stopped(raft: &Raft<TypeConfig>) -> Fatal<NodeId> {
 /// time up to [`REOPEN_MOST`], until it runs: a replica whose disk was full catches up by itself
 /// once there is room again. The stopped group stays the node's until a reopen works (it answers
 /// with errors meanwhile). Ends once the replica is dropped, or shut down on purpose.
-async fn keep_open(node: std::sync::Weak<Node>, mut g: Group, mut remains: Remains) {
+async fn keep_open(node: std::sync::Weak<Node>, mut g: Group) {
     let mut wait = REOPEN_FIRST;
     loop {
         let ran = Instant::now();
@@ -1505,6 +1537,7 @@ async fn keep_open(node: std::sync::Weak<Node>, mut g: Group, mut remains: Remai
         }
         let (name, incarnation) = (g.name.clone(), g.incarnation.clone());
         let size = g.size.load(std::sync::atomic::Ordering::SeqCst);
+        let mut remains = Remains::of(&g);
         drop(g);
         tracing::error!(volume = %name, "the replica's raft stopped: {why}; it is reopened once it can be");
         let mut failures = 0u32;
@@ -1520,10 +1553,7 @@ async fn keep_open(node: std::sync::Weak<Node>, mut g: Group, mut remains: Remai
                 ))
             };
             match tried {
-                Ok(Some((g, r))) => {
-                    remains = r;
-                    break g;
-                }
+                Ok(Some(g)) => break g,
                 Ok(None) => return,
                 Err(e) => {
                     failures += 1;
@@ -2013,9 +2043,22 @@ impl Node {
         self.vhost_remove(name);
         if let Some(g) = g {
             g.raft.shutdown().await.map_err(err)?;
+            // Nothing of it writes in the directory once it is removed (a new replica of that
+            // name may be opened there next).
+            Remains::of(&g).wait_gone(name).await;
         }
+        // (A node whose disk is full may fail to record the drop; the directory is left then,
+        // and the replica, out of its group, is dropped as an orphan at the node's next start.)
         if c.remove(name).is_some() {
-            self.save_catalog(&c).await?;
+            self.save_catalog(&c).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "volume {name}: node {} could not record the replica's drop: {e}",
+                        self.id
+                    ),
+                )
+            })?;
         }
         match std::fs::remove_dir_all(self.dir.join(name)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -2286,14 +2329,22 @@ impl Node {
         if let Some(g) = self.group(volume) {
             return Ok(g);
         }
-        let (g, remains) = self
-            .start_group(volume, size, Incarnation::default())
-            .await?;
+        let mut attempt = Remains::default();
+        let g = match self
+            .start_group(volume, size, Incarnation::default(), &mut attempt)
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                attempt.wait_gone(volume).await;
+                return Err(e);
+            }
+        };
         self.groups
             .write()
             .unwrap()
             .insert(volume.to_string(), g.clone());
-        tokio::spawn(keep_open(Arc::downgrade(self), g.clone(), remains));
+        tokio::spawn(keep_open(Arc::downgrade(self), g.clone()));
         if let Some(server) = self.nbd.read().unwrap().as_ref() {
             server.add(self.export(&g));
         }
@@ -2313,7 +2364,7 @@ impl Node {
         volume: &str,
         size: u64,
         incarnation: &Incarnation,
-    ) -> io::Result<Option<(Group, Remains)>> {
+    ) -> io::Result<Option<Group>> {
         let _catalog = self.catalog.lock().await;
         if !self
             .group(volume)
@@ -2321,22 +2372,36 @@ impl Node {
         {
             return Ok(None);
         }
-        let (g, remains) = self.start_group(volume, size, incarnation.clone()).await?;
-        self.groups
-            .write()
-            .unwrap()
-            .insert(volume.to_string(), g.clone());
-        Ok(Some((g, remains)))
+        let mut attempt = Remains::default();
+        match self
+            .start_group(volume, size, incarnation.clone(), &mut attempt)
+            .await
+        {
+            Ok(g) => {
+                self.groups
+                    .write()
+                    .unwrap()
+                    .insert(volume.to_string(), g.clone());
+                Ok(Some(g))
+            }
+            Err(e) => {
+                // Not tried again, nor dropped, while what this try opened still runs.
+                attempt.wait_gone(volume).await;
+                Err(e)
+            }
+        }
     }
 
     /// This node's replica of `volume` opened from its directory (created if new) and its raft
-    /// started, with its tasks; what will be left of it once its raft stops.
+    /// started, with its tasks. What it opens goes into `opened` as it does, for a caller
+    /// whose open fails to wait for.
     async fn start_group(
         &self,
         volume: &str,
         size: u64,
         incarnation: Incarnation,
-    ) -> io::Result<(Group, Remains)> {
+        opened: &mut Remains,
+    ) -> io::Result<Group> {
         let dir = self.dir.join(volume);
         // The log spans the entries kept behind the last snapshot and those after it (the
         // segments writes applied by reference hold are not the log's: given back, they are
@@ -2344,9 +2409,12 @@ impl Node {
         // entries for a follower that lags (`snapshot_when_due`): those segments are new files.
         let span = (self.timing.snapshot_logs + self.timing.keep_logs) << 20;
         let log = SegmentLog::open_spanning(&dir.join("log"), span, self.timing.segment_mib << 20)?;
+        let log_alive = log.alive();
+        opened.logs.push(log_alive.clone());
         let sm = StateMachine::open(&dir.join("blocks"), size)?
             .with_log(&log, self.timing.defer_logs << 20)?;
         let (blocks, pieces, size, applied) = (sm.blocks(), sm.pieces(), sm.size(), sm.applied());
+        opened.applied.push(Arc::downgrade(&applied));
         let config = Arc::new(
             raft_config(self.timing)
                 .validate()
@@ -2357,10 +2425,6 @@ impl Node {
             volume: volume.to_string(),
             links: links.clone(),
             pieces: pieces.clone(),
-        };
-        let remains = Remains {
-            log: log.alive(),
-            applied: Arc::downgrade(&applied),
         };
         let raft = Raft::new(self.id, config, network, log, sm)
             .await
@@ -2381,7 +2445,7 @@ impl Node {
         tokio::spawn(batcher(raft.clone(), rx, pacing));
         tokio::spawn(snapshot_when_due(
             raft.clone(),
-            applied,
+            Arc::downgrade(&applied),
             links.clone(),
             size.clone(),
             (self.timing.snapshot_logs << 10, self.timing.keep_logs << 10),
@@ -2399,13 +2463,14 @@ impl Node {
             busy: Arc::default(),
             lag,
             incarnation,
+            log: log_alive,
         };
         tokio::spawn(drop_stray_learners(
             volume.to_string(),
             g.raft.clone(),
             g.busy.clone(),
         ));
-        Ok((g, remains))
+        Ok(g)
     }
 
     /// Makes `members` (id -> RPC address) the first membership of `volume` (on one node, once;
@@ -2615,38 +2680,46 @@ impl Node {
             return Reply::NoVolume(volume);
         };
         // A replica whose raft stopped (see `keep_open`) answers its peers with why, as its raft
-        // would, but without openraft logging each refused message in full.
-        let stopped = || g.stopped().map(RaftError::Fatal);
-        match rpc {
-            Rpc::Append(_, r) => match stopped() {
-                Some(e) => Reply::Append(Err(e)),
-                None => Reply::Append(g.raft.append_entries(r).await),
-            },
-            Rpc::Vote(_, r) => match stopped() {
-                Some(e) => Reply::Vote(Err(e)),
-                None => Reply::Vote(g.raft.vote(r).await),
-            },
-            Rpc::SnapshotPart(_, part) => {
+        // would, but without openraft logging each refused message in full, and takes no
+        // snapshot parts (it is reopened from its directory).
+        let stopped = g.stopped();
+        match (rpc, stopped) {
+            (Rpc::Append(_, _), Some(e)) => Reply::Append(Err(RaftError::Fatal(e))),
+            (Rpc::Vote(_, _), Some(e)) => Reply::Vote(Err(RaftError::Fatal(e))),
+            (Rpc::SnapshotPart(..), Some(e)) => {
+                Reply::Done(Err(WireError::from(io::Error::other(e.to_string()))))
+            }
+            (Rpc::SnapshotEnd(..), Some(e)) => Reply::Snapshot(Err(e.to_string())),
+            (Rpc::Append(_, r), None) => Reply::Append(g.raft.append_entries(r).await),
+            (Rpc::Vote(_, r), None) => Reply::Vote(g.raft.vote(r).await),
+            (Rpc::SnapshotPart(_, part), None) => {
                 Reply::Done(g.receive_part(part).await.map_err(WireError::from))
             }
-            Rpc::SnapshotEnd(_, end) => Reply::Snapshot(g.finish_receiving(end).await),
-            Rpc::Write(_, op) => Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string())),
-            Rpc::ReadIndex(_) => Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string())),
-            Rpc::Status(_) => Reply::Status(g.status(self.id)),
-            Rpc::Open(_)
-            | Rpc::Create(_)
-            | Rpc::Drop(..)
-            | Rpc::Delete(_)
-            | Rpc::List
-            | Rpc::Move(..)
-            | Rpc::Update(_)
-            | Rpc::SetCluster(_)
-            | Rpc::AddNode(..)
-            | Rpc::RemoveNode(_)
-            | Rpc::Cluster
-            | Rpc::Deleted(..)
-            | Rpc::Tombstones
-            | Rpc::Resize(..) => unreachable!("answered above"),
+            (Rpc::SnapshotEnd(_, end), None) => Reply::Snapshot(g.finish_receiving(end).await),
+            (Rpc::Write(_, op), _) => {
+                Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string()))
+            }
+            (Rpc::ReadIndex(_), _) => {
+                Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string()))
+            }
+            (Rpc::Status(_), _) => Reply::Status(g.status(self.id)),
+            (
+                Rpc::Open(_)
+                | Rpc::Create(_)
+                | Rpc::Drop(..)
+                | Rpc::Delete(_)
+                | Rpc::List
+                | Rpc::Move(..)
+                | Rpc::Update(_)
+                | Rpc::SetCluster(_)
+                | Rpc::AddNode(..)
+                | Rpc::RemoveNode(_)
+                | Rpc::Cluster
+                | Rpc::Deleted(..)
+                | Rpc::Tombstones
+                | Rpc::Resize(..),
+                _,
+            ) => unreachable!("answered above"),
         }
     }
 }
@@ -3130,9 +3203,16 @@ impl RaftVolume {
                 // elected, the request goes there instead. (A write sent twice writes the same
                 // bytes at the same place; the first, if the old leader ever takes it, cannot
                 // commit in its old term, or commits before anything the new leader appends.)
+                // (A replica whose raft stopped knows of no change: it waits for the answer.)
+                let moved = async {
+                    match g.stopped() {
+                        Some(_) => std::future::pending().await,
+                        None => g.leader_moved(self.node.id, &addr).await,
+                    }
+                };
                 let answer = tokio::select! {
                     r = self.forward(&addr, &there) => Ok(r),
-                    () = g.leader_moved(self.node.id, &addr) => {
+                    () = moved => {
                         Err(format!("{addr} stopped leading before it answered"))
                     }
                     () = tokio::time::sleep_until(deadline) => {
@@ -3162,19 +3242,29 @@ impl RaftVolume {
     /// leader (this node or another), and this replica has applied up to it. So any
     /// up-to-date node serves reads from its own blocks: the group returned, which has.
     async fn read_barrier(&self) -> io::Result<Group> {
-        let index = self
-            .on_leader(
-                |g| async move { g.read_index().await },
-                Rpc::ReadIndex(self.name.clone()),
-                |r| match r {
-                    Reply::ReadIndex(r) => Some(r),
-                    _ => None,
-                },
-            )
-            .await?;
+        let index = self.read_index().await?;
         let g = self.group()?;
+        if let Some(why) = g.stopped() {
+            return Err(io::Error::other(format!(
+                "volume {}: the replica on node {} stopped ({why}); it is reopened once it can be",
+                self.name, self.node.id
+            )));
+        }
         g.wait_applied(index).await?;
         Ok(g)
+    }
+
+    /// A read index from the leader (this node or another).
+    async fn read_index(&self) -> io::Result<u64> {
+        self.on_leader(
+            |g| async move { g.read_index().await },
+            Rpc::ReadIndex(self.name.clone()),
+            |r| match r {
+                Reply::ReadIndex(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// Grows the volume to `size` bytes (through the log, so every replica grows).
