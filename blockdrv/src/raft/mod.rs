@@ -4,6 +4,7 @@
 //! copied, on its way through them (`data.rs`).
 
 // openraft's StorageError (large) is what its storage traits return; the helpers return it too.
+pub mod coalesce;
 pub mod data;
 pub mod node;
 pub mod overlay;

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::coalesce::Coalesce;
 use super::data;
 use super::segment_log::SegmentLog;
 use super::state_machine::{Applied, Blocks, Hold, Pieces, Size, StateMachine};
@@ -2985,6 +2986,12 @@ impl Group {
             .map(|n| n.addr.clone())
     }
 
+    /// Whether a node other than `me` leads, as far as this one knows.
+    fn led_elsewhere(&self, me: NodeId) -> bool {
+        let leader = self.raft.metrics().borrow().current_leader;
+        leader.is_some_and(|l| l != me)
+    }
+
     /// Returns once a leader other than the one at `addr` is known (this node, `me`, too), or
     /// the group is shut down.
     async fn leader_moved(&self, me: NodeId, addr: &str) {
@@ -3110,6 +3117,8 @@ pub struct RaftVolume {
     incarnation: Incarnation,
     /// Idle connections to leaders, by address, for forwarded requests.
     pool: std::sync::Mutex<HashMap<String, Vec<TcpStream>>>,
+    /// Read indexes asked of the leader, shared by the reads waiting for the next.
+    indexes: Coalesce<Result<u64, (io::ErrorKind, String)>>,
 }
 
 impl std::fmt::Debug for RaftVolume {
@@ -3128,6 +3137,7 @@ impl RaftVolume {
             name: group.name.clone(),
             incarnation: group.incarnation.clone(),
             pool: std::sync::Mutex::new(HashMap::new()),
+            indexes: Coalesce::default(),
         }
     }
 
@@ -3240,9 +3250,22 @@ impl RaftVolume {
 
     /// Waits until this replica may serve a linearizable read: the read index comes from the
     /// leader (this node or another), and this replica has applied up to it. So any
-    /// up-to-date node serves reads from its own blocks: the group returned, which has.
+    /// up-to-date node serves reads from its own blocks: the group returned, which has. A
+    /// read index asked of another node is shared by the reads that arrive while the last is
+    /// asked for ([`Coalesce`]).
     async fn read_barrier(&self) -> io::Result<Group> {
-        let index = self.read_index().await?;
+        let index = if self.group()?.led_elsewhere(self.node.id) {
+            self.indexes
+                .get(|| async {
+                    self.read_index()
+                        .await
+                        .map_err(|e| (e.kind(), e.to_string()))
+                })
+                .await
+                .map_err(|(kind, e)| io::Error::new(kind, e))?
+        } else {
+            self.read_index().await?
+        };
         let g = self.group()?;
         if let Some(why) = g.stopped() {
             return Err(io::Error::other(format!(
