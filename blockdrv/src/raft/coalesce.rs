@@ -48,6 +48,26 @@ impl<T> Default for Coalesce<T> {
 /// (done, or the request cancelled: the requests it fetched for then ask again).
 struct Holding<'a, T>(&'a Coalesce<T>);
 
+/// A request waiting in the queue. Cancelled, it hands on a turn it was given meanwhile.
+struct Waiting<'a, T> {
+    coalesce: &'a Coalesce<T>,
+    rx: oneshot::Receiver<Turn<T>>,
+    answered: bool,
+}
+
+impl<T> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        // Closed first: a turn is either in it now or handed to another request.
+        self.rx.close();
+        if let Ok(Turn::Fetch) = self.rx.try_recv() {
+            drop(Holding(self.coalesce));
+        }
+    }
+}
+
 impl<T> Drop for Holding<'_, T> {
     fn drop(&mut self) {
         let mut q = self.0.lock();
@@ -68,26 +88,33 @@ impl<T> Coalesce<T> {
 
 impl<T: Clone> Coalesce<T> {
     /// The value from a fetch that began after this call: `fetch` run by this request or
-    /// by another.
+    /// by another. Cancel-safe: a request dropped while it waits or fetches leaves the others
+    /// served.
     pub async fn get<F, Fut>(&self, fetch: F) -> T
     where
         F: Fn() -> Fut,
         Fut: Future<Output = T>,
     {
         loop {
-            let rx = {
+            let waiting = {
                 let mut q = self.lock();
                 if q.fetching {
                     let (tx, rx) = oneshot::channel();
                     q.waiting.push(tx);
-                    Some(rx)
+                    Some(Waiting {
+                        coalesce: self,
+                        rx,
+                        answered: false,
+                    })
                 } else {
                     q.fetching = true;
                     None
                 }
             };
-            if let Some(rx) = rx {
-                match rx.await {
+            if let Some(mut w) = waiting {
+                let answer = (&mut w.rx).await;
+                w.answered = true;
+                match answer {
                     Ok(Turn::Got(v)) => return v,
                     Ok(Turn::Fetch) => {}
                     // The request fetching for it was cancelled: ask again.
@@ -157,14 +184,27 @@ mod tests {
         t
     }
 
-    #[tokio::test]
-    async fn a_cancelled_fetch_hands_its_turn_on_and_its_waiters_ask_again() {
+    type Requests = (
+        Arc<Coalesce<u64>>,
+        Arc<AtomicU64>,
+        [tokio::task::JoinHandle<u64>; 3],
+    );
+
+    /// Three requests one after the other: the first fetches (for 60 s), the second's fetch
+    /// takes `second`, the third's 1 ms.
+    async fn three_requests(second: Duration) -> Requests {
         let c = Arc::new(Coalesce::<u64>::default());
         let begun = Arc::new(AtomicU64::new(0));
-        // The first request fetches (slowly) and is cancelled while it does.
         let first = request(&c, &begun, Duration::from_secs(60)).await;
-        let second = request(&c, &begun, Duration::from_millis(1)).await;
+        let second = request(&c, &begun, second).await;
         let third = request(&c, &begun, Duration::from_millis(1)).await;
+        (c, begun, [first, second, third])
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_fetch_hands_its_turn_on_and_its_waiters_ask_again() {
+        let (c, begun, [first, second, third]) = three_requests(Duration::from_millis(1)).await;
+        // The first request is cancelled while it fetches.
         first.abort();
         // The second fetches (it waited longest) for the third.
         let v = tokio::time::timeout(Duration::from_secs(5), second)
@@ -179,12 +219,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_waiting_request_cancelled_as_it_is_handed_the_turn_hands_it_on() {
+        let (_, _, [first, second, third]) = three_requests(Duration::from_millis(1)).await;
+        // Cancelled in this order: the first hands its turn to the second, which is dropped
+        // before it runs again.
+        first.abort();
+        second.abort();
+        let v = tokio::time::timeout(Duration::from_secs(5), third)
+            .await
+            .expect("the turn is not lost")
+            .unwrap();
+        assert_eq!(v, 2);
+    }
+
+    #[tokio::test]
     async fn requests_a_cancelled_fetch_was_for_fetch_again() {
-        let c = Arc::new(Coalesce::<u64>::default());
-        let begun = Arc::new(AtomicU64::new(0));
-        let first = request(&c, &begun, Duration::from_secs(60)).await;
-        let second = request(&c, &begun, Duration::from_secs(60)).await;
-        let third = request(&c, &begun, Duration::from_millis(1)).await;
+        let (_, begun, [first, second, third]) = three_requests(Duration::from_secs(60)).await;
         // The second takes the turn and fetches (slowly) for the third; cancelled too.
         first.abort();
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -3240,7 +3240,13 @@ impl RaftVolume {
                     Err(e) => last = e,
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // A replica whose raft stopped asks the leader it knew, which may have changed,
+            // less often until it is reopened.
+            let again = match g.stopped() {
+                Some(_) => Duration::from_millis(500),
+                None => Duration::from_millis(50),
+            };
+            tokio::time::sleep(again).await;
         }
         Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -3254,24 +3260,45 @@ impl RaftVolume {
     /// read index asked of another node is shared by the reads that arrive while the last is
     /// asked for ([`Coalesce`]).
     async fn read_barrier(&self) -> io::Result<Group> {
-        let index = if self.group()?.led_elsewhere(self.node.id) {
-            self.indexes
-                .get(|| async {
-                    self.read_index()
-                        .await
-                        .map_err(|e| (e.kind(), e.to_string()))
-                })
-                .await
-                .map_err(|(kind, e)| io::Error::new(kind, e))?
+        let stopped = |g: &Group| {
+            g.stopped().map(|why| {
+                io::Error::other(format!(
+                    "volume {}: the replica on node {} stopped ({why}); it is reopened once it can be",
+                    self.name, self.node.id
+                ))
+            })
+        };
+        let g = self.group()?;
+        if let Some(e) = stopped(&g) {
+            return Err(e);
+        }
+        let index = if g.led_elsewhere(self.node.id) {
+            // Waiting for the fetch under way and then its own: bounded as one.
+            let wait = self.node.leader_wait();
+            let shared = self.indexes.get(|| async {
+                self.read_index()
+                    .await
+                    .map_err(|e| (e.kind(), e.to_string()))
+            });
+            match tokio::time::timeout(wait, shared).await {
+                Ok(r) => r.map_err(|(kind, e)| io::Error::new(kind, e))?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "volume {}: no read index from the leader within {} s",
+                            self.name,
+                            wait.as_secs()
+                        ),
+                    ))
+                }
+            }
         } else {
             self.read_index().await?
         };
         let g = self.group()?;
-        if let Some(why) = g.stopped() {
-            return Err(io::Error::other(format!(
-                "volume {}: the replica on node {} stopped ({why}); it is reopened once it can be",
-                self.name, self.node.id
-            )));
+        if let Some(e) = stopped(&g) {
+            return Err(e);
         }
         g.wait_applied(index).await?;
         Ok(g)

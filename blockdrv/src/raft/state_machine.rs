@@ -893,12 +893,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.dir.join("snapshots").join(INCOMING);
+        // A new file, not the last one truncated: a part still being written to that one (a
+        // receive given up, a replica reopened after its raft stopped) does not land in this.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(snap_err(e)),
+            _ => {}
+        }
         let f = File::options()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
-            .open(self.dir.join("snapshots").join(INCOMING))
+            .create_new(true)
+            .open(&path)
             .map_err(snap_err)?;
         Ok(Box::new(tokio::fs::File::from_std(f)))
     }
