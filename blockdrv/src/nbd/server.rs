@@ -11,7 +11,9 @@
 //! over inside TLS, with nothing negotiated before it kept. `proto::TlsState` makes these
 //! decisions; this file only does the TLS handshake.
 //!
-//! A connection's requests run concurrently (up to [`IN_FLIGHT`]): the reader task reads a
+//! A connection's requests run concurrently (up to [`IN_FLIGHT`], and up to [`BYTES_IN_FLIGHT`]
+//! of their data: a client that sends many requests of the largest size waits rather than
+//! fills the server's memory): the reader task reads a
 //! request (and a write's data), hands it to a task of its own, and the replies go through one
 //! writer, each written whole. A reply is sent only when its operation is done, so a write is
 //! acknowledged only once the volume has it; `DISC` (or the client going away) waits for the
@@ -37,6 +39,8 @@ use crate::volume::{FileRegion, Sendable, Volume};
 
 /// Requests of one connection executed at the same time.
 pub const IN_FLIGHT: usize = 64;
+/// Most bytes of data (written, or to be read) of one connection's requests in flight.
+pub const BYTES_IN_FLIGHT: u32 = 64 << 20;
 /// Largest READ or WRITE (the block-size maximum the server announces).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Block sizes announced: any alignment works, 4 KiB is preferred.
@@ -503,6 +507,9 @@ where
         written
     });
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // In KiB.
+    let budget = BYTES_IN_FLIGHT >> 10;
+    let bytes = Arc::new(Semaphore::new(budget as usize));
     let result = loop {
         let mut hdr = [0u8; proto::REQUEST_LEN];
         match rd.read_exact(&mut hdr).await {
@@ -518,6 +525,18 @@ where
         if req.command == Command::Disc {
             break Ok(());
         }
+        // Taken before a write's data is read. (A read longer than the budget, which is larger
+        // than any request taken, is refused when it runs.)
+        let data = match req.command {
+            Command::Read => req.length,
+            _ => req.payload_len(),
+        };
+        let kib = data.div_ceil(1024).min(budget);
+        let held = bytes
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("never closed");
         let payload = match req.payload_len() {
             0 => None,
             n if n > session.export.max_request() => {
@@ -543,7 +562,7 @@ where
         tokio::spawn(async move {
             let reply = reply(&session, &req, execute(&session, &req, payload).await);
             let _ = tx.send(reply).await;
-            drop(slot);
+            drop((slot, held));
         });
     };
     // Requests in flight finish and are answered before the connection closes.
@@ -985,6 +1004,97 @@ mod tests {
             out.len() - at - header.len() < 256 << 10,
             "all the data came"
         );
+    }
+
+    /// A memory volume whose writes take 300 ms, counting the bytes being written at once.
+    #[derive(Debug)]
+    struct Counting {
+        inner: crate::volume::MemVolume,
+        now: std::sync::atomic::AtomicU64,
+        most: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl Volume for Counting {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn fast_zero(&self) -> bool {
+            true
+        }
+        async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
+            self.inner.read(offset, length).await
+        }
+        async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = data.len() as u64;
+            self.most
+                .fetch_max(self.now.fetch_add(n, SeqCst) + n, SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            self.now.fetch_sub(n, SeqCst);
+            self.inner.write(offset, data, fua).await
+        }
+        async fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+            self.inner.trim(offset, length, fua).await
+        }
+        async fn write_zeroes(&self, o: u64, l: u64, a: bool, fua: bool) -> io::Result<()> {
+            self.inner.write_zeroes(o, l, a, fua).await
+        }
+        async fn extents(
+            &self,
+            offset: u64,
+            length: u64,
+        ) -> io::Result<Vec<crate::volume::Extent>> {
+            self.inner.extents(offset, length).await
+        }
+        async fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+            self.inner.cache(offset, length).await
+        }
+    }
+
+    /// Eight 24 MiB writes sent back to back run two at a time (48 of the 64 MiB a connection
+    /// may have in flight), not all at once, and all are answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connections_requests_in_flight_hold_at_most_its_byte_budget() {
+        const MIB: usize = 1 << 20;
+        let volume = Arc::new(Counting {
+            inner: crate::volume::MemVolume::new(24 * MIB),
+            now: Default::default(),
+            most: Default::default(),
+        });
+        let server = Server::new(vec![Export {
+            name: "m".into(),
+            description: String::new(),
+            volume: volume.clone(),
+            read_only: false,
+        }])
+        .with_default("m");
+        let mut b = client_flags();
+        let mut go = 1u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"m");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        opt(&mut b, proto::OPT_GO, &go);
+        for cookie in 0..8 {
+            let w = Request {
+                flags: 0,
+                command: Command::Write,
+                cookie,
+                offset: 0,
+                length: 24 * MIB as u32,
+            };
+            b.extend_from_slice(&w.encode());
+            b.resize(b.len() + 24 * MIB, 0x5a);
+        }
+        let out = transcript(server, &b).await;
+        for cookie in 0..8 {
+            let ok = proto::simple_reply(cookie, 0);
+            assert!(out.windows(ok.len()).any(|w| w == ok), "write {cookie}");
+        }
+        let most = volume.most.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(most, 48 * MIB as u64, "bytes written at once");
     }
 
     #[tokio::test]

@@ -1271,8 +1271,9 @@ fn check_volume_name(name: &str) -> io::Result<()> {
 /// How long a request waits for a leader (an election) before it fails, at least
 /// ([`Node::leader_wait`]: longer if the election timeout is).
 const LEADER_WAIT: Duration = Duration::from_secs(15);
-/// The longest read or write of a replicated volume (one log entry).
-const MAX_REQUEST: u32 = 1 << 20;
+/// Most bytes of a write in one operation of the log (a longer one is split, see
+/// [`RaftVolume`]'s `write`).
+const MAX_WRITE_OP: usize = 1 << 20;
 
 /// Raft timing: heartbeats, and the election timeout range (which bounds failover).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -3362,10 +3363,6 @@ impl crate::volume::Volume for RaftVolume {
         true
     }
 
-    fn max_request(&self) -> u32 {
-        MAX_REQUEST
-    }
-
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
         self.read_barrier().await?.local_read(offset, length).await
     }
@@ -3385,12 +3382,25 @@ impl crate::volume::Volume for RaftVolume {
 
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
         // Committed on a majority's disks before it returns: FUA holds already.
-        let data: Data = data.into();
         // The crc the log record (or the RPC to the leader) needs, now, while the front end
         // has just read the bytes and they are in this core's cache: computed later, by the
         // log, it costs twice as much (measured: 5.3% of the nodes' CPU writing, 3.0% here).
-        data.crc();
-        self.write_op(BlockOp::Write { offset, data }).await
+        let write = |offset: u64, data: Data| {
+            data.crc();
+            self.write_op(BlockOp::Write { offset, data })
+        };
+        if data.len() <= MAX_WRITE_OP {
+            return write(offset, data.into()).await;
+        }
+        // A longer request (up to the NBD maximum) as writes of at most 1 MiB, all at once (the
+        // group commit puts them in as few entries as it can). NBD does not make a write
+        // atomic: after a failure, as after a crash, some parts may be written.
+        let data = bytes::Bytes::from(data);
+        let parts = (0..data.len()).step_by(MAX_WRITE_OP).map(|at| {
+            let part = data.slice(at..data.len().min(at + MAX_WRITE_OP));
+            write(offset + at as u64, part.into())
+        });
+        futures::future::try_join_all(parts).await.map(drop)
     }
 
     async fn flush(&self) -> io::Result<()> {
