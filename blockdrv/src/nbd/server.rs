@@ -12,8 +12,9 @@
 //! decisions; this file only does the TLS handshake.
 //!
 //! A connection's requests run concurrently (up to [`IN_FLIGHT`], and up to [`BYTES_IN_FLIGHT`]
-//! of their data: a client that sends many requests of the largest size waits rather than
-//! fills the server's memory): the reader task reads a
+//! of their data until their replies are written: a client that sends many requests of the
+//! largest size, or does not read its replies, waits rather than fills the server's memory, as
+//! with qemu-nbd, which stops reading requests while its replies wait): the reader task reads a
 //! request (and a write's data), hands it to a task of its own, and the replies go through one
 //! writer, each written whole. A reply is sent only when its operation is done, so a write is
 //! acknowledged only once the volume has it; `DISC` (or the client going away) waits for the
@@ -31,7 +32,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::proto::{self, Command, Request, TlsGate, TlsState};
 use super::tls::{TlsConfig, TlsError};
@@ -481,14 +482,16 @@ where
     session.send_files = socket.is_some();
     let session = Arc::new(session);
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
+    // Each reply with its request's share of the byte budget, given back once it is written (a
+    // read's data is held until then).
+    let (tx, mut rx) = mpsc::channel::<(Reply, OwnedSemaphorePermit)>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
         let written = async {
-            while let Some(reply) = rx.recv().await {
+            while let Some((reply, _held)) = rx.recv().await {
                 reply.write_to(&mut wr, socket.as_ref()).await?;
                 // Replies already waiting go out before the flush, which a TLS stream needs:
                 // what the socket did not take at once stays in its buffer until then.
-                while let Ok(reply) = rx.try_recv() {
+                while let Ok((reply, _held)) = rx.try_recv() {
                     reply.write_to(&mut wr, socket.as_ref()).await?;
                 }
                 wr.flush().await?;
@@ -561,8 +564,8 @@ where
         let (tx, session) = (tx.clone(), session.clone());
         tokio::spawn(async move {
             let reply = reply(&session, &req, execute(&session, &req, payload).await);
-            let _ = tx.send(reply).await;
-            drop((slot, held));
+            let _ = tx.send((reply, held)).await;
+            drop(slot);
         });
     };
     // Requests in flight finish and are answered before the connection closes.
@@ -1006,7 +1009,8 @@ mod tests {
         );
     }
 
-    /// A memory volume whose writes take 300 ms, counting the bytes being written at once.
+    /// A memory volume counting the bytes being written at once; a write waits (up to 1 s)
+    /// until 48 MiB are, so that two 24 MiB writes the budget lets in are in at the same time.
     #[derive(Debug)]
     struct Counting {
         inner: crate::volume::MemVolume,
@@ -1030,7 +1034,12 @@ mod tests {
             let n = data.len() as u64;
             self.most
                 .fetch_max(self.now.fetch_add(n, SeqCst) + n, SeqCst);
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while self.now.load(SeqCst) < 48 << 20 && std::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            // Long enough for a third write to come in, if the budget let it.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             self.now.fetch_sub(n, SeqCst);
             self.inner.write(offset, data, fua).await
         }

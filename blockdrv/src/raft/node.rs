@@ -3400,7 +3400,9 @@ impl crate::volume::Volume for RaftVolume {
             let part = data.slice(at..data.len().min(at + MAX_WRITE_OP));
             write(offset + at as u64, part.into())
         });
-        futures::future::try_join_all(parts).await.map(drop)
+        // All waited for, then the first error: none goes on after the request is answered.
+        let done = futures::future::join_all(parts).await;
+        done.into_iter().collect::<io::Result<Vec<()>>>().map(drop)
     }
 
     async fn flush(&self) -> io::Result<()> {
