@@ -2331,17 +2331,9 @@ impl Node {
         if let Some(g) = self.group(volume) {
             return Ok(g);
         }
-        let mut attempt = Remains::default();
-        let g = match self
-            .start_group(volume, size, Incarnation::default(), &mut attempt)
-            .await
-        {
-            Ok(g) => g,
-            Err(e) => {
-                attempt.wait_gone(volume).await;
-                return Err(e);
-            }
-        };
+        let g = self
+            .start_group(volume, size, Incarnation::default())
+            .await?;
         self.groups
             .write()
             .unwrap()
@@ -2374,30 +2366,35 @@ impl Node {
         {
             return Ok(None);
         }
-        let mut attempt = Remains::default();
-        match self
-            .start_group(volume, size, incarnation.clone(), &mut attempt)
-            .await
-        {
-            Ok(g) => {
-                self.groups
-                    .write()
-                    .unwrap()
-                    .insert(volume.to_string(), g.clone());
-                Ok(Some(g))
-            }
-            Err(e) => {
-                // Not tried again, nor dropped, while what this try opened still runs.
-                attempt.wait_gone(volume).await;
-                Err(e)
-            }
-        }
+        let g = self.start_group(volume, size, incarnation.clone()).await?;
+        self.groups
+            .write()
+            .unwrap()
+            .insert(volume.to_string(), g.clone());
+        Ok(Some(g))
     }
 
     /// This node's replica of `volume` opened from its directory (created if new) and its raft
-    /// started, with its tasks. What it opens goes into `opened` as it does, for a caller
-    /// whose open fails to wait for.
+    /// started, with its tasks. An open that fails returns once nothing it opened is left
+    /// (not tried again, nor dropped, while its log or state machine still runs).
     async fn start_group(
+        &self,
+        volume: &str,
+        size: u64,
+        incarnation: Incarnation,
+    ) -> io::Result<Group> {
+        let mut opened = Remains::default();
+        let started = self
+            .open_group(volume, size, incarnation, &mut opened)
+            .await;
+        if started.is_err() {
+            opened.wait_gone(volume).await;
+        }
+        started
+    }
+
+    /// [`Node::start_group`]; what it opens goes into `opened` as it does.
+    async fn open_group(
         &self,
         volume: &str,
         size: u64,
