@@ -28,12 +28,19 @@ pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io
 /// The range reads as zeroes afterwards; `allocate`: it keeps (or gets) its blocks, else it
 /// becomes a hole. The file's size does not change.
 pub fn zero_range(file: &File, offset: u64, length: u64, allocate: bool) -> io::Result<()> {
-    let mode = if allocate {
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-    } else {
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-    };
-    fallocate(file, mode, offset, length)
+    const KEEP: libc::c_int = libc::FALLOC_FL_KEEP_SIZE;
+    let punch = |f| fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | KEEP, offset, length);
+    if !allocate {
+        return punch(file);
+    }
+    match fallocate(file, libc::FALLOC_FL_ZERO_RANGE | KEEP, offset, length) {
+        // tmpfs has no ZERO_RANGE: a hole, allocated again.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            punch(file)?;
+            fallocate(file, KEEP, offset, length)
+        }
+        r => r,
+    }
 }
 
 /// `lseek(fd, offset, whence)`; None where the kernel says ENXIO (no data / hole after it).
@@ -309,5 +316,29 @@ mod tests {
         assert_eq!(read_at(&f, 4, (512 << 10) + 10).unwrap(), [0; 4]);
         assert_eq!(read_at(&f, 4, (768 << 10) + 10).unwrap(), [7; 4]);
         assert!(fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE, 0, 4096).is_err());
+    }
+
+    /// On tmpfs, which has no `FALLOC_FL_ZERO_RANGE`, zeroing that keeps the blocks works too.
+    #[test]
+    fn zero_range_keeps_the_blocks_on_tmpfs_too() {
+        let f = tempfile::tempfile_in("/dev/shm").unwrap();
+        f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
+        assert_eq!(
+            fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 0, 4096)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EOPNOTSUPP),
+            "/dev/shm is not tmpfs here"
+        );
+        // Blocks of 512 bytes: all 1 MiB of them held, also by the zeroed range (tmpfs's
+        // seeks call allocated pages never written a hole all the same).
+        let blocks = |f: &File| std::os::unix::fs::MetadataExt::blocks(&f.metadata().unwrap());
+        zero_range(&f, 4096, 256 << 10, true).unwrap();
+        assert_eq!(read_at(&f, 4, 4096 + 10).unwrap(), [0; 4]);
+        assert_eq!(read_at(&f, 4, (260 << 10) + 10).unwrap(), [7; 4]);
+        assert_eq!(blocks(&f), 2048);
+        zero_range(&f, 0, 4096, false).unwrap();
+        assert_eq!(blocks(&f), 2040);
+        assert_eq!(read_at(&f, 4, 10).unwrap(), [0; 4]);
     }
 }

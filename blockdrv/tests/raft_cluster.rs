@@ -370,16 +370,7 @@ impl Cluster {
 
     /// `qemu-io -c cmd` on volume `v` through node `i` (given up after 60 s).
     fn qemu_io(&self, i: usize, cmd: &str) -> (bool, String) {
-        run(&[
-            "timeout",
-            "60",
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            cmd,
-            &self.uri(i),
-        ])
+        qemu_io_on(&self.uri(i), cmd)
     }
 
     /// Writes 1 MiB of `fill` at `fill` MiB through node `i`: whether it was acknowledged, and
@@ -459,6 +450,11 @@ impl Cluster {
             );
         }
     }
+}
+
+/// `qemu-io -c cmd` on `uri` (given up after 60 s).
+fn qemu_io_on(uri: &str, cmd: &str) -> (bool, String) {
+    run(&["timeout", "60", "qemu-io", "-f", "raw", "-c", cmd, uri])
 }
 
 /// The node ids in a list of a status (`unreachable`, `behind`).
@@ -1165,6 +1161,13 @@ fn a_replica_whose_disk_fills_with_the_snapshot_it_is_sent_is_reported_stalled_w
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Its clients are served meanwhile, by the leader: a read waits a second for the replica
+    // to apply what it must see, then goes there (past the source: zeroes again after).
+    let (good, out) = c.write_mib(leader, 56);
+    assert!(good, "{out}");
+    c.assert_mib(back, 56);
+    let (good, out) = c.qemu_io(back, "write -z 56M 1M");
+    assert!(good, "{out}");
     // The same node with room (its directory as it was before the small disk).
     c.kill(back);
     c.spawn(back);
@@ -1305,6 +1308,18 @@ fn a_replica_whose_raft_stopped_on_a_full_disk_is_reopened_once_there_is_room() 
         "the follower's raft to stop on its full disk, and again once reopened",
     );
     assert!(said(&c, "the replica was reopened") >= 1);
+    // Meanwhile its client is served through the leader: a write past the source, and a read
+    // of it (a read there waits for nothing this replica cannot apply).
+    let out = client.run("write -P 0x59 40M 64k");
+    assert!(out.contains("wrote 65536/65536"), "{out}");
+    let out = client.run("read -P 0x59 40M 64k");
+    assert!(
+        out.contains("read 65536/65536") && !out.contains("failed"),
+        "while its raft is stopped: {out}"
+    );
+    // Zeroes again, as the comparison with the source below expects.
+    let out = client.run("write -z 40M 64k");
+    assert!(out.contains("wrote 65536/65536"), "{out}");
     let pid = c.nodes[back].as_ref().expect("running").id().to_string();
     let dir = c.dir.path().join(format!("n{}", back + 1));
     ok(&[
@@ -1882,4 +1897,124 @@ fn nodes_join_and_leave_and_replicas_move_without_losing_data() {
             &uri(&c, i, v),
         ]);
     }
+}
+
+/// A node of the cluster that holds no replica of a volume (four nodes, three replicas) serves
+/// it all the same, through the nodes that do: reads, writes, block status, also across the
+/// death of the leader (a client connected before it goes on); the volume is grown and deleted
+/// through that node too; names no node holds are unknown exports.
+#[test]
+fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
+    let mut c = Cluster::nodes(4, &["--heartbeat-ms", "100", "--election-ms", "500"]);
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "w", "16M"]);
+    assert!(good, "{out}");
+    c.wait_leader(0, "w");
+    let holders: Vec<usize> = (0..4).filter(|i| c.held(*i).contains_key("w")).collect();
+    assert_eq!(holders.len(), 3, "{holders:?}");
+    let outside = (0..4).find(|i| !holders.contains(i)).unwrap();
+    let uri = |c: &Cluster, i: usize| format!("nbd+unix:///w?socket={}", c.socket(i).display());
+    let io = |c: &Cluster, i: usize, cmd: &str| {
+        let (good, out) = qemu_io_on(&uri(c, i), cmd);
+        assert!(
+            good && !out.contains("verification failed"),
+            "{cmd} through node {}: {out}",
+            i + 1
+        );
+        out
+    };
+    // Not listed where it is not held, but found by name, with its size and limits.
+    assert!(!c.exports(outside).contains("export=\"w\""));
+    let info = ok(&["nbdinfo", &uri(&c, outside)]);
+    assert!(info.contains("export-size: 16777216"), "{info}");
+    assert!(info.contains("block_size_maximum: 33554432"), "{info}");
+    let (good, out) = run(&[
+        "nbdinfo",
+        &format!("nbd+unix:///nothing?socket={}", c.socket(outside).display()),
+    ]);
+    assert!(!good, "an export no node holds: {out}");
+
+    // Written through it, read back through a holder, and the other way round (the read sees
+    // the write acknowledged just before); a 5 MiB request goes in 1 MiB parts.
+    io(&c, outside, "write -P 0x61 1M 2M");
+    io(&c, holders[0], "read -P 0x61 1M 2M");
+    io(&c, holders[1], "write -P 0x62 4M 1M");
+    io(&c, outside, "read -P 0x62 4M 1M");
+    io(&c, outside, "write -P 0x63 8M 5M");
+    io(&c, holders[2], "read -P 0x63 8M 5M");
+    io(&c, outside, "read -P 0x63 8M 5M");
+    // Block status: a range trimmed through it reads as a hole.
+    io(&c, outside, "discard 8M 4M");
+    let map = ok(&["nbdinfo", "--map", &uri(&c, outside)]);
+    let hole = map.lines().any(|l| {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .take(3)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        f[0] <= 8 * MIB && f[0] + f[1] >= 12 * MIB && f[2] == 3
+    });
+    assert!(hole, "8M-12M a hole: {map}");
+    io(&c, outside, "read -P 0 8M 4M");
+
+    // The leader killed: a client connected before goes on with the next leader.
+    let mut client = Session::open(&uri(&c, outside));
+    let said = client.run("write -P 0x64 0 1M");
+    assert!(said.contains("wrote 1048576/1048576"), "{said}");
+    let leader = holders
+        .iter()
+        .find_map(|i| c.status_of(*i, "w")?["leader"].as_u64())
+        .expect("a leader") as usize
+        - 1;
+    c.kill(leader);
+    let said = client.run("write -P 0x65 0 1M");
+    assert!(
+        said.contains("wrote 1048576/1048576"),
+        "after the leader died: {said}"
+    );
+    let said = client.run("read -P 0x65 0 1M");
+    assert!(
+        !said.contains("verification failed") && said.contains("read 1048576/1048576"),
+        "{said}"
+    );
+    let alive = *holders.iter().find(|i| **i != leader).unwrap();
+    io(&c, alive, "read -P 0x65 0 1M");
+    c.spawn(leader);
+    // The next leader hangs (stopped, its connections open): the write waiting for its answer
+    // goes to the one elected after it.
+    let next = c.status_of(alive, "w").unwrap()["leader"].as_u64().unwrap() as usize - 1;
+    assert_ne!(next, leader);
+    c.signal(next, "STOP");
+    let said = client.run("write -P 0x66 0 1M");
+    c.signal(next, "CONT");
+    assert!(
+        said.contains("wrote 1048576/1048576"),
+        "while the leader hung: {said}"
+    );
+    drop(client);
+    io(&c, leader, "read -P 0x66 0 1M");
+
+    // Grown and deleted through the node that holds none.
+    let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(outside), "w", "8M"]);
+    assert!(!good && out.contains("only grow"), "{out}");
+    let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(outside), "w", "32M"]);
+    assert!(good, "{out}");
+    assert_eq!(
+        ok(&["nbdinfo", "--size", &uri(&c, outside)]).trim(),
+        "33554432"
+    );
+    let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(outside), "w"]);
+    assert!(good, "{out}");
+    for i in holders {
+        c.wait_for(
+            |c| !c.held(i).contains_key("w"),
+            "the replicas to be dropped",
+        );
+    }
+    let (good, out) = run(&["nbdinfo", &uri(&c, outside)]);
+    assert!(!good, "a deleted volume: {out}");
+    let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(outside), "w"]);
+    assert!(
+        !good && out.contains("no node of the cluster holds it"),
+        "{out}"
+    );
 }

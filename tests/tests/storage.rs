@@ -275,16 +275,18 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     }
     // A replica count of its own; more than there are nodes is refused.
     d1.vpcctl_ok(&["vol-create", "pair", "4M", "--replicas", "2"]);
-    let holders: Vec<_> = [&d1, &d2, &d3]
+    // Two hosts hold it; all three know it, with its two replicas (the third serves it
+    // through them).
+    let replicas: Vec<_> = [&d1, &d2, &d3]
         .iter()
-        .filter(|d| d.vpcctl(&["vol-info", "pair"]).status.success())
         .map(|d| info(d, "pair")["replicas"].as_array().unwrap().len())
         .collect();
-    assert_eq!(
-        holders,
-        [2, 2],
-        "two hosts hold it, each knowing two replicas"
-    );
+    assert_eq!(replicas, [2, 2, 2]);
+    let holders = [&d1, &d2, &d3]
+        .iter()
+        .filter(|d| d.vpcctl_ok(&["vol-list"]).contains("pair"))
+        .count();
+    assert_eq!(holders, 2, "two hosts hold it");
     let e = fails(&d1, &["vol-create", "many", "4M", "--replicas", "4"]);
     assert!(
         e.contains("InvalidArgument") && e.contains("3 nodes"),
@@ -733,6 +735,33 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
     let held4 =
         serde_json::from_str::<serde_json::Value>(&d4.vpcctl_ok(&["--json", "vol-list"])).unwrap();
     assert_eq!(held4.as_array().unwrap().len(), 1, "{held4}");
+    // The volume host 4 holds no replica of is served there all the same (through the hosts
+    // that hold it): its info, and reads and writes through host 4's NBD socket.
+    let away = if held4[0]["name"] == "ja" { "jb" } else { "ja" };
+    let i = info(&d4, away);
+    assert_eq!(i["health"], "ok", "{i}");
+    assert_eq!(i["size"], 8 << 20, "{i}");
+    assert_eq!(i["replicas"].as_array().unwrap().len(), 3, "{i}");
+    let e = fails(&d4, &["vol-info", "nothing"]);
+    assert!(e.contains("NotFound"), "{e}");
+    let (good, out) = run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x7a 2M 1M",
+        d4.vpcctl_ok(&["vol-export", away]).trim(),
+    ]);
+    assert!(good, "{out}");
+    let (good, out) = run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x7a 2M 1M",
+        d2.vpcctl_ok(&["vol-export", away]).trim(),
+    ]);
+    assert!(good && !out.contains("verification failed"), "{out}");
 
     // Host 1 leaves: its replicas go to the others, it holds nothing.
     let out = d2.vpcctl_ok(&["--json", "storage-node-remove", "1"]);
@@ -744,9 +773,14 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
     let e = fails(&d2, &["storage-node-remove", "1"]);
     assert!(e.contains("NotFound"), "{e}");
     // The data reads back through a host that holds it now.
+    let holds = |d: &Daemon| {
+        let list: serde_json::Value =
+            serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-list"])).unwrap();
+        list.as_array().unwrap().iter().any(|v| v["name"] == "ja")
+    };
     let holder = [&d2, &d4]
         .into_iter()
-        .find(|d| d.vpcctl(&["vol-info", "ja"]).status.success())
+        .find(|d| holds(d))
         .expect("a host holding ja");
     let (good, out) = run(&[
         "qemu-io",

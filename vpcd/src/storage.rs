@@ -230,15 +230,31 @@ impl Storage {
             .collect())
     }
 
+    /// A volume of the cluster: one this host holds a replica of, or else one other hosts
+    /// hold (this host serves it all the same, through them).
     pub async fn info(&self, name: &str) -> Result<VolumeInfo> {
-        let not_found = || Error::NotFound(format!("volume {name} (on this host)"));
-        let (spec, status) = self
+        let held = self
             .node
             .volumes()
             .await
             .into_iter()
-            .find(|(spec, _)| spec.name == name)
-            .ok_or_else(not_found)?;
+            .find(|(spec, _)| spec.name == name);
+        let Some((spec, status)) = held else {
+            let leader = self.node.locate(name).await.map_err(|e| err(name, e))?;
+            let nodes = self.node.cluster();
+            let spec = VolumeSpec {
+                name: name.to_string(),
+                size: leader.size,
+                members: leader
+                    .members
+                    .iter()
+                    .map(|id| (*id, nodes.get(id).cloned().unwrap_or_default()))
+                    .collect(),
+                replicas: 0,
+                id: 0,
+            };
+            return Ok(self.to_info(spec, leader));
+        };
         let leader = self.node.leader_status(name).await;
         Ok(self.to_info(spec, leader.unwrap_or(status)))
     }
@@ -309,6 +325,8 @@ mod tests {
             moving: None,
             behind: behind.to_vec(),
             stalled: Vec::new(),
+            size: 16 << 20,
+            leader_addr: None,
         };
         let st = |leader, unreachable: &[u64], learners: &[u64]| {
             with(leader, unreachable, learners, &[])

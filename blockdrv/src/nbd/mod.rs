@@ -5,5 +5,5 @@ pub mod proto;
 pub mod server;
 pub mod tls;
 
-pub use server::{Export, Server};
+pub use server::{Export, Resolve, Server};
 pub use tls::{TlsConfig, TlsError};

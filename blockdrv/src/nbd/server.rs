@@ -99,11 +99,21 @@ pub enum ConnError {
     Closed(String),
 }
 
+/// Finds an export the server's table does not hold when a client names it (a replicated
+/// volume this node holds no replica of, served through the nodes that do). Each lookup gives
+/// a new export, which the connection keeps; lists (`NBD_OPT_LIST`) show only the table.
+#[async_trait::async_trait]
+pub trait Resolve: Send + Sync + std::fmt::Debug {
+    async fn resolve(&self, name: &str) -> Option<Export>;
+}
+
 /// The NBD server of a set of exports (which may change while it serves: connections already in
 /// transmission keep their export).
 #[derive(Debug, Clone)]
 pub struct Server {
     exports: Arc<std::sync::RwLock<BTreeMap<String, Export>>>,
+    /// Where names the table does not hold are looked up (shared by the server's clones).
+    resolver: Arc<std::sync::RwLock<Option<Arc<dyn Resolve>>>>,
     /// The export the empty name stands for.
     default: Option<String>,
     /// With TLS: connections must upgrade with `NBD_OPT_STARTTLS` before anything else.
@@ -137,6 +147,7 @@ impl Server {
             exports: Arc::new(std::sync::RwLock::new(
                 exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
             )),
+            resolver: Arc::default(),
             default: None,
             tls: None,
         }
@@ -167,12 +178,25 @@ impl Server {
         self
     }
 
-    fn export(&self, name: &str) -> Option<Export> {
+    /// Looks names up in `resolver` too (and in every clone of this server) when the table
+    /// does not hold them.
+    pub fn set_resolver(&self, resolver: Arc<dyn Resolve>) {
+        *self.resolver.write().unwrap() = Some(resolver);
+    }
+
+    async fn export(&self, name: &str) -> Option<Export> {
         let name = match (name, &self.default) {
             ("", Some(d)) => d.as_str(),
             (n, _) => n,
         };
-        self.exports.read().unwrap().get(name).cloned()
+        if let Some(e) = self.exports.read().unwrap().get(name) {
+            return Some(e.clone());
+        }
+        let resolver = self.resolver.read().unwrap().clone();
+        match resolver {
+            Some(r) if !name.is_empty() => r.resolve(name).await,
+            _ => None,
+        }
     }
 
     /// Serves the connections of `listener` until it fails.
@@ -330,7 +354,7 @@ impl Server {
             match option {
                 proto::OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
-                    let Some(export) = self.export(&name) else {
+                    let Some(export) = self.export(&name).await else {
                         // The protocol has no error reply here: the connection closes.
                         return Err(ConnError::Closed(format!("unknown export {name:?}")));
                     };
@@ -374,7 +398,7 @@ impl Server {
                             continue;
                         }
                     };
-                    let Some(export) = self.export(&req.name) else {
+                    let Some(export) = self.export(&req.name).await else {
                         let msg = format!("no export {:?}", req.name);
                         let r = proto::option_error(option, proto::REP_ERR_UNKNOWN, &msg);
                         s.write_all(&r).await?;
@@ -437,7 +461,7 @@ impl Server {
                             continue;
                         }
                     };
-                    if self.export(&req.export).is_none() {
+                    if self.export(&req.export).await.is_none() {
                         let msg = format!("no export {:?}", req.export);
                         let r = proto::option_error(option, proto::REP_ERR_UNKNOWN, &msg);
                         s.write_all(&r).await?;
@@ -1123,7 +1147,12 @@ mod tests {
     /// header (small) or written from its own buffer (large).
     #[test]
     fn read_replies_are_the_header_then_the_data_small_or_large() {
-        let export = memory_server().export("m").unwrap();
+        use futures::FutureExt;
+        let export = memory_server()
+            .export("m")
+            .now_or_never()
+            .flatten()
+            .unwrap();
         let req = Request {
             flags: 0,
             command: Command::Read,
@@ -1226,6 +1255,80 @@ mod tests {
             rest = &rest[20 + field(16) as usize..];
         }
         r
+    }
+
+    /// Resolves `r` to a new 128 KiB memory volume, and counts the names asked for.
+    #[derive(Debug, Default)]
+    struct Resolver(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl Resolve for Resolver {
+        async fn resolve(&self, name: &str) -> Option<Export> {
+            self.0.lock().unwrap().push(name.to_string());
+            (name == "r").then(|| Export {
+                name: "r".into(),
+                description: String::new(),
+                volume: Arc::new(crate::volume::MemVolume::new(128 << 10)),
+                read_only: false,
+            })
+        }
+    }
+
+    /// Names the table does not hold are looked up (the table's first, the empty name never),
+    /// and are served; a name the lookup does not find is unknown; lists show the table.
+    #[tokio::test]
+    async fn names_the_table_does_not_hold_are_resolved_and_served() {
+        let server = memory_server();
+        let resolver = Arc::new(Resolver::default());
+        server.clone().set_resolver(resolver.clone());
+        let info = |b: &mut Vec<u8>, o: u32, name: &str| {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&0u16.to_be_bytes());
+            opt(b, o, &d);
+        };
+        let mut b = client_flags();
+        opt(&mut b, proto::OPT_LIST, &[]);
+        info(&mut b, proto::OPT_INFO, "m");
+        info(&mut b, proto::OPT_INFO, "");
+        info(&mut b, proto::OPT_INFO, "x");
+        info(&mut b, proto::OPT_GO, "r");
+        let write = Request {
+            flags: 0,
+            command: Command::Write,
+            cookie: 1,
+            offset: (128 << 10) - 512,
+            length: 512,
+        };
+        b.extend_from_slice(&write.encode());
+        b.extend_from_slice(&[0x33; 512]);
+        let out = transcript(server, &b).await;
+        let replies = option_replies(&out);
+        let kinds: Vec<(u32, u32)> = replies
+            .iter()
+            .copied()
+            .filter(|r| r.1 != proto::REP_INFO)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (proto::OPT_LIST, proto::REP_SERVER),
+                (proto::OPT_LIST, proto::REP_ACK),
+                (proto::OPT_INFO, proto::REP_ACK),
+                (proto::OPT_INFO, proto::REP_ACK),
+                (proto::OPT_INFO, proto::REP_ERR_UNKNOWN),
+                (proto::OPT_GO, proto::REP_ACK),
+            ]
+        );
+        assert_eq!(*resolver.0.lock().unwrap(), ["x", "r"]);
+        // The resolved export's size (128 KiB, not the table's 64) and the write's reply at
+        // its last 512 bytes: no error.
+        let size = (128u64 << 10).to_be_bytes();
+        assert!(out.windows(8).any(|w| w == size), "128 KiB announced");
+        let mut ok = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        ok.extend_from_slice(&0u32.to_be_bytes());
+        ok.extend_from_slice(&1u64.to_be_bytes());
+        assert!(out.ends_with(&ok), "the write succeeded");
     }
 
     #[tokio::test]

@@ -32,7 +32,63 @@ use super::segment_log::SegmentLog;
 use super::state_machine::{Applied, Blocks, Hold, Pieces, Size, StateMachine};
 use super::{BlockOp, Data, NodeId, TypeConfig};
 
+/// `impl Volume` for a replicated volume type: `$methods` (its size and reads), and the write
+/// side, on its `write_op` (a write is committed on a majority's disks before it returns, so
+/// FUA and flush hold already).
+macro_rules! replicated_volume {
+    ($ty:ty, { $($methods:tt)* }) => {
+        #[async_trait::async_trait]
+        impl crate::volume::Volume for $ty {
+            $($methods)*
+
+            fn fast_zero(&self) -> bool {
+                true
+            }
+
+            async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
+                write_in_parts(offset, data, |offset, data| {
+                    self.write_op(BlockOp::Write { offset, data })
+                })
+                .await
+            }
+
+            async fn flush(&self) -> io::Result<()> {
+                Ok(())
+            }
+
+            async fn trim(&self, offset: u64, length: u64, _fua: bool) -> io::Result<()> {
+                self.write_op(BlockOp::Zero {
+                    offset,
+                    length,
+                    allocate: false,
+                })
+                .await
+            }
+
+            async fn write_zeroes(
+                &self,
+                offset: u64,
+                length: u64,
+                allocate: bool,
+                _fua: bool,
+            ) -> io::Result<()> {
+                self.write_op(BlockOp::Zero {
+                    offset,
+                    length,
+                    allocate,
+                })
+                .await
+            }
+
+            async fn cache(&self, _offset: u64, _length: u64) -> io::Result<()> {
+                Ok(())
+            }
+        }
+    };
+}
+
 mod cluster;
+mod remote;
 
 /// Largest frame accepted (a 32 MiB write and its envelope).
 const MAX_FRAME: u32 = 40 << 20;
@@ -78,6 +134,11 @@ enum Rpc {
     Deleted(String, u64),
     /// The volumes this node knows were deleted: name -> ids.
     Tombstones,
+    /// A linearizable read of (volume, offset, length) through this node's replica, for a
+    /// node that holds none ([`remote::RemoteVolume`]).
+    Read(String, u64, u32),
+    /// The allocation of (volume, offset, length) read the same way.
+    Extents(String, u64, u64),
 }
 
 /// A volume as the nodes' catalogs keep it.
@@ -124,6 +185,12 @@ pub struct Status {
     /// they refused it with; not in `unreachable` or `behind`.
     #[serde(default)]
     pub stalled: Vec<(NodeId, String)>,
+    /// The volume's size as this node's replica has it now.
+    #[serde(default)]
+    pub size: u64,
+    /// The RPC address of the leader this node knows.
+    #[serde(default)]
+    pub leader_addr: Option<String>,
 }
 
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
@@ -171,6 +238,9 @@ enum Reply {
     Moves(Result<Vec<super::placement::Move>, String>),
     Cluster(BTreeMap<NodeId, String>),
     Tombstones(Tombstones),
+    Read(Result<Data, WireError>),
+    /// Runs of (length, hole).
+    Extents(Result<Vec<(u64, bool)>, WireError>),
 }
 
 /// An error as it crosses the wire between nodes: its message, and its kind where a caller
@@ -297,7 +367,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 4;
+const RPC_VERSION: u32 = 5;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -1692,8 +1762,10 @@ impl Node {
             .collect()
     }
 
-    /// Serves every volume (now and later) on `server` too.
+    /// Serves every volume (now and later) on `server` too: those it holds a replica of, and
+    /// the cluster's others when a client names them (`remote.rs`).
     pub fn serve_nbd(self: &Arc<Node>, server: crate::nbd::Server) {
+        server.set_resolver(Arc::new(remote::Remote(Arc::downgrade(self))));
         for g in self.groups.read().unwrap().values() {
             server.add(self.export(g));
         }
@@ -2072,10 +2144,8 @@ impl Node {
     pub async fn delete_volume(self: &Arc<Node>, name: &str) -> io::Result<()> {
         let spec = self.catalog.lock().await.get(name).cloned();
         let Some(spec) = spec else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no volume {name}"),
-            ));
+            // Held by other nodes only: through one of them (its leader).
+            return self.on_holder(name, Rpc::Delete(name.to_string())).await;
         };
         for (id, addr) in &spec.members {
             if *id == self.id {
@@ -2114,10 +2184,26 @@ impl Node {
 
     /// Grows volume `name` (one this node holds) to `size` bytes.
     pub async fn resize_volume(self: &Arc<Node>, name: &str, size: u64) -> io::Result<()> {
-        let g = self
-            .group(name)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
-        RaftVolume::new(self.clone(), &g).resize(size).await
+        match self.group(name) {
+            Some(g) => RaftVolume::new(self.clone(), &g).resize(size).await,
+            // Held by other nodes only: through its leader.
+            None => {
+                self.on_holder(name, Rpc::Resize(name.to_string(), size))
+                    .await
+            }
+        }
+    }
+
+    /// Sends management request `rpc` for volume `name`, which this node holds no replica
+    /// of, to its leader.
+    async fn on_holder(&self, name: &str, rpc: Rpc) -> io::Result<()> {
+        let addr = self.locate(name).await?.leader_addr.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("volume {name}: no leader yet, try again"),
+            )
+        })?;
+        manage(&addr, rpc).await
     }
 
     /// Records `spec` (new members of a volume this node holds).
@@ -2639,6 +2725,59 @@ impl Node {
         }
     }
 
+    /// A read for a node that holds no replica of `g`'s volume (`Rpc::Read`), linearizable as
+    /// the front ends' reads here are.
+    async fn read_for_peer(
+        self: &Arc<Node>,
+        g: &Group,
+        offset: u64,
+        length: u32,
+    ) -> Result<Data, WireError> {
+        use crate::volume::Volume;
+        let v = self.for_peer(
+            g,
+            offset,
+            u64::from(length),
+            crate::nbd::server::MAX_PAYLOAD,
+        )?;
+        Ok(Data::from(v.read(offset, length).await?))
+    }
+
+    /// Block status for a node that holds no replica of `g`'s volume (`Rpc::Extents`).
+    async fn extents_for_peer(
+        self: &Arc<Node>,
+        g: &Group,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, bool)>, WireError> {
+        use crate::volume::Volume;
+        let v = self.for_peer(g, offset, length, u32::MAX)?;
+        let runs = v.extents(offset, length).await?;
+        Ok(runs.into_iter().map(|e| (e.length, e.hole)).collect())
+    }
+
+    /// The volume a peer's request runs on, once it is checked: inside the volume, at most
+    /// `most` bytes.
+    fn for_peer(
+        self: &Arc<Node>,
+        g: &Group,
+        offset: u64,
+        length: u64,
+        most: u32,
+    ) -> Result<RaftVolume, WireError> {
+        let size = g.size.load(std::sync::atomic::Ordering::SeqCst);
+        if length > u64::from(most) || offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(WireError::from(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "volume {}: {length} bytes at {offset} (it has {size}, requests at most {most})",
+                    g.name
+                ),
+            )));
+        }
+        Ok(RaftVolume::for_peer(self.clone(), g))
+    }
+
     async fn handle(self: &Arc<Node>, rpc: Rpc) -> Reply {
         let done = |r: io::Result<()>| Reply::Done(r.map_err(WireError::from));
         let volume = match &rpc {
@@ -2661,19 +2800,16 @@ impl Node {
             Rpc::Cluster => return Reply::Cluster(self.cluster()),
             Rpc::Deleted(name, id) => return done(self.remember_deleted(name, *id).await),
             Rpc::Tombstones => return Reply::Tombstones(self.tombstones.lock().await.clone()),
-            Rpc::Resize(name, size) => {
-                if self.group(name).is_none() {
-                    return Reply::NoVolume(name.clone());
-                }
-                return done(self.resize_volume(name, *size).await);
-            }
+            Rpc::Resize(name, size) => return done(self.resize_volume(name, *size).await),
             Rpc::Append(v, _)
             | Rpc::Vote(v, _)
             | Rpc::SnapshotPart(v, _)
             | Rpc::SnapshotEnd(v, _)
             | Rpc::Write(v, _)
             | Rpc::ReadIndex(v)
-            | Rpc::Status(v) => v.clone(),
+            | Rpc::Status(v)
+            | Rpc::Read(v, ..)
+            | Rpc::Extents(v, ..) => v.clone(),
         };
         let Some(g) = self.group(&volume) else {
             return Reply::NoVolume(volume);
@@ -2702,6 +2838,12 @@ impl Node {
                 Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string()))
             }
             (Rpc::Status(_), _) => Reply::Status(g.status(self.id)),
+            (Rpc::Read(_, offset, length), _) => {
+                Reply::Read(self.read_for_peer(&g, offset, length).await)
+            }
+            (Rpc::Extents(_, offset, length), _) => {
+                Reply::Extents(self.extents_for_peer(&g, offset, length).await)
+            }
             (
                 Rpc::Open(_)
                 | Rpc::Create(_)
@@ -2901,6 +3043,11 @@ impl Group {
                 None => Vec::new(),
             },
             stalled: stalled.into_iter().collect(),
+            size: self.size.load(std::sync::atomic::Ordering::SeqCst),
+            leader_addr: m.current_leader.and_then(|l| {
+                let nodes = m.membership_config.membership();
+                nodes.get_node(&l).map(|n| n.addr.clone())
+            }),
         }
     }
 
@@ -3050,10 +3197,11 @@ impl Group {
         }
     }
 
-    /// Waits until this node has applied `index` (a read index from the leader).
-    async fn wait_applied(&self, index: u64) -> io::Result<()> {
+    /// Waits until this node has applied `index` (a read index from the leader), for up to
+    /// `wait`.
+    async fn wait_applied(&self, index: u64, wait: Duration) -> io::Result<()> {
         self.raft
-            .wait(Some(LEADER_WAIT))
+            .wait(Some(wait))
             .applied_index_at_least(Some(index), "read index")
             .await
             .map(drop)
@@ -3113,8 +3261,12 @@ pub struct RaftVolume {
     /// The replica served: each request runs on the node's group of it as it is then (a
     /// replica reopened after its raft stopped is the same one, see [`keep_open`]).
     incarnation: Incarnation,
-    /// Idle connections to leaders, by address, for forwarded requests.
-    pool: std::sync::Mutex<HashMap<String, Vec<TcpStream>>>,
+    /// Connections to leaders, for forwarded requests.
+    pool: Pool,
+    /// The volume as a node without a replica serves it (through the leader): a front end's
+    /// requests go there while this replica's raft is stopped (see [`keep_open`]); None for
+    /// a peer's requests, which are not sent on again.
+    elsewhere: Option<remote::RemoteVolume>,
     /// Read indexes asked of the leader, shared by the reads waiting for the next.
     indexes: Coalesce<Result<u64, (io::ErrorKind, String)>>,
 }
@@ -3131,10 +3283,19 @@ impl std::fmt::Debug for RaftVolume {
 impl RaftVolume {
     pub fn new(node: Arc<Node>, group: &Group) -> RaftVolume {
         RaftVolume {
+            elsewhere: Some(remote::RemoteVolume::unlocated(node.clone(), &group.name)),
+            ..RaftVolume::for_peer(node, group)
+        }
+    }
+
+    /// One that serves a request another node sent on: it does not send it on again.
+    fn for_peer(node: Arc<Node>, group: &Group) -> RaftVolume {
+        RaftVolume {
+            elsewhere: None,
             node,
             name: group.name.clone(),
             incarnation: group.incarnation.clone(),
-            pool: std::sync::Mutex::new(HashMap::new()),
+            pool: Pool::default(),
             indexes: Coalesce::default(),
         }
     }
@@ -3153,26 +3314,6 @@ impl RaftVolume {
                     ),
                 )
             })
-    }
-
-    /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked).
-    async fn forward(&self, addr: &str, rpc: &Rpc) -> io::Result<Reply> {
-        let mut conn = self
-            .pool
-            .lock()
-            .unwrap()
-            .get_mut(addr)
-            .and_then(|v| v.pop());
-        let r = call(&mut conn, addr, rpc).await;
-        if let Some(c) = conn {
-            self.pool
-                .lock()
-                .unwrap()
-                .entry(addr.to_string())
-                .or_default()
-                .push(c);
-        }
-        r
     }
 
     /// Runs `here` on this node if it leads, else `there` on the leader; retries while there
@@ -3219,7 +3360,7 @@ impl RaftVolume {
                     }
                 };
                 let answer = tokio::select! {
-                    r = self.forward(&addr, &there) => Ok(r),
+                    r = self.pool.call(&addr, &there) => Ok(r),
                     () = moved => {
                         Err(format!("{addr} stopped leading before it answered"))
                     }
@@ -3256,8 +3397,9 @@ impl RaftVolume {
     /// leader (this node or another), and this replica has applied up to it. So any
     /// up-to-date node serves reads from its own blocks: the group returned, which has. A
     /// read index asked of another node is shared by the reads that arrive while the last is
-    /// asked for ([`Coalesce`]).
-    async fn read_barrier(&self) -> io::Result<Group> {
+    /// asked for ([`Coalesce`]). A front end's read waits [`CATCH_UP`] at most for this
+    /// replica to apply it (a peer's, as long as any request).
+    async fn read_barrier(&self) -> Result<Group, NotServed> {
         let stopped = |g: &Group| {
             g.stopped().map(|why| {
                 io::Error::other(format!(
@@ -3268,7 +3410,7 @@ impl RaftVolume {
         };
         let g = self.group()?;
         if let Some(e) = stopped(&g) {
-            return Err(e);
+            return Err(NotServed::Behind(e));
         }
         let index = if g.led_elsewhere(self.node.id) {
             // Waiting for the fetch under way and then its own: bounded as one.
@@ -3281,14 +3423,14 @@ impl RaftVolume {
             match tokio::time::timeout(wait, shared).await {
                 Ok(r) => r.map_err(|(kind, e)| io::Error::new(kind, e))?,
                 Err(_) => {
-                    return Err(io::Error::new(
+                    return Err(NotServed::Failed(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!(
                             "volume {}: no read index from the leader within {} s",
                             self.name,
                             wait.as_secs()
                         ),
-                    ))
+                    )))
                 }
             }
         } else {
@@ -3296,10 +3438,31 @@ impl RaftVolume {
         };
         let g = self.group()?;
         if let Some(e) = stopped(&g) {
-            return Err(e);
+            return Err(NotServed::Behind(e));
         }
-        g.wait_applied(index).await?;
-        Ok(g)
+        let front_end = self.elsewhere.is_some();
+        let wait = if front_end { CATCH_UP } else { LEADER_WAIT };
+        match g.wait_applied(index, wait).await {
+            Ok(()) => Ok(g),
+            // Far behind (back from an outage, sent a snapshot), or stopped meanwhile.
+            Err(e) if front_end => Err(NotServed::Behind(e)),
+            Err(e) => Err(NotServed::Failed(e)),
+        }
+    }
+
+    /// `request` on the volume through the leader, as a node without a replica sends it, if
+    /// the read could not be served here because this replica is stopped or behind.
+    async fn elsewhere<'a, T, F, Fut>(&'a self, why: NotServed, request: F) -> io::Result<T>
+    where
+        F: FnOnce(&'a remote::RemoteVolume) -> Fut,
+        Fut: std::future::Future<Output = io::Result<T>>,
+    {
+        match (why, &self.elsewhere) {
+            (NotServed::Behind(e), Some(there)) => request(there)
+                .await
+                .map_err(|t| io::Error::new(t.kind(), format!("{e}; through the leader: {t}"))),
+            (NotServed::Behind(e) | NotServed::Failed(e), _) => Err(e),
+        }
     }
 
     /// A read index from the leader (this node or another).
@@ -3331,7 +3494,15 @@ impl RaftVolume {
         self.write_op(BlockOp::Resize { size }).await
     }
 
+    /// Whether this replica's raft is stopped (until it is reopened, [`keep_open`]).
+    fn stopped(&self) -> bool {
+        self.group().is_ok_and(|g| g.stopped().is_some())
+    }
+
     async fn write_op(&self, op: BlockOp) -> io::Result<()> {
+        if let Some(there) = self.elsewhere.as_ref().filter(|_| self.stopped()) {
+            return there.write_op(op).await;
+        }
         let rpc = Rpc::Write(self.name.clone(), op.clone());
         self.on_leader(
             |g| {
@@ -3348,25 +3519,29 @@ impl RaftVolume {
     }
 }
 
-#[async_trait::async_trait]
-impl crate::volume::Volume for RaftVolume {
+replicated_volume!(RaftVolume, {
     fn size(&self) -> u64 {
         // 0 once the node no longer holds the replica: every request is out of range.
         self.group()
             .map_or(0, |g| g.size.load(std::sync::atomic::Ordering::SeqCst))
     }
 
-    fn fast_zero(&self) -> bool {
-        true
-    }
-
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        self.read_barrier().await?.local_read(offset, length).await
+        match self.read_barrier().await {
+            Ok(g) => g.local_read(offset, length).await,
+            Err(why) => self.elsewhere(why, |v| v.read(offset, length)).await,
+        }
     }
 
     async fn read_sendable(&self, offset: u64, length: u32) -> io::Result<crate::volume::Sendable> {
         use crate::volume::Sendable;
-        let g = self.read_barrier().await?;
+        let g = match self.read_barrier().await {
+            Ok(g) => g,
+            Err(why) => {
+                let read = self.elsewhere(why, |v| v.read(offset, length)).await;
+                return read.map(Sendable::Data);
+            }
+        };
         // The file that holds the range now, if one does (a snapshot installed later replaces
         // the blocks with newer ones; these hold at least what the barrier asked for), or the
         // bytes of the blocks and the log, without asking the leader again.
@@ -3377,75 +3552,92 @@ impl crate::volume::Volume for RaftVolume {
         }
     }
 
-    async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
-        // Committed on a majority's disks before it returns: FUA holds already.
-        // The crc the log record (or the RPC to the leader) needs, now, while the front end
-        // has just read the bytes and they are in this core's cache: computed later, by the
-        // log, it costs twice as much (measured: 5.3% of the nodes' CPU writing, 3.0% here).
-        let write = |offset: u64, data: Data| {
-            data.crc();
-            self.write_op(BlockOp::Write { offset, data })
-        };
-        if data.len() <= MAX_WRITE_OP {
-            return write(offset, data.into()).await;
-        }
-        // A longer request (up to the NBD maximum) as writes of at most 1 MiB, all at once (the
-        // group commit puts them in as few entries as it can). NBD does not make a write
-        // atomic: after a failure, as after a crash, some parts may be written.
-        let data = bytes::Bytes::from(data);
-        let parts = (0..data.len()).step_by(MAX_WRITE_OP).map(|at| {
-            let part = data.slice(at..data.len().min(at + MAX_WRITE_OP));
-            write(offset + at as u64, part.into())
-        });
-        // All waited for, then the first error: none goes on after the request is answered.
-        let done = futures::future::join_all(parts).await;
-        done.into_iter().collect::<io::Result<Vec<()>>>().map(drop)
-    }
-
-    async fn flush(&self) -> io::Result<()> {
-        // Every acknowledged write is on a majority's disks.
-        Ok(())
-    }
-
-    async fn trim(&self, offset: u64, length: u64, _fua: bool) -> io::Result<()> {
-        self.write_op(BlockOp::Zero {
-            offset,
-            length,
-            allocate: false,
-        })
-        .await
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u64,
-        allocate: bool,
-        _fua: bool,
-    ) -> io::Result<()> {
-        self.write_op(BlockOp::Zero {
-            offset,
-            length,
-            allocate,
-        })
-        .await
-    }
-
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
-        let g = self.read_barrier().await?;
-        let v = g.local_extents(offset, length).await?;
-        Ok(v.into_iter()
-            .map(|(length, hole)| crate::volume::Extent {
-                length,
-                hole,
-                zero: hole,
-            })
-            .collect())
+        match self.read_barrier().await {
+            Ok(g) => Ok(extents(g.local_extents(offset, length).await?)),
+            Err(why) => self.elsewhere(why, |v| v.extents(offset, length)).await,
+        }
     }
+});
 
-    async fn cache(&self, _offset: u64, _length: u64) -> io::Result<()> {
-        Ok(())
+/// Why a read is not served from a replica.
+#[derive(Debug)]
+enum NotServed {
+    /// The leader may serve it: the replica's raft is stopped, or it did not apply the read
+    /// index within [`CATCH_UP`].
+    Behind(io::Error),
+    Failed(io::Error),
+}
+
+impl From<io::Error> for NotServed {
+    fn from(e: io::Error) -> NotServed {
+        NotServed::Failed(e)
     }
+}
+
+/// How long a front end's read waits for its replica to apply the read index before it goes
+/// to the leader (a follower that keeps up applies within milliseconds).
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+/// Idle connections to other nodes, by address, for requests forwarded to them.
+#[derive(Debug, Default)]
+struct Pool(std::sync::Mutex<HashMap<String, Vec<TcpStream>>>);
+
+impl Pool {
+    /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked).
+    async fn call(&self, addr: &str, rpc: &Rpc) -> io::Result<Reply> {
+        let mut conn = self.0.lock().unwrap().get_mut(addr).and_then(|v| v.pop());
+        let r = call(&mut conn, addr, rpc).await;
+        if let Some(c) = conn {
+            self.0
+                .lock()
+                .unwrap()
+                .entry(addr.to_string())
+                .or_default()
+                .push(c);
+        }
+        r
+    }
+}
+
+/// Writes `data` at `offset` with `write`, as writes of at most [`MAX_WRITE_OP`].
+async fn write_in_parts<F, Fut>(offset: u64, data: Vec<u8>, write: F) -> io::Result<()>
+where
+    F: Fn(u64, Data) -> Fut,
+    Fut: std::future::Future<Output = io::Result<()>>,
+{
+    // The crc the log record (or the RPC to the leader) needs, now, while the front end has
+    // just read the bytes and they are in this core's cache: computed later, by the log, it
+    // costs twice as much (measured: 5.3% of the nodes' CPU writing, 3.0% here).
+    let write = |offset: u64, data: Data| {
+        data.crc();
+        write(offset, data)
+    };
+    if data.len() <= MAX_WRITE_OP {
+        return write(offset, data.into()).await;
+    }
+    // A longer request (up to the NBD maximum) as writes of at most 1 MiB, all at once (the
+    // group commit puts them in as few entries as it can). NBD does not make a write atomic:
+    // after a failure, as after a crash, some parts may be written.
+    let data = bytes::Bytes::from(data);
+    let parts = (0..data.len()).step_by(MAX_WRITE_OP).map(|at| {
+        let part = data.slice(at..data.len().min(at + MAX_WRITE_OP));
+        write(offset + at as u64, part.into())
+    });
+    // All waited for, then the first error: none goes on after the request is answered.
+    let done = futures::future::join_all(parts).await;
+    done.into_iter().collect::<io::Result<Vec<()>>>().map(drop)
+}
+
+/// Runs of (length, hole) as the front ends take them.
+fn extents(runs: Vec<(u64, bool)>) -> Vec<crate::volume::Extent> {
+    runs.into_iter()
+        .map(|(length, hole)| crate::volume::Extent {
+            length,
+            hole,
+            zero: hole,
+        })
+        .collect()
 }
 
 /// [`manage`] for a request that takes a node little time (opening or dropping a replica,
@@ -3693,6 +3885,8 @@ mod tests {
             moving,
             behind: Vec::new(),
             stalled: Vec::new(),
+            size: 0,
+            leader_addr: None,
         };
         let v = orphan_verdict;
         // The leader has node 3 as a voter, a learner, or is moving a replica to it: kept.

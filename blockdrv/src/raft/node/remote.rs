@@ -1,0 +1,282 @@
+//! Volumes a node holds no replica of, served all the same: once a cluster has more nodes than
+//! a volume has replicas, a host's VMs may use a volume whose replicas are elsewhere. The NBD
+//! server looks a name its table does not hold up in the cluster ([`Remote`]); the connection
+//! then gets a [`RemoteVolume`], which sends every request to the volume's leader: writes as a
+//! follower forwards them, reads (`Rpc::Read`) and block status (`Rpc::Extents`) served by the
+//! leader's replica, linearizable as its own front ends' are.
+//!
+//! Where the leader is: each node of the cluster that holds the volume says, in its `Status`,
+//! which leader it knows and in which term; the newest term wins (a leader that hung and runs
+//! again still thinks it leads, in an older term). Requests wait out elections as a replica's
+//! do (up to [`Node::leader_wait`]), and one waiting for a leader that hangs goes to the next
+//! one once it is elected.
+
+use std::io;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use super::{extents, status, write_in_parts, BlockOp, Data, Node, Pool, Reply, Rpc, Status};
+use crate::raft::coalesce::Coalesce;
+
+/// How long each node has to say whether it holds a volume, and who leads it.
+const ASK: Duration = Duration::from_secs(2);
+/// After this long without an answer, a request checks every [`RECHECK`] whether another node
+/// leads now.
+const PATIENCE: Duration = Duration::from_secs(1);
+const RECHECK: Duration = Duration::from_millis(500);
+
+impl Node {
+    /// Who leads volume `name`, as the other nodes of the cluster that hold it say (asked all
+    /// at once): of their answers, the status of the newest term that names a leader, or one
+    /// that names none if none does (an election under way). `NotFound` if every node
+    /// answered and none holds it.
+    pub async fn locate(&self, name: &str) -> io::Result<Status> {
+        let asks = self
+            .cluster()
+            .into_iter()
+            .filter(|(id, _)| *id != self.id)
+            .map(|(_, addr)| async move {
+                match tokio::time::timeout(ASK, status(&addr, name)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("{addr} did not answer within {} s", ASK.as_secs()),
+                    )),
+                }
+            });
+        // Of one term, the leader's own status (its size is the newest).
+        let rank = |s: &Status| (s.leader_addr.is_some(), s.term, s.leader == Some(s.node));
+        let mut best: Option<Status> = None;
+        let mut failed = Vec::new();
+        for answer in futures::future::join_all(asks).await {
+            match answer {
+                Ok(s) if best.as_ref().is_none_or(|b| rank(&s) > rank(b)) => best = Some(s),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        match best {
+            Some(s) => Ok(s),
+            None if failed.is_empty() => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("volume {name}: no node of the cluster holds it"),
+            )),
+            None => Err(io::Error::other(format!(
+                "volume {name}: no node that answered holds it ({})",
+                failed.join("; ")
+            ))),
+        }
+    }
+}
+
+/// Finds the volumes this node holds no replica of for its NBD server (see the module's doc).
+#[derive(Debug)]
+pub(super) struct Remote(pub(super) Weak<Node>);
+
+#[async_trait::async_trait]
+impl crate::nbd::server::Resolve for Remote {
+    async fn resolve(&self, name: &str) -> Option<crate::nbd::Export> {
+        let node = self.0.upgrade()?;
+        match node.locate(name).await {
+            Ok(s) => Some(crate::nbd::Export {
+                name: name.to_string(),
+                description: "replicated volume (replicas on other nodes)".into(),
+                volume: Arc::new(RemoteVolume::new(node, name, s)),
+                read_only: false,
+            }),
+            Err(e) => {
+                tracing::debug!(volume = name, "not served: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// A replicated volume served by a node that holds no replica of it: every request runs on
+/// the leader (see the module's doc). One per NBD connection; its size is the volume's when
+/// the connection was made (NBD tells a client the size once).
+pub struct RemoteVolume {
+    node: Arc<Node>,
+    name: String,
+    size: u64,
+    /// The leader's address as last found; cleared by a request that failed there.
+    leader: std::sync::Mutex<Option<String>>,
+    /// Lookups of the leader, shared by the requests that need one at the same time.
+    locating: Coalesce<Result<Status, (io::ErrorKind, String)>>,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for RemoteVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteVolume")
+            .field("node", &self.node.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteVolume {
+    fn new(node: Arc<Node>, name: &str, found: Status) -> RemoteVolume {
+        RemoteVolume {
+            node,
+            name: name.to_string(),
+            size: found.size,
+            leader: std::sync::Mutex::new(found.leader_addr),
+            locating: Coalesce::default(),
+            pool: Pool::default(),
+        }
+    }
+
+    /// One whose leader is looked up by its first request, for a node whose replica's raft
+    /// stopped (its size is the replica's, not this one's).
+    pub(super) fn unlocated(node: Arc<Node>, name: &str) -> RemoteVolume {
+        RemoteVolume {
+            node,
+            name: name.to_string(),
+            size: 0,
+            leader: std::sync::Mutex::new(None),
+            locating: Coalesce::default(),
+            pool: Pool::default(),
+        }
+    }
+
+    /// The leader's address now (the one last found, or a new lookup).
+    async fn leader(&self) -> io::Result<String> {
+        if let Some(a) = self.leader.lock().unwrap().clone() {
+            return Ok(a);
+        }
+        let addr = self.locate().await?.leader_addr.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("volume {}: no leader yet", self.name),
+            )
+        })?;
+        *self.leader.lock().unwrap() = Some(addr.clone());
+        Ok(addr)
+    }
+
+    /// [`Node::locate`], shared with the requests that ask at the same time.
+    async fn locate(&self) -> io::Result<Status> {
+        let found = self.locating.get(|| async {
+            self.node
+                .locate(&self.name)
+                .await
+                .map_err(|e| (e.kind(), e.to_string()))
+        });
+        found.await.map_err(|(kind, e)| io::Error::new(kind, e))
+    }
+
+    /// Returns once a node other than the one at `addr` leads (checked after [`PATIENCE`],
+    /// then every [`RECHECK`]).
+    async fn leader_moved(&self, addr: &str) {
+        tokio::time::sleep(PATIENCE).await;
+        loop {
+            let now = self.locate().await.ok().and_then(|s| s.leader_addr);
+            if now.is_some_and(|a| a != addr) {
+                return;
+            }
+            tokio::time::sleep(RECHECK).await;
+        }
+    }
+
+    /// Runs `rpc` on the leader; tries again (another leader, after an election) until
+    /// [`Node::leader_wait`] has passed, but for a volume that is gone and a request the
+    /// leader finds invalid.
+    async fn on_leader<T>(
+        &self,
+        rpc: Rpc,
+        unpack: fn(Reply) -> Option<io::Result<T>>,
+    ) -> io::Result<T> {
+        let wait = self.node.leader_wait();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut last;
+        loop {
+            last = match self.leader().await {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+                Err(e) => e.to_string(),
+                Ok(addr) => {
+                    let answer = tokio::select! {
+                        r = self.pool.call(&addr, &rpc) => r,
+                        () = self.leader_moved(&addr) => {
+                            Err(io::Error::other("another node leads now"))
+                        }
+                        () = tokio::time::sleep_until(deadline) => {
+                            Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"))
+                        }
+                    };
+                    let failed = match answer.map(|r| match r {
+                        Reply::NoVolume(_) => Some(Err(io::Error::other("it holds no replica"))),
+                        r => unpack(r),
+                    }) {
+                        Ok(Some(Ok(v))) => return Ok(v),
+                        Ok(Some(Err(e))) if e.kind() == io::ErrorKind::InvalidInput => {
+                            return Err(e)
+                        }
+                        Ok(Some(Err(e))) | Err(e) => e.to_string(),
+                        Ok(None) => "an unexpected reply".into(),
+                    };
+                    // Asked anew next time: the leader changed, or it failed.
+                    self.leader.lock().unwrap().take();
+                    format!("{addr}: {failed}")
+                }
+            };
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "volume {}: no leader answered within {} s: {last}",
+                self.name,
+                wait.as_secs()
+            ),
+        ))
+    }
+
+    pub(super) async fn write_op(&self, op: BlockOp) -> io::Result<()> {
+        self.on_leader(Rpc::Write(self.name.clone(), op), |r| match r {
+            Reply::Write(r) => Some(r.map_err(io::Error::other)),
+            _ => None,
+        })
+        .await
+    }
+}
+
+replicated_volume!(RemoteVolume, {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
+        let data: Data = self
+            .on_leader(Rpc::Read(self.name.clone(), offset, length), |r| match r {
+                Reply::Read(r) => Some(r.map_err(io::Error::from)),
+                _ => None,
+            })
+            .await?;
+        if data.len() != length as usize {
+            return Err(io::Error::other(format!(
+                "volume {}: {} bytes read instead of {length}",
+                self.name,
+                data.len()
+            )));
+        }
+        Ok(data.to_vec())
+    }
+
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
+        let runs = self
+            .on_leader(
+                Rpc::Extents(self.name.clone(), offset, length),
+                |r| match r {
+                    Reply::Extents(r) => Some(r.map_err(io::Error::from)),
+                    _ => None,
+                },
+            )
+            .await?;
+        Ok(extents(runs))
+    }
+});
