@@ -26,21 +26,42 @@ pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io
 }
 
 /// The range reads as zeroes afterwards; `allocate`: it keeps (or gets) its blocks, else it
-/// becomes a hole. The file's size does not change.
+/// becomes a hole. The file's size does not change. Where the filesystem cannot zero a range
+/// in place (tmpfs), it is punched and allocated again (as far as there is room: the range
+/// reads as zeroes either way); where it cannot punch holes either, zeroes are written.
 pub fn zero_range(file: &File, offset: u64, length: u64, allocate: bool) -> io::Result<()> {
     const KEEP: libc::c_int = libc::FALLOC_FL_KEEP_SIZE;
-    let punch = |f| fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | KEEP, offset, length);
-    if !allocate {
-        return punch(file);
-    }
-    match fallocate(file, libc::FALLOC_FL_ZERO_RANGE | KEEP, offset, length) {
-        // tmpfs has no ZERO_RANGE: a hole, allocated again.
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            punch(file)?;
-            fallocate(file, KEEP, offset, length)
+    let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
+    if allocate {
+        match fallocate(file, libc::FALLOC_FL_ZERO_RANGE | KEEP, offset, length) {
+            Err(e) if unsupported(&e) => {}
+            done => return done,
         }
-        r => r,
     }
+    match fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | KEEP, offset, length) {
+        Err(e) if unsupported(&e) => return write_zeroes(file, offset, length),
+        punched => punched?,
+    }
+    if allocate {
+        match fallocate(file, KEEP, offset, length) {
+            Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::ENOSPC) => {}
+            allocated => allocated?,
+        }
+    }
+    Ok(())
+}
+
+/// Writes `length` zero bytes at `offset` of `file`, 1 MiB at a time.
+fn write_zeroes(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; length.min(1 << 20) as usize];
+    let end = offset + length;
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// `lseek(fd, offset, whence)`; None where the kernel says ENXIO (no data / hole after it).

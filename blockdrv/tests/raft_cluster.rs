@@ -1993,6 +1993,28 @@ fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
     drop(client);
     io(&c, leader, "read -P 0x66 0 1M");
 
+    // A client of a node whose replica moves to the node that had none goes on, through the
+    // leader; the node it is connected to now holds none.
+    let from = holders[0];
+    let mut moved = Session::open(&uri(&c, from));
+    let (good, out) = c.move_replica(outside, "w", from, outside);
+    assert!(good, "{out}");
+    assert!(!c.held(from).contains_key("w") && c.held(outside).contains_key("w"));
+    let said = moved.run("write -P 0x67 2M 1M");
+    assert!(
+        said.contains("wrote 1048576/1048576"),
+        "after the move: {said}"
+    );
+    let said = moved.run("read -P 0x67 2M 1M");
+    assert!(
+        !said.contains("verification failed") && said.contains("read 1048576/1048576"),
+        "{said}"
+    );
+    io(&c, outside, "read -P 0x67 2M 1M");
+    drop(moved);
+    let holders: Vec<usize> = (0..4).filter(|i| c.held(*i).contains_key("w")).collect();
+    let outside = from;
+
     // Grown and deleted through the node that holds none.
     let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(outside), "w", "8M"]);
     assert!(!good && out.contains("only grow"), "{out}");
@@ -2002,6 +2024,7 @@ fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
         ok(&["nbdinfo", "--size", &uri(&c, outside)]).trim(),
         "33554432"
     );
+    let mut stale = Session::open(&uri(&c, outside));
     let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(outside), "w"]);
     assert!(good, "{out}");
     for i in holders {
@@ -2017,4 +2040,15 @@ fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
         !good && out.contains("no node of the cluster holds it"),
         "{out}"
     );
+    // A new volume of that name is not the old one: a client of the old one writes nothing
+    // into it.
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "w", "16M"]);
+    assert!(good, "{out}");
+    c.wait_for(
+        |c| (0..4).any(|i| c.status_of(i, "w").is_some_and(|s| s["leader"].is_u64())),
+        "a leader of the new volume",
+    );
+    let said = stale.run("write -P 0x68 0 1M");
+    assert!(!said.contains("wrote"), "into the new volume: {said}");
+    io(&c, outside, "read -P 0 0 1M");
 }

@@ -240,7 +240,11 @@ impl Storage {
             .into_iter()
             .find(|(spec, _)| spec.name == name);
         let Some((spec, status)) = held else {
-            let leader = self.node.locate(name).await.map_err(|e| err(name, e))?;
+            let leader = self
+                .node
+                .volume_status(name)
+                .await
+                .map_err(|e| err(name, e))?;
             let nodes = self.node.cluster();
             let spec = VolumeSpec {
                 name: name.to_string(),
@@ -327,6 +331,7 @@ mod tests {
             stalled: Vec::new(),
             size: 16 << 20,
             leader_addr: None,
+            id: 1,
         };
         let st = |leader, unreachable: &[u64], learners: &[u64]| {
             with(leader, unreachable, learners, &[])

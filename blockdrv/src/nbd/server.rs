@@ -130,6 +130,21 @@ struct Session {
     send_files: bool,
 }
 
+/// The exports a connection's client named during its handshake, by name.
+#[derive(Default)]
+struct Named(Vec<(String, Option<Export>)>);
+
+impl Named {
+    async fn export(&mut self, server: &Server, name: &str) -> Option<Export> {
+        if let Some((_, e)) = self.0.iter().find(|(n, _)| n == name) {
+            return e.clone();
+        }
+        let e = server.export(name).await;
+        self.0.push((name.to_string(), e.clone()));
+        e
+    }
+}
+
 /// How option haggling ended.
 #[derive(Debug)]
 enum Negotiated {
@@ -317,6 +332,9 @@ impl Server {
     {
         let mut structured = false;
         let mut base_allocation = false;
+        // The exports named so far: a client names its export up to three times (meta
+        // contexts, INFO, GO), looked up once.
+        let mut named = Named::default();
         loop {
             s.flush().await?;
             let mut hdr = [0u8; 16];
@@ -354,7 +372,7 @@ impl Server {
             match option {
                 proto::OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
-                    let Some(export) = self.export(&name).await else {
+                    let Some(export) = named.export(self, &name).await else {
                         // The protocol has no error reply here: the connection closes.
                         return Err(ConnError::Closed(format!("unknown export {name:?}")));
                     };
@@ -398,7 +416,7 @@ impl Server {
                             continue;
                         }
                     };
-                    let Some(export) = self.export(&req.name).await else {
+                    let Some(export) = named.export(self, &req.name).await else {
                         let msg = format!("no export {:?}", req.name);
                         let r = proto::option_error(option, proto::REP_ERR_UNKNOWN, &msg);
                         s.write_all(&r).await?;
@@ -461,7 +479,7 @@ impl Server {
                             continue;
                         }
                     };
-                    if self.export(&req.export).await.is_none() {
+                    if named.export(self, &req.export).await.is_none() {
                         let msg = format!("no export {:?}", req.export);
                         let r = proto::option_error(option, proto::REP_ERR_UNKNOWN, &msg);
                         s.write_all(&r).await?;

@@ -134,11 +134,23 @@ enum Rpc {
     Deleted(String, u64),
     /// The volumes this node knows were deleted: name -> ids.
     Tombstones,
-    /// A linearizable read of (volume, offset, length) through this node's replica, for a
-    /// node that holds none ([`remote::RemoteVolume`]).
-    Read(String, u64, u32),
-    /// The allocation of (volume, offset, length) read the same way.
-    Extents(String, u64, u64),
+    /// A request of a node that holds no replica of volume (name, id), to its leader
+    /// ([`remote::RemoteVolume`]); for another volume of that name, `NoVolume`.
+    Remote(String, u64, RemoteOp),
+    /// [`Rpc::Resize`] and [`Rpc::Delete`] sent on by a node that does not hold the volume:
+    /// not sent on again.
+    ResizeHere(String, u64),
+    DeleteHere(String),
+}
+
+/// What a node without a replica asks of the leader.
+#[derive(Debug, Serialize, Deserialize)]
+enum RemoteOp {
+    Write(BlockOp),
+    /// A linearizable read of (offset, length).
+    Read(u64, u32),
+    /// The allocation of (offset, length), read the same way.
+    Extents(u64, u64),
 }
 
 /// A volume as the nodes' catalogs keep it.
@@ -191,6 +203,9 @@ pub struct Status {
     /// The RPC address of the leader this node knows.
     #[serde(default)]
     pub leader_addr: Option<String>,
+    /// Which volume of that name this is ([`VolumeSpec::id`]).
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
@@ -1519,15 +1534,25 @@ async fn drop_stray_learners(
 const REOPEN_FIRST: Duration = Duration::from_secs(1);
 const REOPEN_MOST: Duration = Duration::from_secs(60);
 
-/// Which replica a [`Group`] runs. A replica keeps it when it is reopened ([`keep_open`]), so
-/// front ends that serve it ([`RaftVolume`]) go on with the reopened one; a replica of the same
-/// name opened after this one was dropped has another.
-#[derive(Clone, Default)]
-struct Incarnation(Arc<()>);
+/// Which replica a [`Group`] runs, of which volume (its id, [`VolumeSpec::id`]). A replica
+/// keeps it when it is reopened ([`keep_open`]), so front ends that serve it ([`RaftVolume`])
+/// go on with the reopened one; a replica of the same name opened after this one was dropped
+/// has another.
+#[derive(Clone)]
+struct Incarnation(Arc<u64>);
 
 impl Incarnation {
+    fn of(volume_id: u64) -> Incarnation {
+        Incarnation(Arc::new(volume_id))
+    }
+
     fn is(&self, other: &Incarnation) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// The volume's id (0: one given on the command line, which has none).
+    fn volume_id(&self) -> u64 {
+        *self.0
     }
 }
 
@@ -1889,7 +1914,7 @@ impl Node {
             Err(e) => return Err(e),
         };
         for spec in c.values() {
-            self.open_volume(&spec.name, spec.size).await?;
+            self.open_volume(spec).await?;
         }
         // Nodes that joined or left since the configuration was written.
         if let Some(members) = self.saved_cluster()? {
@@ -2000,7 +2025,7 @@ impl Node {
             }
             return Ok(());
         }
-        self.open_volume(&spec.name, spec.size).await?;
+        self.open_volume(spec).await?;
         c.insert(spec.name.clone(), spec.clone());
         self.save_catalog(&c).await
     }
@@ -2145,7 +2170,9 @@ impl Node {
         let spec = self.catalog.lock().await.get(name).cloned();
         let Some(spec) = spec else {
             // Held by other nodes only: through one of them (its leader).
-            return self.on_holder(name, Rpc::Delete(name.to_string())).await;
+            // (Dropping each replica takes up to QUICK.)
+            let rpc = || Rpc::DeleteHere(name.to_string());
+            return self.on_holder(name, rpc, 6 * QUICK).await;
         };
         for (id, addr) in &spec.members {
             if *id == self.id {
@@ -2188,22 +2215,39 @@ impl Node {
             Some(g) => RaftVolume::new(self.clone(), &g).resize(size).await,
             // Held by other nodes only: through its leader.
             None => {
-                self.on_holder(name, Rpc::Resize(name.to_string(), size))
-                    .await
+                let rpc = || Rpc::ResizeHere(name.to_string(), size);
+                self.on_holder(name, rpc, self.leader_wait()).await
             }
         }
     }
 
     /// Sends management request `rpc` for volume `name`, which this node holds no replica
-    /// of, to its leader.
-    async fn on_holder(&self, name: &str, rpc: Rpc) -> io::Result<()> {
-        let addr = self.locate(name).await?.leader_addr.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!("volume {name}: no leader yet, try again"),
-            )
-        })?;
-        manage(&addr, rpc).await
+    /// of, to its leader (`ResizeHere`, `DeleteHere`: not sent on again), answered within
+    /// `wait`; tried again, for up to the leader wait, while there is no leader, or the one
+    /// found does not answer or no longer holds the volume.
+    async fn on_holder(&self, name: &str, rpc: impl Fn() -> Rpc, wait: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + self.leader_wait();
+        loop {
+            let found = self.locate(name).await?;
+            let failed = match found.leader_addr {
+                None => io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("volume {name}: no leader yet"),
+                ),
+                Some(addr) => match tokio::time::timeout(wait, manage(&addr, rpc())).await {
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => e,
+                    Ok(r) => return r,
+                    Err(_) => io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("volume {name}: its leader at {addr} did not answer"),
+                    ),
+                },
+            };
+            if Instant::now() >= deadline {
+                return Err(failed);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Records `spec` (new members of a volume this node holds).
@@ -2227,9 +2271,22 @@ impl Node {
         to: NodeId,
         addr: &str,
     ) -> io::Result<()> {
-        let g = self
-            .group(name)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no volume {name}")))?;
+        let Some(g) = self.group(name) else {
+            // Held by other nodes only: through the node that says it leads (so it holds the
+            // volume and does not send the request on); the caller tries again while there
+            // is none.
+            let found = self.locate(name).await?;
+            let leader = found
+                .leader_addr
+                .filter(|_| found.leader == Some(found.node));
+            let leader = leader.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("volume {name}: no leader answered"),
+                )
+            })?;
+            return manage(&leader, Rpc::Move(name.into(), from, to, addr.into())).await;
+        };
         if let Some(leader) = g.leader_addr(self.id) {
             // Through the leader. A leader that dies meanwhile, or hangs, is for the caller to
             // try again with (`WouldBlock`): its move dies with it, or fails when it hears of
@@ -2411,14 +2468,14 @@ impl Node {
         self.groups.read().unwrap().get(volume).cloned()
     }
 
-    /// Opens (or creates) this node's replica of `volume` (`size` bytes), starts its raft and
-    /// serves it.
-    pub async fn open_volume(self: &Arc<Node>, volume: &str, size: u64) -> io::Result<Group> {
+    /// Opens (or creates) this node's replica of volume `spec`, starts its raft and serves it.
+    pub async fn open_volume(self: &Arc<Node>, spec: &VolumeSpec) -> io::Result<Group> {
+        let (volume, size) = (spec.name.as_str(), spec.size);
         if let Some(g) = self.group(volume) {
             return Ok(g);
         }
         let g = self
-            .start_group(volume, size, Incarnation::default())
+            .start_group(volume, size, Incarnation::of(spec.id))
             .await?;
         self.groups
             .write()
@@ -2725,46 +2782,51 @@ impl Node {
         }
     }
 
-    /// A read for a node that holds no replica of `g`'s volume (`Rpc::Read`), linearizable as
-    /// the front ends' reads here are.
+    /// A read for a node that holds no replica of `g`'s volume (`RemoteOp::Read`),
+    /// linearizable as the front ends' reads here are.
     async fn read_for_peer(
         self: &Arc<Node>,
         g: &Group,
         offset: u64,
         length: u32,
     ) -> Result<Data, WireError> {
-        use crate::volume::Volume;
-        let v = self.for_peer(
-            g,
-            offset,
-            u64::from(length),
-            crate::nbd::server::MAX_PAYLOAD,
-        )?;
-        Ok(Data::from(v.read(offset, length).await?))
+        let most = crate::nbd::server::MAX_PAYLOAD;
+        let g = self.for_peer(g, offset, u64::from(length), most).await?;
+        Ok(Data::from(g.local_read(offset, length).await?))
     }
 
-    /// Block status for a node that holds no replica of `g`'s volume (`Rpc::Extents`).
+    /// Block status for a node that holds no replica of `g`'s volume (`RemoteOp::Extents`).
     async fn extents_for_peer(
         self: &Arc<Node>,
         g: &Group,
         offset: u64,
         length: u64,
     ) -> Result<Vec<(u64, bool)>, WireError> {
-        use crate::volume::Volume;
-        let v = self.for_peer(g, offset, length, u32::MAX)?;
-        let runs = v.extents(offset, length).await?;
-        Ok(runs.into_iter().map(|e| (e.length, e.hole)).collect())
+        let g = self.for_peer(g, offset, length, u32::MAX).await?;
+        Ok(g.local_extents(offset, length).await?)
     }
 
-    /// The volume a peer's request runs on, once it is checked: inside the volume, at most
-    /// `most` bytes.
-    fn for_peer(
+    /// The group a peer's read runs on, once it may: this node leads (a node that does not
+    /// sends the peer to the leader, so reads do not settle on a former leader), the read
+    /// barrier is passed, and the range is inside the volume as it is then, `most` bytes at
+    /// most.
+    async fn for_peer(
         self: &Arc<Node>,
         g: &Group,
         offset: u64,
         length: u64,
         most: u32,
-    ) -> Result<RaftVolume, WireError> {
+    ) -> Result<Group, WireError> {
+        if g.raft.metrics().borrow().current_leader != Some(self.id) {
+            return Err(WireError::from(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("volume {}: node {} does not lead it", g.name, self.id),
+            )));
+        }
+        let g = match RaftVolume::for_peer(self.clone(), g).read_barrier().await {
+            Ok(g) => g,
+            Err(NotServed::Behind(e) | NotServed::Failed(e)) => return Err(WireError::from(e)),
+        };
         let size = g.size.load(std::sync::atomic::Ordering::SeqCst);
         if length > u64::from(most) || offset.checked_add(length).is_none_or(|end| end > size) {
             return Err(WireError::from(io::Error::new(
@@ -2775,7 +2837,7 @@ impl Node {
                 ),
             )));
         }
-        Ok(RaftVolume::for_peer(self.clone(), g))
+        Ok(g)
     }
 
     async fn handle(self: &Arc<Node>, rpc: Rpc) -> Reply {
@@ -2801,6 +2863,18 @@ impl Node {
             Rpc::Deleted(name, id) => return done(self.remember_deleted(name, *id).await),
             Rpc::Tombstones => return Reply::Tombstones(self.tombstones.lock().await.clone()),
             Rpc::Resize(name, size) => return done(self.resize_volume(name, *size).await),
+            Rpc::ResizeHere(name, size) => {
+                let Some(g) = self.group(name) else {
+                    return Reply::NoVolume(name.clone());
+                };
+                return done(RaftVolume::new(self.clone(), &g).resize(*size).await);
+            }
+            Rpc::DeleteHere(name) => {
+                if self.group(name).is_none() {
+                    return Reply::NoVolume(name.clone());
+                }
+                return done(self.delete_volume(name).await);
+            }
             Rpc::Append(v, _)
             | Rpc::Vote(v, _)
             | Rpc::SnapshotPart(v, _)
@@ -2808,12 +2882,16 @@ impl Node {
             | Rpc::Write(v, _)
             | Rpc::ReadIndex(v)
             | Rpc::Status(v)
-            | Rpc::Read(v, ..)
-            | Rpc::Extents(v, ..) => v.clone(),
+            | Rpc::Remote(v, ..) => v.clone(),
         };
         let Some(g) = self.group(&volume) else {
             return Reply::NoVolume(volume);
         };
+        if let Rpc::Remote(_, id, _) = &rpc {
+            if *id != g.incarnation.volume_id() {
+                return Reply::NoVolume(volume);
+            }
+        }
         // A replica whose raft stopped (see `keep_open`) answers its peers with why, as its raft
         // would, but without openraft logging each refused message in full, and takes no
         // snapshot parts (it is reopened from its directory).
@@ -2838,10 +2916,13 @@ impl Node {
                 Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string()))
             }
             (Rpc::Status(_), _) => Reply::Status(g.status(self.id)),
-            (Rpc::Read(_, offset, length), _) => {
+            (Rpc::Remote(_, _, RemoteOp::Write(op)), _) => {
+                Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string()))
+            }
+            (Rpc::Remote(_, _, RemoteOp::Read(offset, length)), _) => {
                 Reply::Read(self.read_for_peer(&g, offset, length).await)
             }
-            (Rpc::Extents(_, offset, length), _) => {
+            (Rpc::Remote(_, _, RemoteOp::Extents(offset, length)), _) => {
                 Reply::Extents(self.extents_for_peer(&g, offset, length).await)
             }
             (
@@ -2858,7 +2939,9 @@ impl Node {
                 | Rpc::Cluster
                 | Rpc::Deleted(..)
                 | Rpc::Tombstones
-                | Rpc::Resize(..),
+                | Rpc::Resize(..)
+                | Rpc::ResizeHere(..)
+                | Rpc::DeleteHere(_),
                 _,
             ) => unreachable!("answered above"),
         }
@@ -3044,6 +3127,7 @@ impl Group {
             },
             stalled: stalled.into_iter().collect(),
             size: self.size.load(std::sync::atomic::Ordering::SeqCst),
+            id: self.incarnation.volume_id(),
             leader_addr: m.current_leader.and_then(|l| {
                 let nodes = m.membership_config.membership();
                 nodes.get_node(&l).map(|n| n.addr.clone())
@@ -3264,9 +3348,12 @@ pub struct RaftVolume {
     /// Connections to leaders, for forwarded requests.
     pool: Pool,
     /// The volume as a node without a replica serves it (through the leader): a front end's
-    /// requests go there while this replica's raft is stopped (see [`keep_open`]); None for
-    /// a peer's requests, which are not sent on again.
+    /// requests go there while this replica's raft is stopped (see [`keep_open`]) or the node
+    /// no longer holds it (moved to another node); None for a peer's requests, which are not
+    /// sent on again.
     elsewhere: Option<remote::RemoteVolume>,
+    /// The size the replica had when last asked (a client keeps it after a move).
+    size: std::sync::atomic::AtomicU64,
     /// Read indexes asked of the leader, shared by the reads waiting for the next.
     indexes: Coalesce<Result<u64, (io::ErrorKind, String)>>,
 }
@@ -3283,7 +3370,11 @@ impl std::fmt::Debug for RaftVolume {
 impl RaftVolume {
     pub fn new(node: Arc<Node>, group: &Group) -> RaftVolume {
         RaftVolume {
-            elsewhere: Some(remote::RemoteVolume::unlocated(node.clone(), &group.name)),
+            elsewhere: Some(remote::RemoteVolume::unlocated(
+                node.clone(),
+                &group.name,
+                group.incarnation.volume_id(),
+            )),
             ..RaftVolume::for_peer(node, group)
         }
     }
@@ -3297,14 +3388,19 @@ impl RaftVolume {
             incarnation: group.incarnation.clone(),
             pool: Pool::default(),
             indexes: Coalesce::default(),
+            size: group.size.load(std::sync::atomic::Ordering::SeqCst).into(),
         }
     }
 
-    /// The node's group of the replica served, now.
+    /// The node's group of the replica served, now: the same replica, or (moved back) another
+    /// of the same volume.
     fn group(&self) -> io::Result<Group> {
+        let id = self.incarnation.volume_id();
         self.node
             .group(&self.name)
-            .filter(|g| g.incarnation.is(&self.incarnation))
+            .filter(|g| {
+                g.incarnation.is(&self.incarnation) || (id != 0 && g.incarnation.volume_id() == id)
+            })
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
@@ -3408,7 +3504,7 @@ impl RaftVolume {
                 ))
             })
         };
-        let g = self.group()?;
+        let g = self.group().map_err(NotServed::Behind)?;
         if let Some(e) = stopped(&g) {
             return Err(NotServed::Behind(e));
         }
@@ -3436,7 +3532,7 @@ impl RaftVolume {
         } else {
             self.read_index().await?
         };
-        let g = self.group()?;
+        let g = self.group().map_err(NotServed::Behind)?;
         if let Some(e) = stopped(&g) {
             return Err(NotServed::Behind(e));
         }
@@ -3494,13 +3590,14 @@ impl RaftVolume {
         self.write_op(BlockOp::Resize { size }).await
     }
 
-    /// Whether this replica's raft is stopped (until it is reopened, [`keep_open`]).
-    fn stopped(&self) -> bool {
-        self.group().is_ok_and(|g| g.stopped().is_some())
+    /// Whether requests go through the leader instead: this replica's raft is stopped (until
+    /// it is reopened, [`keep_open`]), or the node no longer holds it.
+    fn away(&self) -> bool {
+        self.group().map_or(true, |g| g.stopped().is_some())
     }
 
     async fn write_op(&self, op: BlockOp) -> io::Result<()> {
-        if let Some(there) = self.elsewhere.as_ref().filter(|_| self.stopped()) {
+        if let Some(there) = self.elsewhere.as_ref().filter(|_| self.away()) {
             return there.write_op(op).await;
         }
         let rpc = Rpc::Write(self.name.clone(), op.clone());
@@ -3521,9 +3618,13 @@ impl RaftVolume {
 
 replicated_volume!(RaftVolume, {
     fn size(&self) -> u64 {
-        // 0 once the node no longer holds the replica: every request is out of range.
-        self.group()
-            .map_or(0, |g| g.size.load(std::sync::atomic::Ordering::SeqCst))
+        use std::sync::atomic::Ordering::SeqCst;
+        // Once the node no longer holds the replica, the size it had (served through the
+        // leader, which refuses what is out of range of a volume that did not grow).
+        if let Ok(g) = self.group() {
+            self.size.store(g.size.load(SeqCst), SeqCst);
+        }
+        self.size.load(SeqCst)
     }
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
@@ -3563,8 +3664,8 @@ replicated_volume!(RaftVolume, {
 /// Why a read is not served from a replica.
 #[derive(Debug)]
 enum NotServed {
-    /// The leader may serve it: the replica's raft is stopped, or it did not apply the read
-    /// index within [`CATCH_UP`].
+    /// The leader may serve it: the replica's raft is stopped, the node no longer holds it,
+    /// or it did not apply the read index within [`CATCH_UP`].
     Behind(io::Error),
     Failed(io::Error),
 }
@@ -3579,22 +3680,26 @@ impl From<io::Error> for NotServed {
 /// to the leader (a follower that keeps up applies within milliseconds).
 const CATCH_UP: Duration = Duration::from_secs(1);
 
+/// Most idle connections a [`Pool`] keeps to one node.
+const POOLED: usize = 8;
+
 /// Idle connections to other nodes, by address, for requests forwarded to them.
 #[derive(Debug, Default)]
 struct Pool(std::sync::Mutex<HashMap<String, Vec<TcpStream>>>);
 
 impl Pool {
     /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked).
+    /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked, and
+    /// fewer than [`POOLED`] are idle).
     async fn call(&self, addr: &str, rpc: &Rpc) -> io::Result<Reply> {
         let mut conn = self.0.lock().unwrap().get_mut(addr).and_then(|v| v.pop());
         let r = call(&mut conn, addr, rpc).await;
         if let Some(c) = conn {
-            self.0
-                .lock()
-                .unwrap()
-                .entry(addr.to_string())
-                .or_default()
-                .push(c);
+            let mut pool = self.0.lock().unwrap();
+            let idle = pool.entry(addr.to_string()).or_default();
+            if idle.len() < POOLED {
+                idle.push(c);
+            }
         }
         r
     }
@@ -3887,6 +3992,7 @@ mod tests {
             stalled: Vec::new(),
             size: 0,
             leader_addr: None,
+            id: 0,
         };
         let v = orphan_verdict;
         // The leader has node 3 as a voter, a learner, or is moving a replica to it: kept.

@@ -1,22 +1,29 @@
 //! Volumes a node holds no replica of, served all the same: once a cluster has more nodes than
 //! a volume has replicas, a host's VMs may use a volume whose replicas are elsewhere. The NBD
 //! server looks a name its table does not hold up in the cluster ([`Remote`]); the connection
-//! then gets a [`RemoteVolume`], which sends every request to the volume's leader: writes as a
-//! follower forwards them, reads (`Rpc::Read`) and block status (`Rpc::Extents`) served by the
-//! leader's replica, linearizable as its own front ends' are.
+//! then gets a [`RemoteVolume`], which sends every request to the volume's leader
+//! (`Rpc::Remote`, naming the volume's id, so a volume deleted and made again under its name
+//! is not taken for it): writes as a follower forwards them, reads and block status served by
+//! the leader's replica behind its read barrier, linearizable as its own front ends' are. A
+//! replica whose raft stopped, or that its node no longer holds, has its front ends'
+//! requests served the same way ([`super::RaftVolume`]).
 //!
 //! Where the leader is: each node of the cluster that holds the volume says, in its `Status`,
 //! which leader it knows and in which term; the newest term wins (a leader that hung and runs
-//! again still thinks it leads, in an older term). Requests wait out elections as a replica's
-//! do (up to [`Node::leader_wait`]), and one waiting for a leader that hangs goes to the next
-//! one once it is elected.
+//! again still thinks it leads, in an older term). The lookup ends once the leader's own
+//! status and those of a majority of its members are in, so a node that is down does not hold
+//! it up. Requests wait out elections as a replica's do (up to [`Node::leader_wait`]), and one
+//! waiting for a leader that hangs goes to the next one once it is elected.
 
 use std::io;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{extents, status, write_in_parts, BlockOp, Data, Node, Pool, Reply, Rpc, Status};
-use crate::raft::coalesce::Coalesce;
+use futures::StreamExt;
+
+use super::{
+    extents, status, write_in_parts, BlockOp, Data, Node, Pool, RemoteOp, Reply, Rpc, Status,
+};
 
 /// How long each node has to say whether it holds a volume, and who leads it.
 const ASK: Duration = Duration::from_secs(2);
@@ -27,11 +34,12 @@ const RECHECK: Duration = Duration::from_millis(500);
 
 impl Node {
     /// Who leads volume `name`, as the other nodes of the cluster that hold it say (asked all
-    /// at once): of their answers, the status of the newest term that names a leader, or one
-    /// that names none if none does (an election under way). `NotFound` if every node
-    /// answered and none holds it.
+    /// at once, [`ASK`] each): of their answers, the status of the newest term that names a
+    /// leader, or one that names none if none does (an election under way). The answers of
+    /// nodes that are down are not waited for once the leader's own and a majority of its
+    /// members' are in. `NotFound` if every node answered and none holds it.
     pub async fn locate(&self, name: &str) -> io::Result<Status> {
-        let asks = self
+        let mut asks: futures::stream::FuturesUnordered<_> = self
             .cluster()
             .into_iter()
             .filter(|(id, _)| *id != self.id)
@@ -43,17 +51,29 @@ impl Node {
                         format!("{addr} did not answer within {} s", ASK.as_secs()),
                     )),
                 }
-            });
+            })
+            .collect();
         // Of one term, the leader's own status (its size is the newest).
         let rank = |s: &Status| (s.leader_addr.is_some(), s.term, s.leader == Some(s.node));
         let mut best: Option<Status> = None;
-        let mut failed = Vec::new();
-        for answer in futures::future::join_all(asks).await {
+        let (mut holders, mut failed) = (Vec::new(), Vec::new());
+        while let Some(answer) = asks.next().await {
             match answer {
-                Ok(s) if best.as_ref().is_none_or(|b| rank(&s) > rank(b)) => best = Some(s),
-                Ok(_) => {}
+                Ok(s) => {
+                    holders.push(s.node);
+                    if best.as_ref().is_none_or(|b| rank(&s) > rank(b)) {
+                        best = Some(s);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => failed.push(e.to_string()),
+            }
+            let settled = best.as_ref().is_some_and(|b| {
+                let heard = b.members.iter().filter(|m| holders.contains(m)).count();
+                b.leader == Some(b.node) && 2 * heard > b.members.len()
+            });
+            if settled {
+                break;
             }
         }
         match best {
@@ -68,6 +88,26 @@ impl Node {
             ))),
         }
     }
+
+    /// The status of volume `name`, which other nodes hold, as its leader sees it ([`Node::locate`],
+    /// then the leader's own if that was not among the answers; with the leader unreachable
+    /// if it does not answer within [`ASK`]).
+    pub async fn volume_status(&self, name: &str) -> io::Result<Status> {
+        let mut found = self.locate(name).await?;
+        let Some(addr) = found.leader_addr.clone() else {
+            return Ok(found);
+        };
+        if found.leader == Some(found.node) {
+            return Ok(found);
+        }
+        match tokio::time::timeout(ASK, status(&addr, name)).await {
+            Ok(Ok(s)) => Ok(s),
+            _ => {
+                found.unreachable.extend(found.leader);
+                Ok(found)
+            }
+        }
+    }
 }
 
 /// Finds the volumes this node holds no replica of for its NBD server (see the module's doc).
@@ -78,20 +118,25 @@ pub(super) struct Remote(pub(super) Weak<Node>);
 impl crate::nbd::server::Resolve for Remote {
     async fn resolve(&self, name: &str) -> Option<crate::nbd::Export> {
         let node = self.0.upgrade()?;
-        match node.locate(name).await {
-            Ok(s) => Some(crate::nbd::Export {
-                name: name.to_string(),
-                description: "replicated volume (replicas on other nodes)".into(),
-                volume: Arc::new(RemoteVolume::new(node, name, s)),
-                read_only: false,
-            }),
+        super::check_volume_name(name).ok()?;
+        let found = match node.locate(name).await {
+            Ok(s) => s,
             Err(e) => {
                 tracing::debug!(volume = name, "not served: {e}");
-                None
+                return None;
             }
-        }
+        };
+        Some(crate::nbd::Export {
+            name: name.to_string(),
+            description: "replicated volume (replicas on other nodes)".into(),
+            volume: Arc::new(RemoteVolume::new(node, name, found)),
+            read_only: false,
+        })
     }
 }
+
+/// A leader lookup's result, shared by the requests that waited for it.
+type Found = Result<Status, (io::ErrorKind, String)>;
 
 /// A replicated volume served by a node that holds no replica of it: every request runs on
 /// the leader (see the module's doc). One per NBD connection; its size is the volume's when
@@ -99,11 +144,14 @@ impl crate::nbd::server::Resolve for Remote {
 pub struct RemoteVolume {
     node: Arc<Node>,
     name: String,
+    /// Which volume of that name ([`super::VolumeSpec::id`]).
+    id: u64,
     size: u64,
     /// The leader's address as last found; cleared by a request that failed there.
     leader: std::sync::Mutex<Option<String>>,
-    /// Lookups of the leader, shared by the requests that need one at the same time.
-    locating: Coalesce<Result<Status, (io::ErrorKind, String)>>,
+    /// The last lookup of the leader and when it ended: requests that need one share the one
+    /// under way.
+    lookup: tokio::sync::Mutex<Option<(Instant, Found)>>,
     pool: Pool,
 }
 
@@ -118,25 +166,24 @@ impl std::fmt::Debug for RemoteVolume {
 
 impl RemoteVolume {
     fn new(node: Arc<Node>, name: &str, found: Status) -> RemoteVolume {
+        let v = RemoteVolume::unlocated(node, name, found.id);
+        *v.leader.lock().unwrap() = found.leader_addr;
         RemoteVolume {
-            node,
-            name: name.to_string(),
             size: found.size,
-            leader: std::sync::Mutex::new(found.leader_addr),
-            locating: Coalesce::default(),
-            pool: Pool::default(),
+            ..v
         }
     }
 
-    /// One whose leader is looked up by its first request, for a node whose replica's raft
-    /// stopped (its size is the replica's, not this one's).
-    pub(super) fn unlocated(node: Arc<Node>, name: &str) -> RemoteVolume {
+    /// One whose leader is looked up by its first request, for a node's replica of volume
+    /// (`name`, `id`) (its size is the replica's, not this one's).
+    pub(super) fn unlocated(node: Arc<Node>, name: &str, id: u64) -> RemoteVolume {
         RemoteVolume {
             node,
             name: name.to_string(),
+            id,
             size: 0,
             leader: std::sync::Mutex::new(None),
-            locating: Coalesce::default(),
+            lookup: tokio::sync::Mutex::new(None),
             pool: Pool::default(),
         }
     }
@@ -156,15 +203,31 @@ impl RemoteVolume {
         Ok(addr)
     }
 
-    /// [`Node::locate`], shared with the requests that ask at the same time.
+    /// [`Node::locate`], one at a time: a request takes the result of a lookup that ended
+    /// after it asked. `NotFound` once the volume of that name is another one.
     async fn locate(&self) -> io::Result<Status> {
-        let found = self.locating.get(|| async {
-            self.node
-                .locate(&self.name)
-                .await
-                .map_err(|e| (e.kind(), e.to_string()))
-        });
-        found.await.map_err(|(kind, e)| io::Error::new(kind, e))
+        let asked = Instant::now();
+        let mut last = self.lookup.lock().await;
+        let found = match &*last {
+            Some((ended, found)) if *ended >= asked => found.clone(),
+            _ => {
+                let found = self
+                    .node
+                    .locate(&self.name)
+                    .await
+                    .map_err(|e| (e.kind(), e.to_string()));
+                *last = Some((Instant::now(), found.clone()));
+                found
+            }
+        };
+        let found = found.map_err(|(kind, e)| io::Error::new(kind, e))?;
+        if found.id != self.id {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("volume {}: deleted (a new one has its name)", self.name),
+            ));
+        }
+        Ok(found)
     }
 
     /// Returns once a node other than the one at `addr` leads (checked after [`PATIENCE`],
@@ -180,12 +243,12 @@ impl RemoteVolume {
         }
     }
 
-    /// Runs `rpc` on the leader; tries again (another leader, after an election) until
+    /// Runs `op` on the leader; tries again (another leader, after an election) until
     /// [`Node::leader_wait`] has passed, but for a volume that is gone and a request the
     /// leader finds invalid.
     async fn on_leader<T>(
         &self,
-        rpc: Rpc,
+        op: impl Fn() -> RemoteOp,
         unpack: fn(Reply) -> Option<io::Result<T>>,
     ) -> io::Result<T> {
         let wait = self.node.leader_wait();
@@ -196,6 +259,7 @@ impl RemoteVolume {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
                 Err(e) => e.to_string(),
                 Ok(addr) => {
+                    let rpc = Rpc::Remote(self.name.clone(), self.id, op());
                     let answer = tokio::select! {
                         r = self.pool.call(&addr, &rpc) => r,
                         () = self.leader_moved(&addr) => {
@@ -237,10 +301,13 @@ impl RemoteVolume {
     }
 
     pub(super) async fn write_op(&self, op: BlockOp) -> io::Result<()> {
-        self.on_leader(Rpc::Write(self.name.clone(), op), |r| match r {
-            Reply::Write(r) => Some(r.map_err(io::Error::other)),
-            _ => None,
-        })
+        self.on_leader(
+            || RemoteOp::Write(op.clone()),
+            |r| match r {
+                Reply::Write(r) => Some(r.map_err(io::Error::other)),
+                _ => None,
+            },
+        )
         .await
     }
 }
@@ -252,10 +319,13 @@ replicated_volume!(RemoteVolume, {
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
         let data: Data = self
-            .on_leader(Rpc::Read(self.name.clone(), offset, length), |r| match r {
-                Reply::Read(r) => Some(r.map_err(io::Error::from)),
-                _ => None,
-            })
+            .on_leader(
+                || RemoteOp::Read(offset, length),
+                |r| match r {
+                    Reply::Read(r) => Some(r.map_err(io::Error::from)),
+                    _ => None,
+                },
+            )
             .await?;
         if data.len() != length as usize {
             return Err(io::Error::other(format!(
@@ -270,7 +340,7 @@ replicated_volume!(RemoteVolume, {
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
         let runs = self
             .on_leader(
-                Rpc::Extents(self.name.clone(), offset, length),
+                || RemoteOp::Extents(offset, length),
                 |r| match r {
                     Reply::Extents(r) => Some(r.map_err(io::Error::from)),
                     _ => None,
