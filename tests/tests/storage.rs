@@ -119,6 +119,11 @@ fn pki() -> tempfile::TempDir {
     dir
 }
 
+/// `qemu-io -f raw -c cmd uri`: whether it worked, and what it said.
+fn qemu_io(cmd: &str, uri: &str) -> (bool, String) {
+    run(&["qemu-io", "-f", "raw", "-c", cmd, uri])
+}
+
 fn info(d: &Daemon, name: &str) -> serde_json::Value {
     serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-info", name])).unwrap()
 }
@@ -257,14 +262,7 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         );
     }
     let uri = |d: &Daemon| d.vpcctl_ok(&["vol-export", "shared"]).trim().to_string();
-    let (good, out) = run(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x44 0 4M",
-        &uri(&d3),
-    ]);
+    let (good, out) = qemu_io("write -P 0x44 0 4M", &uri(&d3));
     assert!(good, "{out}");
     let (good, out) = run(&["qemu-io", "-f", "raw", "-c", "read -P 0x44 0 4M", &uri(&d1)]);
     assert!(good && !out.contains("verification failed"), "{out}");
@@ -357,14 +355,7 @@ async fn guests_use_a_volume_as_their_disk_through_qmp_and_libvirt() {
             256 + i
         ));
         drop(shell);
-        let (good, out) = run(&[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -v {} 8", (256 + i) * 512),
-            &uri,
-        ]);
+        let (good, out) = qemu_io(&format!("read -v {} 8", (256 + i) * 512), &uri);
         assert!(good && out.contains(&mark), "{backend}: {out}");
         d.vpcctl_ok(&["destroy", &name]);
         d.vpcctl_ok(&["undefine", &name]);
@@ -458,14 +449,7 @@ async fn disks_are_hot_plugged_into_running_guests_and_unplugged_again() {
             "printf {mark} | dd of=/dev/vda bs=512 seek={} conv=notrunc,fsync 2>/dev/null",
             300 + i
         ));
-        let (good, out) = run(&[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -v {} 8", (300 + i) * 512),
-            &uri,
-        ]);
+        let (good, out) = qemu_io(&format!("read -v {} 8", (300 + i) * 512), &uri);
         assert!(good && out.contains(&mark), "{backend}: {out}");
         // A new blank disk too, on the next free target.
         let out = d.vpcctl_ok(&["attach-disk", &name, "--size-mib", "8"]);
@@ -698,14 +682,10 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
         || ["ja", "jb"].iter().all(|v| info(&d1, v)["health"] == "ok"),
         "leaders",
     );
-    let (good, out) = run(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
+    let (good, out) = qemu_io(
         "write -P 0x5e 0 1M",
         d1.vpcctl_ok(&["vol-export", "ja"]).trim(),
-    ]);
+    );
     assert!(good, "{out}");
     let d4 = storage_daemon(4, &ports).await;
     let e = fails(&d1, &["storage-node-add", "4", "not-an-address"]);
@@ -744,24 +724,31 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
     assert_eq!(i["replicas"].as_array().unwrap().len(), 3, "{i}");
     let e = fails(&d4, &["vol-info", "nothing"]);
     assert!(e.contains("NotFound"), "{e}");
-    let (good, out) = run(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
+    let (good, out) = qemu_io(
         "write -P 0x7a 2M 1M",
         d4.vpcctl_ok(&["vol-export", away]).trim(),
-    ]);
+    );
     assert!(good, "{out}");
-    let (good, out) = run(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
+    let (good, out) = qemu_io(
         "read -P 0x7a 2M 1M",
         d2.vpcctl_ok(&["vol-export", away]).trim(),
-    ]);
+    );
     assert!(good && !out.contains("verification failed"), "{out}");
+    // And as a guest's disk there: it reads what was written, and its writes reach the hosts
+    // that hold the volume.
+    let name = unique("awayvol");
+    let spec = kernel_spec(&name, "") + &format!("[[disks]]\nvolume = \"{away}\"\n");
+    d4.create(&spec, "qmp");
+    d4.wait_console(&name, BOOT_MARKER, 1);
+    let mut shell = d4.guest_shell(&name).await;
+    let seen = shell.ok("dd if=/dev/vda bs=1M skip=2 count=1 2>/dev/null | od -An -tx1 | head -1");
+    assert!(seen.contains("7a 7a 7a 7a"), "{seen}");
+    shell.ok("printf VPCDAWAY | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+    drop(shell);
+    let (good, out) = qemu_io("read -v 4096 8", d2.vpcctl_ok(&["vol-export", away]).trim());
+    assert!(good && out.contains("VPCDAWAY"), "{out}");
+    d4.vpcctl_ok(&["destroy", &name]);
+    d4.vpcctl_ok(&["undefine", &name]);
 
     // Host 1 leaves: its replicas go to the others, it holds nothing.
     let out = d2.vpcctl_ok(&["--json", "storage-node-remove", "1"]);
@@ -782,13 +769,9 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
         .into_iter()
         .find(|d| holds(d))
         .expect("a host holding ja");
-    let (good, out) = run(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
+    let (good, out) = qemu_io(
         "read -P 0x5e 0 1M",
         holder.vpcctl_ok(&["vol-export", "ja"]).trim(),
-    ]);
+    );
     assert!(good && !out.contains("verification failed"), "{out}");
 }

@@ -101,9 +101,11 @@ enum Rpc {
     SnapshotPart(String, SnapshotPart),
     /// The end of a streamed snapshot: install it.
     SnapshotEnd(String, SnapshotEnd),
-    Write(String, BlockOp),
-    /// The index a read must wait for (asked of the leader by a follower that serves a read).
-    ReadIndex(String),
+    /// A write forwarded to the leader of volume (name, id).
+    Write(String, u64, BlockOp),
+    /// The index a read must wait for (asked of the leader of volume (name, id) by a follower
+    /// that serves a read).
+    ReadIndex(String, u64),
     Status(String),
     /// Open (create if new) this node's replica of a volume and remember it.
     Open(VolumeSpec),
@@ -382,7 +384,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 5;
+const RPC_VERSION: u32 = 6;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -1690,6 +1692,44 @@ fn read_lease(config: &openraft::Config) -> Duration {
 /// How the node at `addr` takes a request (any) within `within`: `Some(true)`, it answers;
 /// `Some(false)`, its process is gone ([`gone`]); `None`, no telling (no answer in time, or
 /// another error).
+/// The answer of a move sent to volume `name`'s leader at `leader`: a leader that died is for
+/// the caller to try again with (`WouldBlock`).
+fn answered(name: &str, leader: &str, r: io::Result<()>) -> io::Result<()> {
+    r.map_err(|e| {
+        if gone(&e) {
+            again(name, leader, &e.to_string())
+        } else {
+            e
+        }
+    })
+}
+
+fn again(name: &str, leader: &str, e: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!("volume {name}: its leader at {leader}: {e}"),
+    )
+}
+
+/// Waits for `answer`, a move sent to volume `name`'s leader at `leader`, while that node
+/// answers (probed every second); `WouldBlock` once it does not (it hangs, or is cut off).
+async fn while_answering(
+    name: &str,
+    leader: &str,
+    answer: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
+    tokio::pin!(answer);
+    loop {
+        tokio::select! {
+            r = &mut answer => return answered(name, leader, r),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if probe(leader, LEADER_PROBE * 5).await != Some(true) {
+            return Err(again(name, leader, "it does not answer"));
+        }
+    }
+}
+
 async fn probe(addr: &str, within: Duration) -> Option<bool> {
     let mut conn = None;
     match tokio::time::timeout(within, call(&mut conn, addr, &Rpc::Cluster)).await {
@@ -2169,11 +2209,18 @@ impl Node {
     pub async fn delete_volume(self: &Arc<Node>, name: &str) -> io::Result<()> {
         let spec = self.catalog.lock().await.get(name).cloned();
         let Some(spec) = spec else {
-            // Held by other nodes only: through one of them (its leader).
-            // (Dropping each replica takes up to QUICK.)
+            // Held by other nodes only: through one of them (its leader). (Dropping each
+            // replica, and telling each node, takes up to QUICK.) A delete that took too long
+            // to answer may have been done all the same.
             let rpc = || Rpc::DeleteHere(name.to_string());
-            return self.on_holder(name, rpc, 6 * QUICK).await;
+            let wait = QUICK * (3 + self.cluster().len() as u32);
+            return self.on_holder(name, rpc, wait, true).await;
         };
+        self.delete_held(name, spec).await
+    }
+
+    /// Deletes volume `spec`, which this node holds a replica of, on all its members.
+    async fn delete_held(self: &Arc<Node>, name: &str, spec: VolumeSpec) -> io::Result<()> {
         for (id, addr) in &spec.members {
             if *id == self.id {
                 self.drop_replica(name).await?;
@@ -2216,7 +2263,7 @@ impl Node {
             // Held by other nodes only: through its leader.
             None => {
                 let rpc = || Rpc::ResizeHere(name.to_string(), size);
-                self.on_holder(name, rpc, self.leader_wait()).await
+                self.on_holder(name, rpc, self.leader_wait(), false).await
             }
         }
     }
@@ -2224,11 +2271,24 @@ impl Node {
     /// Sends management request `rpc` for volume `name`, which this node holds no replica
     /// of, to its leader (`ResizeHere`, `DeleteHere`: not sent on again), answered within
     /// `wait`; tried again, for up to the leader wait, while there is no leader, or the one
-    /// found does not answer or no longer holds the volume.
-    async fn on_holder(&self, name: &str, rpc: impl Fn() -> Rpc, wait: Duration) -> io::Result<()> {
+    /// found does not answer or no longer holds the volume. `done_if_gone`: a volume no node
+    /// holds after a try that was not answered in time is done (a delete).
+    async fn on_holder(
+        &self,
+        name: &str,
+        rpc: impl Fn() -> Rpc,
+        wait: Duration,
+        done_if_gone: bool,
+    ) -> io::Result<()> {
         let deadline = Instant::now() + self.leader_wait();
+        let mut unanswered = false;
         loop {
-            let found = self.locate(name).await?;
+            let found = match self.locate(name).await {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && unanswered && done_if_gone => {
+                    return Ok(())
+                }
+                found => found?,
+            };
             let failed = match found.leader_addr {
                 None => io::Error::new(
                     io::ErrorKind::WouldBlock,
@@ -2237,10 +2297,13 @@ impl Node {
                 Some(addr) => match tokio::time::timeout(wait, manage(&addr, rpc())).await {
                     Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => e,
                     Ok(r) => return r,
-                    Err(_) => io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("volume {name}: its leader at {addr} did not answer"),
-                    ),
+                    Err(_) => {
+                        unanswered = true;
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("volume {name}: its leader at {addr} did not answer"),
+                        )
+                    }
                 },
             };
             if Instant::now() >= deadline {
@@ -2285,7 +2348,8 @@ impl Node {
                     format!("volume {name}: no leader answered"),
                 )
             })?;
-            return manage(&leader, Rpc::Move(name.into(), from, to, addr.into())).await;
+            let answer = manage(&leader, Rpc::Move(name.into(), from, to, addr.into()));
+            return while_answering(name, &leader, answer).await;
         };
         if let Some(leader) = g.leader_addr(self.id) {
             // Through the leader. A leader that dies meanwhile, or hangs, is for the caller to
@@ -2294,30 +2358,14 @@ impl Node {
             // leader known is not enough to give up: a leader that moved a replica off itself
             // steps down before it has told every member, and answers when it has.
             let rpc = Rpc::Move(name.into(), from, to, addr.into());
-            let again = |e: String| {
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("volume {name}: its leader at {leader}: {e}"),
-                )
-            };
-            let answered =
-                |r: io::Result<()>| r.map_err(|e| if gone(&e) { again(e.to_string()) } else { e });
             let answer = manage(&leader, rpc);
             tokio::pin!(answer);
             tokio::select! {
-                r = &mut answer => return answered(r),
+                r = &mut answer => return answered(name, &leader, r),
                 () = g.leader_moved(self.id, &leader) => {}
             }
             // Another leader is known: wait on while the old one answers.
-            loop {
-                if probe(&leader, LEADER_PROBE * 5).await != Some(true) {
-                    return Err(again("another node leads, and it does not answer".into()));
-                }
-                tokio::select! {
-                    r = &mut answer => return answered(r),
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
+            return while_answering(name, &leader, answer).await;
         }
         // Only the leader moves replicas: before it opens one anywhere (a group electing a new
         // leader has none yet), and one that a quorum still follows (one that hung and runs
@@ -2867,27 +2915,29 @@ impl Node {
                 let Some(g) = self.group(name) else {
                     return Reply::NoVolume(name.clone());
                 };
-                return done(RaftVolume::new(self.clone(), &g).resize(*size).await);
+                return done(RaftVolume::for_peer(self.clone(), &g).resize(*size).await);
             }
             Rpc::DeleteHere(name) => {
-                if self.group(name).is_none() {
+                let spec = self.catalog.lock().await.get(name).cloned();
+                let Some(spec) = spec else {
                     return Reply::NoVolume(name.clone());
-                }
-                return done(self.delete_volume(name).await);
+                };
+                return done(self.delete_held(name, spec).await);
             }
             Rpc::Append(v, _)
             | Rpc::Vote(v, _)
             | Rpc::SnapshotPart(v, _)
             | Rpc::SnapshotEnd(v, _)
-            | Rpc::Write(v, _)
-            | Rpc::ReadIndex(v)
+            | Rpc::Write(v, ..)
+            | Rpc::ReadIndex(v, _)
             | Rpc::Status(v)
             | Rpc::Remote(v, ..) => v.clone(),
         };
         let Some(g) = self.group(&volume) else {
             return Reply::NoVolume(volume);
         };
-        if let Rpc::Remote(_, id, _) = &rpc {
+        // Another volume of that name (a replica left from a deleted one asks).
+        if let Rpc::Remote(_, id, _) | Rpc::Write(_, id, _) | Rpc::ReadIndex(_, id) = &rpc {
             if *id != g.incarnation.volume_id() {
                 return Reply::NoVolume(volume);
             }
@@ -2909,10 +2959,10 @@ impl Node {
                 Reply::Done(g.receive_part(part).await.map_err(WireError::from))
             }
             (Rpc::SnapshotEnd(_, end), None) => Reply::Snapshot(g.finish_receiving(end).await),
-            (Rpc::Write(_, op), _) => {
+            (Rpc::Write(_, _, op), _) => {
                 Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string()))
             }
-            (Rpc::ReadIndex(_), _) => {
+            (Rpc::ReadIndex(..), _) => {
                 Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string()))
             }
             (Rpc::Status(_), _) => Reply::Status(g.status(self.id)),
@@ -3396,10 +3446,17 @@ impl RaftVolume {
     /// of the same volume.
     fn group(&self) -> io::Result<Group> {
         let id = self.incarnation.volume_id();
+        // Another replica of the volume once it votes (a learner being moved in may not
+        // become a member).
+        let voter = |g: &Group| {
+            let m = g.raft.metrics().borrow().membership_config.clone();
+            m.membership().voter_ids().any(|v| v == self.node.id)
+        };
         self.node
             .group(&self.name)
             .filter(|g| {
-                g.incarnation.is(&self.incarnation) || (id != 0 && g.incarnation.volume_id() == id)
+                g.incarnation.is(&self.incarnation)
+                    || (id != 0 && g.incarnation.volume_id() == id && voter(g))
             })
             .ok_or_else(|| {
                 io::Error::new(
@@ -3517,7 +3574,7 @@ impl RaftVolume {
                     .map_err(|e| (e.kind(), e.to_string()))
             });
             match tokio::time::timeout(wait, shared).await {
-                Ok(r) => r.map_err(|(kind, e)| io::Error::new(kind, e))?,
+                Ok(r) => r.map_err(|(kind, e)| self.not_served(io::Error::new(kind, e)))?,
                 Err(_) => {
                     return Err(NotServed::Failed(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -3530,7 +3587,7 @@ impl RaftVolume {
                 }
             }
         } else {
-            self.read_index().await?
+            self.read_index().await.map_err(|e| self.not_served(e))?
         };
         let g = self.group().map_err(NotServed::Behind)?;
         if let Some(e) = stopped(&g) {
@@ -3565,7 +3622,7 @@ impl RaftVolume {
     async fn read_index(&self) -> io::Result<u64> {
         self.on_leader(
             |g| async move { g.read_index().await },
-            Rpc::ReadIndex(self.name.clone()),
+            Rpc::ReadIndex(self.name.clone(), self.incarnation.volume_id()),
             |r| match r {
                 Reply::ReadIndex(r) => Some(r),
                 _ => None,
@@ -3596,11 +3653,31 @@ impl RaftVolume {
         self.group().map_or(true, |g| g.stopped().is_some())
     }
 
+    /// Why a read failed here: for the leader to serve if this replica went away meanwhile.
+    fn not_served(&self, e: io::Error) -> NotServed {
+        if self.away() {
+            NotServed::Behind(e)
+        } else {
+            NotServed::Failed(e)
+        }
+    }
+
     async fn write_op(&self, op: BlockOp) -> io::Result<()> {
-        if let Some(there) = self.elsewhere.as_ref().filter(|_| self.away()) {
+        let elsewhere = self.elsewhere.as_ref();
+        if let Some(there) = elsewhere.filter(|_| self.away()) {
             return there.write_op(op).await;
         }
-        let rpc = Rpc::Write(self.name.clone(), op.clone());
+        match self.write_here(op.clone()).await {
+            // The replica went away meanwhile (stopped, moved off).
+            Err(_) if elsewhere.is_some() && self.away() => {
+                elsewhere.expect("checked").write_op(op).await
+            }
+            done => done,
+        }
+    }
+
+    async fn write_here(&self, op: BlockOp) -> io::Result<()> {
+        let rpc = Rpc::Write(self.name.clone(), self.incarnation.volume_id(), op.clone());
         self.on_leader(
             |g| {
                 let op = op.clone();
@@ -3621,8 +3698,9 @@ replicated_volume!(RaftVolume, {
         use std::sync::atomic::Ordering::SeqCst;
         // Once the node no longer holds the replica, the size it had (served through the
         // leader, which refuses what is out of range of a volume that did not grow).
+        // (Volumes only grow: a replica opened here again may not have applied a grow yet.)
         if let Ok(g) = self.group() {
-            self.size.store(g.size.load(SeqCst), SeqCst);
+            self.size.fetch_max(g.size.load(SeqCst), SeqCst);
         }
         self.size.load(SeqCst)
     }

@@ -34,10 +34,10 @@ const RECHECK: Duration = Duration::from_millis(500);
 
 impl Node {
     /// Who leads volume `name`, as the other nodes of the cluster that hold it say (asked all
-    /// at once, [`ASK`] each): of their answers, the status of the newest term that names a
-    /// leader, or one that names none if none does (an election under way). The answers of
-    /// nodes that are down are not waited for once the leader's own and a majority of its
-    /// members' are in. `NotFound` if every node answered and none holds it.
+    /// at once, [`ASK`] each): of their answers, a status of the newest term, one that names
+    /// its leader if any does (none does while that term's election is under way). The
+    /// answers of nodes that are down are not waited for once the leader's own and a majority
+    /// of its members' are in. `NotFound` if every node answered and none holds it.
     pub async fn locate(&self, name: &str) -> io::Result<Status> {
         let mut asks: futures::stream::FuturesUnordered<_> = self
             .cluster()
@@ -54,7 +54,7 @@ impl Node {
             })
             .collect();
         // Of one term, the leader's own status (its size is the newest).
-        let rank = |s: &Status| (s.leader_addr.is_some(), s.term, s.leader == Some(s.node));
+        let rank = |s: &Status| (s.term, s.leader_addr.is_some(), s.leader == Some(s.node));
         let mut best: Option<Status> = None;
         let (mut holders, mut failed) = (Vec::new(), Vec::new());
         while let Some(answer) = asks.next().await {
