@@ -119,6 +119,25 @@ fn pki() -> tempfile::TempDir {
     dir
 }
 
+/// The volumes `d` lists (those of the whole cluster) that storage node `node` holds a
+/// replica of.
+fn held_by(d: &Daemon, node: u64) -> Vec<String> {
+    let list: serde_json::Value =
+        serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-list"])).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["node"] == node)
+        })
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// `qemu-io -f raw -c cmd uri`: whether it worked, and what it said.
 fn qemu_io(cmd: &str, uri: &str) -> (bool, String) {
     run(&["qemu-io", "-f", "raw", "-c", cmd, uri])
@@ -274,17 +293,15 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     // A replica count of its own; more than there are nodes is refused.
     d1.vpcctl_ok(&["vol-create", "pair", "4M", "--replicas", "2"]);
     // Two hosts hold it; all three know it, with its two replicas (the third serves it
-    // through them).
+    // through them), and list it.
     let replicas: Vec<_> = [&d1, &d2, &d3]
         .iter()
         .map(|d| info(d, "pair")["replicas"].as_array().unwrap().len())
         .collect();
     assert_eq!(replicas, [2, 2, 2]);
-    let holders = [&d1, &d2, &d3]
-        .iter()
-        .filter(|d| d.vpcctl_ok(&["vol-list"]).contains("pair"))
-        .count();
-    assert_eq!(holders, 2, "two hosts hold it");
+    for d in [&d1, &d2, &d3] {
+        assert!(d.vpcctl_ok(&["vol-list"]).contains("pair"));
+    }
     let e = fails(&d1, &["vol-create", "many", "4M", "--replicas", "4"]);
     assert!(
         e.contains("InvalidArgument") && e.contains("3 nodes"),
@@ -712,12 +729,16 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
         4,
         "{nodes}"
     );
-    let held4 =
-        serde_json::from_str::<serde_json::Value>(&d4.vpcctl_ok(&["--json", "vol-list"])).unwrap();
-    assert_eq!(held4.as_array().unwrap().len(), 1, "{held4}");
+    // Every host lists both volumes; host 4 holds a replica of one.
+    let held4 = held_by(&d4, 4);
+    assert_eq!(held4.len(), 1, "{held4:?}");
+    for d in [&d1, &d2, &d4] {
+        let list = d.vpcctl_ok(&["vol-list"]);
+        assert!(list.contains("ja") && list.contains("jb"), "{list}");
+    }
     // The volume host 4 holds no replica of is served there all the same (through the hosts
     // that hold it): its info, and reads and writes through host 4's NBD socket.
-    let away = if held4[0]["name"] == "ja" { "jb" } else { "ja" };
+    let away = if held4[0] == "ja" { "jb" } else { "ja" };
     let i = info(&d4, away);
     assert_eq!(i["health"], "ok", "{i}");
     assert_eq!(i["size"], 8 << 20, "{i}");
@@ -754,21 +775,15 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
     let out = d2.vpcctl_ok(&["--json", "storage-node-remove", "1"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(!r["moves"].as_array().unwrap().is_empty(), "{r}");
-    let held1 =
-        serde_json::from_str::<serde_json::Value>(&d1.vpcctl_ok(&["--json", "vol-list"])).unwrap();
-    assert_eq!(held1, serde_json::json!([]));
+    assert!(held_by(&d2, 1).is_empty(), "{:?}", held_by(&d2, 1));
     let e = fails(&d2, &["storage-node-remove", "1"]);
     assert!(e.contains("NotFound"), "{e}");
     // The data reads back through a host that holds it now.
-    let holds = |d: &Daemon| {
-        let list: serde_json::Value =
-            serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-list"])).unwrap();
-        list.as_array().unwrap().iter().any(|v| v["name"] == "ja")
-    };
-    let holder = [&d2, &d4]
+    let holder = [(&d2, 2), (&d4, 4)]
         .into_iter()
-        .find(|d| holds(d))
-        .expect("a host holding ja");
+        .find(|(d, id)| held_by(d, *id).contains(&"ja".to_string()))
+        .expect("a host holding ja")
+        .0;
     let (good, out) = qemu_io(
         "read -P 0x5e 0 1M",
         holder.vpcctl_ok(&["vol-export", "ja"]).trim(),

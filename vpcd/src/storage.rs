@@ -215,8 +215,11 @@ impl Storage {
 
     /// The volumes this node holds, with their health as their leaders see it (asked of all
     /// leaders at once).
+    /// The volumes of the cluster (this host serves them all): those it holds a replica of,
+    /// with their leader's status, and the others as the node that leads each lists them.
     pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
-        let volumes = self.node.volumes().await;
+        let volumes = self.node.cluster_volumes().await;
+        // (None for a volume held elsewhere: its status came from its leader already.)
         let statuses = futures::future::join_all(
             volumes
                 .iter()

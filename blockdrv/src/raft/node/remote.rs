@@ -89,6 +89,42 @@ impl Node {
         }
     }
 
+    /// The volumes of the cluster: those this node holds, with their status here, and those
+    /// only other nodes hold, as the node that says it leads each has them (or, while none
+    /// does, any holder), from every other node's list (asked at once, [`ASK`] each; the
+    /// volumes of nodes that do not answer in time are missing).
+    pub async fn cluster_volumes(&self) -> Vec<(super::VolumeSpec, Status)> {
+        let mut all: std::collections::BTreeMap<String, (super::VolumeSpec, Status)> = self
+            .volumes()
+            .await
+            .into_iter()
+            .map(|(spec, st)| (spec.name.clone(), (spec, st)))
+            .collect();
+        let here: Vec<String> = all.keys().cloned().collect();
+        let asks = self
+            .cluster()
+            .into_iter()
+            .filter(|(id, _)| *id != self.id)
+            .map(|(_, addr)| async move {
+                tokio::time::timeout(ASK, super::list(&addr))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default()
+            });
+        let rank = |s: &Status| (s.term, s.leader == Some(s.node));
+        for (spec, st) in futures::future::join_all(asks).await.into_iter().flatten() {
+            if here.contains(&spec.name) {
+                continue;
+            }
+            let better = all.get(&spec.name).is_none_or(|(_, b)| rank(&st) > rank(b));
+            if better {
+                all.insert(spec.name.clone(), (spec, st));
+            }
+        }
+        all.into_values().collect()
+    }
+
     /// The status of volume `name`, which other nodes hold, as its leader sees it ([`Node::locate`],
     /// then the leader's own if that was not among the answers; with the leader unreachable
     /// if it does not answer within [`ASK`]).
