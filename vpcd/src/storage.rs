@@ -213,12 +213,17 @@ impl Storage {
         self.node.cluster().into_iter().collect()
     }
 
-    /// The volumes this node holds, with their health as their leaders see it (asked of all
-    /// leaders at once).
     /// The volumes of the cluster (this host serves them all): those it holds a replica of,
-    /// with their leader's status, and the others as the node that leads each lists them.
+    /// with their health as their leaders see it (asked of all leaders at once), and the
+    /// others as the node that leads each lists them.
     pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
-        let volumes = self.node.cluster_volumes().await;
+        Ok(self.list_all().await.0)
+    }
+
+    /// [`Storage::list`], and whether every storage node answered (if not, the volumes only
+    /// those held are missing).
+    pub async fn list_all(&self) -> (Vec<VolumeInfo>, bool) {
+        let (volumes, complete) = self.node.cluster_volumes().await;
         // (None for a volume held elsewhere: its status came from its leader already.)
         let statuses = futures::future::join_all(
             volumes
@@ -226,11 +231,12 @@ impl Storage {
                 .map(|(spec, _)| self.node.leader_status(&spec.name)),
         )
         .await;
-        Ok(volumes
+        let infos = volumes
             .into_iter()
             .zip(statuses)
             .map(|((spec, status), leader)| self.to_info(spec, leader.unwrap_or(status)))
-            .collect())
+            .collect();
+        (infos, complete)
     }
 
     /// A volume of the cluster: one this host holds a replica of, or else one other hosts

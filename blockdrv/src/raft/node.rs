@@ -1689,9 +1689,6 @@ fn read_lease(config: &openraft::Config) -> Duration {
     Duration::from_millis(config.election_timeout_min / 2)
 }
 
-/// How the node at `addr` takes a request (any) within `within`: `Some(true)`, it answers;
-/// `Some(false)`, its process is gone ([`gone`]); `None`, no telling (no answer in time, or
-/// another error).
 /// The answer of a move sent to volume `name`'s leader at `leader`: a leader that died is for
 /// the caller to try again with (`WouldBlock`).
 fn answered(name: &str, leader: &str, r: io::Result<()>) -> io::Result<()> {
@@ -1730,6 +1727,9 @@ async fn while_answering(
     }
 }
 
+/// How the node at `addr` takes a request (any) within `within`: `Some(true)`, it answers;
+/// `Some(false)`, its process is gone ([`gone`]); `None`, no telling (no answer in time, or
+/// another error).
 async fn probe(addr: &str, within: Duration) -> Option<bool> {
     let mut conn = None;
     match tokio::time::timeout(within, call(&mut conn, addr, &Rpc::Cluster)).await {
@@ -2280,7 +2280,8 @@ impl Node {
         wait: Duration,
         done_if_gone: bool,
     ) -> io::Result<()> {
-        let deadline = Instant::now() + self.leader_wait();
+        // Room for one try that is not answered in time, and the leader wait after it.
+        let deadline = Instant::now() + wait + self.leader_wait();
         let mut unanswered = false;
         loop {
             let found = match self.locate(name).await {
@@ -2295,7 +2296,11 @@ impl Node {
                     format!("volume {name}: no leader yet"),
                 ),
                 Some(addr) => match tokio::time::timeout(wait, manage(&addr, rpc())).await {
-                    Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => e,
+                    // A node that no longer holds it, or is gone: the leader changed.
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound || gone(&e) => {
+                        unanswered |= gone(&e);
+                        e
+                    }
                     Ok(r) => return r,
                     Err(_) => {
                         unanswered = true;
@@ -3768,7 +3773,6 @@ const POOLED: usize = crate::nbd::server::IN_FLIGHT;
 struct Pool(std::sync::Mutex<HashMap<String, Vec<TcpStream>>>);
 
 impl Pool {
-    /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked).
     /// `rpc` to `addr` over a pooled connection (kept for the next request if it worked, and
     /// fewer than [`POOLED`] are idle).
     async fn call(&self, addr: &str, rpc: &Rpc) -> io::Result<Reply> {

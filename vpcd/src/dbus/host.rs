@@ -156,13 +156,13 @@ impl HostIface {
         Ok(())
     }
 
-    /// The object of a volume this host holds.
+    /// The object of a volume of the storage cluster.
     async fn lookup_volume(&self, name: &str) -> Result<OwnedObjectPath, ApiError> {
         self.manager.storage()?.info(name).await?;
         Ok(super::volume::volume_object(name))
     }
 
-    /// The volumes this host holds: (name, size, leader node (0: none), health, members
+    /// The volumes of the storage cluster: (name, size, leader node (0: none), health, members
     /// (id, address), NBD URI on this host, NBD URI over TCP or "").
     async fn list_volumes(&self) -> Result<Vec<VolumeRow>, ApiError> {
         Ok(self

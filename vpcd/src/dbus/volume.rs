@@ -1,7 +1,8 @@
-//! `org.vpcd.Volume1` at `/org/vpcd/Host1/volume/<name>`: a replicated volume this host holds
-//! a replica of. Properties are read from the storage node on each call; the set of objects
-//! follows the node's volumes (after every change through this host, and every few seconds
-//! for changes made through other hosts).
+//! `org.vpcd.Volume1` at `/org/vpcd/Host1/volume/<name>`: a replicated volume of the storage
+//! cluster (this host serves every one, those it holds no replica of through their leaders).
+//! Properties are read from the storage node on each call; the set of objects follows the
+//! cluster's volumes (after every change through this host, and every few seconds for changes
+//! made through other hosts).
 
 use std::sync::Arc;
 
@@ -92,17 +93,25 @@ impl VolumeIface {
     }
 }
 
-/// Exports an object per volume this host holds and removes those that are gone.
+/// Exports an object per volume of the cluster and removes those that are gone (not while
+/// a storage node does not answer: its volumes would come and go).
 pub(crate) async fn sync_volume_objects(conn: &Connection, manager: &Arc<Manager>) {
     static EXPORTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let Ok(storage) = manager.storage() else {
         return;
     };
-    let Ok(volumes) = storage.list().await else {
-        return;
-    };
-    let names: Vec<String> = volumes.into_iter().map(|v| v.name).collect();
-    let old = std::mem::replace(&mut *EXPORTED.lock().unwrap(), names.clone());
+    let (volumes, complete) = storage.list_all().await;
+    let mut names: Vec<String> = volumes.into_iter().map(|v| v.name).collect();
+    let old = EXPORTED.lock().unwrap().clone();
+    if !complete {
+        names.extend(
+            old.iter()
+                .filter(|n| !names.contains(n))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+    }
+    *EXPORTED.lock().unwrap() = names.clone();
     let server = conn.object_server();
     for n in old.iter().filter(|n| !names.contains(n)) {
         let _ = server.remove::<VolumeIface, _>(volume_path(n)).await;

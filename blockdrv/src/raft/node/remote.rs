@@ -34,11 +34,19 @@ const RECHECK: Duration = Duration::from_millis(500);
 
 impl Node {
     /// Who leads volume `name`, as the other nodes of the cluster that hold it say (asked all
-    /// at once, [`ASK`] each): of their answers, a status of the newest term, one that names
-    /// its leader if any does (none does while that term's election is under way). The
+    /// at once, [`ASK`] each): of their answers that name a leader, the newest term's (a
+    /// replica that campaigns on its own, left behind by a move or a delete, names none, how
+    /// ever high its term), the leader's own first; a status naming none if none does. The
     /// answers of nodes that are down are not waited for once the leader's own and a majority
-    /// of its members' are in. `NotFound` if every node answered and none holds it.
+    /// of its members' are in. `NotFound` if no node that answered holds it (those that did
+    /// not are named).
     pub async fn locate(&self, name: &str) -> io::Result<Status> {
+        self.locate_volume(name, None).await
+    }
+
+    /// [`Node::locate`] of volume (`name`, `id`): the answers of replicas of another volume of
+    /// that name are left out.
+    async fn locate_volume(&self, name: &str, id: Option<u64>) -> io::Result<Status> {
         let mut asks: futures::stream::FuturesUnordered<_> = self
             .cluster()
             .into_iter()
@@ -54,11 +62,12 @@ impl Node {
             })
             .collect();
         // Of one term, the leader's own status (its size is the newest).
-        let rank = |s: &Status| (s.term, s.leader_addr.is_some(), s.leader == Some(s.node));
+        let rank = |s: &Status| (s.leader_addr.is_some(), s.term, s.leader == Some(s.node));
         let mut best: Option<Status> = None;
         let (mut holders, mut failed) = (Vec::new(), Vec::new());
         while let Some(answer) = asks.next().await {
             match answer {
+                Ok(s) if id.is_some_and(|id| id != s.id) => {}
                 Ok(s) => {
                     holders.push(s.node);
                     if best.as_ref().is_none_or(|b| rank(&s) > rank(b)) {
@@ -82,18 +91,21 @@ impl Node {
                 io::ErrorKind::NotFound,
                 format!("volume {name}: no node of the cluster holds it"),
             )),
-            None => Err(io::Error::other(format!(
-                "volume {name}: no node that answered holds it ({})",
-                failed.join("; ")
-            ))),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "volume {name}: no node that answered holds it ({})",
+                    failed.join("; ")
+                ),
+            )),
         }
     }
 
     /// The volumes of the cluster: those this node holds, with their status here, and those
     /// only other nodes hold, as the node that says it leads each has them (or, while none
-    /// does, any holder), from every other node's list (asked at once, [`ASK`] each; the
-    /// volumes of nodes that do not answer in time are missing).
-    pub async fn cluster_volumes(&self) -> Vec<(super::VolumeSpec, Status)> {
+    /// does, any holder), from every other node's list (asked at once, [`ASK`] each), and
+    /// whether every node answered (the volumes only nodes that did not hold are missing).
+    pub async fn cluster_volumes(&self) -> (Vec<(super::VolumeSpec, Status)>, bool) {
         let mut all: std::collections::BTreeMap<String, (super::VolumeSpec, Status)> = self
             .volumes()
             .await
@@ -110,10 +122,12 @@ impl Node {
                     .await
                     .ok()
                     .and_then(Result::ok)
-                    .unwrap_or_default()
             });
-        let rank = |s: &Status| (s.term, s.leader == Some(s.node));
-        for (spec, st) in futures::future::join_all(asks).await.into_iter().flatten() {
+        let lists = futures::future::join_all(asks).await;
+        let complete = lists.iter().all(Option::is_some);
+        // The leader's own list first (see `locate`).
+        let rank = |s: &Status| (s.leader == Some(s.node), s.leader.is_some(), s.term);
+        for (spec, st) in lists.into_iter().flatten().flatten() {
             if here.contains(&spec.name) {
                 continue;
             }
@@ -122,7 +136,7 @@ impl Node {
                 all.insert(spec.name.clone(), (spec, st));
             }
         }
-        all.into_values().collect()
+        (all.into_values().collect(), complete)
     }
 
     /// The status of volume `name`, which other nodes hold, as its leader sees it ([`Node::locate`],
@@ -249,7 +263,7 @@ impl RemoteVolume {
             _ => {
                 let found = self
                     .node
-                    .locate(&self.name)
+                    .locate_volume(&self.name, Some(self.id))
                     .await
                     .map_err(|e| (e.kind(), e.to_string()));
                 *last = Some((Instant::now(), found.clone()));
@@ -291,9 +305,14 @@ impl RemoteVolume {
         let deadline = tokio::time::Instant::now() + wait;
         let mut last;
         loop {
+            // Lookups ask every node: less often than requests are tried.
+            let mut again = Duration::from_millis(50);
             last = match self.leader().await {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
-                Err(e) => e.to_string(),
+                Err(e) => {
+                    again = Duration::from_millis(250);
+                    e.to_string()
+                }
                 Ok(addr) => {
                     let rpc = Rpc::Remote(self.name.clone(), self.id, op());
                     let answer = tokio::select! {
@@ -324,7 +343,7 @@ impl RemoteVolume {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(again).await;
         }
         Err(io::Error::new(
             io::ErrorKind::TimedOut,
