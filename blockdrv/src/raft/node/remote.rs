@@ -41,11 +41,18 @@ impl Node {
     /// of its members' are in. `NotFound` if no node that answered holds it (those that did
     /// not are named).
     pub async fn locate(&self, name: &str) -> io::Result<Status> {
-        self.locate_volume(name, None).await
+        match self.locate_volume(name, None).await {
+            Err(e) if e.kind() == io::ErrorKind::Other => {
+                Err(io::Error::new(io::ErrorKind::NotFound, e.to_string()))
+            }
+            found => found,
+        }
     }
 
     /// [`Node::locate`] of volume (`name`, `id`): the answers of replicas of another volume of
-    /// that name are left out.
+    /// that name are left out, and a name that no node that answered holds, while some did
+    /// not answer, is `Other` (a connected client tries again: its volume's nodes may be
+    /// back in a moment).
     async fn locate_volume(&self, name: &str, id: Option<u64>) -> io::Result<Status> {
         let mut asks: futures::stream::FuturesUnordered<_> = self
             .cluster()
@@ -91,13 +98,10 @@ impl Node {
                 io::ErrorKind::NotFound,
                 format!("volume {name}: no node of the cluster holds it"),
             )),
-            None => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "volume {name}: no node that answered holds it ({})",
-                    failed.join("; ")
-                ),
-            )),
+            None => Err(io::Error::other(format!(
+                "volume {name}: no node that answered holds it ({})",
+                failed.join("; ")
+            ))),
         }
     }
 
