@@ -1727,6 +1727,18 @@ async fn while_answering(
     }
 }
 
+/// The status of `volume` from its leader at `addr`, or `known` with the leader among the
+/// unreachable if it does not answer within 2 s.
+async fn as_leader_sees(mut known: Status, addr: &str, volume: &str) -> Status {
+    match tokio::time::timeout(Duration::from_secs(2), status(addr, volume)).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            known.unreachable.extend(known.leader);
+            known
+        }
+    }
+}
+
 /// How the node at `addr` takes a request (any) within `within`: `Some(true)`, it answers;
 /// `Some(false)`, its process is gone ([`gone`]); `None`, no telling (no answer in time, or
 /// another error).
@@ -2504,17 +2516,11 @@ impl Node {
     /// such volume.
     pub async fn leader_status(&self, volume: &str) -> Option<Status> {
         let g = self.group(volume)?;
-        let mut local = g.status(self.id);
+        let local = g.status(self.id);
         let Some(addr) = g.leader_addr(self.id) else {
             return Some(local);
         };
-        match tokio::time::timeout(Duration::from_secs(2), status(&addr, volume)).await {
-            Ok(Ok(s)) => Some(s),
-            _ => {
-                local.unreachable.extend(local.leader);
-                Some(local)
-            }
-        }
+        Some(as_leader_sees(local, &addr, volume).await)
     }
 
     pub fn group(&self, volume: &str) -> Option<Group> {

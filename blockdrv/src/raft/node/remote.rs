@@ -147,20 +147,14 @@ impl Node {
     /// then the leader's own if that was not among the answers; with the leader unreachable
     /// if it does not answer within [`ASK`]).
     pub async fn volume_status(&self, name: &str) -> io::Result<Status> {
-        let mut found = self.locate(name).await?;
+        let found = self.locate(name).await?;
         let Some(addr) = found.leader_addr.clone() else {
             return Ok(found);
         };
         if found.leader == Some(found.node) {
             return Ok(found);
         }
-        match tokio::time::timeout(ASK, status(&addr, name)).await {
-            Ok(Ok(s)) => Ok(s),
-            _ => {
-                found.unreachable.extend(found.leader);
-                Ok(found)
-            }
-        }
+        Ok(super::as_leader_sees(found, &addr, name).await)
     }
 }
 
