@@ -146,16 +146,26 @@ pub fn copy_range(from: &File, from_at: u64, to: &File, to_at: u64, len: u64) ->
 /// megabytes only to overwrite them costs as much as the read; a read past the end of the file
 /// is an error).
 pub fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::<u8>::with_capacity(len);
+    let mut buf = Vec::new();
+    read_onto(file, &mut buf, len, offset)?;
+    Ok(buf)
+}
+
+/// [`read_at`], onto the end of `buf` (which is left as it was on an error): the parts of a
+/// read from several files go into one buffer.
+pub fn read_onto(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+    buf.reserve(len);
+    let start = buf.len();
     let mut done = 0;
     while done < len {
         let at = off_t(offset + done as u64)?;
-        // SAFETY: pread writes at most `len - done` bytes at `buf.as_mut_ptr() + done`, inside
-        // the `len` bytes `buf` has room for; the descriptor is `file`'s own.
+        // SAFETY: pread writes at most `len - done` bytes at `buf.as_mut_ptr() + start +
+        // done`, inside the `len` bytes past `start` that `buf` has room for (reserved above);
+        // the descriptor is `file`'s own.
         let n = unsafe {
             libc::pread(
                 file.as_raw_fd(),
-                buf.as_mut_ptr().add(done).cast(),
+                buf.as_mut_ptr().add(start + done).cast(),
                 len - done,
                 at,
             )
@@ -171,9 +181,9 @@ pub fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
             }
         }
     }
-    // SAFETY: pread initialized all `len` bytes above.
-    unsafe { buf.set_len(len) };
-    Ok(buf)
+    // SAFETY: pread initialized the `len` bytes past `start` above.
+    unsafe { buf.set_len(start + len) };
+    Ok(())
 }
 
 /// Sends `len` bytes of `file` from `offset` to `socket` with `sendfile(2)`: the kernel hands
@@ -285,6 +295,12 @@ mod tests {
         assert_eq!(read_at(&f, 0, 10_000).unwrap(), Vec::<u8>::new());
         let e = read_at(&f, 2, 9_999).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // Onto a buffer: appended; on an error the buffer is as it was.
+        let mut buf = data[..10].to_vec();
+        read_onto(&f, &mut buf, 100, 10).unwrap();
+        assert_eq!(buf, data[..110]);
+        assert!(read_onto(&f, &mut buf, 2, 9_999).is_err());
+        assert_eq!(buf, data[..110]);
     }
 
     #[test]

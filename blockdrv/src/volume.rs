@@ -32,8 +32,9 @@ pub struct FileRegion {
 pub enum Sendable {
     /// The bytes are in one file: taken from it when they are sent.
     Region(FileRegion),
-    /// The bytes, read now.
-    Data(Vec<u8>),
+    /// The bytes, read now (shared: the leader's answer to a node without a replica goes out
+    /// as it came in).
+    Data(bytes::Bytes),
 }
 
 /// A block volume. Writes are durable once `flush` returns, or at once with `fua`.
@@ -57,7 +58,7 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     /// region; a write that completes after it may be seen too, as it may be by a read that
     /// overlaps it.
     async fn read_sendable(&self, offset: u64, length: u32) -> io::Result<Sendable> {
-        self.read(offset, length).await.map(Sendable::Data)
+        Ok(Sendable::Data(self.read(offset, length).await?.into()))
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()>;

@@ -153,6 +153,15 @@ impl Cluster {
         ])
     }
 
+    /// Whether node `i` lists `name` as a replica it holds (not as one served through the
+    /// nodes that do).
+    fn exports_own(&self, i: usize, name: &str) -> bool {
+        let list = self.exports(i);
+        let entry = list.split(&format!("export=\"{name}\":")).nth(1);
+        let description = entry.and_then(|e| e.lines().find(|l| l.contains("description:")));
+        description.is_some_and(|d| d.trim() == "description: replicated volume")
+    }
+
     fn addr(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.ports[i])
     }
@@ -561,10 +570,7 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     assert!(good, "{out}");
     // Every node serves it.
     for i in 0..3 {
-        c.wait_for(
-            |c| c.exports(i).contains("export=\"data\""),
-            "the export on every node",
-        );
+        c.wait_for(|c| c.exports_own(i, "data"), "the export on every node");
     }
     let uri = |c: &Cluster, i: usize| format!("nbd+unix:///data?socket={}", c.socket(i).display());
     ok(&[
@@ -596,10 +602,7 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     // A node restarted with no volume on its command line serves it again from its catalog.
     c.kill(0);
     c.spawn(0);
-    c.wait_for(
-        |c| c.exports(0).contains("export=\"data\""),
-        "the export after a restart",
-    );
+    c.wait_for(|c| c.exports_own(0, "data"), "the export after a restart");
     ok(&[
         "qemu-io",
         "-f",
@@ -649,8 +652,7 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
     assert!(good, "{out}");
     let gone = |c: &Cluster, i: usize| {
-        !c.exports(i).contains("export=\"data\"")
-            && !c.dir.path().join(format!("n{}/data", i + 1)).exists()
+        !c.exports_own(i, "data") && !c.dir.path().join(format!("n{}/data", i + 1)).exists()
     };
     for i in 0..2 {
         assert!(gone(&c, i), "node {}", i + 1);
@@ -662,17 +664,14 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     assert!(good, "{out}");
     for i in 0..3 {
         c.wait_for(
-            |c| c.exports(i).contains("export=\"data\""),
+            |c| c.exports_own(i, "data"),
             "the new volume's export on every node",
         );
     }
     c.kill(0);
     c.spawn(0);
     std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        c.exports(0).contains("export=\"data\""),
-        "the new volume was dropped"
-    );
+    assert!(c.exports_own(0, "data"), "the new volume was dropped");
     let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(1), "data"]);
     assert!(good, "{out}");
     let (good, _) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
@@ -689,7 +688,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
             .unwrap_or_default();
     // Placed on 3 of the 4 nodes; find who holds it (node 0 may not).
     let holder = (0..4)
-        .find(|i| c.exports(*i).contains("export=\"data\""))
+        .find(|i| c.exports_own(*i, "data"))
         .expect("a node serving data");
     let list: serde_json::Value = if list.as_array().is_some_and(|a| !a.is_empty()) {
         list
@@ -726,10 +725,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
     assert!(good, "{out}");
     // The spare serves the data, holds an identical replica, and every catalog has the new
     // members.
-    c.wait_for(
-        |c| c.exports(spare).contains("export=\"data\""),
-        "the spare's export",
-    );
+    c.wait_for(|c| c.exports_own(spare, "data"), "the spare's export");
     qemu_io(&c, spare, "read -P 0x6d 0 8M");
     let now: Vec<usize> = vec![members[0], members[1], spare];
     c.wait_for(
@@ -773,7 +769,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
     // it (nothing left on its disk, no export) and the volume goes on.
     c.spawn(dead);
     c.wait_for(
-        |c| c.held(dead).is_empty() && !c.exports(dead).contains("export=\"data\""),
+        |c| c.held(dead).is_empty() && !c.exports_own(dead, "data"),
         "the returning node to drop its old replica",
     );
     assert!(!c.dir.path().join(format!("n{}/data", dead + 1)).exists());
@@ -807,7 +803,7 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         dead + 1
     );
     c.wait_for(
-        |c| c.exports(dead).contains("export=\"data\""),
+        |c| c.exports_own(dead, "data"),
         "the moved replica's export",
     );
     qemu_io(&c, dead, "read -P 0x6e 8M 1M");
@@ -1482,7 +1478,7 @@ fn a_move_whose_snapshot_fills_the_new_nodes_disk_fails_and_leaves_nothing_behin
         },
         "the group without node 4, and node 4 without a replica",
     );
-    assert!(!c.exports(n4).contains("export=\"v\""));
+    assert!(!c.exports_own(n4, "v"));
 }
 
 /// A follower forwards writes to its leader; if the leader hangs (SIGSTOP: connections stay
@@ -1596,7 +1592,7 @@ fn a_move_to_a_node_that_cannot_catch_up_fails_and_leaves_nothing_behind() {
         c.status(leader),
         c.held(n4)
     );
-    assert!(!c.exports(n4).contains("export=\"v\""));
+    assert!(!c.exports_own(n4, "v"));
     ok(&[
         "qemu-io",
         "-f",
@@ -1922,8 +1918,15 @@ fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
         );
         out
     };
-    // Not listed where it is not held, but found by name, with its size and limits.
-    assert!(!c.exports(outside).contains("export=\"w\""));
+    // Listed where it is not held too (nbdinfo then asks for each export's size), found by
+    // name, with its size and limits.
+    let list = c.exports(outside);
+    assert!(
+        list.contains("export=\"w\"")
+            && list.contains("replicas on other nodes")
+            && list.contains("export-size: 16777216"),
+        "{list}"
+    );
     let info = ok(&["nbdinfo", &uri(&c, outside)]);
     assert!(info.contains("export-size: 16777216"), "{info}");
     assert!(info.contains("block_size_maximum: 33554432"), "{info}");
@@ -2035,6 +2038,8 @@ fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
     }
     let (good, out) = run(&["nbdinfo", &uri(&c, outside)]);
     assert!(!good, "a deleted volume: {out}");
+    let list = c.exports(outside);
+    assert!(!list.contains("export=\"w\""), "a deleted volume: {list}");
     let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(outside), "w"]);
     assert!(
         !good && out.contains("no node of the cluster holds it"),

@@ -101,10 +101,15 @@ pub enum ConnError {
 
 /// Finds an export the server's table does not hold when a client names it (a replicated
 /// volume this node holds no replica of, served through the nodes that do). Each lookup gives
-/// a new export, which the connection keeps; lists (`NBD_OPT_LIST`) show only the table.
+/// a new export, which the connection keeps; lists (`NBD_OPT_LIST`) show the table and what
+/// [`Resolve::list`] names besides.
 #[async_trait::async_trait]
 pub trait Resolve: Send + Sync + std::fmt::Debug {
     async fn resolve(&self, name: &str) -> Option<Export>;
+
+    /// The names (and descriptions) of the exports `resolve` would find now, as far as they
+    /// can be learned: for `NBD_OPT_LIST`, which lists the table's own first.
+    async fn list(&self) -> Vec<(String, String)>;
 }
 
 /// The NBD server of a set of exports (which may change while it serves: connections already in
@@ -212,6 +217,25 @@ impl Server {
             Some(r) if !name.is_empty() => r.resolve(name).await,
             _ => None,
         }
+    }
+
+    /// What `NBD_OPT_LIST` shows: the table's exports, then those the resolver names that
+    /// the table does not hold, each set by name.
+    async fn list(&self) -> Vec<(String, String)> {
+        let table: Vec<(String, String)> = self
+            .exports
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect();
+        let resolver = self.resolver.read().unwrap().clone();
+        let Some(r) = resolver else { return table };
+        let mut more = r.list().await;
+        more.retain(|(n, _)| !table.iter().any(|(t, _)| t == n));
+        more.sort();
+        more.dedup_by(|a, b| a.0 == b.0);
+        table.into_iter().chain(more).collect()
     }
 
     /// Serves the connections of `listener` until it fails.
@@ -395,14 +419,7 @@ impl Server {
                         s.write_all(&invalid("LIST takes no data")).await?;
                         continue;
                     }
-                    let list: Vec<(String, String)> = self
-                        .exports
-                        .read()
-                        .unwrap()
-                        .values()
-                        .map(|e| (e.name.clone(), e.description.clone()))
-                        .collect();
-                    for (name, description) in list {
+                    for (name, description) in self.list().await {
                         let entry = proto::server_entry(&name, &description);
                         s.write_all(&reply(proto::REP_SERVER, &entry)).await?;
                     }
@@ -625,7 +642,7 @@ where
 /// What a request produced.
 enum Outcome {
     Done,
-    Data(Vec<u8>),
+    Data(bytes::Bytes),
     /// Read data to send from a file.
     Region(FileRegion),
     Extents(Vec<(u32, u32)>),
@@ -719,7 +736,7 @@ async fn execute(s: &Session, r: &Request, payload: Option<Vec<u8>>) -> Result<O
         Command::Read => v
             .read(off, r.length)
             .await
-            .map(Outcome::Data)
+            .map(|d| Outcome::Data(d.into()))
             .map_err(|e| io_failure("read", &e)),
         Command::Write => {
             let data = payload.unwrap_or_default();
@@ -775,7 +792,7 @@ async fn execute(s: &Session, r: &Request, payload: Option<Vec<u8>>) -> Result<O
 /// that follows, kept in the buffer it was read into or, from a file, sent from there.
 struct Reply {
     head: Vec<u8>,
-    data: Vec<u8>,
+    data: bytes::Bytes,
     file: Option<FileRegion>,
 }
 
@@ -787,7 +804,7 @@ const SEND_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 const COPY_DATA_BELOW: usize = 64 << 10;
 
 impl Reply {
-    fn new(head: Vec<u8>, data: Vec<u8>) -> Reply {
+    fn new(head: Vec<u8>, data: bytes::Bytes) -> Reply {
         if data.len() < COPY_DATA_BELOW {
             let mut head = head;
             head.extend_from_slice(&data);
@@ -803,7 +820,7 @@ impl Reply {
     fn bare(head: Vec<u8>) -> Reply {
         Reply {
             head,
-            data: Vec::new(),
+            data: bytes::Bytes::new(),
             file: None,
         }
     }
@@ -876,7 +893,7 @@ fn reply(s: &Session, r: &Request, outcome: Result<Outcome, Failure>) -> Reply {
         (Ok(Outcome::Region(f)), true) => Reply {
             head: data_chunk_head(cookie, r.offset, f.len),
             file: Some(f),
-            data: Vec::new(),
+            data: bytes::Bytes::new(),
         },
         // An empty read has no data chunk (its data may not be empty).
         (Ok(Outcome::Data(d)), true) if d.is_empty() => Reply::bare(
@@ -1187,7 +1204,7 @@ mod tests {
                     base_allocation: false,
                     send_files: false,
                 };
-                let r = reply(&s, &req, Ok(Outcome::Data(data.clone())));
+                let r = reply(&s, &req, Ok(Outcome::Data(data.clone().into())));
                 assert_eq!(r.data.is_empty(), len < COPY_DATA_BELOW, "{len} bytes");
                 let mut want = if structured {
                     let mut h = proto::chunk_header(
@@ -1290,10 +1307,16 @@ mod tests {
                 read_only: false,
             })
         }
+
+        async fn list(&self) -> Vec<(String, String)> {
+            // "m" is the table's too: listed once.
+            vec![("r".into(), "found".into()), ("m".into(), "again".into())]
+        }
     }
 
     /// Names the table does not hold are looked up (the table's first, the empty name never),
-    /// and are served; a name the lookup does not find is unknown; lists show the table.
+    /// and are served; a name the lookup does not find is unknown; lists show the table's
+    /// exports, then the resolver's others.
     #[tokio::test]
     async fn names_the_table_does_not_hold_are_resolved_and_served() {
         let server = memory_server();
@@ -1331,6 +1354,7 @@ mod tests {
             kinds,
             [
                 (proto::OPT_LIST, proto::REP_SERVER),
+                (proto::OPT_LIST, proto::REP_SERVER),
                 (proto::OPT_LIST, proto::REP_ACK),
                 (proto::OPT_INFO, proto::REP_ACK),
                 (proto::OPT_INFO, proto::REP_ACK),
@@ -1338,6 +1362,12 @@ mod tests {
                 (proto::OPT_GO, proto::REP_ACK),
             ]
         );
+        let listed = |name: &str, description: &str| {
+            let e = proto::server_entry(name, description);
+            out.windows(e.len()).any(|w| w == e)
+        };
+        assert!(listed("r", "found") && !listed("m", "again"));
+        // Listing resolved nothing.
         assert_eq!(*resolver.0.lock().unwrap(), ["x", "r"]);
         // The resolved export's size (128 KiB, not the table's 64) and the write's reply at
         // its last 512 bytes: no error.

@@ -2282,9 +2282,11 @@ impl Node {
 
     /// Sends management request `rpc` for volume `name`, which this node holds no replica
     /// of, to its leader (`ResizeHere`, `DeleteHere`: not sent on again), answered within
-    /// `wait`; tried again, for up to the leader wait, while there is no leader, or the one
-    /// found does not answer or no longer holds the volume. `done_if_gone`: a volume no node
-    /// holds after a try that was not answered in time is done (a delete).
+    /// `wait`; tried again, for up to the leader wait, while there is no leader, the one found
+    /// does not answer or no longer holds the volume, or the nodes that did not answer may
+    /// hold it. `done_if_gone`: a volume no node holds (every node answered) after a try that
+    /// may have been carried out unanswered (not answered in time, the connection lost after
+    /// the request went out) is done (a delete).
     async fn on_holder(
         &self,
         name: &str,
@@ -2296,21 +2298,27 @@ impl Node {
         let deadline = Instant::now() + wait + self.leader_wait();
         let mut unanswered = false;
         loop {
-            let found = match self.locate(name).await {
+            let failed = match self.locate_volume(name, None).await {
                 Err(e) if e.kind() == io::ErrorKind::NotFound && unanswered && done_if_gone => {
                     return Ok(())
                 }
-                found => found?,
-            };
-            let failed = match found.leader_addr {
-                None => io::Error::new(
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+                // Some nodes did not answer, and none that did holds it.
+                Err(e) => e,
+                Ok(Status {
+                    leader_addr: None, ..
+                }) => io::Error::new(
                     io::ErrorKind::WouldBlock,
                     format!("volume {name}: no leader yet"),
                 ),
-                Some(addr) => match tokio::time::timeout(wait, manage(&addr, rpc())).await {
-                    // A node that no longer holds it, or is gone: the leader changed.
+                Ok(Status {
+                    leader_addr: Some(addr),
+                    ..
+                }) => match tokio::time::timeout(wait, manage(&addr, rpc())).await {
+                    // A node that no longer holds it, or is gone: the leader changed. One
+                    // that refused the connection never had the request.
                     Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound || gone(&e) => {
-                        unanswered |= gone(&e);
+                        unanswered |= gone(&e) && e.kind() != io::ErrorKind::ConnectionRefused;
                         e
                     }
                     Ok(r) => return r,
@@ -3728,8 +3736,9 @@ replicated_volume!(RaftVolume, {
         let g = match self.read_barrier().await {
             Ok(g) => g,
             Err(why) => {
-                let read = self.elsewhere(why, |v| v.read(offset, length)).await;
-                return read.map(Sendable::Data);
+                return self
+                    .elsewhere(why, |v| v.read_sendable(offset, length))
+                    .await;
             }
         };
         // The file that holds the range now, if one does (a snapshot installed later replaces
@@ -3738,7 +3747,7 @@ replicated_volume!(RaftVolume, {
         let region = super::state_machine::volume_region(&g.blocks, &g.pieces, offset, length)?;
         match region {
             Some(r) => Ok(Sendable::Region(r)),
-            None => g.local_read(offset, length).await.map(Sendable::Data),
+            None => Ok(Sendable::Data(g.local_read(offset, length).await?.into())),
         }
     }
 

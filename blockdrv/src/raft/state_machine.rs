@@ -246,15 +246,12 @@ pub fn read_volume(
 /// [`read_volume`] from the blocks file `blocks`.
 fn read_over(blocks: &File, pieces: &Pieces, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let parts = read_pieces(pieces).resolve(offset, len as u64);
-    if let [(_, _, Source::Blocks)] = parts[..] {
-        return crate::sys::read_at(blocks, len, offset);
-    }
     let mut out = Vec::with_capacity(len);
     for (at, n, source) in parts {
-        out.extend(match source {
-            Source::Blocks => crate::sys::read_at(blocks, n as usize, at)?,
-            Source::Log(file, at) => crate::sys::read_at(&file, n as usize, at)?,
-        });
+        match source {
+            Source::Blocks => crate::sys::read_onto(blocks, &mut out, n as usize, at)?,
+            Source::Log(file, at) => crate::sys::read_onto(&file, &mut out, n as usize, at)?,
+        }
     }
     Ok(out)
 }

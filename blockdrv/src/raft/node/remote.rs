@@ -53,7 +53,7 @@ impl Node {
     /// that name are left out, and a name that no node that answered holds, while some did
     /// not answer, is `Other` (a connected client tries again: its volume's nodes may be
     /// back in a moment).
-    async fn locate_volume(&self, name: &str, id: Option<u64>) -> io::Result<Status> {
+    pub(super) async fn locate_volume(&self, name: &str, id: Option<u64>) -> io::Result<Status> {
         let mut asks: futures::stream::FuturesUnordered<_> = self
             .cluster()
             .into_iter()
@@ -72,6 +72,12 @@ impl Node {
         let rank = |s: &Status| (s.leader_addr.is_some(), s.term, s.leader == Some(s.node));
         let mut best: Option<Status> = None;
         let (mut holders, mut failed) = (Vec::new(), Vec::new());
+        // A replica here (one that cannot serve, whose clients come this way) is one of the
+        // members heard: a member that is down does not hold the lookup up then either.
+        let here = self.group(name);
+        if here.is_some_and(|g| id.is_none_or(|id| g.incarnation.volume_id() == id)) {
+            holders.push(self.id);
+        }
         while let Some(answer) = asks.next().await {
             match answer {
                 Ok(s) if id.is_some_and(|id| id != s.id) => {}
@@ -176,12 +182,28 @@ impl crate::nbd::server::Resolve for Remote {
         };
         Some(crate::nbd::Export {
             name: name.to_string(),
-            description: "replicated volume (replicas on other nodes)".into(),
+            description: REMOTE_DESCRIPTION.into(),
             volume: Arc::new(RemoteVolume::new(node, name, found)),
             read_only: false,
         })
     }
+
+    /// The cluster's volumes ([`Node::cluster_volumes`]: those of nodes that do not answer
+    /// within [`ASK`] are missing); the server leaves out those it has.
+    async fn list(&self) -> Vec<(String, String)> {
+        let Some(node) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        let (volumes, _) = node.cluster_volumes().await;
+        volumes
+            .into_iter()
+            .map(|(spec, _)| (spec.name, REMOTE_DESCRIPTION.to_string()))
+            .collect()
+    }
 }
+
+/// How an export served through other nodes describes itself.
+const REMOTE_DESCRIPTION: &str = "replicated volume (replicas on other nodes)";
 
 /// A leader lookup's result, shared by the requests that waited for it.
 type Found = Result<Status, (io::ErrorKind, String)>;
@@ -333,8 +355,12 @@ impl RemoteVolume {
                         Ok(Some(Err(e))) | Err(e) => e.to_string(),
                         Ok(None) => "an unexpected reply".into(),
                     };
-                    // Asked anew next time: the leader changed, or it failed.
-                    self.leader.lock().unwrap().take();
+                    // Asked anew next time: the leader changed, or it failed (unless another
+                    // request has found a new one meanwhile).
+                    let mut leader = self.leader.lock().unwrap();
+                    if leader.as_ref() == Some(&addr) {
+                        leader.take();
+                    }
                     format!("{addr}: {failed}")
                 }
             };
@@ -371,6 +397,32 @@ replicated_volume!(RemoteVolume, {
     }
 
     async fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
+        Ok(self.read_bytes(offset, length).await?.into())
+    }
+
+    async fn read_sendable(&self, offset: u64, length: u32) -> io::Result<crate::volume::Sendable> {
+        Ok(crate::volume::Sendable::Data(
+            self.read_bytes(offset, length).await?,
+        ))
+    }
+
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
+        let runs = self
+            .on_leader(
+                || RemoteOp::Extents(offset, length),
+                |r| match r {
+                    Reply::Extents(r) => Some(r.map_err(io::Error::from)),
+                    _ => None,
+                },
+            )
+            .await?;
+        Ok(extents(runs))
+    }
+});
+
+impl RemoteVolume {
+    /// `length` bytes at `offset`, as the leader sent them (a slice of the frame they came in).
+    async fn read_bytes(&self, offset: u64, length: u32) -> io::Result<bytes::Bytes> {
         let data: Data = self
             .on_leader(
                 || RemoteOp::Read(offset, length),
@@ -387,19 +439,6 @@ replicated_volume!(RemoteVolume, {
                 data.len()
             )));
         }
-        Ok(data.to_vec())
+        Ok(data.bytes().clone())
     }
-
-    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<crate::volume::Extent>> {
-        let runs = self
-            .on_leader(
-                || RemoteOp::Extents(offset, length),
-                |r| match r {
-                    Reply::Extents(r) => Some(r.map_err(io::Error::from)),
-                    _ => None,
-                },
-            )
-            .await?;
-        Ok(extents(runs))
-    }
-});
+}
