@@ -2056,4 +2056,28 @@ fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
     let said = stale.run("write -P 0x68 0 1M");
     assert!(!said.contains("wrote"), "into the new volume: {said}");
     io(&c, outside, "read -P 0 0 1M");
+
+    // A delete through a node without a replica while every holder hangs (none answers the
+    // lookup) waits for them and deletes, instead of saying that no node holds the volume.
+    let holders: Vec<usize> = (0..4).filter(|i| c.held(*i).contains_key("w")).collect();
+    let outside = (0..4).find(|i| !holders.contains(i)).unwrap();
+    for i in &holders {
+        c.signal(*i, "STOP");
+    }
+    let (good, out) = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            for i in &holders {
+                c.signal(*i, "CONT");
+            }
+        });
+        c.blockdrv(&["volume", "delete", "--addr", &c.addr(outside), "w"])
+    });
+    assert!(good, "{out}");
+    for i in holders {
+        c.wait_for(
+            |c| !c.held(i).contains_key("w"),
+            "the replicas to be dropped",
+        );
+    }
 }

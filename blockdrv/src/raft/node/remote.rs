@@ -300,14 +300,15 @@ impl RemoteVolume {
         Ok(found)
     }
 
-    /// Returns once a node other than the one at `addr` leads (checked after [`PATIENCE`],
-    /// then every [`RECHECK`]).
+    /// Returns once a node other than the one at `addr` leads, or the volume is gone
+    /// (checked after [`PATIENCE`], then every [`RECHECK`]).
     async fn leader_moved(&self, addr: &str) {
         tokio::time::sleep(PATIENCE).await;
         loop {
-            let now = self.locate().await.ok().and_then(|s| s.leader_addr);
-            if now.is_some_and(|a| a != addr) {
-                return;
+            match self.locate().await {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Ok(s) if s.leader_addr.as_deref().is_some_and(|a| a != addr) => return,
+                _ => {}
             }
             tokio::time::sleep(RECHECK).await;
         }
