@@ -105,6 +105,12 @@ impl Cluster {
     /// The log segments node `i` holds for writes applied by reference after the log was
     /// purged past them.
     fn held_segments(&self, i: usize) -> usize {
+        self.segments_ending(i, ".held")
+    }
+
+    /// The log segments of node `i` whose name ends with `suffix`: `.held` (purged, held for
+    /// writes applied by reference) or `.free` (purged, a spare).
+    fn segments_ending(&self, i: usize, suffix: &str) -> usize {
         let log = self
             .dir
             .path()
@@ -114,7 +120,7 @@ impl Cluster {
         std::fs::read_dir(log)
             .map(|d| {
                 d.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".held"))
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
                     .count()
             })
             .unwrap_or(0)
@@ -1522,8 +1528,13 @@ fn a_snapshot_of_nothing_but_zeroes_has_no_parts_and_installs() {
     for _ in 0..3 {
         ok(&["qemu-io", "-f", "raw", "-c", "write -P 0 0 4M", &c.uri(via)]);
     }
-    // Snapshots and purges are checked every 250 ms: the log is purged past the writes.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Snapshots and purges are checked every 250 ms: the new leader's log is purged past the
+    // writes (from its start: its first segment is a spare or held). A fixed 1.5 s was not
+    // always enough on a loaded machine.
+    c.wait_for(
+        |c| c.segments_ending(via, ".held") + c.segments_ending(via, ".free") > 0,
+        "the new leader's log to be purged",
+    );
     c.spawn(behind);
     c.assert_replicas_identical();
     let log = std::fs::read_to_string(c.log(behind)).unwrap();

@@ -143,6 +143,33 @@ fn qemu_io(cmd: &str, uri: &str) -> (bool, String) {
     run(&["qemu-io", "-f", "raw", "-c", cmd, uri])
 }
 
+/// Host1 `LookupVolume` of `name`, as busctl prints the answer (`o "/org/vpcd/..."`).
+fn lookup_volume(d: &Daemon, name: &str) -> String {
+    let args = [
+        "call",
+        "org.vpcd.Host1",
+        "/org/vpcd/Host1",
+        "org.vpcd.Host1",
+        "LookupVolume",
+        "s",
+        name,
+    ];
+    busctl(d, &args)
+}
+
+/// A property of volume `name`'s object, as busctl prints it (`t 16777216`).
+fn volume_property(d: &Daemon, name: &str, property: &str) -> String {
+    let path = format!("/org/vpcd/Host1/volume/{name}");
+    let args = [
+        "get-property",
+        "org.vpcd.Host1",
+        &path,
+        "org.vpcd.Volume1",
+        property,
+    ];
+    busctl(d, &args).trim().to_string()
+}
+
 fn info(d: &Daemon, name: &str) -> serde_json::Value {
     serde_json::from_str(&d.vpcctl_ok(&["--json", "vol-info", name])).unwrap()
 }
@@ -259,6 +286,10 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     let d2 = storage_daemon(2, &ports).await;
     let mut d3 = storage_daemon(3, &ports).await;
     d2.vpcctl_ok(&["vol-create", "shared", "16M"]);
+    // Looked up through another host at once, its object is there once the answer is.
+    let path = lookup_volume(&d1, "shared");
+    assert!(path.contains("/org/vpcd/Host1/volume/shared"), "{path}");
+    assert_eq!(volume_property(&d1, "shared", "Size"), "t 16777216");
     for d in [&d1, &d2, &d3] {
         wait_until(
             Duration::from_secs(20),
@@ -278,6 +309,17 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
             Duration::from_secs(10),
             || busctl(d, &["tree", "org.vpcd.Host1"]).contains("/org/vpcd/Host1/volume/shared"),
             "the volume's object on a host it was not created through",
+        );
+    }
+    // Grown through one host: its object says so at once, the others' after their next look
+    // at the cluster.
+    d3.vpcctl_ok(&["vol-resize", "shared", "32M"]);
+    assert_eq!(volume_property(&d3, "shared", "Size"), "t 33554432");
+    for d in [&d1, &d2] {
+        wait_until(
+            Duration::from_secs(10),
+            || volume_property(d, "shared", "Size") == "t 33554432",
+            "the grown size on the other hosts' objects",
         );
     }
     let uri = |d: &Daemon| d.vpcctl_ok(&["vol-export", "shared"]).trim().to_string();
@@ -590,7 +632,13 @@ async fn volume_objects_and_nbd_over_tls_on_tcp() {
         )
     };
     assert_eq!(prop("Size").trim(), "t 16777216");
-    assert_eq!(prop("Health").trim(), "s \"ok\"");
+    // The properties are the volume as the host last looked (every 2 s, and after a change
+    // through it), not asked for on each read.
+    wait_until(
+        Duration::from_secs(10),
+        || prop("Health").trim() == "s \"ok\"",
+        "the object to say the volume has a leader",
+    );
     assert!(prop("TcpUri").contains(&format!("nbds://127.0.0.1:{nbd_port}/tls")));
     busctl(
         &d,
@@ -605,18 +653,7 @@ async fn volume_objects_and_nbd_over_tls_on_tcp() {
         ],
     );
     assert_eq!(prop("Size").trim(), "t 33554432");
-    let looked_up = busctl(
-        &d,
-        &[
-            "call",
-            "org.vpcd.Host1",
-            "/org/vpcd/Host1",
-            "org.vpcd.Host1",
-            "LookupVolume",
-            "s",
-            "tls",
-        ],
-    );
+    let looked_up = lookup_volume(&d, "tls");
     assert!(looked_up.contains(path), "{looked_up}");
 
     // TCP with TLS and the client's certificate: served; written there, read through the

@@ -281,7 +281,9 @@ impl Storage {
                 .map(|t| format!("{t}/{}", spec.name))
                 .unwrap_or_default(),
             name: spec.name,
-            size: spec.size,
+            // The leader's, when it answered: a replica here applies a grow a moment after the
+            // leader (volumes only grow).
+            size: spec.size.max(status.size),
             leader: status.leader.unwrap_or(0),
             health: health(&status),
             members: spec.members.into_iter().collect(),

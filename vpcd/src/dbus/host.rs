@@ -136,13 +136,20 @@ impl HostIface {
         replicas: u32,
     ) -> Result<VolumeRow, ApiError> {
         let v = self.manager.storage()?.create(name, size, replicas).await?;
-        super::volume::sync_volume_objects(conn, &self.manager).await;
+        super::volume::export_volume(conn, &self.manager, v.clone()).await;
         Ok(row(v))
     }
 
     /// Grows a volume to `size` bytes.
-    async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeRow, ApiError> {
-        Ok(row(self.manager.storage()?.resize(name, size).await?))
+    async fn resize_volume(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        name: &str,
+        size: u64,
+    ) -> Result<VolumeRow, ApiError> {
+        let v = self.manager.storage()?.resize(name, size).await?;
+        super::volume::export_volume(conn, &self.manager, v.clone()).await;
+        Ok(row(v))
     }
 
     /// Deletes a volume on all its nodes.
@@ -152,13 +159,19 @@ impl HostIface {
         name: &str,
     ) -> Result<(), ApiError> {
         self.manager.storage()?.delete(name).await?;
-        super::volume::sync_volume_objects(conn, &self.manager).await;
+        super::volume::sync_volume_objects(conn, &self.manager, Some(name)).await;
         Ok(())
     }
 
-    /// The object of a volume of the storage cluster.
-    async fn lookup_volume(&self, name: &str) -> Result<OwnedObjectPath, ApiError> {
-        self.manager.storage()?.info(name).await?;
+    /// The object of a volume of the storage cluster (there once this answers, also for a
+    /// volume made through another host a moment ago).
+    async fn lookup_volume(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        name: &str,
+    ) -> Result<OwnedObjectPath, ApiError> {
+        let v = self.manager.storage()?.info(name).await?;
+        super::volume::export_volume(conn, &self.manager, v).await;
         Ok(super::volume::volume_object(name))
     }
 

@@ -50,14 +50,14 @@ pub async fn serve(manager: Arc<Manager>, address: &str, name: &str) -> anyhow::
         add_domain(&conn, &manager, &info.name).await;
     }
     sync_net_objects(&conn, &manager).await;
-    volume::sync_volume_objects(&conn, &manager).await;
+    volume::sync_volume_objects(&conn, &manager, None).await;
     if manager.storage().is_ok() {
         // Volumes made or deleted through other hosts.
         let (c, m) = (conn.clone(), manager.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(volume::SYNC_INTERVAL).await;
-                volume::sync_volume_objects(&c, &m).await;
+                volume::sync_volume_objects(&c, &m, None).await;
             }
         });
     }
