@@ -494,6 +494,12 @@ async fn disks_are_hot_plugged_into_running_guests_and_unplugged_again() {
         // A volume, live: the guest reads what the host wrote and writes what it reads back.
         let out = d.vpcctl_ok(&["attach-disk", &name, "--volume", "hot"]);
         assert!(out.contains("vda"), "{out}");
+        // Not deleted under the domain that has it.
+        let e = fails(&d, &["vol-delete", "hot"]);
+        assert!(
+            e.contains("InvalidState") && e.contains(&name) && e.contains("vda"),
+            "{e}"
+        );
         let e = fails(
             &d,
             &["attach-disk", &name, "--volume", "hot", "--target", "vda"],
@@ -588,6 +594,8 @@ async fn disks_are_hot_plugged_into_running_guests_and_unplugged_again() {
         d.vpcctl_ok(&["detach-disk", &name, "vdc"]);
         d.vpcctl_ok(&["undefine", &name]);
     }
+    // No domain has it any more.
+    d.vpcctl_ok(&["vol-delete", "hot"]);
 }
 
 /// Volumes as D-Bus objects (properties, Resize, Delete), and NBD over TCP with forced TLS and
@@ -826,4 +834,13 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
         holder.vpcctl_ok(&["vol-export", "ja"]).trim(),
     );
     assert!(good && !out.contains("verification failed"), "{out}");
+
+    // With every host that holds it down, a host that holds none says so, not that there is
+    // no such volume.
+    drop((d2, _d3, d4));
+    let e = fails(&d1, &["vol-info", "ja"]);
+    assert!(
+        e.contains("Unavailable") && e.contains("Connection refused"),
+        "{e}"
+    );
 }

@@ -259,6 +259,30 @@ impl Manager {
         Ok(())
     }
 
+    /// Deletes volume `name` on all its nodes, unless a domain of this host has it as a disk
+    /// (its guest would lose the disk under it, and a new volume of the name would later be
+    /// plugged in its place): `InvalidState` naming the domain and the disk then.
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let storage = self.storage()?;
+        for rec in self.store.all()? {
+            let in_spec = rec.spec.disks.iter().enumerate().find_map(|(i, d)| {
+                (d.volume.as_deref() == Some(name)).then(|| format!("disks[{i}]"))
+            });
+            let in_config = rec.config.iter().flat_map(|c| &c.disks).find_map(|d| {
+                let nbd = d.nbd.as_ref()?;
+                (nbd.export == name).then(|| d.target.clone())
+            });
+            if let Some(disk) = in_config.or(in_spec) {
+                return Err(Error::InvalidState(format!(
+                    "volume {name}: domain {} has it as disk {disk}; detach it or undefine the \
+                     domain first",
+                    rec.spec.name
+                )));
+            }
+        }
+        storage.delete(name).await
+    }
+
     /// The storage node, if this host has the storage role.
     pub fn storage(&self) -> Result<&crate::storage::Storage> {
         self.storage.as_ref().ok_or_else(|| {

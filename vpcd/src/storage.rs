@@ -67,6 +67,8 @@ fn err(volume: &str, e: io::Error) -> Error {
         io::ErrorKind::AlreadyExists => Error::AlreadyExists(what),
         io::ErrorKind::InvalidInput => Error::InvalidArgument(format!("{what}: {e}")),
         io::ErrorKind::TimedOut => Error::Timeout(format!("{what}: {e}")),
+        // (Its message names the volume and the nodes that did not answer.)
+        io::ErrorKind::HostUnreachable => Error::Unavailable(e.to_string()),
         _ => Error::Failed(format!("{what}: {e}")),
     }
 }

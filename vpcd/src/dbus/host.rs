@@ -158,7 +158,7 @@ impl HostIface {
         #[zbus(connection)] conn: &zbus::Connection,
         name: &str,
     ) -> Result<(), ApiError> {
-        self.manager.storage()?.delete(name).await?;
+        self.manager.delete_volume(name).await?;
         super::volume::sync_volume_objects(conn, &self.manager, Some(name)).await;
         Ok(())
     }

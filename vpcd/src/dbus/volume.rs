@@ -50,7 +50,7 @@ impl VolumeIface {
 
     /// Deletes the volume on all its nodes.
     async fn delete(&self, #[zbus(connection)] conn: &Connection) -> Result<(), ApiError> {
-        self.manager.storage()?.delete(&self.name).await?;
+        self.manager.delete_volume(&self.name).await?;
         sync_volume_objects(conn, &self.manager, Some(&self.name)).await;
         Ok(())
     }

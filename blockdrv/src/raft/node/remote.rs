@@ -151,9 +151,18 @@ impl Node {
 
     /// The status of volume `name`, which other nodes hold, as its leader sees it ([`Node::locate`],
     /// then the leader's own if that was not among the answers; with the leader unreachable
-    /// if it does not answer within [`ASK`]).
+    /// if it does not answer within [`ASK`]). `HostUnreachable` (naming them) if no node that
+    /// answered holds it while some did not answer.
     pub async fn volume_status(&self, name: &str) -> io::Result<Status> {
-        let found = self.locate(name).await?;
+        let found = match self.locate_volume(name, None).await {
+            Err(e) if e.kind() == io::ErrorKind::Other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::HostUnreachable,
+                    e.to_string(),
+                ))
+            }
+            found => found?,
+        };
         let Some(addr) = found.leader_addr.clone() else {
             return Ok(found);
         };
