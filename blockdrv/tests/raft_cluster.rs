@@ -1776,6 +1776,12 @@ fn a_volume_deleted_while_a_node_is_cut_off_stays_deleted_and_a_new_one_starts_e
         "node {} heard of the delete",
         cut + 1
     );
+    // The others do not list the volume (they have its tombstone), though that node's list
+    // still has its replica.
+    for i in [leader, via] {
+        let list = c.exports(i);
+        assert!(!list.contains("export=\"data\""), "node {}: {list}", i + 1);
+    }
     let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(via), "data", "8M"]);
     assert!(good, "{out}");
     let log = std::fs::read_to_string(c.log(cut)).unwrap();

@@ -18,7 +18,7 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 0)]
         replicas: u32,
     },
-    /// List the volumes this host holds.
+    /// List the volumes of the storage cluster (this host serves every one).
     VolList,
     /// Show a volume: size, leader, replicas, health, NBD URI.
     VolInfo { name: String },

@@ -73,6 +73,19 @@ fn err(volume: &str, e: io::Error) -> Error {
     }
 }
 
+/// `nbd://ADDRESS:PORT` (`nbds://` with TLS) of the NBD listener on `addr`; one on every
+/// address is named by the address the other nodes reach this one at (`listen`):
+/// `nbd://0.0.0.0:...` is no use from another host.
+fn tcp_base(tls: bool, addr: SocketAddr, listen: SocketAddr) -> String {
+    let scheme = if tls { "nbds" } else { "nbd" };
+    let shown = if addr.ip().is_unspecified() && !listen.ip().is_unspecified() {
+        SocketAddr::new(listen.ip(), addr.port())
+    } else {
+        addr
+    };
+    format!("{scheme}://{shown}")
+}
+
 fn node_err(id: u64, e: io::Error) -> Error {
     err(&format!("storage node {id}"), e)
 }
@@ -133,8 +146,7 @@ impl Storage {
                     tracing::error!("NBD TCP server stopped: {e}");
                 }
             }));
-            let scheme = if cfg.tls.is_some() { "nbds" } else { "nbd" };
-            tcp = Some(format!("{scheme}://{addr}"));
+            tcp = Some(tcp_base(cfg.tls.is_some(), addr, cfg.listen));
         }
         tasks.push(tokio::spawn(async move {
             if let Err(e) = server.serve_unix(l).await {
@@ -328,6 +340,34 @@ fn health(status: &node::Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tcp_uri_names_a_reachable_address() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let listen = a("192.0.2.7:7400");
+        assert_eq!(
+            tcp_base(false, a("0.0.0.0:10809"), listen),
+            "nbd://192.0.2.7:10809"
+        );
+        assert_eq!(
+            tcp_base(true, a("[::]:10809"), listen),
+            "nbds://192.0.2.7:10809"
+        );
+        assert_eq!(
+            tcp_base(false, a("127.0.0.1:10809"), listen),
+            "nbd://127.0.0.1:10809"
+        );
+        let v6 = a("[2001:db8::1]:7400");
+        assert_eq!(
+            tcp_base(false, a("[::]:10809"), v6),
+            "nbd://[2001:db8::1]:10809"
+        );
+        // Nothing better to say.
+        assert_eq!(
+            tcp_base(false, a("0.0.0.0:10809"), a("0.0.0.0:7400")),
+            "nbd://0.0.0.0:10809"
+        );
+    }
 
     #[test]
     fn health_says_what_the_leader_sees() {

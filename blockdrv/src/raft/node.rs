@@ -3968,7 +3968,6 @@ pub async fn list(addr: &str) -> io::Result<Vec<(VolumeSpec, Status)>> {
     }
 }
 
-/// The status of `volume` as the node at `addr` sees it.
 /// Whether `t` has the tombstone of volume (`name`, `id`): that very volume, not an older one
 /// of its name (id 0, a volume of a node's command line, has none).
 fn buried(t: &Tombstones, name: &str, id: u64) -> bool {

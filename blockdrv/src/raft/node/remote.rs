@@ -32,6 +32,14 @@ const ASK: Duration = Duration::from_secs(2);
 const PATIENCE: Duration = Duration::from_secs(1);
 const RECHECK: Duration = Duration::from_millis(500);
 
+/// How a status's word on a volume's leader ranks ([`Node::locate`], [`Node::cluster_volumes`]):
+/// one that names a leader it can be reached at first, then the newest term (a leader that
+/// hung and runs again still thinks it leads, in an older term), then, of one term, the
+/// leader's own (its size is the newest).
+fn rank(s: &Status) -> (bool, u64, bool) {
+    (s.leader_addr.is_some(), s.term, s.leader == Some(s.node))
+}
+
 impl Node {
     /// Who leads volume `name`, as the other nodes of the cluster that hold it say (asked all
     /// at once, [`ASK`] each): of their answers that name a leader, the newest term's (a
@@ -68,8 +76,6 @@ impl Node {
                 }
             })
             .collect();
-        // Of one term, the leader's own status (its size is the newest).
-        let rank = |s: &Status| (s.leader_addr.is_some(), s.term, s.leader == Some(s.node));
         let mut best: Option<Status> = None;
         let (mut holders, mut failed) = (Vec::new(), Vec::new());
         // A replica here (one that cannot serve, whose clients come this way) is one of the
@@ -135,10 +141,11 @@ impl Node {
             });
         let lists = futures::future::join_all(asks).await;
         let complete = lists.iter().all(Option::is_some);
-        // The leader's own list first (see `locate`).
-        let rank = |s: &Status| (s.leader == Some(s.node), s.leader.is_some(), s.term);
+        // A replica of a deleted volume that its node has not dropped yet (cut off during the
+        // delete: it drops it once it learns) is not a volume of the cluster.
+        let buried = self.tombstones.lock().await.clone();
         for (spec, st) in lists.into_iter().flatten().flatten() {
-            if here.contains(&spec.name) {
+            if here.contains(&spec.name) || super::buried(&buried, &spec.name, spec.id) {
                 continue;
             }
             let better = all.get(&spec.name).is_none_or(|(_, b)| rank(&st) > rank(b));
