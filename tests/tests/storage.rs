@@ -401,6 +401,21 @@ async fn guests_use_a_volume_as_their_disk_through_qmp_and_libvirt() {
         let spec = kernel_spec(&name, "") + "[[disks]]\nvolume = \"data\"\n";
         d.create(&spec, backend);
         d.wait_console(&name, BOOT_MARKER, 1);
+        // One domain's writable disk at a time: a second domain with it is refused, and
+        // leaves nothing.
+        let second = unique("second");
+        let spec2 = kernel_spec(&second, "") + "[[disks]]\nvolume = \"data\"\n";
+        std::fs::write(&path, &spec2).unwrap();
+        let e = fails(
+            &d,
+            &["define", path.to_str().unwrap(), "--backend", backend],
+        );
+        assert!(
+            e.contains("InvalidState") && e.contains(&name) && e.contains("vda"),
+            "{e}"
+        );
+        let e = fails(&d, &["dominfo", &second]);
+        assert!(e.contains("NotFound"), "{e}");
         let mut shell = d.guest_shell(&name).await;
         let first = shell.ok("dd if=/dev/vda bs=4096 count=1 2>/dev/null | od -An -tx1 | head -1");
         assert!(first.contains("5a 5a 5a 5a"), "{backend}: {first}");

@@ -30,6 +30,15 @@ pub enum ManagerEvent {
     State(VmEvent),
 }
 
+/// A domain that has a volume as a disk ([`Manager::volume_user`]).
+#[derive(Debug)]
+struct VolumeUser {
+    domain: String,
+    /// Its target (`vdb`), or `disks[N]` of a definition not prepared yet.
+    disk: String,
+    readonly: bool,
+}
+
 /// A VM as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmInfo {
@@ -237,17 +246,40 @@ impl Manager {
     /// Points the VM's volume disks at this host's NBD socket; each volume must be one this
     /// host holds.
     async fn resolve_volumes(&self, config: &mut hypervisor::VmConfig) -> Result<()> {
+        let domain = config.name().to_string();
         for disk in &mut config.disks {
-            self.resolve_volume(disk).await?;
+            self.resolve_volume(&domain, disk).await?;
         }
         Ok(())
     }
 
-    /// Points a volume disk at this host's NBD socket (other disks are left as they are).
-    async fn resolve_volume(&self, disk: &mut hypervisor::ResolvedDisk) -> Result<()> {
+    /// Points a volume disk of `domain` at this host's NBD socket (other disks are left as
+    /// they are). A volume is one domain's writable disk at a time (nothing coordinates two
+    /// guests writing one block device); domains may share it read-only.
+    async fn resolve_volume(
+        &self,
+        domain: &str,
+        disk: &mut hypervisor::ResolvedDisk,
+    ) -> Result<()> {
         let Some(nbd) = &mut disk.nbd else {
             return Ok(());
         };
+        if let Some(user) = self.volume_user(&nbd.export, Some(domain))? {
+            if !(disk.readonly && user.readonly) {
+                return Err(Error::InvalidState(format!(
+                    "disk {}: volume {}: domain {} has it as disk {}{}",
+                    disk.target,
+                    nbd.export,
+                    user.domain,
+                    user.disk,
+                    if user.readonly {
+                        " (read-only: so must this one be)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
         let storage = self.storage().map_err(|_| {
             Error::InvalidArgument(format!(
                 "disk {}: volume {}: this host does not have the storage role",
@@ -264,23 +296,39 @@ impl Manager {
     /// plugged in its place): `InvalidState` naming the domain and the disk then.
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let storage = self.storage()?;
+        if let Some(user) = self.volume_user(name, None)? {
+            return Err(Error::InvalidState(format!(
+                "volume {name}: domain {} has it as disk {}; detach it or undefine the domain \
+                 first",
+                user.domain, user.disk
+            )));
+        }
+        storage.delete(name).await
+    }
+
+    /// A domain of this host, other than `except`, that has volume `name` as a disk (by its
+    /// definition or by what is attached), if one does.
+    fn volume_user(&self, name: &str, except: Option<&str>) -> Result<Option<VolumeUser>> {
         for rec in self.store.all()? {
+            if except == Some(rec.spec.name.as_str()) {
+                continue;
+            }
             let in_spec = rec.spec.disks.iter().enumerate().find_map(|(i, d)| {
-                (d.volume.as_deref() == Some(name)).then(|| format!("disks[{i}]"))
+                (d.volume.as_deref() == Some(name)).then(|| (format!("disks[{i}]"), d.readonly))
             });
             let in_config = rec.config.iter().flat_map(|c| &c.disks).find_map(|d| {
                 let nbd = d.nbd.as_ref()?;
-                (nbd.export == name).then(|| d.target.clone())
+                (nbd.export == name).then(|| (d.target.clone(), d.readonly))
             });
-            if let Some(disk) = in_config.or(in_spec) {
-                return Err(Error::InvalidState(format!(
-                    "volume {name}: domain {} has it as disk {disk}; detach it or undefine the \
-                     domain first",
-                    rec.spec.name
-                )));
+            if let Some((disk, readonly)) = in_config.or(in_spec) {
+                return Ok(Some(VolumeUser {
+                    domain: rec.spec.name,
+                    disk,
+                    readonly,
+                }));
             }
         }
-        storage.delete(name).await
+        Ok(None)
     }
 
     /// The storage node, if this host has the storage role.
@@ -716,7 +764,7 @@ impl Manager {
                 let _ = std::fs::remove_file(&d.path);
             }
         };
-        if let Err(e) = self.resolve_volume(&mut resolved).await {
+        if let Err(e) = self.resolve_volume(name, &mut resolved).await {
             remove_owned(&resolved);
             return Err(e);
         }
