@@ -1728,9 +1728,9 @@ async fn while_answering(
 }
 
 /// The status of `volume` from its leader at `addr`, or `known` with the leader among the
-/// unreachable if it does not answer within 2 s.
+/// unreachable if it does not answer within [`remote::ASK`].
 async fn as_leader_sees(mut known: Status, addr: &str, volume: &str) -> Status {
-    match tokio::time::timeout(Duration::from_secs(2), status(addr, volume)).await {
+    match tokio::time::timeout(remote::ASK, status(addr, volume)).await {
         Ok(Ok(s)) => s,
         _ => {
             known.unreachable.extend(known.leader);

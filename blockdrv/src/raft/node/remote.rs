@@ -26,7 +26,7 @@ use super::{
 };
 
 /// How long each node has to say whether it holds a volume, and who leads it.
-const ASK: Duration = Duration::from_secs(2);
+pub(super) const ASK: Duration = Duration::from_secs(2);
 /// After this long without an answer, a request checks every [`RECHECK`] whether another node
 /// leads now.
 const PATIENCE: Duration = Duration::from_secs(1);
@@ -81,7 +81,7 @@ impl Node {
         // A replica here (one that cannot serve, whose clients come this way) is one of the
         // members heard: a member that is down does not hold the lookup up then either.
         let here = self.group(name);
-        if here.is_some_and(|g| id.is_none_or(|id| g.incarnation.volume_id() == id)) {
+        if here.is_some_and(|g| id.is_none_or(|i| g.incarnation.volume_id() == i)) {
             holders.push(self.id);
         }
         while let Some(answer) = asks.next().await {
