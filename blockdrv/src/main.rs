@@ -99,6 +99,28 @@ enum VolumeCmd {
         name: String,
         size: String,
     },
+    /// Records that domain DOMAIN on node NODE has the volume as disk DISK: refused while
+    /// another user has it, unless both are read-only.
+    Attach {
+        #[arg(long)]
+        addr: String,
+        name: String,
+        node: u64,
+        domain: String,
+        disk: String,
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Forgets that domain DOMAIN on node NODE has the volume (as --disk, or any disk).
+    Detach {
+        #[arg(long)]
+        addr: String,
+        name: String,
+        node: u64,
+        domain: String,
+        #[arg(long)]
+        disk: Option<String>,
+    },
     /// The volumes a node holds (JSON).
     List {
         #[arg(long)]
@@ -374,6 +396,40 @@ async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
             node::move_replica(&addr, &name, from, id, to_addr)
                 .await
                 .with_context(|| format!("move volume {name} from node {from} to {id}"))?;
+        }
+        VolumeCmd::Attach {
+            addr,
+            name,
+            node: on,
+            domain,
+            disk,
+            readonly,
+        } => {
+            let a = blockdrv::raft::Attachment {
+                node: on,
+                domain,
+                disk,
+                readonly,
+            };
+            node::claim(&addr, &name, blockdrv::raft::BlockOp::Attach(a))
+                .await
+                .with_context(|| format!("attach volume {name}"))?
+        }
+        VolumeCmd::Detach {
+            addr,
+            name,
+            node: on,
+            domain,
+            disk,
+        } => {
+            let op = blockdrv::raft::BlockOp::Detach {
+                node: on,
+                domain,
+                disk,
+            };
+            node::claim(&addr, &name, op)
+                .await
+                .with_context(|| format!("detach volume {name}"))?
         }
         VolumeCmd::List { addr } => {
             let v = node::list(&addr).await?;

@@ -2098,3 +2098,157 @@ fn a_node_without_a_replica_serves_the_volume_through_the_nodes_that_hold_it() {
         );
     }
 }
+
+/// A volume's users (attachments) are decided by its leader and kept by every replica: one
+/// writer or any number of readers, no delete while attached, through any node (one without a
+/// replica too), across a change of leader and to a replica that catches up by snapshot.
+#[test]
+fn a_volume_has_one_writer_or_readers_only_and_is_not_deleted_while_attached() {
+    let mut c = Cluster::nodes(
+        4,
+        &[
+            "--heartbeat-ms",
+            "100",
+            "--election-ms",
+            "500",
+            "--snapshot-logs",
+            "1",
+            "--keep-logs",
+            "1",
+            "--segment-mib",
+            "4",
+        ],
+    );
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "u", "16M"]);
+    assert!(good, "{out}");
+    let holders: Vec<usize> = (0..4).filter(|i| c.held(*i).contains_key("u")).collect();
+    assert_eq!(holders.len(), 3, "{holders:?}");
+    let outside = (0..4).find(|i| !holders.contains(i)).unwrap();
+    let volume = |c: &Cluster, via: usize, args: &[&str]| {
+        let mut cmd = vec!["volume", args[0], "--addr"];
+        let addr = c.addr(via);
+        cmd.push(&addr);
+        cmd.push("u");
+        cmd.extend_from_slice(&args[1..]);
+        c.blockdrv(&cmd)
+    };
+    let users = |c: &Cluster, i: usize| -> Vec<String> {
+        c.status_of(i, "u")
+            .map(|s| {
+                s["claims"]["attachments"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{}/{}/{}",
+                            a["node"],
+                            a["domain"].as_str().unwrap(),
+                            a["disk"].as_str().unwrap()
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // A writer, through the node without a replica.
+    let (good, out) = volume(&c, outside, &["attach", "9", "web", "vdb"]);
+    assert!(good, "{out}");
+    // Again: the same, not a second user.
+    let (good, out) = volume(&c, holders[1], &["attach", "9", "web", "vdb"]);
+    assert!(good, "{out}");
+    for i in &holders {
+        c.wait_for(
+            |c| users(c, *i) == ["9/web/vdb"],
+            "every replica to have the user",
+        );
+    }
+    // Nobody else, not even to read; no delete.
+    let refused = "volume u is attached to domain web (disk vdb) on node 9";
+    let (good, out) = volume(&c, holders[0], &["attach", "8", "db", "vdc", "--readonly"]);
+    assert!(!good && out.contains(refused), "{out}");
+    let (good, out) = volume(&c, outside, &["delete"]);
+    assert!(
+        !good && out.contains(refused) && out.contains("detach it first"),
+        "{out}"
+    );
+    assert!(c.exports_own(holders[0], "u"), "refused, but deleted");
+
+    // A replica moved to the fourth node after the log was purged (12 MiB written, a
+    // snapshot every MiB) is sent a snapshot, and has the user with it.
+    let leader = c.status_of(holders[0], "u").unwrap()["leader"]
+        .as_u64()
+        .unwrap() as usize
+        - 1;
+    let uri = format!("nbd+unix:///u?socket={}", c.socket(leader).display());
+    ok(&["qemu-io", "-f", "raw", "-c", "write -P 0x75 0 12M", &uri]);
+    let log = c.dir.path().join(format!("n{}/u/log", leader + 1));
+    c.wait_for(
+        |_| {
+            std::fs::read_dir(&log).unwrap().flatten().any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.ends_with(".held") || name.ends_with(".free")
+            })
+        },
+        "the leader to purge its log",
+    );
+    let from = *holders.iter().find(|i| **i != leader).unwrap();
+    let (good, out) = c.move_replica(leader, "u", from, outside);
+    assert!(good, "{out}");
+    c.wait_for(
+        |c| users(c, outside) == ["9/web/vdb"],
+        "the moved replica to have the user",
+    );
+    let snapshot = std::fs::read_to_string(c.log(outside)).unwrap();
+    assert!(
+        snapshot.contains("snapshot installed"),
+        "caught up by the log, not a snapshot"
+    );
+
+    // The next leader has it too.
+    c.kill(leader);
+    let next = (0..4).find(|i| *i != leader && *i != from).unwrap();
+    c.wait_for(
+        |c| {
+            c.status_of(next, "u").is_some_and(|s| {
+                s["leader"]
+                    .as_u64()
+                    .is_some_and(|l| l as usize != leader + 1)
+            })
+        },
+        "a new leader",
+    );
+    let (good, out) = volume(&c, next, &["attach", "8", "db", "vdc"]);
+    assert!(!good && out.contains(refused), "{out}");
+    c.spawn(leader);
+
+    // Readers share it; a writer then is refused, and so is a delete.
+    let (good, out) = volume(&c, next, &["detach", "9", "web"]);
+    assert!(good, "{out}");
+    for (node, domain) in [("8", "db"), ("7", "x")] {
+        let (good, out) = volume(&c, outside, &["attach", node, domain, "vdc", "--readonly"]);
+        assert!(good, "{out}");
+    }
+    let (good, out) = volume(&c, next, &["attach", "9", "web", "vdb"]);
+    assert!(
+        !good && out.contains("can only be attached read-only"),
+        "{out}"
+    );
+    let (good, out) = volume(&c, next, &["delete"]);
+    assert!(
+        !good && out.contains("domain db") && out.contains("domain x"),
+        "{out}"
+    );
+    // Detached (one disk, then the domain): deleted.
+    let (good, out) = volume(&c, outside, &["detach", "8", "db", "--disk", "vdc"]);
+    assert!(good, "{out}");
+    let (good, out) = volume(&c, outside, &["detach", "7", "x"]);
+    assert!(good, "{out}");
+    let (good, out) = volume(&c, outside, &["delete"]);
+    assert!(good, "{out}");
+    let (good, out) = volume(&c, next, &["attach", "9", "web", "vdb"]);
+    assert!(
+        !good && out.contains("no node of the cluster holds it"),
+        "attached after the delete: {out}"
+    );
+}

@@ -356,6 +356,71 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         || info(&d1, "tri")["health"] == "ok",
         "the new volume to have a leader",
     );
+    // One host's domain has it as a disk: another host's domain cannot have it (not even
+    // read-only), no host deletes it, and every host says who has it.
+    let define = |d: &Daemon, name: &str, extra: &str| {
+        let spec = kernel_spec(name, "") + "[[disks]]\nvolume = \"tri\"\n" + extra;
+        let path = d.state.path().join(format!("{name}.toml"));
+        std::fs::write(&path, spec).unwrap();
+        d.vpcctl(&["define", path.to_str().unwrap(), "--backend", "qmp"])
+    };
+    let failed = |out: std::process::Output| {
+        assert!(!out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (web, db) = (unique("web"), unique("db"));
+    assert!(define(&d1, &web, "").status.success());
+    let user = format!("attached to domain {web} (disk vda) on node 1");
+    let e = failed(define(&d2, &db, "readonly = true\n"));
+    assert!(e.contains("InvalidState") && e.contains(&user), "{e}");
+    assert!(fails(&d2, &["dominfo", &db]).contains("NotFound"));
+    let e = fails(&d3, &["vol-delete", "tri"]);
+    assert!(e.contains("InvalidState") && e.contains(&user), "{e}");
+    for d in [&d1, &d2, &d3] {
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                info(d, "tri")["attachments"]
+                    == serde_json::json!([{"node": 1, "domain": web, "disk": "vda", "readonly": false}])
+            },
+            "every host to show the volume's user",
+        );
+    }
+    assert!(d2
+        .vpcctl_ok(&["vol-list"])
+        .contains(&format!("{web}/vda@1")));
+    // Undefined there, the volume is another host's domain's.
+    d1.vpcctl_ok(&["undefine", &web]);
+    assert!(define(&d2, &db, "").status.success());
+    // The host of that domain is gone for good: its use is released through another host, a
+    // domain elsewhere may have the volume then; a host's own domain keeps its volume.
+    let e = fails(&d2, &["vol-release", "tri", &db]);
+    assert!(e.contains("InvalidState") && e.contains("detach"), "{e}");
+    d1.vpcctl_ok(&["vol-release", "tri", &db, "--node", "2"]);
+    assert!(define(&d1, &web, "").status.success());
+    d1.vpcctl_ok(&["undefine", &web]);
+    // An attachment naming a domain this host does not have (a crash between attaching and
+    // recording the domain leaves one) is released by the host within a few seconds.
+    let addr = format!("127.0.0.1:{}", ports[0]);
+    let blockdrv = vpcd_tests::bin("blockdrv");
+    let (good, out) = run(&[
+        blockdrv.to_str().unwrap(),
+        "volume",
+        "attach",
+        "--addr",
+        &addr,
+        "tri",
+        "1",
+        "ghost",
+        "vdz",
+    ]);
+    assert!(good, "{out}");
+    wait_until(
+        Duration::from_secs(15),
+        || info(&d3, "tri")["attachments"] == serde_json::json!([]),
+        "host 1 to release the stale attachment",
+    );
+    d2.vpcctl_ok(&["undefine", &db]);
     d3.kill9();
     for d in [&d1, &d2] {
         wait_until(

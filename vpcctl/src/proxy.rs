@@ -5,7 +5,18 @@ use zbus::zvariant::{OwnedFd, OwnedObjectPath};
 
 /// A volume: (name, size, leader node (0: none), health, replicas (node, address), NBD URI,
 /// NBD URI over TCP or "").
-pub type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String, String);
+/// (name, size, leader, health, replicas, NBD URI, TCP URI, attachments (node, domain, disk,
+/// read-only)).
+pub type VolumeRow = (
+    String,
+    u64,
+    u64,
+    String,
+    Vec<(u64, String)>,
+    String,
+    String,
+    Vec<(u64, String, String, bool)>,
+);
 
 /// The well-known name vpcd takes by default.
 pub const BUS_NAME: &str = "org.vpcd.Host1";
@@ -32,6 +43,7 @@ pub trait Host {
     fn delete_volume(&self, name: &str) -> zbus::Result<()>;
     fn list_volumes(&self) -> zbus::Result<Vec<VolumeRow>>;
     fn volume_info(&self, name: &str) -> zbus::Result<VolumeRow>;
+    fn release_volume(&self, name: &str, node: u64, domain: &str) -> zbus::Result<()>;
     fn add_storage_node(&self, id: u64, address: &str) -> zbus::Result<Vec<(String, u64, u64)>>;
     fn remove_storage_node(&self, id: u64) -> zbus::Result<Vec<(String, u64, u64)>>;
     fn list_storage_nodes(&self) -> zbus::Result<Vec<(u64, String)>>;

@@ -24,8 +24,18 @@ pub enum VolumeCmd {
     VolInfo { name: String },
     /// Grow a volume to SIZE (volumes never shrink).
     VolResize { name: String, size: String },
-    /// Delete a volume on all its nodes.
+    /// Delete a volume on all its nodes (refused while a domain has it as a disk).
     VolDelete { name: String },
+    /// Forget that DOMAIN on storage node --node (default: this host's) has the volume as a
+    /// disk: for a host that is gone (its guests must not run). A domain of this host keeps
+    /// its volumes (detach-disk, undefine).
+    VolRelease {
+        name: String,
+        domain: String,
+        /// The storage node of the domain's host.
+        #[arg(long)]
+        node: Option<u64>,
+    },
     /// Add a storage node (running, with this cluster's members) to the cluster: ID ADDRESS:PORT;
     /// replicas move onto it.
     StorageNodeAdd { id: u64, address: String },
@@ -59,7 +69,7 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
 }
 
 fn to_json(r: &crate::proxy::VolumeRow) -> serde_json::Value {
-    let (name, size, leader, health, members, uri, tcp_uri) = r;
+    let (name, size, leader, health, members, uri, tcp_uri, users) = r;
     json!({
         "name": name,
         "size": size,
@@ -68,7 +78,22 @@ fn to_json(r: &crate::proxy::VolumeRow) -> serde_json::Value {
         "replicas": members.iter().map(|(id, addr)| json!({"node": id, "address": addr})).collect::<Vec<_>>(),
         "uri": uri,
         "tcp_uri": (!tcp_uri.is_empty()).then_some(tcp_uri),
+        "attachments": users.iter().map(|(node, domain, disk, ro)| json!({"node": node, "domain": domain, "disk": disk, "readonly": ro})).collect::<Vec<_>>(),
     })
+}
+
+/// A volume's users as a table cell: `web/vdb@2`, `db/vdc@3 (ro)`, or `-`.
+fn users(users: &[(u64, String, String, bool)]) -> String {
+    if users.is_empty() {
+        return "-".into();
+    }
+    users
+        .iter()
+        .map(|(node, domain, disk, ro)| {
+            format!("{domain}/{disk}@{node}{}", if *ro { " (ro)" } else { "" })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Result<()> {
@@ -97,6 +122,16 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
         VolumeCmd::VolDelete { name } => {
             host.delete_volume(&name).await?;
             said(json, &format!("Volume '{name}' deleted"));
+        }
+        VolumeCmd::VolRelease { name, domain, node } => {
+            // (0: this host's node.)
+            host.release_volume(&name, node.unwrap_or(0), &domain)
+                .await?;
+            let on = node.map_or("this host".to_string(), |n| format!("node {n}"));
+            said(
+                json,
+                &format!("Volume '{name}' released by domain '{domain}' on {on}"),
+            );
         }
         VolumeCmd::VolExport { name, tcp } => {
             let r = host.volume_info(&name).await?;
@@ -132,6 +167,7 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
                     ),
                     ("Replicas:", replicas.join(", ")),
                     ("Health:", r.3.clone()),
+                    ("Attached:", users(&r.7)),
                     ("URI:", r.5.clone()),
                     (
                         "TCP URI:",
@@ -180,9 +216,9 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_table(
-                    &["Name", "Size", "Leader", "Replicas", "Health"],
+                    &["Name", "Size", "Leader", "Replicas", "Health", "Attached"],
                     rows.into_iter()
-                        .map(|(name, size, leader, health, members, _, _)| {
+                        .map(|(name, size, leader, health, members, _, _, attached)| {
                             vec![
                                 name,
                                 size.to_string(),
@@ -193,6 +229,7 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
                                 },
                                 members.len().to_string(),
                                 health,
+                                users(&attached),
                             ]
                         })
                         .collect(),

@@ -30,6 +30,21 @@ pub enum ManagerEvent {
     State(VmEvent),
 }
 
+/// How long an undefine or a detach waits for the storage cluster to forget a domain's use of
+/// a volume before it goes on without (the stale attachment is released later).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn bounded(release: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(RELEASE_WAIT, release)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout(format!(
+                "no answer within {} s",
+                RELEASE_WAIT.as_secs()
+            )))
+        })
+}
+
 /// A domain that has a volume as a disk ([`Manager::volume_user`]).
 #[derive(Debug)]
 struct VolumeUser {
@@ -287,8 +302,106 @@ impl Manager {
             ))
         })?;
         storage.info(&nbd.export).await?;
+        // Across hosts: the volume's leader decides.
+        storage
+            .attach(&nbd.export, domain, &disk.target, disk.readonly)
+            .await
+            .map_err(|e| match e {
+                Error::InvalidState(m) => Error::InvalidState(format!("disk {}: {m}", disk.target)),
+                e => e,
+            })?;
         nbd.socket = storage.socket().to_owned();
         Ok(())
+    }
+
+    /// Forgets that domain `domain` has the volume of `disk` as that disk, if it is a volume
+    /// (best effort, as [`Manager::release_volumes`]).
+    async fn release_disk(&self, domain: &str, disk: &hypervisor::ResolvedDisk) {
+        let (Some(nbd), Ok(storage)) = (&disk.nbd, self.storage()) else {
+            return;
+        };
+        let me = storage.node_id();
+        let detach = storage.detach(&nbd.export, me, domain, Some(&disk.target));
+        if let Err(e) = bounded(detach).await {
+            tracing::warn!(vm = %domain, volume = %nbd.export, "not released: {e}");
+        }
+    }
+
+    /// The volumes domain `rec` has as disks (in its definition or attached).
+    fn volumes_of(rec: &VmRecord) -> std::collections::BTreeSet<String> {
+        let in_spec = rec.spec.disks.iter().filter_map(|d| d.volume.clone());
+        let in_config = rec
+            .config
+            .iter()
+            .flat_map(|c| &c.disks)
+            .filter_map(|d| Some(d.nbd.as_ref()?.export.clone()));
+        in_spec.chain(in_config).collect()
+    }
+
+    /// Forgets, on each of its volumes, that domain `rec` has it (best effort: what is left is
+    /// released by [`Manager::release_stale_claims`] later).
+    async fn release_volumes(&self, rec: &VmRecord) {
+        let Ok(storage) = self.storage() else {
+            return;
+        };
+        let name = &rec.spec.name;
+        for volume in Self::volumes_of(rec) {
+            let detach = storage.detach(&volume, storage.node_id(), name, None);
+            if let Err(e) = bounded(detach).await {
+                tracing::warn!(vm = %name, volume, "not released: {e}");
+            }
+        }
+    }
+
+    /// Forgets the attachments that name this host's storage node and a domain that does not
+    /// have the volume (the host crashed between attaching a volume and recording the domain,
+    /// or a release failed while a storage node was down). `volumes`: the cluster's volumes
+    /// as last listed; each attachment is checked again under its domain's lock.
+    pub async fn release_stale_claims(&self, volumes: &[crate::storage::VolumeInfo]) {
+        let Ok(storage) = self.storage() else {
+            return;
+        };
+        let me = storage.node_id();
+        for v in volumes {
+            for a in v.attachments.iter().filter(|a| a.node == me) {
+                let lock = self.lock_for(&a.domain);
+                let _guard = lock.lock().await;
+                let has = match self.store.get(&a.domain) {
+                    Ok(Some(rec)) => Self::volumes_of(&rec).contains(&v.name),
+                    Ok(None) => false,
+                    Err(_) => true,
+                };
+                if has {
+                    continue;
+                }
+                tracing::info!(volume = %v.name, domain = %a.domain, "releasing a stale attachment");
+                if let Err(e) = storage.detach(&v.name, me, &a.domain, Some(&a.disk)).await {
+                    tracing::warn!(volume = %v.name, domain = %a.domain, "not released: {e}");
+                }
+            }
+        }
+    }
+
+    /// Forgets that domain `domain` on storage node `node` has volume `name`: for a host that
+    /// is gone, or a domain it no longer runs. A domain of this host that has the volume keeps
+    /// it (detach the disk, or undefine the domain). Node 0: this host's.
+    pub async fn release_volume(&self, name: &str, node: u64, domain: &str) -> Result<()> {
+        let storage = self.storage()?;
+        let node = if node == 0 { storage.node_id() } else { node };
+        if node == storage.node_id() {
+            let lock = self.lock_for(domain);
+            let _guard = lock.lock().await;
+            if let Some(rec) = self.store.get(domain)? {
+                if Self::volumes_of(&rec).contains(name) {
+                    return Err(Error::InvalidState(format!(
+                        "volume {name}: domain {domain} of this host has it; detach the disk or \
+                         undefine the domain instead"
+                    )));
+                }
+            }
+            return storage.detach(name, node, domain, None).await;
+        }
+        storage.detach(name, node, domain, None).await
     }
 
     /// Deletes volume `name` on all its nodes, unless a domain of this host has it as a disk
@@ -616,6 +729,7 @@ impl Manager {
                 }
             }
         }
+        self.release_volumes(rec).await;
         if let Err(e) = hypervisor::remove_files(&self.vm_dir(name)) {
             tracing::warn!(vm = %name, "roll back define: {e}");
         }
@@ -698,6 +812,7 @@ impl Manager {
         if !rec.spec.nics.is_empty() {
             self.net()?.delete_vm_ports(name).await?;
         }
+        self.release_volumes(rec).await;
         hypervisor::remove_files(&self.vm_dir(name))?;
         self.store.delete(name)?;
         self.states.lock().unwrap().remove(name);
@@ -770,15 +885,19 @@ impl Manager {
         }
         config.disks.push(resolved.clone());
         let rec = Self::with_disks(&old, spec, &config);
-        self.store.put(&rec)?;
-        if let Err(e) = self
-            .backend(rec.backend)?
-            .attach_disk(Self::config_of(&rec)?, &resolved)
-            .await
-        {
+        let plugged = match self.store.put(&rec) {
+            Ok(()) => self
+                .backend(rec.backend)?
+                .attach_disk(Self::config_of(&rec)?, &resolved)
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = plugged {
             self.store.put(&old)?;
             remove_owned(&resolved);
-            return Err(e.into());
+            self.release_disk(name, &resolved).await;
+            return Err(e);
         }
         tracing::info!(disk = %target, "disk attached");
         let _ = self.events.send(ManagerEvent::Changed(name.to_string()));
@@ -825,9 +944,10 @@ impl Manager {
             .detach_disk(Self::config_of(&rec)?, &disk)
             .await
         {
-            Ok(()) => {}
+            Ok(()) => self.release_disk(name, &disk).await,
             // Off the definition already; the guest lets go of it later.
             Err(e @ hypervisor::Error::UnplugTimeout { .. }) => {
+                self.release_disk(name, &disk).await;
                 let _ = self.events.send(ManagerEvent::Changed(name.to_string()));
                 return Err(e.into());
             }

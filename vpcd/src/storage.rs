@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use blockdrv::raft::node::{self, Node, Timing, VolumeSpec};
+use blockdrv::raft::{Attachment, BlockOp};
 
 use crate::error::{Error, Result};
 
@@ -44,6 +45,8 @@ pub struct VolumeInfo {
     pub uri: String,
     /// The same over TCP (`nbds://` with TLS), "" without a TCP listener.
     pub tcp_uri: String,
+    /// Its users: the domains (on storage nodes) that have it as a disk.
+    pub attachments: Vec<Attachment>,
 }
 
 /// The storage node of this host.
@@ -67,6 +70,8 @@ fn err(volume: &str, e: io::Error) -> Error {
         io::ErrorKind::AlreadyExists => Error::AlreadyExists(what),
         io::ErrorKind::InvalidInput => Error::InvalidArgument(format!("{what}: {e}")),
         io::ErrorKind::TimedOut => Error::Timeout(format!("{what}: {e}")),
+        // A volume another domain has, or one being deleted (its message names it).
+        io::ErrorKind::ResourceBusy => Error::InvalidState(e.to_string()),
         // (Its message names the volume and the nodes that did not answer.)
         io::ErrorKind::HostUnreachable => Error::Unavailable(e.to_string()),
         _ => Error::Failed(format!("{what}: {e}")),
@@ -160,6 +165,48 @@ impl Storage {
             tcp,
             _tasks: tasks,
         })
+    }
+
+    /// This host's storage node id (the node its domains' attachments name).
+    pub fn node_id(&self) -> u64 {
+        self.node.id
+    }
+
+    /// Records that domain `domain` of this host has volume `name` as disk `disk`: refused
+    /// (`InvalidState`, naming the user) while another domain, of this host or another, has
+    /// it, unless both disks are read-only; the same disk again is no change.
+    pub async fn attach(&self, name: &str, domain: &str, disk: &str, readonly: bool) -> Result<()> {
+        let a = Attachment {
+            node: self.node.id,
+            domain: domain.to_string(),
+            disk: disk.to_string(),
+            readonly,
+        };
+        self.claim(name, BlockOp::Attach(a)).await
+    }
+
+    /// Forgets that domain `domain` on storage node `node` has volume `name` (as `disk`, or
+    /// as any disk).
+    pub async fn detach(
+        &self,
+        name: &str,
+        node: u64,
+        domain: &str,
+        disk: Option<&str>,
+    ) -> Result<()> {
+        let op = BlockOp::Detach {
+            node,
+            domain: domain.to_string(),
+            disk: disk.map(str::to_string),
+        };
+        self.claim(name, op).await
+    }
+
+    async fn claim(&self, name: &str, op: BlockOp) -> Result<()> {
+        self.node
+            .claim_volume(name, op)
+            .await
+            .map_err(|e| err(name, e))
     }
 
     /// The NBD socket this host serves its volumes on.
@@ -301,6 +348,7 @@ impl Storage {
             leader: status.leader.unwrap_or(0),
             health: health(&status),
             members: spec.members.into_iter().collect(),
+            attachments: status.claims.attachments,
         }
     }
 }
@@ -384,6 +432,7 @@ mod tests {
             stalled: Vec::new(),
             size: 16 << 20,
             leader_addr: None,
+            claims: Default::default(),
             id: 1,
         };
         let st = |leader, unreachable: &[u64], learners: &[u64]| {

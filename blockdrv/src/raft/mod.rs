@@ -4,6 +4,7 @@
 //! copied, on its way through them (`data.rs`).
 
 // openraft's StorageError (large) is what its storage traits return; the helpers return it too.
+pub mod claims;
 pub mod coalesce;
 pub mod data;
 pub mod node;
@@ -16,6 +17,7 @@ pub mod state_machine;
 
 use serde::{Deserialize, Serialize};
 
+pub use claims::Attachment;
 pub use data::Data;
 
 /// A change to a volume's blocks: what the raft log carries. Every operation says what the
@@ -39,6 +41,16 @@ pub enum BlockOp {
         length: u64,
         allocate: bool,
     },
+    /// The volume is a disk of a domain on a node ([`claims`]; decided on the leader).
+    Attach(Attachment),
+    /// It is no longer a disk of the domain (`disk`: that one; none: any).
+    Detach {
+        node: NodeId,
+        domain: String,
+        disk: Option<String>,
+    },
+    /// A delete of the volume began: nothing attaches it any more.
+    Delete,
 }
 
 impl BlockOp {
@@ -47,7 +59,7 @@ impl BlockOp {
         match self {
             BlockOp::Write { data, .. } => data.len(),
             BlockOp::Batch(ops) => ops.iter().map(BlockOp::data_len).sum(),
-            BlockOp::Resize { .. } | BlockOp::Zero { .. } => 0,
+            _ => 0,
         }
     }
 }
@@ -58,7 +70,7 @@ pub fn entry_data(e: &Entry) -> Vec<&Data> {
         match op {
             BlockOp::Write { data, .. } => out.push(data),
             BlockOp::Batch(ops) => ops.iter().for_each(|o| walk(o, out)),
-            BlockOp::Resize { .. } | BlockOp::Zero { .. } => {}
+            _ => {}
         }
     }
     let mut out = Vec::new();

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::claims::{self, Claims};
 use super::coalesce::Coalesce;
 use super::data;
 use super::segment_log::SegmentLog;
@@ -118,6 +119,13 @@ enum Rpc {
     Delete(String),
     /// Grow a volume (through its log).
     Resize(String, u64),
+    /// A change of the users of volume (name, id) ([`BlockOp::Attach`], `Detach`, `Delete`),
+    /// to its leader, which decides.
+    Claim(String, u64, BlockOp),
+    /// Change the users of a volume (through its leader).
+    ClaimVolume(String, BlockOp),
+    /// [`Rpc::Claim`] by name, sent by a node that does not hold the volume to one that does.
+    ClaimHere(String, BlockOp),
     List,
     /// Replace member `from` (alive or not) of a volume by node `to` at `addr`.
     Move(String, NodeId, NodeId, String),
@@ -208,6 +216,9 @@ pub struct Status {
     /// Which volume of that name this is ([`VolumeSpec::id`]).
     #[serde(default)]
     pub id: u64,
+    /// The volume's users, as this node's replica has applied them.
+    #[serde(default)]
+    pub claims: Claims,
 }
 
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
@@ -228,6 +239,9 @@ struct SnapshotEnd {
     meta: openraft::SnapshotMeta<NodeId, BasicNode>,
     size: u64,
     parts: u64,
+    /// The volume's users as the sender has them now (at or after `meta`'s log id, as the
+    /// blocks may be: applying the entries after it again gives the same, see `claims.rs`).
+    claims: Claims,
 }
 
 /// The next piece of data of a snapshot's volume at or after `at` (at most
@@ -247,6 +261,8 @@ enum Reply {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<SnapshotResponse<NodeId>, String>),
     Write(Result<(), String>),
+    /// A claim's outcome: the leader's refusal inside, a failure (not the leader) outside.
+    Claim(Result<Result<(), String>, String>),
     ReadIndex(Result<u64, String>),
     Status(Status),
     NoVolume(String),
@@ -384,7 +400,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 6;
+const RPC_VERSION: u32 = 7;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -451,6 +467,8 @@ pub struct Network {
     /// The writes the group's state machine holds in the log (a snapshot's data is read
     /// through them).
     pieces: Pieces,
+    /// Its users (sent with a snapshot).
+    claims: claims::Shared,
 }
 
 /// How replication to each peer of a group goes, as this node's network sees it while it
@@ -652,6 +670,7 @@ pub struct Peer {
     conn: Option<TcpStream>,
     links: Arc<Links>,
     pieces: Pieces,
+    claims: claims::Shared,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -665,6 +684,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             conn: None,
             links: self.links.clone(),
             pieces: self.pieces.clone(),
+            claims: self.claims.clone(),
         }
     }
 }
@@ -919,6 +939,7 @@ impl Peer {
             meta: snapshot.meta.clone(),
             size,
             parts,
+            claims: claims::lock(&self.claims).now.clone(),
         };
         let rpc = Rpc::SnapshotEnd(self.volume.clone(), end);
         match self
@@ -984,6 +1005,11 @@ pub struct Group {
     incarnation: Incarnation,
     /// Whether anything of the group's log is left (see [`Remains`]).
     log: super::segment_log::LogAlive,
+    /// The volume's users as applied here.
+    claims: claims::Shared,
+    /// Held by the leader while it decides a change of the users and has it applied, so that
+    /// each is decided on the claims the last left.
+    claiming: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Volumes deleted through the cluster: name -> the ids of the volumes of that name deleted.
@@ -2233,6 +2259,17 @@ impl Node {
 
     /// Deletes volume `spec`, which this node holds a replica of, on all its members.
     async fn delete_held(self: &Arc<Node>, name: &str, spec: VolumeSpec) -> io::Result<()> {
+        // Not while it is attached, and nothing attaches it from now on. A volume whose group
+        // cannot decide (no leader) is deleted all the same: its space must be possible to
+        // free whatever state its replicas are in.
+        match self.claim_volume(name, BlockOp::Delete).await {
+            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => return Err(e),
+            Err(e) => tracing::warn!(
+                volume = name,
+                "its users not checked before the delete: {e}"
+            ),
+            Ok(()) => {}
+        }
         for (id, addr) in &spec.members {
             if *id == self.id {
                 self.drop_replica(name).await?;
@@ -2275,6 +2312,19 @@ impl Node {
             // Held by other nodes only: through its leader.
             None => {
                 let rpc = || Rpc::ResizeHere(name.to_string(), size);
+                self.on_holder(name, rpc, self.leader_wait(), false).await
+            }
+        }
+    }
+
+    /// Changes the users of volume `name` ([`BlockOp::Attach`], `Detach`, `Delete`) on its
+    /// leader, through this node's replica or, if it has none that runs, through a node that
+    /// holds one: `ResourceBusy` naming why if the leader refuses (`claims.rs`).
+    pub async fn claim_volume(self: &Arc<Node>, name: &str, op: BlockOp) -> io::Result<()> {
+        match self.group(name).filter(|g| g.stopped().is_none()) {
+            Some(g) => RaftVolume::new(self.clone(), &g).claim(op).await,
+            None => {
+                let rpc = || Rpc::ClaimHere(name.to_string(), op.clone());
                 self.on_holder(name, rpc, self.leader_wait(), false).await
             }
         }
@@ -2623,6 +2673,7 @@ impl Node {
         let sm = StateMachine::open(&dir.join("blocks"), size)?
             .with_log(&log, self.timing.defer_logs << 20)?;
         let (blocks, pieces, size, applied) = (sm.blocks(), sm.pieces(), sm.size(), sm.applied());
+        let claims = sm.claims();
         opened.applied.push(Arc::downgrade(&applied));
         let config = Arc::new(
             raft_config(self.timing)
@@ -2634,6 +2685,7 @@ impl Node {
             volume: volume.to_string(),
             links: links.clone(),
             pieces: pieces.clone(),
+            claims: claims.clone(),
         };
         let raft = Raft::new(self.id, config, network, log, sm)
             .await
@@ -2673,6 +2725,8 @@ impl Node {
             lag,
             incarnation,
             log: log_alive,
+            claims,
+            claiming: Arc::default(),
         };
         tokio::spawn(drop_stray_learners(
             volume.to_string(),
@@ -2936,6 +2990,17 @@ impl Node {
                 };
                 return done(RaftVolume::for_peer(self.clone(), &g).resize(*size).await);
             }
+            Rpc::ClaimVolume(name, op) => return done(self.claim_volume(name, op.clone()).await),
+            Rpc::ClaimHere(name, op) => {
+                let Some(g) = self.group(name) else {
+                    return Reply::NoVolume(name.clone());
+                };
+                return done(
+                    RaftVolume::for_peer(self.clone(), &g)
+                        .claim(op.clone())
+                        .await,
+                );
+            }
             Rpc::DeleteHere(name) => {
                 let spec = self.catalog.lock().await.get(name).cloned();
                 let Some(spec) = spec else {
@@ -2948,6 +3013,7 @@ impl Node {
             | Rpc::SnapshotPart(v, _)
             | Rpc::SnapshotEnd(v, _)
             | Rpc::Write(v, ..)
+            | Rpc::Claim(v, ..)
             | Rpc::ReadIndex(v, _)
             | Rpc::Status(v)
             | Rpc::Remote(v, ..) => v.clone(),
@@ -2956,7 +3022,11 @@ impl Node {
             return Reply::NoVolume(volume);
         };
         // Another volume of that name (a replica left from a deleted one asks).
-        if let Rpc::Remote(_, id, _) | Rpc::Write(_, id, _) | Rpc::ReadIndex(_, id) = &rpc {
+        if let Rpc::Remote(_, id, _)
+        | Rpc::Write(_, id, _)
+        | Rpc::Claim(_, id, _)
+        | Rpc::ReadIndex(_, id) = &rpc
+        {
             if *id != g.incarnation.volume_id() {
                 return Reply::NoVolume(volume);
             }
@@ -2980,6 +3050,9 @@ impl Node {
             (Rpc::SnapshotEnd(_, end), None) => Reply::Snapshot(g.finish_receiving(end).await),
             (Rpc::Write(_, _, op), _) => {
                 Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string()))
+            }
+            (Rpc::Claim(_, _, op), _) => {
+                Reply::Claim(g.leader_claim(op).await.map_err(|e| e.to_string()))
             }
             (Rpc::ReadIndex(..), _) => {
                 Reply::ReadIndex(g.read_index().await.map_err(|e| e.to_string()))
@@ -3010,6 +3083,8 @@ impl Node {
                 | Rpc::Tombstones
                 | Rpc::Resize(..)
                 | Rpc::ResizeHere(..)
+                | Rpc::ClaimVolume(..)
+                | Rpc::ClaimHere(..)
                 | Rpc::DeleteHere(_),
                 _,
             ) => unreachable!("answered above"),
@@ -3126,6 +3201,7 @@ impl Group {
         if file.metadata().map_err(|e| e.to_string())?.len() < end.size {
             file.set_len(end.size).map_err(|e| e.to_string())?;
         }
+        claims::lock(&self.claims).incoming = Some(end.claims);
         let snapshot = openraft::Snapshot {
             meta: end.meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
@@ -3201,6 +3277,7 @@ impl Group {
                 let nodes = m.membership_config.membership();
                 nodes.get_node(&l).map(|n| n.addr.clone())
             }),
+            claims: claims::lock(&self.claims).now.clone(),
         }
     }
 
@@ -3321,6 +3398,22 @@ impl Group {
             .map_err(|_| NotHereOr::Failed("the volume is closing".into()))?;
         rx.await
             .unwrap_or_else(|_| Err(NotHereOr::Failed("the volume is closing".into())))
+    }
+
+    /// A change of the volume's users on this node as the leader: refused (the inner error)
+    /// if the claims applied so far forbid it ([`Claims::refusal`]), else committed and
+    /// applied. One at a time, each after the read barrier: every change a former leader
+    /// committed is applied by then.
+    async fn leader_claim(&self, op: BlockOp) -> Result<Result<(), String>, NotHereOr> {
+        let _one = self.claiming.lock().await;
+        let index = self.read_index().await?;
+        self.wait_applied(index, LEADER_WAIT)
+            .await
+            .map_err(|e| NotHereOr::Failed(e.to_string()))?;
+        if let Some(why) = claims::lock(&self.claims).now.refusal(&self.name, &op) {
+            return Ok(Err(why));
+        }
+        self.leader_write(op).await.map(Ok)
     }
 
     /// The read index: on the leader, an index every write acknowledged so far is at or below;
@@ -3666,6 +3759,25 @@ impl RaftVolume {
         self.write_op(BlockOp::Resize { size }).await
     }
 
+    /// Changes the volume's users ([`BlockOp::Attach`], `Detach`, `Delete`) on its leader,
+    /// which decides: `ResourceBusy` with its reason if it refuses.
+    pub async fn claim(&self, op: BlockOp) -> io::Result<()> {
+        let rpc = Rpc::Claim(self.name.clone(), self.incarnation.volume_id(), op.clone());
+        self.on_leader(
+            |g| {
+                let op = op.clone();
+                async move { g.leader_claim(op).await }
+            },
+            rpc,
+            |r| match r {
+                Reply::Claim(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await?
+        .map_err(|why| io::Error::new(io::ErrorKind::ResourceBusy, why))
+    }
+
     /// Whether requests go through the leader instead: this replica's raft is stopped (until
     /// it is reopened, [`keep_open`]), or the node no longer holds it.
     fn away(&self) -> bool {
@@ -3954,6 +4066,11 @@ pub async fn delete(addr: &str, name: &str) -> io::Result<()> {
     manage(addr, Rpc::Delete(name.to_string())).await
 }
 
+/// Changes a volume's users ([`BlockOp::Attach`], `Detach`) through the node at `addr`.
+pub async fn claim(addr: &str, name: &str, op: BlockOp) -> io::Result<()> {
+    manage(addr, Rpc::ClaimVolume(name.to_string(), op)).await
+}
+
 /// Grows a volume through the node at `addr`.
 pub async fn resize(addr: &str, name: &str, size: u64) -> io::Result<()> {
     manage(addr, Rpc::Resize(name.to_string(), size)).await
@@ -4090,6 +4207,7 @@ mod tests {
             stalled: Vec::new(),
             size: 0,
             leader_addr: None,
+            claims: Default::default(),
             id: 0,
         };
         let v = orphan_verdict;

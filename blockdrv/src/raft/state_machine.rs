@@ -47,6 +47,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::claims::{self, Claims};
 use super::overlay::{Overlay, Piece, Recorded, Source};
 use super::{BlockOp, Entry, LogId, NodeId, StorageError, TypeConfig};
 
@@ -60,6 +61,9 @@ struct SnapshotFile {
     /// The ranges of the volume that were in the log at the snapshot's log id, and where.
     #[serde(default)]
     pieces: Vec<Recorded>,
+    /// The volume's users at the snapshot's log id.
+    #[serde(default)]
+    claims: Claims,
 }
 
 /// The state machine of one volume's group on this node.
@@ -87,6 +91,8 @@ pub struct StateMachine {
     log: Option<u64>,
     /// The segment files the current snapshot records pieces in; locked while it changes.
     current: Current,
+    /// The volume's users (`claims.rs`): kept in memory, recorded with each snapshot.
+    claims: claims::Shared,
 }
 
 /// The least an entry counts for in [`Applied`].
@@ -434,10 +440,11 @@ fn current(dir: &Path) -> io::Result<Option<Meta>> {
 
 /// Makes `meta`, with `pieces` in the log, the current snapshot of `dir` and removes what
 /// older ones left (their metadata, and the images of snapshots an older blockdrv copied).
-fn set_current(dir: &Path, meta: &Meta, pieces: &[Recorded]) -> io::Result<()> {
+fn set_current(dir: &Path, meta: &Meta, pieces: &[Recorded], claims: &Claims) -> io::Result<()> {
     let file = SnapshotFile {
         meta: meta.clone(),
         pieces: pieces.to_vec(),
+        claims: claims.clone(),
     };
     let bytes = serde_json::to_vec(&file).map_err(super::io_err)?;
     super::write_atomic(&meta_path(dir, &meta.snapshot_id), &bytes)?;
@@ -469,6 +476,7 @@ fn op_bytes(op: &BlockOp) -> usize {
         BlockOp::Batch(ops) => ops.iter().map(op_bytes).sum(),
         // Zeroing and growing touch no data, but may take the filesystem a while.
         BlockOp::Zero { .. } | BlockOp::Resize { .. } => INLINE_APPLY,
+        BlockOp::Attach(_) | BlockOp::Detach { .. } | BlockOp::Delete => 0,
     }
 }
 
@@ -526,6 +534,8 @@ impl Apply<'_> {
                 write_pieces(self.pieces).cut(*offset, *length);
                 Ok(())
             }
+            // The claims, after the blocks ([`StateMachine::apply`]).
+            BlockOp::Attach(_) | BlockOp::Detach { .. } | BlockOp::Delete => Ok(()),
         }
     }
 }
@@ -568,6 +578,7 @@ fn copied_bytes(op: &BlockOp, log: Option<u64>, entry: LogId) -> usize {
         BlockOp::Write { data, .. } => data.len(),
         BlockOp::Batch(ops) => ops.iter().map(|o| copied_bytes(o, log, entry)).sum(),
         BlockOp::Zero { .. } | BlockOp::Resize { .. } => INLINE_APPLY,
+        BlockOp::Attach(_) | BlockOp::Detach { .. } | BlockOp::Delete => 0,
     }
 }
 
@@ -587,7 +598,10 @@ impl StateMachine {
             blocks.set_len(size)?;
         }
         let size = len.max(size);
-        let cur = current(dir)?;
+        let (cur, claims) = match current_file(dir)? {
+            Some(f) => (Some(f.meta), f.claims),
+            None => (None, Claims::default()),
+        };
         let membership = cur
             .as_ref()
             .map(|m| m.last_membership.clone())
@@ -605,6 +619,10 @@ impl StateMachine {
             seg_bytes: 1,
             log: None,
             current: Current::default(),
+            claims: std::sync::Arc::new(std::sync::Mutex::new(claims::Cell {
+                now: claims,
+                incoming: None,
+            })),
         })
     }
 
@@ -686,6 +704,11 @@ impl StateMachine {
     }
 
     /// What was applied, shared with whoever decides on snapshots and purges.
+    /// The volume's users, as applied.
+    pub fn claims(&self) -> claims::Shared {
+        self.claims.clone()
+    }
+
     pub fn applied(&self) -> std::sync::Arc<Applied> {
         self.applied.clone()
     }
@@ -700,6 +723,8 @@ pub struct SnapshotBuilder {
     /// The pieces at the snapshot's log id, and the segments they are in.
     pieces: Vec<Recorded>,
     files: Vec<std::sync::Arc<File>>,
+    /// The claims at the snapshot's log id.
+    claims: Claims,
     /// As [`StateMachine::current`].
     current: Current,
     /// The state machine's, held while the snapshot is built (openraft builds it on a task of
@@ -736,7 +761,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(snap_err)?;
         let (dir, meta, lock) = (self.dir.clone(), self.meta.clone(), self.current.clone());
         let (pieces, files) = (self.pieces.clone(), self.files.clone());
-        let applied = self.applied.clone();
+        let (applied, claims) = (self.applied.clone(), self.claims.clone());
         tokio::task::spawn_blocking(move || {
             let _applied = applied;
             // Everything applied up to the snapshot's log id (and maybe more) is on disk, in
@@ -751,7 +776,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     // Held before `current.json` may name them (it may be replaced and a later
                     // step fail); those only the older one named may be reused once it is.
                     held.extend(files.iter().cloned());
-                    set_current(&dir, &meta, &pieces)?;
+                    set_current(&dir, &meta, &pieces, &claims)?;
                     *held = files;
                     Ok(())
                 }
@@ -852,6 +877,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         .fetch_max(size, std::sync::atomic::Ordering::SeqCst);
                 }
             }
+            if let EntryPayload::Normal(op) = &e.payload {
+                claims::lock(&self.claims).now.apply(op);
+            }
             if let EntryPayload::Membership(m) = e.payload {
                 self.membership = StoredMembership::new(Some(e.log_id), m);
             }
@@ -884,6 +912,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             },
             pieces,
             files,
+            claims: claims::lock(&self.claims).now.clone(),
             current: self.current.clone(),
             applied: self.applied.clone(),
         }
@@ -914,6 +943,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let received = snapshot.into_std().await;
         let (dir, size, m) = (self.dir.clone(), load(&self.size), meta.clone());
         let lock = self.current.clone();
+        // The claims the sender had (none from a sender that sent none).
+        let claims = claims::lock(&self.claims)
+            .incoming
+            .take()
+            .unwrap_or_default();
+        let now = claims.clone();
         let blocks = tokio::task::spawn_blocking(move || {
             let mut held = lock_current(&lock);
             // The blocks become the snapshot's: the file received (zero chunks are holes in it
@@ -930,7 +965,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             drop(received);
             std::fs::rename(&incoming, dir.join("volume.img"))?;
             File::open(&dir)?.sync_all()?;
-            set_current(&dir, &m, &[])?;
+            set_current(&dir, &m, &[], &claims)?;
             held.clear();
             File::options()
                 .read(true)
@@ -956,6 +991,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .installed(meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        claims::lock(&self.claims).now = now;
         Ok(())
     }
 
@@ -1258,6 +1294,62 @@ mod tests {
         );
         drop(reading);
         install.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_users_are_recorded_with_a_snapshot_and_sent_with_it() {
+        const SIZE: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let at = |node, domain: &str| super::super::Attachment {
+            node,
+            domain: domain.into(),
+            disk: "vdb".into(),
+            readonly: true,
+        };
+        let entry = |i, op| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), i),
+            payload: EntryPayload::Normal(op),
+        };
+        let claims = |sm: &StateMachine| claims::lock(&sm.claims()).now.clone();
+        let mut a = StateMachine::open(&dir.path().join("a"), SIZE).unwrap();
+        a.apply([
+            entry(1, BlockOp::Attach(at(1, "web"))),
+            entry(2, BlockOp::Batch(vec![BlockOp::Attach(at(2, "db"))])),
+        ])
+        .await
+        .unwrap();
+        let snap = snapshot(&mut a).await;
+        let at_snapshot = claims(&a);
+        assert_eq!(at_snapshot.attachments, vec![at(1, "web"), at(2, "db")]);
+        // After the snapshot: in the log only.
+        let after = || {
+            let op = BlockOp::Detach {
+                node: 1,
+                domain: "web".into(),
+                disk: None,
+            };
+            [entry(3, op)]
+        };
+        a.apply(after()).await.unwrap();
+        assert_eq!(claims(&a).attachments, vec![at(2, "db")]);
+        // A restart opens at the snapshot; the entries after it are applied again.
+        let mut again = StateMachine::open(&dir.path().join("a"), SIZE).unwrap();
+        assert_eq!(claims(&again), at_snapshot);
+        again.apply(after()).await.unwrap();
+        assert_eq!(claims(&again), claims(&a));
+        // A replica sent the snapshot gets the claims the sender gave it (`SnapshotEnd`), and
+        // keeps them across a restart.
+        let mut b = StateMachine::open(&dir.path().join("b"), SIZE).unwrap();
+        claims::lock(&b.claims()).incoming = Some(claims(&a));
+        send(snap, &a.pieces(), &mut b).await;
+        assert_eq!(claims(&b), claims(&a));
+        let b = StateMachine::open(&dir.path().join("b"), SIZE).unwrap();
+        assert_eq!(claims(&b), claims(&a));
+        // One sent none (`SnapshotEnd` always carries them) has none.
+        let snap = snapshot(&mut a).await;
+        let mut c = StateMachine::open(&dir.path().join("c"), SIZE).unwrap();
+        send(snap, &a.pieces(), &mut c).await;
+        assert_eq!(claims(&c), Claims::default());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -208,6 +208,13 @@ impl HostIface {
         Ok(self.manager.storage()?.nodes())
     }
 
+    /// Forgets that domain `domain` on storage node `node` has volume `name` as a disk: for a
+    /// host that is gone (its domains' volumes stay attached to them until then). A domain of
+    /// this host that has the volume keeps it. Node 0: this host's.
+    async fn release_volume(&self, name: &str, node: u64, domain: &str) -> Result<(), ApiError> {
+        Ok(self.manager.release_volume(name, node, domain).await?)
+    }
+
     /// One volume, as in `ListVolumes`.
     async fn volume_info(&self, name: &str) -> Result<VolumeRow, ApiError> {
         Ok(row(self.manager.storage()?.info(name).await?))
@@ -355,11 +362,25 @@ impl HostIface {
 }
 
 /// A volume on the wire: (name, size, leader, health, members (id, address), NBD URI, NBD URI
-/// over TCP or "").
-type VolumeRow = (String, u64, u64, String, Vec<(u64, String)>, String, String);
+/// over TCP or "", attachments (node, domain, disk, read-only)).
+type VolumeRow = (
+    String,
+    u64,
+    u64,
+    String,
+    Vec<(u64, String)>,
+    String,
+    String,
+    Vec<(u64, String, String, bool)>,
+);
 
 fn row(v: crate::storage::VolumeInfo) -> VolumeRow {
+    let users = v
+        .attachments
+        .into_iter()
+        .map(|a| (a.node, a.domain, a.disk, a.readonly))
+        .collect();
     (
-        v.name, v.size, v.leader, v.health, v.members, v.uri, v.tcp_uri,
+        v.name, v.size, v.leader, v.health, v.members, v.uri, v.tcp_uri, users,
     )
 }

@@ -57,7 +57,9 @@ pub async fn serve(manager: Arc<Manager>, address: &str, name: &str) -> anyhow::
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(volume::SYNC_INTERVAL).await;
-                volume::sync_volume_objects(&c, &m, None).await;
+                let volumes = volume::sync_volume_objects(&c, &m, None).await;
+                // (A release that waits on the cluster delays the next sync, no more.)
+                m.release_stale_claims(&volumes).await;
             }
         });
     }

@@ -95,6 +95,16 @@ impl VolumeIface {
     fn tcp_uri(&self) -> String {
         self.info.tcp_uri.clone()
     }
+
+    /// The domains that have it as a disk: (storage node, domain, disk, read-only).
+    #[zbus(property)]
+    fn attachments(&self) -> Vec<(u64, String, String, bool)> {
+        self.info
+            .attachments
+            .iter()
+            .map(|a| (a.node, a.domain.clone(), a.disk.clone(), a.readonly))
+            .collect()
+    }
 }
 
 impl VolumeIface {
@@ -120,6 +130,9 @@ impl VolumeIface {
         if old.tcp_uri != new.tcp_uri {
             let _ = self.tcp_uri_changed(emitter).await;
         }
+        if old.attachments != new.attachments {
+            let _ = self.attachments_changed(emitter).await;
+        }
     }
 }
 
@@ -136,9 +149,9 @@ pub(crate) async fn sync_volume_objects(
     conn: &Connection,
     manager: &Arc<Manager>,
     deleted: Option<&str>,
-) {
+) -> Vec<VolumeInfo> {
     let Ok(storage) = manager.storage() else {
-        return;
+        return Vec::new();
     };
     let mut exported = EXPORTED.lock().await;
     let (volumes, complete) = storage.list_all().await;
@@ -156,9 +169,10 @@ pub(crate) async fn sync_volume_objects(
         let _ = server.remove::<VolumeIface, _>(volume_path(&n)).await;
         exported.remove(&n);
     }
-    for info in volumes.into_iter().filter(|v| !deleted(&v.name)) {
-        export(conn, manager, &mut exported, info).await;
+    for info in volumes.iter().filter(|v| !deleted(&v.name)) {
+        export(conn, manager, &mut exported, info.clone()).await;
     }
+    volumes
 }
 
 /// Makes sure volume `info.name` has an object (one made elsewhere may not have had one yet),
