@@ -91,6 +91,9 @@ enum VolumeCmd {
         #[arg(long)]
         addr: String,
         name: String,
+        /// Also when whether a domain has it cannot be told (its group has no leader).
+        #[arg(long)]
+        force: bool,
     },
     /// Grows a volume.
     Resize {
@@ -377,7 +380,7 @@ async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("create volume {name}"))?;
         }
-        VolumeCmd::Delete { addr, name } => node::delete(&addr, &name)
+        VolumeCmd::Delete { addr, name, force } => node::delete(&addr, &name, force)
             .await
             .with_context(|| format!("delete volume {name}"))?,
         VolumeCmd::Resize { addr, name, size } => node::resize(&addr, &name, parse_size(&size)?)

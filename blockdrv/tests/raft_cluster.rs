@@ -2251,4 +2251,24 @@ fn a_volume_has_one_writer_or_readers_only_and_is_not_deleted_while_attached() {
         !good && out.contains("no node of the cluster holds it"),
         "attached after the delete: {out}"
     );
+
+    // Two of a volume's three nodes gone: whether a domain has it cannot be told, so a delete
+    // is refused unless forced.
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(next), "f", "4M"]);
+    assert!(good, "{out}");
+    let f: Vec<usize> = (0..4).filter(|i| c.held(*i).contains_key("f")).collect();
+    c.kill(f[1]);
+    c.kill(f[2]);
+    let delete = |force: bool| {
+        let addr = c.addr(f[0]);
+        let mut cmd = vec!["volume", "delete", "--addr", &addr, "f"];
+        cmd.extend(force.then_some("--force"));
+        c.blockdrv(&cmd)
+    };
+    let (good, out) = delete(false);
+    assert!(!good && out.contains("could not be told"), "{out}");
+    assert!(c.exports_own(f[0], "f"), "refused, but deleted");
+    let (good, out) = delete(true);
+    assert!(good, "{out}");
+    assert!(!c.exports_own(f[0], "f"), "forced, but not deleted");
 }

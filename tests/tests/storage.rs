@@ -389,9 +389,14 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     assert!(d2
         .vpcctl_ok(&["vol-list"])
         .contains(&format!("{web}/vda@1")));
-    // Undefined there, the volume is another host's domain's.
+    // Undefined there, the volume is another host's domain's (once the release is through:
+    // the undefine waits 5 s for it at most, and a release left over is done within 2 s).
     d1.vpcctl_ok(&["undefine", &web]);
-    assert!(define(&d2, &db, "").status.success());
+    wait_until(
+        Duration::from_secs(15),
+        || define(&d2, &db, "").status.success(),
+        "the volume to be free for another host's domain",
+    );
     // The host of that domain is gone for good: its use is released through another host, a
     // domain elsewhere may have the volume then; a host's own domain keeps its volume.
     let e = fails(&d2, &["vol-release", "tri", &db]);
@@ -417,8 +422,17 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     assert!(good, "{out}");
     wait_until(
         Duration::from_secs(15),
-        || info(&d3, "tri")["attachments"] == serde_json::json!([]),
+        || {
+            d1.log()
+                .lines()
+                .any(|l| l.contains("releasing a stale attachment") && l.contains("domain=ghost"))
+        },
         "host 1 to release the stale attachment",
+    );
+    wait_until(
+        Duration::from_secs(15),
+        || info(&d3, "tri")["attachments"] == serde_json::json!([]),
+        "the attachment to be gone",
     );
     d2.vpcctl_ok(&["undefine", &db]);
     d3.kill9();

@@ -41,6 +41,7 @@ pub trait Host {
     fn create_volume(&self, name: &str, size: u64, replicas: u32) -> zbus::Result<VolumeRow>;
     fn resize_volume(&self, name: &str, size: u64) -> zbus::Result<VolumeRow>;
     fn delete_volume(&self, name: &str) -> zbus::Result<()>;
+    fn force_delete_volume(&self, name: &str) -> zbus::Result<()>;
     fn list_volumes(&self) -> zbus::Result<Vec<VolumeRow>>;
     fn volume_info(&self, name: &str) -> zbus::Result<VolumeRow>;
     fn release_volume(&self, name: &str, node: u64, domain: &str) -> zbus::Result<()>;

@@ -25,7 +25,12 @@ pub enum VolumeCmd {
     /// Grow a volume to SIZE (volumes never shrink).
     VolResize { name: String, size: String },
     /// Delete a volume on all its nodes (refused while a domain has it as a disk).
-    VolDelete { name: String },
+    VolDelete {
+        name: String,
+        /// Also when no leader of the volume answers to tell whether a domain has it.
+        #[arg(long)]
+        force: bool,
+    },
     /// Forget that DOMAIN on storage node --node (default: this host's) has the volume as a
     /// disk: for a host that is gone (its guests must not run). A domain of this host keeps
     /// its volumes (detach-disk, undefine).
@@ -119,8 +124,12 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
             let r = host.resize_volume(&name, parse_size(&size)?).await?;
             said(json, &format!("Volume '{name}' resized to {} bytes", r.1));
         }
-        VolumeCmd::VolDelete { name } => {
-            host.delete_volume(&name).await?;
+        VolumeCmd::VolDelete { name, force } => {
+            if force {
+                host.force_delete_volume(&name).await?;
+            } else {
+                host.delete_volume(&name).await?;
+            }
             said(json, &format!("Volume '{name}' deleted"));
         }
         VolumeCmd::VolRelease { name, domain, node } => {

@@ -345,37 +345,67 @@ impl Manager {
             return;
         };
         let name = &rec.spec.name;
-        for volume in Self::volumes_of(rec) {
+        let releases = Self::volumes_of(rec).into_iter().map(|volume| async move {
             let detach = storage.detach(&volume, storage.node_id(), name, None);
             if let Err(e) = bounded(detach).await {
                 tracing::warn!(vm = %name, volume, "not released: {e}");
             }
+        });
+        futures::future::join_all(releases).await;
+    }
+
+    /// Records again that domain `rec` has the volumes of its disks (they may have been
+    /// released meanwhile, or the domain defined before uses were recorded): before it starts,
+    /// so that it does not start with a volume another domain has.
+    async fn claim_volumes(&self, rec: &VmRecord) -> Result<()> {
+        let disks = Self::config_of(rec)?.disks.iter();
+        for (disk, nbd) in disks.filter_map(|d| Some((d, d.nbd.as_ref()?))) {
+            let storage = self.storage()?;
+            storage
+                .attach(&nbd.export, &rec.spec.name, &disk.target, disk.readonly)
+                .await
+                .map_err(|e| match e {
+                    Error::InvalidState(m) => Error::InvalidState(format!(
+                        "domain {}: disk {}: {m}",
+                        rec.spec.name, disk.target
+                    )),
+                    e => e,
+                })?;
         }
+        Ok(())
     }
 
     /// Forgets the attachments that name this host's storage node and a domain that does not
-    /// have the volume (the host crashed between attaching a volume and recording the domain,
-    /// or a release failed while a storage node was down). `volumes`: the cluster's volumes
-    /// as last listed; each attachment is checked again under its domain's lock.
+    /// have the volume: none of that name, or one that does not run and has no such disk (a
+    /// running one may still have it plugged: an unplug the guest has not done yet, or a
+    /// crash between recording a detach and unplugging). What a crash between attaching a
+    /// volume and recording the domain leaves, or a release while the cluster did not
+    /// answer. `volumes`: the cluster's volumes as last listed (those without a leader are
+    /// left for later); each attachment is checked again under its domain's lock.
     pub async fn release_stale_claims(&self, volumes: &[crate::storage::VolumeInfo]) {
         let Ok(storage) = self.storage() else {
             return;
         };
         let me = storage.node_id();
-        for v in volumes {
+        for v in volumes.iter().filter(|v| v.leader != 0) {
             for a in v.attachments.iter().filter(|a| a.node == me) {
                 let lock = self.lock_for(&a.domain);
                 let _guard = lock.lock().await;
-                let has = match self.store.get(&a.domain) {
-                    Ok(Some(rec)) => Self::volumes_of(&rec).contains(&v.name),
+                let running = || {
+                    let states = self.states.lock().unwrap();
+                    states.get(&a.domain).is_none_or(|s| s.is_active())
+                };
+                let keep = match self.store.get(&a.domain) {
+                    Ok(Some(rec)) => Self::volumes_of(&rec).contains(&v.name) || running(),
                     Ok(None) => false,
                     Err(_) => true,
                 };
-                if has {
+                if keep {
                     continue;
                 }
                 tracing::info!(volume = %v.name, domain = %a.domain, "releasing a stale attachment");
-                if let Err(e) = storage.detach(&v.name, me, &a.domain, Some(&a.disk)).await {
+                let detach = storage.detach(&v.name, me, &a.domain, Some(&a.disk));
+                if let Err(e) = bounded(detach).await {
                     tracing::warn!(volume = %v.name, domain = %a.domain, "not released: {e}");
                 }
             }
@@ -406,8 +436,10 @@ impl Manager {
 
     /// Deletes volume `name` on all its nodes, unless a domain of this host has it as a disk
     /// (its guest would lose the disk under it, and a new volume of the name would later be
-    /// plugged in its place): `InvalidState` naming the domain and the disk then.
-    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+    /// plugged in its place): `InvalidState` naming the domain and the disk then; the same for
+    /// a domain of another host (the volume's leader knows). Without `force`, also refused
+    /// (`Unavailable`) when that cannot be told: no leader of the volume answers.
+    pub async fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
         let storage = self.storage()?;
         if let Some(user) = self.volume_user(name, None)? {
             return Err(Error::InvalidState(format!(
@@ -416,7 +448,7 @@ impl Manager {
                 user.domain, user.disk
             )));
         }
-        storage.delete(name).await
+        storage.delete(name, force).await
     }
 
     /// A domain of this host, other than `except`, that has volume `name` as a disk (by its
@@ -756,6 +788,7 @@ impl Manager {
         let rec = self.record(name)?;
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
+        self.claim_volumes(&rec).await?;
         self.backend(rec.backend)?.start(name).await?;
         self.note_state(name, VmState::Running, "booted");
         Ok(())
@@ -946,8 +979,8 @@ impl Manager {
         {
             Ok(()) => self.release_disk(name, &disk).await,
             // Off the definition already; the guest lets go of it later.
+            // (Its use of a volume stays recorded while it runs: `release_stale_claims`.)
             Err(e @ hypervisor::Error::UnplugTimeout { .. }) => {
-                self.release_disk(name, &disk).await;
                 let _ = self.events.send(ManagerEvent::Changed(name.to_string()));
                 return Err(e.into());
             }

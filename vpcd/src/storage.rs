@@ -203,8 +203,8 @@ impl Storage {
     }
 
     async fn claim(&self, name: &str, op: BlockOp) -> Result<()> {
-        self.node
-            .claim_volume(name, op)
+        // (Boxed: the future is deep, and the callers' are deeper still.)
+        Box::pin(self.node.claim_volume(name, op))
             .await
             .map_err(|e| err(name, e))
     }
@@ -230,9 +230,11 @@ impl Storage {
         self.info(name).await
     }
 
-    pub async fn delete(&self, name: &str) -> Result<()> {
+    /// Deletes volume `name` ([`Node::delete_volume`]: refused while a domain has it, and
+    /// unless `force`, when that cannot be told).
+    pub async fn delete(&self, name: &str, force: bool) -> Result<()> {
         self.node
-            .delete_volume(name)
+            .delete_volume(name, force)
             .await
             .map_err(|e| err(name, e))
     }

@@ -107,12 +107,26 @@ impl Claims {
 }
 
 /// A state machine's claims, shared with its group (its status, its leader's checks, the
-/// snapshots it sends), and those of a snapshot being received until it is installed.
+/// snapshots it sends), and those of the snapshots being received until they are installed.
 #[derive(Debug, Default)]
 pub struct Cell {
     pub now: Claims,
-    /// Set by the receiver of a snapshot before it has it installed.
-    pub incoming: Option<Claims>,
+    /// Set by the receiver of a snapshot before it has it installed: snapshot id -> its
+    /// claims.
+    pub incoming: std::collections::BTreeMap<String, Claims>,
+}
+
+/// Snapshots whose claims [`Cell::incoming`] keeps (a receive given up leaves its entry).
+const INCOMING_MOST: usize = 4;
+
+impl Cell {
+    /// Keeps the claims of snapshot `id` (being received) for its install.
+    pub fn receiving(&mut self, id: &str, claims: Claims) {
+        if self.incoming.len() >= INCOMING_MOST {
+            self.incoming.clear();
+        }
+        self.incoming.insert(id.to_string(), claims);
+    }
 }
 
 pub type Shared = std::sync::Arc<std::sync::Mutex<Cell>>;

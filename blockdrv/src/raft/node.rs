@@ -116,7 +116,7 @@ enum Rpc {
     /// another volume (id 0: whichever it is).
     Drop(String, u64),
     /// Delete a volume on all its members (this node coordinates).
-    Delete(String),
+    Delete(String, bool),
     /// Grow a volume (through its log).
     Resize(String, u64),
     /// A change of the users of volume (name, id) ([`BlockOp::Attach`], `Detach`, `Delete`),
@@ -148,9 +148,9 @@ enum Rpc {
     /// ([`remote::RemoteVolume`]); for another volume of that name, `NoVolume`.
     Remote(String, u64, RemoteOp),
     /// [`Rpc::Resize`] and [`Rpc::Delete`] sent on by a node that does not hold the volume:
-    /// not sent on again.
+    /// not sent on again. (For `Delete`: whether `force`d.)
     ResizeHere(String, u64),
-    DeleteHere(String),
+    DeleteHere(String, bool),
 }
 
 /// What a node without a replica asks of the leader.
@@ -2243,32 +2243,49 @@ impl Node {
         }
     }
 
-    /// Deletes `name` on all its members.
-    pub async fn delete_volume(self: &Arc<Node>, name: &str) -> io::Result<()> {
+    /// Deletes `name` on all its members: refused while a domain has it (see `claims.rs`), and
+    /// unless `force`, when that cannot be told (its group has no leader that answers).
+    pub async fn delete_volume(self: &Arc<Node>, name: &str, force: bool) -> io::Result<()> {
         let spec = self.catalog.lock().await.get(name).cloned();
         let Some(spec) = spec else {
             // Held by other nodes only: through one of them (its leader). (Dropping each
             // replica, and telling each node, takes up to QUICK.) A delete that took too long
             // to answer may have been done all the same.
-            let rpc = || Rpc::DeleteHere(name.to_string());
+            let rpc = || Rpc::DeleteHere(name.to_string(), force);
             let wait = QUICK * (3 + self.cluster().len() as u32);
             return self.on_holder(name, rpc, wait, true).await;
         };
-        self.delete_held(name, spec).await
+        self.delete_held(name, spec, force).await
     }
 
-    /// Deletes volume `spec`, which this node holds a replica of, on all its members.
-    async fn delete_held(self: &Arc<Node>, name: &str, spec: VolumeSpec) -> io::Result<()> {
+    /// Deletes volume `spec`, which this node holds a replica of, on all its members
+    /// ([`Node::delete_volume`]).
+    async fn delete_held(
+        self: &Arc<Node>,
+        name: &str,
+        spec: VolumeSpec,
+        force: bool,
+    ) -> io::Result<()> {
         // Not while it is attached, and nothing attaches it from now on. A volume whose group
-        // cannot decide (no leader) is deleted all the same: its space must be possible to
-        // free whatever state its replicas are in.
+        // cannot decide (no leader, or one cut off from the others) only if forced: its space
+        // must be possible to free whatever state its replicas are in, but a node cut off
+        // from the others cannot tell whether a domain uses it.
         match self.claim_volume(name, BlockOp::Delete).await {
-            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => return Err(e),
-            Err(e) => tracing::warn!(
-                volume = name,
-                "its users not checked before the delete: {e}"
-            ),
             Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => return Err(e),
+            Err(e) if force => tracing::warn!(
+                volume = name,
+                "forced: deleted without knowing whether a domain has it: {e}"
+            ),
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::HostUnreachable,
+                    format!(
+                        "volume {name}: whether a domain has it could not be told ({e}); a \
+                         forced delete deletes it all the same"
+                    ),
+                ))
+            }
         }
         for (id, addr) in &spec.members {
             if *id == self.id {
@@ -2967,7 +2984,7 @@ impl Node {
             Rpc::Open(spec) => return done(self.open_replica(spec).await),
             Rpc::Create(spec) => return done(self.create_volume(spec).await),
             Rpc::Drop(name, id) => return done(self.drop_replica_of(name, Only::Id(*id)).await),
-            Rpc::Delete(name) => return done(self.delete_volume(name).await),
+            Rpc::Delete(name, force) => return done(self.delete_volume(name, *force).await),
             Rpc::List => return Reply::Volumes(self.volumes().await),
             Rpc::Move(name, from, to, addr) => {
                 return done(self.move_replica(name, *from, *to, addr).await)
@@ -3001,12 +3018,12 @@ impl Node {
                         .await,
                 );
             }
-            Rpc::DeleteHere(name) => {
+            Rpc::DeleteHere(name, force) => {
                 let spec = self.catalog.lock().await.get(name).cloned();
                 let Some(spec) = spec else {
                     return Reply::NoVolume(name.clone());
                 };
-                return done(self.delete_held(name, spec).await);
+                return done(self.delete_held(name, spec, *force).await);
             }
             Rpc::Append(v, _)
             | Rpc::Vote(v, _)
@@ -3071,7 +3088,7 @@ impl Node {
                 Rpc::Open(_)
                 | Rpc::Create(_)
                 | Rpc::Drop(..)
-                | Rpc::Delete(_)
+                | Rpc::Delete(..)
                 | Rpc::List
                 | Rpc::Move(..)
                 | Rpc::Update(_)
@@ -3085,7 +3102,7 @@ impl Node {
                 | Rpc::ResizeHere(..)
                 | Rpc::ClaimVolume(..)
                 | Rpc::ClaimHere(..)
-                | Rpc::DeleteHere(_),
+                | Rpc::DeleteHere(..),
                 _,
             ) => unreachable!("answered above"),
         }
@@ -3201,7 +3218,7 @@ impl Group {
         if file.metadata().map_err(|e| e.to_string())?.len() < end.size {
             file.set_len(end.size).map_err(|e| e.to_string())?;
         }
-        claims::lock(&self.claims).incoming = Some(end.claims);
+        claims::lock(&self.claims).receiving(&id, end.claims);
         let snapshot = openraft::Snapshot {
             meta: end.meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
@@ -3405,15 +3422,22 @@ impl Group {
     /// applied. One at a time, each after the read barrier: every change a former leader
     /// committed is applied by then.
     async fn leader_claim(&self, op: BlockOp) -> Result<Result<(), String>, NotHereOr> {
-        let _one = self.claiming.lock().await;
-        let index = self.read_index().await?;
-        self.wait_applied(index, LEADER_WAIT)
-            .await
-            .map_err(|e| NotHereOr::Failed(e.to_string()))?;
-        if let Some(why) = claims::lock(&self.claims).now.refusal(&self.name, &op) {
-            return Ok(Err(why));
-        }
-        self.leader_write(op).await.map(Ok)
+        let g = self.clone();
+        // Decided and written to the end even if the caller goes away meanwhile: the next
+        // decision must find it applied.
+        tokio::spawn(async move {
+            let _one = g.claiming.clone().lock_owned().await;
+            let index = g.read_index().await?;
+            g.wait_applied(index, LEADER_WAIT)
+                .await
+                .map_err(|e| NotHereOr::Failed(e.to_string()))?;
+            if let Some(why) = claims::lock(&g.claims).now.refusal(&g.name, &op) {
+                return Ok(Err(why));
+            }
+            g.leader_write(op).await.map(Ok)
+        })
+        .await
+        .unwrap_or_else(|e| Err(NotHereOr::Failed(e.to_string())))
     }
 
     /// The read index: on the leader, an index every write acknowledged so far is at or below;
@@ -4061,9 +4085,9 @@ pub async fn create(addr: &str, spec: VolumeSpec) -> io::Result<()> {
     manage(addr, Rpc::Create(spec)).await
 }
 
-/// Deletes a volume through the node at `addr`.
-pub async fn delete(addr: &str, name: &str) -> io::Result<()> {
-    manage(addr, Rpc::Delete(name.to_string())).await
+/// Deletes a volume through the node at `addr` ([`Node::delete_volume`]).
+pub async fn delete(addr: &str, name: &str, force: bool) -> io::Result<()> {
+    manage(addr, Rpc::Delete(name.to_string(), force)).await
 }
 
 /// Changes a volume's users ([`BlockOp::Attach`], `Detach`) through the node at `addr`.

@@ -152,15 +152,24 @@ impl HostIface {
         Ok(row(v))
     }
 
-    /// Deletes a volume on all its nodes.
+    /// Deletes a volume on all its nodes: refused while a domain (of any host) has it as a
+    /// disk, and while no leader of the volume answers to tell (`ForceDeleteVolume` then).
     async fn delete_volume(
         &self,
         #[zbus(connection)] conn: &zbus::Connection,
         name: &str,
     ) -> Result<(), ApiError> {
-        self.manager.delete_volume(name).await?;
-        super::volume::sync_volume_objects(conn, &self.manager, Some(name)).await;
-        Ok(())
+        super::volume::delete(conn, &self.manager, name, false).await
+    }
+
+    /// `DeleteVolume`, also when whether a domain has the volume cannot be told (its group
+    /// has no leader: a volume whose replicas are mostly gone).
+    async fn force_delete_volume(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        name: &str,
+    ) -> Result<(), ApiError> {
+        super::volume::delete(conn, &self.manager, name, true).await
     }
 
     /// The object of a volume of the storage cluster (there once this answers, also for a

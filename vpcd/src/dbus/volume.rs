@@ -50,9 +50,7 @@ impl VolumeIface {
 
     /// Deletes the volume on all its nodes.
     async fn delete(&self, #[zbus(connection)] conn: &Connection) -> Result<(), ApiError> {
-        self.manager.delete_volume(&self.name).await?;
-        sync_volume_objects(conn, &self.manager, Some(&self.name)).await;
-        Ok(())
+        delete(conn, &self.manager, &self.name, false).await
     }
 
     #[zbus(property)]
@@ -134,6 +132,18 @@ impl VolumeIface {
             let _ = self.attachments_changed(emitter).await;
         }
     }
+}
+
+/// Deletes volume `name` ([`Manager::delete_volume`]) and its object.
+pub(super) async fn delete(
+    conn: &Connection,
+    manager: &Arc<Manager>,
+    name: &str,
+    force: bool,
+) -> Result<(), ApiError> {
+    manager.delete_volume(name, force).await?;
+    sync_volume_objects(conn, manager, Some(name)).await;
+    Ok(())
 }
 
 /// The names of the volumes with an object, guarded by the one sync at a time (a slow one
