@@ -91,6 +91,10 @@ pub struct ResolvedDisk {
 pub struct NbdDisk {
     pub socket: PathBuf,
     pub export: String,
+    /// Which volume of that name it is (the storage cluster's id; 0: not known), so that one
+    /// deleted and made again under the name is not taken for it.
+    #[serde(default)]
+    pub volume_id: u64,
 }
 
 /// A NIC as the backend attaches it: the tap the network layer made, and the guest's MAC.

@@ -74,6 +74,7 @@ pub fn prepare_disk(d: &DiskSpec, target: &str, owned_path: &Path) -> Result<Res
             nbd: Some(crate::backend::NbdDisk {
                 socket: std::path::PathBuf::new(),
                 export: volume.clone(),
+                volume_id: 0,
             }),
         });
     }

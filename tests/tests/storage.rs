@@ -435,6 +435,25 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
         "the attachment to be gone",
     );
     d2.vpcctl_ok(&["undefine", &db]);
+    // A domain keeps the volume it was given: once that is deleted (its use released through
+    // another host) and another made under the name, the domain does not start with it.
+    let old = unique("old");
+    assert!(define(&d1, &old, "").status.success());
+    d2.vpcctl_ok(&["vol-release", "tri", &old, "--node", "1"]);
+    d2.vpcctl_ok(&["vol-delete", "tri"]);
+    d2.vpcctl_ok(&["vol-create", "tri", "4M"]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(&d1, "tri")["health"] == "ok",
+        "the new volume to have a leader",
+    );
+    let e = fails(&d1, &["start", &old]);
+    assert!(
+        e.contains("InvalidState") && e.contains("deleted and another made"),
+        "{e}"
+    );
+    assert_eq!(info(&d1, "tri")["attachments"], serde_json::json!([]));
+    d1.vpcctl_ok(&["undefine", &old]);
     d3.kill9();
     for d in [&d1, &d2] {
         wait_until(

@@ -301,7 +301,7 @@ impl Manager {
                 disk.target, nbd.export
             ))
         })?;
-        storage.info(&nbd.export).await?;
+        nbd.volume_id = storage.info(&nbd.export).await?.id;
         // Across hosts: the volume's leader decides.
         storage
             .attach(&nbd.export, domain, &disk.target, disk.readonly)
@@ -361,6 +361,15 @@ impl Manager {
         let disks = Self::config_of(rec)?.disks.iter();
         for (disk, nbd) in disks.filter_map(|d| Some((d, d.nbd.as_ref()?))) {
             let storage = self.storage()?;
+            let now = storage.info(&nbd.export).await?.id;
+            if nbd.volume_id != 0 && now != nbd.volume_id {
+                return Err(Error::InvalidState(format!(
+                    "domain {}: disk {}: volume {} is not the one it was given: that was \
+                     deleted and another made under its name; detach the disk and attach the \
+                     volume again to use the new one",
+                    rec.spec.name, disk.target, nbd.export
+                )));
+            }
             storage
                 .attach(&nbd.export, &rec.spec.name, &disk.target, disk.readonly)
                 .await

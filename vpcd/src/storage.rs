@@ -47,6 +47,8 @@ pub struct VolumeInfo {
     pub tcp_uri: String,
     /// Its users: the domains (on storage nodes) that have it as a disk.
     pub attachments: Vec<Attachment>,
+    /// Which volume of that name it is (0: one given on the nodes' command lines).
+    pub id: u64,
 }
 
 /// The storage node of this host.
@@ -350,6 +352,7 @@ impl Storage {
             leader: status.leader.unwrap_or(0),
             health: health(&status),
             members: spec.members.into_iter().collect(),
+            id: if spec.id != 0 { spec.id } else { status.id },
             attachments: status.claims.attachments,
         }
     }

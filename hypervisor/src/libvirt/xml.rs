@@ -278,6 +278,7 @@ mod tests {
             nbd: Some(crate::backend::NbdDisk {
                 socket: "/s/sbs/nbd.sock".into(),
                 export: "data".into(),
+                volume_id: 7,
             }),
         });
         vm.seed = Some("/s/vms/t/seed.iso".into());

@@ -223,6 +223,7 @@ mod tests {
                     nbd: Some(crate::backend::NbdDisk {
                         socket: "/s/sbs/nbd.sock".into(),
                         export: "data".into(),
+                        volume_id: 7,
                     }),
                 },
             ],
