@@ -2252,23 +2252,29 @@ fn a_volume_has_one_writer_or_readers_only_and_is_not_deleted_while_attached() {
         "attached after the delete: {out}"
     );
 
-    // Two of a volume's three nodes gone: whether a domain has it cannot be told, so a delete
-    // is refused unless forced.
+    // The leader and another of a volume's three nodes gone: whether a domain has it cannot
+    // be told, so a delete is refused unless forced, also through the node without it.
     let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(next), "f", "4M"]);
     assert!(good, "{out}");
     let f: Vec<usize> = (0..4).filter(|i| c.held(*i).contains_key("f")).collect();
-    c.kill(f[1]);
-    c.kill(f[2]);
-    let delete = |force: bool| {
-        let addr = c.addr(f[0]);
+    assert_eq!(f.len(), 3, "{f:?}");
+    let none = (0..4).find(|i| !f.contains(i)).unwrap();
+    c.wait_leader(f[0], "f");
+    let lead = c.status_of(f[0], "f").unwrap()["leader"].as_u64().unwrap() as usize - 1;
+    let left = *f.iter().find(|i| **i != lead).unwrap();
+    for i in f.iter().filter(|i| **i != left) {
+        c.kill(*i);
+    }
+    let delete = |via: usize, force: bool| {
+        let addr = c.addr(via);
         let mut cmd = vec!["volume", "delete", "--addr", &addr, "f"];
         cmd.extend(force.then_some("--force"));
         c.blockdrv(&cmd)
     };
-    let (good, out) = delete(false);
+    let (good, out) = delete(left, false);
     assert!(!good && out.contains("could not be told"), "{out}");
-    assert!(c.exports_own(f[0], "f"), "refused, but deleted");
-    let (good, out) = delete(true);
+    assert!(c.exports_own(left, "f"), "refused, but deleted");
+    let (good, out) = delete(none, true);
     assert!(good, "{out}");
-    assert!(!c.exports_own(f[0], "f"), "forced, but not deleted");
+    assert!(!c.exports_own(left, "f"), "forced, but not deleted");
 }

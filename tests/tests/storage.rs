@@ -440,7 +440,12 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     let old = unique("old");
     assert!(define(&d1, &old, "").status.success());
     d2.vpcctl_ok(&["vol-release", "tri", &old, "--node", "1"]);
-    d2.vpcctl_ok(&["vol-delete", "tri"]);
+    // (Once the undefine's release of db is through: a leftover goes within 2 s.)
+    wait_until(
+        Duration::from_secs(15),
+        || d2.vpcctl(&["vol-delete", "tri"]).status.success(),
+        "the volume to be deleted",
+    );
     d2.vpcctl_ok(&["vol-create", "tri", "4M"]);
     wait_until(
         Duration::from_secs(20),

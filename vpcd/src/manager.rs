@@ -361,25 +361,32 @@ impl Manager {
         let disks = Self::config_of(rec)?.disks.iter();
         for (disk, nbd) in disks.filter_map(|d| Some((d, d.nbd.as_ref()?))) {
             let storage = self.storage()?;
-            let now = storage.info(&nbd.export).await?.id;
-            if nbd.volume_id != 0 && now != nbd.volume_id {
-                return Err(Error::InvalidState(format!(
-                    "domain {}: disk {}: volume {} is not the one it was given: that was \
-                     deleted and another made under its name; detach the disk and attach the \
-                     volume again to use the new one",
-                    rec.spec.name, disk.target, nbd.export
-                )));
-            }
-            storage
-                .attach(&nbd.export, &rec.spec.name, &disk.target, disk.readonly)
-                .await
-                .map_err(|e| match e {
-                    Error::InvalidState(m) => Error::InvalidState(format!(
-                        "domain {}: disk {}: {m}",
-                        rec.spec.name, disk.target
+            let claimed = async {
+                let now = storage.info(&nbd.export).await?.id;
+                if nbd.volume_id != 0 && now != nbd.volume_id {
+                    return Err(Error::InvalidState(format!(
+                        "volume {} is not the one it was given: that was deleted and another \
+                         made under its name; detach the disk and attach the volume again to \
+                         use the new one",
+                        nbd.export
+                    )));
+                }
+                storage
+                    .attach(&nbd.export, &rec.spec.name, &disk.target, disk.readonly)
+                    .await
+            };
+            claimed.await.map_err(|e| {
+                let m = format!("domain {}: disk {}: {e}", rec.spec.name, disk.target);
+                match e {
+                    Error::InvalidState(_) | Error::NotFound(_) => Error::InvalidState(m),
+                    Error::InvalidArgument(_) => Error::InvalidArgument(m),
+                    Error::Unavailable(_) | Error::Timeout(_) => Error::Unavailable(format!(
+                        "{m} (its use of the volume could not be recorded: try again once the \
+                         volume's nodes answer)"
                     )),
-                    e => e,
-                })?;
+                    Error::AlreadyExists(_) | Error::Failed(_) => Error::Failed(m),
+                }
+            })?;
         }
         Ok(())
     }
@@ -399,13 +406,18 @@ impl Manager {
         for v in volumes.iter().filter(|v| v.leader != 0) {
             for a in v.attachments.iter().filter(|a| a.node == me) {
                 let lock = self.lock_for(&a.domain);
-                let _guard = lock.lock().await;
-                let running = || {
-                    let states = self.states.lock().unwrap();
-                    states.get(&a.domain).is_none_or(|s| s.is_active())
+                // (A domain busy with something else is looked at next time.)
+                let Ok(_guard) = lock.try_lock() else {
+                    continue;
                 };
                 let keep = match self.store.get(&a.domain) {
-                    Ok(Some(rec)) => Self::volumes_of(&rec).contains(&v.name) || running(),
+                    Ok(Some(rec)) if Self::volumes_of(&rec).contains(&v.name) => true,
+                    // Asked of its backend (not the last state seen): while it runs, or
+                    // cannot be told, the disk may be plugged still.
+                    Ok(Some(rec)) => match self.backend(rec.backend) {
+                        Ok(be) => be.state(&a.domain).await.map_or(true, |s| s.is_active()),
+                        Err(_) => true,
+                    },
                     Ok(None) => false,
                     Err(_) => true,
                 };

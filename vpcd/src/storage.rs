@@ -67,16 +67,23 @@ fn err(volume: &str, e: io::Error) -> Error {
     } else {
         format!("volume {volume}")
     };
+    // (Most messages from the node name the volume already.)
+    let msg = e.to_string();
+    let named = if msg.starts_with(&what) {
+        msg
+    } else {
+        format!("{what}: {msg}")
+    };
     match e.kind() {
         io::ErrorKind::NotFound => Error::NotFound(what),
         io::ErrorKind::AlreadyExists => Error::AlreadyExists(what),
-        io::ErrorKind::InvalidInput => Error::InvalidArgument(format!("{what}: {e}")),
-        io::ErrorKind::TimedOut => Error::Timeout(format!("{what}: {e}")),
+        io::ErrorKind::InvalidInput => Error::InvalidArgument(named),
+        io::ErrorKind::TimedOut => Error::Timeout(named),
         // A volume another domain has, or one being deleted (its message names it).
         io::ErrorKind::ResourceBusy => Error::InvalidState(e.to_string()),
         // (Its message names the volume and the nodes that did not answer.)
         io::ErrorKind::HostUnreachable => Error::Unavailable(e.to_string()),
-        _ => Error::Failed(format!("{what}: {e}")),
+        _ => Error::Failed(named),
     }
 }
 

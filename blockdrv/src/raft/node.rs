@@ -291,17 +291,20 @@ enum WireKind {
     InvalidInput,
     AlreadyExists,
     ResourceBusy,
+    /// Nodes that must answer for it to be done do not.
+    HostUnreachable,
     /// No leader yet, or it changed: try again.
     WouldBlock,
     TimedOut,
     Other,
 }
 
-const WIRE_KINDS: [(WireKind, io::ErrorKind); 6] = [
+const WIRE_KINDS: [(WireKind, io::ErrorKind); 7] = [
     (WireKind::NotFound, io::ErrorKind::NotFound),
     (WireKind::InvalidInput, io::ErrorKind::InvalidInput),
     (WireKind::AlreadyExists, io::ErrorKind::AlreadyExists),
     (WireKind::ResourceBusy, io::ErrorKind::ResourceBusy),
+    (WireKind::HostUnreachable, io::ErrorKind::HostUnreachable),
     (WireKind::WouldBlock, io::ErrorKind::WouldBlock),
     (WireKind::TimedOut, io::ErrorKind::TimedOut),
 ];
@@ -2253,7 +2256,7 @@ impl Node {
             // to answer may have been done all the same.
             let rpc = || Rpc::DeleteHere(name.to_string(), force);
             let wait = QUICK * (3 + self.cluster().len() as u32);
-            return self.on_holder(name, rpc, wait, true).await;
+            return self.on_holder(name, rpc, wait, true, force).await;
         };
         self.delete_held(name, spec, force).await
     }
@@ -2329,7 +2332,8 @@ impl Node {
             // Held by other nodes only: through its leader.
             None => {
                 let rpc = || Rpc::ResizeHere(name.to_string(), size);
-                self.on_holder(name, rpc, self.leader_wait(), false).await
+                self.on_holder(name, rpc, self.leader_wait(), false, false)
+                    .await
             }
         }
     }
@@ -2342,7 +2346,8 @@ impl Node {
             Some(g) => RaftVolume::new(self.clone(), &g).claim(op).await,
             None => {
                 let rpc = || Rpc::ClaimHere(name.to_string(), op.clone());
-                self.on_holder(name, rpc, self.leader_wait(), false).await
+                self.on_holder(name, rpc, self.leader_wait(), false, false)
+                    .await
             }
         }
     }
@@ -2353,35 +2358,42 @@ impl Node {
     /// does not answer or no longer holds the volume, or the nodes that did not answer may
     /// hold it. `done_if_gone`: a volume no node holds (every node answered) after a try that
     /// may have been carried out unanswered (not answered in time, the connection lost after
-    /// the request went out) is done (a delete).
+    /// the request went out) is done (a delete). `leaderless`: while the volume has no leader,
+    /// a node that holds it takes the request (a forced delete).
     async fn on_holder(
         &self,
         name: &str,
         rpc: impl Fn() -> Rpc,
         wait: Duration,
         done_if_gone: bool,
+        leaderless: bool,
     ) -> io::Result<()> {
         // Room for one try that is not answered in time, and the leader wait after it.
         let deadline = Instant::now() + wait + self.leader_wait();
         let mut unanswered = false;
         loop {
-            let failed = match self.locate_volume(name, None).await {
+            let to = match self.locate_volume(name, None).await {
                 Err(e) if e.kind() == io::ErrorKind::NotFound && unanswered && done_if_gone => {
                     return Ok(())
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
                 // Some nodes did not answer, and none that did holds it.
-                Err(e) => e,
-                Ok(Status {
-                    leader_addr: None, ..
-                }) => io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("volume {name}: no leader yet"),
-                ),
+                Err(e) => Err(e),
                 Ok(Status {
                     leader_addr: Some(addr),
                     ..
-                }) => match tokio::time::timeout(wait, manage(&addr, rpc())).await {
+                }) => Ok(addr),
+                Ok(s) => match self.cluster().get(&s.node).filter(|_| leaderless) {
+                    Some(addr) => Ok(addr.clone()),
+                    None => Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("volume {name}: no leader yet"),
+                    )),
+                },
+            };
+            let failed = match to {
+                Err(e) => e,
+                Ok(addr) => match tokio::time::timeout(wait, manage(&addr, rpc())).await {
                     // A node that no longer holds it, or is gone: the leader changed. One
                     // that refused the connection never had the request.
                     Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound || gone(&e) => {
@@ -3423,10 +3435,20 @@ impl Group {
     /// committed is applied by then.
     async fn leader_claim(&self, op: BlockOp) -> Result<Result<(), String>, NotHereOr> {
         let g = self.clone();
-        // Decided and written to the end even if the caller goes away meanwhile: the next
-        // decision must find it applied.
-        tokio::spawn(async move {
-            let _one = g.claiming.clone().lock_owned().await;
+        let busy = || {
+            NotHereOr::Failed(format!("volume {}: a change of its users did not finish within {} s (its leader may have lost the other nodes)", self.name, LEADER_WAIT.as_secs()))
+        };
+        // Decided and written to the end even if the caller goes away meanwhile (or gives
+        // up: a leader cut off from the others after its lease was checked waits for ever),
+        // holding the next decision off until this one is applied.
+        let decided = tokio::spawn(async move {
+            let one = tokio::time::timeout(LEADER_WAIT, g.claiming.clone().lock_owned());
+            let Ok(_one) = one.await else {
+                return Err(NotHereOr::Failed(format!(
+                    "volume {}: an earlier change of its users has not finished",
+                    g.name
+                )));
+            };
             let index = g.read_index().await?;
             g.wait_applied(index, LEADER_WAIT)
                 .await
@@ -3435,9 +3457,11 @@ impl Group {
                 return Ok(Err(why));
             }
             g.leader_write(op).await.map(Ok)
-        })
-        .await
-        .unwrap_or_else(|e| Err(NotHereOr::Failed(e.to_string())))
+        });
+        match tokio::time::timeout(LEADER_WAIT, decided).await {
+            Ok(r) => r.unwrap_or_else(|e| Err(NotHereOr::Failed(e.to_string()))),
+            Err(_) => Err(busy()),
+        }
     }
 
     /// The read index: on the leader, an index every write acknowledged so far is at or below;
