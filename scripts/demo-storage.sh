@@ -138,6 +138,11 @@ volume = "demo-data"
 TOML
 run cat "$SPEC"
 svpc define "$SPEC"
+log "the volume is that domain's now: the cluster records it, and refuses it to anyone else (and its delete)"
+svpc vol-list
+echo "$ vpcctl vol-delete demo-data"
+if out=$(quick vol-delete demo-data 2>&1); then echo "demo: the delete went through" >&2; exit 1; fi
+printf '%s\n' "$out"
 svpc start "$VM"
 run virsh domblklist "$VM"
 virsh dumpxml "$VM" | sed -n "/<disk type='network'/,/<\/disk>/p"
