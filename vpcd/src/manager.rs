@@ -301,10 +301,8 @@ impl Manager {
                 disk.target, nbd.export
             ))
         })?;
-        nbd.volume_id = storage.info(&nbd.export).await?.id;
         // Across hosts: the volume's leader decides.
-        storage
-            .attach(&nbd.export, domain, &disk.target, disk.readonly)
+        nbd.volume_id = Self::claim_disk(storage, domain, &disk.target, disk.readonly, nbd)
             .await
             .map_err(|e| match e {
                 Error::InvalidState(m) => Error::InvalidState(format!("disk {}: {m}", disk.target)),
@@ -312,6 +310,31 @@ impl Manager {
             })?;
         nbd.socket = storage.socket().to_owned();
         Ok(())
+    }
+
+    /// Records that `domain` has the volume of `nbd` as disk `target`, and returns the
+    /// volume's id: refused (`InvalidState`) if it is not the volume the disk was given
+    /// (`nbd.volume_id`; 0: any), or if another domain has it
+    /// ([`crate::storage::Storage::attach`]).
+    async fn claim_disk(
+        storage: &crate::storage::Storage,
+        domain: &str,
+        target: &str,
+        readonly: bool,
+        nbd: &hypervisor::NbdDisk,
+    ) -> Result<u64> {
+        let id = storage.info(&nbd.export).await?.id;
+        if nbd.volume_id != 0 && id != nbd.volume_id {
+            return Err(Error::InvalidState(format!(
+                "volume {} is not the one it was given: that was deleted and another made under \
+                 its name; detach the disk and attach the volume again to use the new one",
+                nbd.export
+            )));
+        }
+        storage
+            .attach(&nbd.export, domain, target, readonly)
+            .await?;
+        Ok(id)
     }
 
     /// Forgets that domain `domain` has the volume of `disk` as that disk, if it is a volume
@@ -361,20 +384,8 @@ impl Manager {
         let disks = Self::config_of(rec)?.disks.iter();
         for (disk, nbd) in disks.filter_map(|d| Some((d, d.nbd.as_ref()?))) {
             let storage = self.storage()?;
-            let claimed = async {
-                let now = storage.info(&nbd.export).await?.id;
-                if nbd.volume_id != 0 && now != nbd.volume_id {
-                    return Err(Error::InvalidState(format!(
-                        "volume {} is not the one it was given: that was deleted and another \
-                         made under its name; detach the disk and attach the volume again to \
-                         use the new one",
-                        nbd.export
-                    )));
-                }
-                storage
-                    .attach(&nbd.export, &rec.spec.name, &disk.target, disk.readonly)
-                    .await
-            };
+            let claimed =
+                Self::claim_disk(storage, &rec.spec.name, &disk.target, disk.readonly, nbd);
             claimed.await.map_err(|e| {
                 let m = format!("domain {}: disk {}: {e}", rec.spec.name, disk.target);
                 match e {
@@ -439,9 +450,10 @@ impl Manager {
     pub async fn release_volume(&self, name: &str, node: u64, domain: &str) -> Result<()> {
         let storage = self.storage()?;
         let node = if node == 0 { storage.node_id() } else { node };
-        if node == storage.node_id() {
-            let lock = self.lock_for(domain);
-            let _guard = lock.lock().await;
+        let lock = self.lock_for(domain);
+        // (This host's domain is looked at under its lock, so that it is not defined meanwhile.)
+        let _guard = if node == storage.node_id() {
+            let guard = lock.lock().await;
             if let Some(rec) = self.store.get(domain)? {
                 if Self::volumes_of(&rec).contains(name) {
                     return Err(Error::InvalidState(format!(
@@ -450,8 +462,10 @@ impl Manager {
                     )));
                 }
             }
-            return storage.detach(name, node, domain, None).await;
-        }
+            Some(guard)
+        } else {
+            None
+        };
         storage.detach(name, node, domain, None).await
     }
 

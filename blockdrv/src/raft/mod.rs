@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 pub use claims::Attachment;
 pub use data::Data;
 
-/// A change to a volume's blocks: what the raft log carries. Every operation says what the
-/// range holds afterwards, so applying one twice, in log order, gives the same blocks (the
-/// state machine relies on it after a crash).
+/// A change to a volume (its blocks, its size, its users): what the raft log carries. Every
+/// operation says what the range (or the users) holds afterwards, so applying one twice, in
+/// log order, gives the same volume (the state machine relies on it after a crash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlockOp {
     Write {

@@ -3435,9 +3435,6 @@ impl Group {
     /// committed is applied by then.
     async fn leader_claim(&self, op: BlockOp) -> Result<Result<(), String>, NotHereOr> {
         let g = self.clone();
-        let busy = || {
-            NotHereOr::Failed(format!("volume {}: a change of its users did not finish within {} s (its leader may have lost the other nodes)", self.name, LEADER_WAIT.as_secs()))
-        };
         // Decided and written to the end even if the caller goes away meanwhile (or gives
         // up: a leader cut off from the others after its lease was checked waits for ever),
         // holding the next decision off until this one is applied.
@@ -3460,7 +3457,12 @@ impl Group {
         });
         match tokio::time::timeout(LEADER_WAIT, decided).await {
             Ok(r) => r.unwrap_or_else(|e| Err(NotHereOr::Failed(e.to_string()))),
-            Err(_) => Err(busy()),
+            Err(_) => Err(NotHereOr::Failed(format!(
+                "volume {}: a change of its users did not finish within {} s (its leader may \
+                 have lost the other nodes)",
+                self.name,
+                LEADER_WAIT.as_secs()
+            ))),
         }
     }
 
@@ -4157,6 +4159,7 @@ async fn tombstones(addr: &str) -> io::Result<Tombstones> {
     }
 }
 
+/// The status of `volume` as the node at `addr` sees it.
 pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
     let mut conn = None;
     match call(&mut conn, addr, &Rpc::Status(volume.to_string())).await? {
