@@ -896,8 +896,14 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
     let held4 = held_by(&d4, 4);
     assert_eq!(held4.len(), 1, "{held4:?}");
     for d in [&d1, &d2, &d4] {
-        let list = d.vpcctl_ok(&["vol-list"]);
+        let out = d.vpcctl(&["vol-list"]);
+        let (list, warned) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{warned}");
         assert!(list.contains("ja") && list.contains("jb"), "{list}");
+        assert!(warned.is_empty(), "every node answered: {warned}");
     }
     // The volume host 4 holds no replica of is served there all the same (through the hosts
     // that hold it): its info, and reads and writes through host 4's NBD socket.
@@ -961,4 +967,17 @@ async fn storage_nodes_join_and_leave_through_vpcctl() {
         e.contains("Unavailable") && e.contains("Connection refused"),
         "{e}"
     );
+    // Its list is empty, and says why: which nodes did not answer.
+    let out = d1.vpcctl(&["--json", "vol-list"]);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{warned}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list, serde_json::json!([]), "{warned}");
+    for id in 2..=4 {
+        let line = format!(
+            "storage node {id} (127.0.0.1:{}) did not answer",
+            ports[id - 1]
+        );
+        assert!(warned.contains(&line), "{line}: {warned}");
+    }
 }

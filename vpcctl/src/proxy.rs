@@ -43,6 +43,7 @@ pub trait Host {
     fn delete_volume(&self, name: &str) -> zbus::Result<()>;
     fn force_delete_volume(&self, name: &str) -> zbus::Result<()>;
     fn list_volumes(&self) -> zbus::Result<Vec<VolumeRow>>;
+    fn list_volumes_with_unreachable(&self) -> zbus::Result<(Vec<VolumeRow>, Vec<(u64, String)>)>;
     fn volume_info(&self, name: &str) -> zbus::Result<VolumeRow>;
     fn release_volume(&self, name: &str, node: u64, domain: &str) -> zbus::Result<()>;
     fn add_storage_node(&self, id: u64, address: &str) -> zbus::Result<Vec<(String, u64, u64)>>;

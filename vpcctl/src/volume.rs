@@ -219,7 +219,12 @@ pub async fn run(cmd: VolumeCmd, host: &HostProxy<'_>, json: bool) -> anyhow::Re
             }
         }
         VolumeCmd::VolList => {
-            let rows = host.list_volumes().await?;
+            let (rows, unreachable) = host.list_volumes_with_unreachable().await?;
+            for (id, addr) in &unreachable {
+                eprintln!(
+                    "warning: storage node {id} ({addr}) did not answer: volumes only it holds are not listed"
+                );
+            }
             if json {
                 let v: Vec<_> = rows.iter().map(to_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -292,10 +292,15 @@ impl Storage {
         Ok(self.list_all().await.0)
     }
 
-    /// [`Storage::list`], and whether every storage node answered (if not, the volumes only
-    /// those held are missing).
-    pub async fn list_all(&self) -> (Vec<VolumeInfo>, bool) {
-        let (volumes, complete) = self.node.cluster_volumes().await;
+    /// [`Storage::list`], and the storage nodes that did not answer, (id, address): the
+    /// volumes only they hold are missing.
+    pub async fn list_all(&self) -> (Vec<VolumeInfo>, Vec<(u64, String)>) {
+        let (volumes, silent) = self.node.cluster_volumes().await;
+        let nodes = self.node.cluster();
+        let silent = silent
+            .into_iter()
+            .map(|id| (id, nodes.get(&id).cloned().unwrap_or_default()))
+            .collect();
         // (None for a volume held elsewhere: its status came from its leader already.)
         let statuses = futures::future::join_all(
             volumes
@@ -308,7 +313,7 @@ impl Storage {
             .zip(statuses)
             .map(|((spec, status), leader)| self.to_info(spec, leader.unwrap_or(status)))
             .collect();
-        (infos, complete)
+        (infos, silent)
     }
 
     /// A volume of the cluster: one this host holds a replica of, or else one other hosts

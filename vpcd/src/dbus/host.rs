@@ -197,6 +197,15 @@ impl HostIface {
             .collect())
     }
 
+    /// `ListVolumes`, and the storage nodes that did not answer, (id, address): the volumes
+    /// only they hold are not in the list.
+    async fn list_volumes_with_unreachable(
+        &self,
+    ) -> Result<(Vec<VolumeRow>, Vec<(u64, String)>), ApiError> {
+        let (volumes, unreachable) = self.manager.storage()?.list_all().await;
+        Ok((volumes.into_iter().map(row).collect(), unreachable))
+    }
+
     /// Adds storage node `id` at `address` to the cluster; replicas move onto it. Returns the
     /// moves: (volume, from node, to node).
     async fn add_storage_node(

@@ -164,7 +164,8 @@ pub(crate) async fn sync_volume_objects(
         return Vec::new();
     };
     let mut exported = EXPORTED.lock().await;
-    let (volumes, complete) = storage.list_all().await;
+    let (volumes, silent) = storage.list_all().await;
+    let complete = silent.is_empty();
     let listed: BTreeSet<String> = volumes.iter().map(|v| v.name.clone()).collect();
     let server = conn.object_server();
     // (A volume just deleted is not exported again even if a replica cut off from the delete

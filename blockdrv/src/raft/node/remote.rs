@@ -120,8 +120,8 @@ impl Node {
     /// The volumes of the cluster: those this node holds, with their status here, and those
     /// only other nodes hold, as the node that says it leads each has them (or, while none
     /// does, any holder), from every other node's list (asked at once, [`ASK`] each), and
-    /// whether every node answered (the volumes only nodes that did not hold are missing).
-    pub async fn cluster_volumes(&self) -> (Vec<(super::VolumeSpec, Status)>, bool) {
+    /// the nodes that did not answer (the volumes only they hold are missing).
+    pub async fn cluster_volumes(&self) -> (Vec<(super::VolumeSpec, Status)>, Vec<u64>) {
         let mut all: std::collections::BTreeMap<String, (super::VolumeSpec, Status)> = self
             .volumes()
             .await
@@ -133,18 +133,21 @@ impl Node {
             .cluster()
             .into_iter()
             .filter(|(id, _)| *id != self.id)
-            .map(|(_, addr)| async move {
-                tokio::time::timeout(ASK, super::list(&addr))
+            .map(|(id, addr)| async move {
+                let list = tokio::time::timeout(ASK, super::list(&addr))
                     .await
                     .ok()
-                    .and_then(Result::ok)
+                    .and_then(Result::ok);
+                (id, list)
             });
-        let lists = futures::future::join_all(asks).await;
-        let complete = lists.iter().all(Option::is_some);
+        let (silent, lists): (Vec<_>, Vec<_>) = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .partition(|(_, list)| list.is_none());
         // A replica of a deleted volume that its node has not dropped yet (cut off during the
         // delete: it drops it once it learns) is not a volume of the cluster.
         let buried = self.tombstones.lock().await.clone();
-        for (spec, st) in lists.into_iter().flatten().flatten() {
+        for (spec, st) in lists.into_iter().filter_map(|(_, list)| list).flatten() {
             if here.contains(&spec.name) || super::buried(&buried, &spec.name, spec.id) {
                 continue;
             }
@@ -153,7 +156,8 @@ impl Node {
                 all.insert(spec.name.clone(), (spec, st));
             }
         }
-        (all.into_values().collect(), complete)
+        let silent = silent.into_iter().map(|(id, _)| id).collect();
+        (all.into_values().collect(), silent)
     }
 
     /// The status of volume `name`, which other nodes hold, as its leader sees it ([`Node::locate`],
