@@ -283,7 +283,7 @@ async fn a_host_without_the_storage_role_says_so() {
 async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     let ports = [free_port(), free_port(), free_port()];
     let d1 = storage_daemon(1, &ports).await;
-    let d2 = storage_daemon(2, &ports).await;
+    let mut d2 = storage_daemon(2, &ports).await;
     let mut d3 = storage_daemon(3, &ports).await;
     d2.vpcctl_ok(&["vol-create", "shared", "16M"]);
     // Looked up through another host at once, its object is there once the answer is.
@@ -467,6 +467,38 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
             "the volume to be degraded",
         );
     }
+    // A second host gone too: whether a domain has the volume cannot be told, so a delete is
+    // refused unless forced; the forced one frees its space, and the hosts that were down drop
+    // their replicas when they are back.
+    d2.kill9();
+    assert!(held_by(&d1, 1).contains(&"tri".to_string()));
+    let e = fails(&d1, &["vol-delete", "tri"]);
+    assert!(
+        e.contains("Unavailable") && e.contains("could not be told"),
+        "{e}"
+    );
+    assert!(
+        held_by(&d1, 1).contains(&"tri".to_string()),
+        "refused, but deleted"
+    );
+    d1.vpcctl_ok(&["vol-delete", "--force", "tri"]);
+    assert!(
+        !held_by(&d1, 1).contains(&"tri".to_string()),
+        "forced, but not deleted"
+    );
+    d2.restart().await;
+    d3.restart().await;
+    for (d, id) in [(&d2, 2), (&d3, 3)] {
+        wait_until(
+            Duration::from_secs(20),
+            || !held_by(d, id).contains(&"tri".to_string()),
+            "a host back from down to drop its replica of the deleted volume",
+        );
+    }
+    assert!(
+        held_by(&d2, 2).contains(&"pair".to_string())
+            || held_by(&d3, 3).contains(&"pair".to_string())
+    );
 }
 
 /// A guest boots with a volume as its disk, through QMP and through libvirt: it reads what the

@@ -2273,7 +2273,23 @@ impl Node {
         // cannot decide (no leader, or one cut off from the others) only if forced: its space
         // must be possible to free whatever state its replicas are in, but a node cut off
         // from the others cannot tell whether a domain uses it.
-        match self.claim_volume(name, BlockOp::Delete).await {
+        let decided = self.claim_volume(name, BlockOp::Delete);
+        let decided = if force {
+            // Forced: an election's time for a leader to decide, not the whole leader wait
+            // (a leader that decides later deletes it all the same).
+            let wait = Duration::from_millis(2 * self.timing.election_ms.1);
+            tokio::time::timeout(wait, decided)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("volume {name}: no leader decided within {wait:?}"),
+                    ))
+                })
+        } else {
+            decided.await
+        };
+        match decided {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::ResourceBusy => return Err(e),
             Err(e) if force => tracing::warn!(
