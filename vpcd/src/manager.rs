@@ -953,13 +953,16 @@ impl Manager {
         }
         config.disks.push(resolved.clone());
         let rec = Self::with_disks(&old, spec, &config);
-        let plugged = match self.store.put(&rec) {
-            Ok(()) => self
-                .backend(rec.backend)?
-                .attach_disk(Self::config_of(&rec)?, &resolved)
-                .await
-                .map_err(Error::from),
-            Err(e) => Err(e.into()),
+        // (Nothing returns early from here on without undoing the above.)
+        let plugged = match (self.backend(rec.backend), Self::config_of(&rec)) {
+            (Ok(backend), Ok(vm)) => match self.store.put(&rec) {
+                Ok(()) => backend
+                    .attach_disk(vm, &resolved)
+                    .await
+                    .map_err(Error::from),
+                Err(e) => Err(e.into()),
+            },
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         if let Err(e) = plugged {
             self.store.put(&old)?;
@@ -1006,12 +1009,10 @@ impl Manager {
         let mut spec = old.spec.clone();
         spec.disks.remove(i);
         let rec = Self::with_disks(&old, spec, &config);
+        // (The backend first: nothing is changed if it is not there.)
+        let (backend, vm) = (self.backend(rec.backend)?, Self::config_of(&rec)?);
         self.store.put(&rec)?;
-        match self
-            .backend(rec.backend)?
-            .detach_disk(Self::config_of(&rec)?, &disk)
-            .await
-        {
+        match backend.detach_disk(vm, &disk).await {
             Ok(()) => self.release_disk(name, &disk).await,
             // Off the definition already; the guest lets go of it later.
             // (Its use of a volume stays recorded while it runs: `release_stale_claims`.)
