@@ -6,6 +6,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockdrv::testing::free_port;
@@ -520,16 +521,24 @@ fn random_file(path: &Path, mib: usize) {
 
 #[test]
 fn writes_through_one_node_read_back_through_another_and_every_replica_is_identical() {
-    let c = Cluster::start(&[]);
+    let c = Cluster::bare(&["--volume", "v:256M"]);
+    c.wait_leader(0, "v");
     let info = ok(&["nbdinfo", &c.uri(0)]);
-    assert!(info.contains("export-size: 67108864"), "{info}");
+    assert!(info.contains("export-size: 268435456"), "{info}");
     assert!(info.contains("block_size_maximum: 33554432"), "{info}");
     assert!(info.contains("can_multi_conn: true"), "{info}");
     let leader = c.leader();
     let (via, other) = ((leader + 1) % 3, (leader + 2) % 3);
-    let src = c.random_source(64);
+    // 256 MiB of random data through a follower (forwarded to the leader), with nbdcopy over
+    // four connections and then other data with qemu-img convert, each read back through
+    // the other follower and compared byte for byte.
+    let copied = c.dir.path().join("copied.bin");
+    random_file(&copied, 256);
+    let copied = copied.to_string_lossy().into_owned();
+    ok(&["nbdcopy", "--connections=4", &copied, &c.uri(via)]);
+    c.assert_holds(other, &copied);
+    let src = c.random_source(256);
     let src = src.as_str();
-    // Through a follower (forwarded to the leader), read back through the other follower.
     c.convert_into(src, via);
     c.assert_holds(other, src);
     // A small write into ranges held in the log: reads of them come partly from the blocks.
@@ -597,6 +606,18 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     );
     let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(2), "data", "8M"]);
     assert!(!good && out.contains("only grow"), "{out}");
+    for (verb, size) in [("create", "1000"), ("resize", "33554433")] {
+        let (good, out) = c.blockdrv(&["volume", verb, "--addr", &c.addr(2), "odd", size]);
+        let (good, out) = if verb == "resize" {
+            c.blockdrv(&["volume", verb, "--addr", &c.addr(2), "data", size])
+        } else {
+            (good, out)
+        };
+        assert!(
+            !good && out.contains("512-byte sectors"),
+            "{verb} {size}: {out}"
+        );
+    }
     // Grown through another node: every replica grows, new connections see the size.
     let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(2), "data", "32M"]);
     assert!(good, "{out}");
@@ -663,8 +684,41 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     for i in 0..2 {
         assert!(gone(&c, i), "node {}", i + 1);
     }
+    // A volume needing node 3 while it is down is not made, naming it, and nothing of it is
+    // left on the others: made again once node 3 is back, it is.
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "half", "4M"]);
+    assert!(
+        !good && out.contains("not created") && out.contains("node 3"),
+        "{out}"
+    );
+    for i in 0..2 {
+        assert!(!c.held(i).contains_key("half"), "node {}", i + 1);
+        let dir = c.dir.path().join(format!("n{}/half", i + 1));
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    // What a crash leaves of a replica (its files, not recorded in the catalog) is removed
+    // when the node starts.
+    let leftover = c.dir.path().join("n3/ghost/blocks");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("volume.img"), [0x77; 4096]).unwrap();
     c.spawn(2);
     c.wait_for(|c| gone(c, 2), "node 3 to drop the deleted volume");
+    assert!(
+        !leftover.exists(),
+        "the leftover replica files are still there"
+    );
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "half", "4M"]);
+    assert!(good, "{out}");
+    // And one found when a replica of that name is opened goes first: a new volume never
+    // shows another's data.
+    let leftover = c.dir.path().join("n1/fresh/blocks");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("volume.img"), vec![0x77; 1 << 20]).unwrap();
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "fresh", "4M"]);
+    assert!(good, "{out}");
+    c.wait_leader(0, "fresh");
+    let fresh = format!("nbd+unix:///fresh?socket={}", c.socket(0).display());
+    ok(&["qemu-io", "-f", "raw", "-c", "read -P 0 0 1M", &fresh]);
     // A new volume of the same name is not taken for the deleted one.
     let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "data", "8M"]);
     assert!(good, "{out}");
@@ -682,6 +736,19 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     assert!(good, "{out}");
     let (good, _) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(0), "data"]);
     assert!(!good, "deleting a deleted volume");
+    // Volumes created through one node are led by different nodes (the one each name places
+    // first starts its group), not all by the node they came through.
+    let mut leaders = std::collections::BTreeSet::new();
+    for v in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+        let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), v, "1M"]);
+        assert!(good, "{out}");
+        c.wait_leader(0, v);
+        leaders.insert(c.status_of(0, v).unwrap()["leader"].as_u64().unwrap());
+    }
+    assert!(
+        leaders.len() > 1 && leaders != [1].into(),
+        "leaders: {leaders:?}"
+    );
 }
 
 #[test]
@@ -821,28 +888,42 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
     let leader = c.leader();
     let via = (leader + 1) % 3;
     let n = 48u64;
-    let mut acked = Vec::new();
-    let mut when = Vec::new();
-    let mut failures = Vec::new();
-    for i in 0..n {
-        if i == 8 {
-            c.kill(leader);
-        }
-        let (good, out) = run(&[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -P {} {} 1M", i % 250 + 1, i * MIB),
-            &c.uri(via),
-        ]);
-        if good && out.contains("wrote 1048576/1048576") {
-            acked.push(i);
-            when.push(Instant::now());
-        } else {
-            failures.push(format!("write {i}: {out}"));
-        }
-    }
+    // A stream of 1 MiB writes through a follower, one after another (each acknowledged or
+    // not when its qemu-io ends), and the leader SIGKILLed while it runs, once 8 are in.
+    let stream = Arc::new(Mutex::new((Vec::new(), Vec::new(), Vec::new())));
+    let writer = {
+        let (uri, stream) = (c.uri(via), stream.clone());
+        std::thread::spawn(move || {
+            for i in 0..n {
+                let started = Instant::now();
+                let (good, out) = run(&[
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    "-c",
+                    &format!("write -P {} {} 1M", i % 250 + 1, i * MIB),
+                    &uri,
+                ]);
+                let mut s = stream.lock().unwrap();
+                if good && out.contains("wrote 1048576/1048576") {
+                    s.0.push(i);
+                    s.1.push((started, Instant::now()));
+                } else {
+                    s.2.push(format!("write {i}: {out}"));
+                }
+            }
+        })
+    };
+    c.wait_for(|_| stream.lock().unwrap().0.len() >= 8, "8 writes");
+    let killed = Instant::now();
+    c.kill(leader);
+    writer.join().unwrap();
+    let (acked, spans, failures) = std::mem::take(&mut *stream.lock().unwrap());
+    let when: Vec<Instant> = spans.iter().map(|(_, end)| *end).collect();
+    let during = spans
+        .iter()
+        .any(|(start, end)| *start <= killed && killed <= *end);
+    println!("an acknowledged write was in flight at the SIGKILL: {during}");
     // Writes resumed after the election: all but perhaps the one cut off were acknowledged.
     if (acked.len() as u64) < n - 1 {
         for i in 0..3 {

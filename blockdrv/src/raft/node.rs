@@ -1367,6 +1367,24 @@ fn change_err(
     io::Error::new(kind, format!("{what}: {e}"))
 }
 
+/// A volume name's FNV-1a hash: where it is placed ([`Node::place`]).
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// A volume's size: a whole number of 512-byte sectors (as disks are addressed), not 0.
+fn check_size(name: &str, size: u64) -> io::Result<()> {
+    if size == 0 || !size.is_multiple_of(512) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("volume {name}: size {size}: not a whole number of 512-byte sectors, or 0"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_volume_name(name: &str) -> io::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -1859,13 +1877,28 @@ impl Node {
         if cluster.is_empty() {
             return BTreeMap::new();
         }
-        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        let start = (h % cluster.len() as u64) as usize;
+        let start = (name_hash(name) % cluster.len() as u64) as usize;
         (0..replicas.min(cluster.len()))
             .map(|k| cluster[(start + k) % cluster.len()].clone())
             .collect()
+    }
+
+    /// The member of new volume `name` that starts its group, and so leads it first: the
+    /// first of `members` at or after the node of the cluster the name hashes to
+    /// ([`Node::place`]'s start), so that leaders spread over the nodes as replicas do,
+    /// whichever node the create came through.
+    fn first_member(&self, name: &str, members: &BTreeMap<NodeId, String>) -> (NodeId, String) {
+        let cluster: Vec<NodeId> = self.cluster().into_keys().collect();
+        let start = match cluster.len() {
+            0 => 0,
+            n => cluster[(name_hash(name) % n as u64) as usize],
+        };
+        let (id, addr) = members
+            .range(start..)
+            .next()
+            .or_else(|| members.iter().next())
+            .expect("members");
+        (*id, addr.clone())
     }
 
     /// Serves every volume (now and later) on `server` too: those it holds a replica of, and
@@ -1932,14 +1965,31 @@ impl Node {
     async fn save_catalog(&self, c: &BTreeMap<String, VolumeSpec>) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(c).map_err(err)?;
         let path = self.catalog_path();
-        tokio::task::spawn_blocking(move || {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &bytes)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })
-        .await
-        .map_err(err)?
+        tokio::task::spawn_blocking(move || crate::raft::write_atomic(&path, &bytes))
+            .await
+            .map_err(err)?
+    }
+
+    /// Removes the directory of a replica of `name` that the catalog does not have: what a
+    /// crash left between opening a replica and recording it, or between recording its drop
+    /// and removing its files (the catalog is the truth; under its lock). Only a directory a
+    /// replica made (with its `log` or `blocks`) is touched.
+    fn remove_leftover(&self, name: &str) -> io::Result<()> {
+        let dir = self.dir.join(name);
+        if !(dir.join("log").exists() || dir.join("blocks").exists()) {
+            return Ok(());
+        }
+        tracing::info!(volume = name, "removing a replica's leftover files");
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "volume {name}: removing the leftover {}: {e}",
+                    dir.display()
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn tombstones_path(&self) -> PathBuf {
@@ -1994,6 +2044,16 @@ impl Node {
             Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e),
         };
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_dir()
+                && check_volume_name(&name).is_ok()
+                && !c.contains_key(&name)
+            {
+                self.remove_leftover(&name)?;
+            }
+        }
         for spec in c.values() {
             self.open_volume(spec).await?;
         }
@@ -2106,6 +2166,8 @@ impl Node {
             }
             return Ok(());
         }
+        // (Not another volume's data under this one's name.)
+        self.remove_leftover(&spec.name)?;
         self.open_volume(spec).await?;
         c.insert(spec.name.clone(), spec.clone());
         self.save_catalog(&c).await
@@ -2155,12 +2217,26 @@ impl Node {
             };
             return Box::pin(self.create_volume(&spec)).await;
         }
-        if !spec.members.contains_key(&self.id) {
-            // A member coordinates.
-            let (id, addr) = spec.members.iter().next().expect("members");
-            return manage(addr, Rpc::Create(spec.clone()))
+        let (id, addr) = self.first_member(&spec.name, &spec.members);
+        if id != self.id {
+            // The member that starts the group coordinates (it leads the group first); its
+            // opens take QUICK at most.
+            let done = tokio::time::timeout(2 * QUICK, manage(&addr, Rpc::Create(spec.clone())))
                 .await
-                .map_err(|e| err(format!("node {id}: {e}")));
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("did not answer within {} s", 2 * QUICK.as_secs()),
+                    ))
+                });
+            return done.map_err(|e| {
+                let why = if gone(&e) || e.kind() == io::ErrorKind::TimedOut {
+                    format!("volume {}: not created: node {id}: {e}", spec.name)
+                } else {
+                    format!("node {id}: {e}")
+                };
+                io::Error::new(e.kind(), why)
+            });
         }
         if self.catalog.lock().await.contains_key(&spec.name) {
             return Err(io::Error::new(
@@ -2168,25 +2244,44 @@ impl Node {
                 format!("volume {} already exists", spec.name),
             ));
         }
-        if spec.size == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("volume {}: size 0", spec.name),
-            ));
-        }
-        for (id, addr) in &spec.members {
-            if *id == self.id {
-                self.open_replica(spec).await?;
+        check_size(&spec.name, spec.size)?;
+        // Every member opens its replica (at once, [`QUICK`] each); if one cannot, those that
+        // did (or may have) drop theirs again: a create is whole or not at all.
+        let opens = spec.members.iter().map(|(id, addr)| async move {
+            let opened = if *id == self.id {
+                self.open_replica(spec).await
+            } else {
+                manage_quick(addr, Rpc::Open(spec.clone())).await
+            };
+            (*id, addr, opened)
+        });
+        let opened = futures::future::join_all(opens).await;
+        let Some(failed) = opened.iter().find_map(|(id, _, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| io::Error::new(e.kind(), format!("node {id}: {e}")))
+        }) else {
+            return self.initialize(&spec.name, &spec.members).await;
+        };
+        for (id, addr, r) in opened {
+            // (One that refused, holding another volume of the name, opened nothing.)
+            if matches!(&r, Err(e) if matches!(e.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::InvalidInput))
+            {
                 continue;
             }
-            let mut conn = None;
-            match call(&mut conn, addr, &Rpc::Open(spec.clone())).await? {
-                Reply::Done(Ok(())) => {}
-                Reply::Done(Err(e)) => return Err(err(format!("node {id}: {e}"))),
-                other => return Err(err(format!("node {id}: unexpected reply {other:?}"))),
+            let undone = if id == self.id {
+                self.drop_replica_of(&spec.name, Only::Spec(spec)).await
+            } else {
+                manage_quick(addr, Rpc::Drop(spec.name.clone(), spec.id)).await
+            };
+            if let Err(e) = undone {
+                tracing::warn!(volume = %spec.name, node = id, "create not undone there: {e}");
             }
         }
-        self.initialize(&spec.name, &spec.members).await
+        Err(io::Error::new(
+            failed.kind(),
+            format!("volume {}: not created: {failed}", spec.name),
+        ))
     }
 
     /// Drops this node's replica of `name`: its raft stops, its export and files go.
@@ -2306,6 +2401,23 @@ impl Node {
                 ))
             }
         }
+        if spec.id != 0 {
+            // Every node remembers the delete first (best effort: one is enough), so a member
+            // down now drops its replica when it is back, whenever this stops (a node told
+            // drops its replica too).
+            let mut nodes = self.cluster();
+            nodes.extend(spec.members.clone());
+            for (id, addr) in nodes {
+                let told = if id == self.id {
+                    self.remember_deleted(name, spec.id).await
+                } else {
+                    manage_quick(&addr, Rpc::Deleted(name.to_string(), spec.id)).await
+                };
+                if let Err(e) = told {
+                    tracing::warn!(volume = name, node = id, "delete not recorded there: {e}");
+                }
+            }
+        }
         for (id, addr) in &spec.members {
             if *id == self.id {
                 self.drop_replica(name).await?;
@@ -2321,21 +2433,6 @@ impl Node {
                 // (`Deleted`); the volume is gone for everyone else.
                 Err(e) => tracing::warn!(volume = name, node = id, "not reached: {e}"),
                 Ok(()) => {}
-            }
-        }
-        if spec.id != 0 {
-            // Every node remembers the delete (best effort: one is enough).
-            let mut nodes = self.cluster();
-            nodes.extend(spec.members.clone());
-            for (id, addr) in nodes {
-                let told = if id == self.id {
-                    self.remember_deleted(name, spec.id).await
-                } else {
-                    manage_quick(&addr, Rpc::Deleted(name.to_string(), spec.id)).await
-                };
-                if let Err(e) = told {
-                    tracing::warn!(volume = name, node = id, "delete not recorded there: {e}");
-                }
             }
         }
         Ok(())
@@ -3812,6 +3909,7 @@ impl RaftVolume {
     /// Grows the volume to `size` bytes (through the log, so every replica grows).
     pub async fn resize(&self, size: u64) -> io::Result<()> {
         use crate::volume::Volume;
+        check_size(&self.name, size)?;
         if size < self.size() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
