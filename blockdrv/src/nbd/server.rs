@@ -86,6 +86,10 @@ impl Export {
     }
 }
 
+/// How long a client has from connecting to the end of its handshake (option haggling, TLS
+/// included), as qemu-nbd's `--handshake-limit` by default.
+pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a failed connection did.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -291,13 +295,26 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        stream.write_all(&proto::greeting()).await?;
-        let mut flags = [0u8; 4];
-        stream.read_exact(&mut flags).await?;
-        let client = proto::parse_client_flags(flags)?;
-        let no_zeroes = client & proto::FLAG_C_NO_ZEROES != 0;
-        let state = TlsState::new(self.tls.is_some());
-        match self.negotiate(&mut stream, no_zeroes, state).await? {
+        // The handshake, TLS's included, ends within HANDSHAKE_LIMIT: a client that connects
+        // and says nothing holds no task and descriptor for ever.
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_LIMIT;
+        let by = |what: &'static str| {
+            move |_| ConnError::Closed(format!("{what}: not done within {HANDSHAKE_LIMIT:?}"))
+        };
+        let opening = async {
+            stream.write_all(&proto::greeting()).await?;
+            let mut flags = [0u8; 4];
+            stream.read_exact(&mut flags).await?;
+            let client = proto::parse_client_flags(flags)?;
+            let no_zeroes = client & proto::FLAG_C_NO_ZEROES != 0;
+            let state = TlsState::new(self.tls.is_some());
+            let negotiated = self.negotiate(&mut stream, no_zeroes, state).await?;
+            Ok::<_, ConnError>((no_zeroes, negotiated))
+        };
+        let (no_zeroes, negotiated) = tokio::time::timeout_at(deadline, opening)
+            .await
+            .map_err(by("the handshake"))??;
+        match negotiated {
             Negotiated::Transmission(session) => transmission(stream, session, socket).await,
             Negotiated::Aborted => Ok(()),
             Negotiated::StartTls => {
@@ -305,14 +322,16 @@ impl Server {
                 let Some(config) = self.tls.clone() else {
                     return Err(ConnError::Closed("STARTTLS without TLS".into()));
                 };
-                let mut stream = tokio_rustls::TlsAcceptor::from(config)
-                    .accept(stream)
+                let accepted = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+                let mut stream = tokio::time::timeout_at(deadline, accepted)
                     .await
+                    .map_err(by("the TLS handshake"))?
                     .map_err(ConnError::Tls)?;
                 tracing::debug!("TLS established");
-                match self
-                    .negotiate(&mut stream, no_zeroes, TlsState::Established)
-                    .await?
+                let negotiating = self.negotiate(&mut stream, no_zeroes, TlsState::Established);
+                match tokio::time::timeout_at(deadline, negotiating)
+                    .await
+                    .map_err(by("the handshake"))??
                 {
                     Negotiated::Transmission(session) => transmission(stream, session, None).await,
                     Negotiated::Aborted => {
@@ -1163,6 +1182,20 @@ mod tests {
         }
         let most = volume.most.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(most, 48 * MIB as u64, "bytes written at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_says_nothing_is_let_go_after_the_handshake_limit() {
+        let server = Server::new(Vec::new());
+        let (client, theirs) = tokio::io::duplex(1 << 16);
+        let began = tokio::time::Instant::now();
+        let ended = server.serve_connection(theirs).await;
+        assert!(
+            matches!(&ended, Err(ConnError::Closed(why)) if why.contains("not done within")),
+            "{ended:?}"
+        );
+        assert_eq!(began.elapsed(), HANDSHAKE_LIMIT);
+        drop(client);
     }
 
     #[tokio::test]
