@@ -2618,9 +2618,18 @@ impl Node {
         let mut new = spec.clone();
         new.members.remove(&from);
         new.members.insert(to, addr.to_string());
-        manage_quick(addr, Rpc::Open(new.clone()))
-            .await
-            .map_err(|e| err(format!("node {to}: {e}")))?;
+        if let Err(e) = manage_quick(addr, Rpc::Open(new.clone())).await {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::AlreadyExists | io::ErrorKind::InvalidInput
+            ) {
+                // Not refused: it may have opened the replica all the same (too late to say).
+                if let Err(d) = manage_quick(addr, Rpc::Drop(name.into(), spec.id)).await {
+                    tracing::warn!(volume = name, node = to, "replica not dropped: {d}");
+                }
+            }
+            return Err(err(format!("node {to}: {e}")));
+        }
         let voters: std::collections::BTreeSet<NodeId> = new.members.keys().copied().collect();
         // What `to` took when it held a replica before does not count for this move.
         g.links.reset(to);
