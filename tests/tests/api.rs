@@ -442,3 +442,34 @@ async fn cloud_init_seed_carries_the_fields_and_reads_back() {
         "{xml}"
     );
 }
+
+/// An undefine that fails midway (here the domain's files cannot be removed) is carried on by
+/// the next undefine; the name stays taken until then.
+#[tokio::test]
+async fn an_undefine_that_failed_midway_is_carried_on_by_the_next() {
+    /// Takes the immutable attribute off again, also when the test fails.
+    struct Pinned(std::path::PathBuf);
+    impl Drop for Pinned {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+    let d = Daemon::start().await;
+    let name = unique("halfundef");
+    let out = d.vpcctl_spec("define", &kernel_spec(&name, ""), "qmp");
+    assert!(out.status.success(), "{out:?}");
+    let pin = d.state.path().join("vms").join(&name).join("pinned");
+    std::fs::write(&pin, b"x").unwrap();
+    let pinned = Pinned(pin.clone());
+    sh("chattr", &["+i", pin.to_str().unwrap()]);
+    let out = d.vpcctl(&["undefine", &name]);
+    assert_fails(&out, &[&name]);
+    let out = d.vpcctl_spec("define", &kernel_spec(&name, ""), "qmp");
+    assert_fails(&out, &["AlreadyExists"]);
+    drop(pinned);
+    d.vpcctl_ok(&["undefine", &name]);
+    assert!(!pin.exists(), "its files are still there");
+    let out = d.vpcctl_spec("define", &kernel_spec(&name, ""), "qmp");
+    assert!(out.status.success(), "{out:?}");
+    d.vpcctl_ok(&["undefine", &name]);
+}

@@ -408,32 +408,41 @@ async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     // recording the domain leaves one) is released by the host within a few seconds.
     let addr = format!("127.0.0.1:{}", ports[0]);
     let blockdrv = vpcd_tests::bin("blockdrv");
-    let (good, out) = run(&[
-        blockdrv.to_str().unwrap(),
-        "volume",
-        "attach",
-        "--addr",
-        &addr,
-        "tri",
-        "1",
-        "ghost",
-        "vdz",
-    ]);
-    assert!(good, "{out}");
-    wait_until(
-        Duration::from_secs(15),
-        || {
-            d1.log()
-                .lines()
-                .any(|l| l.contains("releasing a stale attachment") && l.contains("domain=ghost"))
-        },
-        "host 1 to release the stale attachment",
-    );
+    // A use of tri by `domain` on node 1 recorded behind vpcd's back, and host 1 releasing it.
+    let stale = |domain: &str, disk: &str| {
+        let attach = [
+            blockdrv.to_str().unwrap(),
+            "volume",
+            "attach",
+            "--addr",
+            &addr,
+        ];
+        let (good, out) = run(&[&attach[..], &["tri", "1", domain, disk]].concat());
+        assert!(good, "{out}");
+        let line = format!("domain={domain}");
+        wait_until(
+            Duration::from_secs(15),
+            || {
+                d1.log()
+                    .lines()
+                    .any(|l| l.contains("releasing a stale attachment") && l.contains(&line))
+            },
+            "host 1 to release the stale attachment",
+        );
+    };
+    stale("ghost", "vdz");
     wait_until(
         Duration::from_secs(15),
         || info(&d3, "tri")["attachments"] == serde_json::json!([]),
         "the attachment to be gone",
     );
+    // So is one naming a running domain that does not have the volume (nothing plugged it:
+    // a disk is in the domain's record before it is plugged, and while it is unplugged).
+    let runner = unique("runner");
+    d1.create(&kernel_spec(&runner, ""), "qmp");
+    stale(&runner, "vdy");
+    d1.vpcctl_ok(&["destroy", &runner]);
+    d1.vpcctl_ok(&["undefine", &runner]);
     d2.vpcctl_ok(&["undefine", &db]);
     // A domain keeps the volume it was given: once that is deleted (its use released through
     // another host) and another made under the name, the domain does not start with it.

@@ -423,13 +423,17 @@ impl Manager {
                 };
                 let keep = match self.store.get(&a.domain) {
                     Ok(Some(rec)) if Self::volumes_of(&rec).contains(&v.name) => true,
-                    // Asked of its backend (not the last state seen): while it runs, or
-                    // cannot be told, the disk may be plugged still.
-                    Ok(Some(rec)) => match self.backend(rec.backend) {
-                        Ok(be) => be.state(&a.domain).await.map_or(true, |s| s.is_active()),
-                        Err(_) => true,
-                    },
-                    Ok(None) => false,
+                    // One being unplugged: while its domain runs, or that cannot be told
+                    // (asked of its backend, not the last state seen), the guest may have it.
+                    // Any other the guest never had (a crash or a timeout between recording
+                    // the use and the domain's record).
+                    Ok(Some(rec)) if rec.unplugging.contains(&(a.disk.clone(), v.name.clone())) => {
+                        match self.backend(rec.backend) {
+                            Ok(be) => be.state(&a.domain).await.map_or(true, |s| s.is_active()),
+                            Err(_) => true,
+                        }
+                    }
+                    Ok(_) => false,
                     Err(_) => true,
                 };
                 if keep {
@@ -677,6 +681,7 @@ impl Manager {
             backend: kind,
             phase: Phase::Defining,
             config: None,
+            unplugging: Vec::new(),
         };
         if !self.store.insert_new(&rec)? {
             return Err(Error::AlreadyExists(format!("domain {}", spec.name)));
@@ -820,9 +825,19 @@ impl Manager {
 
     #[tracing::instrument(skip(self))]
     pub async fn start(&self, name: &str) -> Result<()> {
-        let rec = self.record(name)?;
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
+        // (Read under the lock: a disk detached meanwhile is not claimed again.)
+        let mut rec = self.record(name)?;
+        let stopped = match self.backend(rec.backend)?.state(name).await {
+            Ok(state) => !state.is_active(),
+            Err(_) => false,
+        };
+        if !rec.unplugging.is_empty() && stopped {
+            // A guest that stopped has let go of what it was unplugging.
+            rec.unplugging.clear();
+            self.store.put(&rec)?;
+        }
         self.claim_volumes(&rec).await?;
         self.backend(rec.backend)?.start(name).await?;
         self.note_state(name, VmState::Running, "booted");
@@ -839,9 +854,9 @@ impl Manager {
 
     #[tracing::instrument(skip(self))]
     pub async fn destroy(&self, name: &str) -> Result<()> {
-        let rec = self.record(name)?;
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
+        let rec = self.record(name)?;
         self.backend(rec.backend)?.destroy(name).await?;
         Ok(())
     }
@@ -855,16 +870,27 @@ impl Manager {
 
     #[tracing::instrument(skip(self))]
     pub async fn undefine(&self, name: &str) -> Result<()> {
-        let mut rec = self.record(name)?;
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
+        let mut rec = match self.store.get(name)? {
+            // (An undefine that failed midway is carried on: each of its steps can be done
+            // again.)
+            Some(r) if r.phase != Phase::Defining => r,
+            _ => return Err(Error::NotFound(format!("domain {name}"))),
+        };
         let be = self.backend(rec.backend)?;
-        let state = be.state(name).await;
-        if let Ok(state) = state {
-            if state.is_active() {
+        match be.state(name).await {
+            Ok(state) if state.is_active() => {
                 return Err(Error::InvalidState(format!(
                     "domain {name}: undefine not possible while {state}"
-                )));
+                )))
+            }
+            // (Gone from the backend already: an undefine carried on, or a lost domain.)
+            Ok(_) | Err(hypervisor::Error::NotFound(_)) => {}
+            Err(e) => {
+                return Err(Error::Unavailable(format!(
+                    "domain {name}: whether it runs could not be told, not undefined: {e}"
+                )))
             }
         }
         rec.phase = Phase::Undefining;
@@ -949,6 +975,10 @@ impl Manager {
         };
         if let Err(e) = self.resolve_volume(name, &mut resolved).await {
             remove_owned(&resolved);
+            if !matches!(e, Error::InvalidState(_)) {
+                // (Not refused: the use may be recorded all the same, after this gave up.)
+                self.release_disk(name, &resolved).await;
+            }
             return Err(e);
         }
         config.disks.push(resolved.clone());
@@ -1008,12 +1038,25 @@ impl Manager {
         let disk = config.disks.remove(i);
         let mut spec = old.spec.clone();
         spec.disks.remove(i);
-        let rec = Self::with_disks(&old, spec, &config);
+        let mut rec = Self::with_disks(&old, spec, &config);
+        // A volume is unplugging until the guest has let go of it (recorded first: a crash
+        // during the unplug keeps the volume's use).
+        let unplugging = disk
+            .nbd
+            .as_ref()
+            .map(|n| (target.to_string(), n.export.clone()));
+        rec.unplugging.extend(unplugging.clone());
         // (The backend first: nothing is changed if it is not there.)
         let (backend, vm) = (self.backend(rec.backend)?, Self::config_of(&rec)?);
         self.store.put(&rec)?;
         match backend.detach_disk(vm, &disk).await {
-            Ok(()) => self.release_disk(name, &disk).await,
+            Ok(()) => {
+                self.release_disk(name, &disk).await;
+                if unplugging.is_some() {
+                    rec.unplugging.retain(|u| Some(u) != unplugging.as_ref());
+                    self.store.put(&rec)?;
+                }
+            }
             // Off the definition already; the guest lets go of it later.
             // (Its use of a volume stays recorded while it runs: `release_stale_claims`.)
             Err(e @ hypervisor::Error::UnplugTimeout { .. }) => {
@@ -1041,6 +1084,12 @@ impl Manager {
     pub async fn info(&self, name: &str) -> Result<VmInfo> {
         let state = self.state(name).await?;
         self.info_of(&self.record(name)?, state)
+    }
+
+    /// Whether domain `name` is one an undefine failed midway on (it is not listed, and only
+    /// `undefine` takes it, which carries on).
+    pub fn half_undefined(&self, name: &str) -> Result<bool> {
+        Ok(matches!(self.store.get(name)?, Some(r) if r.phase == Phase::Undefining))
     }
 
     /// Every defined VM with its last known state.

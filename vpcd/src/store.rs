@@ -33,6 +33,11 @@ pub struct VmRecord {
     pub phase: Phase,
     /// Filled in once the VM's files are prepared.
     pub config: Option<VmConfig>,
+    /// Volume disks detached while the guest ran, (target, volume), until the guest has let
+    /// go of them (or stops): the volume's use stays recorded meanwhile. Recorded before the
+    /// unplug, so every volume a guest may have plugged is in the record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unplugging: Vec<(String, String)>,
 }
 
 /// Errors of the store.
@@ -196,6 +201,7 @@ mod tests {
             backend: BackendKind::Qmp,
             phase: Phase::Defining,
             config: None,
+            unplugging: Vec::new(),
         }
     }
 

@@ -59,7 +59,10 @@ impl HostIface {
 
     /// The object path of a domain by name.
     async fn lookup_domain(&self, name: &str) -> Result<OwnedObjectPath, ApiError> {
-        self.manager.info(name).await?;
+        // (One an undefine failed midway on is found too: its undefine carries on.)
+        if !self.manager.half_undefined(name)? {
+            self.manager.info(name).await?;
+        }
         Ok(object_path(name))
     }
 
