@@ -751,6 +751,40 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     );
 }
 
+/// A create cut short before its group was initialized (its coordinator killed after nodes 1
+/// and 3 opened their replicas, simulated: the replicas recorded in their catalogs while they
+/// were down) leaves replicas no leader will ever have: they are dropped, on every node, and
+/// the volume can be made again.
+#[test]
+fn the_replicas_of_a_create_cut_short_are_dropped() {
+    let mut c = Cluster::bare(&[]);
+    let members: serde_json::Map<String, serde_json::Value> = (0..3)
+        .map(|i| ((i + 1).to_string(), c.addr(i).into()))
+        .collect();
+    let spec = serde_json::json!({
+        "cut": {"name": "cut", "size": 4 << 20, "members": members, "replicas": 3, "id": 77}
+    });
+    for i in [0, 2] {
+        c.kill(i);
+        let catalog = c.dir.path().join(format!("n{}/volumes.json", i + 1));
+        std::fs::write(&catalog, spec.to_string()).unwrap();
+        c.spawn(i);
+        c.wait_for(|c| c.held(i).contains_key("cut"), "the replica opened");
+    }
+    c.wait_for(
+        |c| (0..3).all(|i| !c.held(i).contains_key("cut")),
+        "the replicas of a group that never formed to be dropped",
+    );
+    let log: String = [0, 2]
+        .iter()
+        .map(|i| std::fs::read_to_string(c.log(*i)).unwrap())
+        .collect();
+    assert!(log.contains("a group that never formed"), "{log}");
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(1), "cut", "4M"]);
+    assert!(good, "{out}");
+    c.wait_leader(1, "cut");
+}
+
 #[test]
 fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
     let mut c = Cluster::nodes(4, &["--heartbeat-ms", "100", "--election-ms", "500"]);

@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{
-    ClientWriteError, Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
-    StreamingError, Unreachable,
+    ClientWriteError, Fatal, InitializeError, NetworkError, RPCError, RaftError, RemoteError,
+    ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -96,12 +96,15 @@ const MAX_FRAME: u32 = 40 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Rpc {
-    Append(String, AppendEntriesRequest<TypeConfig>),
-    Vote(String, VoteRequest<NodeId>),
+    /// Raft's messages within the group of volume (name, id): a replica left from a deleted
+    /// volume of that name takes no part in a new one's group (its votes and entries go
+    /// unanswered), nor the new one's in its.
+    Append(String, u64, AppendEntriesRequest<TypeConfig>),
+    Vote(String, u64, VoteRequest<NodeId>),
     /// Data of a snapshot being streamed ([`Peer::full_snapshot`]).
-    SnapshotPart(String, SnapshotPart),
+    SnapshotPart(String, u64, SnapshotPart),
     /// The end of a streamed snapshot: install it.
-    SnapshotEnd(String, SnapshotEnd),
+    SnapshotEnd(String, u64, SnapshotEnd),
     /// A write forwarded to the leader of volume (name, id).
     Write(String, u64, BlockOp),
     /// The index a read must wait for (asked of the leader of volume (name, id) by a follower
@@ -403,7 +406,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 7;
+const RPC_VERSION: u32 = 8;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -466,6 +469,8 @@ async fn call(conn: &mut Option<TcpStream>, addr: &str, rpc: &Rpc) -> io::Result
 #[derive(Debug, Clone)]
 pub struct Network {
     volume: String,
+    /// The volume's id ([`VolumeSpec::id`]).
+    id: u64,
     links: Arc<Links>,
     /// The writes the group's state machine holds in the log (a snapshot's data is read
     /// through them).
@@ -668,6 +673,8 @@ impl Links {
 #[derive(Debug)]
 pub struct Peer {
     volume: String,
+    /// The volume's id ([`VolumeSpec::id`]).
+    id: u64,
     target: NodeId,
     addr: String,
     conn: Option<TcpStream>,
@@ -682,6 +689,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         Peer {
             volume: self.volume.clone(),
+            id: self.id,
             target,
             addr: node.addr.clone(),
             conn: None,
@@ -777,7 +785,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         });
         let last = rpc.entries.last().map(|e| e.log_id.index);
         let reply = self
-            .rpc(Rpc::Append(self.volume.clone(), rpc), &option)
+            .rpc(Rpc::Append(self.volume.clone(), self.id, rpc), &option)
             .await;
         let r = match reply {
             Ok(Reply::Append(Ok(AppendEntriesResponse::Success))) if partial.is_some() => Ok(
@@ -833,7 +841,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> NetResult<VoteResponse<NodeId>> {
         match self
-            .rpc(Rpc::Vote(self.volume.clone(), rpc), &option)
+            .rpc(Rpc::Vote(self.volume.clone(), self.id, rpc), &option)
             .await?
         {
             Reply::Vote(Ok(r)) => Ok(r),
@@ -924,7 +932,7 @@ impl Peer {
                 offset,
                 data: data.into(),
             };
-            let rpc = Rpc::SnapshotPart(self.volume.clone(), part);
+            let rpc = Rpc::SnapshotPart(self.volume.clone(), self.id, part);
             match self
                 .snapshot_rpc(rpc, option.hard_ttl(), &mut cancel, &option)
                 .await
@@ -944,7 +952,7 @@ impl Peer {
             parts,
             claims: claims::lock(&self.claims).now.clone(),
         };
-        let rpc = Rpc::SnapshotEnd(self.volume.clone(), end);
+        let rpc = Rpc::SnapshotEnd(self.volume.clone(), self.id, end);
         match self
             .snapshot_rpc(rpc, install, &mut cancel, &option)
             .await
@@ -1531,6 +1539,42 @@ fn orphan_verdict(me: NodeId, mine: u64, answers: &[Status]) -> Option<bool> {
     Some(!s.members.contains(&me) && !s.learners.contains(&me) && s.moving != Some(me))
 }
 
+/// How long a replica stays in no group before [`Node::drop_if_unformed`] looks at it: longer
+/// than a create takes from opening the replicas to initializing the group, or a move from
+/// opening the replica to adding it as a learner ([`QUICK`] each).
+const UNFORMED: Duration = Duration::from_secs(20);
+
+/// Every 10 s: the replicas the node holds that have been in no group for [`UNFORMED`] are
+/// dropped if no group will have them ([`Node::drop_if_unformed`]). Ends with the node.
+async fn sweep_unformed(node: std::sync::Weak<Node>) {
+    let mut since: BTreeMap<(String, u64), Instant> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        let specs = node.catalog.lock().await.clone();
+        let mut unformed = BTreeMap::new();
+        // (Volumes given on the command line, id 0, are initialized by every node.)
+        for spec in specs.into_values().filter(|s| s.id != 0) {
+            let Some(g) = node.group(&spec.name) else {
+                continue;
+            };
+            let st = g.status(node.id);
+            if !st.members.is_empty() || !st.learners.is_empty() || st.leader.is_some() {
+                continue;
+            }
+            let key = (spec.name.clone(), spec.id);
+            let first = since.get(&key).copied().unwrap_or_else(Instant::now);
+            unformed.insert(key, first);
+            if first.elapsed() >= UNFORMED {
+                node.drop_if_unformed(&spec, st.term).await;
+            }
+        }
+        since = unformed;
+    }
+}
+
 /// While this node leads and has no move under way: removes from the group every learner
 /// (one left by a move that a leader change or a crash cut short), and has that node drop
 /// the replica opened for it; no move starts meanwhile. Ends when the group's raft shuts
@@ -2066,7 +2110,44 @@ impl Node {
         for spec in specs {
             tokio::spawn(self.clone().drop_if_orphaned(spec));
         }
+        tokio::spawn(sweep_unformed(Arc::downgrade(self)));
         Ok(())
+    }
+
+    /// Drops this node's replica of `spec`, which is in no group yet (never initialized, no
+    /// leader has sent it anything), if no group will ever have it: the group went on without
+    /// this node ([`Node::orphaned`]: a move to it cut short), or the group never formed (a
+    /// create cut short before its coordinator initialized the group: every other member
+    /// answers, none has it in a group); then the other members drop theirs too.
+    async fn drop_if_unformed(&self, spec: &VolumeSpec, term: u64) {
+        match self.orphaned(spec, term).await {
+            Some(true) => {
+                tracing::info!(volume = %spec.name, "a replica no group has: dropped");
+                return self.drop_orphan(spec).await;
+            }
+            Some(false) => return,
+            None => {}
+        }
+        const ASK: Duration = Duration::from_secs(2);
+        for (id, addr) in spec.members.iter().filter(|(id, _)| **id != self.id) {
+            match tokio::time::timeout(ASK, status(addr, &spec.name)).await {
+                Ok(Ok(s)) if s.id != spec.id => {}
+                Ok(Ok(s)) if s.members.is_empty() && s.leader.is_none() => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                // In a group there, or it cannot be told.
+                _ => {
+                    tracing::debug!(volume = %spec.name, node = id, "not known to be unformed");
+                    return;
+                }
+            }
+        }
+        tracing::info!(volume = %spec.name, "a group that never formed (its create was cut short): replicas dropped");
+        for (id, addr) in spec.members.iter().filter(|(id, _)| **id != self.id) {
+            if let Err(e) = manage_quick(addr, Rpc::Drop(spec.name.clone(), spec.id)).await {
+                tracing::warn!(volume = %spec.name, node = id, "replica not dropped: {e}");
+            }
+        }
+        self.drop_orphan(spec).await;
     }
 
     /// Drops this node's replica of `spec` if the group has gone on without it (see
@@ -2256,12 +2337,19 @@ impl Node {
             (*id, addr, opened)
         });
         let opened = futures::future::join_all(opens).await;
-        let Some(failed) = opened.iter().find_map(|(id, _, r)| {
+        let failed = opened.iter().find_map(|(id, _, r)| {
             r.as_ref()
                 .err()
                 .map(|e| io::Error::new(e.kind(), format!("node {id}: {e}")))
-        }) else {
-            return self.initialize(&spec.name, &spec.members).await;
+        });
+        // The group starts here; a fresh replica that cannot start it (it took part in
+        // another group's election meanwhile) fails the create too.
+        let failed = match failed {
+            Some(e) => e,
+            None => match self.start_new_group(&spec.name, &spec.members).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
         };
         for (id, addr, r) in opened {
             // (One that refused, holding another volume of the name, opened nothing.)
@@ -2834,6 +2922,7 @@ impl Node {
         let links = Arc::<Links>::default();
         let network = Network {
             volume: volume.to_string(),
+            id: incarnation.volume_id(),
             links: links.clone(),
             pieces: pieces.clone(),
             claims: claims.clone(),
@@ -2894,18 +2983,41 @@ impl Node {
         volume: &str,
         members: &BTreeMap<NodeId, String>,
     ) -> io::Result<()> {
+        match self.initialize_raft(volume, members).await? {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
+    /// Initializes the group of new volume `volume` with `members`, from this node's fresh
+    /// replica: an error if the replica is not fresh (unlike [`Node::initialize`], which takes
+    /// an initialized one as done).
+    async fn start_new_group(
+        &self,
+        volume: &str,
+        members: &BTreeMap<NodeId, String>,
+    ) -> io::Result<()> {
+        self.initialize_raft(volume, members).await?.map_err(|e| {
+            io::Error::other(format!(
+                "volume {volume}: node {}: its group could not be started: {e}",
+                self.id
+            ))
+        })
+    }
+
+    async fn initialize_raft(
+        &self,
+        volume: &str,
+        members: &BTreeMap<NodeId, String>,
+    ) -> io::Result<Result<(), RaftError<NodeId, InitializeError<NodeId, BasicNode>>>> {
         let g = self
             .group(volume)
-            .ok_or_else(|| io::Error::other(format!("no volume {volume}")))?;
+            .ok_or_else(|| io::Error::other(format!("volume {volume}: no replica here")))?;
         let nodes: BTreeMap<NodeId, BasicNode> = members
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr)))
             .collect();
-        match g.raft.initialize(nodes).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(io::Error::other(e)),
-        }
+        Ok(g.raft.initialize(nodes).await)
     }
 
     /// Serves the RPCs of the other nodes on `listener`.
@@ -2961,7 +3073,7 @@ impl Node {
                             break;
                         }
                     };
-                    if let Rpc::Append(v, r) = &rpc {
+                    if let Rpc::Append(v, _, r) = &rpc {
                         replicating = r
                             .vote
                             .leader_id()
@@ -3159,10 +3271,10 @@ impl Node {
                 };
                 return done(self.delete_held(name, spec, *force).await);
             }
-            Rpc::Append(v, _)
-            | Rpc::Vote(v, _)
-            | Rpc::SnapshotPart(v, _)
-            | Rpc::SnapshotEnd(v, _)
+            Rpc::Append(v, ..)
+            | Rpc::Vote(v, ..)
+            | Rpc::SnapshotPart(v, ..)
+            | Rpc::SnapshotEnd(v, ..)
             | Rpc::Write(v, ..)
             | Rpc::Claim(v, ..)
             | Rpc::ReadIndex(v, _)
@@ -3176,7 +3288,11 @@ impl Node {
         if let Rpc::Remote(_, id, _)
         | Rpc::Write(_, id, _)
         | Rpc::Claim(_, id, _)
-        | Rpc::ReadIndex(_, id) = &rpc
+        | Rpc::ReadIndex(_, id)
+        | Rpc::Append(_, id, _)
+        | Rpc::Vote(_, id, _)
+        | Rpc::SnapshotPart(_, id, _)
+        | Rpc::SnapshotEnd(_, id, _) = &rpc
         {
             if *id != g.incarnation.volume_id() {
                 return Reply::NoVolume(volume);
@@ -3187,18 +3303,18 @@ impl Node {
         // snapshot parts (it is reopened from its directory).
         let stopped = g.stopped();
         match (rpc, stopped) {
-            (Rpc::Append(_, _), Some(e)) => Reply::Append(Err(RaftError::Fatal(e))),
-            (Rpc::Vote(_, _), Some(e)) => Reply::Vote(Err(RaftError::Fatal(e))),
+            (Rpc::Append(..), Some(e)) => Reply::Append(Err(RaftError::Fatal(e))),
+            (Rpc::Vote(..), Some(e)) => Reply::Vote(Err(RaftError::Fatal(e))),
             (Rpc::SnapshotPart(..), Some(e)) => {
                 Reply::Done(Err(WireError::from(io::Error::other(e.to_string()))))
             }
             (Rpc::SnapshotEnd(..), Some(e)) => Reply::Snapshot(Err(e.to_string())),
-            (Rpc::Append(_, r), None) => Reply::Append(g.raft.append_entries(r).await),
-            (Rpc::Vote(_, r), None) => Reply::Vote(g.raft.vote(r).await),
-            (Rpc::SnapshotPart(_, part), None) => {
+            (Rpc::Append(_, _, r), None) => Reply::Append(g.raft.append_entries(r).await),
+            (Rpc::Vote(_, _, r), None) => Reply::Vote(g.raft.vote(r).await),
+            (Rpc::SnapshotPart(_, _, part), None) => {
                 Reply::Done(g.receive_part(part).await.map_err(WireError::from))
             }
-            (Rpc::SnapshotEnd(_, end), None) => Reply::Snapshot(g.finish_receiving(end).await),
+            (Rpc::SnapshotEnd(_, _, end), None) => Reply::Snapshot(g.finish_receiving(end).await),
             (Rpc::Write(_, _, op), _) => {
                 Reply::Write(g.leader_write(op).await.map_err(|e| e.to_string()))
             }
@@ -4344,6 +4460,33 @@ mod tests {
             assert!(e.to_string().contains(says), "{e}");
             assert!(e.to_string().contains(&other), "{e}");
         }
+    }
+
+    /// A replica left from a deleted volume (cut off from the delete, still a candidate) asks
+    /// the new volume of its name for votes: unanswered, and nothing of it sticks (a vote
+    /// granted would keep the new replica from starting its group).
+    #[tokio::test]
+    async fn a_replica_takes_no_part_in_the_group_of_another_volume_of_its_name() {
+        let (node, addr, _dir) = serving().await;
+        let spec = VolumeSpec {
+            name: "v".into(),
+            size: 1 << 20,
+            members: [(1, addr.clone())].into(),
+            replicas: 1,
+            id: 7,
+        };
+        node.open_replica(&spec).await.unwrap();
+        let last = openraft::LogId::new(openraft::CommittedLeaderId::new(9, 2), 100);
+        let vote = VoteRequest::new(Vote::new(9, 2), Some(last));
+        let r = call(&mut None, &addr, &Rpc::Vote("v".into(), 6, vote.clone()))
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::NoVolume(_)), "{r:?}");
+        node.start_new_group("v", &spec.members).await.unwrap();
+        let r = call(&mut None, &addr, &Rpc::Vote("v".into(), 7, vote))
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::Vote(_)), "its own group's: {r:?}");
     }
 
     #[test]
