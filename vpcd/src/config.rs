@@ -107,6 +107,10 @@ pub struct Config {
     /// Storage role: NBD over TCP too, `ADDRESS:PORT` (e.g. `127.0.0.1:10809`); empty: only
     /// the unix socket.
     pub storage_nbd_listen: String,
+    /// Storage role: serve NBD on a `storage_nbd_listen` that is not a loopback address
+    /// without TLS client certificates (every volume open to whoever reaches it: a trusted
+    /// network only).
+    pub storage_nbd_insecure: bool,
     /// Storage role: TLS on the NBD TCP listener (forced TLS): the server certificate and key
     /// (PEM), and a CA whose client certificates are required (empty: none asked for).
     pub storage_tls_cert: PathBuf,
@@ -163,6 +167,7 @@ impl Default for Config {
             storage_listen: String::new(),
             storage_members: Vec::new(),
             storage_nbd_listen: String::new(),
+            storage_nbd_insecure: false,
             storage_tls_cert: PathBuf::new(),
             storage_tls_key: PathBuf::new(),
             storage_tls_ca: PathBuf::new(),
@@ -297,6 +302,19 @@ impl Config {
             }),
             _ => return Err("storage_tls_cert and storage_tls_key go together".into()),
         };
+        // NBD has no authentication of its own: beyond this host, only clients with a
+        // certificate, unless said otherwise.
+        let authenticated = tls.as_ref().is_some_and(|t| t.ca.is_some());
+        if let Some(a) = nbd_tcp.filter(|a| !a.ip().is_loopback()) {
+            if !authenticated && !self.storage_nbd_insecure {
+                return Err(format!(
+                    "storage_nbd_listen {a}: not a loopback address, and no client certificates \
+                     asked for: every volume would be open to whoever reaches it; set \
+                     storage_tls_cert, storage_tls_key and storage_tls_ca, or \
+                     storage_nbd_insecure = true on a trusted network"
+                ));
+            }
+        }
         let (heartbeat, election) = (self.storage_heartbeat_ms, self.storage_election_ms);
         if heartbeat == 0 || election < 3 * heartbeat {
             return Err(format!(
@@ -637,6 +655,15 @@ mod tests {
                 .unwrap();
             assert_eq!(s.nbd_tcp, Some("127.0.0.1:10809".parse().unwrap()));
             assert_eq!(s.tls.unwrap().ca, None);
+            // Beyond loopback: with client certificates, or when said to be a trusted network.
+            for extra in [
+                "storage_tls_cert = \"/c.pem\"\nstorage_tls_key = \"/k.pem\"\nstorage_tls_ca = \"/ca.pem\"\n",
+                "storage_nbd_insecure = true\n",
+            ] {
+                let conf = format!("{base}storage_nbd_listen = \"0.0.0.0:10809\"\n{extra}");
+                let s = load(jail, &conf, &Dict::new()).unwrap().storage().unwrap();
+                assert!(s.unwrap().nbd_tcp.is_some(), "{extra}");
+            }
             assert_eq!(
                 (
                     s.timing.heartbeat_ms,
@@ -677,6 +704,14 @@ mod tests {
                     "at least 3 times storage_heartbeat_ms 200",
                 ),
                 ("storage_heartbeat_ms = 0\n", "storage_election_ms"),
+                (
+                    "storage_nbd_listen = \"0.0.0.0:10809\"\n",
+                    "not a loopback address",
+                ),
+                (
+                    "storage_nbd_listen = \"10.0.0.1:10809\"\nstorage_tls_cert = \"/c.pem\"\nstorage_tls_key = \"/k.pem\"\n",
+                    "storage_tls_ca, or storage_nbd_insecure",
+                ),
             ] {
                 let err = load(jail, &format!("{base}{extra}"), &Dict::new())
                     .unwrap_err()

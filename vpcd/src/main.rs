@@ -112,6 +112,10 @@ struct Cli {
     /// Storage role: serve NBD over TCP too, at ADDRESS:PORT.
     #[arg(long)]
     storage_nbd_listen: Option<String>,
+    /// Storage role: serve NBD over TCP on an address that is not loopback without TLS client
+    /// certificates (a trusted network).
+    #[arg(long)]
+    storage_nbd_insecure: bool,
     /// Storage role: TLS certificate (PEM) of the NBD TCP listener.
     #[arg(long)]
     storage_tls_cert: Option<PathBuf>,
@@ -164,6 +168,9 @@ impl Cli {
         put("storage_tls_cert", path(&self.storage_tls_cert));
         put("storage_tls_key", path(&self.storage_tls_key));
         put("storage_tls_ca", path(&self.storage_tls_ca));
+        if self.storage_nbd_insecure {
+            d.insert("storage_nbd_insecure".into(), Value::from(true));
+        }
         if let Some(s) = self.dhcp_lease_secs {
             d.insert("dhcp_lease_secs".into(), Value::from(s));
         }
