@@ -250,6 +250,50 @@ fn qemu_io_patterns_zeroes_and_trim_show_in_block_status() {
     run(&["qemu-io", "-f", "raw", "-c", "read -P 0 0 8M", &uri]);
 }
 
+/// WRITE_ZEROES with NO_HOLE keeps the range's blocks allocated; without it (the client lets
+/// the server unmap) they are freed. (Block status cannot tell: ext4 reports zeroed blocks as
+/// a hole; the file's allocation can.)
+#[test]
+fn write_zeroes_keeps_the_blocks_with_no_hole_and_frees_them_without() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Server::start("16M", false);
+    let uri = s.uri("data");
+    let img = s.path("data.img");
+    let allocated = || std::fs::metadata(&img).unwrap().blocks() * 512;
+    run(&["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 8M", &uri]);
+    let full = allocated();
+    assert!(full >= 8 << 20, "{full} bytes allocated");
+    // qemu-io's `write -z` asks for NO_HOLE; `-u` lets the server unmap.
+    let out = run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -z 1M 1M",
+        "-c",
+        "read -P 0 1M 1M",
+        &uri,
+    ]);
+    assert!(!out.contains("verification failed"), "{out}");
+    assert_eq!(allocated(), full, "zeroes with NO_HOLE freed blocks");
+    let out = run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -z -u 3M 1M",
+        "-c",
+        "read -P 0 3M 1M",
+        &uri,
+    ]);
+    assert!(!out.contains("verification failed"), "{out}");
+    assert_eq!(
+        allocated(),
+        full - (1 << 20),
+        "zeroes that may unmap kept the blocks"
+    );
+}
+
 /// A client that speaks the protocol byte by byte (simple replies, no structured ones).
 struct Raw {
     s: UnixStream,
@@ -374,6 +418,15 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
     assert_eq!(d, vec![0x5a; 512]);
     r.send(Cmd::Disc, 0, 10, 0, 0);
     assert!(r.closed());
+    // A write over the maximum request (32 MiB): its data cannot be skipped, so it is refused
+    // (EOVERFLOW) and the connection ends; the server goes on.
+    let mut r = Raw::connected(&s.socket(), "data");
+    r.send(Cmd::Write, 0, 11, 0, (32 << 20) + 4096);
+    let (e, c, _) = r.reply(0);
+    assert_eq!((e, c), (proto::EOVERFLOW, 11));
+    assert!(r.closed());
+    let mut r = Raw::connected(&s.socket(), "data");
+    assert_eq!(r.write(12, 0, &[0x5b; 512], 0), 0);
 }
 
 #[test]

@@ -621,10 +621,16 @@ where
         let payload = match req.payload_len() {
             0 => None,
             n if n > session.export.max_request() => {
-                break Err(ConnError::Closed(format!(
+                // Its data is not read: the connection cannot go on, and ends once this
+                // error (the spec's EOVERFLOW for a request over the maximum) and the replies
+                // in flight are sent.
+                let why = format!(
                     "write of {n} bytes (at most {})",
                     session.export.max_request()
-                )))
+                );
+                let refused = reply(&session, &req, Err((proto::EOVERFLOW, why.clone())));
+                let _ = tx.send((refused, held)).await;
+                break Err(ConnError::Closed(why));
             }
             n => {
                 // Read into spare capacity: zeroing a buffer about to be filled costs ~7% of a
