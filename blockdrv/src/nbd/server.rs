@@ -24,7 +24,8 @@
 //!
 //! Peer errors: a bad magic or malformed handshake closes the connection; a bad request (unknown
 //! command or flags, out of range, too long) gets an NBD error and the connection goes on, except
-//! a write whose data is longer than [`MAX_PAYLOAD`], after which the stream cannot be trusted.
+//! a write whose data is longer than [`MAX_PAYLOAD`] (answered `EOVERFLOW`, then the connection
+//! ends: its data cannot be skipped).
 
 use std::collections::BTreeMap;
 use std::io;
