@@ -701,11 +701,19 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     let leftover = c.dir.path().join("n3/ghost/blocks");
     std::fs::create_dir_all(&leftover).unwrap();
     std::fs::write(leftover.join("volume.img"), [0x77; 4096]).unwrap();
+    // (A directory that is not a replica's is left alone.)
+    let other = c.dir.path().join("n3/notes/log");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("today.txt"), "x").unwrap();
     c.spawn(2);
     c.wait_for(|c| gone(c, 2), "node 3 to drop the deleted volume");
     assert!(
         !leftover.exists(),
         "the leftover replica files are still there"
+    );
+    assert!(
+        other.join("today.txt").exists(),
+        "a directory not a replica's was removed"
     );
     let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "half", "4M"]);
     assert!(good, "{out}");

@@ -444,7 +444,7 @@ async fn cloud_init_seed_carries_the_fields_and_reads_back() {
 }
 
 /// An undefine that fails midway (here the domain's files cannot be removed) is carried on by
-/// the next undefine; the name stays taken until then.
+/// the next undefine, after a restart of vpcd too; the name stays taken until then.
 #[tokio::test]
 async fn an_undefine_that_failed_midway_is_carried_on_by_the_next() {
     /// Takes the immutable attribute off again, also when the test fails.
@@ -454,7 +454,7 @@ async fn an_undefine_that_failed_midway_is_carried_on_by_the_next() {
             let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
         }
     }
-    let d = Daemon::start().await;
+    let mut d = Daemon::start().await;
     let name = unique("halfundef");
     let out = d.vpcctl_spec("define", &kernel_spec(&name, ""), "qmp");
     assert!(out.status.success(), "{out:?}");
@@ -466,6 +466,8 @@ async fn an_undefine_that_failed_midway_is_carried_on_by_the_next() {
     assert_fails(&out, &[&name]);
     let out = d.vpcctl_spec("define", &kernel_spec(&name, ""), "qmp");
     assert_fails(&out, &["AlreadyExists"]);
+    // A restart tries again and fails again: the domain is still there to undefine.
+    d.restart().await;
     drop(pinned);
     d.vpcctl_ok(&["undefine", &name]);
     assert!(!pin.exists(), "its files are still there");

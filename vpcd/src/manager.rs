@@ -829,18 +829,27 @@ impl Manager {
         let _guard = lock.lock().await;
         // (Read under the lock: a disk detached meanwhile is not claimed again.)
         let mut rec = self.record(name)?;
-        let stopped = match self.backend(rec.backend)?.state(name).await {
-            Ok(state) => !state.is_active(),
-            Err(_) => false,
-        };
-        if !rec.unplugging.is_empty() && stopped {
-            // A guest that stopped has let go of what it was unplugging.
-            rec.unplugging.clear();
-            self.store.put(&rec)?;
-        }
+        self.forget_unplugged(&mut rec).await?;
         self.claim_volumes(&rec).await?;
         self.backend(rec.backend)?.start(name).await?;
         self.note_state(name, VmState::Running, "booted");
+        Ok(())
+    }
+
+    /// Forgets the disks `rec` was unplugging if its domain is stopped (its guest let go of
+    /// them); under the domain's lock.
+    async fn forget_unplugged(&self, rec: &mut VmRecord) -> Result<()> {
+        if rec.unplugging.is_empty() {
+            return Ok(());
+        }
+        let stopped = match self.backend(rec.backend)?.state(&rec.spec.name).await {
+            Ok(state) => !state.is_active(),
+            Err(_) => false,
+        };
+        if stopped {
+            rec.unplugging.clear();
+            self.store.put(rec)?;
+        }
         Ok(())
     }
 
@@ -928,11 +937,23 @@ impl Manager {
     ) -> Result<String> {
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
-        let old = self.record(name)?;
+        let mut old = self.record(name)?;
+        self.forget_unplugged(&mut old).await?;
         let disk = hypervisor::DiskSpec::from_toml(disk_toml)?;
         let mut spec = old.spec.clone();
         spec.disks.push(disk.clone());
         spec.validate(self.limits)?;
+        // A volume the guest has not let go of yet is still its (its use stays recorded).
+        if let Some((t, v)) = old
+            .unplugging
+            .iter()
+            .find(|(t, v)| disk.volume.as_ref() == Some(v) || target == Some(t.as_str()))
+        {
+            return Err(Error::InvalidState(format!(
+                "domain {name}: disk {t} (volume {v}) is still being unplugged: the guest has \
+                 not let go of it; it can be attached again once the domain has stopped"
+            )));
+        }
         let mut config = Self::config_of(&old)?.clone();
         let used: Vec<&str> = config.disks.iter().map(|d| d.target.as_str()).collect();
         let target = match target {
@@ -1090,6 +1111,17 @@ impl Manager {
     /// `undefine` takes it, which carries on).
     pub fn half_undefined(&self, name: &str) -> Result<bool> {
         Ok(matches!(self.store.get(name)?, Some(r) if r.phase == Phase::Undefining))
+    }
+
+    /// The domains an undefine failed midway on ([`Manager::half_undefined`]), as shut off:
+    /// their objects stay on the bus (after a restart too) for `Undefine` to carry on.
+    pub fn half_undefined_domains(&self) -> Result<Vec<VmInfo>> {
+        self.store
+            .all()?
+            .iter()
+            .filter(|r| r.phase == Phase::Undefining)
+            .map(|r| self.info_of(r, VmState::ShutOff))
+            .collect()
     }
 
     /// Every defined VM with its last known state.

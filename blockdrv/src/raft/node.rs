@@ -154,6 +154,9 @@ enum Rpc {
     /// not sent on again. (For `Delete`: whether `force`d.)
     ResizeHere(String, u64),
     DeleteHere(String, bool),
+    /// Drop this node's replica of volume (name, id) if it is in no group
+    /// ([`Node::drop_if_unformed`]); one in a group stays (refused).
+    DropUnformed(String, u64),
 }
 
 /// What a node without a replica asks of the leader.
@@ -1375,6 +1378,36 @@ fn change_err(
     io::Error::new(kind, format!("{what}: {e}"))
 }
 
+/// Whether `dir` holds a replica's files and nothing else: `log` (segments, `meta.json`,
+/// `committed`) and `blocks` (`volume.img`, `current.json`, `snapshots`), either of them
+/// (a replica cut short while it was opened has only its log), and temporary files.
+fn is_replica_dir(dir: &Path) -> bool {
+    let names = |d: &Path| -> Option<Vec<String>> {
+        let entries = std::fs::read_dir(d).ok()?;
+        entries
+            .map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+            .collect()
+    };
+    let temporary = |n: &str| n.ends_with(".tmp");
+    let log_file = |n: &str| {
+        let segment = n.len() == 24
+            && n[..20].bytes().all(|b| b.is_ascii_digit())
+            && matches!(&n[20..], ".seg" | ".free" | ".held");
+        segment || matches!(n, "meta.json" | "committed") || temporary(n)
+    };
+    let blocks_file =
+        |n: &str| matches!(n, "volume.img" | "current.json" | "snapshots") || temporary(n);
+    let Some(top) = names(dir) else {
+        return false;
+    };
+    !top.is_empty()
+        && top.iter().all(|n| match n.as_str() {
+            "log" => names(&dir.join(n)).is_some_and(|l| l.iter().all(|f| log_file(f))),
+            "blocks" => names(&dir.join(n)).is_some_and(|b| b.iter().all(|f| blocks_file(f))),
+            _ => false,
+        })
+}
+
 /// A volume name's FNV-1a hash: where it is placed ([`Node::place`]).
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -1927,21 +1960,13 @@ impl Node {
             .collect()
     }
 
-    /// The member of new volume `name` that starts its group, and so leads it first: the
-    /// first of `members` at or after the node of the cluster the name hashes to
-    /// ([`Node::place`]'s start), so that leaders spread over the nodes as replicas do,
+    /// The member of new volume `name` that starts its group, and so leads it first: the one
+    /// its name hashes to among `members` (the same on every node, whatever cluster list each
+    /// has: a create sent on is never sent on again), so that leaders spread over the nodes,
     /// whichever node the create came through.
-    fn first_member(&self, name: &str, members: &BTreeMap<NodeId, String>) -> (NodeId, String) {
-        let cluster: Vec<NodeId> = self.cluster().into_keys().collect();
-        let start = match cluster.len() {
-            0 => 0,
-            n => cluster[(name_hash(name) % n as u64) as usize],
-        };
-        let (id, addr) = members
-            .range(start..)
-            .next()
-            .or_else(|| members.iter().next())
-            .expect("members");
+    fn first_member(name: &str, members: &BTreeMap<NodeId, String>) -> (NodeId, String) {
+        let i = (name_hash(name) % members.len().max(1) as u64) as usize;
+        let (id, addr) = members.iter().nth(i).expect("members");
         (*id, addr.clone())
     }
 
@@ -2020,7 +2045,7 @@ impl Node {
     /// replica made (with its `log` or `blocks`) is touched.
     fn remove_leftover(&self, name: &str) -> io::Result<()> {
         let dir = self.dir.join(name);
-        if !(dir.join("log").exists() || dir.join("blocks").exists()) {
+        if !is_replica_dir(&dir) {
             return Ok(());
         }
         tracing::info!(volume = name, "removing a replica's leftover files");
@@ -2083,21 +2108,25 @@ impl Node {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let c: BTreeMap<String, VolumeSpec> = match std::fs::read(self.catalog_path()) {
-            Ok(b) => serde_json::from_slice(&b).map_err(err)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+        let c: Option<BTreeMap<String, VolumeSpec>> = match std::fs::read(self.catalog_path()) {
+            Ok(b) => Some(serde_json::from_slice(&b).map_err(err)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type()?.is_dir()
-                && check_volume_name(&name).is_ok()
-                && !c.contains_key(&name)
-            {
-                self.remove_leftover(&name)?;
+        // (Without a catalog there is nothing to go by: nothing is removed.)
+        if let Some(c) = &c {
+            for entry in std::fs::read_dir(&self.dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir()
+                    && check_volume_name(&name).is_ok()
+                    && !c.contains_key(&name)
+                {
+                    self.remove_leftover(&name)?;
+                }
             }
         }
+        let c = c.unwrap_or_default();
         for spec in c.values() {
             self.open_volume(spec).await?;
         }
@@ -2129,10 +2158,15 @@ impl Node {
             None => {}
         }
         const ASK: Duration = Duration::from_secs(2);
+        // The other members' replicas of this very volume, none in a group.
+        let mut unformed = Vec::new();
         for (id, addr) in spec.members.iter().filter(|(id, _)| **id != self.id) {
             match tokio::time::timeout(ASK, status(addr, &spec.name)).await {
+                // (Another volume of the name there: not this one's.)
                 Ok(Ok(s)) if s.id != spec.id => {}
-                Ok(Ok(s)) if s.members.is_empty() && s.leader.is_none() => {}
+                Ok(Ok(s)) if s.members.is_empty() && s.leader.is_none() => {
+                    unformed.push((*id, addr.clone()))
+                }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
                 // In a group there, or it cannot be told.
                 _ => {
@@ -2142,12 +2176,35 @@ impl Node {
             }
         }
         tracing::info!(volume = %spec.name, "a group that never formed (its create was cut short): replicas dropped");
-        for (id, addr) in spec.members.iter().filter(|(id, _)| **id != self.id) {
-            if let Err(e) = manage_quick(addr, Rpc::Drop(spec.name.clone(), spec.id)).await {
+        // (Each drops its replica only if it is in no group still.)
+        for (id, addr) in unformed {
+            let rpc = Rpc::DropUnformed(spec.name.clone(), spec.id);
+            if let Err(e) = manage_quick(&addr, rpc).await {
                 tracing::warn!(volume = %spec.name, node = id, "replica not dropped: {e}");
             }
         }
-        self.drop_orphan(spec).await;
+        if let Err(e) = self.drop_unformed(&spec.name, spec.id).await {
+            tracing::warn!(volume = %spec.name, "replica not dropped: {e}");
+        }
+    }
+
+    /// Drops this node's replica of volume (`name`, `id`) if it is in no group (never
+    /// initialized, nothing from a leader); refused (`InvalidInput`) if it is in one.
+    async fn drop_unformed(&self, name: &str, id: u64) -> io::Result<()> {
+        let spec = self.catalog.lock().await.get(name).cloned();
+        let Some(spec) = spec.filter(|s| id != 0 && s.id == id) else {
+            return Ok(());
+        };
+        let st = self.group(name).map(|g| g.status(self.id));
+        if st.is_some_and(|st| {
+            !st.members.is_empty() || !st.learners.is_empty() || st.leader.is_some()
+        }) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("volume {name}: node {}: its replica is in a group", self.id),
+            ));
+        }
+        self.drop_replica_of(name, Only::Spec(&spec)).await
     }
 
     /// Drops this node's replica of `spec` if the group has gone on without it (see
@@ -2298,20 +2355,26 @@ impl Node {
             };
             return Box::pin(self.create_volume(&spec)).await;
         }
-        let (id, addr) = self.first_member(&spec.name, &spec.members);
+        let (id, addr) = Self::first_member(&spec.name, &spec.members);
         if id != self.id {
             // The member that starts the group coordinates (it leads the group first); its
             // opens take QUICK at most.
-            let done = tokio::time::timeout(2 * QUICK, manage(&addr, Rpc::Create(spec.clone())))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("did not answer within {} s", 2 * QUICK.as_secs()),
-                    ))
-                });
+            let wait = 4 * QUICK;
+            let Ok(done) =
+                tokio::time::timeout(wait, manage(&addr, Rpc::Create(spec.clone()))).await
+            else {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "volume {}: node {id}, which creates it, did not answer within {} s: it \
+                         may be made yet (vol-info tells)",
+                        spec.name,
+                        wait.as_secs()
+                    ),
+                ));
+            };
             return done.map_err(|e| {
-                let why = if gone(&e) || e.kind() == io::ErrorKind::TimedOut {
+                let why = if gone(&e) {
                     format!("volume {}: not created: node {id}: {e}", spec.name)
                 } else {
                     format!("node {id}: {e}")
@@ -2457,9 +2520,13 @@ impl Node {
         // must be possible to free whatever state its replicas are in, but a node cut off
         // from the others cannot tell whether a domain uses it.
         let decided = self.claim_volume(name, BlockOp::Delete);
-        let decided = if force {
-            // Forced: an election's time for a leader to decide, not the whole leader wait
-            // (a leader that decides later deletes it all the same).
+        let leaderless = self
+            .group(name)
+            .is_none_or(|g| g.status(self.id).leader.is_none());
+        let decided = if force && leaderless {
+            // Forced, with no leader known: an election's time for one to decide, not the
+            // whole leader wait (a leader that decides later deletes it all the same). A
+            // leader known is waited for: it may refuse (a domain has the volume).
             let wait = Duration::from_millis(2 * self.timing.election_ms.1);
             tokio::time::timeout(wait, decided)
                 .await
@@ -2508,7 +2575,8 @@ impl Node {
         }
         for (id, addr) in &spec.members {
             if *id == self.id {
-                self.drop_replica(name).await?;
+                // (Not a new volume of the name made here meanwhile.)
+                self.drop_replica_of(name, Only::Spec(&spec)).await?;
                 continue;
             }
             match manage_quick(addr, Rpc::Drop(name.to_string(), spec.id)).await {
@@ -3230,6 +3298,7 @@ impl Node {
             Rpc::Open(spec) => return done(self.open_replica(spec).await),
             Rpc::Create(spec) => return done(self.create_volume(spec).await),
             Rpc::Drop(name, id) => return done(self.drop_replica_of(name, Only::Id(*id)).await),
+            Rpc::DropUnformed(name, id) => return done(self.drop_unformed(name, *id).await),
             Rpc::Delete(name, force) => return done(self.delete_volume(name, *force).await),
             Rpc::List => return Reply::Volumes(self.volumes().await),
             Rpc::Move(name, from, to, addr) => {
@@ -3352,7 +3421,8 @@ impl Node {
                 | Rpc::ResizeHere(..)
                 | Rpc::ClaimVolume(..)
                 | Rpc::ClaimHere(..)
-                | Rpc::DeleteHere(..),
+                | Rpc::DeleteHere(..)
+                | Rpc::DropUnformed(..),
                 _,
             ) => unreachable!("answered above"),
         }

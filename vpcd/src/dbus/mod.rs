@@ -23,7 +23,7 @@ pub use host::HostIface;
 pub use network::{NetworkIface, PortIface};
 pub use path::{domain_path, network_path, port_path, HOST_PATH};
 
-use crate::manager::{Manager, ManagerEvent};
+use crate::manager::{Manager, ManagerEvent, VmInfo};
 use router::{FloatingIpIface, RouterIface};
 
 /// Connects to the bus at `address` (empty: the system bus), exports every object and takes
@@ -46,8 +46,12 @@ pub async fn serve(manager: Arc<Manager>, address: &str, name: &str) -> anyhow::
         .await?;
     // Subscribe before exporting the current domains, so nothing that happens in between is lost.
     let mut events = manager.subscribe();
-    for info in manager.list()? {
-        add_domain(&conn, &manager, &info.name).await;
+    for info in manager
+        .list()?
+        .into_iter()
+        .chain(manager.half_undefined_domains()?)
+    {
+        export_domain(&conn, &manager, info).await;
     }
     sync_net_objects(&conn, &manager).await;
     volume::sync_volume_objects(&conn, &manager, None).await;
@@ -92,11 +96,17 @@ async fn add_domain(conn: &Connection, manager: &Arc<Manager>, name: &str) {
     else {
         return;
     };
+    export_domain(conn, manager, info).await;
+}
+
+async fn export_domain(conn: &Connection, manager: &Arc<Manager>, info: VmInfo) {
+    let path = domain_path(&info.name);
+    let name = info.name.clone();
     let iface = DomainIface {
         manager: manager.clone(),
         info,
     };
-    if let Err(e) = conn.object_server().at(domain_path(name), iface).await {
+    if let Err(e) = conn.object_server().at(path, iface).await {
         tracing::warn!(vm = name, "export domain: {e}");
     }
 }
