@@ -938,14 +938,8 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
         std::thread::spawn(move || {
             for i in 0..n {
                 let started = Instant::now();
-                let (good, out) = run(&[
-                    "qemu-io",
-                    "-f",
-                    "raw",
-                    "-c",
-                    &format!("write -P {} {} 1M", i % 250 + 1, i * MIB),
-                    &uri,
-                ]);
+                let write = format!("write -P {} {} 1M", i % 250 + 1, i * MIB);
+                let (good, out) = qemu_io_on(&uri, &write);
                 let mut s = stream.lock().unwrap();
                 if good && out.contains("wrote 1048576/1048576") {
                     s.0.push(i);
@@ -989,14 +983,8 @@ fn sigkill_of_the_leader_loses_no_acknowledged_write_and_it_catches_up_by_snapsh
         .unwrap_or_default();
     println!("longest gap between acknowledged writes (failover): {gap:?}");
     for i in &acked {
-        let (good, out) = run(&[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -P {} {} 1M", i % 250 + 1, i * MIB),
-            &c.uri(via),
-        ]);
+        let read = format!("read -P {} {} 1M", i % 250 + 1, i * MIB);
+        let (good, out) = qemu_io_on(&c.uri(via), &read);
         assert!(
             good && !out.contains("Pattern verification failed"),
             "write {i}: {out}"

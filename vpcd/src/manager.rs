@@ -428,10 +428,7 @@ impl Manager {
                     // Any other the guest never had (a crash or a timeout between recording
                     // the use and the domain's record).
                     Ok(Some(rec)) if rec.unplugging.contains(&(a.disk.clone(), v.name.clone())) => {
-                        match self.backend(rec.backend) {
-                            Ok(be) => be.state(&a.domain).await.map_or(true, |s| s.is_active()),
-                            Err(_) => true,
-                        }
+                        self.may_run(&rec).await
                     }
                     Ok(_) => false,
                     Err(_) => true,
@@ -836,17 +833,25 @@ impl Manager {
         Ok(())
     }
 
+    /// Whether domain `rec` runs, or that cannot be told (its backend asked, not the last
+    /// state seen).
+    async fn may_run(&self, rec: &VmRecord) -> bool {
+        match self.backend(rec.backend) {
+            Ok(be) => be
+                .state(&rec.spec.name)
+                .await
+                .map_or(true, |s| s.is_active()),
+            Err(_) => true,
+        }
+    }
+
     /// Forgets the disks `rec` was unplugging if its domain is stopped (its guest let go of
     /// them); under the domain's lock.
     async fn forget_unplugged(&self, rec: &mut VmRecord) -> Result<()> {
         if rec.unplugging.is_empty() {
             return Ok(());
         }
-        let stopped = match self.backend(rec.backend)?.state(&rec.spec.name).await {
-            Ok(state) => !state.is_active(),
-            Err(_) => false,
-        };
-        if stopped {
+        if !self.may_run(rec).await {
             rec.unplugging.clear();
             self.store.put(rec)?;
         }

@@ -227,6 +227,14 @@ pub struct Status {
     pub claims: Claims,
 }
 
+impl Status {
+    /// Whether the replica is in a group: initialized (it has members or learners) or told
+    /// of a leader; one that is not was opened and never heard of its group.
+    fn in_group(&self) -> bool {
+        !self.members.is_empty() || !self.learners.is_empty() || self.leader.is_some()
+    }
+}
+
 /// Data at `offset` of the blocks of snapshot `id`, sent by the leader of `vote`. Only data
 /// travels: the holes and runs of zeroes of the blocks are left out.
 #[derive(Debug, Serialize, Deserialize)]
@@ -1408,6 +1416,16 @@ fn is_replica_dir(dir: &Path) -> bool {
         })
 }
 
+/// Whether `e`, from an `Open`, is the node's refusal (it holds another volume of the name,
+/// or the spec is not for it): it opened nothing. Anything else (no answer in time, the
+/// connection lost) may have opened the replica all the same.
+fn refused_open(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::AlreadyExists | io::ErrorKind::InvalidInput
+    )
+}
+
 /// A volume name's FNV-1a hash: where it is placed ([`Node::place`]).
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -1594,7 +1612,7 @@ async fn sweep_unformed(node: std::sync::Weak<Node>) {
                 continue;
             };
             let st = g.status(node.id);
-            if !st.members.is_empty() || !st.learners.is_empty() || st.leader.is_some() {
+            if st.in_group() {
                 continue;
             }
             let key = (spec.name.clone(), spec.id);
@@ -2041,8 +2059,8 @@ impl Node {
 
     /// Removes the directory of a replica of `name` that the catalog does not have: what a
     /// crash left between opening a replica and recording it, or between recording its drop
-    /// and removing its files (the catalog is the truth; under its lock). Only a directory a
-    /// replica made (with its `log` or `blocks`) is touched.
+    /// and removing its files (the catalog is the truth; under its lock). Only a directory
+    /// holding nothing but a replica's files ([`is_replica_dir`]) is touched.
     fn remove_leftover(&self, name: &str) -> io::Result<()> {
         let dir = self.dir.join(name);
         if !is_replica_dir(&dir) {
@@ -2164,9 +2182,7 @@ impl Node {
             match tokio::time::timeout(ASK, status(addr, &spec.name)).await {
                 // (Another volume of the name there: not this one's.)
                 Ok(Ok(s)) if s.id != spec.id => {}
-                Ok(Ok(s)) if s.members.is_empty() && s.leader.is_none() => {
-                    unformed.push((*id, addr.clone()))
-                }
+                Ok(Ok(s)) if !s.in_group() => unformed.push((*id, addr.clone())),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
                 // In a group there, or it cannot be told.
                 _ => {
@@ -2195,10 +2211,10 @@ impl Node {
         let Some(spec) = spec.filter(|s| id != 0 && s.id == id) else {
             return Ok(());
         };
-        let st = self.group(name).map(|g| g.status(self.id));
-        if st.is_some_and(|st| {
-            !st.members.is_empty() || !st.learners.is_empty() || st.leader.is_some()
-        }) {
+        if self
+            .group(name)
+            .is_some_and(|g| g.status(self.id).in_group())
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("volume {name}: node {}: its replica is in a group", self.id),
@@ -2415,9 +2431,7 @@ impl Node {
             },
         };
         for (id, addr, r) in opened {
-            // (One that refused, holding another volume of the name, opened nothing.)
-            if matches!(&r, Err(e) if matches!(e.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::InvalidInput))
-            {
+            if matches!(&r, Err(e) if refused_open(e)) {
                 continue;
             }
             let undone = if id == self.id {
@@ -2775,10 +2789,7 @@ impl Node {
         new.members.remove(&from);
         new.members.insert(to, addr.to_string());
         if let Err(e) = manage_quick(addr, Rpc::Open(new.clone())).await {
-            if !matches!(
-                e.kind(),
-                io::ErrorKind::AlreadyExists | io::ErrorKind::InvalidInput
-            ) {
+            if !refused_open(&e) {
                 // Not refused: it may have opened the replica all the same (too late to say).
                 if let Err(d) = manage_quick(addr, Rpc::Drop(name.into(), spec.id)).await {
                     tracing::warn!(volume = name, node = to, "replica not dropped: {d}");
