@@ -188,6 +188,10 @@ struct NodeArgs {
     /// MiB per raft log segment file.
     #[arg(long, default_value_t = blockdrv::raft::node::Timing::default().segment_mib, value_parser = clap::value_parser!(u64).range(1..=1024))]
     segment_mib: u64,
+    /// Every this many seconds, hand the volumes this node leads that another member should
+    /// lead (the one each name hashes to) back to it; 0: never.
+    #[arg(long, default_value_t = blockdrv::raft::node::Timing::default().rebalance_s)]
+    rebalance_s: u64,
     #[arg(long, default_value = "info")]
     log: String,
 }
@@ -316,6 +320,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         keep_logs: args.keep_logs,
         defer_logs: args.defer_logs,
         segment_mib: args.segment_mib,
+        rebalance_s: args.rebalance_s,
     };
     let node = Node::new(args.id, &args.dir, timing);
     node.set_cluster(members.clone());

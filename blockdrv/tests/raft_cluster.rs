@@ -1535,6 +1535,85 @@ fn a_leader_whose_process_dies_is_replaced_at_once_and_a_live_one_stays() {
     }
 }
 
+/// Leaders spread again after a failure gathered them: the node a volume's name hashes to,
+/// which led it first, is killed and restarted and is handed its volume back (once it has
+/// the whole log), while writes stream through another node: none fails, none is lost.
+#[test]
+fn a_node_back_from_a_failure_is_handed_back_the_volume_it_led() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = Cluster::bare(&[
+        "--heartbeat-ms",
+        "100",
+        "--election-ms",
+        "500",
+        "--rebalance-s",
+        "1",
+        "--log",
+        "info",
+    ]);
+    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "v", "32M"]);
+    assert!(good, "{out}");
+    let first = c.steady_leader();
+    let via = (first + 1) % 3;
+    let leads = |c: &Cluster, who: usize| {
+        (0..3)
+            .filter(|i| c.nodes[*i].is_some())
+            .all(|i| c.status(i).and_then(|s| s["leader"].as_u64()) == Some(who as u64 + 1))
+    };
+    // A stream of 1 MiB writes through `via`, each a new pattern in one of 32 places, until
+    // told to stop: every one must be acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (uri, stop) = (c.uri(via), stop.clone());
+        std::thread::spawn(move || {
+            let mut last = [0u64; 32];
+            let mut k = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                k += 1;
+                let (place, fill) = (k % 32, k % 250 + 1);
+                let (good, out) = qemu_io_on(&uri, &format!("write -P {fill} {} 1M", place * MIB));
+                assert!(
+                    good && out.contains("wrote 1048576/1048576"),
+                    "write {k}: {out}"
+                );
+                last[place as usize] = fill;
+            }
+            (k, last)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    c.kill(first);
+    c.wait_for(
+        |c| (0..3).any(|i| i != first && leads(c, i)),
+        "a survivor to lead",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    c.spawn(first);
+    c.wait_for(
+        |c| leads(c, first),
+        "the volume handed back to its first leader",
+    );
+    let handed = format!("handed over to node {}", first + 1);
+    assert!(
+        (0..3).any(|i| std::fs::read_to_string(c.log(i))
+            .unwrap_or_default()
+            .contains(&handed)),
+        "no node logged {handed:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let (writes, last) = stream.join().expect("every write acknowledged");
+    assert!(writes > 10, "only {writes} writes");
+    for (place, fill) in last.iter().enumerate().filter(|(_, f)| **f != 0) {
+        let (good, out) = c.qemu_io(first, &format!("read -P {fill} {} 1M", place as u64 * MIB));
+        assert!(
+            good && !out.contains("Pattern verification failed"),
+            "place {place}, fill {fill}: {out}"
+        );
+    }
+    c.assert_replicas_identical();
+}
+
 /// A move whose new replica's disk fills while it takes the snapshot (the log was compacted:
 /// no log entry carries the data any more) ends once the replica has taken nothing for 10 s,
 /// though it answers heartbeats all along (without that, only the move's overall bound of

@@ -127,6 +127,10 @@ pub struct Config {
     /// (where the log wrote them, past its purge) before the emptiest segment's go to the
     /// volume's blocks (overwritten before: never). 0: every write goes to the blocks at once.
     pub storage_defer_mib: u64,
+    /// Storage role: every this many seconds, hand the volumes this host leads that another
+    /// member should lead (the one the volume's name hashes to, which led it first) back to it,
+    /// so that leaders spread again after a failure. 0: never.
+    pub storage_rebalance_s: u64,
 }
 
 impl Default for Config {
@@ -174,6 +178,7 @@ impl Default for Config {
             storage_heartbeat_ms: 250,
             storage_election_ms: 1000,
             storage_defer_mib: blockdrv::raft::node::Timing::default().defer_logs,
+            storage_rebalance_s: blockdrv::raft::node::Timing::default().rebalance_s,
         }
     }
 }
@@ -327,6 +332,7 @@ impl Config {
             heartbeat_ms: heartbeat,
             election_ms: (election, 2 * election),
             defer_logs: self.storage_defer_mib,
+            rebalance_s: self.storage_rebalance_s,
             ..Default::default()
         };
         Ok(Some(crate::storage::StorageConfig {
@@ -668,12 +674,14 @@ mod tests {
                 (
                     s.timing.heartbeat_ms,
                     s.timing.election_ms,
-                    s.timing.defer_logs
+                    s.timing.defer_logs,
+                    s.timing.rebalance_s
                 ),
-                (250, (1000, 2000), 512)
+                (250, (1000, 2000), 512, 10)
             );
             let fast = format!(
-                "{base}storage_heartbeat_ms = 100\nstorage_election_ms = 500\nstorage_defer_mib = 0\n"
+                "{base}storage_heartbeat_ms = 100\nstorage_election_ms = 500\nstorage_defer_mib = 0\n\
+                 storage_rebalance_s = 0\n"
             );
             let s = load(jail, &fast, &Dict::new())
                 .unwrap()
@@ -684,9 +692,10 @@ mod tests {
                 (
                     s.timing.heartbeat_ms,
                     s.timing.election_ms,
-                    s.timing.defer_logs
+                    s.timing.defer_logs,
+                    s.timing.rebalance_s
                 ),
-                (100, (500, 1000), 0)
+                (100, (500, 1000), 0, 0)
             );
             for (extra, word) in [
                 ("storage_nbd_listen = \"localhost\"\n", "storage_nbd_listen"),

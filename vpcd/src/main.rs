@@ -135,6 +135,10 @@ struct Cli {
     /// go to its blocks (default 512; 0: at once).
     #[arg(long)]
     storage_defer_mib: Option<u64>,
+    /// Storage role: every this many seconds, hand volumes this host leads back to the member
+    /// that should lead them (default 10; 0: never).
+    #[arg(long)]
+    storage_rebalance_s: Option<u64>,
 }
 
 impl Cli {
@@ -181,6 +185,7 @@ impl Cli {
             ("storage_heartbeat_ms", self.storage_heartbeat_ms),
             ("storage_election_ms", self.storage_election_ms),
             ("storage_defer_mib", self.storage_defer_mib),
+            ("storage_rebalance_s", self.storage_rebalance_s),
         ] {
             if let Some(v) = v {
                 d.insert(k.into(), Value::from(v));

@@ -157,6 +157,10 @@ enum Rpc {
     /// Drop this node's replica of volume (name, id) if it is in no group
     /// ([`Node::drop_if_unformed`]); one in a group stays (refused).
     DropUnformed(String, u64),
+    /// From the leader of volume (name, id), whose log ends at this log id: elect yourself
+    /// (a leader handing the volume over, [`Node::hand_over`]); refused by a replica whose log
+    /// does not reach it (it could not win).
+    Elect(String, u64, Option<super::LogId>),
 }
 
 /// What a node without a replica asks of the leader.
@@ -417,7 +421,7 @@ async fn recv_msg<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> io::Resu
 /// [`Reply`] and everything they carry. Bump it with any change to those types: bincode has no
 /// field names or tags to tell a changed type by, so nodes of different versions must refuse
 /// each other, saying why, rather than misread each other.
-const RPC_VERSION: u32 = 8;
+const RPC_VERSION: u32 = 9;
 
 /// What each side of a node-to-node connection sends first: `SBSR` and [`RPC_VERSION`].
 fn hello() -> [u8; 8] {
@@ -1032,6 +1036,23 @@ pub struct Group {
     /// Held by the leader while it decides a change of the users and has it applied, so that
     /// each is decided on the claims the last left.
     claiming: Arc<tokio::sync::Mutex<()>>,
+    /// A hand-over of the lead to another member, while this node leads ([`Node::hand_over`]).
+    handover: Arc<HandOver>,
+}
+
+/// What a leader handing its volume to another member ([`Node::hand_over`]) shares with the
+/// group commit, the vote requests it answers and its lease reads.
+#[derive(Debug, Default)]
+struct HandOver {
+    /// The group commit submits each entry under a read lock of it, and a lease read is served
+    /// only under one; a hand-over holds it for writing, so that the log ends where the new
+    /// leader's does and no read is served from a lease the node may have given up.
+    hold: tokio::sync::RwLock<()>,
+    /// The member asked to elect itself, if one is (the only candidate whose vote request a
+    /// leader passes to raft: [`Group::vote`]).
+    invited: std::sync::Mutex<Option<NodeId>>,
+    /// Vote requests of the invited member being answered by raft.
+    passing: std::sync::atomic::AtomicUsize,
 }
 
 /// Volumes deleted through the cluster: name -> the ids of the volumes of that name deleted.
@@ -1054,6 +1075,8 @@ enum Busy {
     Moving(NodeId),
     /// Taking stray learners out ([`drop_stray_learners`]).
     Cleaning,
+    /// Handing the lead to another member ([`Node::hand_over`]).
+    HandingOver,
 }
 
 /// A membership change under way (see [`Group::busy`]); over when dropped.
@@ -1135,6 +1158,8 @@ struct Pacing {
     heartbeat: Duration,
     /// When a wait was last logged (at most one line every [`PACE_LOG_EVERY`]).
     logged: Option<Instant>,
+    /// [`HandOver::hold`].
+    handover: Arc<HandOver>,
 }
 
 const PACE_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -1285,6 +1310,10 @@ async fn batcher(
                 }
             }
             in_flight += 1;
+            // (Held across the submission: once a hand-over holds the lock, every entry
+            // submitted before is queued in raft ahead of what it asks raft next.)
+            let handover = pacing.handover.clone();
+            let _open = handover.hold.read().await;
             submit(&raft, std::mem::take(&mut batch), done_tx.clone()).await;
             continue;
         }
@@ -1491,6 +1520,9 @@ pub struct Timing {
     /// MiB of log per segment file: a segment takes no more appends once it holds this much.
     /// Purged segments are reused, or held while writes applied by reference are in them.
     pub segment_mib: u64,
+    /// Every this many seconds a leader hands the volumes it leads that their preferred member
+    /// should lead back to it ([`rebalance`]); 0: never.
+    pub rebalance_s: u64,
 }
 
 impl Default for Timing {
@@ -1502,6 +1534,7 @@ impl Default for Timing {
             keep_logs: 64,
             defer_logs: super::state_machine::HOLD_BYTES >> 20,
             segment_mib: super::segment_log::SEGMENT_BYTES >> 20,
+            rebalance_s: 10,
         }
     }
 }
@@ -1625,6 +1658,53 @@ async fn sweep_unformed(node: std::sync::Weak<Node>) {
         since = unformed;
     }
 }
+
+/// Every `every`: the volumes this node leads that another member should lead are handed to
+/// it ([`Node::hand_over`]), one after the other, so that leaders spread over the nodes again
+/// after a failure gathered them on the survivors (as Kafka's preferred leader election does).
+/// A volume's preferred leader is the member its name hashes to ([`Node::first_member`]: the
+/// one that led it first). Ends with the node.
+async fn rebalance(node: std::sync::Weak<Node>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    // Volumes whose hand-over failed, and when.
+    let mut failed: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        failed.retain(|_, at| at.elapsed() < HAND_OVER_BACK_OFF);
+        let specs: Vec<VolumeSpec> = node.catalog.lock().await.values().cloned().collect();
+        for spec in specs {
+            if failed.contains_key(&spec.name) {
+                continue;
+            }
+            let Some(g) = node.group(&spec.name) else {
+                continue;
+            };
+            let Some(to) = node.preferred_leader(&g, &spec) else {
+                continue;
+            };
+            match node.hand_over(&g, to).await {
+                Ok(true) => tracing::info!(volume = %spec.name, "handed over to node {to}"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %spec.name, "not handed over to node {to}: {e}");
+                    failed.insert(spec.name.clone(), Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// How long a leader handing a volume over waits for the member to have its log, for its
+/// answer, and (twice this) for it to be elected.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a volume whose hand-over failed is left where it is.
+const HAND_OVER_BACK_OFF: Duration = Duration::from_secs(60);
 
 /// While this node leads and has no move under way: removes from the group every learner
 /// (one left by a move that a leader change or a crash cut short), and has that node drop
@@ -1988,6 +2068,155 @@ impl Node {
         (*id, addr.clone())
     }
 
+    /// The member `g`'s volume (`spec`) should be led by, if this node leads it and should
+    /// not: its preferred leader ([`Node::first_member`]), a voter that answers, takes
+    /// entries and is within a few of this node's log, with no change of the members under
+    /// way. Not for volumes given on the nodes' command lines (id 0: every node initializes
+    /// them, none leads them first). Only in a group of up to three voters: the member is
+    /// elected by its own vote and this node's, the others refusing while they hear from this
+    /// leader (openraft 0.9 has no leadership transfer; a member that asked the others in a
+    /// larger group would lose, and its higher term would then cost the group an election
+    /// timeout without a leader).
+    fn preferred_leader(&self, g: &Group, spec: &VolumeSpec) -> Option<NodeId> {
+        let id = g.incarnation.volume_id();
+        if id == 0 || spec.id != id || spec.members.len() < 2 {
+            return None;
+        }
+        let (to, _) = Node::first_member(&spec.name, &spec.members);
+        let m = g.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let busy = g.busy.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        let quiet = membership.learner_ids().next().is_none() && !busy;
+        let heartbeat = Duration::from_millis(self.timing.heartbeat_ms);
+        let near = |matched: &Option<super::LogId>| {
+            let last = m.last_log_index.unwrap_or(0);
+            matched.is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
+        };
+        let ready = m.state == openraft::ServerState::Leader
+            && to != self.id
+            && quiet
+            && voters.len() <= 3
+            // (Members as this node's catalog has them, and as the group has them: nodes whose
+            // catalogs differ could otherwise prefer different members.)
+            && spec.members.keys().copied().eq(voters.iter().copied())
+            && g.links.answered_within(to, 2 * heartbeat)
+            && !g.links.failing(to)
+            && !g.links.sending(to)
+            && m.replication
+                .as_ref()
+                .and_then(|r| r.get(&to))
+                .is_some_and(near);
+        ready.then_some(to)
+    }
+
+    /// Hands the volume of `g`, which this node leads, to member `to`: with no other change of
+    /// the members under way, holds the group commit (and lease reads), waits until `to` has
+    /// the whole log, invites it ([`Rpc::Elect`]: its vote request is the one this leader
+    /// passes to raft, which grants it), and waits until it leads; then writes go on, to the
+    /// new leader. `Ok(false)`: not now (this node has led for less than its lease from its
+    /// election, within which raft refuses any vote; another change is under way).
+    async fn hand_over(&self, g: &Group, to: NodeId) -> io::Result<bool> {
+        let name = &g.name;
+        let since = g
+            .raft
+            .with_raft_state(|s| s.vote_last_modified())
+            .await
+            .map_err(err)?;
+        let lease = Duration::from_millis(g.raft.config().election_timeout_max);
+        if since.is_none_or(|t| t.elapsed() <= lease + HAND_OVER_WAIT) {
+            return Ok(false);
+        }
+        let Ok(_busy) = BusyMark::take(&g.busy, Busy::HandingOver) else {
+            return Ok(false);
+        };
+        let addr = {
+            let m = g.raft.metrics().borrow().clone();
+            match m.membership_config.membership().get_node(&to) {
+                Some(n) => n.addr.clone(),
+                None => return Ok(false),
+            }
+        };
+        let handover = g.handover.clone();
+        let _held = handover.hold.write().await;
+        // Through raft's queue, after every entry submitted before the hold (each appended to
+        // the log as raft took it).
+        g.raft.with_raft_state(|_| ()).await.map_err(err)?;
+        let Some(last) = g.log.last_log_id() else {
+            return Ok(false);
+        };
+        let has_log = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+            let matched = m.replication.as_ref().and_then(|r| r.get(&to));
+            m.state == openraft::ServerState::Leader && matched.is_some_and(|l| *l >= last)
+        };
+        let wait = |within| g.raft.wait(Some(within));
+        if wait(HAND_OVER_WAIT)
+            .metrics(has_log, "the member has the log")
+            .await
+            .is_err()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("volume {name}: node {to} did not have the log within {HAND_OVER_WAIT:?}"),
+            ));
+        }
+        *handover.invited.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
+        let id = g.incarnation.volume_id();
+        let asked = match tokio::time::timeout(
+            HAND_OVER_WAIT,
+            manage(&addr, Rpc::Elect(name.clone(), id, last)),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{addr} did not answer within {HAND_OVER_WAIT:?}"),
+            )),
+        };
+        let led = match &asked {
+            Ok(()) => wait(2 * HAND_OVER_WAIT)
+                .metrics(|m| m.current_leader == Some(to), "the member leads")
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        // Before writes and lease reads go on: no more of its vote requests pass, those that
+        // did are answered, and the metrics tell raft's vote (if it granted one, this node no
+        // longer leads).
+        *handover.invited.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let settled = std::time::Instant::now();
+        while handover.passing.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && settled.elapsed() < HAND_OVER_WAIT
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let vote = g
+            .raft
+            .with_raft_state(|s| *s.vote_ref())
+            .await
+            .map_err(err)?;
+        let _ = wait(HAND_OVER_WAIT)
+            .metrics(|m| m.vote == vote, "the metrics tell the vote")
+            .await;
+        asked.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("volume {name}: node {to} asked to elect itself: {e}"),
+            )
+        })?;
+        if !led {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "volume {name}: node {to} did not lead within {:?} of being asked to",
+                    2 * HAND_OVER_WAIT
+                ),
+            ));
+        }
+        Ok(true)
+    }
+
     /// Serves every volume (now and later) on `server` too: those it holds a replica of, and
     /// the cluster's others when a client names them (`remote.rs`).
     pub fn serve_nbd(self: &Arc<Node>, server: crate::nbd::Server) {
@@ -2158,6 +2387,10 @@ impl Node {
             tokio::spawn(self.clone().drop_if_orphaned(spec));
         }
         tokio::spawn(sweep_unformed(Arc::downgrade(self)));
+        if self.timing.rebalance_s > 0 {
+            let every = Duration::from_secs(self.timing.rebalance_s);
+            tokio::spawn(rebalance(Arc::downgrade(self), every));
+        }
         Ok(())
     }
 
@@ -3021,7 +3254,9 @@ impl Node {
             links: links.clone(),
             heartbeat: Duration::from_millis(self.timing.heartbeat_ms),
             logged: None,
+            handover: Arc::default(),
         };
+        let handover = pacing.handover.clone();
         tokio::spawn(batcher(raft.clone(), rx, pacing));
         tokio::spawn(snapshot_when_due(
             raft.clone(),
@@ -3046,6 +3281,7 @@ impl Node {
             log: log_alive,
             claims,
             claiming: Arc::default(),
+            handover,
         };
         tokio::spawn(drop_stray_learners(
             volume.to_string(),
@@ -3359,6 +3595,7 @@ impl Node {
             | Rpc::Claim(v, ..)
             | Rpc::ReadIndex(v, _)
             | Rpc::Status(v)
+            | Rpc::Elect(v, ..)
             | Rpc::Remote(v, ..) => v.clone(),
         };
         let Some(g) = self.group(&volume) else {
@@ -3372,7 +3609,8 @@ impl Node {
         | Rpc::Append(_, id, _)
         | Rpc::Vote(_, id, _)
         | Rpc::SnapshotPart(_, id, _)
-        | Rpc::SnapshotEnd(_, id, _) = &rpc
+        | Rpc::SnapshotEnd(_, id, _)
+        | Rpc::Elect(_, id, _) = &rpc
         {
             if *id != g.incarnation.volume_id() {
                 return Reply::NoVolume(volume);
@@ -3389,8 +3627,14 @@ impl Node {
                 Reply::Done(Err(WireError::from(io::Error::other(e.to_string()))))
             }
             (Rpc::SnapshotEnd(..), Some(e)) => Reply::Snapshot(Err(e.to_string())),
+            (Rpc::Elect(..), Some(e)) => {
+                Reply::Done(Err(WireError::from(io::Error::other(e.to_string()))))
+            }
+            (Rpc::Elect(_, _, last), None) => {
+                Reply::Done(g.take_lead(self.id, last).await.map_err(WireError::from))
+            }
             (Rpc::Append(_, _, r), None) => Reply::Append(g.raft.append_entries(r).await),
-            (Rpc::Vote(_, _, r), None) => Reply::Vote(g.raft.vote(r).await),
+            (Rpc::Vote(_, _, r), None) => Reply::Vote(g.vote(self.id, r).await),
             (Rpc::SnapshotPart(_, _, part), None) => {
                 Reply::Done(g.receive_part(part).await.map_err(WireError::from))
             }
@@ -3448,6 +3692,74 @@ enum NotHere {
 }
 
 impl Group {
+    /// Answers a vote request: passed to raft, but while this node leads (as its metrics
+    /// say) only one from the member a hand-over invited ([`Node::hand_over`]); the others are
+    /// refused here. A leader's raft grants any candidate whose log is as long as its own once
+    /// its lease from its election has run out (openraft 0.9), and so steps down, which its
+    /// metrics, the lease reads' guide, tell only a little later: a stale read could be served
+    /// from a lease given up. (A leader ignores elections it did not call, as etcd's with
+    /// CheckQuorum; a leader whose followers stopped hearing from it is unseated anyway: they
+    /// elect without it.)
+    async fn vote(
+        &self,
+        me: NodeId,
+        req: VoteRequest<NodeId>,
+    ) -> Result<VoteResponse<NodeId>, RaftError<NodeId>> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != openraft::ServerState::Leader || m.current_leader != Some(me) {
+            return self.raft.vote(req).await;
+        }
+        let candidate = req.vote.leader_id().voted_for();
+        let invited = *self
+            .handover
+            .invited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if candidate.is_none() || candidate != invited {
+            let last = self.log.last_log_id().flatten();
+            return Ok(VoteResponse::new(m.vote, last, false));
+        }
+        use std::sync::atomic::Ordering::SeqCst;
+        self.handover.passing.fetch_add(1, SeqCst);
+        let r = self.raft.vote(req).await;
+        self.handover.passing.fetch_sub(1, SeqCst);
+        r
+    }
+
+    /// Elects this node (`me`), asked by the leader whose log ends at `leader_last`
+    /// ([`Node::hand_over`]); refused if this node is no voter or its log does not reach that
+    /// far (it could not win: its higher term would only unseat the leader).
+    async fn take_lead(&self, me: NodeId, leader_last: Option<super::LogId>) -> io::Result<()> {
+        let refused = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("volume {}: node {me}: {why}", self.name),
+            )
+        };
+        let voter = {
+            let m = self.raft.metrics().borrow().clone();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == me);
+            voter
+        };
+        if !voter {
+            return Err(refused("not a voter".into()));
+        }
+        let mine = self
+            .log
+            .last_log_id()
+            .ok_or_else(|| refused("its log is closed".into()))?;
+        if mine < leader_last {
+            return Err(refused(format!(
+                "its log ends at {mine:?}, the leader's at {leader_last:?}"
+            )));
+        }
+        self.raft.trigger().elect().await.map_err(err)
+    }
+
     /// Why the group's raft stopped, if it has (shut down, a storage error: `keep_open`).
     fn stopped(&self) -> Option<Fatal<NodeId>> {
         // The raft core holds the sender of its metrics: closed once it has ended.
@@ -3636,11 +3948,13 @@ impl Group {
             let what = match other {
                 Busy::Moving(n) => format!("a replica is being moved to node {n}"),
                 Busy::Cleaning => "stray learners are being taken out, try again".into(),
+                Busy::HandingOver => "its lead is being handed to another member, try again".into(),
             };
-            // Stray learners are taken out in a moment; another move may take long.
+            // Stray learners are taken out, or the lead handed over, in a moment; another
+            // move may take long.
             let kind = match other {
                 Busy::Moving(_) => io::ErrorKind::ResourceBusy,
-                Busy::Cleaning => io::ErrorKind::WouldBlock,
+                Busy::Cleaning | Busy::HandingOver => io::ErrorKind::WouldBlock,
             };
             io::Error::new(kind, format!("volume {}: {what}", self.name))
         })
@@ -3792,9 +4106,14 @@ impl Group {
         // timeout (followers refuse to vote while they hear from their leader), and it has
         // applied an entry of its own term, so every write committed before it led is applied
         // (and every write it acknowledged was applied before it was acknowledged).
+        // Not while the leader hands the volume over (`Node::hand_over`): it grants the new
+        // leader its vote, which its metrics tell only a little later (held to the end of the
+        // check: a hand-over starts after it, or ended, its vote in the metrics, before).
+        let open = self.handover.hold.try_read();
         let m = self.raft.metrics().borrow().clone();
         let lease = read_lease(self.raft.config()).as_millis() as u64;
-        if m.state == openraft::ServerState::Leader
+        if open.is_ok()
+            && m.state == openraft::ServerState::Leader
             && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease)
             && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
         {
@@ -4498,8 +4817,12 @@ mod tests {
 
     /// A node serving on a loopback port, and its address.
     async fn serving() -> (Arc<Node>, String, tempfile::TempDir) {
+        serving_with(Timing::default()).await
+    }
+
+    async fn serving_with(timing: Timing) -> (Arc<Node>, String, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let node = Node::new(1, dir.path(), Timing::default());
+        let node = Node::new(1, dir.path(), timing);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(node.clone().serve(listener));
@@ -4514,8 +4837,9 @@ mod tests {
         assert!(matches!(r, Reply::Cluster(_)), "{r:?}");
 
         // A client of another version is greeted back, then the connection ends unserved.
+        let other = [&b"SBSR"[..], &(RPC_VERSION + 1).to_be_bytes()].concat();
         let mut s = TcpStream::connect(&addr).await.unwrap();
-        s.write_all(b"SBSR\0\0\0\x09").await.unwrap();
+        s.write_all(&other).await.unwrap();
         send_msg(&mut s, &Rpc::Cluster).await.unwrap();
         let mut h = [0u8; 8];
         s.read_exact(&mut h).await.unwrap();
@@ -4523,16 +4847,19 @@ mod tests {
         assert_eq!(s.read(&mut h).await.unwrap(), 0, "served anyway");
 
         // A server of another version, or something else altogether: the client says which.
-        let other_version = format!("speaks node protocol version 9, this node {RPC_VERSION}");
+        let other_version = format!(
+            "speaks node protocol version {}, this node {RPC_VERSION}",
+            RPC_VERSION + 1
+        );
         for (greeting, says) in [
-            (&b"SBSR\0\0\0\x09"[..], &other_version[..]),
-            (&b"SSH-2.0-"[..], "is not a blockdrv storage node"),
+            (other.clone(), &other_version[..]),
+            (b"SSH-2.0-".to_vec(), "is not a blockdrv storage node"),
         ] {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let other = l.local_addr().unwrap().to_string();
             tokio::spawn(async move {
                 let (mut s, _) = l.accept().await.unwrap();
-                s.write_all(greeting).await.unwrap();
+                s.write_all(&greeting).await.unwrap();
                 let mut sink = Vec::new();
                 let _ = s.read_to_end(&mut sink).await;
             });
@@ -4568,6 +4895,56 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(r, Reply::Vote(_)), "its own group's: {r:?}");
+    }
+
+    /// A leader refuses the votes of candidates it did not invite (its raft, past its lease
+    /// from its election, would grant one, and step down before its metrics said so), and
+    /// passes the invited member's to raft, which grants it.
+    #[tokio::test]
+    async fn a_leader_grants_its_vote_only_to_the_member_it_hands_over_to() {
+        let (node, addr, _dir) = serving_with(Timing {
+            heartbeat_ms: 50,
+            election_ms: (150, 300),
+            ..Timing::default()
+        })
+        .await;
+        let spec = VolumeSpec {
+            name: "v".into(),
+            size: 1 << 20,
+            members: [(1, addr.clone())].into(),
+            replicas: 1,
+            id: 7,
+        };
+        node.open_replica(&spec).await.unwrap();
+        node.start_new_group("v", &spec.members).await.unwrap();
+        let g = node.group("v").unwrap();
+        g.raft
+            .wait(Some(Duration::from_secs(5)))
+            .current_leader(1, "leads")
+            .await
+            .unwrap();
+        // Past its lease from its election.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let last = openraft::LogId::new(openraft::CommittedLeaderId::new(9, 2), 100);
+        let vote = || Rpc::Vote("v".into(), 7, VoteRequest::new(Vote::new(9, 2), Some(last)));
+        let granted = |r: Reply| match r {
+            Reply::Vote(Ok(v)) => v.vote_granted,
+            other => panic!("{other:?}"),
+        };
+        let r = call(&mut None, &addr, &vote()).await.unwrap();
+        assert!(!granted(r), "an uninvited candidate's vote was granted");
+        let m = g.raft.metrics().borrow().clone();
+        assert!(m.current_leader == Some(1) && m.current_term < 9, "{m:?}");
+        *g.handover.invited.lock().unwrap() = Some(2);
+        let r = call(&mut None, &addr, &vote()).await.unwrap();
+        assert!(granted(r), "the invited member's vote was refused");
+        // It took the candidate's term, and stepped down (its metrics say so a little later;
+        // the group's only voter, it is soon elected again, in a later term).
+        g.raft
+            .wait(Some(Duration::from_secs(5)))
+            .metrics(|m| m.current_term >= 9, "took the candidate's term")
+            .await
+            .unwrap();
     }
 
     #[test]

@@ -339,6 +339,12 @@ impl LogAlive {
     pub fn alive(&self) -> bool {
         self.0.strong_count() > 0
     }
+
+    /// The id of the last entry appended (written, or queued for the writer thread), if the
+    /// log is left (`Some(None)`: it is empty).
+    pub fn last_log_id(&self) -> Option<Option<LogId>> {
+        self.0.upgrade().map(|st| lock(&st).last_log_id())
+    }
 }
 
 /// The reading side of a [`SegmentLog`] (cheap to clone).
