@@ -279,6 +279,74 @@ async fn a_host_without_the_storage_role_says_so() {
     );
 }
 
+/// A host without the storage role that names the storage nodes is a client of the cluster:
+/// it creates, lists and exports volumes, serves them on its own NBD socket through the node
+/// that holds them (it holds no replica), and a guest of it boots with one as its disk under
+/// libvirt, its use recorded under the client's id, so the volume is not deleted under it.
+#[tokio::test]
+async fn a_host_without_the_storage_role_uses_the_clusters_volumes_as_a_client() {
+    let ports = [free_port()];
+    let s = storage_daemon(1, &ports).await;
+    let opts = DaemonOpts {
+        backend: "auto",
+        extra: vec![
+            "--storage-node-id".into(),
+            "9".into(),
+            "--storage-member".into(),
+            format!("1=127.0.0.1:{}", ports[0]),
+        ],
+        ..Default::default()
+    };
+    let c = Daemon::start_with(opts, Bus::open()).await;
+    c.vpcctl_ok(&["vol-create", "data", "16M"]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(&c, "data")["health"] == "ok",
+        "the volume's group to have a leader",
+    );
+    let v = info(&c, "data");
+    assert_eq!(v["leader"], 1, "{v}");
+    assert_eq!(v["replicas"].as_array().unwrap().len(), 1, "{v}");
+    assert!(
+        !c.state.path().join("sbs/data").exists(),
+        "a replica on the client"
+    );
+    assert!(
+        s.state.path().join("sbs/data").exists(),
+        "no replica on the storage host"
+    );
+    assert!(c.vpcctl_ok(&["vol-list"]).contains("data"));
+    let uri = c.vpcctl_ok(&["vol-export", "data"]).trim().to_string();
+    let socket = c.state.path().join("sbs/nbd.sock");
+    assert!(uri.contains(socket.to_str().unwrap()), "{uri}");
+    let (good, out) = qemu_io("write -P 0x6c 0 64k", &uri);
+    assert!(good, "{out}");
+    let there = s.vpcctl_ok(&["vol-export", "data"]).trim().to_string();
+    let (good, out) = qemu_io("read -P 0x6c 0 64k", &there);
+    assert!(good && !out.contains("verification failed"), "{out}");
+
+    let name = unique("client");
+    let spec = kernel_spec(&name, "") + "[[disks]]\nvolume = \"data\"\n";
+    c.create(&spec, "libvirt");
+    c.wait_console(&name, BOOT_MARKER, 1);
+    let user = serde_json::json!([{"node": 9, "domain": name, "disk": "vda", "readonly": false}]);
+    assert_eq!(info(&s, "data")["attachments"], user);
+    let e = fails(&s, &["vol-delete", "data"]);
+    assert!(e.contains("InvalidState") && e.contains(&name), "{e}");
+    let mut shell = c.guest_shell(&name).await;
+    let first = shell.ok("dd if=/dev/vda bs=4096 count=1 2>/dev/null | od -An -tx1 | head -1");
+    assert!(first.contains("6c 6c 6c 6c"), "{first}");
+    shell.ok("printf VPCDCLIENT | dd of=/dev/vda bs=512 seek=300 conv=notrunc,fsync 2>/dev/null");
+    drop(shell);
+    let (good, out) = qemu_io(&format!("read -v {} 10", 300 * 512), &there);
+    assert!(good && out.contains("VPCDCLIENT"), "{out}");
+    c.vpcctl_ok(&["destroy", &name]);
+    c.vpcctl_ok(&["undefine", &name]);
+    c.vpcctl_ok(&["vol-delete", "data"]);
+    let e = fails(&s, &["vol-info", "data"]);
+    assert!(e.contains("NotFound"), "{e}");
+}
+
 #[tokio::test]
 async fn three_storage_hosts_replicate_a_volume_created_on_one() {
     let ports = [free_port(), free_port(), free_port()];

@@ -98,11 +98,14 @@ pub struct Config {
     pub bgp_listen_ranges: Vec<String>,
     /// Where FRR's daemons are.
     pub frr_bin_dir: PathBuf,
-    /// Storage role: this node's id in the block storage cluster (1 or more).
+    /// Storage role: this node's id in the block storage cluster (1 or more). A host without
+    /// the role that has `storage_members` uses the cluster's volumes as a client, under this
+    /// id (another than the storage nodes'): its guests' uses of volumes name it.
     pub storage_node_id: u64,
     /// Storage role: where the other storage nodes reach this one, `ADDRESS:PORT`.
     pub storage_listen: String,
-    /// Storage role: every storage node (this one too), `ID=ADDRESS:PORT`.
+    /// Storage role: every storage node (this one too), `ID=ADDRESS:PORT`. On a host without
+    /// the role: the storage nodes it uses volumes through (a client of the cluster).
     pub storage_members: Vec<String>,
     /// Storage role: NBD over TCP too, `ADDRESS:PORT` (e.g. `127.0.0.1:10809`); empty: only
     /// the unix socket.
@@ -256,10 +259,11 @@ impl Config {
         .map(Some)
     }
 
-    /// This host's storage node, if it has the storage role.
+    /// This host's storage node, if it has the storage role, or uses the cluster's volumes
+    /// as a client (no role, but `storage_members`).
     pub fn storage(&self) -> Result<Option<crate::storage::StorageConfig>, String> {
         if !self.roles.iter().any(|r| r == "storage") {
-            return Ok(None);
+            return self.storage_client();
         }
         if self.storage_node_id == 0 {
             return Err("the storage role needs storage_node_id (1 or more)".into());
@@ -270,14 +274,7 @@ impl Config {
                 self.storage_listen
             )
         })?;
-        let mut members = std::collections::BTreeMap::new();
-        for m in &self.storage_members {
-            let bad = || format!("storage_members: {m:?} is not ID=ADDRESS:PORT");
-            let (id, addr) = m.split_once('=').ok_or_else(bad)?;
-            let id: u64 = id.parse().map_err(|_| bad())?;
-            addr.parse::<std::net::SocketAddr>().map_err(|_| bad())?;
-            members.insert(id, addr.to_string());
-        }
+        let mut members = self.storage_member_list()?;
         members
             .entry(self.storage_node_id)
             .or_insert_with(|| listen.to_string());
@@ -337,12 +334,68 @@ impl Config {
         };
         Ok(Some(crate::storage::StorageConfig {
             id: self.storage_node_id,
-            listen,
+            listen: Some(listen),
             members,
             dir: self.state_dir.join("sbs"),
             nbd_tcp,
             tls,
             timing,
+        }))
+    }
+
+    /// `storage_members`: id -> address.
+    fn storage_member_list(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
+        let mut members = std::collections::BTreeMap::new();
+        for m in &self.storage_members {
+            let bad = || format!("storage_members: {m:?} is not ID=ADDRESS:PORT");
+            let (id, addr) = m.split_once('=').ok_or_else(bad)?;
+            let id: u64 = id.parse().map_err(|_| bad())?;
+            addr.parse::<std::net::SocketAddr>().map_err(|_| bad())?;
+            members.insert(id, addr.to_string());
+        }
+        Ok(members)
+    }
+
+    /// A host without the storage role that names storage nodes: a client of the cluster. It
+    /// serves the cluster's volumes to its guests on its own NBD socket, through the nodes
+    /// that hold them, and holds no replica; it listens for no node and serves no NBD over
+    /// TCP (the storage hosts do).
+    fn storage_client(&self) -> Result<Option<crate::storage::StorageConfig>, String> {
+        if self.storage_members.is_empty() {
+            return Ok(None);
+        }
+        let members = self.storage_member_list()?;
+        let id = self.storage_node_id;
+        if id == 0 || members.contains_key(&id) {
+            return Err(format!(
+                "storage_members without the storage role: this host uses the cluster's volumes \
+                 as a client, and needs a storage_node_id of its own (1 or more, not a storage \
+                 node's: {id})"
+            ));
+        }
+        for (key, set) in [
+            ("storage_listen", !self.storage_listen.is_empty()),
+            ("storage_nbd_listen", !self.storage_nbd_listen.is_empty()),
+            (
+                "storage_tls_cert",
+                !self.storage_tls_cert.as_os_str().is_empty(),
+            ),
+        ] {
+            if set {
+                return Err(format!(
+                    "{key}: for a host with the storage role; this one is a client of the \
+                     cluster (storage_members without the role)"
+                ));
+            }
+        }
+        Ok(Some(crate::storage::StorageConfig {
+            id,
+            listen: None,
+            members,
+            dir: self.state_dir.join("sbs"),
+            nbd_tcp: None,
+            tls: None,
+            timing: blockdrv::raft::node::Timing::default(),
         }))
     }
 
@@ -644,6 +697,46 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("/nonexistent/vpcd.toml"));
+    }
+
+    #[test]
+    fn a_host_without_the_storage_role_is_a_client_of_the_storage_nodes_it_names() {
+        Jail::expect_with(|jail| {
+            let members = "storage_members = [\"1=127.0.0.1:7400\", \"2=127.0.0.1:7401\"]\n";
+            let s = load(
+                jail,
+                &format!("{members}storage_node_id = 9\n"),
+                &Dict::new(),
+            )
+            .unwrap()
+            .storage()
+            .unwrap()
+            .unwrap();
+            assert_eq!(s.listen, None);
+            assert_eq!(s.id, 9);
+            assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), [1, 2]);
+            // Nothing to use: no storage at all.
+            assert_eq!(
+                load(jail, "", &Dict::new()).unwrap().storage().unwrap(),
+                None
+            );
+            for (extra, word) in [
+                ("", "storage_node_id"),
+                ("storage_node_id = 2\n", "not a storage node's"),
+                (
+                    "storage_node_id = 9\nstorage_listen = \"127.0.0.1:7402\"\n",
+                    "storage_listen",
+                ),
+                (
+                    "storage_node_id = 9\nstorage_nbd_listen = \"127.0.0.1:10809\"\n",
+                    "storage_nbd_listen",
+                ),
+            ] {
+                let e = load(jail, &format!("{members}{extra}"), &Dict::new()).unwrap_err();
+                assert!(e.to_string().contains(word), "{extra}: {e}");
+            }
+            Ok(())
+        });
     }
 
     #[test]

@@ -297,7 +297,8 @@ impl Manager {
         }
         let storage = self.storage().map_err(|_| {
             Error::InvalidArgument(format!(
-                "disk {}: volume {}: this host does not have the storage role",
+                "disk {}: volume {}: this host does not have the storage role, nor \
+                 storage_members to use the cluster's volumes through",
                 disk.target, nbd.export
             ))
         })?;
@@ -512,11 +513,13 @@ impl Manager {
         Ok(None)
     }
 
-    /// The storage node, if this host has the storage role.
+    /// The storage node, if this host has the storage role or is a client of the cluster.
     pub fn storage(&self) -> Result<&crate::storage::Storage> {
         self.storage.as_ref().ok_or_else(|| {
             Error::InvalidState(
-                "this host does not have the storage role (roles in vpcd.toml)".into(),
+                "this host does not have the storage role (roles in vpcd.toml), nor \
+                 storage_members to use the cluster's volumes through"
+                    .into(),
             )
         })
     }

@@ -2,6 +2,11 @@
 //! It serves the other nodes' RPCs on `storage_listen`, every volume it holds over NBD on
 //! `<state_dir>/sbs/nbd.sock`, and manages volumes (create, grow, delete, list) through its
 //! node, which forwards what only a volume's leader or members can do.
+//!
+//! A host without the role that names the storage nodes (`storage_members`) is a client of
+//! the cluster: its node holds no replica and listens for no node, and serves every volume of
+//! the cluster on its NBD socket all the same, through the nodes that hold them (blockdrv's
+//! `remote`), so its guests use volumes as a storage host's do.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -18,7 +23,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
     pub id: u64,
-    pub listen: SocketAddr,
+    /// Where the other storage nodes reach this one (`None`: a client of the cluster).
+    pub listen: Option<SocketAddr>,
     /// Every storage node: id -> address.
     pub members: BTreeMap<u64, String>,
     pub dir: PathBuf,
@@ -51,6 +57,9 @@ pub struct VolumeInfo {
     pub id: u64,
 }
 
+/// How often a client of the cluster asks for its node list.
+const CLIENT_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The storage node of this host.
 #[derive(Debug)]
 pub struct Storage {
@@ -58,6 +67,8 @@ pub struct Storage {
     socket: PathBuf,
     /// `nbd://ADDRESS:PORT` or `nbds://...`, if NBD is served over TCP too.
     tcp: Option<String>,
+    /// A client of the cluster, not a storage node.
+    client: bool,
     _tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -126,29 +137,36 @@ fn nix_group_id(name: &str) -> Option<u32> {
 }
 
 impl Storage {
-    /// Starts the node: reopens its volumes, listens for the other nodes and for NBD clients.
+    /// Starts the node: reopens its volumes, listens for the other nodes (a storage node)
+    /// and for NBD clients.
     pub async fn start(cfg: &StorageConfig) -> anyhow::Result<Storage> {
         let node = Node::new(cfg.id, &cfg.dir, cfg.timing);
         node.set_cluster(cfg.members.clone());
         node.start().await?;
-        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
-        let rpc = tokio::spawn({
-            let node = node.clone();
-            async move {
-                if let Err(e) = node.serve(listener).await {
-                    tracing::error!("storage RPC server stopped: {e}");
-                }
+        let mut tasks = Vec::new();
+        match cfg.listen {
+            Some(listen) => {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                tasks.push(tokio::spawn({
+                    let node = node.clone();
+                    async move {
+                        if let Err(e) = node.serve(listener).await {
+                            tracing::error!("storage RPC server stopped: {e}");
+                        }
+                    }
+                }));
             }
-        });
+            // (The nodes do not tell a client of joins and leaves: it asks.)
+            None => node.follow_cluster(CLIENT_REFRESH),
+        }
         let socket = cfg.dir.join("nbd.sock");
         let _ = std::fs::remove_file(&socket);
         let l = tokio::net::UnixListener::bind(&socket)?;
         restrict_socket(&socket)?;
         let server = blockdrv::nbd::Server::new(Vec::new());
         node.serve_nbd(server.clone());
-        let mut tasks = vec![rpc];
         let mut tcp = None;
-        if let Some(addr) = cfg.nbd_tcp {
+        if let (Some(addr), Some(listen)) = (cfg.nbd_tcp, cfg.listen) {
             // The same exports; TLS only here.
             let tcp_server = match &cfg.tls {
                 Some(t) => server.clone().with_tls(t)?,
@@ -160,18 +178,19 @@ impl Storage {
                     tracing::error!("NBD TCP server stopped: {e}");
                 }
             }));
-            tcp = Some(tcp_base(cfg.tls.is_some(), addr, cfg.listen));
+            tcp = Some(tcp_base(cfg.tls.is_some(), addr, listen));
         }
         tasks.push(tokio::spawn(async move {
             if let Err(e) = server.serve_unix(l).await {
                 tracing::error!("NBD server stopped: {e}");
             }
         }));
-        tracing::info!(id = cfg.id, listen = %cfg.listen, socket = %socket.display(), tcp = ?tcp, "storage node up");
+        tracing::info!(id = cfg.id, listen = ?cfg.listen, socket = %socket.display(), tcp = ?tcp, "storage node up");
         Ok(Storage {
             node,
             socket,
             tcp,
+            client: cfg.listen.is_none(),
             _tasks: tasks,
         })
     }
@@ -267,6 +286,12 @@ impl Storage {
             return Err(Error::InvalidArgument(
                 "storage node 0: ids start at 1".into(),
             ));
+        }
+        if self.client && id == self.node.id {
+            return Err(Error::InvalidArgument(format!(
+                "storage node {id}: this host's id, and this host is a client of the cluster \
+                 (give it the storage role to make it a storage node)"
+            )));
         }
         self.node
             .add_node(id, addr)

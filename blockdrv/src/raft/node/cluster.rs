@@ -44,8 +44,37 @@ impl Node {
         Ok(())
     }
 
-    /// Tells every node in `to` (this one too) that the cluster list is `members`. Nodes that
-    /// do not answer are reported, not waited for.
+    /// On a client of the cluster (a node that is no storage node: it holds no replica and
+    /// the nodes do not tell it of joins and leaves): every `every`, takes the node list from
+    /// the first storage node that answers, and records it if it changed. Ends with the node.
+    pub fn follow_cluster(self: &Arc<Node>, every: std::time::Duration) {
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(node) = node.upgrade() else {
+                    return;
+                };
+                for (id, addr) in node.cluster() {
+                    let asked = tokio::time::timeout(every, super::cluster(&addr)).await;
+                    let Ok(Ok(list)) = asked else {
+                        continue;
+                    };
+                    if !list.is_empty() && list != node.cluster() {
+                        tracing::info!(node = id, "the cluster's nodes are now {list:?}");
+                        if let Err(e) = node.save_cluster(&list).await {
+                            tracing::warn!("cluster list not recorded: {e}");
+                        }
+                    }
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Tells every node in `to` that the cluster list is `members`, and records it here (this
+    /// node may be a client of the cluster, in no list). Nodes that do not answer are reported,
+    /// not waited for.
     async fn announce_cluster(
         &self,
         members: &BTreeMap<NodeId, String>,
@@ -57,6 +86,9 @@ impl Node {
             } else if let Err(e) = manage(addr, Rpc::SetCluster(members.clone())).await {
                 tracing::warn!(node = id, "cluster list not recorded there: {e}");
             }
+        }
+        if !to.contains_key(&self.id) {
+            self.save_cluster(members).await?;
         }
         Ok(())
     }
