@@ -317,21 +317,7 @@ impl Config {
                 ));
             }
         }
-        let (heartbeat, election) = (self.storage_heartbeat_ms, self.storage_election_ms);
-        if heartbeat == 0 || election < 3 * heartbeat {
-            return Err(format!(
-                "storage_election_ms {election} must be at least 3 times storage_heartbeat_ms \
-                 {heartbeat}, and that more than 0 (a follower would start elections between \
-                 heartbeats)"
-            ));
-        }
-        let timing = blockdrv::raft::node::Timing {
-            heartbeat_ms: heartbeat,
-            election_ms: (election, 2 * election),
-            defer_logs: self.storage_defer_mib,
-            rebalance_s: self.storage_rebalance_s,
-            ..Default::default()
-        };
+        let timing = self.storage_timing()?;
         Ok(Some(crate::storage::StorageConfig {
             id: self.storage_node_id,
             listen: Some(listen),
@@ -341,6 +327,26 @@ impl Config {
             tls,
             timing,
         }))
+    }
+
+    /// The raft timing of storage nodes (a client's requests wait for a leader as long as
+    /// the nodes' elections may take).
+    fn storage_timing(&self) -> Result<blockdrv::raft::node::Timing, String> {
+        let (heartbeat, election) = (self.storage_heartbeat_ms, self.storage_election_ms);
+        if heartbeat == 0 || election < 3 * heartbeat {
+            return Err(format!(
+                "storage_election_ms {election} must be at least 3 times storage_heartbeat_ms \
+                 {heartbeat}, and that more than 0 (a follower would start elections between \
+                 heartbeats)"
+            ));
+        }
+        Ok(blockdrv::raft::node::Timing {
+            heartbeat_ms: heartbeat,
+            election_ms: (election, 2 * election),
+            defer_logs: self.storage_defer_mib,
+            rebalance_s: self.storage_rebalance_s,
+            ..Default::default()
+        })
     }
 
     /// `storage_members`: id -> address.
@@ -366,20 +372,28 @@ impl Config {
         }
         let members = self.storage_member_list()?;
         let id = self.storage_node_id;
-        if id == 0 || members.contains_key(&id) {
+        let client = "storage_members without the storage role: this host uses the cluster's \
+                      volumes as a client";
+        if id == 0 {
             return Err(format!(
-                "storage_members without the storage role: this host uses the cluster's volumes \
-                 as a client, and needs a storage_node_id of its own (1 or more, not a storage \
-                 node's: {id})"
+                "{client}, under a storage_node_id of its own (1 or more), unique among the \
+                 storage nodes and their clients"
             ));
         }
+        if let Some(addr) = members.get(&id) {
+            return Err(format!(
+                "{client}, under a storage_node_id of its own: {id} is the storage node's at \
+                 {addr}"
+            ));
+        }
+        let path_set = |p: &PathBuf| !p.as_os_str().is_empty();
         for (key, set) in [
             ("storage_listen", !self.storage_listen.is_empty()),
             ("storage_nbd_listen", !self.storage_nbd_listen.is_empty()),
-            (
-                "storage_tls_cert",
-                !self.storage_tls_cert.as_os_str().is_empty(),
-            ),
+            ("storage_nbd_insecure", self.storage_nbd_insecure),
+            ("storage_tls_cert", path_set(&self.storage_tls_cert)),
+            ("storage_tls_key", path_set(&self.storage_tls_key)),
+            ("storage_tls_ca", path_set(&self.storage_tls_ca)),
         ] {
             if set {
                 return Err(format!(
@@ -395,7 +409,7 @@ impl Config {
             dir: self.state_dir.join("sbs"),
             nbd_tcp: None,
             tls: None,
-            timing: blockdrv::raft::node::Timing::default(),
+            timing: self.storage_timing()?,
         }))
     }
 
@@ -722,7 +736,18 @@ mod tests {
             );
             for (extra, word) in [
                 ("", "storage_node_id"),
-                ("storage_node_id = 2\n", "not a storage node's"),
+                (
+                    "storage_node_id = 2\n",
+                    "the storage node's at 127.0.0.1:7401",
+                ),
+                (
+                    "storage_node_id = 9\nstorage_tls_ca = \"/ca.pem\"\n",
+                    "storage_tls_ca",
+                ),
+                (
+                    "storage_node_id = 9\nstorage_heartbeat_ms = 500\n",
+                    "storage_election_ms",
+                ),
                 (
                     "storage_node_id = 9\nstorage_listen = \"127.0.0.1:7402\"\n",
                     "storage_listen",

@@ -140,8 +140,14 @@ impl Storage {
     /// Starts the node: reopens its volumes, listens for the other nodes (a storage node)
     /// and for NBD clients.
     pub async fn start(cfg: &StorageConfig) -> anyhow::Result<Storage> {
-        let node = Node::new(cfg.id, &cfg.dir, cfg.timing);
-        node.set_cluster(cfg.members.clone());
+        let node = match cfg.listen {
+            Some(_) => {
+                let node = Node::new(cfg.id, &cfg.dir, cfg.timing);
+                node.set_cluster(cfg.members.clone());
+                node
+            }
+            None => Node::client(cfg.id, &cfg.dir, cfg.timing, cfg.members.clone()),
+        };
         node.start().await?;
         let mut tasks = Vec::new();
         match cfg.listen {

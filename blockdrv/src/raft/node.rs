@@ -1393,6 +1393,9 @@ pub struct Node {
     vhost: std::sync::Mutex<Option<(PathBuf, HashMap<String, crate::vhost_user::Served>)>>,
     /// The storage nodes of the cluster (id -> RPC address): where new volumes go.
     cluster: RwLock<BTreeMap<NodeId, String>>,
+    /// On a client of the cluster ([`Node::client`]): the storage nodes it was given, which it
+    /// asks for the node list.
+    seeds: Option<BTreeMap<NodeId, String>>,
 }
 
 /// Replicas of a new volume (fewer when the cluster is smaller).
@@ -2014,6 +2017,31 @@ fn raft_config(t: Timing) -> openraft::Config {
 impl Node {
     /// A node keeping its state in `dir`; [`Node::start`] reopens the volumes it holds.
     pub fn new(id: NodeId, dir: &Path, timing: Timing) -> Arc<Node> {
+        Node::build(id, dir, timing, None)
+    }
+
+    /// A client of the cluster whose storage nodes are `nodes` (id -> RPC address): a node
+    /// that holds no replica and is in no node list (nothing is placed or moved onto it), and
+    /// serves every volume through the nodes that hold them. Its id, another than the storage
+    /// nodes', names it in volumes' users. It keeps the node list in memory only, taken from
+    /// the storage nodes ([`Node::follow_cluster`]), as they do not tell it of changes.
+    pub fn client(
+        id: NodeId,
+        dir: &Path,
+        timing: Timing,
+        nodes: BTreeMap<NodeId, String>,
+    ) -> Arc<Node> {
+        let node = Node::build(id, dir, timing, Some(nodes.clone()));
+        node.set_cluster(nodes);
+        node
+    }
+
+    fn build(
+        id: NodeId,
+        dir: &Path,
+        timing: Timing,
+        seeds: Option<BTreeMap<NodeId, String>>,
+    ) -> Arc<Node> {
         Arc::new(Node {
             id,
             dir: dir.to_owned(),
@@ -2024,6 +2052,7 @@ impl Node {
             nbd: RwLock::new(None),
             vhost: std::sync::Mutex::new(None),
             cluster: RwLock::new(BTreeMap::new()),
+            seeds,
         })
     }
 
@@ -2377,8 +2406,8 @@ impl Node {
         for spec in c.values() {
             self.open_volume(spec).await?;
         }
-        // Nodes that joined or left since the configuration was written.
-        if let Some(members) = self.saved_cluster()? {
+        // Nodes that joined or left since the configuration was written (a client asks).
+        if let Some(members) = self.saved_cluster()?.filter(|_| !self.is_client()) {
             self.set_cluster(members);
         }
         let specs: Vec<VolumeSpec> = c.values().cloned().collect();
@@ -2580,6 +2609,10 @@ impl Node {
             return Box::pin(self.create_volume(&spec)).await;
         }
         if spec.members.is_empty() {
+            // (A client's node list may be up to a refresh old.)
+            if self.is_client() {
+                self.refresh_cluster().await?;
+            }
             let replicas = match spec.replicas {
                 0 => REPLICAS.min(self.cluster.read().unwrap().len()),
                 n => n as usize,
@@ -4821,12 +4854,59 @@ mod tests {
     }
 
     async fn serving_with(timing: Timing) -> (Arc<Node>, String, tempfile::TempDir) {
+        serving_as(1, timing).await
+    }
+
+    async fn serving_as(id: NodeId, timing: Timing) -> (Arc<Node>, String, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let node = Node::new(1, dir.path(), timing);
+        let node = Node::new(id, dir.path(), timing);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(node.clone().serve(listener));
         (node, addr, dir)
+    }
+
+    /// A client of the cluster takes the node list from the storage nodes (it is told of no
+    /// join), finds a volume held by a node it did not know of by asking for the list again,
+    /// and refuses a list that names its own id as a storage node's.
+    #[tokio::test]
+    async fn a_client_of_the_cluster_follows_its_node_list() {
+        let (a, a_addr, _a_dir) = serving_as(1, Timing::default()).await;
+        let (b, b_addr, _b_dir) = serving_as(2, Timing::default()).await;
+        // Node 2 holds volume v alone, and is not among the nodes the client was given.
+        let spec = VolumeSpec {
+            name: "v".into(),
+            size: 1 << 20,
+            members: [(2, b_addr.clone())].into(),
+            replicas: 1,
+            id: 7,
+        };
+        b.open_replica(&spec).await.unwrap();
+        b.start_new_group("v", &spec.members).await.unwrap();
+        let g = b.group("v").unwrap();
+        let leads = g.raft.wait(Some(Duration::from_secs(10)));
+        leads.current_leader(2, "leads").await.unwrap();
+        let both: BTreeMap<NodeId, String> = [(1, a_addr.clone()), (2, b_addr.clone())].into();
+        a.set_cluster(both.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let client = Node::client(9, dir.path(), Timing::default(), [(1, a_addr)].into());
+        client.start().await.unwrap();
+        assert!(client.is_client() && !a.is_client());
+        let status = client.locate("v").await.unwrap();
+        assert_eq!(status.leader, Some(2), "{status:?}");
+        assert_eq!(client.cluster(), both);
+        assert!(
+            !dir.path().join("cluster.json").exists(),
+            "a client recorded the list"
+        );
+        // A storage node of the client's id: refused, the list kept.
+        let mut with_nine = both.clone();
+        with_nine.insert(9, "127.0.0.1:9".into());
+        a.set_cluster(with_nine.clone());
+        b.set_cluster(with_nine);
+        let e = client.refresh_cluster().await.unwrap_err();
+        assert!(e.to_string().contains("this client's id"), "{e}");
+        assert_eq!(client.cluster(), both);
     }
 
     #[tokio::test]

@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{err, list, manage, status, Node, Rpc, VolumeSpec, LEADER_WAIT};
+
+/// How long a client of the cluster waits for each node it asks for the node list.
+const REFRESH_ASK: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::raft::placement::{self, Move};
 use crate::raft::NodeId;
 
@@ -33,8 +36,13 @@ impl Node {
         }
     }
 
-    /// Records `members` as the cluster list, durably, and uses it from now on.
+    /// Records `members` as the cluster list, durably, and uses it from now on (a client of
+    /// the cluster keeps it in memory: it asks for it again).
     pub(super) async fn save_cluster(&self, members: &BTreeMap<NodeId, String>) -> io::Result<()> {
+        if self.is_client() {
+            self.set_cluster(members.clone());
+            return Ok(());
+        }
         let bytes = serde_json::to_vec_pretty(members).map_err(err)?;
         let path = self.cluster_path();
         tokio::task::spawn_blocking(move || crate::raft::write_atomic(&path, &bytes))
@@ -44,37 +52,98 @@ impl Node {
         Ok(())
     }
 
-    /// On a client of the cluster (a node that is no storage node: it holds no replica and
-    /// the nodes do not tell it of joins and leaves): every `every`, takes the node list from
-    /// the first storage node that answers, and records it if it changed. Ends with the node.
+    /// Whether this node is a client of the cluster ([`Node::client`]).
+    pub fn is_client(&self) -> bool {
+        self.seeds.is_some()
+    }
+
+    /// On a client of the cluster: takes the node list from the first storage node that
+    /// answers, of those it knows and those it was given. Refused (and the list kept) if the
+    /// list names this client's id: a storage node of that id would be taken for this one.
+    pub async fn refresh_cluster(&self) -> io::Result<()> {
+        let Some(seeds) = &self.seeds else {
+            return Ok(());
+        };
+        let mut ask = seeds.clone();
+        ask.extend(self.cluster());
+        let mut failed = Vec::new();
+        for (id, addr) in ask {
+            let list = match tokio::time::timeout(REFRESH_ASK, super::cluster(&addr)).await {
+                Ok(Ok(list)) if !list.is_empty() => list,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => {
+                    failed.push(format!("node {id} at {addr}: {e}"));
+                    continue;
+                }
+                Err(_) => {
+                    failed.push(format!("node {id} at {addr}: no answer"));
+                    continue;
+                }
+            };
+            if list.contains_key(&self.id) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "node {id} lists a storage node {} (this client's id): give this \
+                         client another id",
+                        self.id
+                    ),
+                ));
+            }
+            if list != self.cluster() {
+                tracing::info!(node = id, "the cluster's nodes are now {list:?}");
+                self.set_cluster(list);
+            }
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::HostUnreachable,
+            format!(
+                "no storage node answered for the cluster's node list ({})",
+                failed.join("; ")
+            ),
+        ))
+    }
+
+    /// On a client of the cluster (the nodes do not tell it of joins and leaves): takes the
+    /// node list now and every `every` ([`Node::refresh_cluster`]). Ends with the node.
     pub fn follow_cluster(self: &Arc<Node>, every: std::time::Duration) {
         let node = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
-                let Some(node) = node.upgrade() else {
+                let Some(n) = node.upgrade() else {
                     return;
                 };
-                for (id, addr) in node.cluster() {
-                    let asked = tokio::time::timeout(every, super::cluster(&addr)).await;
-                    let Ok(Ok(list)) = asked else {
-                        continue;
-                    };
-                    if !list.is_empty() && list != node.cluster() {
-                        tracing::info!(node = id, "the cluster's nodes are now {list:?}");
-                        if let Err(e) = node.save_cluster(&list).await {
-                            tracing::warn!("cluster list not recorded: {e}");
-                        }
-                    }
-                    break;
+                if let Err(e) = n.refresh_cluster().await {
+                    tracing::warn!("the cluster's node list: {e}");
                 }
+                drop(n);
+                tokio::time::sleep(every).await;
             }
         });
     }
 
-    /// Tells every node in `to` that the cluster list is `members`, and records it here (this
-    /// node may be a client of the cluster, in no list). Nodes that do not answer are reported,
-    /// not waited for.
+    /// A join or leave through a client of the cluster: carried out by the first storage node
+    /// that takes it (its node list is the one to go by).
+    async fn through_a_storage_node(&self, rpc: impl Fn() -> Rpc) -> io::Result<Vec<Move>> {
+        self.refresh_cluster().await?;
+        let mut last = None;
+        for (_, addr) in self.cluster() {
+            match super::moves(&addr, rpc()).await {
+                Err(e) if super::gone(&e) => last = Some(e),
+                r => {
+                    if let Err(e) = self.refresh_cluster().await {
+                        tracing::warn!("the cluster's node list: {e}");
+                    }
+                    return r;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| err("no storage node known")))
+    }
+
+    /// Tells every node in `to` (this one too) that the cluster list is `members`. Nodes that
+    /// do not answer are reported, not waited for.
     async fn announce_cluster(
         &self,
         members: &BTreeMap<NodeId, String>,
@@ -86,9 +155,6 @@ impl Node {
             } else if let Err(e) = manage(addr, Rpc::SetCluster(members.clone())).await {
                 tracing::warn!(node = id, "cluster list not recorded there: {e}");
             }
-        }
-        if !to.contains_key(&self.id) {
-            self.save_cluster(members).await?;
         }
         Ok(())
     }
@@ -207,6 +273,11 @@ impl Node {
     /// Adding a node that is there already at that address only spreads again. Returns the
     /// moves made.
     pub async fn add_node(self: &Arc<Node>, id: NodeId, addr: &str) -> io::Result<Vec<Move>> {
+        if self.is_client() {
+            return self
+                .through_a_storage_node(|| Rpc::AddNode(id, addr.to_string()))
+                .await;
+        }
         let mut members = self.cluster();
         match members.get(&id) {
             Some(a) if a != addr => {
@@ -241,6 +312,9 @@ impl Node {
     /// another node first (refused, with nothing moved, when a volume would have nowhere to
     /// go), then every remaining member records the list without it. Returns the moves made.
     pub async fn remove_node(self: &Arc<Node>, id: NodeId) -> io::Result<Vec<Move>> {
+        if self.is_client() {
+            return self.through_a_storage_node(|| Rpc::RemoveNode(id)).await;
+        }
         let old = self.cluster();
         if !old.contains_key(&id) {
             return Err(io::Error::new(

@@ -60,8 +60,21 @@ impl Node {
     /// [`Node::locate`] of volume (`name`, `id`): the answers of replicas of another volume of
     /// that name are left out, and a name that no node that answered holds, while some did
     /// not answer, is `Other` (a connected client tries again: its volume's nodes may be
-    /// back in a moment).
+    /// back in a moment). A client of the cluster that finds no node holding it asks for the
+    /// node list again, and looks again (the volume may have moved to a node that joined).
     pub(super) async fn locate_volume(&self, name: &str, id: Option<u64>) -> io::Result<Status> {
+        match self.locate_once(name, id).await {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.is_client() => {
+                if let Err(e) = self.refresh_cluster().await {
+                    tracing::warn!("the cluster's node list: {e}");
+                }
+                self.locate_once(name, id).await
+            }
+            found => found,
+        }
+    }
+
+    async fn locate_once(&self, name: &str, id: Option<u64>) -> io::Result<Status> {
         let mut asks: futures::stream::FuturesUnordered<_> = self
             .cluster()
             .into_iter()
