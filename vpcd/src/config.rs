@@ -376,8 +376,8 @@ impl Config {
                       volumes as a client";
         if id == 0 {
             return Err(format!(
-                "{client}, under a storage_node_id of its own (1 or more), unique among the \
-                 storage nodes and their clients"
+                "{client}, and needs storage_node_id (1 or more), unique among the storage \
+                 nodes and their clients"
             ));
         }
         if let Some(addr) = members.get(&id) {
@@ -398,7 +398,8 @@ impl Config {
             if set {
                 return Err(format!(
                     "{key}: for a host with the storage role; this one is a client of the \
-                     cluster (storage_members without the role)"
+                     cluster (storage_members without the role: add \"storage\" to roles to \
+                     make it a storage node)"
                 ));
             }
         }
@@ -728,6 +729,9 @@ mod tests {
             .unwrap();
             assert_eq!(s.listen, None);
             assert_eq!(s.id, 9);
+            let slow = format!("{members}storage_node_id = 9\nstorage_election_ms = 3000\n");
+            let timing = load(jail, &slow, &Dict::new()).unwrap().storage().unwrap();
+            assert_eq!(timing.unwrap().timing.election_ms, (3000, 6000));
             assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), [1, 2]);
             // Nothing to use: no storage at all.
             assert_eq!(

@@ -67,8 +67,6 @@ pub struct Storage {
     socket: PathBuf,
     /// `nbd://ADDRESS:PORT` or `nbds://...`, if NBD is served over TCP too.
     tcp: Option<String>,
-    /// A client of the cluster, not a storage node.
-    client: bool,
     _tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -146,7 +144,7 @@ impl Storage {
                 node.set_cluster(cfg.members.clone());
                 node
             }
-            None => Node::client(cfg.id, &cfg.dir, cfg.timing, cfg.members.clone()),
+            None => Node::client(cfg.id, &cfg.dir, cfg.timing, cfg.members.clone())?,
         };
         node.start().await?;
         let mut tasks = Vec::new();
@@ -196,7 +194,6 @@ impl Storage {
             node,
             socket,
             tcp,
-            client: cfg.listen.is_none(),
             _tasks: tasks,
         })
     }
@@ -292,12 +289,6 @@ impl Storage {
             return Err(Error::InvalidArgument(
                 "storage node 0: ids start at 1".into(),
             ));
-        }
-        if self.client && id == self.node.id {
-            return Err(Error::InvalidArgument(format!(
-                "storage node {id}: this host's id, and this host is a client of the cluster \
-                 (give it the storage role to make it a storage node)"
-            )));
         }
         self.node
             .add_node(id, addr)

@@ -1396,6 +1396,9 @@ pub struct Node {
     /// On a client of the cluster ([`Node::client`]): the storage nodes it was given, which it
     /// asks for the node list.
     seeds: Option<BTreeMap<NodeId, String>>,
+    /// When the node list was last taken from the storage nodes ([`Node::refresh_cluster`]);
+    /// held while it is (one at a time).
+    refreshed: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// Replicas of a new volume (fewer when the cluster is smaller).
@@ -2030,10 +2033,16 @@ impl Node {
         dir: &Path,
         timing: Timing,
         nodes: BTreeMap<NodeId, String>,
-    ) -> Arc<Node> {
+    ) -> io::Result<Arc<Node>> {
+        if let Some(addr) = nodes.get(&id) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("client {id}: the id of the storage node at {addr}"),
+            ));
+        }
         let node = Node::build(id, dir, timing, Some(nodes.clone()));
         node.set_cluster(nodes);
-        node
+        Ok(node)
     }
 
     fn build(
@@ -2053,6 +2062,7 @@ impl Node {
             vhost: std::sync::Mutex::new(None),
             cluster: RwLock::new(BTreeMap::new()),
             seeds,
+            refreshed: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -2389,6 +2399,19 @@ impl Node {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
+        // A client holds no replica: one that was a storage node must give its volumes up
+        // first (moved away by `remove_node` while it was one).
+        let held: Vec<&String> = c.iter().flat_map(|c| c.keys()).collect();
+        if self.is_client() && !held.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a client of the cluster holds no replica, and {} holds replicas of {held:?} \
+                     (it was a storage node): give it the storage role until they are moved off",
+                    self.dir.display()
+                ),
+            ));
+        }
         // (Without a catalog there is nothing to go by: nothing is removed.)
         if let Some(c) = &c {
             for entry in std::fs::read_dir(&self.dir)? {
@@ -4889,16 +4912,30 @@ mod tests {
         let both: BTreeMap<NodeId, String> = [(1, a_addr.clone()), (2, b_addr.clone())].into();
         a.set_cluster(both.clone());
         let dir = tempfile::tempdir().unwrap();
-        let client = Node::client(9, dir.path(), Timing::default(), [(1, a_addr)].into());
+        // A node list left from when this was a storage node (of id 9): not used, not changed.
+        let stale = format!("{{\"9\": \"127.0.0.1:9\", \"1\": \"{a_addr}\"}}");
+        std::fs::write(dir.path().join("cluster.json"), &stale).unwrap();
+        let given: BTreeMap<NodeId, String> = [(1, a_addr.clone())].into();
+        let client = Node::client(9, dir.path(), Timing::default(), given.clone()).unwrap();
         client.start().await.unwrap();
         assert!(client.is_client() && !a.is_client());
+        assert_eq!(client.cluster(), given);
         let status = client.locate("v").await.unwrap();
         assert_eq!(status.leader, Some(2), "{status:?}");
         assert_eq!(client.cluster(), both);
-        assert!(
-            !dir.path().join("cluster.json").exists(),
-            "a client recorded the list"
-        );
+        let file = std::fs::read_to_string(dir.path().join("cluster.json")).unwrap();
+        assert_eq!(file, stale, "a client recorded the list");
+        // Nor does it take its own id as a node's.
+        let e = client.add_node(9, "127.0.0.1:9").await.unwrap_err();
+        assert!(e.to_string().contains("this client's id"), "{e}");
+        assert!(Node::client(1, dir.path(), Timing::default(), given.clone()).is_err());
+        // One that holds replicas (it was a storage node) does not start as a client.
+        let old = tempfile::tempdir().unwrap();
+        let catalog = serde_json::to_vec(&BTreeMap::from([("v".to_string(), spec)])).unwrap();
+        std::fs::write(old.path().join("volumes.json"), catalog).unwrap();
+        let was_node = Node::client(9, old.path(), Timing::default(), given).unwrap();
+        let e = was_node.start().await.unwrap_err();
+        assert!(e.to_string().contains("holds replicas"), "{e}");
         // A storage node of the client's id: refused, the list kept.
         let mut with_nine = both.clone();
         with_nine.insert(9, "127.0.0.1:9".into());

@@ -58,19 +58,32 @@ impl Node {
     }
 
     /// On a client of the cluster: takes the node list from the first storage node that
-    /// answers, of those it knows and those it was given. Refused (and the list kept) if the
-    /// list names this client's id: a storage node of that id would be taken for this one.
+    /// answers with a list that has it at the address asked (a node removed from the cluster
+    /// while it was down keeps its old list), those it knows first, then those it was given.
+    /// Refused (and the list kept) if the list names this client's id: a storage node of that
+    /// id would be taken for this one. One at a time: a caller that waited for another's
+    /// refresh takes its outcome.
     pub async fn refresh_cluster(&self) -> io::Result<()> {
         let Some(seeds) = &self.seeds else {
             return Ok(());
         };
-        let mut ask = seeds.clone();
-        ask.extend(self.cluster());
+        let asked = std::time::Instant::now();
+        let mut refreshed = self.refreshed.lock().await;
+        if refreshed.is_some_and(|at| at >= asked) {
+            return Ok(());
+        }
+        let known = self.cluster();
+        let ask = known
+            .iter()
+            .chain(seeds.iter().filter(|(id, _)| !known.contains_key(*id)));
         let mut failed = Vec::new();
         for (id, addr) in ask {
-            let list = match tokio::time::timeout(REFRESH_ASK, super::cluster(&addr)).await {
-                Ok(Ok(list)) if !list.is_empty() => list,
-                Ok(Ok(_)) => continue,
+            let list = match tokio::time::timeout(REFRESH_ASK, super::cluster(addr)).await {
+                Ok(Ok(list)) if list.get(id) == Some(addr) => list,
+                Ok(Ok(_)) => {
+                    failed.push(format!("node {id} at {addr}: not in its own list"));
+                    continue;
+                }
                 Ok(Err(e)) => {
                     failed.push(format!("node {id} at {addr}: {e}"));
                     continue;
@@ -90,10 +103,11 @@ impl Node {
                     ),
                 ));
             }
-            if list != self.cluster() {
+            if list != known {
                 tracing::info!(node = id, "the cluster's nodes are now {list:?}");
                 self.set_cluster(list);
             }
+            *refreshed = Some(std::time::Instant::now());
             return Ok(());
         }
         Err(io::Error::new(
@@ -124,22 +138,23 @@ impl Node {
     }
 
     /// A join or leave through a client of the cluster: carried out by the first storage node
-    /// that takes it (its node list is the one to go by).
-    async fn through_a_storage_node(&self, rpc: impl Fn() -> Rpc) -> io::Result<Vec<Move>> {
+    /// that answers (its node list is the one to go by), whatever it says.
+    async fn through_a_storage_node(&self, rpc: Rpc) -> io::Result<Vec<Move>> {
         self.refresh_cluster().await?;
-        let mut last = None;
         for (_, addr) in self.cluster() {
-            match super::moves(&addr, rpc()).await {
-                Err(e) if super::gone(&e) => last = Some(e),
-                r => {
-                    if let Err(e) = self.refresh_cluster().await {
-                        tracing::warn!("the cluster's node list: {e}");
-                    }
-                    return r;
-                }
+            if super::probe(&addr, REFRESH_ASK).await != Some(true) {
+                continue;
             }
+            let r = super::moves(&addr, rpc).await;
+            if let Err(e) = self.refresh_cluster().await {
+                tracing::warn!("the cluster's node list: {e}");
+            }
+            return r;
         }
-        Err(last.unwrap_or_else(|| err("no storage node known")))
+        Err(io::Error::new(
+            io::ErrorKind::HostUnreachable,
+            "no storage node answered",
+        ))
     }
 
     /// Tells every node in `to` (this one too) that the cluster list is `members`. Nodes that
@@ -274,8 +289,16 @@ impl Node {
     /// moves made.
     pub async fn add_node(self: &Arc<Node>, id: NodeId, addr: &str) -> io::Result<Vec<Move>> {
         if self.is_client() {
+            if id == self.id {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "node {id}: this client's id (a client of the cluster is no storage node)"
+                    ),
+                ));
+            }
             return self
-                .through_a_storage_node(|| Rpc::AddNode(id, addr.to_string()))
+                .through_a_storage_node(Rpc::AddNode(id, addr.to_string()))
                 .await;
         }
         let mut members = self.cluster();
@@ -313,7 +336,7 @@ impl Node {
     /// go), then every remaining member records the list without it. Returns the moves made.
     pub async fn remove_node(self: &Arc<Node>, id: NodeId) -> io::Result<Vec<Move>> {
         if self.is_client() {
-            return self.through_a_storage_node(|| Rpc::RemoveNode(id)).await;
+            return self.through_a_storage_node(Rpc::RemoveNode(id)).await;
         }
         let old = self.cluster();
         if !old.contains_key(&id) {
