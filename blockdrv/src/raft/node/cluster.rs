@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{err, list, manage, status, Node, Rpc, VolumeSpec, LEADER_WAIT};
+use crate::raft::placement::{self, Move};
+use crate::raft::NodeId;
 
 /// How long a client of the cluster waits for each node it asks for the node list.
 const REFRESH_ASK: std::time::Duration = std::time::Duration::from_secs(2);
-use crate::raft::placement::{self, Move};
-use crate::raft::NodeId;
 
 impl Node {
     fn cluster_path(&self) -> PathBuf {
