@@ -3792,15 +3792,12 @@ impl Group {
                 format!("volume {}: node {me}: {why}", self.name),
             )
         };
-        let voter = {
-            let m = self.raft.metrics().borrow().clone();
-            let voter = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == me);
-            voter
-        };
+        let m = self.raft.metrics().borrow().clone();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me);
         if !voter {
             return Err(refused("not a voter".into()));
         }
@@ -4897,18 +4894,7 @@ mod tests {
         let (a, a_addr, _a_dir) = serving_as(1, Timing::default()).await;
         let (b, b_addr, _b_dir) = serving_as(2, Timing::default()).await;
         // Node 2 holds volume v alone, and is not among the nodes the client was given.
-        let spec = VolumeSpec {
-            name: "v".into(),
-            size: 1 << 20,
-            members: [(2, b_addr.clone())].into(),
-            replicas: 1,
-            id: 7,
-        };
-        b.open_replica(&spec).await.unwrap();
-        b.start_new_group("v", &spec.members).await.unwrap();
-        let g = b.group("v").unwrap();
-        let leads = g.raft.wait(Some(Duration::from_secs(10)));
-        leads.current_leader(2, "leads").await.unwrap();
+        let (spec, _) = led_alone(&b, &b_addr).await;
         let both: BTreeMap<NodeId, String> = [(1, a_addr.clone()), (2, b_addr.clone())].into();
         a.set_cluster(both.clone());
         let dir = tempfile::tempdir().unwrap();
@@ -4944,6 +4930,23 @@ mod tests {
         let e = client.refresh_cluster().await.unwrap_err();
         assert!(e.to_string().contains("this client's id"), "{e}");
         assert_eq!(client.cluster(), both);
+    }
+
+    /// Volume `v` (id 7) on `node` at `addr` alone, its group started and led by it.
+    async fn led_alone(node: &Arc<Node>, addr: &str) -> (VolumeSpec, Group) {
+        let spec = VolumeSpec {
+            name: "v".into(),
+            size: 1 << 20,
+            members: [(node.id, addr.to_string())].into(),
+            replicas: 1,
+            id: 7,
+        };
+        node.open_replica(&spec).await.unwrap();
+        node.start_new_group("v", &spec.members).await.unwrap();
+        let g = node.group("v").unwrap();
+        let leads = g.raft.wait(Some(Duration::from_secs(10)));
+        leads.current_leader(node.id, "leads").await.unwrap();
+        (spec, g)
     }
 
     #[tokio::test]
@@ -5025,21 +5028,7 @@ mod tests {
             ..Timing::default()
         })
         .await;
-        let spec = VolumeSpec {
-            name: "v".into(),
-            size: 1 << 20,
-            members: [(1, addr.clone())].into(),
-            replicas: 1,
-            id: 7,
-        };
-        node.open_replica(&spec).await.unwrap();
-        node.start_new_group("v", &spec.members).await.unwrap();
-        let g = node.group("v").unwrap();
-        g.raft
-            .wait(Some(Duration::from_secs(5)))
-            .current_leader(1, "leads")
-            .await
-            .unwrap();
+        let (_, g) = led_alone(&node, &addr).await;
         // Past its lease from its election.
         tokio::time::sleep(Duration::from_millis(600)).await;
         let last = openraft::LogId::new(openraft::CommittedLeaderId::new(9, 2), 100);
