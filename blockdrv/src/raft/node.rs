@@ -1468,6 +1468,18 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
+/// The nodes of `cluster` in the order a new volume `name` takes its members from: all of
+/// them, from the one the name hashes to on.
+fn placement_order(name: &str, cluster: &BTreeMap<NodeId, String>) -> Vec<(NodeId, String)> {
+    let nodes: Vec<(NodeId, String)> = cluster.iter().map(|(i, a)| (*i, a.clone())).collect();
+    let start = (name_hash(name) % nodes.len().max(1) as u64) as usize;
+    nodes[start..]
+        .iter()
+        .chain(&nodes[..start])
+        .cloned()
+        .collect()
+}
+
 /// A volume's size: a whole number of 512-byte sectors (as disks are addressed), not 0.
 fn check_size(name: &str, size: u64) -> io::Result<()> {
     if size == 0 || !size.is_multiple_of(512) {
@@ -1479,6 +1491,11 @@ fn check_size(name: &str, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Endings of the names of the node's own files beside its replicas' directories
+/// (`volumes.json`, `deleted.json`, `cluster.json`, their `.tmp` while they are replaced,
+/// vpcd's `nbd.sock`): no volume is named so.
+const RESERVED_ENDINGS: [&str; 3] = [".json", ".tmp", ".sock"];
+
 fn check_volume_name(name: &str) -> io::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -1486,14 +1503,39 @@ fn check_volume_name(name: &str) -> io::Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(io::Error::new(
+    if !ok {
+        return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("volume name {name:?}: 1 to 64 of a-z A-Z 0-9 - _ . (not leading .)"),
-        ))
+        ));
     }
+    match RESERVED_ENDINGS.iter().find(|e| name.ends_with(*e)) {
+        Some(e) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("volume name {name:?}: names ending in {e} are the storage node's own files"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether the filesystem of `dir` takes a file of `size` bytes (sparse: nothing is
+/// allocated), for volume `name` to grow to it: an unnamed file (`O_TMPFILE`, gone with its
+/// descriptor, whatever happens) set to that length. Growing past what a replica's
+/// filesystem takes would stop its group for good: the grow is in the log, and applying it
+/// again fails again.
+fn check_room(dir: &Path, name: &str, size: u64) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .and_then(|f| f.set_len(size));
+    probe.map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("volume {name}: {size} bytes: more than the storage node's filesystem takes in a file ({e})"),
+        )
+    })
 }
 
 /// How long a request waits for a leader (an election) before it fails, at least
@@ -2078,23 +2120,59 @@ impl Node {
         *self.cluster.write().unwrap() = members;
     }
 
-    /// The members of a new volume `name`: `replicas` nodes of the cluster, starting at a place
-    /// the name decides, so volumes (and their leaders) spread over the nodes.
-    pub fn place(&self, name: &str, replicas: usize) -> BTreeMap<NodeId, String> {
-        let cluster: Vec<(NodeId, String)> = self
-            .cluster
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(i, a)| (*i, a.clone()))
-            .collect();
-        if cluster.is_empty() {
-            return BTreeMap::new();
+    /// The members of a new volume `name`: `replicas` nodes of the cluster that answer (within
+    /// [`remote::ASK`]), taken in turn from a place the name decides, so volumes (and their
+    /// leaders) spread over the nodes, and a node that is down is passed over as Ceph's CRUSH
+    /// passes over an OSD marked out. `HostUnreachable`, naming them, if too few answer.
+    async fn place(&self, name: &str, replicas: usize) -> io::Result<BTreeMap<NodeId, String>> {
+        let order = placement_order(name, &self.cluster());
+        if order.is_empty() {
+            return Err(err("no cluster members known (--member)"));
         }
-        let start = (name_hash(name) % cluster.len() as u64) as usize;
-        (0..replicas.min(cluster.len()))
-            .map(|k| cluster[(start + k) % cluster.len()].clone())
-            .collect()
+        let answers = futures::future::join_all(order.iter().map(|(id, addr)| async move {
+            *id == self.id || probe(addr, remote::ASK).await == Some(true)
+        }))
+        .await;
+        let (up, down): (Vec<_>, Vec<_>) = order.into_iter().zip(answers).partition(|(_, a)| *a);
+        if up.len() < replicas {
+            let down: Vec<String> = down.iter().map(|((id, _), _)| id.to_string()).collect();
+            return Err(io::Error::new(
+                io::ErrorKind::HostUnreachable,
+                format!(
+                    "volume {name}: not created: {replicas} replicas, but only {} of the \
+                     cluster's nodes answer (not node {})",
+                    up.len(),
+                    down.join(", ")
+                ),
+            ));
+        }
+        Ok(up.into_iter().take(replicas).map(|(m, _)| m).collect())
+    }
+
+    /// `AlreadyExists` if a node of the cluster that answers holds a volume named `name` (a
+    /// volume's replicas need not be on the nodes its name places a new one on: joins, leaves
+    /// and moves move them). A volume held only by nodes that do not answer is not seen.
+    async fn check_name_free(&self, name: &str) -> io::Result<()> {
+        let here = self.catalog.lock().await.get(name).map(|s| s.id);
+        let holder = match here {
+            Some(id) => Some((self.id, id)),
+            // (None that answered holds it: an error.)
+            None => self
+                .locate_volume(name, None)
+                .await
+                .ok()
+                .map(|s| (s.node, s.id)),
+        };
+        match holder {
+            // (A leftover replica of a deleted volume is dropped by the create.)
+            Some((node, id)) if !buried(&*self.tombstones.lock().await, name, id) => {
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("volume {name} already exists (node {node} holds it)"),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The member of new volume `name` that starts its group, and so leads it first: the one
@@ -2650,10 +2728,8 @@ impl Node {
                     ),
                 ));
             }
-            let members = self.place(&spec.name, replicas);
-            if members.is_empty() {
-                return Err(err("no cluster members known (--member)"));
-            }
+            self.check_name_free(&spec.name).await?;
+            let members = self.place(&spec.name, replicas).await?;
             let spec = VolumeSpec {
                 members,
                 ..spec.clone()
@@ -4498,6 +4574,7 @@ impl RaftVolume {
                 ),
             ));
         }
+        check_room(&self.node.dir, &self.name, size)?;
         self.write_op(BlockOp::Resize { size }).await
     }
 
