@@ -3,11 +3,16 @@
 //! every replica; SIGKILL of the leader in a stream of writes loses no acknowledged write, and
 //! the killed node, restarted far behind, catches up by snapshot to identical blocks.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use blockdrv::nbd::proto::Command as Cmd;
+use common::Raw;
+
+mod common;
 
 use blockdrv::testing::free_port;
 
@@ -523,10 +528,18 @@ fn random_file(path: &Path, mib: usize) {
 fn writes_through_one_node_read_back_through_another_and_every_replica_is_identical() {
     let c = Cluster::bare(&["--volume", "v:256M"]);
     c.wait_leader(0, "v");
-    let info = ok(&["nbdinfo", &c.uri(0)]);
-    assert!(info.contains("export-size: 268435456"), "{info}");
-    assert!(info.contains("block_size_maximum: 33554432"), "{info}");
-    assert!(info.contains("can_multi_conn: true"), "{info}");
+    // What the replicated export can do, as a file's can (nbd_clients.rs), through every node.
+    for i in 0..3 {
+        let info = ok(&["nbdinfo", "--list", &c.uri(i)]);
+        let export = ["export=\"v\"", "export-size: 268435456"];
+        for want in common::FEATURES.iter().chain(&export) {
+            assert!(
+                info.contains(want),
+                "node {}: {want} missing in:\n{info}",
+                i + 1
+            );
+        }
+    }
     let leader = c.leader();
     let (via, other) = ((leader + 1) % 3, (leader + 2) % 3);
     // 256 MiB of random data through a follower (forwarded to the leader), with nbdcopy over
@@ -575,6 +588,33 @@ fn writes_through_one_node_read_back_through_another_and_every_replica_is_identi
         out.contains("read 5242880/5242880") && !out.contains("Pattern verification failed"),
         "{out}"
     );
+    // A client gone in the middle of a write, with others in flight: every write it was told
+    // was done is there, through another node.
+    let mut r = Raw::connected(&c.socket(via), "v");
+    for k in 0..8u8 {
+        r.send(Cmd::Write, 0, k.into(), u64::from(k) << 16, 65536);
+        r.s.write_all(&[0x40 + k; 65536]).unwrap();
+    }
+    let done: Vec<u64> = (0..4)
+        .map(|_| {
+            let (error, cookie, _) = r.reply(0);
+            assert_eq!(error, 0, "write {cookie}");
+            cookie
+        })
+        .collect();
+    r.send(Cmd::Write, 0, 99, 8 << 16, 65536);
+    r.s.write_all(&[0x99; 1000]).unwrap();
+    drop(r);
+    for k in done {
+        let (good, out) = qemu_io_on(
+            &c.uri(other),
+            &format!("read -P {} {} 64k", 0x40 + k, k << 16),
+        );
+        assert!(
+            good && !out.contains("verification failed"),
+            "write {k}: {out}"
+        );
+    }
     c.assert_replicas_identical();
 }
 
@@ -596,27 +636,21 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
         "write -P 0x5c 1M 1M",
         &uri(&c, 0),
     ]);
-    // Typed errors, nothing changed: a bad name, a name in use, shrinking.
-    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(0), "a/b", "1M"]);
-    assert!(!good && out.contains("volume name"), "{out}");
-    let (good, out) = c.blockdrv(&["volume", "create", "--addr", &c.addr(2), "data", "32M"]);
-    assert!(
-        !good && out.contains("already exists"),
-        "a second volume data: {out}"
-    );
-    let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(2), "data", "8M"]);
-    assert!(!good && out.contains("only grow"), "{out}");
-    for (verb, size) in [("create", "1000"), ("resize", "33554433")] {
-        let (good, out) = c.blockdrv(&["volume", verb, "--addr", &c.addr(2), "odd", size]);
-        let (good, out) = if verb == "resize" {
-            c.blockdrv(&["volume", verb, "--addr", &c.addr(2), "data", size])
-        } else {
-            (good, out)
-        };
-        assert!(
-            !good && out.contains("512-byte sectors"),
-            "{verb} {size}: {out}"
-        );
+    // Typed errors, nothing changed: a bad name, one the node's own files have (the temporary
+    // file it replaces its catalog through), a name in use, shrinking, sizes not in sectors,
+    // and past what a file can be (2^63 bytes: refused before it is in the log, where every
+    // replica would fail to apply it, again and again).
+    for (verb, name, size, why) in [
+        ("create", "a/b", "1M", "volume name"),
+        ("create", "volumes.tmp", "1M", "own files"),
+        ("create", "data", "32M", "already exists"),
+        ("resize", "data", "8M", "only grow"),
+        ("create", "odd", "1000", "512-byte sectors"),
+        ("resize", "data", "33554433", "512-byte sectors"),
+        ("resize", "data", "9223372036854775808", "filesystem takes"),
+    ] {
+        let (good, out) = c.blockdrv(&["volume", verb, "--addr", &c.addr(2), name, size]);
+        assert!(!good && out.contains(why), "{verb} {name} {size}: {out}");
     }
     // Grown through another node: every replica grows, new connections see the size.
     let (good, out) = c.blockdrv(&["volume", "resize", "--addr", &c.addr(2), "data", "32M"]);
@@ -640,16 +674,19 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
     ]);
     // A volume of one replica: its node, restarted, finds no other node with it and keeps it
     // (that is no proof the group went on without it).
-    let (good, out) = c.blockdrv(&[
-        "volume",
-        "create",
-        "--addr",
-        &c.addr(0),
-        "solo",
-        "4M",
-        "--replicas",
-        "1",
-    ]);
+    let solo_create = |c: &Cluster| {
+        let args = [
+            "create",
+            "--addr",
+            &c.addr(0),
+            "solo",
+            "4M",
+            "--replicas",
+            "1",
+        ];
+        c.blockdrv(&[&["volume"], &args[..]].concat())
+    };
+    let (good, out) = solo_create(&c);
     assert!(good, "{out}");
     let solo = (0..3)
         .find(|i| c.held(*i).contains_key("solo"))
@@ -673,6 +710,16 @@ fn volumes_are_created_grown_and_deleted_through_any_node_and_outlive_restarts()
         "the only replica was dropped"
     );
     ok(&["qemu-io", "-f", "raw", "-c", "read -P 0x5d 0 1M", &solo_uri]);
+    // Moved to another node, it keeps its name: another volume of that name, which the name
+    // places on the node it left, is not made.
+    let (good, out) = c.move_replica(solo, "solo", solo, (solo + 1) % 3);
+    assert!(good, "{out}");
+    let (good, out) = solo_create(&c);
+    assert!(
+        !good && out.contains("already exists"),
+        "a second solo: {out}"
+    );
+    assert!(!c.held(solo).contains_key("solo"), "a second solo made");
     // Deleted while node 3 is down: gone from the others, with its files; node 3 drops its
     // replica once it is back and finds the volume's tombstone on another node.
     c.kill(2);
@@ -836,6 +883,26 @@ fn a_dead_replica_is_replaced_by_another_node_that_catches_up() {
         |c| unreachable(c) == Some(serde_json::json!([dead + 1])),
         "the leader to report the dead member",
     );
+    // New volumes are placed on the nodes that answer meanwhile (3 of 4: most names hash to a
+    // run of nodes that has the dead one).
+    for name in ["p0", "p1", "p2", "p3", "p4"] {
+        let (good, out) = c.blockdrv(&[
+            "volume",
+            "create",
+            "--addr",
+            &c.addr(members[0]),
+            name,
+            "1M",
+        ]);
+        assert!(good, "{name} with node {} down: {out}", dead + 1);
+        let placed = (0..4)
+            .filter(|i| *i != dead)
+            .find_map(|i| c.held(i).remove(name))
+            .expect(name);
+        assert!(!placed.contains(&(dead as u64 + 1)), "{name}: {placed:?}");
+        let (good, out) = c.blockdrv(&["volume", "delete", "--addr", &c.addr(members[0]), name]);
+        assert!(good, "{out}");
+    }
     let (good, out) = c.move_replica(members[0], "data", dead, spare);
     assert!(good, "{out}");
     // The spare serves the data, holds an identical replica, and every catalog has the new
