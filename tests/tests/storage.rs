@@ -199,6 +199,32 @@ async fn storage_daemon(id: usize, ports: &[u16]) -> Daemon {
     qmp_daemon(&flags).await
 }
 
+/// Creates volume `name` of `size` through `d`, and waits for its group to have a leader.
+fn create_led(d: &Daemon, name: &str, size: &str) {
+    d.vpcctl_ok(&["vol-create", name, size]);
+    wait_until(
+        Duration::from_secs(20),
+        || info(d, name)["health"] == "ok",
+        "the volume's group to have a leader",
+    );
+}
+
+/// A host without the storage role using the volumes of storage nodes `ports` as a client
+/// (node id `id`, in no node list).
+async fn client_daemon(id: usize, ports: &[u16]) -> Daemon {
+    let mut extra = vec!["--storage-node-id".to_string(), id.to_string()];
+    for (i, p) in ports.iter().enumerate() {
+        extra.push("--storage-member".into());
+        extra.push(format!("{}=127.0.0.1:{p}", i + 1));
+    }
+    let opts = DaemonOpts {
+        backend: "auto",
+        extra,
+        ..Default::default()
+    };
+    Daemon::start_with(opts, Bus::open()).await
+}
+
 #[tokio::test]
 async fn volumes_through_vpcctl_on_a_single_storage_host() {
     let ports = [free_port()];
@@ -287,23 +313,8 @@ async fn a_host_without_the_storage_role_says_so() {
 async fn a_host_without_the_storage_role_uses_the_clusters_volumes_as_a_client() {
     let ports = [free_port()];
     let s = storage_daemon(1, &ports).await;
-    let opts = DaemonOpts {
-        backend: "auto",
-        extra: vec![
-            "--storage-node-id".into(),
-            "9".into(),
-            "--storage-member".into(),
-            format!("1=127.0.0.1:{}", ports[0]),
-        ],
-        ..Default::default()
-    };
-    let c = Daemon::start_with(opts, Bus::open()).await;
-    c.vpcctl_ok(&["vol-create", "data", "16M"]);
-    wait_until(
-        Duration::from_secs(20),
-        || info(&c, "data")["health"] == "ok",
-        "the volume's group to have a leader",
-    );
+    let c = client_daemon(9, &ports).await;
+    create_led(&c, "data", "16M");
     let v = info(&c, "data");
     assert_eq!(v["leader"], 1, "{v}");
     assert_eq!(v["replicas"].as_array().unwrap().len(), 1, "{v}");
@@ -345,6 +356,84 @@ async fn a_host_without_the_storage_role_uses_the_clusters_volumes_as_a_client()
     c.vpcctl_ok(&["vol-delete", "data"]);
     let e = fails(&s, &["vol-info", "data"]);
     assert!(e.contains("NotFound"), "{e}");
+}
+
+/// A guest on a host without the storage role keeps its volume disk through the loss of the
+/// volume's leader: its writes wait for the new leader (the client's node finds it), every
+/// one is kept, and the storage host back from the SIGKILL catches up and serves the same
+/// bytes.
+#[tokio::test]
+async fn a_clients_guest_keeps_its_volume_through_the_loss_of_the_leader() {
+    let ports = [free_port(), free_port(), free_port()];
+    let mut hosts = [
+        storage_daemon(1, &ports).await,
+        storage_daemon(2, &ports).await,
+        storage_daemon(3, &ports).await,
+    ];
+    let c = client_daemon(9, &ports).await;
+    create_led(&c, "fo", "16M");
+    let leader = info(&c, "fo")["leader"].as_u64().unwrap();
+    let name = unique("failover");
+    let spec = kernel_spec(&name, "") + "[[disks]]\nvolume = \"fo\"\n";
+    c.create(&spec, "libvirt");
+    c.wait_console(&name, BOOT_MARKER, 1);
+    let mut shell = c.guest_shell(&name).await;
+    // 1 MiB of random data at 1 MiB, and its checksum, before and after the leader goes.
+    let write = |shell: &mut GuestShell, seek: u32| {
+        shell.ok(&format!(
+            "dd if=/dev/urandom of=/tmp/w{seek} bs=64k count=16 2>/dev/null && dd if=/tmp/w{seek} \
+             of=/dev/vda bs=64k seek={seek} oflag=direct conv=notrunc,fsync 2>/dev/null && \
+             md5sum < /tmp/w{seek}"
+        ))
+    };
+    let before = write(&mut shell, 16);
+    hosts[leader as usize - 1].kill9();
+    let after = write(&mut shell, 48);
+    let survivor = &hosts[leader as usize % 3];
+    let now = info(survivor, "fo")["leader"].as_u64();
+    assert!(
+        now.is_some_and(|n| n != leader),
+        "leader {now:?} after {leader} died"
+    );
+    for (seek, sum) in [(16, &before), (48, &after)] {
+        let read = shell.ok(&format!(
+            "dd if=/dev/vda bs=64k skip={seek} count=16 iflag=direct 2>/dev/null | md5sum"
+        ));
+        assert_eq!(
+            read.trim(),
+            sum.trim(),
+            "read back at {seek} x 64 KiB in the guest"
+        );
+    }
+    drop(shell);
+    // Back, the killed host catches up: reads through it are linearizable, so it serves the
+    // guest's last write only once it has it.
+    let back = &mut hosts[leader as usize - 1];
+    back.restart().await;
+    let there = back.vpcctl_ok(&["vol-export", "fo"]).trim().to_string();
+    let here = c.vpcctl_ok(&["vol-export", "fo"]).trim().to_string();
+    let dump = |uri: &str| {
+        let file = c.state.path().join("fo.img");
+        let (good, out) = run(&[
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            file.to_str().unwrap(),
+        ]);
+        assert!(good, "{out}");
+        std::fs::read(&file).unwrap()
+    };
+    assert!(
+        dump(&there) == dump(&here),
+        "the host back holds other bytes"
+    );
+    c.vpcctl_ok(&["destroy", &name]);
+    c.vpcctl_ok(&["undefine", &name]);
+    c.vpcctl_ok(&["vol-delete", "fo"]);
 }
 
 #[tokio::test]
