@@ -326,6 +326,53 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
 }
 
 #[test]
+fn flags_a_command_gives_no_meaning_and_contexts_of_another_export_are_refused() {
+    let s = Server::start("64M", false);
+    // NO_HOLE or FAST_ZERO but on WRITE_ZEROES, DF but on READ, REQ_ONE but on BLOCK_STATUS:
+    // EINVAL, and the connection goes on (a write's data is read past).
+    let mut r = Raw::connected(&s.socket(), "data");
+    assert_eq!(
+        r.write(1, 0, &[0x21; 512], proto::CMD_FLAG_FAST_ZERO),
+        proto::EINVAL
+    );
+    assert_eq!(
+        r.write(2, 0, &[0x22; 512], proto::CMD_FLAG_DF),
+        proto::EINVAL
+    );
+    for (cookie, command, flag) in [
+        (3, Cmd::Read, proto::CMD_FLAG_NO_HOLE),
+        (4, Cmd::Trim, proto::CMD_FLAG_REQ_ONE),
+        (5, Cmd::Flush, proto::CMD_FLAG_FAST_ZERO),
+    ] {
+        r.send(command, flag, cookie, 0, 512);
+        assert_eq!(r.reply(0), (proto::EINVAL, cookie, vec![]), "{command:?}");
+    }
+    assert_eq!(r.write(6, 0, &[0x23; 512], proto::CMD_FLAG_FUA), 0);
+    // base:allocation selected for `small`, then GO to `data`: no context there (BLOCK_STATUS
+    // is EINVAL); selected for `data` itself, it answers.
+    for (meta_for, kind) in [
+        ("small", proto::REPLY_TYPE_ERROR),
+        ("data", proto::REPLY_TYPE_BLOCK_STATUS),
+    ] {
+        let mut r = Raw::hello(&s.socket());
+        r.option(proto::OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(r.option_reply().0, proto::REP_ACK);
+        let mut meta = (meta_for.len() as u32).to_be_bytes().to_vec();
+        meta.extend_from_slice(meta_for.as_bytes());
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&(proto::BASE_ALLOCATION.len() as u32).to_be_bytes());
+        meta.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+        r.option(proto::OPT_SET_META_CONTEXT, &meta);
+        assert_eq!(r.option_reply().0, proto::REP_META_CONTEXT);
+        assert_eq!(r.option_reply().0, proto::REP_ACK);
+        assert_eq!(r.go("data"), proto::REP_ACK);
+        r.send(Cmd::BlockStatus, 0, 7, 0, 4096);
+        let (got, cookie, _) = r.chunk();
+        assert_eq!((got, cookie), (kind, 7), "contexts set for {meta_for}");
+    }
+}
+
+#[test]
 fn many_requests_in_flight_on_one_connection_all_get_their_replies() {
     let s = Server::start("64M", false);
     let mut r = Raw::connected(&s.socket(), "data");

@@ -473,6 +473,17 @@ impl Request {
         self.flags & !CMD_FLAGS_KNOWN
     }
 
+    /// Known flags that the protocol gives no meaning on this command (`NO_HOLE` and
+    /// `FAST_ZERO` but on `WRITE_ZEROES`, `DF` but on `READ`, `REQ_ONE` but on
+    /// `BLOCK_STATUS`); `FUA` means nothing on some commands but is harmless on any.
+    pub fn misplaced_flags(&self) -> u16 {
+        let only = |flag: u16, on: Command| if self.command == on { 0 } else { flag };
+        self.flags
+            & (only(CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, Command::WriteZeroes)
+                | only(CMD_FLAG_DF, Command::Read)
+                | only(CMD_FLAG_REQ_ONE, Command::BlockStatus))
+    }
+
     /// Bytes of data that follow this header on the wire.
     pub fn payload_len(&self) -> u32 {
         if self.command == Command::Write {

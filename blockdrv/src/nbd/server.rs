@@ -375,7 +375,10 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut structured = false;
-        let mut base_allocation = false;
+        // `base:allocation` selected, and for which export name: a client that goes on to
+        // another export has no context there (as nbdkit: the contexts are the export's).
+        let mut base_allocation: Option<String> = None;
+        let selected_for = |b: &Option<String>, name: &str| b.as_deref() == Some(name);
         // The exports named so far: a client names its export up to three times (meta
         // contexts, INFO, GO), looked up once.
         let mut named = Named::default();
@@ -426,7 +429,7 @@ impl Server {
                     return Ok(Negotiated::Transmission(Session {
                         export: export.clone(),
                         structured,
-                        base_allocation,
+                        base_allocation: selected_for(&base_allocation, &name),
                         send_files: false,
                     }));
                 }
@@ -485,7 +488,7 @@ impl Server {
                         return Ok(Negotiated::Transmission(Session {
                             export: export.clone(),
                             structured,
-                            base_allocation,
+                            base_allocation: selected_for(&base_allocation, &req.name),
                             send_files: false,
                         }));
                     }
@@ -533,7 +536,7 @@ impl Server {
                         s.write_all(&reply(proto::REP_META_CONTEXT, &ctx)).await?;
                     }
                     if set {
-                        base_allocation = selected;
+                        base_allocation = selected.then(|| req.export.clone());
                     }
                     s.write_all(&reply(proto::REP_ACK, &[])).await?;
                 }
@@ -694,6 +697,16 @@ fn check(s: &Session, r: &Request) -> Result<(), Failure> {
         return Err((
             proto::EINVAL,
             format!("unknown flags {:#x}", r.unknown_flags()),
+        ));
+    }
+    if r.misplaced_flags() != 0 {
+        return Err((
+            proto::EINVAL,
+            format!(
+                "flags {:#x} mean nothing on {:?}",
+                r.misplaced_flags(),
+                r.command
+            ),
         ));
     }
     let writes = matches!(

@@ -116,6 +116,19 @@ impl Raw {
         e
     }
 
+    /// One structured reply chunk: (type, cookie, payload).
+    pub fn chunk(&mut self) -> (u16, u64, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..4], &proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).unwrap();
+        (kind, cookie, d)
+    }
+
     /// Whether the server closed the connection (reads EOF).
     pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
