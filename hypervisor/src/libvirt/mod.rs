@@ -495,6 +495,9 @@ impl VmBackend for Arc<LibvirtBackend> {
         };
         tokio::task::spawn_blocking(move || {
             let dom = this.lookup(&name)?;
+            let before = dom
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+                .map_err(err(&name))?;
             this.conn()?.define_domain_xml(&xml).map_err(err(&name))?;
             let plugged = |dom: &Domain| -> Result<bool> {
                 if !dom.is_active().map_err(err(&name))? {
@@ -507,8 +510,18 @@ impl VmBackend for Arc<LibvirtBackend> {
                 return Ok(());
             }
             // libvirt waits a few seconds for the guest, then leaves the unplug pending.
-            dom.detach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE)
-                .map_err(err(&name))?;
+            if let Err(e) = dom.detach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE) {
+                // Refused: the guest keeps the disk, so does the definition again (as the
+                // caller's record does), or its next boot would be without it.
+                if let Err(undo) = this.conn().and_then(|c| {
+                    c.define_domain_xml(&before)
+                        .map(drop)
+                        .map_err(err(&name))
+                }) {
+                    tracing::warn!(vm = %name, "definition not restored after a failed unplug: {undo}");
+                }
+                return Err(err(&name)(e));
+            }
             let deadline = Instant::now() + UNPLUG_TIMEOUT;
             while plugged(&dom)? {
                 if Instant::now() > deadline {
