@@ -357,12 +357,7 @@ fn flags_a_command_gives_no_meaning_and_contexts_of_another_export_are_refused()
         let mut r = Raw::hello(&s.socket());
         r.option(proto::OPT_STRUCTURED_REPLY, &[]);
         assert_eq!(r.option_reply().0, proto::REP_ACK);
-        let mut meta = (meta_for.len() as u32).to_be_bytes().to_vec();
-        meta.extend_from_slice(meta_for.as_bytes());
-        meta.extend_from_slice(&1u32.to_be_bytes());
-        meta.extend_from_slice(&(proto::BASE_ALLOCATION.len() as u32).to_be_bytes());
-        meta.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
-        r.option(proto::OPT_SET_META_CONTEXT, &meta);
+        r.option(proto::OPT_SET_META_CONTEXT, &common::meta_data(meta_for));
         assert_eq!(r.option_reply().0, proto::REP_META_CONTEXT);
         assert_eq!(r.option_reply().0, proto::REP_ACK);
         assert_eq!(r.go("data"), proto::REP_ACK);

@@ -13,11 +13,14 @@ use std::process::{Child, Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockdrv::nbd::proto::{self, Command as Cmd, Request};
+use blockdrv::nbd::proto::{self, Command as Cmd};
+use common::Raw;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+
+mod common;
 
 /// A certificate authority of a test.
 struct Ca {
@@ -514,24 +517,7 @@ fn with_a_ca_clients_without_a_certificate_or_with_another_cas_are_refused() {
     s.assert_running();
 }
 
-/// A client that speaks the protocol byte by byte over any stream (simple replies only).
-struct Raw<S: Read + Write> {
-    s: S,
-}
-
-impl Raw<UnixStream> {
-    /// Connects and does the handshake up to (not including) the first option.
-    fn hello(sock: &Path) -> Raw<UnixStream> {
-        let mut s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting).unwrap();
-        assert_eq!(greeting, proto::greeting());
-        s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())
-            .unwrap();
-        Raw { s }
-    }
-
+impl Raw {
     /// After STARTTLS was acknowledged: the same connection inside TLS (localhost's
     /// certificate checked).
     fn tls(
@@ -546,127 +532,16 @@ impl Raw<UnixStream> {
     }
 }
 
-impl<S: Read + Write> Raw<S> {
-    fn option(&mut self, option: u32, data: &[u8]) {
-        let mut b = proto::IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).unwrap();
-        self.s.flush().unwrap();
-    }
-
-    /// Reads one option reply: (type, data); checks it answers `option`.
-    fn option_reply(&mut self, option: u32) -> (u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(&h[..8], &proto::REPLY_MAGIC.to_be_bytes());
-        assert_eq!(u32::from_be_bytes(h[8..12].try_into().unwrap()), option);
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut d = vec![0u8; len as usize];
-        self.s.read_exact(&mut d).unwrap();
-        (kind, d)
-    }
-
-    /// Sends `option` and returns the type of its (single) reply.
-    fn ask(&mut self, option: u32, data: &[u8]) -> u32 {
-        self.option(option, data);
-        self.option_reply(option).0
-    }
-
-    /// `NBD_OPT_GO` data for `export`, no info requests.
-    fn go_data(export: &str) -> Vec<u8> {
-        let mut d = (export.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        d
-    }
-
-    /// `NBD_OPT_GO` for `export`: the reply type that ended it (ACK or an error).
-    fn go(&mut self, export: &str) -> u32 {
-        self.option(proto::OPT_GO, &Self::go_data(export));
-        loop {
-            let (kind, _) = self.option_reply(proto::OPT_GO);
-            if kind != proto::REP_INFO {
-                return kind;
-            }
-        }
-    }
-
-    /// `NBD_OPT_LIST`: the export names.
-    fn list(&mut self) -> Vec<String> {
-        self.option(proto::OPT_LIST, &[]);
-        let mut names = Vec::new();
-        loop {
-            match self.option_reply(proto::OPT_LIST) {
-                (proto::REP_SERVER, d) => {
-                    let n = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
-                    names.push(String::from_utf8(d[4..4 + n].to_vec()).unwrap());
-                }
-                (proto::REP_ACK, _) => return names,
-                (other, _) => panic!("LIST answered {other:#x}"),
-            }
-        }
-    }
-
-    fn send(&mut self, command: Cmd, cookie: u64, offset: u64, length: u32) {
-        let req = Request {
-            flags: 0,
-            command,
-            cookie,
-            offset,
-            length,
-        };
-        self.s.write_all(&req.encode()).unwrap();
-    }
-
-    /// A simple reply: (error, cookie), then `data` bytes of data if it succeeded.
-    fn reply(&mut self, data: usize) -> (u32, u64, Vec<u8>) {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(&h[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
-        let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        let mut d = vec![0u8; if error == 0 { data } else { 0 }];
-        self.s.read_exact(&mut d).unwrap();
-        (error, cookie, d)
-    }
-
-    /// Whether the server closed the connection: EOF or an error (a TLS alert) after whatever
-    /// it still sent; a read timing out means the connection is still up.
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 256];
-        loop {
-            match self.s.read(&mut b) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) => {
-                    use std::io::ErrorKind::{TimedOut, WouldBlock};
-                    return !matches!(e.kind(), WouldBlock | TimedOut);
-                }
-            }
-        }
-    }
-}
-
 #[test]
 fn before_starttls_every_option_is_tls_reqd_and_negotiation_starts_over_inside_tls() {
     let pki = Pki::new();
     let mut s = Server::start(&pki, Tls::On);
     let mut r = Raw::hello(&s.socket());
-    let meta = {
-        let q = proto::BASE_ALLOCATION;
-        let mut d = 0u32.to_be_bytes().to_vec();
-        d.extend_from_slice(&1u32.to_be_bytes());
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-        d
-    };
+    let meta = common::meta_data("");
     for (option, data) in [
         (proto::OPT_LIST, vec![]),
-        (proto::OPT_INFO, Raw::<UnixStream>::go_data("small")),
-        (proto::OPT_GO, Raw::<UnixStream>::go_data("small")),
+        (proto::OPT_INFO, common::go_data("small")),
+        (proto::OPT_GO, common::go_data("small")),
         (proto::OPT_STRUCTURED_REPLY, vec![]),
         (proto::OPT_LIST_META_CONTEXT, meta.clone()),
         (proto::OPT_SET_META_CONTEXT, meta),
@@ -691,12 +566,12 @@ fn before_starttls_every_option_is_tls_reqd_and_negotiation_starts_over_inside_t
     assert_eq!(t.go("nope"), proto::REP_ERR_UNKNOWN);
     assert_eq!(t.go("small"), proto::REP_ACK);
     // Transmission inside TLS: a write and its read-back.
-    t.send(Cmd::Write, 1, 4096, 512);
+    t.send(Cmd::Write, 0, 1, 4096, 512);
     t.s.write_all(&[0x3c; 512]).unwrap();
     assert_eq!(t.reply(0), (0, 1, vec![]));
-    t.send(Cmd::Read, 2, 4096, 512);
+    t.send(Cmd::Read, 0, 2, 4096, 512);
     assert_eq!(t.reply(512), (0, 2, vec![0x3c; 512]));
-    t.send(Cmd::Disc, 3, 0, 0);
+    t.send(Cmd::Disc, 0, 3, 0, 0);
     t.s.flush().unwrap();
     assert!(t.closed());
     assert_eq!(head(&s.path("small.img"), 4608)[4096..], [0x3c; 512]);
@@ -762,7 +637,7 @@ fn starttls_without_tls_configured_is_refused_by_policy_and_the_connection_goes_
     assert_eq!(r.ask(proto::OPT_STARTTLS, &[]), proto::REP_ERR_POLICY);
     assert_eq!(r.list(), ["data", "small"]);
     assert_eq!(r.go("small"), proto::REP_ACK);
-    r.send(Cmd::Read, 1, 0, 512);
+    r.send(Cmd::Read, 0, 1, 0, 512);
     assert_eq!(r.reply(512), (0, 1, vec![0; 512]));
     // And a TLS client is told no.
     let err = fails(&[
