@@ -3,10 +3,10 @@
 # coverage-guided, from its seeds: libFuzzer's own driver (libfuzzer-sys) and the sanitizer
 # coverage rustc instruments for with stable codegen flags (-Cpasses=sancov-module), the
 # flags `cargo fuzz` passes, less the nightly-only sanitizers (safe Rust needs no ASan to
-# find a panic, a hang or an out-of-memory). A target that panics, hangs (-timeout) or leaks
-# memory fails the script, and libFuzzer prints the input (kept in the corpus directory's
-# parent as crash-*, timeout-*). `cargo +nightly fuzz run` still works for longer runs (the
-# targets' README).
+# find a panic, a hang or an out-of-memory). A target that panics, hangs (-timeout) or grows
+# past -rss_limit_mb fails the script; the input that did it is kept in FUZZ_DIR
+# (/var/tmp/vpcd-fuzz) as crash-*, timeout-* or oom-*. `cargo +nightly fuzz run` still works
+# for longer runs (the targets' README).
 #
 #   scripts/fuzz.sh                 every target, 30 s each
 #   FUZZ_SECONDS=600 scripts/fuzz.sh nbd_session
@@ -14,18 +14,20 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 cd "$REPO"
 SECONDS_EACH=${FUZZ_SECONDS:-30}
-TARGET=x86_64-unknown-linux-gnu
+TARGET=$(rustc -vV | sed -n 's/^host: //p')
 # Only the targets' own code is instrumented (--target keeps RUSTFLAGS off build scripts).
 FUZZ_FLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 OUT=${FUZZ_DIR:-/var/tmp/vpcd-fuzz}
 mkdir -p "$OUT"
+ran=()
 for crate in blockdrv netdrv; do
     manifest=$crate/fuzz/Cargo.toml
     bins=$(sed -n '/^\[\[bin\]\]/,/^path/s/^name = "\(.*\)"/\1/p' "$manifest")
     for bin in $bins; do
         [ $# -eq 0 ] || [[ " $* " == *" $bin "* ]] || continue
+        ran+=("$bin")
         log "fuzz $bin (${SECONDS_EACH} s)"
         CARGO_TARGET_DIR=$OUT/target RUSTFLAGS=$FUZZ_FLAGS \
             cargo build -q --release --locked --manifest-path "$manifest" --target "$TARGET" --bin "$bin"
@@ -44,4 +46,7 @@ for crate in blockdrv netdrv; do
         fi
         grep -E '^(Done|stat::new_units_added)' "$log_file"
     done
+done
+for want in "$@"; do
+    [[ " ${ran[*]} " == *" $want "* ]] || { echo "fuzz.sh: no fuzz target $want" >&2; exit 1; }
 done

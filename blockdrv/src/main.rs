@@ -346,6 +346,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         let Some((name, size)) = v.split_once(':') else {
             bail!("volume {v:?}: expected NAME:SIZE");
         };
+        blockdrv::raft::node::check_new_volume_name(name)?;
         let spec = VolumeSpec {
             name: name.to_string(),
             size: parse_size(size)?,

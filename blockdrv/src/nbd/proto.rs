@@ -582,6 +582,37 @@ mod tests {
     }
 
     #[test]
+    fn flags_are_misplaced_on_commands_that_give_them_no_meaning() {
+        let req = |command, flags| Request {
+            flags,
+            command,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        let zeroes = CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA;
+        assert_eq!(req(Command::WriteZeroes, zeroes).misplaced_flags(), 0);
+        assert_eq!(req(Command::Read, CMD_FLAG_DF).misplaced_flags(), 0);
+        assert_eq!(
+            req(Command::BlockStatus, CMD_FLAG_REQ_ONE).misplaced_flags(),
+            0
+        );
+        assert_eq!(req(Command::Flush, CMD_FLAG_FUA).misplaced_flags(), 0);
+        assert_eq!(
+            req(Command::Write, zeroes).misplaced_flags(),
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO
+        );
+        assert_eq!(
+            req(Command::Trim, CMD_FLAG_DF).misplaced_flags(),
+            CMD_FLAG_DF
+        );
+        assert_eq!(
+            req(Command::Read, CMD_FLAG_REQ_ONE).misplaced_flags(),
+            CMD_FLAG_REQ_ONE
+        );
+    }
+
+    #[test]
     fn client_flags_need_fixed_newstyle_and_nothing_unknown() {
         assert_eq!(parse_client_flags([0, 0, 0, 3]), Ok(3));
         assert!(parse_client_flags([0, 0, 0, 0]).is_err(), "old newstyle");

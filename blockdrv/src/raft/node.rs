@@ -1503,12 +1503,21 @@ fn check_volume_name(name: &str) -> io::Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !name.starts_with('.');
-    if !ok {
-        return Err(io::Error::new(
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("volume name {name:?}: 1 to 64 of a-z A-Z 0-9 - _ . (not leading .)"),
-        ));
+        ))
     }
+}
+
+/// [`check_volume_name`] for a volume to be made (a create, a node's command line), which no
+/// name ending as the node's own files do may have; a replica of one made before is still
+/// opened and moved.
+pub fn check_new_volume_name(name: &str) -> io::Result<()> {
+    check_volume_name(name)?;
     match RESERVED_ENDINGS.iter().find(|e| name.ends_with(*e)) {
         Some(e) => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -1525,17 +1534,41 @@ fn check_volume_name(name: &str) -> io::Result<()> {
 /// again fails again.
 fn check_room(dir: &Path, name: &str, size: u64) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    let too_big = |e: io::Error| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "volume {name}: {size} bytes: more than the storage node's filesystem takes in \
+                 a file ({e})"
+            ),
+        )
+    };
+    // Past what a file offset holds: refused before any call.
+    let len = i64::try_from(size).map_err(|e| too_big(io::Error::other(e)))?;
     let probe = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_TMPFILE)
-        .open(dir)
-        .and_then(|f| f.set_len(size));
-    probe.map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("volume {name}: {size} bytes: more than the storage node's filesystem takes in a file ({e})"),
-        )
-    })
+        .open(dir);
+    let probe = match probe {
+        Ok(f) => f,
+        // A filesystem without unnamed files (NFS, older overlayfs): no telling.
+        Err(e) => {
+            tracing::debug!(
+                volume = name,
+                "grow not checked: O_TMPFILE in {}: {e}",
+                dir.display()
+            );
+            return Ok(());
+        }
+    };
+    match probe.set_len(len as u64) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EFBIG | libc::EINVAL)) => Err(too_big(e)),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("volume {name}: checking room for {size} bytes: {e}"),
+        )),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// How long a request waits for a leader (an election) before it fails, at least
@@ -2164,13 +2197,13 @@ impl Node {
                 .map(|s| (s.node, s.id)),
         };
         match holder {
-            // (A leftover replica of a deleted volume is dropped by the create.)
-            Some((node, id)) if !buried(&*self.tombstones.lock().await, name, id) => {
-                Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("volume {name} already exists (node {node} holds it)"),
-                ))
-            }
+            // (A leftover replica of a deleted volume, that a node cut off from the delete
+            // still has, is dropped by the create; a node that did not hear of the delete
+            // asks the others.)
+            Some((node, id)) if !self.was_deleted(name, id).await => Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("volume {name} already exists (node {node} holds it)"),
+            )),
             _ => Ok(()),
         }
     }
@@ -2693,7 +2726,7 @@ impl Node {
     /// Creates `spec` on all its members and starts its group (from this node). Without
     /// members, the volume is placed on the cluster ([`Node::place`]).
     pub async fn create_volume(self: &Arc<Node>, spec: &VolumeSpec) -> io::Result<()> {
-        check_volume_name(&spec.name)?;
+        check_new_volume_name(&spec.name)?;
         if spec.id == 0 {
             use std::hash::{BuildHasher, Hasher};
             // A random 64-bit number: std's randomly seeded hasher, fed the time.
@@ -4944,6 +4977,42 @@ pub async fn status(addr: &str, volume: &str) -> io::Result<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_volume_takes_its_members_in_turn_from_where_its_name_hashes_to() {
+        let cluster: BTreeMap<NodeId, String> = (1..=4).map(|i| (i, format!("n{i}"))).collect();
+        for name in ["a", "data", "p3", "volume-42"] {
+            let start = name_hash(name) % 4;
+            let want: Vec<NodeId> = (0..4).map(|k| (start + k) % 4 + 1).collect();
+            let got: Vec<NodeId> = placement_order(name, &cluster)
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(got, want, "{name}");
+        }
+        assert!(placement_order("a", &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn names_ending_as_the_nodes_own_files_are_refused_for_new_volumes_only() {
+        for name in ["volumes.tmp", "cluster.json", "nbd.sock"] {
+            let e = check_new_volume_name(name).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{name}");
+            assert!(e.to_string().contains("own files"), "{e}");
+            check_volume_name(name).unwrap();
+        }
+        check_new_volume_name("db.img").unwrap();
+    }
+
+    #[test]
+    fn a_grow_past_what_a_file_can_be_is_refused_and_the_check_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_room(dir.path(), "v", 1 << 63).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("filesystem takes"), "{e}");
+        check_room(dir.path(), "v", 1 << 30).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     /// A node serving on a loopback port, and its address.
     async fn serving() -> (Arc<Node>, String, tempfile::TempDir) {

@@ -506,21 +506,32 @@ impl VmBackend for Arc<LibvirtBackend> {
                 let live = dom.xml_desc(0).map_err(err(&name))?;
                 Ok(xml::disk_targets(&live).contains(&target))
             };
-            if !plugged(&dom)? {
-                return Ok(());
-            }
-            // libvirt waits a few seconds for the guest, then leaves the unplug pending.
-            if let Err(e) = dom.detach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE) {
-                // Refused: the guest keeps the disk, so does the definition again (as the
-                // caller's record does), or its next boot would be without it.
-                if let Err(undo) = this.conn().and_then(|c| {
-                    c.define_domain_xml(&before)
-                        .map(drop)
-                        .map_err(err(&name))
-                }) {
-                    tracing::warn!(vm = %name, "definition not restored after a failed unplug: {undo}");
+            // Whether the unplug was asked (libvirt waits a few seconds for the guest, then
+            // leaves it pending); none is needed if the guest does not have the disk.
+            let unplug = || -> Result<bool> {
+                if !plugged(&dom)? {
+                    return Ok(false);
                 }
-                return Err(err(&name)(e));
+                dom.detach_device_flags(&dev, sys::VIR_DOMAIN_AFFECT_LIVE)
+                    .map_err(err(&name))?;
+                Ok(true)
+            };
+            match unplug() {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                // The guest keeps the disk: so does the definition again (as the caller's
+                // record does), or its next boot would be without it.
+                Err(e) => {
+                    let undo = this.conn().and_then(|c| {
+                        c.define_domain_xml(&before)
+                            .map(drop)
+                            .map_err(err(&name))
+                    });
+                    if let Err(undo) = undo {
+                        tracing::warn!(vm = %name, "definition not restored after a failed unplug: {undo}");
+                    }
+                    return Err(e);
+                }
             }
             let deadline = Instant::now() + UNPLUG_TIMEOUT;
             while plugged(&dom)? {
