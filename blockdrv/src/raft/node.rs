@@ -2158,17 +2158,31 @@ impl Node {
     /// leaders) spread over the nodes, and a node that is down is passed over as Ceph's CRUSH
     /// passes over an OSD marked out. `HostUnreachable`, naming them, if too few answer.
     async fn place(&self, name: &str, replicas: usize) -> io::Result<BTreeMap<NodeId, String>> {
+        use futures::StreamExt;
         let order = placement_order(name, &self.cluster());
         if order.is_empty() {
             return Err(err("no cluster members known (--member)"));
         }
-        let answers = futures::future::join_all(order.iter().map(|(id, addr)| async move {
-            *id == self.id || probe(addr, remote::ASK).await == Some(true)
-        }))
-        .await;
-        let (up, down): (Vec<_>, Vec<_>) = order.into_iter().zip(answers).partition(|(_, a)| *a);
+        // All asked at once, the answers taken in order: a node that does not answer holds the
+        // placement up only while it is among the first that could be taken.
+        let mut answers: futures::stream::FuturesOrdered<_> = order
+            .iter()
+            .map(|(id, addr)| async move {
+                *id == self.id || probe(addr, remote::ASK).await == Some(true)
+            })
+            .collect();
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for member in &order {
+            if up.len() == replicas {
+                break;
+            }
+            match answers.next().await {
+                Some(true) => up.push(member.clone()),
+                _ => down.push(member.0),
+            }
+        }
         if up.len() < replicas {
-            let down: Vec<String> = down.iter().map(|((id, _), _)| id.to_string()).collect();
+            let down: Vec<String> = down.iter().map(|id| id.to_string()).collect();
             return Err(io::Error::new(
                 io::ErrorKind::HostUnreachable,
                 format!(
@@ -2179,7 +2193,7 @@ impl Node {
                 ),
             ));
         }
-        Ok(up.into_iter().take(replicas).map(|(m, _)| m).collect())
+        Ok(up.into_iter().collect())
     }
 
     /// `AlreadyExists` if a node of the cluster that answers holds a volume named `name` (a
