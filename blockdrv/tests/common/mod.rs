@@ -97,15 +97,22 @@ impl<S: Read + Write> Raw<S> {
     }
 
     fn any_option_reply(&mut self) -> (u32, u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).unwrap();
+        let (h, d) = self.frame();
         assert_eq!(&h[..8], &proto::REPLY_MAGIC.to_be_bytes());
         let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        (option, kind, d)
+    }
+
+    /// A 20-byte header whose last 4 bytes are the length of the data that follows (an option
+    /// reply, a structured reply chunk), and that data.
+    fn frame(&mut self) -> ([u8; 20], Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
         let mut d = vec![0u8; len as usize];
         self.s.read_exact(&mut d).unwrap();
-        (option, kind, d)
+        (h, d)
     }
 
     /// Sends `option` and returns the type of its (single) reply.
@@ -166,14 +173,10 @@ impl<S: Read + Write> Raw<S> {
 
     /// One structured reply chunk: (type, cookie, payload).
     pub fn chunk(&mut self) -> (u16, u64, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).unwrap();
+        let (h, d) = self.frame();
         assert_eq!(&h[..4], &proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
         let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut d = vec![0u8; len as usize];
-        self.s.read_exact(&mut d).unwrap();
         (kind, cookie, d)
     }
 
